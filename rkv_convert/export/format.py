@@ -1,0 +1,209 @@
+"""The augmented checkpoint's ``rkv`` config section and tensor names (format version 1).
+
+A checkpoint folder holds the source model's weights (with the value rotation fused into
+``v_proj``/``o_proj``), its ``config.json`` with an ``rkv`` section (:class:`RkvConfig`),
+tokenizer files, and ``rkv.safetensors`` with the per-layer calibration tensors named by
+:func:`tensor_name`. docs/checkpoint-format.md specifies every field; the version rule:
+a reader accepts exactly the format versions it knows and refuses others with a message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from ..quant.packing import layout_for_bits
+from ..quant.quantizer import bits_per_element
+
+__all__ = [
+    "FORMAT_VERSION",
+    "RKV_TENSORS_FILE",
+    "CheckpointError",
+    "RkvConfig",
+    "LayerTensors",
+    "tensor_name",
+    "read_checkpoint",
+]
+
+FORMAT_VERSION = 1
+RKV_TENSORS_FILE = "rkv.safetensors"
+SUPPORTED_BITS = (2, 3, 4)
+
+
+class CheckpointError(ValueError):
+    """An augmented checkpoint or calibration artifact is missing, corrupt or inconsistent."""
+
+
+@dataclass
+class RkvConfig:
+    """Everything the runtime needs besides tensors; stored as ``config.json["rkv"]``."""
+
+    bits: int
+    key_group_size: int
+    value_group_size: int
+    head_group_size: int
+    num_layers: int
+    num_key_value_heads: int
+    head_dim: int
+    source_fingerprint: str
+    recent_window: int = 128
+    flush_block: int = 64
+    max_sinks: int = 8
+    version: int = FORMAT_VERSION
+    layout: str = ""
+    calibration: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.layout:
+            self.layout = layout_for_bits(self.bits).value if self.bits in SUPPORTED_BITS else ""
+        self.validate()
+
+    def validate(self) -> None:
+        if self.version != FORMAT_VERSION:
+            raise CheckpointError(
+                f"rkv format version {self.version} is not supported by this rkv (reads version {FORMAT_VERSION}); "
+                "re-export the checkpoint with this rkv or upgrade rkv"
+            )
+        if self.bits not in SUPPORTED_BITS:
+            raise CheckpointError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits}")
+        if self.num_key_value_heads % self.head_group_size:
+            raise CheckpointError(
+                f"head-group size {self.head_group_size} does not divide the {self.num_key_value_heads} KV heads; "
+                f"choose a divisor of {self.num_key_value_heads}"
+            )
+        group_channels = self.head_group_size * self.head_dim
+        if group_channels % self.key_group_size:
+            raise CheckpointError(
+                f"key group size {self.key_group_size} must divide the {group_channels} channels of a head group"
+            )
+        if self.head_dim % self.value_group_size:
+            raise CheckpointError(f"value group size {self.value_group_size} must divide head_dim {self.head_dim}")
+        if self.layout != layout_for_bits(self.bits).value:
+            raise CheckpointError(f"layout {self.layout!r} does not match {self.bits}-bit codes")
+        if self.recent_window < 0 or self.flush_block <= 0 or self.max_sinks < 0:
+            raise CheckpointError("recent_window and max_sinks must be >= 0 and flush_block > 0")
+
+    @property
+    def head_group_channels(self) -> int:
+        return self.head_group_size * self.head_dim
+
+    @property
+    def key_bits_per_element(self) -> float:
+        return bits_per_element(self.bits, self.key_group_size)
+
+    @property
+    def value_bits_per_element(self) -> float:
+        return bits_per_element(self.bits, self.value_group_size)
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self), sort_keys=True))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RkvConfig":
+        if not isinstance(data, dict):
+            raise CheckpointError("config.json's 'rkv' section is not an object")
+        version = data.get("version")
+        if version != FORMAT_VERSION:
+            raise CheckpointError(
+                f"rkv format version {version} is not supported (this rkv reads version {FORMAT_VERSION}); "
+                "re-export the checkpoint with this rkv"
+            )
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        missing = sorted(f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
+                         and f.default_factory is dataclasses.MISSING and f.name not in data)
+        if unknown or missing:
+            raise CheckpointError(f"rkv config fields: unknown {unknown}, missing {missing}")
+        return cls(**data)
+
+
+def tensor_name(layer: int, what: str) -> str:
+    """``layers.{layer}.{what}`` for per-layer tensors (``key_mean``, ``key_perm``, ...)."""
+    return f"layers.{layer}.{what}"
+
+
+@dataclass
+class LayerTensors:
+    """Per-layer calibration tensors as the runtime reads them.
+
+    - ``key_mean`` fp32 ``[n_kv*d]``: calibrated mean of the pre-RoPE keys, subtracted before rotation.
+    - ``key_perm`` int64 ``[n_kv*d]``: channel permutation, block-diagonal over head groups;
+      quantization group ``j`` of a head group holds rotated channels ``perm[j*g:(j+1)*g]``.
+    - ``key_clip``, ``value_clip`` fp32 ``[]``: clip ratios for this layer at the exported bits.
+    - ``sink_channels`` int64 ``[s]``: hidden channels whose massive activations flag sink tokens.
+    - ``sink_threshold`` fp32 ``[]``: a token is a sink when ``max |h[sink_channels]| > sink_threshold``
+      (``h`` = the decoder layer's input); ``inf`` disables detection for the layer.
+    """
+
+    key_mean: torch.Tensor
+    key_perm: torch.Tensor
+    key_clip: float
+    value_clip: float
+    sink_channels: torch.Tensor
+    sink_threshold: float
+
+    FIELDS = ("key_mean", "key_perm", "key_clip", "value_clip", "sink_channels", "sink_threshold")
+
+
+@dataclass
+class Checkpoint:
+    config: RkvConfig
+    key_rotation: torch.Tensor  # fp32 [G*d, G*d], orthonormal, applied as y = x @ R
+    value_rotation: torch.Tensor  # fp32 [d, d], fused into v_proj rows / o_proj columns
+    layers: list[LayerTensors]
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """Read and validate ``config.json["rkv"]`` and ``rkv.safetensors`` of an exported folder."""
+    folder = Path(path)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{folder} has no config.json: not an rkv checkpoint (run `rkv export` first)")
+    try:
+        full = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{config_path} is not valid JSON: {err}") from err
+    if "rkv" not in full:
+        raise CheckpointError(f"{config_path} has no 'rkv' section: a plain model, not an rkv export")
+    config = RkvConfig.from_dict(full["rkv"])
+    tensors_path = folder / RKV_TENSORS_FILE
+    if not tensors_path.is_file():
+        raise CheckpointError(f"{tensors_path} is missing; re-run `rkv export`")
+    try:
+        tensors = load_file(str(tensors_path))
+    except Exception as err:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"{tensors_path} is corrupt: {err}") from err
+    return Checkpoint(config, *_unpack_tensors(tensors, config))
+
+
+def _unpack_tensors(tensors: dict[str, torch.Tensor], config: RkvConfig) -> tuple:
+    def need(name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        if name not in tensors:
+            raise CheckpointError(f"rkv tensors lack {name!r}")
+        t = tensors[name]
+        if shape is not None and tuple(t.shape) != shape:
+            raise CheckpointError(f"{name} has shape {tuple(t.shape)}, expected {shape}")
+        return t
+
+    channels = config.num_key_value_heads * config.head_dim
+    gd = config.head_group_channels
+    key_rotation = need("key_rotation", (gd, gd)).float()
+    value_rotation = need("value_rotation", (config.head_dim, config.head_dim)).float()
+    layers = []
+    for i in range(config.num_layers):
+        layers.append(
+            LayerTensors(
+                key_mean=need(tensor_name(i, "key_mean"), (channels,)).float(),
+                key_perm=need(tensor_name(i, "key_perm"), (channels,)).long(),
+                key_clip=float(need(tensor_name(i, "key_clip"), ())),
+                value_clip=float(need(tensor_name(i, "value_clip"), ())),
+                sink_channels=need(tensor_name(i, "sink_channels")).long(),
+                sink_threshold=float(need(tensor_name(i, "sink_threshold"), ())),
+            )
+        )
+    return key_rotation, value_rotation, layers
