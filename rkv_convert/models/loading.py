@@ -61,6 +61,14 @@ def resolve_source(model: str) -> ModelSource:
     return ModelSource(model, None, model)
 
 
+def _forget_gguf_quantization(model: PreTrainedModel) -> None:
+    """GGUF weights arrive dequantized to float; drop the quantizer so the model saves as plain safetensors."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
 @dataclass
 class LoadedModel:
     model: PreTrainedModel
@@ -88,6 +96,8 @@ def load_model(
     weights = AutoModelForCausalLM.from_pretrained(
         source.location, dtype=dtype, trust_remote_code=trust_remote_code, device_map=device_map, **kwargs
     )
+    if source.gguf_file:
+        _forget_gguf_quantization(weights)
     if device_map is None:
         weights = weights.to(device)
     weights.eval()

@@ -1,0 +1,121 @@
+"""The calibration artifact: ``calibration.safetensors`` + ``calibration.json`` in one folder.
+
+Bit-identical for a fixed seed on the same machine and software (no timestamps inside).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..export.format import CheckpointError, tensor_name
+
+__all__ = ["ARTIFACT_VERSION", "CalibrationArtifact", "save_artifact", "load_artifact", "weights_fingerprint"]
+
+ARTIFACT_VERSION = 1
+TENSORS_FILE = "calibration.safetensors"
+META_FILE = "calibration.json"
+PER_LAYER = (
+    "key_mean",
+    "key_perm",
+    "key_abs_mean_before",
+    "key_abs_mean_after",
+    "key_clip_by_bits",
+    "value_clip_by_bits",
+    "sink_channels",
+    "sink_threshold",
+)
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 over every parameter's name, dtype, shape and bytes (ties counted once)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().contiguous().cpu()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+@dataclass
+class CalibrationArtifact:
+    """What ``rkv calibrate`` learned; ``meta`` holds model shape, options and fingerprint."""
+
+    meta: dict
+    key_rotation: torch.Tensor
+    value_rotation: torch.Tensor
+    layers: list[dict[str, torch.Tensor]]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def clip_for(self, layer: int, bits: int, which: str = "key") -> float:
+        table = self.layers[layer][f"{which}_clip_by_bits"]
+        return float(table[self.meta["options"]["bits_searched"].index(bits)])
+
+
+def save_artifact(artifact: CalibrationArtifact, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Write to a temporary folder beside ``out_dir`` and rename it into place at the end."""
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite or choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {"key_rotation": artifact.key_rotation.contiguous(), "value_rotation": artifact.value_rotation.contiguous()}
+    for i, layer in enumerate(artifact.layers):
+        for key in PER_LAYER:
+            tensors[tensor_name(i, key)] = layer[key].contiguous()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": "rkv-calibration"})
+        (tmp / META_FILE).write_text(json.dumps(artifact.meta, indent=2, sort_keys=True) + "\n")
+        os.chmod(tmp, 0o755)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def load_artifact(path: str | Path) -> CalibrationArtifact:
+    """Read and validate an artifact folder; errors name the problem and the fix."""
+    folder = Path(path)
+    meta_path, tensors_path = folder / META_FILE, folder / TENSORS_FILE
+    if not meta_path.is_file() or not tensors_path.is_file():
+        raise CheckpointError(f"{folder} is not a calibration artifact (needs {META_FILE} and {TENSORS_FILE}); run `rkv calibrate`")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{meta_path} is corrupt: {err}") from err
+    if meta.get("artifact_version") != ARTIFACT_VERSION:
+        raise CheckpointError(
+            f"calibration artifact version {meta.get('artifact_version')} is not supported (expected {ARTIFACT_VERSION}); re-run `rkv calibrate`"
+        )
+    try:
+        tensors = load_file(str(tensors_path))
+    except Exception as err:
+        raise CheckpointError(f"{tensors_path} is corrupt: {err}") from err
+    model = meta["model"]
+    channels = model["num_key_value_heads"] * model["head_dim"]
+    layers = []
+    for i in range(model["num_hidden_layers"]):
+        layer = {}
+        for key in PER_LAYER:
+            name = tensor_name(i, key)
+            if name not in tensors:
+                raise CheckpointError(f"{tensors_path} lacks {name}; the artifact is incomplete, re-run `rkv calibrate`")
+            layer[key] = tensors[name]
+        if layer["key_mean"].shape != (channels,) or layer["key_perm"].shape != (channels,):
+            raise CheckpointError(f"{name}: shapes do not match the model recorded in {meta_path}")
+        layers.append(layer)
+    return CalibrationArtifact(meta, tensors["key_rotation"], tensors["value_rotation"], layers)

@@ -1,0 +1,73 @@
+"""Decisions made from calibration statistics: permutation, clip ratios, sink channels, head groups."""
+
+from __future__ import annotations
+
+import torch
+
+from ..quant.hadamard import has_hadamard
+from ..quant.quantizer import fake_quantize
+
+__all__ = [
+    "CLIP_GRID",
+    "QUANT_BITS",
+    "default_head_group_size",
+    "channel_permutation",
+    "search_clip",
+    "select_sink_channels",
+    "outlier_ratio",
+]
+
+QUANT_BITS = (2, 3, 4)
+CLIP_GRID = tuple(round(1.0 - 0.025 * i, 3) for i in range(17))  # 1.0 down to 0.6
+
+
+def default_head_group_size(num_kv_heads: int, head_dim: int, max_channels: int = 512) -> int:
+    """Largest divisor ``G`` of the KV heads with a known Hadamard of order ``G*d`` ≤ ``max_channels``."""
+    for g in range(num_kv_heads, 0, -1):
+        if num_kv_heads % g == 0 and g * head_dim <= max_channels and has_hadamard(g * head_dim):
+            return g
+    return 1
+
+
+def channel_permutation(abs_mean: torch.Tensor, head_group_channels: int) -> torch.Tensor:
+    """Within each head group, channels sorted by descending mean |x| (global indices, int64).
+
+    Consecutive chunks of the result become quantization groups, so channels of similar
+    magnitude share a scale; the permutation never crosses a head group.
+    """
+    blocks = abs_mean.reshape(-1, head_group_channels)
+    order = torch.argsort(blocks, dim=1, descending=True, stable=True)
+    offsets = torch.arange(blocks.shape[0]).unsqueeze(1) * head_group_channels
+    return (order + offsets).reshape(-1)
+
+
+def search_clip(rows: torch.Tensor, bits: int, group_size: int, perm: torch.Tensor | None) -> tuple[float, float]:
+    """The clip ratio in :data:`CLIP_GRID` with the lowest mean squared reconstruction error."""
+    best = (float("inf"), 1.0)
+    for clip in CLIP_GRID:
+        err = (fake_quantize(rows, bits, group_size, clip, perm) - rows).pow(2).mean().item()
+        if err < best[0]:
+            best = (err, clip)
+    return best[1], best[0]
+
+
+def select_sink_channels(
+    token_max: torch.Tensor, token_argmax: torch.Tensor, median: float, ratio: float, max_channels: int
+) -> tuple[torch.Tensor, float, int]:
+    """Channels whose massive activations (> ``ratio`` × median |h|) mark sink tokens.
+
+    Returns (channels int64, online threshold, number of calibration tokens flagged). A layer
+    with no massive activation gets no channels and an infinite threshold.
+    """
+    threshold = ratio * median
+    massive = token_max > threshold
+    if not bool(massive.any()):
+        return torch.zeros(0, dtype=torch.long), float("inf"), 0
+    channels, counts = torch.unique(token_argmax[massive], return_counts=True)
+    keep = channels[torch.argsort(counts, descending=True, stable=True)[:max_channels]]
+    return torch.sort(keep).values, threshold, int(massive.sum())
+
+
+def outlier_ratio(abs_mean: torch.Tensor) -> float:
+    """Largest channel magnitude over the median one: 1 means perfectly flat channels."""
+    return float(abs_mean.max() / abs_mean.median().clamp_min(1e-12))

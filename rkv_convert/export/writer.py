@@ -1,0 +1,123 @@
+"""``rkv export``: source weights + calibration artifact → augmented checkpoint folder.
+
+The folder is written to a temporary sibling and renamed at the end, so a failure leaves
+nothing behind. It loads with stock transformers and gives the source model's logits (checked
+before writing); the rkv runtime reads ``config.json["rkv"]`` and ``rkv.safetensors`` besides.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ..calibrate.artifact import CalibrationArtifact, weights_fingerprint
+from ..calibrate.run import model_shape
+from ..models.loading import LoadedModel
+from .format import RKV_TENSORS_FILE, SUPPORTED_BITS, CheckpointError, RkvConfig, tensor_name
+from .fuse import fuse_value_rotation
+
+__all__ = ["ExportOptions", "export_checkpoint", "LOGIT_TOLERANCE"]
+
+LOGIT_TOLERANCE = {torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 2.5e-1}
+
+
+def _check_compatible(artifact: CalibrationArtifact, loaded: LoadedModel, bits: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise CheckpointError(f"--bits must be one of {SUPPORTED_BITS}, got {bits}")
+    shape = model_shape(loaded.model.config)
+    if artifact.meta["model"] != shape:
+        raise CheckpointError(
+            f"the calibration artifact was made for a model shaped {artifact.meta['model']}, "
+            f"but this model is {shape}; calibrate this model first"
+        )
+    fingerprint = weights_fingerprint(loaded.model)
+    if artifact.meta["source_fingerprint"] != fingerprint:
+        raise CheckpointError(
+            "the calibration artifact comes from different weights (fingerprint mismatch); "
+            "run `rkv calibrate` on this exact model"
+        )
+
+
+def _probe_logits(model: torch.nn.Module, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=g)
+    with torch.no_grad():
+        return model(ids.to(next(model.parameters()).device), use_cache=False).logits.float().cpu()
+
+
+def export_checkpoint(
+    loaded: LoadedModel,
+    artifact: CalibrationArtifact,
+    out_dir: str | Path,
+    bits: int = 2,
+    recent_window: int = 128,
+    flush_block: int = 64,
+    max_sinks: int = 8,
+    overwrite: bool = False,
+) -> Path:
+    """Fuse, verify and write the augmented checkpoint; returns the folder."""
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite or choose another --out")
+    _check_compatible(artifact, loaded, bits)
+    opts = artifact.meta["options"]
+    shape = artifact.meta["model"]
+    config = RkvConfig(
+        bits=bits,
+        key_group_size=opts["key_group_size"],
+        value_group_size=opts["value_group_size"],
+        head_group_size=opts["head_group_size"],
+        num_layers=shape["num_hidden_layers"],
+        num_key_value_heads=shape["num_key_value_heads"],
+        head_dim=shape["head_dim"],
+        source_fingerprint=artifact.meta["source_fingerprint"],
+        recent_window=recent_window,
+        flush_block=flush_block,
+        max_sinks=max_sinks,
+        calibration={k: opts[k] for k in ("source", "num_samples", "seqlen", "seed", "sink_ratio")},
+    )
+    model = loaded.model
+    before = _probe_logits(model)
+    fuse_value_rotation(model, artifact.value_rotation)
+    after = _probe_logits(model)
+    dtype = next(model.parameters()).dtype
+    err = (after - before).abs().max().item()
+    if err > LOGIT_TOLERANCE.get(dtype, 1e-3) * max(1.0, before.abs().max().item() / 10):
+        fuse_value_rotation(model, artifact.value_rotation.T.contiguous())  # undo: H is orthonormal
+        raise CheckpointError(f"fusing the value rotation changed logits by {err:.3g} in {dtype}; refusing to export")
+
+    tensors = {"key_rotation": artifact.key_rotation, "value_rotation": artifact.value_rotation}
+    for i, layer in enumerate(artifact.layers):
+        tensors[tensor_name(i, "key_mean")] = layer["key_mean"]
+        tensors[tensor_name(i, "key_perm")] = layer["key_perm"]
+        tensors[tensor_name(i, "key_clip")] = torch.tensor(artifact.clip_for(i, bits, "key"))
+        tensors[tensor_name(i, "value_clip")] = torch.tensor(artifact.clip_for(i, bits, "value"))
+        tensors[tensor_name(i, "sink_channels")] = layer["sink_channels"]
+        tensors[tensor_name(i, "sink_threshold")] = layer["sink_threshold"]
+        tensors[tensor_name(i, "key_clip_by_bits")] = layer["key_clip_by_bits"]
+        tensors[tensor_name(i, "value_clip_by_bits")] = layer["value_clip_by_bits"]
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        loaded.tokenizer.save_pretrained(tmp)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / RKV_TENSORS_FILE), metadata={"format": "rkv"})
+        config_path = tmp / "config.json"
+        full = json.loads(config_path.read_text())
+        full["rkv"] = config.to_dict()
+        config_path.write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")
+        os.chmod(tmp, 0o755)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

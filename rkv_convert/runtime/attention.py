@@ -1,0 +1,149 @@
+"""The rkv attention handler: what runs after the per-family q/k/v projections.
+
+Three paths, chosen per call:
+
+- **prefill** (the cache of this layer is empty): stock attention over the prompt in full precision
+  (RoPE from the model's ``position_embeddings``, the model's own attention function and mask,
+  exactly as the unmodified model), then the prompt's pre-RoPE keys and values are written to the
+  cache (sinks and the recent window in full precision, the rest quantized and packed);
+- **decode** (one new token per sequence): the token is appended to the cache's full-precision
+  segment, then ``decode_attention`` reads the packed store and the full-precision segment
+  (Triton on CUDA, the pure-torch reference on CPU), then the window is flushed;
+- **multi-token step after prefill** (chunked prefill, speculative verification): a simple,
+  correct path: the packed store is dequantized with the reference math, the new tokens are
+  appended in full precision, and attention runs in torch, causal by RoPE position. It costs a
+  full dequantization per call: fine for occasional chunks, not for per-token decoding.
+
+Padding: the new tokens' validity comes from the attention mask (its diagonal over the new
+tokens); padding slots get position -1 in the cache and are never attended.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from ..kernels.decode_attention import decode_attention
+from ..models.adapters import stock_attention
+from .cache import RkvCache, RkvCacheLayer
+from .ops import attend_reference, dequantize_keys, dequantize_values
+from .sinks import flag_sinks
+
+__all__ = ["rkv_attention", "new_token_validity", "stored_tokens"]
+
+
+def new_token_validity(attention_mask: torch.Tensor | None, batch: int, q_len: int) -> torch.Tensor | None:
+    """bool ``[B, T]``: which of the ``T`` newest tokens are real (not padding); ``None``: all are.
+
+    Reads a 2D ``[B, kv]`` padding mask (1 = real) or a 4D ``[B|1, 1, T, kv]`` attention mask
+    (bool: True = attend; float: 0 = attend) at each new token's own slot.
+    """
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"rkv attention needs a tensor attention mask, got {type(attention_mask).__name__}")
+    if attention_mask.dim() == 2:
+        return attention_mask[:, -q_len:].bool().expand(batch, q_len)
+    if attention_mask.dim() != 4:
+        raise ValueError(f"unexpected attention mask shape {tuple(attention_mask.shape)}")
+    kv = attention_mask.shape[-1]
+    rows = torch.arange(q_len, device=attention_mask.device)
+    diag = attention_mask[:, 0, rows, kv - q_len + rows]
+    valid = diag if diag.dtype == torch.bool else diag == 0
+    return valid.expand(batch, q_len)
+
+
+def _positions(kwargs: dict, layer: RkvCacheLayer, batch: int, q_len: int, device: torch.device) -> torch.Tensor:
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None:
+        position_ids = torch.arange(layer.length, layer.length + q_len, device=device)[None]
+    return position_ids.to(device).expand(batch, q_len)
+
+
+def stored_tokens(layer: RkvCacheLayer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every token the layer holds, dequantized: pre-RoPE keys, values ``fp32 [B, n_kv, N, d]``, pos ``[B, N]``."""
+    c = layer.codec
+    q, fp = layer.quantized(), layer.full_precision()
+    keys = dequantize_keys(q["k_codes"], q["k_scale"], q["k_zero"], c.k_gid, c.k_mean, c.rotation, c.bits, c.head_dim)
+    values = dequantize_values(q["v_codes"], q["v_scale"], q["v_zero"], c.bits, c.head_dim)
+    keys = torch.cat([keys, fp["fp_k"].float()], dim=2)
+    values = torch.cat([values, fp["fp_v"].float()], dim=2)
+    pos = torch.cat([q["pos"], fp["fp_pos"]], dim=1)
+    return keys, values, pos
+
+
+def _check_sliding_window(module: nn.Module, layer: RkvCacheLayer, q_len: int) -> None:
+    window = getattr(module, "sliding_window", None)
+    if window is not None and layer.length + q_len > window:
+        raise NotImplementedError(
+            f"layer {module.layer_idx} uses sliding-window attention ({window} tokens) and the sequence "
+            f"reached {layer.length + q_len}; the rkv cache does not evict tokens yet"
+        )
+
+
+def rkv_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    attention_mask: torch.Tensor | None,
+    past_key_values: object | None,
+    layer_input: torch.Tensor | None = None,
+    **kwargs: object,
+) -> torch.Tensor:
+    """An :class:`~rkv_convert.models.adapters.AttentionHandler` writing to and reading an :class:`RkvCache`."""
+    if past_key_values is None:  # a forward without cache: nothing to store, plain attention
+        return stock_attention(module, query, key, value, position_embeddings, attention_mask, None, layer_input, **kwargs)
+    if not isinstance(past_key_values, RkvCache):
+        raise TypeError(
+            f"the rkv attention handler needs past_key_values=RkvCache(...), got {type(past_key_values).__name__}"
+        )
+    cache = past_key_values
+    layer: RkvCacheLayer = cache.layers[module.layer_idx]
+    b, _, t, d = key.shape
+    _check_sliding_window(module, layer, t)
+    pos = _positions(kwargs, layer, b, t, key.device)
+    valid = new_token_validity(attention_mask, b, t)
+    codec = layer.codec
+    sinks = flag_sinks(layer_input, codec.sink_channels, codec.sink_threshold)
+    if valid is not None:
+        key = key * valid[:, None, :, None].to(key.dtype)  # padding may carry anything; store zeros
+        value = value * valid[:, None, :, None].to(value.dtype)
+
+    if layer.length == 0:  # prefill: exactly the model's own attention, then store
+        out = stock_attention(module, query, key, value, position_embeddings, attention_mask, None, layer_input, **kwargs)
+        layer.append(key, value, pos, valid, sinks)
+        layer.flush()
+        return out
+
+    cos, sin = position_embeddings
+    q_rot = apply_rotary_pos_emb(query, query, cos, sin)[0]
+    if t == 1:  # decode
+        layer.append(key, value, pos, valid, sinks)
+        qd, fp = layer.quantized(), layer.full_precision()
+        out = decode_attention(
+            q_rot[:, :, 0],
+            qd["k_codes"], qd["k_scale"], qd["k_zero"], codec.k_gid, codec.k_mean, codec.rotation,
+            qd["v_codes"], qd["v_scale"], qd["v_zero"], qd["pos"],
+            fp["fp_k"], fp["fp_v"], fp["fp_pos"],
+            cache.inv_freq, cache.attention_scaling,
+            bits=codec.bits, k_group_size=codec.key_group_size, v_group_size=codec.value_group_size,
+            scaling=module.scaling, backend=layer.backend,
+        )  # fmt: skip
+        layer.flush()
+        return out.to(query.dtype).reshape(b, 1, -1)
+
+    # multi-token step after prefill: attend over (dequantized cache + new tokens), then store
+    keys, values, k_pos = stored_tokens(layer)
+    new_pos = pos if valid is None else torch.where(valid, pos, torch.full_like(pos, -1))
+    keys = torch.cat([keys, key.float()], dim=2)
+    values = torch.cat([values, value.float()], dim=2)
+    k_pos = torch.cat([k_pos, new_pos.to(k_pos.dtype)], dim=1)
+    out = attend_reference(
+        q_rot, keys, values, k_pos, cache.inv_freq, cache.attention_scaling, module.scaling, q_pos=pos
+    )
+    layer.append(key, value, pos, valid, sinks)
+    layer.flush()
+    return out.to(query.dtype).transpose(1, 2).reshape(b, t, -1)

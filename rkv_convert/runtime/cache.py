@@ -1,0 +1,461 @@
+"""The packed rkv KV cache: a transformers ``Cache`` of append-only quantized layers.
+
+Per layer and sequence the cache holds three kinds of tokens:
+
+- **quantized store** (append only, never re-quantized): keys pre-RoPE, centred and rotated
+  per head group, packed ``bits``-bit codes with an fp16 scale and zero per group; values
+  (already rotated by the exported weights) packed per token in groups of consecutive channels;
+- **sinks**: up to ``max_sinks`` tokens per sequence flagged online (``sinks.flag_sinks``) kept in
+  full precision for the whole generation; further flagged tokens are quantized like any token;
+- **recent window**: the newest ``recent_window`` to ``recent_window + flush_block - 1`` tokens in
+  full precision; whenever it reaches ``recent_window + flush_block`` tokens its oldest
+  ``flush_block`` tokens are quantized and appended to the store.
+
+All sequences of a batch append in lockstep (one slot per token); a slot whose token is padding,
+or a sink that moved to the full-precision segment, has position ``-1`` for that sequence and gets
+zero attention weight. Stored tensors (shapes as the kernels in ``rkv_convert.kernels`` read them):
+
+==============  =======  ============================  =========================================
+name            dtype    shape                         meaning
+==============  =======  ============================  =========================================
+``k_codes``     uint8    ``[B, n_hg, cap, Gd*b/8]``     packed key codes, rotated channel order
+``k_scale``     fp16     ``[B, n_hg, cap, Gd/g_k]``     key scale per quantization group
+``k_zero``      fp16     ``[B, n_hg, cap, Gd/g_k]``     key zero (group minimum) per group
+``v_codes``     uint8    ``[B, n_kv, cap, d*b/8]``      packed value codes
+``v_scale``     fp16     ``[B, n_kv, cap, d/g_v]``      value scale per group
+``v_zero``      fp16     ``[B, n_kv, cap, d/g_v]``      value zero per group
+``pos``         int32    ``[B, cap]``                   RoPE position per slot, -1 = empty
+``fp_k``        model    ``[B, n_kv, F, d]``            pre-RoPE keys of sinks + window
+``fp_v``        model    ``[B, n_kv, F, d]``            values of sinks + window
+``fp_pos``      int32    ``[B, F]``                     position per full-precision slot, -1 = empty
+==============  =======  ============================  =========================================
+
+``n_hg = n_kv/G`` head groups of ``Gd = G*d`` channels; ``cap`` grows geometrically. The
+full-precision segment holds ``max_sinks`` sink slots, one scratch slot (index ``max_sinks``,
+always empty: writes that must go nowhere land there, so no step needs a host sync) and the window.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from ..export.format import Checkpoint, LayerTensors, RkvConfig
+from ..kernels.quantize_pack import group_ids_from_perm, quantize_pack
+from ..quant.packing import packed_width
+
+__all__ = ["CacheSettings", "LayerCodec", "RkvCacheLayer", "RkvCache"]
+
+_MIN_CAPACITY = 64
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """How many tokens stay in full precision, and how the window is flushed."""
+
+    recent_window: int = 128
+    flush_block: int = 64
+    max_sinks: int = 8
+
+    def __post_init__(self) -> None:
+        if self.recent_window < 0 or self.max_sinks < 0 or self.flush_block <= 0:
+            raise ValueError("recent_window and max_sinks must be >= 0 and flush_block > 0")
+
+    @classmethod
+    def from_config(cls, config: RkvConfig, **overrides: int) -> "CacheSettings":
+        base = dict(recent_window=config.recent_window, flush_block=config.flush_block, max_sinks=config.max_sinks)
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**base)
+
+
+@dataclass
+class LayerCodec:
+    """One layer's quantizer settings and calibration tensors, on the cache's device."""
+
+    bits: int
+    key_group_size: int
+    value_group_size: int
+    head_dim: int
+    num_kv_heads: int
+    k_mean: torch.Tensor  # fp32 [n_kv*d]
+    rotation: torch.Tensor  # fp32 [Gd, Gd], y = x @ R
+    k_gid: torch.Tensor  # int32 [n_hg, Gd]: quantization group of each rotated channel
+    key_clip: float
+    value_clip: float
+    sink_channels: torch.Tensor  # int64 [s]
+    sink_threshold: float
+
+    @property
+    def group_channels(self) -> int:
+        return self.k_gid.shape[1]
+
+    @property
+    def num_head_groups(self) -> int:
+        return self.k_gid.shape[0]
+
+    @classmethod
+    def from_checkpoint(cls, config: RkvConfig, rotation: torch.Tensor, layer: LayerTensors, device: torch.device) -> "LayerCodec":
+        gid = group_ids_from_perm(layer.key_perm.long(), config.head_group_channels, config.key_group_size)
+        return cls(
+            bits=config.bits,
+            key_group_size=config.key_group_size,
+            value_group_size=config.value_group_size,
+            head_dim=config.head_dim,
+            num_kv_heads=config.num_key_value_heads,
+            k_mean=layer.key_mean.to(device, torch.float32).contiguous(),
+            rotation=rotation.to(device, torch.float32).contiguous(),
+            k_gid=gid.to(device).contiguous(),
+            key_clip=float(layer.key_clip),
+            value_clip=float(layer.value_clip),
+            sink_channels=layer.sink_channels.to(device),
+            sink_threshold=float(layer.sink_threshold),
+        )
+
+
+def _grow(t: torch.Tensor, used: int, capacity: int, dim: int, fill: int = 0) -> torch.Tensor:
+    shape = list(t.shape)
+    shape[dim] = capacity
+    out = torch.full(shape, fill, dtype=t.dtype, device=t.device)
+    out.narrow(dim, 0, used).copy_(t.narrow(dim, 0, used))
+    return out
+
+
+class RkvCacheLayer(CacheLayerMixin):
+    """One decoder layer's packed cache (see the module docstring for the layout)."""
+
+    is_compileable = False
+    is_sliding = False
+    is_croppable = False
+
+    def __init__(self, codec: LayerCodec, settings: CacheSettings, backend: str = "auto") -> None:
+        super().__init__()
+        self.codec = codec
+        self.settings = settings
+        self.backend = backend
+        self.length = 0  # slots appended (padding included): what transformers calls the sequence length
+        self.n_quant = 0  # slots in the quantized store
+        self.n_window = 0  # slots in the recent window
+        self.fp_dtype: torch.dtype | None = None
+
+    # ----- transformers contract ------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor | None = None) -> None:
+        """Allocate empty storage for ``key_states``'s batch, device and dtype."""
+        b, n_kv, _, d = key_states.shape
+        c = self.codec
+        if n_kv != c.num_kv_heads or d != c.head_dim:
+            raise ValueError(f"keys have {n_kv} heads of {d}, the checkpoint {c.num_kv_heads} heads of {c.head_dim}")
+        dev = key_states.device
+        self.device, self.fp_dtype, self.batch = dev, key_states.dtype, b
+        n_hg, gd = c.num_head_groups, c.group_channels
+        cap = _MIN_CAPACITY
+        u8, f16 = torch.uint8, torch.float16
+        self.k_codes = torch.zeros(b, n_hg, cap, packed_width(gd, c.bits), dtype=u8, device=dev)
+        self.k_scale = torch.zeros(b, n_hg, cap, gd // c.key_group_size, dtype=f16, device=dev)
+        self.k_zero = torch.zeros_like(self.k_scale)
+        self.v_codes = torch.zeros(b, n_kv, cap, packed_width(d, c.bits), dtype=u8, device=dev)
+        self.v_scale = torch.zeros(b, n_kv, cap, d // c.value_group_size, dtype=f16, device=dev)
+        self.v_zero = torch.zeros_like(self.v_scale)
+        self.pos = torch.full((b, cap), -1, dtype=torch.int32, device=dev)
+        s = self.settings
+        fp_slots = self.window_start + s.recent_window + s.flush_block
+        self.fp_k = torch.zeros(b, n_kv, fp_slots, d, dtype=self.fp_dtype, device=dev)
+        self.fp_v = torch.zeros_like(self.fp_k)
+        self.fp_pos = torch.full((b, fp_slots), -1, dtype=torch.int32, device=dev)
+        self.n_sinks = torch.zeros(b, dtype=torch.int64, device=dev)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object):
+        raise TypeError(
+            "RkvCache stores pre-RoPE keys and is written by the rkv attention handler "
+            "(rkv_convert.runtime.attention.rkv_attention); attach it with rkv_convert.models.adapters.attach"
+        )
+
+    def get_seq_length(self, *args: object) -> int:
+        return self.length
+
+    def get_mask_sizes(self, query: int | torch.Tensor, *args: object) -> tuple[int, int]:
+        """``(kv_length, kv_offset)``; ``query`` is the query length (or, in older transformers, cache_position)."""
+        q_len = query if isinstance(query, int) else int(query.shape[0])
+        return self.length + q_len, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self) -> int:  # name used by older transformers 5.x releases
+        return -1
+
+    def reset(self) -> None:
+        self.length = self.n_quant = self.n_window = 0
+        for name in ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero", "pos", "fp_k", "fp_v", "fp_pos", "n_sinks"):
+            self.__dict__.pop(name, None)
+        self.is_initialized = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("an rkv cache is append-only; cropping (assisted decoding) is not supported")
+
+    def _select_batch(self, index: torch.Tensor) -> None:
+        if not self.is_initialized:
+            return
+        index = index.to(self.device)
+        for name in ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero", "pos", "fp_k", "fp_v", "fp_pos", "n_sinks"):
+            setattr(self, name, getattr(self, name).index_select(0, index).contiguous())
+        self.batch = int(index.numel())
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select_batch(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select_batch(indices.to(torch.long) if indices.dtype != torch.bool else indices.nonzero().flatten())
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._select_batch(torch.arange(self.batch, device=self.device).repeat_interleave(repeats))
+
+    # ----- the rkv store ------------------------------------------------------------------
+    @property
+    def window_start(self) -> int:
+        return self.settings.max_sinks + 1
+
+    @property
+    def scratch_slot(self) -> int:
+        return self.settings.max_sinks
+
+    def append(
+        self,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        positions: torch.Tensor,
+        valid: torch.Tensor | None = None,
+        sinks: torch.Tensor | None = None,
+    ) -> None:
+        """Append ``T`` tokens: pre-RoPE ``key``/``value`` ``[B, n_kv, T, d]``, RoPE ``positions [B, T]``.
+
+        ``valid`` (bool ``[B, T]``, default all) marks real tokens (padding gets position -1);
+        ``sinks`` (bool ``[B, T]``) marks sink candidates. Sink tokens take a free sink slot of their
+        sequence; the rest join the recent window, whose overflow is quantized in whole blocks.
+        Call :meth:`flush` afterwards (decode attends between the two, so the newest token is still
+        in full precision).
+        """
+        if not self.is_initialized:
+            self.lazy_initialization(key, value)
+        b, _, t, _ = key.shape
+        pos = positions.to(self.device, torch.int32).expand(b, t)
+        if valid is not None:
+            pos = torch.where(valid.to(self.device), pos, torch.full_like(pos, -1))
+        if sinks is not None and self.settings.max_sinks > 0:
+            pos = self._take_sinks(key, value, pos, sinks.to(self.device) & (pos >= 0))
+        self._append_window(key.to(self.fp_dtype), value.to(self.fp_dtype), pos)
+        self.length += t
+
+    def _take_sinks(self, key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
+        """Copy flagged tokens into free sink slots; return ``pos`` with those tokens removed (-1)."""
+        rank = self.n_sinks[:, None] + flags.long().cumsum(1) - 1
+        take = flags & (rank < self.settings.max_sinks)
+        slot = torch.where(take, rank, torch.full_like(rank, self.scratch_slot))  # [B, T]
+        b, n_kv, t, d = key.shape
+        index = slot[:, None, :, None].expand(b, n_kv, t, d)
+        self.fp_k.scatter_(2, index, key.to(self.fp_dtype))
+        self.fp_v.scatter_(2, index, value.to(self.fp_dtype))
+        self.fp_pos.scatter_(1, slot, torch.where(take, pos, torch.full_like(pos, -1)))
+        self.fp_pos[:, self.scratch_slot] = -1
+        self.n_sinks += take.sum(1)
+        return torch.where(take, torch.full_like(pos, -1), pos)
+
+    def _append_window(self, key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor) -> None:
+        s, w0, t = self.settings, self.window_start, key.shape[2]
+        capacity = s.recent_window + s.flush_block
+        if self.n_window + t <= capacity:
+            lo = w0 + self.n_window
+            self.fp_k[:, :, lo : lo + t] = key
+            self.fp_v[:, :, lo : lo + t] = value
+            self.fp_pos[:, lo : lo + t] = pos
+            self.n_window += t
+            return
+        # More than fits: quantize the oldest whole blocks of (window + new tokens) straight away.
+        w = self.n_window
+        all_k = torch.cat([self.fp_k[:, :, w0 : w0 + w], key], dim=2)
+        all_v = torch.cat([self.fp_v[:, :, w0 : w0 + w], value], dim=2)
+        all_pos = torch.cat([self.fp_pos[:, w0 : w0 + w], pos], dim=1)
+        total = w + t
+        n_flush = -(-(total - capacity) // s.flush_block) * s.flush_block
+        self._store(all_k[:, :, :n_flush], all_v[:, :, :n_flush], all_pos[:, :n_flush])
+        keep = total - n_flush
+        self.fp_k[:, :, w0 : w0 + keep] = all_k[:, :, n_flush:]
+        self.fp_v[:, :, w0 : w0 + keep] = all_v[:, :, n_flush:]
+        self.fp_pos[:, w0 : w0 + keep] = all_pos[:, n_flush:]
+        self.fp_pos[:, w0 + keep :] = -1
+        self.n_window = keep
+
+    def flush(self) -> int:
+        """Quantize the window's oldest whole blocks while it holds ``recent_window + flush_block`` tokens.
+
+        Returns the number of tokens moved to the quantized store.
+        """
+        s, w0 = self.settings, self.window_start
+        if not self.is_initialized or self.n_window < s.recent_window + s.flush_block:
+            return 0
+        n_flush = (self.n_window - s.recent_window) // s.flush_block * s.flush_block
+        hi = w0 + n_flush
+        self._store(self.fp_k[:, :, w0:hi], self.fp_v[:, :, w0:hi], self.fp_pos[:, w0:hi])
+        keep = self.n_window - n_flush
+        self.fp_k[:, :, w0 : w0 + keep] = self.fp_k[:, :, hi : hi + keep].clone()
+        self.fp_v[:, :, w0 : w0 + keep] = self.fp_v[:, :, hi : hi + keep].clone()
+        self.fp_pos[:, w0 : w0 + keep] = self.fp_pos[:, hi : hi + keep].clone()
+        self.fp_pos[:, w0 + keep :] = -1
+        self.n_window = keep
+        return n_flush
+
+    def _reserve(self, needed: int) -> None:
+        cap = self.pos.shape[1]
+        if needed <= cap:
+            return
+        new_cap = max(needed, 2 * cap)
+        n = self.n_quant
+        for name in ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero"):
+            setattr(self, name, _grow(getattr(self, name), n, new_cap, dim=2))
+        self.pos = _grow(self.pos, n, new_cap, dim=1, fill=-1)
+
+    def _store(self, key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor) -> None:
+        """Quantize, pack and append ``[B, n_kv, n, d]`` tokens to the store (never touching old ones)."""
+        n = key.shape[2]
+        if n == 0:
+            return
+        c = self.codec
+        self._reserve(self.n_quant + n)
+        b, n_kv, _, d = key.shape
+        rows = key.transpose(1, 2).reshape(b, n, c.num_head_groups, c.group_channels)
+        k_codes, k_scale, k_zero = (
+            t.transpose(1, 2)
+            for t in quantize_pack(
+                rows, c.bits, c.key_group_size, c.key_clip,
+                rotation=c.rotation, mean=c.k_mean, gid=c.k_gid, backend=self.backend,
+            )
+        )
+        v_codes, v_scale, v_zero = (
+            t.transpose(1, 2)
+            for t in quantize_pack(value.transpose(1, 2), c.bits, c.value_group_size, c.value_clip, backend=self.backend)
+        )
+        lo, hi = self.n_quant, self.n_quant + n
+        self.k_codes[:, :, lo:hi] = k_codes
+        self.k_scale[:, :, lo:hi] = k_scale
+        self.k_zero[:, :, lo:hi] = k_zero
+        self.v_codes[:, :, lo:hi] = v_codes
+        self.v_scale[:, :, lo:hi] = v_scale
+        self.v_zero[:, :, lo:hi] = v_zero
+        self.pos[:, lo:hi] = pos
+        self.n_quant = hi
+
+    # ----- views for attention -----------------------------------------------------------
+    def quantized(self) -> dict[str, torch.Tensor]:
+        """The used part of the quantized store (views, no copies)."""
+        n = self.n_quant
+        return {
+            "k_codes": self.k_codes[:, :, :n],
+            "k_scale": self.k_scale[:, :, :n],
+            "k_zero": self.k_zero[:, :, :n],
+            "v_codes": self.v_codes[:, :, :n],
+            "v_scale": self.v_scale[:, :, :n],
+            "v_zero": self.v_zero[:, :, :n],
+            "pos": self.pos[:, :n],
+        }
+
+    def full_precision(self) -> dict[str, torch.Tensor]:
+        """Sinks, scratch slot and the used window (views)."""
+        hi = self.window_start + self.n_window
+        return {"fp_k": self.fp_k[:, :, :hi], "fp_v": self.fp_v[:, :, :hi], "fp_pos": self.fp_pos[:, :hi]}
+
+    # ----- accounting ----------------------------------------------------------------------
+    def _slot_bytes(self) -> tuple[int, int]:
+        """Bytes per (sequence, slot): quantized store, full-precision segment."""
+        c = self.codec
+        n_hg, gd, d, n_kv = c.num_head_groups, c.group_channels, c.head_dim, c.num_kv_heads
+        quant = n_hg * (packed_width(gd, c.bits) + 4 * (gd // c.key_group_size))
+        quant += n_kv * (packed_width(d, c.bits) + 4 * (d // c.value_group_size)) + 4
+        elem = torch.empty((), dtype=self.fp_dtype or torch.float16).element_size()
+        return quant, 2 * n_kv * d * elem + 4
+
+    def bytes_used(self) -> int:
+        """Bytes holding this layer's tokens: the used store plus the sink slots (reserved) and the window."""
+        if not self.is_initialized:
+            return 0
+        quant, fp = self._slot_bytes()
+        return self.batch * (self.n_quant * quant + (self.window_start + self.n_window) * fp)
+
+    def bytes_allocated(self) -> int:
+        """All bytes of this layer's tensors, growth headroom included."""
+        if not self.is_initialized:
+            return 0
+        names = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero", "pos", "fp_k", "fp_v", "fp_pos")
+        return sum(getattr(self, n).nbytes for n in names)
+
+    def fp16_equivalent_bytes(self) -> int:
+        """What an fp16 cache (like transformers' ``DynamicCache``) holding the same slots would take."""
+        if not self.is_initialized:
+            return 0
+        return self.batch * self.length * 2 * self.codec.num_kv_heads * self.codec.head_dim * 2
+
+    def num_elements(self) -> int:
+        """K and V elements of the tokens held (``B * slots * 2 * n_kv * d``)."""
+        if not self.is_initialized:
+            return 0
+        return self.batch * self.length * 2 * self.codec.num_kv_heads * self.codec.head_dim
+
+    def sink_counts(self) -> torch.Tensor:
+        return self.n_sinks.clone() if self.is_initialized else torch.zeros(0, dtype=torch.int64)
+
+
+class RkvCache(Cache):
+    """A ``Cache`` of :class:`RkvCacheLayer`, one per decoder layer, plus the model's RoPE table."""
+
+    def __init__(
+        self,
+        codecs: list[LayerCodec],
+        settings: CacheSettings,
+        inv_freq: torch.Tensor,
+        attention_scaling: float = 1.0,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(layers=[RkvCacheLayer(c, settings, backend) for c in codecs])
+        self.settings = settings
+        self.inv_freq = inv_freq.float()
+        self.attention_scaling = float(attention_scaling)
+        self.backend = backend
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        checkpoint: Checkpoint,
+        model: torch.nn.Module,
+        settings: CacheSettings | None = None,
+        backend: str = "auto",
+    ) -> "RkvCache":
+        """A cache for ``model`` (whose RoPE table it copies) with ``checkpoint``'s calibration."""
+        config = checkpoint.config
+        rotary = getattr(getattr(model, "model", model), "rotary_emb", None)
+        if rotary is None or not hasattr(rotary, "inv_freq"):
+            raise ValueError(f"{type(model).__name__} has no rotary embedding at .model.rotary_emb")
+        rope_type = getattr(rotary, "rope_type", "default")
+        if rope_type in ("dynamic", "longrope"):
+            raise ValueError(f"rope type {rope_type!r} changes its frequencies with the length; rkv supports static RoPE only")
+        device = rotary.inv_freq.device
+        codecs = [LayerCodec.from_checkpoint(config, checkpoint.key_rotation, layer, device) for layer in checkpoint.layers]
+        if len(codecs) != model.config.num_hidden_layers:
+            raise ValueError(f"checkpoint has {len(codecs)} layers, the model {model.config.num_hidden_layers}")
+        settings = settings or CacheSettings.from_config(config)
+        return cls(codecs, settings, rotary.inv_freq, float(getattr(rotary, "attention_scaling", 1.0)), backend)
+
+    def bytes_used(self) -> int:
+        return sum(layer.bytes_used() for layer in self.layers)
+
+    def bytes_allocated(self) -> int:
+        return sum(layer.bytes_allocated() for layer in self.layers)
+
+    def fp16_equivalent_bytes(self) -> int:
+        return sum(layer.fp16_equivalent_bytes() for layer in self.layers)
+
+    def bits_per_element(self) -> float:
+        """Real bits per cached K/V element: all bytes used (codes, scales, positions, fp segment) * 8 / elements."""
+        elements = sum(layer.num_elements() for layer in self.layers)
+        return 8.0 * self.bytes_used() / elements if elements else 0.0
