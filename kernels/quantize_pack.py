@@ -131,6 +131,11 @@ def quantize_pack_ref(
         ``zero fp16 [..., n_blocks, W/g]``.
     """
     n_blocks, width = _check_args(x, bits, group_size, clip, rotation, mean, gid)
+    if x.numel() == 0:  # quantize() cannot reshape an empty tensor with -1
+        lead = (*x.shape[:-1],)
+        return (x.new_empty(*lead, width * bits // 8, dtype=torch.uint8),
+                x.new_empty(*lead, width // group_size, dtype=torch.float16),
+                x.new_empty(*lead, width // group_size, dtype=torch.float16))
     y = x.float()
     if mean is not None:
         y = y - mean.to(device=x.device, dtype=torch.float32).reshape(n_blocks, width)

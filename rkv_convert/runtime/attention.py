@@ -108,9 +108,6 @@ def rkv_attention(
     valid = new_token_validity(attention_mask, b, t)
     codec = layer.codec
     sinks = flag_sinks(layer_input, codec.sink_channels, codec.sink_threshold)
-    if valid is not None:
-        key = key * valid[:, None, :, None].to(key.dtype)  # padding may carry anything; store zeros
-        value = value * valid[:, None, :, None].to(value.dtype)
 
     if layer.length == 0:  # prefill: exactly the model's own attention, then store
         out = stock_attention(module, query, key, value, position_embeddings, attention_mask, None, layer_input, **kwargs)
@@ -125,12 +122,12 @@ def rkv_attention(
         qd, fp = layer.quantized(), layer.full_precision()
         out = decode_attention(
             q_rot[:, :, 0],
-            qd["k_codes"], qd["k_scale"], qd["k_zero"], codec.k_gid, codec.k_mean, codec.rotation,
-            qd["v_codes"], qd["v_scale"], qd["v_zero"], qd["pos"],
-            fp["fp_k"], fp["fp_v"], fp["fp_pos"],
-            cache.inv_freq, cache.attention_scaling,
-            bits=codec.bits, k_group_size=codec.key_group_size, v_group_size=codec.value_group_size,
-            scaling=module.scaling, backend=layer.backend,
+            qd["k_codes"], qd["k_scale"], qd["k_zero"], qd["v_codes"], qd["v_scale"], qd["v_zero"], qd["pos"],
+            rotation=codec.rotation, k_mean=codec.k_mean, k_gid=codec.k_gid,
+            inv_freq=cache.inv_freq, attention_scaling=cache.attention_scaling, sm_scale=module.scaling,
+            k_bits=codec.bits, v_bits=codec.bits,
+            k_group_size=codec.key_group_size, v_group_size=codec.value_group_size,
+            fp_k=fp["fp_k"], fp_v=fp["fp_v"], fp_pos=fp["fp_pos"], backend=layer.backend,
         )  # fmt: skip
         layer.flush()
         return out.to(query.dtype).reshape(b, 1, -1)

@@ -243,7 +243,10 @@ class RkvCacheLayer(CacheLayerMixin):
         b, _, t, _ = key.shape
         pos = positions.to(self.device, torch.int32).expand(b, t)
         if valid is not None:
-            pos = torch.where(valid.to(self.device), pos, torch.full_like(pos, -1))
+            valid = valid.to(self.device)
+            pos = torch.where(valid, pos, torch.full_like(pos, -1))
+            key = key * valid[:, None, :, None].to(key.dtype)  # padding may carry anything; store zeros
+            value = value * valid[:, None, :, None].to(value.dtype)
         if sinks is not None and self.settings.max_sinks > 0:
             pos = self._take_sinks(key, value, pos, sinks.to(self.device) & (pos >= 0))
         self._append_window(key.to(self.fp_dtype), value.to(self.fp_dtype), pos)

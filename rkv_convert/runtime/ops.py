@@ -94,3 +94,4 @@ def attend_reference(
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
     out = torch.einsum("bhrqn,bhnd->bhrqd", probs, values.float())
     return out.reshape(b, n_q, tq, d)
+

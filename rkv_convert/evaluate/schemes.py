@@ -1,0 +1,157 @@
+"""KV quantization schemes compared by ``rkv eval``, all through the project's one quantizer.
+
+Each scheme turns a layer's keys and values into what a reader of its cache gets back
+(dequantized), given pre-RoPE keys; RoPE is applied where the scheme stores keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from ..export.format import Checkpoint
+from ..quant.codec import KeyCodec, ValueCodec, rotate_groups
+from ..quant.quantizer import bits_per_element, fake_quantize
+
+__all__ = ["Scheme", "FullPrecision", "RTN", "KIVI", "RotateKV", "build_scheme", "SCHEME_NAMES"]
+
+SCHEME_NAMES = ("fp", "rtn", "kivi", "rotatekv")
+
+
+def _heads_to_rows(x: torch.Tensor) -> torch.Tensor:
+    """``[B, H, T, d]`` → ``[B, T, H*d]``."""
+    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1)
+
+
+def _rows_to_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    return x.reshape(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
+
+
+@dataclass
+class Scheme:
+    """Full precision; subclasses quantize. ``values`` arrive rotated (the exported weights rotate them)."""
+
+    name: str = "fp"
+    bits: int = 16
+    uses_sinks: bool = False
+
+    def keys(self, layer: int, k_pre: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Dequantized post-RoPE keys ``[B, n_kv, T, d]``."""
+        return _rope(k_pre, cos, sin)
+
+    def values(self, layer: int, v: torch.Tensor) -> torch.Tensor:
+        return v
+
+    def bits_per_element(self) -> tuple[float, float]:
+        return 16.0, 16.0
+
+
+def _rope(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return apply_rotary_pos_emb(k, k, cos, sin)[1]
+
+
+FullPrecision = Scheme
+
+
+@dataclass
+class _SourceValues(Scheme):
+    """Baselines quantize the source model's values: undo the exported value rotation first."""
+
+    value_rotation: torch.Tensor | None = None
+
+    def _source(self, v: torch.Tensor) -> torch.Tensor:
+        return _rows_to_heads(rotate_groups(_heads_to_rows(v), self.value_rotation, inverse=True), v.shape[1])
+
+    def _back(self, v: torch.Tensor) -> torch.Tensor:
+        return _rows_to_heads(rotate_groups(_heads_to_rows(v), self.value_rotation), v.shape[1])
+
+
+@dataclass
+class RTN(_SourceValues):
+    """Round-to-nearest per token in groups of ``group_size`` channels, keys after RoPE."""
+
+    group_size: int = 64
+
+    def keys(self, layer, k_pre, cos, sin):
+        return fake_quantize(_rope(k_pre, cos, sin), self.bits, self.group_size)
+
+    def values(self, layer, v):
+        return self._back(fake_quantize(self._source(v), self.bits, self.group_size))
+
+    def bits_per_element(self):
+        bpe = bits_per_element(self.bits, self.group_size)
+        return bpe, bpe
+
+
+@dataclass
+class KIVI(_SourceValues):
+    """KIVI-style: keys per channel over groups of ``token_group`` tokens (post-RoPE), values per token.
+
+    A trailing partial token group stays in full precision, as in KIVI's residual.
+    """
+
+    token_group: int = 32
+    group_size: int = 64
+
+    def keys(self, layer, k_pre, cos, sin):
+        k = _rope(k_pre, cos, sin)
+        full = k.shape[2] // self.token_group * self.token_group
+        if full == 0:
+            return k
+        head = k[:, :, :full].transpose(2, 3)  # [B, H, d, T']: groups run along tokens
+        q = fake_quantize(head, self.bits, self.token_group).transpose(2, 3)
+        return torch.cat([q, k[:, :, full:]], dim=2)
+
+    def values(self, layer, v):
+        return self._back(fake_quantize(self._source(v), self.bits, self.group_size))
+
+    def bits_per_element(self):
+        return bits_per_element(self.bits, self.token_group), bits_per_element(self.bits, self.group_size)
+
+
+@dataclass
+class RotateKV(Scheme):
+    """Centred, grouped-head-rotated, permuted pre-RoPE keys; rotated values; sinks kept (deployed)."""
+
+    key_codecs: list[KeyCodec] | None = None
+    value_codecs: list[ValueCodec] | None = None
+    uses_sinks: bool = True
+
+    def keys(self, layer, k_pre, cos, sin):
+        rows = self.key_codecs[layer].roundtrip(_heads_to_rows(k_pre).float()).to(k_pre.dtype)
+        return _rope(_rows_to_heads(rows, k_pre.shape[1]), cos, sin)
+
+    def values(self, layer, v):
+        rows = self.value_codecs[layer].roundtrip(_heads_to_rows(v).float()).to(v.dtype)
+        return _rows_to_heads(rows, v.shape[1])
+
+    def bits_per_element(self):
+        return (
+            bits_per_element(self.bits, self.key_codecs[0].group_size),
+            bits_per_element(self.bits, self.value_codecs[0].group_size),
+        )
+
+
+def build_scheme(name: str, bits: int, checkpoint: Checkpoint, clips: dict[str, list[torch.Tensor]] | None = None,
+                 group_size: int = 64) -> Scheme:
+    """A scheme by name at ``bits``; RotateKV takes its tensors (and per-bit clips) from ``checkpoint``."""
+    vr = checkpoint.value_rotation
+    if name == "fp":
+        return Scheme()
+    if name == "rtn":
+        return RTN(name="rtn", bits=bits, value_rotation=vr, group_size=group_size)
+    if name == "kivi":
+        return KIVI(name="kivi", bits=bits, value_rotation=vr, group_size=group_size)
+    if name == "rotatekv":
+        cfg = checkpoint.config
+        index = (2, 3, 4).index(bits)
+        keys, values = [], []
+        for i, layer in enumerate(checkpoint.layers):
+            key_clip = float(clips["key"][i][index]) if clips else layer.key_clip
+            value_clip = float(clips["value"][i][index]) if clips else layer.value_clip
+            keys.append(KeyCodec(layer.key_mean, checkpoint.key_rotation, layer.key_perm, bits, cfg.key_group_size, key_clip))
+            values.append(ValueCodec(bits, cfg.value_group_size, value_clip))
+        return RotateKV(name="rotatekv", bits=bits, key_codecs=keys, value_codecs=values)
+    raise ValueError(f"unknown scheme {name!r}; choose from {', '.join(SCHEME_NAMES)}")

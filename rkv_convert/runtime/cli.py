@@ -1,0 +1,117 @@
+"""``rkv run``: stream a completion from an rkv checkpoint and report speed and cache size.
+
+A thin layer over :func:`rkv_convert.runtime.api.load` and
+:func:`rkv_convert.runtime.generate.stream_generate`; registered by the main CLI as
+``app.command("run")(run_command)``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..export.format import CheckpointError
+from ..models.loading import BUILTIN_MODELS
+from .api import load
+from .generate import GenerationStats, SamplingOptions, stream_generate
+
+__all__ = ["run_command", "build_prompt", "summary_table"]
+
+
+def build_prompt(tokenizer, prompt: str, chat: bool, system: str | None = None) -> torch.Tensor:
+    """Token ids ``[1, T]``: through the tokenizer's chat template when ``chat`` and it has one."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+    return tokenizer(prompt, return_tensors="pt").input_ids
+
+
+def _eos_ids(tokenizer, model) -> list[int]:
+    ids = set()
+    for source in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source is not None:
+            ids.update(int(i) for i in source)
+    return sorted(ids)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def summary_table(stats: GenerationStats, bits: int, key_group: int, value_group: int) -> Table:
+    table = Table(title="rkv run", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value", justify="right")
+    table.add_row("prompt tokens", str(stats.prompt_tokens))
+    table.add_row("prefill", f"{stats.prefill_tokens_per_second:,.1f} tok/s ({stats.prefill_seconds * 1e3:.1f} ms)")
+    table.add_row("new tokens", str(stats.new_tokens))
+    table.add_row("decode", f"{stats.decode_tokens_per_second:,.1f} tok/s ({stats.decode_seconds * 1e3:.1f} ms)")
+    table.add_row("KV cache used", _mib(stats.kv_bytes))
+    table.add_row("fp16 cache, same tokens", _mib(stats.fp16_equivalent_bytes))
+    table.add_row("compression", f"{stats.compression:.2f}x")
+    table.add_row("bits / element (all in)", f"{stats.bits_per_element:.2f}")
+    table.add_row(
+        "quantized store bits / element",
+        f"K {bits + 32 / key_group:.2f}, V {bits + 32 / value_group:.2f} ({bits}-bit, groups {key_group}/{value_group})",
+    )
+    if stats.sinks_per_layer:
+        table.add_row("sink tokens / layer (mean)", f"{sum(stats.sinks_per_layer) / len(stats.sinks_per_layer):.2f}")
+    return table
+
+
+def run_command(
+    checkpoint: str = typer.Argument(..., help="rkv checkpoint folder written by `rkv export`"),
+    prompt: str = typer.Option("Explain in two sentences what a KV cache is.", "--prompt", "-p", help="prompt text"),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", min=1, help="tokens to generate"),
+    temperature: float = typer.Option(0.7, min=0.0, help="sampling temperature (0 = greedy)"),
+    top_p: float = typer.Option(0.9, min=0.0, max=1.0, help="nucleus sampling mass"),
+    top_k: int = typer.Option(50, min=0, help="sample among the k most likely tokens (0 = all)"),
+    seed: int = typer.Option(0, help="sampling seed"),
+    greedy: bool = typer.Option(False, "--greedy/--sample", help="greedy decoding instead of sampling"),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N"),
+    dtype: str = typer.Option("auto", help="auto (fp16 on CUDA, fp32 on CPU), float32, float16 or bfloat16"),
+    chat: bool = typer.Option(True, "--chat/--no-chat", help="wrap the prompt in the tokenizer's chat template"),
+    system: str = typer.Option(None, help="system message (chat mode)"),
+) -> None:
+    """Generate text from an rkv checkpoint with the packed 2-4 bit KV cache, streaming it."""
+    console = Console(stderr=True)
+    if checkpoint in BUILTIN_MODELS:
+        console.print(
+            f"[red]{checkpoint} is a source model, not an rkv checkpoint.[/red] Make one first:\n"
+            f"  rkv calibrate {checkpoint} ...   (writes a calibration artifact)\n"
+            f"  rkv export {checkpoint} ...      (writes the checkpoint folder)\n"
+            "then run `rkv run <folder>`."
+        )
+        raise typer.Exit(2)
+    try:
+        rkv_model = load(checkpoint, device=device, dtype=dtype)
+    except (CheckpointError, OSError, ValueError) as err:
+        console.print(f"[red]cannot load {checkpoint}:[/red] {err}")
+        raise typer.Exit(1) from err
+    tokenizer = rkv_model.tokenizer
+    if tokenizer is None:
+        console.print(f"[red]{checkpoint} has no tokenizer files[/red]; re-export it with its tokenizer")
+        raise typer.Exit(1)
+    sampling = SamplingOptions(0.0 if greedy else temperature, top_p, top_k, seed)
+    ids = build_prompt(tokenizer, prompt, chat, system)
+    stats = GenerationStats()
+    generated: list[int] = []
+    printed = ""
+    for token in stream_generate(rkv_model, ids, max_new_tokens=max_new_tokens, sampling=sampling,
+                                 eos_token_ids=_eos_ids(tokenizer, rkv_model.model), stats=stats):  # fmt: skip
+        generated.append(int(token[0]))
+        text = tokenizer.decode(generated, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            sys.stdout.write(text[len(printed) :])
+            sys.stdout.flush()
+            printed = text
+    sys.stdout.write("\n")
+    cfg = rkv_model.checkpoint.config
+    console.print(summary_table(stats, cfg.bits, cfg.key_group_size, cfg.value_group_size))

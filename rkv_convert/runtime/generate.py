@@ -1,0 +1,226 @@
+"""Generation with the packed rkv cache: a model wrapper for ``generate`` and a streaming loop.
+
+:class:`RkvModel` keeps the HF model (value rotation already fused by export) and the checkpoint;
+every forward it runs goes through the rkv attention handler, attached for the duration of the
+call only. ``RkvModel.generate`` is transformers' ``generate`` with a fresh :class:`RkvCache`
+supplied as ``past_key_values``; :func:`stream_generate` is a plain token loop (prefill once, then
+one token per step) that yields tokens as they come and times prefill and decode separately.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from ..export.format import Checkpoint
+from ..models.adapters import adapter_for, attach
+from .attention import rkv_attention
+from .cache import CacheSettings, RkvCache
+
+__all__ = ["RkvModel", "SamplingOptions", "GenerationStats", "stream_generate", "sample_next"]
+
+
+class RkvModel:
+    """An exported model running with the rkv cache (see module docstring)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        checkpoint: Checkpoint,
+        tokenizer: object | None = None,
+        settings: CacheSettings | None = None,
+        backend: str = "auto",
+    ) -> None:
+        adapter_for(model.config)
+        cfg, rkv = model.config, checkpoint.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        if (cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim) != (rkv.num_layers, rkv.num_key_value_heads, rkv.head_dim):
+            raise ValueError(
+                f"checkpoint is for {rkv.num_layers} layers x {rkv.num_key_value_heads} KV heads of {rkv.head_dim}, "
+                f"the model has {cfg.num_hidden_layers} x {cfg.num_key_value_heads} of {head_dim}"
+            )
+        self.model = model
+        self.checkpoint = checkpoint
+        self.tokenizer = tokenizer
+        self.settings = settings or CacheSettings.from_config(rkv)
+        self.backend = backend
+        self.last_cache: RkvCache | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def new_cache(self) -> RkvCache:
+        return RkvCache.from_checkpoint(self.checkpoint, self.model, self.settings, self.backend)
+
+    @contextlib.contextmanager
+    def attached(self) -> Iterator[nn.Module]:
+        """The HF model with the rkv handler attached (pass ``past_key_values=self.new_cache()``)."""
+        with attach(self.model, rkv_attention):
+            yield self.model
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor, past_key_values: RkvCache | None = None, **kwargs: object):
+        """One forward through the rkv handler; without ``past_key_values`` a fresh cache is made."""
+        cache = past_key_values if past_key_values is not None else self.new_cache()
+        with self.attached():
+            out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True, **kwargs)
+        self.last_cache = cache
+        return out
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor | None = None, past_key_values: RkvCache | None = None, **kwargs: object):
+        """transformers' ``generate`` with the rkv cache (``cache_implementation`` cannot be combined)."""
+        if "cache_implementation" in kwargs:
+            raise ValueError("RkvModel.generate always uses the rkv cache; drop cache_implementation")
+        cache = past_key_values if past_key_values is not None else self.new_cache()
+        with self.attached():
+            out = self.model.generate(input_ids, past_key_values=cache, **kwargs)
+        self.last_cache = cache
+        return out
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """Greedy when ``temperature == 0``; else temperature, then top-k, then top-p (nucleus)."""
+
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 50
+    seed: int | None = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+def sample_next(logits: torch.Tensor, options: SamplingOptions, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token ``int64 [B]`` from ``logits [B, vocab]``."""
+    if options.greedy:
+        return logits.argmax(-1)
+    scores = logits.float() / options.temperature
+    if 0 < options.top_k < scores.shape[-1]:
+        kth = torch.topk(scores, options.top_k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if 0.0 < options.top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=True, dim=-1)
+        cumulative = sorted_scores.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_scores.softmax(-1) > options.top_p  # keep the token crossing top_p
+        scores = scores.scatter(-1, order, sorted_scores.masked_fill(drop, float("-inf")))
+    probs = scores.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@dataclass
+class GenerationStats:
+    """Timings and cache size of one :func:`stream_generate` run."""
+
+    batch: int = 0
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    kv_bytes: int = 0
+    kv_bytes_allocated: int = 0
+    fp16_equivalent_bytes: int = 0
+    bits_per_element: float = 0.0
+    sinks_per_layer: list[float] = field(default_factory=list)
+
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        return self.batch * self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """Generated tokens (after the first, which prefill produces) per second of decode steps."""
+        steps = max(self.new_tokens - 1, 0)
+        return self.batch * steps / self.decode_seconds if self.decode_seconds else 0.0
+
+    @property
+    def compression(self) -> float:
+        return self.fp16_equivalent_bytes / self.kv_bytes if self.kv_bytes else 0.0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def stream_generate(
+    rkv_model: RkvModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    max_new_tokens: int = 128,
+    sampling: SamplingOptions = SamplingOptions(),
+    eos_token_ids: list[int] | tuple[int, ...] = (),
+    stats: GenerationStats | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield the next token ``int64 [B]`` of every sequence, step by step, until all hit EOS.
+
+    Left-padded batches: pass the 2D ``attention_mask`` (1 = real token). Finished sequences keep
+    receiving their EOS token (not yielded differently: callers stop reading them). ``stats``,
+    when given, is filled in as the loop runs (final after the generator is exhausted).
+    """
+    stats = stats if stats is not None else GenerationStats()
+    device = rkv_model.device
+    ids = input_ids.to(device)
+    b, t = ids.shape
+    mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(device)
+    positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
+    next_pos = mask.long().sum(-1)  # position of each sequence's next token
+    generator = None
+    if not sampling.greedy and sampling.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(sampling.seed)
+    eos = torch.tensor(list(eos_token_ids) or [-1], device=device)
+    finished = torch.zeros(b, dtype=torch.bool, device=device)
+    cache = rkv_model.new_cache()
+    rkv_model.last_cache = cache
+    stats.batch, stats.prompt_tokens, stats.new_tokens, stats.decode_seconds = b, t, 0, 0.0
+
+    with rkv_model.attached() as model:
+        _sync(device)
+        start = time.perf_counter()
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                    use_cache=True, logits_to_keep=1)  # fmt: skip
+        token = sample_next(out.logits[:, -1], sampling, generator)
+        _sync(device)
+        stats.prefill_seconds = time.perf_counter() - start
+        for step in range(max_new_tokens):
+            token = torch.where(finished, eos[0].clamp_min(0), token)
+            stats.new_tokens = step + 1
+            _fill_cache_stats(stats, cache)
+            yield token
+            finished |= torch.isin(token, eos)
+            if step + 1 == max_new_tokens or bool(finished.all()):
+                break
+            start = time.perf_counter()
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            out = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                        past_key_values=cache, use_cache=True)  # fmt: skip
+            next_pos = next_pos + 1
+            token = sample_next(out.logits[:, -1], sampling, generator)
+            _sync(device)
+            stats.decode_seconds += time.perf_counter() - start
+    _fill_cache_stats(stats, cache)
+    stats.sinks_per_layer = [float(layer.sink_counts().float().mean()) for layer in cache.layers if layer.is_initialized]
+
+
+def _fill_cache_stats(stats: GenerationStats, cache: RkvCache) -> None:
+    stats.kv_bytes = cache.bytes_used()
+    stats.kv_bytes_allocated = cache.bytes_allocated()
+    stats.fp16_equivalent_bytes = cache.fp16_equivalent_bytes()
+    stats.bits_per_element = cache.bits_per_element()

@@ -1,0 +1,85 @@
+"""Random but realistic packed caches for the kernel tests (shared by the test modules)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from rkv_convert.kernels.quantize_pack import group_ids_from_perm, quantize_pack_ref
+from rkv_convert.quant.hadamard import hadamard_matrix
+
+
+@dataclass
+class Case:
+    q: torch.Tensor
+    cache: tuple[torch.Tensor, ...]  # k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, pos
+    kw: dict = field(default_factory=dict)
+
+
+def realistic_keys(*shape: int, channels: int, outliers: int = 3) -> torch.Tensor:
+    """Pre-RoPE-like keys ``[..., channels]``: a shared per-channel offset, a few outlier channels."""
+    offset = torch.randn(channels) * 2.0
+    scale = torch.ones(channels)
+    scale[torch.randperm(channels)[:outliers]] = 8.0
+    return torch.randn(*shape, channels) * scale + offset
+
+
+def make_case(
+    *,
+    B: int = 2,
+    n_kv: int = 2,
+    rep: int = 1,
+    d: int = 64,
+    G: int = 1,
+    T: int = 40,
+    F: int = 0,
+    k_bits: int = 2,
+    v_bits: int = 2,
+    g_k: int = 64,
+    g_v: int = 32,
+    dtype: torch.dtype = torch.float32,
+    clip: float = 0.9,
+    left_pad: bool = True,
+    nan_holes: bool = False,
+) -> Case:
+    Gd, n_hg, C = G * d, n_kv // G, n_kv * d
+    rotation = hadamard_matrix(Gd)
+    keys = realistic_keys(B, T + F, channels=C)
+    k, fp_k_flat = keys[:, :T], keys[:, T:]
+    k_mean = keys.reshape(-1, C).mean(0) + 0.05 * torch.randn(C)  # "calibrated" mean
+    y = ((k - k_mean).reshape(B, T, n_hg, Gd) @ rotation).abs().mean((0, 1))  # [n_hg, Gd]
+    perm = torch.cat([torch.argsort(y[h]) + h * Gd for h in range(n_hg)])  # sort by mean |y|
+    k_gid = group_ids_from_perm(perm, Gd, g_k)
+    kc, ks, kz = quantize_pack_ref(k.reshape(B, T, n_hg, Gd), k_bits, g_k, clip,
+                                   rotation=rotation, mean=k_mean, gid=k_gid)
+    v = torch.randn(B, T, n_kv, d) * 0.5 + 0.1 * torch.randn(d)
+    vc, vs, vz = quantize_pack_ref(v, v_bits, g_v, clip)
+    kc, ks, kz, vc, vs, vz = (t.transpose(1, 2).contiguous() for t in (kc, ks, kz, vc, vs, vz))
+    pos = torch.arange(T, dtype=torch.int32).repeat(B, 1)
+    if left_pad and B > 1:
+        pad = T // 3
+        pos[1, :pad] = -1
+        pos[1, pad:] -= pad
+    if T > 5:
+        pos[0, 5] = -1  # a hole in the middle
+    if nan_holes:
+        ks[pos[:, None, :].expand_as(ks[..., 0]) < 0] = float("nan")
+        vs[pos[:, None, :].expand_as(vs[..., 0]) < 0] = float("nan")
+    kw = dict(
+        rotation=rotation, k_mean=k_mean, k_gid=k_gid,
+        inv_freq=1.0 / (10000.0 ** (torch.arange(0, d, 2, dtype=torch.float32) / d)),
+        attention_scaling=1.0, sm_scale=d**-0.5,
+        k_bits=k_bits, v_bits=v_bits, k_group_size=g_k, v_group_size=g_v,
+    )
+    if F:
+        fp_k = fp_k_flat.reshape(B, F, n_kv, d).transpose(1, 2).contiguous()
+        fp_k[:, :, 0] *= 4.0  # a sink token far from the mean
+        fp_v = (torch.randn(B, n_kv, F, d) * 0.5).contiguous()
+        fp_pos = torch.arange(T, T + F, dtype=torch.int32).repeat(B, 1)
+        fp_pos[:, 0] = 0  # sink kept at position 0
+        if F > 2:
+            fp_pos[0, 1] = -1  # an empty fp slot
+        kw.update(fp_k=fp_k.to(dtype), fp_v=fp_v.to(dtype), fp_pos=fp_pos)
+    q = (torch.randn(B, n_kv * rep, d) * 1.5).to(dtype)
+    return Case(q, (kc, ks, kz, vc, vs, vz, pos), kw)

@@ -1,0 +1,128 @@
+"""An evaluation-style reference of the rkv runtime, written independently of its storage.
+
+It keeps every token's pre-RoPE key and value in full precision and, at each attention call,
+replaces the tokens the runtime would hold quantized by ``KeyCodec``/``ValueCodec`` round trips
+(the evaluation codecs), then attends with transformers' own RoPE and torch SDPA. Which tokens are
+quantized follows the cache's documented rules (sinks: the first ``max_sinks`` flagged real tokens
+of each sequence; window: flushed in whole blocks of ``flush_block`` once it holds
+``recent_window + flush_block`` tokens), simulated here from token counts alone.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+from rkv_convert.export.format import Checkpoint
+from rkv_convert.models.adapters import stock_attention
+from rkv_convert.quant.codec import KeyCodec, ValueCodec
+from rkv_convert.runtime.attention import new_token_validity
+from rkv_convert.runtime.cache import CacheSettings
+from rkv_convert.runtime.sinks import flag_sinks
+
+
+class _Schedule:
+    """How many leading slots the runtime holds in its quantized store (counts only)."""
+
+    def __init__(self, settings: CacheSettings) -> None:
+        self.s, self.n_quant, self.n_window = settings, 0, 0
+
+    def append(self, t: int) -> None:
+        cap = self.s.recent_window + self.s.flush_block
+        if self.n_window + t <= cap:
+            self.n_window += t
+            return
+        total = self.n_window + t
+        moved = -(-(total - cap) // self.s.flush_block) * self.s.flush_block
+        self.n_quant, self.n_window = self.n_quant + moved, total - moved
+
+    def flush(self) -> None:
+        if self.n_window >= self.s.recent_window + self.s.flush_block:
+            moved = (self.n_window - self.s.recent_window) // self.s.flush_block * self.s.flush_block
+            self.n_quant, self.n_window = self.n_quant + moved, self.n_window - moved
+
+
+class _LayerState:
+    def __init__(self, settings: CacheSettings) -> None:
+        self.k = self.v = self.pos = self.valid = self.kept = None
+        self.schedule = _Schedule(settings)
+        self.max_sinks = settings.max_sinks
+
+    def append(self, k, v, pos, valid, sinks) -> None:
+        flagged = sinks & valid
+        before = torch.zeros(k.shape[0], dtype=torch.long) if self.kept is None else self.kept.sum(1)
+        rank = before[:, None] + flagged.long().cumsum(1) - 1
+        kept = flagged & (rank < self.max_sinks)
+        k = torch.where(valid[:, None, :, None], k.float(), 0.0)  # padding may carry anything
+        v = torch.where(valid[:, None, :, None], v.float(), 0.0)
+        cat = lambda old, new, dim: new if old is None else torch.cat([old, new], dim)  # noqa: E731
+        self.k, self.v = cat(self.k, k.float(), 2), cat(self.v, v.float(), 2)
+        self.pos, self.valid, self.kept = cat(self.pos, pos, 1), cat(self.valid, valid, 1), cat(self.kept, kept, 1)
+
+
+class EvalReference:
+    """An attention handler (see module docstring); one instance per generation."""
+
+    def __init__(self, model, checkpoint: Checkpoint, settings: CacheSettings) -> None:
+        cfg = checkpoint.config
+        self.rotary = model.model.rotary_emb
+        self.keys = [
+            KeyCodec(layer.key_mean, checkpoint.key_rotation, layer.key_perm, cfg.bits, cfg.key_group_size, layer.key_clip)
+            for layer in checkpoint.layers
+        ]
+        self.values = [ValueCodec(cfg.bits, cfg.value_group_size, layer.value_clip) for layer in checkpoint.layers]
+        self.layers = checkpoint.layers
+        self.state = [_LayerState(settings) for _ in checkpoint.layers]
+
+    def _attend(self, module, q_rot, st: _LayerState, n_quant: int, q_pos, causal: bool):
+        i = module.layer_idx
+        b, n_kv, n, d = st.k.shape
+        k, v = st.k.clone(), st.v.clone()
+        quant = torch.zeros(b, n, dtype=torch.bool)
+        quant[:, :n_quant] = True
+        quant &= ~st.kept
+        flat = k.transpose(1, 2).reshape(b, n, n_kv * d)
+        k_hat = self.keys[i].roundtrip(flat).view(b, n, n_kv, d).transpose(1, 2)
+        v_hat = self.values[i].roundtrip(v)
+        k = torch.where(quant[:, None, :, None], k_hat, k)
+        v = torch.where(quant[:, None, :, None], v_hat, v)
+        cos, sin = self.rotary(k, st.pos.clamp_min(0))
+        k = apply_rotary_pos_emb(k, k, cos, sin)[0]
+        visible = (st.valid & (st.pos >= 0))[:, None, :]
+        if causal:
+            visible = visible & (st.pos[:, None, :] <= q_pos[:, :, None])
+        rep = q_rot.shape[1] // n_kv
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q_rot.float(), repeat_kv(k, rep), repeat_kv(v, rep), attn_mask=visible[:, None], scale=module.scaling
+        )
+        return out.transpose(1, 2).reshape(b, q_rot.shape[2], -1)
+
+    def __call__(self, module, q, k, v, pe, mask, cache, layer_input, **kw):
+        st = self.state[module.layer_idx]
+        b, _, t, _ = k.shape
+        pos = kw["position_ids"].expand(b, t)
+        valid = new_token_validity(mask, b, t)
+        valid = torch.ones(b, t, dtype=torch.bool) if valid is None else valid
+        layer = self.layers[module.layer_idx]
+        sinks = flag_sinks(layer_input, layer.sink_channels, layer.sink_threshold)
+        sinks = torch.zeros(b, t, dtype=torch.bool) if sinks is None else sinks
+        if st.k is None:
+            out = stock_attention(module, q, k, v, pe, mask, None, layer_input, **kw)
+            st.append(k, v, pos, valid, sinks)
+            st.schedule.append(t)
+            st.schedule.flush()
+            return out
+        cos, sin = pe
+        q_rot = apply_rotary_pos_emb(q, q, cos, sin)[0]
+        if t == 1:
+            st.append(k, v, pos, valid, sinks)
+            st.schedule.append(1)
+            out = self._attend(module, q_rot, st, st.schedule.n_quant, pos, causal=False)
+            st.schedule.flush()
+            return out.to(q.dtype)
+        n_quant = st.schedule.n_quant
+        st.append(k, v, pos, valid, sinks)
+        out = self._attend(module, q_rot, st, n_quant, pos, causal=True)
+        st.schedule.append(t)
+        st.schedule.flush()
+        return out.to(q.dtype)
