@@ -34,3 +34,28 @@ def tiny_model(family: str = "llama", seed: int = 0, **kwargs) -> torch.nn.Modul
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                 torch.nn.init.normal_(proj.bias, std=0.5)
     return model.eval()
+
+
+def tiny_tokenizer():
+    """A 128-token byte-level BPE trained on Python's docs (offline, seconds)."""
+    import pydoc_data.topics
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=128, special_tokens=["<eos>"], initial_alphabet=[], show_progress=False)
+    texts = list(pydoc_data.topics.topics.values())[:10]
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+def save_tiny_model(folder, family: str = "llama", seed: int = 0, **kwargs):
+    """A loadable model folder (config, safetensors weights, tokenizer) for CLI and export tests."""
+    model = tiny_model(family, seed=seed, **kwargs)
+    tokenizer = tiny_tokenizer()
+    assert len(tokenizer) <= model.config.vocab_size
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

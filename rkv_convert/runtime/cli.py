@@ -85,9 +85,9 @@ def run_command(
     if checkpoint in BUILTIN_MODELS:
         console.print(
             f"[red]{checkpoint} is a source model, not an rkv checkpoint.[/red] Make one first:\n"
-            f"  rkv calibrate {checkpoint} ...   (writes a calibration artifact)\n"
-            f"  rkv export {checkpoint} ...      (writes the checkpoint folder)\n"
-            "then run `rkv run <folder>`."
+            f"  rkv calibrate {checkpoint} --out rkv-out/calibration\n"
+            "  rkv export --calibration rkv-out/calibration --out rkv-out/checkpoint\n"
+            "then run `rkv run rkv-out/checkpoint`."
         )
         raise typer.Exit(2)
     try:

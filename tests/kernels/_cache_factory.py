@@ -83,3 +83,27 @@ def make_case(
         kw.update(fp_k=fp_k.to(dtype), fp_v=fp_v.to(dtype), fp_pos=fp_pos)
     q = (torch.randn(B, n_kv * rep, d) * 1.5).to(dtype)
     return Case(q, (kc, ks, kz, vc, vs, vz, pos), kw)
+
+
+# Kernel tests run the Triton kernel on CUDA when present, else in the CPU interpreter
+# (conftest sets TRITON_INTERPRET=1); references are always computed on CPU.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def on_device(obj):
+    """``obj`` (tensor, tuple/list or dict of them) moved to :data:`DEVICE`."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(DEVICE)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(on_device(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: on_device(v) for k, v in obj.items()}
+    return obj
+
+
+def on_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(on_cpu(o) for o in obj)
+    return obj

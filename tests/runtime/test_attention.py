@@ -111,31 +111,41 @@ def test_multi_token_step_after_prefill_matches_reference_and_decode() -> None:
 
 
 def test_four_bit_greedy_tracks_full_precision() -> None:
+    """4-bit greedy tokens equal full precision's up to the first near-tie of full precision.
+
+    A tiny random model has flat logits (std ~0.3), so greedy paths may part at a near-tie; the
+    test asserts they part nowhere else, and that the teacher-forced 4-bit logits stay close.
+    """
     model = tiny_model("llama", layers=3)
     ids, mask = _prompt(t=24)
     with torch.no_grad():
         fp_tokens = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False)[:, 24:]
+        fp_logits = model(torch.cat([ids, fp_tokens], 1)).logits[:, 23:-1]
     ckpt = make_checkpoint(model, bits=4, key_group_size=32, value_group_size=32)
     settings = CacheSettings(recent_window=4, flush_block=4, max_sinks=1)
     cache = RkvCache.from_checkpoint(ckpt, model, settings, backend="reference")
     with torch.no_grad(), attach(model, rkv_attention):
         tokens = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, past_key_values=cache)[:, 24:]
-    agree = (tokens == fp_tokens).float().mean().item()
-    assert agree >= 0.9, f"4-bit greedy agrees with full precision on {agree:.0%} of tokens"
-    # the logits themselves: 4-bit decode vs full precision, teacher-forced on the fp tokens
-    with torch.no_grad():
-        fp_logits = model(torch.cat([ids, fp_tokens], 1)).logits[:, 23:-1]
+    top2 = fp_logits.topk(2, -1).values
+    margin = top2[..., 0] - top2[..., 1]
+    for b in range(2):
+        differs = (tokens[b] != fp_tokens[b]).nonzero()
+        if differs.numel():
+            first = int(differs[0])
+            assert first >= 2 and margin[b, first] < 0.05, f"row {b} departs at step {first}, fp margin {margin[b, first]:.3f}"
+    # teacher-forced on the fp tokens: 4-bit logits within 25 dB SQNR, same argmax wherever fp is clear
     cache = RkvCache.from_checkpoint(ckpt, model, settings, backend="reference")
-    got = _run(model, rkv_attention, ids, mask, steps=0, cache=cache)
     with torch.no_grad(), attach(model, rkv_attention):
-        steps = [got]
+        steps = [model(ids, attention_mask=mask, past_key_values=cache).logits[:, -1:]]
         for j in range(23):
-            pos = torch.full((2, 1), 24 + j)
             m = torch.ones(2, 25 + j, dtype=torch.long)
-            steps.append(model(fp_tokens[:, j : j + 1], attention_mask=m, position_ids=pos, past_key_values=cache).logits)
+            steps.append(model(fp_tokens[:, j : j + 1], attention_mask=m, past_key_values=cache).logits)
     q_logits = torch.cat(steps, 1)
     sqnr = 20 * torch.log10(fp_logits.norm() / (fp_logits - q_logits).norm())
     assert sqnr > 25, f"4-bit decode logits SQNR {sqnr:.1f} dB"
+    clear = margin > 0.05
+    assert clear.float().mean() > 0.5
+    assert torch.equal(q_logits.argmax(-1)[clear], fp_logits.argmax(-1)[clear])
 
 
 def test_triton_kernel_path_matches_reference_backend() -> None:
@@ -157,7 +167,7 @@ def test_handler_refuses_a_foreign_cache_and_reads_masks() -> None:
     with torch.no_grad(), attach(model, rkv_attention), pytest.raises(TypeError, match="RkvCache"):
         model(ids, past_key_values=DynamicCache(), use_cache=True)
     bool_mask = torch.tensor([[[[True, False, False], [True, True, False], [True, True, True]]]])
-    assert new_token_validity(bool_mask, 1, 2).tolist() == [[True, True]]
+    assert new_token_validity(bool_mask[:, :, 1:], 1, 2).tolist() == [[True, True]]
     float_mask = torch.zeros(2, 1, 1, 4)
     float_mask[1, 0, 0, 3] = torch.finfo(torch.float32).min
     assert new_token_validity(float_mask, 2, 1).tolist() == [[True], [False]]

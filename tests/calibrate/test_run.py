@@ -1,0 +1,83 @@
+import hashlib
+
+import pytest
+import torch
+from tiny_models import tiny_model
+
+from rkv_convert.calibrate.artifact import load_artifact, save_artifact
+from rkv_convert.calibrate.run import CalibrationOptions, calibrate
+from rkv_convert.export.format import CheckpointError
+
+
+def _options(**kw) -> CalibrationOptions:
+    return CalibrationOptions(num_samples=4, seqlen=32, batch_size=2, clip_samples=64, **kw)
+
+
+def _batches(seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(seed))
+
+
+def _digest(folder) -> str:
+    return "".join(hashlib.sha256((folder / f).read_bytes()).hexdigest() for f in sorted(p.name for p in folder.iterdir()))
+
+
+def test_calibration_is_bit_identical_for_a_seed(tmp_path) -> None:
+    model = tiny_model("llama", n_kv=2, head_dim=64)
+    a = save_artifact(calibrate(model, _batches(), _options()), tmp_path / "a")
+    b = save_artifact(calibrate(model, _batches(), _options()), tmp_path / "b")
+    assert _digest(a) == _digest(b)
+
+
+def test_artifact_contents(tmp_path) -> None:
+    model = tiny_model("qwen3", n_kv=2, head_dim=64)
+    art = calibrate(model, _batches(), _options(head_group_size=2, key_group_size=32))
+    loaded = load_artifact(save_artifact(art, tmp_path / "cal"))
+    assert loaded.meta["options"]["head_group_size"] == 2
+    assert loaded.key_rotation.shape == (128, 128)
+    torch.testing.assert_close(loaded.key_rotation @ loaded.key_rotation.T, torch.eye(128), rtol=0, atol=1e-5)
+    for layer in loaded.layers:
+        perm = layer["key_perm"]
+        assert torch.equal(torch.sort(perm).values, torch.arange(128))  # one head group: any order of its 128
+        assert layer["key_clip_by_bits"].shape == (3,)
+        assert torch.all((layer["key_clip_by_bits"] > 0) & (layer["key_clip_by_bits"] <= 1))
+    # the mean is the mean of the pre-RoPE keys: check layer 0 directly
+    with torch.no_grad():
+        hidden = model.model.layers[0].input_layernorm(model.model.embed_tokens(_batches()))
+        attn = model.model.layers[0].self_attn
+        k = attn.k_norm(attn.k_proj(hidden).view(4, 32, 2, 64)).reshape(-1, 128)
+    torch.testing.assert_close(loaded.layers[0]["key_mean"], k.mean(0), rtol=0, atol=1e-5)
+
+
+def test_permutation_stays_inside_head_groups() -> None:
+    model = tiny_model("llama", n_heads=4, n_kv=4, head_dim=64)
+    art = calibrate(model, _batches(), _options(head_group_size=2))
+    perm = art.layers[0]["key_perm"]
+    for group in range(2):
+        block = perm[group * 128 : (group + 1) * 128]
+        assert torch.equal(torch.sort(block).values, torch.arange(group * 128, (group + 1) * 128))
+
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [(dict(head_group_size=3), "does not divide"), (dict(key_group_size=48), "must divide"), (dict(value_group_size=40), "must divide")],
+)
+def test_bad_options_are_refused(bad: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        calibrate(tiny_model("llama"), _batches(), _options(**bad))
+
+
+def test_corrupt_or_missing_artifacts_are_refused(tmp_path) -> None:
+    with pytest.raises(CheckpointError, match="not a calibration artifact"):
+        load_artifact(tmp_path)
+    folder = save_artifact(calibrate(tiny_model("llama"), _batches(), _options()), tmp_path / "cal")
+    (folder / "calibration.safetensors").write_bytes(b"\x00garbage")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_artifact(folder)
+
+
+def test_save_refuses_to_overwrite_and_leaves_nothing(tmp_path) -> None:
+    art = calibrate(tiny_model("llama"), _batches(), _options())
+    save_artifact(art, tmp_path / "cal")
+    with pytest.raises(FileExistsError):
+        save_artifact(art, tmp_path / "cal")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cal"]

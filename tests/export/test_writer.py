@@ -1,0 +1,120 @@
+import json
+
+import pytest
+import torch
+from tiny_models import save_tiny_model
+from transformers import AutoModelForCausalLM
+
+from rkv_convert.calibrate.run import CalibrationOptions, calibrate
+from rkv_convert.export.format import CheckpointError, RkvConfig, read_checkpoint
+from rkv_convert.export.writer import export_checkpoint
+from rkv_convert.models.loading import load_model
+
+OPTIONS = CalibrationOptions(num_samples=2, seqlen=32, batch_size=2, clip_samples=32)
+
+
+def _calibrated(folder):
+    loaded = load_model(str(folder))
+    batches = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(0))
+    return loaded, calibrate(loaded.model, batches, OPTIONS)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("src") / "model", "qwen2", n_kv=2)
+
+
+def test_round_trip_with_stock_transformers(source, tmp_path) -> None:
+    loaded, art = _calibrated(source)
+    ids = torch.randint(0, 128, (1, 21))
+    with torch.no_grad():
+        reference = loaded.model(ids).logits
+    out = export_checkpoint(loaded, art, tmp_path / "ck", bits=3)
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, reference, rtol=0, atol=1e-4)
+    ck = read_checkpoint(out)
+    assert ck.config.bits == 3 and ck.config.layout == "u3-planes"
+    assert ck.config.source_fingerprint == art.meta["source_fingerprint"]
+    assert len(ck.layers) == 2
+    torch.testing.assert_close(ck.layers[1].key_mean, art.layers[1]["key_mean"])
+    assert ck.layers[0].key_clip == art.clip_for(0, 3, "key")
+    config = json.loads((out / "config.json").read_text())
+    assert list(config["rkv"]) == sorted(config["rkv"])
+    assert (out / "tokenizer.json").is_file()
+
+
+def _assert_nothing_left(parent, expected: set[str]) -> None:
+    assert {p.name for p in parent.iterdir()} == expected
+
+
+def test_artifact_from_other_weights_is_refused(source, tmp_path) -> None:
+    _, art = _calibrated(source)
+    other = load_model(str(save_tiny_model(tmp_path / "other", "qwen2", seed=1, n_kv=2)))
+    with pytest.raises(CheckpointError, match="different weights"):
+        export_checkpoint(other, art, tmp_path / "ck")
+    _assert_nothing_left(tmp_path, {"other"})
+
+
+def test_artifact_for_other_shape_is_refused(source, tmp_path) -> None:
+    _, art = _calibrated(source)
+    other = load_model(str(save_tiny_model(tmp_path / "other", "qwen2", n_kv=4)))
+    with pytest.raises(CheckpointError, match="shaped"):
+        export_checkpoint(other, art, tmp_path / "ck")
+    _assert_nothing_left(tmp_path, {"other"})
+
+
+@pytest.mark.parametrize("bits", [1, 5, 8])
+def test_bits_outside_supported_are_refused(source, tmp_path, bits: int) -> None:
+    loaded, art = _calibrated(source)
+    with pytest.raises(CheckpointError, match="bits"):
+        export_checkpoint(loaded, art, tmp_path / "ck", bits=bits)
+    _assert_nothing_left(tmp_path, set())
+
+
+def test_existing_output_is_not_overwritten(source, tmp_path) -> None:
+    loaded, art = _calibrated(source)
+    (tmp_path / "ck").mkdir()
+    with pytest.raises(FileExistsError):
+        export_checkpoint(loaded, art, tmp_path / "ck")
+
+
+def test_failure_while_writing_leaves_nothing(source, tmp_path, monkeypatch) -> None:
+    loaded, art = _calibrated(source)
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("rkv_convert.export.writer.save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        export_checkpoint(loaded, art, tmp_path / "ck")
+    _assert_nothing_left(tmp_path, set())
+
+
+def test_config_validation_messages() -> None:
+    base = dict(bits=2, key_group_size=64, value_group_size=64, head_group_size=3, num_layers=2,
+                num_key_value_heads=3, head_dim=64, source_fingerprint="x")
+    RkvConfig(**base)
+    with pytest.raises(CheckpointError, match="does not divide the 4 KV heads"):
+        RkvConfig(**base | dict(num_key_value_heads=4))
+    with pytest.raises(CheckpointError, match="bits"):
+        RkvConfig(**base | dict(bits=5))
+    with pytest.raises(CheckpointError, match="version 2"):
+        RkvConfig.from_dict(RkvConfig(**base).to_dict() | {"version": 2})
+    with pytest.raises(CheckpointError, match="unknown"):
+        RkvConfig.from_dict(RkvConfig(**base).to_dict() | {"colour": "red"})
+
+
+def test_read_checkpoint_errors(source, tmp_path) -> None:
+    with pytest.raises(CheckpointError, match="no config.json"):
+        read_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match="no 'rkv' section"):
+        read_checkpoint(source)
+    loaded, art = _calibrated(source)
+    out = export_checkpoint(loaded, art, tmp_path / "ck")
+    (out / "rkv.safetensors").write_bytes(b"broken")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        read_checkpoint(out)
+    (out / "rkv.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        read_checkpoint(out)

@@ -1,0 +1,86 @@
+"""``rkv_convert.load``, ``RkvModel.generate``, the streaming loop and ``rkv run``."""
+
+import pytest
+import torch
+import typer
+from rkv_fixtures import char_tokenizer, make_checkpoint, write_folder
+from tiny_models import tiny_model
+from typer.testing import CliRunner
+
+import rkv_convert
+from rkv_convert.export.format import CheckpointError
+from rkv_convert.runtime.cli import run_command
+from rkv_convert.runtime.generate import GenerationStats, SamplingOptions, sample_next, stream_generate
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    torch.manual_seed(0)
+    model = tiny_model("qwen2")
+    ckpt = make_checkpoint(model, bits=2, recent_window=4, flush_block=4, max_sinks=2)
+    return write_folder(ckpt, model, char_tokenizer(), tmp_path_factory.mktemp("rkv") / "tiny-rkv")
+
+
+def test_load_generate_and_stream_agree(folder) -> None:
+    rkv = rkv_convert.load(folder, device="cpu", backend="reference")
+    assert rkv.tokenizer is not None and rkv.dtype == torch.float32
+    ids = torch.randint(3, 98, (2, 30))
+    mask = torch.ones_like(ids)
+    mask[0, :6] = 0
+    out = rkv.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    hf_cache = rkv.last_cache
+    stats = GenerationStats()
+    streamed = list(stream_generate(rkv, ids, mask, max_new_tokens=10, sampling=SamplingOptions(temperature=0), stats=stats))
+    assert torch.equal(torch.stack(streamed, 1), out[:, 30:])
+    assert stats.new_tokens == 10 and stats.prompt_tokens == 30 and stats.batch == 2
+    assert stats.kv_bytes == rkv.last_cache.bytes_used() == hf_cache.bytes_used()
+    assert stats.fp16_equivalent_bytes == 2 * 2 * 39 * 2 * 2 * 64 * 2  # layers, B, slots, K+V, n_kv, d, bytes
+    assert stats.decode_tokens_per_second > 0 and stats.prefill_tokens_per_second > 0
+
+
+def test_stream_stops_at_eos_and_sampling_is_seeded(folder) -> None:
+    rkv = rkv_convert.load(folder, device="cpu", backend="reference")
+    ids = torch.randint(3, 98, (1, 12))
+    greedy = list(stream_generate(rkv, ids, max_new_tokens=6, sampling=SamplingOptions(temperature=0)))
+    eos = int(greedy[2][0])
+    stopped = list(stream_generate(rkv, ids, max_new_tokens=6, sampling=SamplingOptions(temperature=0), eos_token_ids=[eos]))
+    assert len(stopped) == 1 + [int(t[0]) for t in greedy].index(eos)
+    opts = SamplingOptions(temperature=1.0, top_p=0.9, top_k=20, seed=3)
+    first = [int(t[0]) for t in stream_generate(rkv, ids, max_new_tokens=8, sampling=opts)]
+    again = [int(t[0]) for t in stream_generate(rkv, ids, max_new_tokens=8, sampling=opts)]
+    assert first == again
+
+
+def test_sample_next_respects_top_k_and_top_p() -> None:
+    logits = torch.tensor([[4.0, 3.0, 0.0, -1.0, -2.0]]).repeat(200, 1)
+    g = torch.Generator().manual_seed(0)
+    picks = sample_next(logits, SamplingOptions(temperature=1.0, top_p=1.0, top_k=2), g)
+    assert set(picks.tolist()) == {0, 1}
+    picks = sample_next(logits, SamplingOptions(temperature=1.0, top_p=0.5, top_k=0), g)
+    assert set(picks.tolist()) == {0}
+    assert sample_next(logits[:1], SamplingOptions(temperature=0.0)).tolist() == [0]
+
+
+def _app() -> typer.Typer:
+    app = typer.Typer()
+    app.command("run")(run_command)
+    app.command("noop")(lambda: None)  # two commands: typer keeps `run` as a sub-command
+    return app
+
+
+def test_rkv_run_streams_and_summarises(folder) -> None:
+    result = CliRunner().invoke(_app(), ["run", str(folder), "-p", "hello", "-n", "12", "--greedy", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    for needle in ("prefill", "decode", "tok/s", "KV cache used", "fp16 cache", "bits / element"):
+        assert needle in result.output
+    no_chat = CliRunner().invoke(_app(), ["run", str(folder), "-p", "hello", "-n", "4", "--no-chat", "--device", "cpu"])
+    assert no_chat.exit_code == 0, no_chat.output
+
+
+def test_builtin_name_and_bad_folder_explain_what_to_do(tmp_path) -> None:
+    result = CliRunner().invoke(_app(), ["run", "smollm2-135m"])
+    assert result.exit_code == 2 and "rkv calibrate" in result.output and "rkv export" in result.output
+    result = CliRunner().invoke(_app(), ["run", str(tmp_path)])
+    assert result.exit_code == 1 and "rkv export" in result.output
+    with pytest.raises(CheckpointError, match="rkv calibrate"):
+        rkv_convert.load("smollm2-135m")
