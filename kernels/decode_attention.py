@@ -28,11 +28,16 @@ value space: ``softmax(sm_scale * q·k) @ v`` over every valid quantized and fp-
 Kernel: grid ``(B, n_kv, n_splits + has_fp)``. A program owns one KV head and its ``rep``
 query heads, and one contiguous split of the quantized tokens (the last program index
 holds the fp segment). Per block of ``BLOCK_T`` tokens it unpacks the codes of the head
-group's ``Gd`` rotated channels (``G`` chunks of ``d``), dequantizes them with per-channel
-scale/zero expanded by an exact one-hot ``tl.dot`` (no gathers), reconstructs the head's
-pre-RoPE key with one ``tl.dot`` per chunk against the slice ``R[j*d:(j+1)*d, :]^T``
-(split in the two RoPE halves, so RoPE is elementwise on ``(k_lo, k_hi)``), adds the mean,
-and runs an online softmax (fp32 ``m, l, acc``) with P@V on dequantized values. A second
+group's ``Gd`` rotated channels (``G`` chunks of ``d``, each read as four *planes*: plane
+``j`` = channels ``4i + j``, which is what one shift of a packed byte tile yields, so no
+reshape is needed), dequantizes them with per-channel scale/zero (a broadcast for one group
+per row, else an exact one-hot ``tl.dot``: no gathers), and reconstructs the head's pre-RoPE
+key as ``ŷ @ R^T`` restricted to the head's output channels: the same matmul as one
+``tl.dot`` against ``R[j*d:(j+1)*d, :]^T``, issued per plane against ``R^T``'s rows in plane
+order and split in the two RoPE halves, so that RoPE is elementwise on ``(k_lo, k_hi)``
+(``score = q_lo·(k_lo cos - k_hi sin) + q_hi·(k_hi cos + k_lo sin)``). cos/sin come from a
+Cody-Waite reduction to [-pi, pi] and the fast hardware unit (abs. error ~1e-6). Online
+softmax (fp32 ``m, l``, four plane accumulators), P@V on dequantized value planes. A second
 small kernel merges the splits by log-sum-exp. Accumulation is fp32 everywhere; dot
 operands are fp16 for fp16 queries, IEEE fp32 for fp32 queries, and TF32 (fp32 operands,
 10-bit mantissa, more precise than bf16) for bf16 queries: Triton's CPU interpreter (3.9)
@@ -48,6 +53,7 @@ CUDA tensors or under ``TRITON_INTERPRET=1``, else :func:`decode_attention_ref`.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -210,112 +216,167 @@ def decode_attention_ref(
     return out.to(q.dtype)
 
 
-@triton.jit
-def _unpack(row_ptr, tmask, lo_byte, hi_byte, BITS: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr):
-    """Codes ``int32 [BLOCK_T, D]`` of ``D`` consecutive channels from packed rows.
+# Packed channels are processed in 4 "planes": plane j holds channels 4i + j (i < d/4) of a
+# d-channel chunk. A plane is what one shift of a packed byte tile yields, so unpacking needs
+# no reshape or layout shuffle; the rotation rows, group ids and value accumulators are taken
+# in the same plane order instead.
+_NPLANES = 4
 
-    ``row_ptr [BLOCK_T]`` points at each token's packed row; ``lo_byte`` is the byte of the
-    chunk's first channel (2/4 bits; low plane at 3 bits), ``hi_byte`` its high-plane byte.
+
+@triton.jit
+def _plane_codes(row, tmask, ii, j: tl.constexpr, lo0, hi0, blo, bhi, BITS: tl.constexpr):
+    """Codes ``int32 [BLOCK_T, d/4]`` of channels ``4*ii + j`` of a chunk.
+
+    ``blo``/``bhi``: byte tiles preloaded for 2/3 bits (``[BLOCK_T, d/4]``: byte ``ii`` of the
+    chunk's low plane; byte ``ii//2`` of its high plane). 4 bits loads its own bytes here.
     """
-    if BITS == 4:
-        cols = tl.arange(0, D // 2)
-        b = tl.load(row_ptr[:, None] + lo_byte + cols[None, :], mask=tmask[:, None], other=0).to(tl.int32)
-        c = (b[:, :, None] >> (tl.arange(0, 2) * 4)[None, None, :]) & 15
-        codes = tl.reshape(c, (BLOCK_T, D))
-    else:
-        cols = tl.arange(0, D // 4)
-        b = tl.load(row_ptr[:, None] + lo_byte + cols[None, :], mask=tmask[:, None], other=0).to(tl.int32)
-        c = (b[:, :, None] >> (tl.arange(0, 4) * 2)[None, None, :]) & 3
-        codes = tl.reshape(c, (BLOCK_T, D))
+    if BITS == 4:  # channel 4i+j: byte 2i + j//2, nibble j%2
+        b4 = tl.load(row[:, None] + lo0 + 2 * ii[None, :] + j // 2, mask=tmask[:, None], other=0).to(tl.int32)
+        codes = (b4 >> (4 * (j % 2))) & 15
+    else:  # channel 4i+j: bits 2j of byte i; at 3 bits, bit 4*(i%2)+j of high byte i//2
+        codes = (blo >> (2 * j)) & 3
         if BITS == 3:
-            hcols = tl.arange(0, D // 8)
-            hb = tl.load(row_ptr[:, None] + hi_byte + hcols[None, :], mask=tmask[:, None], other=0).to(tl.int32)
-            h = (hb[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1
-            codes = codes | (tl.reshape(h, (BLOCK_T, D)) << 2)
+            codes = codes | (((bhi >> (4 * (ii[None, :] % 2) + j)) & 1) << 2)
     return codes
 
 
 @triton.jit
-def _expand_groups(sz_row_ptr, tmask, onehot, NG: tl.constexpr, NG_PAD: tl.constexpr):
-    """Per-channel fp32 ``[BLOCK_T, D]`` from per-group fp16 ``[BLOCK_T, NG]`` rows (exact one-hot dot)."""
-    g = tl.arange(0, NG_PAD)
-    s = tl.load(sz_row_ptr[:, None] + g[None, :], mask=tmask[:, None] & (g[None, :] < NG), other=0.0)
-    return tl.dot(s, onehot)
+def _byte_tiles(row, tmask, ii, lo0, hi0, BITS: tl.constexpr):
+    """The byte tiles shared by the four planes of a chunk (2 and 3 bits)."""
+    if BITS == 4:
+        blo = tmask  # unused
+        bhi = tmask
+    else:
+        blo = tl.load(row[:, None] + lo0 + ii[None, :], mask=tmask[:, None], other=0).to(tl.int32)
+        if BITS == 3:
+            bhi = tl.load(row[:, None] + hi0 + ii[None, :] // 2, mask=tmask[:, None], other=0).to(tl.int32)
+        else:
+            bhi = blo
+    return blo, bhi
 
 
 @triton.jit
-def _attend(
-    k_lo, k_hi, v, p_t, valid, q_lo, q_hi, freq, rope_scaling, qk_scale, m_i, l_i, acc,
-    PREC: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
-):
-    """RoPE the pre-RoPE key halves ``[BLOCK_T, D/2]`` at ``p_t``, score, online-softmax update."""
-    ang = p_t.to(tl.float32)[:, None] * freq[None, :]
-    if USE_LIBDEVICE:
-        cos = libdevice.cos(ang) * rope_scaling
-        sin = libdevice.sin(ang) * rope_scaling
+def _expand_groups(sz_row, tmask, onehot, NG: tl.constexpr, NG_PAD: tl.constexpr, PW: tl.constexpr):
+    """Per-channel fp32 ``[BLOCK_T, PW]`` from per-group fp16 ``[BLOCK_T, NG]`` rows.
+
+    One group: a broadcast. Several: an exact one-hot ``tl.dot`` (``onehot fp16 [NG_PAD, PW]``).
+    """
+    if NG == 1:
+        s = tl.load(sz_row, mask=tmask, other=0.0).to(tl.float32)
+        return tl.broadcast_to(s[:, None], (s.shape[0], PW))
     else:
-        cos = tl.cos(ang) * rope_scaling
-        sin = tl.sin(ang) * rope_scaling
+        g = tl.arange(0, NG_PAD)
+        s = tl.load(sz_row[:, None] + g[None, :], mask=tmask[:, None] & (g[None, :] < NG), other=0.0)
+        return tl.dot(s, onehot)
+
+
+@triton.jit
+def _cos_sin(ang, USE_LIBDEVICE: tl.constexpr):
+    """cos/sin of fp32 angles: Cody-Waite reduction to [-pi, pi], then the fast hardware unit."""
+    kq = (ang * 0.15915493667125702 + 12582912.0) - 12582912.0  # round(ang / 2pi), |ang| < 2**22
+    r = ang - kq * 6.28125  # 2pi = 6.28125 + C2 + C3 (fp32 parts); kq * 6.28125 is exact
+    r = r - kq * 0.0019353071693331003
+    r = r - kq * 1.0253131677018246e-11
+    if USE_LIBDEVICE:
+        c = libdevice.fast_cosf(r)
+        s = libdevice.fast_sinf(r)
+    else:
+        c = tl.cos(r)
+        s = tl.sin(r)
+    return c, s
+
+
+@triton.jit
+def _scores(k_lo, k_hi, p_t, valid, q_lo, q_hi, freq, rope_scaling, qk_scale,
+            PREC: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
+    """RoPE of pre-RoPE key halves ``[BLOCK_T, d/2]`` at ``p_t``, then scores ``[BLOCK_T, QP]`` (log2 units)."""
+    cos, sin = _cos_sin(p_t.to(tl.float32)[:, None] * freq[None, :], USE_LIBDEVICE)
+    cos = cos * rope_scaling
+    sin = sin * rope_scaling
     r_lo = (k_lo * cos - k_hi * sin).to(q_lo.dtype)
     r_hi = (k_hi * cos + k_lo * sin).to(q_lo.dtype)
     s = tl.dot(r_lo, tl.trans(q_lo), input_precision=PREC)
     s = tl.dot(r_hi, tl.trans(q_hi), s, input_precision=PREC)
-    s = tl.where(valid[:, None], s * qk_scale, float("-inf"))  # [BLOCK_T, QP], log2 units
+    return tl.where(valid[:, None], s * qk_scale, float("-inf"))
+
+
+@triton.jit
+def _softmax_step(s, m_i, l_i):
     m_new = tl.maximum(m_i, tl.max(s, 0))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[None, :])
-    l_i = l_i * alpha + tl.sum(p, 0)
-    v = tl.where(valid[:, None], v, 0.0).to(q_lo.dtype)
-    acc = tl.dot(tl.trans(p.to(q_lo.dtype)), v, acc * alpha[:, None], input_precision=PREC)
-    return m_new, l_i, acc
+    return m_new, l_i * alpha + tl.sum(p, 0), alpha, p
+
+
+@triton.jit
+def _pv(p, v, valid, acc, alpha, PREC: tl.constexpr):
+    """``acc * alpha + p^T @ v`` for one value plane ``v [BLOCK_T, d/4]`` (empty slots zeroed)."""
+    v = tl.where(valid[:, None], v, 0.0).to(p.dtype)
+    return tl.dot(tl.trans(p), v, acc * alpha[:, None], input_precision=PREC)
 
 
 @triton.jit
 def _decode_kernel(
     q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, pos_ptr,
-    rot_ptr, mean_ptr, gid_ptr, freq_ptr, fk_ptr, fv_ptr, fpos_ptr, o_ptr, lse_ptr,
+    rtp_ptr, mean_ptr, gidp_ptr, freq_ptr, fk_ptr, fv_ptr, fpos_ptr, o_ptr, lse_ptr,
     s_qb, s_qh,
     s_kcb, s_kch, s_kct, s_ksb, s_ksh, s_kst, s_kzb, s_kzh, s_kzt,
     s_vcb, s_vch, s_vct, s_vsb, s_vsh, s_vst, s_vzb, s_vzh, s_vzt,
     s_pb, s_fkb, s_fkh, s_fkt, s_fvb, s_fvh, s_fvt, s_fpb,
     T, F, tokens_per_split, n_splits, n_parts, qk_scale, rope_scaling,
     D: tl.constexpr, G: tl.constexpr, REP: tl.constexpr, QP: tl.constexpr,
-    K_BITS: tl.constexpr, K_LO_BITS: tl.constexpr, V_BITS: tl.constexpr, NGK: tl.constexpr, NGK_PAD: tl.constexpr,
+    K_BITS: tl.constexpr, V_BITS: tl.constexpr, NGK: tl.constexpr, NGK_PAD: tl.constexpr,
     GV: tl.constexpr, NGV: tl.constexpr, NGV_PAD: tl.constexpr,
-    BLOCK_T: tl.constexpr, HAS_FP: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
+    BLOCK_T: tl.constexpr, HAS_FP: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
+    USE_LIBDEVICE: tl.constexpr, HOIST_R: tl.constexpr,
 ):
+    """Grid ``(B, n_kv, n_parts)``; writes fp32 partial outputs and log2-sum-exp per part.
+
+    ``rtp [Gd, Gd]`` is ``R^T`` with its rows (input channels) in plane order: row
+    ``g*d + j*d/4 + i`` holds input channel ``g*d + 4i + j``; ``gidp [n_hg, Gd]`` likewise.
+    """
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     split = tl.program_id(2)
     hg = h // G
-    j = h % G
+    jh = h % G  # this head's place in its head group
     GD: tl.constexpr = G * D
     HALF: tl.constexpr = D // 2
+    PW: tl.constexpr = D // 4  # plane width
+    K_LOB: tl.constexpr = 4 if K_BITS == 4 else 2  # bits per channel in the low plane bytes
+    V_LOB: tl.constexpr = 4 if V_BITS == 4 else 2
+    dt: tl.constexpr = DOT_DTYPE
 
     qi = tl.arange(0, QP)
     qmask = qi < REP
     c = tl.arange(0, HALF)
-    dd = tl.arange(0, D)
+    ii = tl.arange(0, PW)
     q_row = q_ptr + b * s_qb + (h * REP + qi)[:, None] * s_qh
-    q_lo = tl.load(q_row + c[None, :], mask=qmask[:, None], other=0.0)
-    q_hi = tl.load(q_row + HALF + c[None, :], mask=qmask[:, None], other=0.0)
-    dt: tl.constexpr = DOT_DTYPE
-    q_lo = q_lo.to(dt)
-    q_hi = q_hi.to(dt)
+    q_lo = tl.load(q_row + c[None, :], mask=qmask[:, None], other=0.0).to(dt)
+    q_hi = tl.load(q_row + HALF + c[None, :], mask=qmask[:, None], other=0.0).to(dt)
     freq = tl.load(freq_ptr + c)
     mean_lo = tl.load(mean_ptr + h * D + c)
     mean_hi = tl.load(mean_ptr + h * D + HALF + c)
-    # one-hot expansion of per-group scale/zero: [NG_PAD, D] fp16, exact in an fp32 dot
-    onehot_v = ((dd[None, :] // GV) == tl.arange(0, NGV_PAD)[:, None]).to(tl.float16)
-    rr = tl.arange(0, D)
-    if G == 1:  # rotation slices are loop-invariant: load them once
-        rt_lo0 = tl.load(rot_ptr + c[None, :] * GD + rr[:, None]).to(dt)
-        rt_hi0 = tl.load(rot_ptr + (HALF + c)[None, :] * GD + rr[:, None]).to(dt)
-        onehot_k0 = (tl.load(gid_ptr + hg * GD + dd)[None, :] == tl.arange(0, NGK_PAD)[:, None]).to(tl.float16)
+    gk = tl.arange(0, NGK_PAD)
+    gv = tl.arange(0, NGV_PAD)
+
+    if HOIST_R:  # G == 1: the head's 8 rotation tiles [d/4, d/2] are loop-invariant, load once
+        rt_base = rtp_ptr + ii[:, None] * GD + c[None, :]
+        r0l = tl.load(rt_base)
+        r0h = tl.load(rt_base + HALF)
+        r1l = tl.load(rt_base + PW * GD)
+        r1h = tl.load(rt_base + PW * GD + HALF)
+        r2l = tl.load(rt_base + 2 * PW * GD)
+        r2h = tl.load(rt_base + 2 * PW * GD + HALF)
+        r3l = tl.load(rt_base + 3 * PW * GD)
+        r3h = tl.load(rt_base + 3 * PW * GD + HALF)
 
     m_i = tl.full((QP,), -1.0e30, tl.float32)
     l_i = tl.zeros((QP,), tl.float32)
-    acc = tl.zeros((QP, D), tl.float32)
+    acc0 = tl.zeros((QP, PW), tl.float32)
+    acc1 = tl.zeros((QP, PW), tl.float32)
+    acc2 = tl.zeros((QP, PW), tl.float32)
+    acc3 = tl.zeros((QP, PW), tl.float32)
 
     # quantized tokens of this split (none for the fp-segment program)
     t_start = split * tokens_per_split
@@ -332,33 +393,62 @@ def _decode_kernel(
         tt = t.to(tl.int64)
         p_t = tl.load(pos_ptr + b * s_pb + tt, mask=tmask, other=-1)
         valid = tmask & (p_t >= 0)
+        # keys: k = y @ R^T, accumulated over chunks g and planes j of the group's input channels
         k_lo = tl.zeros((BLOCK_T, HALF), tl.float32)
         k_hi = tl.zeros((BLOCK_T, HALF), tl.float32)
-        for i in tl.static_range(G):
-            if G == 1:
-                rt_lo = rt_lo0
-                rt_hi = rt_hi0
-                onehot_k = onehot_k0
+        krow = kc_base + tt * s_kct
+        for g in tl.static_range(G):
+            lo0 = g * D * K_LOB // 8
+            hi0 = GD // 4 + g * D // 8
+            blo, bhi = _byte_tiles(krow, tmask, ii, lo0, hi0, K_BITS)
+            for j in tl.static_range(4):
+                prow = g * D + j * PW + ii  # plane-ordered input channels
+                codes = _plane_codes(krow, tmask, ii, j, lo0, hi0, blo, bhi, K_BITS)
+                if NGK == 1:
+                    onehot = gk
+                else:
+                    onehot = (tl.load(gidp_ptr + hg * GD + prow)[None, :] == gk[:, None]).to(tl.float16)
+                sc = _expand_groups(ks_base + tt * s_kst, tmask, onehot, NGK, NGK_PAD, PW)
+                zc = _expand_groups(kz_base + tt * s_kzt, tmask, onehot, NGK, NGK_PAD, PW)
+                y = (codes.to(tl.float32) * sc + zc).to(dt)
+                if HOIST_R:
+                    if j == 0:
+                        rl, rh = r0l, r0h
+                    elif j == 1:
+                        rl, rh = r1l, r1h
+                    elif j == 2:
+                        rl, rh = r2l, r2h
+                    else:
+                        rl, rh = r3l, r3h
+                else:
+                    rt = rtp_ptr + prow[:, None] * GD + jh * D + c[None, :]
+                    rl = tl.load(rt)
+                    rh = tl.load(rt + HALF)
+                k_lo = tl.dot(y, rl, k_lo, input_precision=PREC)
+                k_hi = tl.dot(y, rh, k_hi, input_precision=PREC)
+        s = _scores(k_lo + mean_lo[None, :], k_hi + mean_hi[None, :], p_t, valid, q_lo, q_hi, freq,
+                    rope_scaling, qk_scale, PREC, USE_LIBDEVICE)
+        m_i, l_i, alpha, p = _softmax_step(s, m_i, l_i)
+        p = p.to(dt)
+        # values: plane j of the head's channels, dequantized, into accumulator j
+        vrow = vc_base + tt * s_vct
+        vlo, vhi = _byte_tiles(vrow, tmask, ii, 0, D // 4, V_BITS)
+        for j in tl.static_range(4):
+            codes = _plane_codes(vrow, tmask, ii, j, 0, D // 4, vlo, vhi, V_BITS)
+            if NGV == 1:
+                onehot = gv
             else:
-                rt_lo = tl.load(rot_ptr + (j * D + c)[None, :] * GD + (i * D + rr)[:, None]).to(dt)
-                rt_hi = tl.load(rot_ptr + (j * D + HALF + c)[None, :] * GD + (i * D + rr)[:, None]).to(dt)
-                gids = tl.load(gid_ptr + hg * GD + i * D + dd)
-                onehot_k = (gids[None, :] == tl.arange(0, NGK_PAD)[:, None]).to(tl.float16)
-            codes = _unpack(kc_base + tt * s_kct, tmask, i * D * K_LO_BITS // 8,
-                            GD // 4 + i * D // 8, K_BITS, D, BLOCK_T)
-            sc = _expand_groups(ks_base + tt * s_kst, tmask, onehot_k, NGK, NGK_PAD)
-            zc = _expand_groups(kz_base + tt * s_kzt, tmask, onehot_k, NGK, NGK_PAD)
-            y = (codes.to(tl.float32) * sc + zc).to(dt)
-            k_lo = tl.dot(y, rt_lo, k_lo, input_precision=PREC)
-            k_hi = tl.dot(y, rt_hi, k_hi, input_precision=PREC)
-        k_lo = k_lo + mean_lo[None, :]
-        k_hi = k_hi + mean_hi[None, :]
-        vcodes = _unpack(vc_base + tt * s_vct, tmask, 0, D // 4, V_BITS, D, BLOCK_T)
-        vsc = _expand_groups(vs_base + tt * s_vst, tmask, onehot_v, NGV, NGV_PAD)
-        vzc = _expand_groups(vz_base + tt * s_vzt, tmask, onehot_v, NGV, NGV_PAD)
-        v = vcodes.to(tl.float32) * vsc + vzc
-        m_i, l_i, acc = _attend(k_lo, k_hi, v, p_t, valid, q_lo, q_hi, freq, rope_scaling, qk_scale,
-                                m_i, l_i, acc, PREC, USE_LIBDEVICE)
+                onehot = (((4 * ii + j) // GV)[None, :] == gv[:, None]).to(tl.float16)
+            v = codes.to(tl.float32) * _expand_groups(vs_base + tt * s_vst, tmask, onehot, NGV, NGV_PAD, PW)
+            v = v + _expand_groups(vz_base + tt * s_vzt, tmask, onehot, NGV, NGV_PAD, PW)
+            if j == 0:
+                acc0 = _pv(p, v, valid, acc0, alpha, PREC)
+            elif j == 1:
+                acc1 = _pv(p, v, valid, acc1, alpha, PREC)
+            elif j == 2:
+                acc2 = _pv(p, v, valid, acc2, alpha, PREC)
+            else:
+                acc3 = _pv(p, v, valid, acc3, alpha, PREC)
 
     if HAS_FP:  # the last program index attends to the full-precision segment
         f_stop = tl.where(split == n_splits, F, 0)
@@ -373,17 +463,25 @@ def _decode_kernel(
             k_row = fk_base + ff[:, None] * s_fkt
             k_lo = tl.load(k_row + c[None, :], mask=fmask[:, None], other=0.0).to(tl.float32)
             k_hi = tl.load(k_row + HALF + c[None, :], mask=fmask[:, None], other=0.0).to(tl.float32)
-            v = tl.load(fv_base + ff[:, None] * s_fvt + dd[None, :], mask=fmask[:, None], other=0.0).to(tl.float32)
-            m_i, l_i, acc = _attend(k_lo, k_hi, v, p_t, valid, q_lo, q_hi, freq, rope_scaling, qk_scale,
-                                    m_i, l_i, acc, PREC, USE_LIBDEVICE)
+            s = _scores(k_lo, k_hi, p_t, valid, q_lo, q_hi, freq, rope_scaling, qk_scale, PREC, USE_LIBDEVICE)
+            m_i, l_i, alpha, p = _softmax_step(s, m_i, l_i)
+            p = p.to(dt)
+            v_row = fv_base + ff[:, None] * s_fvt + 4 * ii[None, :]
+            acc0 = _pv(p, tl.load(v_row, mask=fmask[:, None], other=0.0).to(tl.float32), valid, acc0, alpha, PREC)
+            acc1 = _pv(p, tl.load(v_row + 1, mask=fmask[:, None], other=0.0).to(tl.float32), valid, acc1, alpha, PREC)
+            acc2 = _pv(p, tl.load(v_row + 2, mask=fmask[:, None], other=0.0).to(tl.float32), valid, acc2, alpha, PREC)
+            acc3 = _pv(p, tl.load(v_row + 3, mask=fmask[:, None], other=0.0).to(tl.float32), valid, acc3, alpha, PREC)
 
     has = l_i > 0.0
-    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    inv_l = 1.0 / tl.where(has, l_i, 1.0)
     lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
     row = (b * (tl.num_programs(1) * REP) + h * REP + qi) * n_parts + split  # [B, n_q, n_parts]
-    tl.store(o_ptr + row[:, None] * D + dd[None, :], out, mask=qmask[:, None])
+    o_row = o_ptr + row[:, None] * D + 4 * ii[None, :]
+    tl.store(o_row, acc0 * inv_l[:, None], mask=qmask[:, None])
+    tl.store(o_row + 1, acc1 * inv_l[:, None], mask=qmask[:, None])
+    tl.store(o_row + 2, acc2 * inv_l[:, None], mask=qmask[:, None])
+    tl.store(o_row + 3, acc3 * inv_l[:, None], mask=qmask[:, None])
     tl.store(lse_ptr + row, lse, mask=qmask)
-
 
 @triton.jit
 def _merge_kernel(o_ptr, lse_ptr, out_ptr, n_parts, D: tl.constexpr, P_PAD: tl.constexpr):
@@ -400,6 +498,13 @@ def _merge_kernel(o_ptr, lse_ptr, out_ptr, n_parts, D: tl.constexpr, P_PAD: tl.c
     den = tl.sum(w, 0)
     res = tl.sum(w[:, None] * o, 0) / tl.where(den > 0.0, den, 1.0)  # no valid token at all: zeros
     tl.store(out_ptr + row * D + dd, res.to(out_ptr.dtype.element_ty))
+
+
+@functools.lru_cache(maxsize=64)
+def _plane_order(gd: int, d: int, device: torch.device) -> torch.Tensor:
+    """Input channel of each plane-ordered row: ``g*d + j*d/4 + i`` -> ``g*d + 4i + j``."""
+    g, j, i = torch.meshgrid(torch.arange(gd // d), torch.arange(_NPLANES), torch.arange(d // _NPLANES), indexing="ij")
+    return (g * d + _NPLANES * i + j).reshape(-1).to(device)
 
 
 def num_splits_for(batch: int, n_kv: int, T: int, block_t: int, device: torch.device) -> int:
@@ -437,12 +542,14 @@ def decode_attention(
     fp_pos: torch.Tensor | None = None,
     num_splits: int | None = None,
     block_t: int = 64,
+    num_warps: int = 4,
+    hoist_rotation: bool | None = None,
     backend: Backend = "auto",
 ) -> torch.Tensor:
     """Attention of one new query token per sequence over the packed cache (module docstring).
 
     Args:
-        q: ``[B, n_q, d]`` post-RoPE queries, fp16/bf16/fp32; ``d`` a power of two >= 32.
+        q: ``[B, n_q, d]`` post-RoPE queries, fp16/bf16/fp32; ``d`` a power of two >= 64.
         k_codes: uint8 ``[B, n_hg, T, Gd*k_bits/8]``; k_scale, k_zero: fp16 ``[B, n_hg, T, Gd/k_group_size]``.
         v_codes: uint8 ``[B, n_kv, T, d*v_bits/8]``; v_scale, v_zero: fp16 ``[B, n_kv, T, d/v_group_size]``.
         pos: int32 ``[B, T]`` RoPE positions, -1 = empty slot.
@@ -453,6 +560,9 @@ def decode_attention(
             fp_pos: int32 ``[B, F]`` (-1 = empty). All three or none.
         num_splits: context splits of the quantized tokens (None: about two programs per SM).
         block_t: tokens per inner step of the kernel (power of two >= 16).
+        num_warps: warps per program of the main kernel.
+        hoist_rotation: keep the head's rotation tiles in registers across the token loop
+            (only valid for ``G == 1``; None: on for ``G == 1``).
         backend: ``"auto"``, ``"triton"`` or ``"reference"`` (see ``_common``).
 
     Returns:
@@ -466,10 +576,12 @@ def decode_attention(
     dm = _dims(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, pos, rotation, k_mean, k_gid,
                inv_freq, k_bits, v_bits, k_group_size, v_group_size, fp_k, fp_v, fp_pos)
     B, n_q, d, G, Gd, n_kv, rep, T, F = (dm[k] for k in ("B", "n_q", "d", "G", "Gd", "n_kv", "rep", "T", "F"))
-    if d & (d - 1) or d < 32:
-        raise ValueError(f"the Triton kernel needs a power-of-two head dim >= 32, got {d}")
+    if d & (d - 1) or d < 64:
+        raise ValueError(f"the Triton kernel needs a power-of-two head dim >= 64, got {d}")
     if block_t & (block_t - 1) or block_t < 16:
         raise ValueError(f"block_t must be a power of two >= 16, got {block_t}")
+    if hoist_rotation and G != 1:
+        raise ValueError("hoist_rotation needs one head per rotation group (G == 1)")
     dev = q.device
     if num_splits is None:
         num_splits = num_splits_for(B, n_kv, T, block_t, dev)
@@ -487,9 +599,11 @@ def decode_attention(
     k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, pos = map(
         last_dim_contig, (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, pos))
     f32 = dict(device=dev, dtype=torch.float32)
-    rot = rotation.to(**f32).contiguous()
+    plane_order = _plane_order(Gd, d, dev)
+    dot_dtype = torch.float16 if q.dtype == torch.float16 else torch.float32
+    rtp = rotation.to(**f32).T.index_select(0, plane_order).to(dot_dtype).contiguous()
     mean = k_mean.to(**f32).contiguous()
-    gid = k_gid.to(device=dev, dtype=torch.int32).contiguous()
+    gidp = k_gid.to(device=dev, dtype=torch.int32).index_select(1, plane_order).contiguous()
     freq = inv_freq.to(**f32).contiguous()
     if has_fp:
         fk, fv, fpos = map(last_dim_contig, (fp_k, fp_v, fp_pos))
@@ -500,18 +614,19 @@ def decode_attention(
     n_gk, n_gv = Gd // k_group_size, d // v_group_size
     _decode_kernel[(B, n_kv, n_parts)](
         qc, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, pos,
-        rot, mean, gid, freq, fk, fv, fpos, o_part, lse_part,
+        rtp, mean, gidp, freq, fk, fv, fpos, o_part, lse_part,
         qc.stride(0), qc.stride(1),
         *k_codes.stride()[:3], *k_scale.stride()[:3], *k_zero.stride()[:3],
         *v_codes.stride()[:3], *v_scale.stride()[:3], *v_zero.stride()[:3],
         pos.stride(0), *fk.stride()[:3], *fv.stride()[:3], fpos.stride(0),
         T, F, tokens_per_split, num_splits, n_parts, sm_scale * _LOG2E, float(attention_scaling),
         D=d, G=G, REP=rep, QP=max(16, next_pow2(rep)),
-        K_BITS=k_bits, K_LO_BITS=2 if k_bits == 3 else k_bits, V_BITS=v_bits, NGK=n_gk, NGK_PAD=max(16, next_pow2(n_gk)),
+        K_BITS=k_bits, V_BITS=v_bits, NGK=n_gk, NGK_PAD=max(16, next_pow2(n_gk)),
         GV=v_group_size, NGV=n_gv, NGV_PAD=max(16, next_pow2(n_gv)),
         BLOCK_T=block_t, HAS_FP=has_fp, DOT_DTYPE=tl.float16 if q.dtype == torch.float16 else tl.float32,
         PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        USE_LIBDEVICE=not triton_interpreting(),
+        USE_LIBDEVICE=not triton_interpreting(), HOIST_R=G == 1 if hoist_rotation is None else hoist_rotation,
+        num_warps=num_warps,
     )
     out = torch.empty(B, n_q, d, device=dev, dtype=q.dtype)
     _merge_kernel[(B * n_q,)](o_part, lse_part, out, n_parts, D=d, P_PAD=max(2, next_pow2(n_parts)))

@@ -37,11 +37,12 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from rkv_convert.quant.packing import pack_codes, packed_width
 from rkv_convert.quant.quantizer import SCALE_FLOOR, levels, quantize
 
-from ._common import Backend, next_pow2, resolve_backend
+from ._common import Backend, next_pow2, resolve_backend, triton_interpreting
 
 __all__ = ["quantize_pack", "quantize_pack_ref", "group_ids_from_perm", "perm_from_group_ids"]
 
@@ -184,7 +185,7 @@ def _quantize_pack_kernel(
     M, n_blocks, clip, scale_floor,
     W: tl.constexpr, BITS: tl.constexpr, LEVELS: tl.constexpr, GS: tl.constexpr, NG: tl.constexpr, NG_PAD: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-    HAS_ROT: tl.constexpr, HAS_MEAN: tl.constexpr, HAS_GID: tl.constexpr,
+    HAS_ROT: tl.constexpr, HAS_MEAN: tl.constexpr, HAS_GID: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
 ):
     """Grid ``(n_blocks, cdiv(M, BLOCK_R))``; x viewed as contiguous ``[M, n_blocks, W]``."""
     blk = tl.program_id(0)
@@ -208,9 +209,15 @@ def _quantize_pack_kernel(
         y3 = y[:, :, None]
         mx = tl.maximum(mx, tl.max(tl.where(sel, y3, float("-inf")), axis=1))
         mn = tl.minimum(mn, tl.min(tl.where(sel, y3, float("inf")), axis=1))
-    hi = mx * clip
-    lo = mn * clip
-    scale16 = tl.maximum(tl.math.div_rn(hi - lo, LEVELS * 1.0), scale_floor).to(tl.float16, fp_downcast_rounding="rtne")
+    if USE_LIBDEVICE:  # explicit IEEE ops: the compiler must not fuse clip*max - clip*min into an FMA
+        hi = libdevice.mul_rn(mx, clip)
+        lo = libdevice.mul_rn(mn, clip)
+        width = libdevice.sub_rn(hi, lo)
+    else:  # the interpreter (numpy) rounds every op
+        hi = mx * clip
+        lo = mn * clip
+        width = hi - lo
+    scale16 = tl.maximum(tl.math.div_rn(width, LEVELS * 1.0), scale_floor).to(tl.float16, fp_downcast_rounding="rtne")
     zero16 = lo.to(tl.float16, fp_downcast_rounding="rtne")
     sz_off = row[:, None] * NG + grp[None, :]
     sz_mask = rmask[:, None] & (grp[None, :] < NG)
@@ -311,5 +318,6 @@ def quantize_pack(
         W=width, BITS=bits, LEVELS=levels(bits), GS=group_size, NG=n_groups, NG_PAD=max(next_pow2(n_groups), 2),
         BLOCK_R=block_r, BLOCK_C=_block_c(width),
         HAS_ROT=rotation is not None, HAS_MEAN=mean is not None, HAS_GID=gid is not None,
+        USE_LIBDEVICE=not triton_interpreting(),
     )
     return codes, scale, zero

@@ -2,8 +2,12 @@
 
 1. residual-stream magnitudes → sink channels and their online threshold, per layer;
 2. per-channel mean of the pre-RoPE keys over non-sink tokens (key centring);
-3. centred keys rotated by the grouped-head Hadamard → channel magnitudes (permutation)
-   and row samples of keys and rotated values → clip ratios searched per layer and bit width.
+3. centred keys rotated by the grouped-head Hadamard → channel magnitudes (permutation),
+   row samples of keys and rotated values and the queries' second moments → clip ratios
+   searched per layer and bit width.
+
+The defaults are the ones docs/accuracy.md measured best; every other setting of an
+option is one row of that ablation.
 """
 
 from __future__ import annotations
@@ -41,6 +45,13 @@ class CalibrationOptions:
     sink_ratio: float = 64.0
     max_sink_channels: int = 8
     clip_samples: int = 4096
+    # Fields below were added with the accuracy ablation (docs/accuracy.md); append, never rename.
+    center_keys: bool = True  # subtract the calibrated per-channel key mean before rotation
+    rotate_keys: bool = True  # False: identity instead of the grouped-head Hadamard (ablation only)
+    perm_statistic: str = "mean_abs"  # one of search.PERM_STATISTICS
+    clip_objective: str = "qk"  # one of search.CLIP_OBJECTIVES: key error as is ("mse"), or as attention-logit error ("qk")
+    key_clip: float | None = None  # a fixed key clip ratio instead of the per-layer search
+    value_clip: float | None = None  # a fixed value clip ratio instead of the per-layer search
 
 
 def model_shape(config: object) -> dict:
@@ -56,13 +67,13 @@ def model_shape(config: object) -> dict:
 
 
 class _Tap:
-    """Attention handler that hands each layer's pre-RoPE keys, values and residual input to a callback."""
+    """Attention handler that hands each layer's pre-RoPE queries, keys, values and residual input to a callback."""
 
-    def __init__(self, callback: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]) -> None:
+    def __init__(self, callback: Callable[..., None]) -> None:
         self.callback = callback
 
     def __call__(self, module, query, key, value, position_embeddings, attention_mask, past_key_values, layer_input, **kw):
-        self.callback(module.layer_idx, key, value, layer_input)
+        self.callback(module.layer_idx, query, key, value, layer_input)
         return stock_attention(module, query, key, value, position_embeddings, attention_mask, past_key_values, **kw)
 
 
@@ -85,7 +96,28 @@ def _validate(options: CalibrationOptions, shape: dict) -> int:
         raise ValueError(f"key group size {options.key_group_size} must divide the {g * d} channels of a head group")
     if d % options.value_group_size:
         raise ValueError(f"value group size {options.value_group_size} must divide head_dim {d}")
+    if options.perm_statistic not in search.PERM_STATISTICS:
+        raise ValueError(f"perm_statistic must be one of {search.PERM_STATISTICS}, got {options.perm_statistic!r}")
+    if options.clip_objective not in search.CLIP_OBJECTIVES:
+        raise ValueError(f"clip_objective must be one of {search.CLIP_OBJECTIVES}, got {options.clip_objective!r}")
+    for name in ("key_clip", "value_clip"):
+        clip = getattr(options, name)
+        if clip is not None and not 0.0 < clip <= 1.0:
+            raise ValueError(f"{name} must lie in (0, 1], got {clip}")
     return g
+
+
+def _query_energy(query: torch.Tensor, n_kv: int) -> torch.Tensor:
+    """``[B, n_q, T, d]`` → per KV channel the sum over its query heads of q^2, summed over tokens."""
+    b, n_q, t, d = query.shape
+    q = query.float().reshape(b, n_kv, n_q // n_kv, t, d)
+    return q.pow(2).sum(dim=(0, 2, 3)).reshape(-1).double()
+
+
+def _clips(rows, bits_list, group_size, perm, fixed, weight=None, rotation=None) -> list[float]:
+    if fixed is not None:
+        return [float(fixed)] * len(bits_list)
+    return [search.search_clip(rows, b, group_size, perm, weight, rotation)[0] for b in bits_list]
 
 
 def calibrate(
@@ -96,11 +128,11 @@ def calibrate(
     shape = model_shape(model.config)
     g = _validate(options, shape)
     n_layers, d = shape["num_hidden_layers"], shape["head_dim"]
-    key_rotation = hadamard_matrix(g * d)
+    key_rotation = hadamard_matrix(g * d) if options.rotate_keys else torch.eye(g * d)
     value_rotation = hadamard_matrix(d)
 
     acts = [ActivationObserver() for _ in range(n_layers)]
-    _run_pass(model, batches, options.batch_size, lambda i, k, v, h: acts[i].update(h), "sinks", progress)
+    _run_pass(model, batches, options.batch_size, lambda i, q, k, v, h: acts[i].update(h), "sinks", progress)
     sinks = []
     for obs in acts:
         token_max, token_argmax, median = obs.result()
@@ -113,18 +145,26 @@ def calibrate(
             return torch.ones(flat.shape[0], dtype=torch.bool, device=flat.device)
         return flat[:, channels.to(flat.device)].abs().amax(-1) <= threshold
 
-    means = [KeyMeanObserver() for _ in range(n_layers)]
-    _run_pass(
-        model, batches, options.batch_size,
-        lambda i, k, v, h: means[i].update(flatten_heads(k), keep_mask(i, h)), "key means", progress,
-    )
-    key_means = [m.result() for m in means]
+    if options.center_keys:
+        means = [KeyMeanObserver() for _ in range(n_layers)]
+        _run_pass(
+            model, batches, options.batch_size,
+            lambda i, q, k, v, h: means[i].update(flatten_heads(k), keep_mask(i, h)), "key means", progress,
+        )
+        key_means = [m.result() for m in means]
+    else:
+        key_means = [torch.zeros(shape["num_key_value_heads"] * d) for _ in range(n_layers)]
 
     n_batches = -(-batches.shape[0] // options.batch_size)
     rows_per_batch = -(-options.clip_samples // n_batches)
     rotated = [RotatedKeyObserver(options.clip_samples, options.seed + i) for i in range(n_layers)]
+    query_sq: list[torch.Tensor | None] = [None] * n_layers
+    query_tokens = [0] * n_layers
 
-    def observe_rotated(i: int, k: torch.Tensor, v: torch.Tensor, h: torch.Tensor) -> None:
+    def observe_rotated(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: torch.Tensor) -> None:
+        energy = _query_energy(q, shape["num_key_value_heads"])
+        query_sq[i] = energy if query_sq[i] is None else query_sq[i] + energy
+        query_tokens[i] += q.shape[0] * q.shape[2]
         centred = flatten_heads(k) - key_means[i].to(k.device)
         rot = rotate_groups(centred, key_rotation.to(k.device))
         values = rotate_groups(flatten_heads(v), value_rotation.to(v.device))
@@ -132,12 +172,19 @@ def calibrate(
 
     _run_pass(model, batches, options.batch_size, observe_rotated, "rotated keys", progress)
 
+    device = next(model.parameters()).device
     layers = []
     for i in range(n_layers):
         stats = rotated[i].result()
-        perm = search.channel_permutation(stats["abs_after"], g * d)
-        key_clips = [search.search_clip(stats["key_rows"], b, options.key_group_size, perm)[0] for b in search.QUANT_BITS]
-        value_clips = [search.search_clip(stats["value_rows"], b, options.value_group_size, None)[0] for b in search.QUANT_BITS]
+        perm = search.permutation_for(options.perm_statistic, stats, g * d)
+        weight = None
+        if options.clip_objective == "qk":
+            weight = search.rope_pair_weights((query_sq[i] / query_tokens[i]).float().cpu(), d).to(device)
+        # the search runs where the model runs (same grid and error, many small kernels)
+        key_clips = _clips(stats["key_rows"].to(device), search.QUANT_BITS, options.key_group_size, perm.to(device),
+                           options.key_clip, weight, key_rotation.to(device))
+        value_clips = _clips(stats["value_rows"].to(device), search.QUANT_BITS, options.value_group_size, None,
+                             options.value_clip)
         channels, threshold, flagged = sinks[i]
         layers.append(
             {

@@ -28,12 +28,12 @@ def _observe(model: torch.nn.Module, ids: torch.Tensor) -> tuple[list[torch.Tens
     keys, inputs = [], []
 
     def spy(module, q, k, v, pe, mask, cache, layer_input, **kw):
-        keys.append(k.transpose(1, 2).reshape(-1, k.shape[1] * k.shape[3]).float())
-        inputs.append(layer_input.reshape(-1, layer_input.shape[-1]).float())
+        keys.append(k.transpose(1, 2).reshape(-1, k.shape[1] * k.shape[3]).float().cpu())
+        inputs.append(layer_input.reshape(-1, layer_input.shape[-1]).float().cpu())
         return stock_attention(module, q, k, v, pe, mask, None, layer_input, **kw)
 
     with attach(model, spy):
-        model(ids, use_cache=False)
+        model(ids.to(model.device), use_cache=False)
     return keys, inputs
 
 

@@ -1,0 +1,1 @@
+"""``rkv inspect``: per-layer statistics and figures of an exported checkpoint."""

@@ -1,0 +1,66 @@
+import math
+
+import pytest
+import torch
+from tiny_models import tiny_model
+
+from rkv_convert.calibrate.run import CalibrationOptions
+from rkv_convert.evaluate.ablation import (
+    SELECTION,
+    Variant,
+    default_variants,
+    lsq_quantize,
+    markdown_table,
+    package_docs_text,
+    run_ablation,
+)
+from rkv_convert.quant.quantizer import fake_quantize
+
+
+def test_lsq_encoder_never_does_worse_than_min_max() -> None:
+    x = torch.randn(256, 64)
+    for bits in (2, 3, 4):
+        base = (fake_quantize(x, bits, 64) - x).pow(2).mean()
+        lsq = (lsq_quantize(x, bits, 64) - x).pow(2).mean()
+        assert lsq <= base * 1.001
+    perm = torch.randperm(64)
+    assert (lsq_quantize(x, 2, 16, 1.0, perm) - x).pow(2).mean() <= (fake_quantize(x, 2, 16, 1.0, perm) - x).pow(2).mean() * 1.001
+
+
+def test_variant_rows_leave_out_the_default_itself() -> None:
+    mse = [v.name for v in default_variants(CalibrationOptions(clip_objective="mse"))]
+    assert len(mse) == len(set(mse))
+    assert "clip searched by key MSE" not in mse and "clip searched by q·k error" in mse
+    other = [v.name for v in default_variants(CalibrationOptions(clip_objective="qk", perm_statistic="rms"))]
+    assert "clip searched by key MSE" in other and "permutation by rms" not in other
+
+
+def test_small_ablation_runs_end_to_end() -> None:
+    model = tiny_model("llama", n_kv=2, head_dim=64)
+    cal = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+    windows = torch.randint(0, 128, (2, 48), generator=torch.Generator().manual_seed(1))
+    variants = [
+        Variant("fp", "baseline", scheme="fp", protocols=("oneshot",)),
+        Variant("kivi+sinks", "baseline", scheme="kivi", protocols=("sinks", "deployed")),
+        Variant("RotateKV default", "default", recent_window=16),
+        Variant("no value rotation", "value rotation", value_rotation=False, recent_window=16),
+        Variant("exp", "experimental", {"perm_statistic": "rms"}, lsq_encoder=True, value_centring=True, recent_window=16),
+    ]
+    options = CalibrationOptions(num_samples=4, seqlen=32, batch_size=2, clip_samples=64)
+    rows, chosen, trail = run_ablation(model, cal, {"t": (windows, variants)}, (2,), 2, options, log=lambda m: None,
+                                       dev_windows=windows[:1])
+    assert len(trail) == sum(len(values) for _, values in SELECTION)
+    assert set(chosen) <= {option for option, _ in SELECTION}
+    assert len(rows) == 1 + 2 + 3 * 3
+    assert all(math.isfinite(r["ppl"]) and r["ratio_fp"] > 0 for r in rows)
+    assert {r["protocol"] for r in rows if r["variant"] == "RotateKV default"} == {"oneshot", "sinks", "deployed"}
+    table = markdown_table(rows, "t", (2,))
+    assert "| RotateKV default |" in table and "2b deployed" in table
+
+
+def test_package_docs_text_reads_metadata_bodies(tmp_path) -> None:
+    for name, body in (("b-1.0", "B" * 600), ("a-1.0", "A" * 600), ("c-1.0", "A" * 600), ("d-1.0", "short")):
+        (tmp_path / f"{name}.dist-info").mkdir()
+        (tmp_path / f"{name}.dist-info" / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\n\n{body}\n")
+    text = package_docs_text(tmp_path)
+    assert text == "A" * 600 + "\n\n" + "B" * 600  # sorted, duplicate and short bodies dropped
