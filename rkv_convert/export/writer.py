@@ -19,10 +19,10 @@ from safetensors.torch import save_file
 from ..calibrate.artifact import CalibrationArtifact, weights_fingerprint
 from ..calibrate.run import model_shape
 from ..models.loading import LoadedModel
-from .format import RKV_TENSORS_FILE, SUPPORTED_BITS, CheckpointError, RkvConfig, tensor_name
+from .format import RKV_TENSORS_FILE, SUPPORTED_BITS, Checkpoint, CheckpointError, LayerTensors, RkvConfig, tensor_name
 from .fuse import fuse_value_rotation
 
-__all__ = ["ExportOptions", "export_checkpoint", "LOGIT_TOLERANCE"]
+__all__ = ["checkpoint_from_artifact", "export_checkpoint", "LOGIT_TOLERANCE"]
 
 LOGIT_TOLERANCE = {torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 2.5e-1}
 
@@ -51,21 +51,16 @@ def _probe_logits(model: torch.nn.Module, seed: int = 0) -> torch.Tensor:
         return model(ids.to(next(model.parameters()).device), use_cache=False).logits.float().cpu()
 
 
-def export_checkpoint(
-    loaded: LoadedModel,
-    artifact: CalibrationArtifact,
-    out_dir: str | Path,
-    bits: int = 2,
-    recent_window: int = 128,
-    flush_block: int = 64,
-    max_sinks: int = 8,
-    overwrite: bool = False,
-) -> Path:
-    """Fuse, verify and write the augmented checkpoint; returns the folder."""
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass --overwrite or choose another --out")
-    _check_compatible(artifact, loaded, bits)
+def checkpoint_from_artifact(
+    artifact: CalibrationArtifact, bits: int = 2, recent_window: int = 128, flush_block: int = 64, max_sinks: int = 8
+) -> Checkpoint:
+    """The in-memory checkpoint that exporting ``artifact`` at ``bits`` describes (nothing fused or written).
+
+    For benchmarks and tools that keep the model in memory: fuse ``artifact.value_rotation`` into
+    the model with :func:`~rkv_convert.export.fuse.fuse_value_rotation` before running it.
+    """
+    if bits not in SUPPORTED_BITS:
+        raise CheckpointError(f"--bits must be one of {SUPPORTED_BITS}, got {bits}")
     opts = artifact.meta["options"]
     shape = artifact.meta["model"]
     config = RkvConfig(
@@ -82,6 +77,36 @@ def export_checkpoint(
         max_sinks=max_sinks,
         calibration={k: opts[k] for k in ("source", "num_samples", "seqlen", "seed", "sink_ratio")},
     )
+    layers = [
+        LayerTensors(
+            key_mean=layer["key_mean"].float(),
+            key_perm=layer["key_perm"].long(),
+            key_clip=artifact.clip_for(i, bits, "key"),
+            value_clip=artifact.clip_for(i, bits, "value"),
+            sink_channels=layer["sink_channels"].long(),
+            sink_threshold=float(layer["sink_threshold"]),
+        )
+        for i, layer in enumerate(artifact.layers)
+    ]
+    return Checkpoint(config, artifact.key_rotation.float(), artifact.value_rotation.float(), layers)
+
+
+def export_checkpoint(
+    loaded: LoadedModel,
+    artifact: CalibrationArtifact,
+    out_dir: str | Path,
+    bits: int = 2,
+    recent_window: int = 128,
+    flush_block: int = 64,
+    max_sinks: int = 8,
+    overwrite: bool = False,
+) -> Path:
+    """Fuse, verify and write the augmented checkpoint; returns the folder."""
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite or choose another --out")
+    _check_compatible(artifact, loaded, bits)
+    config = checkpoint_from_artifact(artifact, bits, recent_window, flush_block, max_sinks).config
     model = loaded.model
     before = _probe_logits(model)
     fuse_value_rotation(model, artifact.value_rotation)

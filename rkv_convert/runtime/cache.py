@@ -138,6 +138,7 @@ class RkvCacheLayer(CacheLayerMixin):
         self.n_quant = 0  # slots in the quantized store
         self.n_window = 0  # slots in the recent window
         self.fp_dtype: torch.dtype | None = None
+        self.capacity_hint = 0  # store slots to allocate up front (e.g. prompt + new tokens)
 
     # ----- transformers contract ------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor | None = None) -> None:
@@ -146,10 +147,15 @@ class RkvCacheLayer(CacheLayerMixin):
         c = self.codec
         if n_kv != c.num_kv_heads or d != c.head_dim:
             raise ValueError(f"keys have {n_kv} heads of {d}, the checkpoint {c.num_kv_heads} heads of {c.head_dim}")
-        dev = key_states.device
-        self.device, self.fp_dtype, self.batch = dev, key_states.dtype, b
+        self.allocate(b, key_states.device, key_states.dtype)
+
+    def allocate(self, batch: int, device: torch.device, dtype: torch.dtype) -> None:
+        """Empty storage for ``batch`` sequences; the store starts at ``capacity_hint`` slots (or 64)."""
+        c, b, d, n_kv, dev = self.codec, batch, self.codec.head_dim, self.codec.num_kv_heads, device
+        self.device, self.fp_dtype, self.batch = dev, dtype, b
+        self.length = self.n_quant = self.n_window = 0
         n_hg, gd = c.num_head_groups, c.group_channels
-        cap = _MIN_CAPACITY
+        cap = max(_MIN_CAPACITY, self.capacity_hint)
         u8, f16 = torch.uint8, torch.float16
         self.k_codes = torch.zeros(b, n_hg, cap, packed_width(gd, c.bits), dtype=u8, device=dev)
         self.k_scale = torch.zeros(b, n_hg, cap, gd // c.key_group_size, dtype=f16, device=dev)
@@ -212,6 +218,33 @@ class RkvCacheLayer(CacheLayerMixin):
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.is_initialized:
             self._select_batch(torch.arange(self.batch, device=self.device).repeat_interleave(repeats))
+
+    def copy_rows_from(self, part: "RkvCacheLayer", start: int) -> None:
+        """Copy the sequences of ``part`` (a micro-batch prefilled on its own) into rows ``start:``.
+
+        This layer must be allocated for the whole batch (:meth:`allocate`). Every micro-batch of
+        one prompt length leaves the same slot counts, so the first one sets them and the others
+        must match. Lets a large batch be prefilled in slices without a second full-size cache.
+        """
+        if not self.is_initialized or not part.is_initialized:
+            raise ValueError("copy_rows_from needs an allocated layer and a prefilled part")
+        n = part.batch
+        if start < 0 or start + n > self.batch:
+            raise ValueError(f"rows {start}:{start + n} do not fit a batch of {self.batch}")
+        counts = (part.length, part.n_quant, part.n_window)
+        if start == 0:
+            self._reserve(part.n_quant)
+            self.length, self.n_quant, self.n_window = counts
+        elif counts != (self.length, self.n_quant, self.n_window):
+            raise ValueError(f"micro-batch slot counts {counts} differ from the first one's "
+                             f"{(self.length, self.n_quant, self.n_window)}: prompts must share one padded length")
+        rows = slice(start, start + n)
+        q = self.n_quant
+        for name in ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero"):
+            getattr(self, name)[rows, :, :q] = getattr(part, name)[:, :, :q]
+        self.pos[rows, :q] = part.pos[:, :q]
+        for name in ("fp_k", "fp_v", "fp_pos", "n_sinks"):
+            getattr(self, name)[rows] = getattr(part, name)
 
     # ----- the rkv store ------------------------------------------------------------------
     @property
@@ -448,6 +481,22 @@ class RkvCache(Cache):
             raise ValueError(f"checkpoint has {len(codecs)} layers, the model {model.config.num_hidden_layers}")
         settings = settings or CacheSettings.from_config(config)
         return cls(codecs, settings, rotary.inv_freq, float(getattr(rotary, "attention_scaling", 1.0)), backend)
+
+    def reserve(self, tokens: int) -> "RkvCache":
+        """Size every layer's store for ``tokens`` slots when it is allocated (no doubling on the way)."""
+        for layer in self.layers:
+            layer.capacity_hint = int(tokens)
+        return self
+
+    def allocate(self, batch: int, device: torch.device, dtype: torch.dtype) -> None:
+        """Allocate every layer for ``batch`` sequences before any token arrives."""
+        for layer in self.layers:
+            layer.allocate(batch, device, dtype)
+
+    def copy_rows_from(self, part: "RkvCache", start: int) -> None:
+        """Copy a prefilled micro-batch cache into rows ``start:`` (see :meth:`RkvCacheLayer.copy_rows_from`)."""
+        for layer, other in zip(self.layers, part.layers, strict=True):
+            layer.copy_rows_from(other, start)
 
     def bytes_used(self) -> int:
         return sum(layer.bytes_used() for layer in self.layers)

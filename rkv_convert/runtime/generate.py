@@ -63,8 +63,9 @@ class RkvModel:
     def config(self):
         return self.model.config
 
-    def new_cache(self) -> RkvCache:
-        return RkvCache.from_checkpoint(self.checkpoint, self.model, self.settings, self.backend)
+    def new_cache(self, reserve_tokens: int = 0) -> RkvCache:
+        """An empty cache; ``reserve_tokens`` sizes its store up front (prompt + new tokens, when known)."""
+        return RkvCache.from_checkpoint(self.checkpoint, self.model, self.settings, self.backend).reserve(reserve_tokens)
 
     @contextlib.contextmanager
     def attached(self) -> Iterator[nn.Module]:
@@ -168,12 +169,16 @@ def stream_generate(
     sampling: SamplingOptions = SamplingOptions(),
     eos_token_ids: list[int] | tuple[int, ...] = (),
     stats: GenerationStats | None = None,
+    prefill_batch: int | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token ``int64 [B]`` of every sequence, step by step, until all hit EOS.
 
     Left-padded batches: pass the 2D ``attention_mask`` (1 = real token). Finished sequences keep
     receiving their EOS token (not yielded differently: callers stop reading them). ``stats``,
     when given, is filled in as the loop runs (final after the generator is exhausted).
+    The cache is sized once for prompt + ``max_new_tokens``. ``prefill_batch`` prefills at most
+    that many sequences per forward (bounds the prefill's activation memory for large batches;
+    the result is the same as one forward).
     """
     stats = stats if stats is not None else GenerationStats()
     device = rkv_model.device
@@ -187,16 +192,15 @@ def stream_generate(
         generator = torch.Generator(device=device).manual_seed(sampling.seed)
     eos = torch.tensor(list(eos_token_ids) or [-1], device=device)
     finished = torch.zeros(b, dtype=torch.bool, device=device)
-    cache = rkv_model.new_cache()
+    cache = rkv_model.new_cache(reserve_tokens=t + max_new_tokens)
     rkv_model.last_cache = cache
     stats.batch, stats.prompt_tokens, stats.new_tokens, stats.decode_seconds = b, t, 0, 0.0
 
     with rkv_model.attached() as model:
         _sync(device)
         start = time.perf_counter()
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                    use_cache=True, logits_to_keep=1)  # fmt: skip
-        token = sample_next(out.logits[:, -1], sampling, generator)
+        logits = _prefill(rkv_model, model, cache, ids, mask, positions, t + max_new_tokens, prefill_batch)
+        token = sample_next(logits, sampling, generator)
         _sync(device)
         stats.prefill_seconds = time.perf_counter() - start
         for step in range(max_new_tokens):
@@ -217,6 +221,31 @@ def stream_generate(
             stats.decode_seconds += time.perf_counter() - start
     _fill_cache_stats(stats, cache)
     stats.sinks_per_layer = [float(layer.sink_counts().float().mean()) for layer in cache.layers if layer.is_initialized]
+
+
+def _prefill(
+    rkv_model: RkvModel, model: nn.Module, cache: RkvCache, ids: torch.Tensor, mask: torch.Tensor,
+    positions: torch.Tensor, reserve: int, chunk: int | None,
+) -> torch.Tensor:
+    """Last-position logits ``[B, vocab]`` of the prompt, writing ``cache`` (in slices of ``chunk`` sequences)."""
+    b = ids.shape[0]
+    if chunk is None or chunk >= b:
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                    use_cache=True, logits_to_keep=1)  # fmt: skip
+        return out.logits[:, -1]
+    if chunk <= 0:
+        raise ValueError(f"prefill_batch must be positive, got {chunk}")
+    cache.allocate(b, rkv_model.device, rkv_model.dtype)
+    logits = []
+    for s in range(0, b, chunk):
+        rows = slice(s, min(s + chunk, b))
+        part = rkv_model.new_cache(reserve_tokens=reserve)
+        out = model(input_ids=ids[rows], attention_mask=mask[rows], position_ids=positions[rows],
+                    past_key_values=part, use_cache=True, logits_to_keep=1)  # fmt: skip
+        cache.copy_rows_from(part, s)
+        logits.append(out.logits[:, -1])
+        del part, out
+    return torch.cat(logits)
 
 
 def _fill_cache_stats(stats: GenerationStats, cache: RkvCache) -> None:

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 
 from rkv_convert.calibrate.run import CalibrationOptions, calibrate
 from rkv_convert.export.format import CheckpointError, RkvConfig, read_checkpoint
-from rkv_convert.export.writer import export_checkpoint
+from rkv_convert.export.writer import checkpoint_from_artifact, export_checkpoint
 from rkv_convert.models.loading import load_model
 
 OPTIONS = CalibrationOptions(num_samples=2, seqlen=32, batch_size=2, clip_samples=32)
@@ -42,6 +42,21 @@ def test_round_trip_with_stock_transformers(source, tmp_path) -> None:
     config = json.loads((out / "config.json").read_text())
     assert list(config["rkv"]) == sorted(config["rkv"])
     assert (out / "tokenizer.json").is_file()
+
+
+def test_in_memory_checkpoint_equals_the_exported_one(source, tmp_path) -> None:
+    loaded, art = _calibrated(source)
+    in_memory = checkpoint_from_artifact(art, bits=2, recent_window=32, flush_block=16, max_sinks=4)
+    written = read_checkpoint(export_checkpoint(loaded, art, tmp_path / "ck", bits=2, recent_window=32, flush_block=16, max_sinks=4))
+    assert in_memory.config == written.config
+    assert torch.equal(in_memory.key_rotation, written.key_rotation)
+    assert torch.equal(in_memory.value_rotation, written.value_rotation)
+    for a, b in zip(in_memory.layers, written.layers, strict=True):
+        for name in ("key_mean", "key_perm", "sink_channels"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+        assert (a.key_clip, a.value_clip, a.sink_threshold) == (b.key_clip, b.value_clip, b.sink_threshold)
+    with pytest.raises(CheckpointError, match="bits"):
+        checkpoint_from_artifact(art, bits=5)
 
 
 def _assert_nothing_left(parent, expected: set[str]) -> None:

@@ -38,6 +38,35 @@ def test_load_generate_and_stream_agree(folder) -> None:
     assert stats.decode_tokens_per_second > 0 and stats.prefill_tokens_per_second > 0
 
 
+def test_micro_batched_prefill_builds_the_same_cache(folder) -> None:
+    rkv = rkv_convert.load(folder, device="cpu", backend="reference")
+    ids = torch.randint(3, 98, (5, 26))
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    greedy = SamplingOptions(temperature=0)
+    whole = torch.stack(list(stream_generate(rkv, ids, mask, max_new_tokens=8, sampling=greedy)), 1)
+    one = rkv.last_cache
+    sliced = torch.stack(list(stream_generate(rkv, ids, mask, max_new_tokens=8, sampling=greedy, prefill_batch=2)), 1)
+    two = rkv.last_cache
+    assert torch.equal(whole, sliced)
+    for a, b in zip(one.layers, two.layers):
+        assert (a.length, a.n_quant, a.n_window) == (b.length, b.n_quant, b.n_window) and a.n_quant > 0
+        for name, t in a.quantized().items():
+            assert torch.equal(t, b.quantized()[name]), name
+        for name, t in a.full_precision().items():
+            torch.testing.assert_close(t, b.full_precision()[name], rtol=1e-5, atol=1e-5, msg=name)
+        assert torch.equal(a.n_sinks, b.n_sinks)
+
+
+def test_reserved_store_does_not_grow() -> None:
+    from rkv_convert.runtime.cache import RkvCache
+    model = tiny_model("llama")
+    ckpt = make_checkpoint(model, bits=2, recent_window=4, flush_block=4, max_sinks=2)
+    cache = RkvCache.from_checkpoint(ckpt, model).reserve(300)
+    cache.allocate(2, torch.device("cpu"), torch.float32)
+    assert all(layer.k_codes.shape[2] == 300 and layer.pos.shape[1] == 300 for layer in cache.layers)
+
+
 def test_stream_stops_at_eos_and_sampling_is_seeded(folder) -> None:
     rkv = rkv_convert.load(folder, device="cpu", backend="reference")
     ids = torch.randint(3, 98, (1, 12))

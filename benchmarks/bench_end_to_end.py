@@ -1,0 +1,215 @@
+"""End to end on a LLaMA-2-7B-shaped model: fp16 transformers ``generate`` against rkv.
+
+A random-weight model of the LLaMA-2-7B shape (32 layers, hidden 4096, 32 heads of 128, MLP
+11008, vocab 32000, fp16; speed does not depend on the weights' values) runs one fixed job:
+``--prompt`` random prompt tokens + ``--new`` greedy new tokens per sequence. It is calibrated
+with ``rkv_convert.calibrate.run.calibrate`` on random token windows (timed: the calibration
+wall time row), its value rotation fused, and then:
+
+- **equal batch**: peak GPU memory (weights included, and without them), prefill and decode
+  tokens/s of fp16 ``model.generate`` (transformers' ``DynamicCache``, SDPA) and of rkv
+  (``stream_generate``: packed cache, Triton kernels) at the same batch;
+- **largest batch**: for each, the largest batch whose job fits in GPU memory (a linear fit of
+  peak memory over two batches, then checked by running it, stepping down on OOM), and the decode
+  tokens/s there.
+
+rkv prefills in slices of ``--prefill-batch`` sequences (``stream_generate(prefill_batch=)``);
+transformers prefills the whole batch in one forward, as ``generate`` does.
+
+    python benchmarks/bench_end_to_end.py --csv benchmarks/results/end_to_end.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers.generation.streamers import BaseStreamer
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _timing import DEVICE, append_csv, markdown_table, print_table  # noqa: E402
+
+from rkv_convert.calibrate.run import CalibrationOptions, calibrate  # noqa: E402
+from rkv_convert.export.fuse import fuse_value_rotation  # noqa: E402
+from rkv_convert.export.writer import checkpoint_from_artifact  # noqa: E402
+from rkv_convert.runtime.cache import CacheSettings  # noqa: E402
+from rkv_convert.runtime.generate import GenerationStats, RkvModel, SamplingOptions, stream_generate  # noqa: E402
+
+
+class _Clock(BaseStreamer):
+    """Times ``generate``: the first ``put`` is the prompt, the second the first new token."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        torch.cuda.synchronize() if DEVICE.type == "cuda" else None
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        torch.cuda.synchronize() if DEVICE.type == "cuda" else None
+        self.times.append(time.perf_counter())
+
+
+def _peak_reset() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak() -> int:
+    return torch.cuda.max_memory_allocated() if DEVICE.type == "cuda" else 0
+
+
+def run_hf(model, batch: int, prompt: int, new: int, vocab: int) -> dict[str, float]:
+    ids = torch.randint(0, vocab, (batch, prompt), device=DEVICE)
+    _peak_reset()
+    t0 = time.perf_counter()
+    clock = _Clock()
+    with torch.no_grad():
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                       do_sample=False, pad_token_id=0, streamer=clock)  # fmt: skip
+    prefill = clock.times[1] - t0
+    decode = clock.times[-1] - clock.times[1]
+    return {"prefill_tok_s": batch * prompt / prefill, "decode_tok_s": batch * (new - 1) / decode, "peak_bytes": _peak()}
+
+
+def run_rkv(rkv: RkvModel, batch: int, prompt: int, new: int, vocab: int, prefill_batch: int) -> dict[str, float]:
+    ids = torch.randint(0, vocab, (batch, prompt), device=DEVICE)
+    _peak_reset()
+    stats = GenerationStats()
+    for _ in stream_generate(rkv, ids, max_new_tokens=new, sampling=SamplingOptions(temperature=0), stats=stats,
+                             prefill_batch=prefill_batch):  # fmt: skip
+        pass
+    peak = _peak()
+    rkv.last_cache = None
+    return {"prefill_tok_s": stats.prefill_tokens_per_second, "decode_tok_s": stats.decode_tokens_per_second,
+            "peak_bytes": peak, "kv_bytes": stats.kv_bytes, "bits_per_elem": stats.bits_per_element}  # fmt: skip
+
+
+def _try(fn, *args) -> dict[str, float] | None:
+    try:
+        return fn(*args)
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return None
+
+
+def largest_batch(job: Callable[[int], dict], probe: tuple[int, int], results: dict[int, dict], limit: int) -> tuple[int, dict]:
+    """The largest batch whose ``job(batch)`` runs, from a linear fit of peak memory at the two ``probe`` batches."""
+    (b1, b2) = probe
+    p1, p2 = results[b1]["peak_bytes"], results[b2]["peak_bytes"]
+    per_seq = max((p2 - p1) / (b2 - b1), 1.0)
+    guess = int((limit - (p1 - b1 * per_seq)) / per_seq)
+    for _ in range(6):
+        if guess <= b2:
+            return b2, results[b2]
+        out = _try(job, guess)
+        print(f"  batch {guess}: {'ok' if out else 'out of memory'}", flush=True)
+        if out is not None:
+            return guess, out
+        guess = int(guess * 0.93)
+    return b2, results[b2]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--hidden", type=int, default=4096)
+    p.add_argument("--intermediate", type=int, default=11008)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=32)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--prompt", type=int, default=4096)
+    p.add_argument("--new", type=int, default=256)
+    p.add_argument("--equal-batch", type=int, default=8, help="batch of the side-by-side rows (and first probe)")
+    p.add_argument("--bits", type=int, default=2)
+    p.add_argument("--head-group", type=int, default=4)
+    p.add_argument("--key-group", type=int, default=128)
+    p.add_argument("--value-group", type=int, default=128)
+    p.add_argument("--prefill-batch", type=int, default=8)
+    p.add_argument("--calib-samples", type=int, default=32)
+    p.add_argument("--calib-seqlen", type=int, default=512)
+    p.add_argument("--max-batch/--no-max-batch", dest="max_batch", default=True, action=argparse.BooleanOptionalAction)
+    p.add_argument("--memory-limit", type=float, default=0.97, help="share of total GPU memory a job may peak at")
+    p.add_argument("--csv", type=Path, default=None)
+    p.add_argument("--markdown", type=Path, default=None)
+    args = p.parse_args()
+
+    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                      num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+                      max_position_embeddings=max(4096, args.prompt + args.new), tie_word_embeddings=False)  # fmt: skip
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    dtype = torch.float16 if DEVICE.type == "cuda" else torch.float32
+    with torch.device(DEVICE):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
+    weights = sum(t.numel() * t.element_size() for t in model.parameters())
+    shape = f"{args.layers}L h{args.hidden} {args.heads}q/{args.kv_heads}kv"
+
+    options = CalibrationOptions(source="random-tokens", num_samples=args.calib_samples, seqlen=args.calib_seqlen,
+                                 head_group_size=args.head_group, key_group_size=args.key_group,
+                                 value_group_size=args.value_group)  # fmt: skip
+    batches = torch.randint(0, args.vocab, (args.calib_samples, args.calib_seqlen), generator=torch.Generator().manual_seed(0))
+    torch.cuda.synchronize() if DEVICE.type == "cuda" else None
+    t0 = time.perf_counter()
+    artifact = calibrate(model, batches, options)
+    calib_s = time.perf_counter() - t0
+    print(f"calibration: {calib_s:.1f} s for {batches.numel()} tokens", flush=True)
+    ckpt = checkpoint_from_artifact(artifact, bits=args.bits)
+    fuse_value_rotation(model, artifact.value_rotation)
+    rkv = RkvModel(model, ckpt, settings=CacheSettings.from_config(ckpt.config))
+
+    job = (args.prompt, args.new, args.vocab)
+    b1, b2 = args.equal_batch, 2 * args.equal_batch
+    print("warm-up (Triton compilation)", flush=True)
+    run_rkv(rkv, 1, 256, 72, args.vocab, args.prefill_batch)
+    run_hf(model, 1, 256, 8, args.vocab)
+    hf = {b: _try(run_hf, model, b, *job) for b in (b1, b2)}
+    ours = {b: _try(run_rkv, rkv, b, *job, args.prefill_batch) for b in (b1, b2)}
+    rows = []
+    base = {"model": shape, "prompt": args.prompt, "new": args.new, "bits": args.bits, "weights_GiB": weights / 2**30}
+    for name, res in (("hf-fp16", hf), ("rkv", ours)):
+        for b, r in res.items():
+            if r is None:
+                rows.append({**base, "impl": name, "case": "equal batch", "batch": b, "note": "out of memory"})
+                continue
+            rows.append({**base, "impl": name, "case": "equal batch", "batch": b, "prefill_tok_s": r["prefill_tok_s"],
+                         "decode_tok_s": r["decode_tok_s"], "peak_GiB": r["peak_bytes"] / 2**30,
+                         "peak_minus_weights_GiB": (r["peak_bytes"] - weights) / 2**30,
+                         "bits_per_elem": r.get("bits_per_elem", 16.0)})  # fmt: skip
+    if args.max_batch and DEVICE.type == "cuda" and all(hf.values()) and all(ours.values()):
+        limit = int(args.memory_limit * torch.cuda.get_device_properties(0).total_memory)
+        print("largest batch, fp16:", flush=True)
+        hb, hr = largest_batch(lambda b: run_hf(model, b, *job), (b1, b2), hf, limit)
+        print("largest batch, rkv:", flush=True)
+        rb, rr = largest_batch(lambda b: run_rkv(rkv, b, *job, args.prefill_batch), (b1, b2), ours, limit)
+        for name, b, r in (("hf-fp16", hb, hr), ("rkv", rb, rr)):
+            rows.append({**base, "impl": name, "case": "largest batch", "batch": b, "prefill_tok_s": r["prefill_tok_s"],
+                         "decode_tok_s": r["decode_tok_s"], "peak_GiB": r["peak_bytes"] / 2**30,
+                         "peak_minus_weights_GiB": (r["peak_bytes"] - weights) / 2**30,
+                         "bits_per_elem": r.get("bits_per_elem", 16.0)})  # fmt: skip
+        print(f"ratios: batch {rb / hb:.2f}x, decode tok/s at largest batch {rr['decode_tok_s'] / hr['decode_tok_s']:.2f}x, "
+              f"peak memory at batch {b2} {hf[b2]['peak_bytes'] / ours[b2]['peak_bytes']:.2f}x (weights included), "
+              f"{(hf[b2]['peak_bytes'] - weights) / (ours[b2]['peak_bytes'] - weights):.2f}x (without)")  # fmt: skip
+    rows.append({**base, "impl": "rkv", "case": "calibration", "batch": args.calib_samples,
+                 "note": f"{calib_s:.1f} s, {batches.numel()} tokens ({args.calib_samples} x {args.calib_seqlen})"})  # fmt: skip
+    if args.csv:
+        for r in rows:
+            append_csv(args.csv, {**{k: "" for k in _COLUMNS}, **r, "timing": "wall" if DEVICE.type == "cuda" else "cpu-smoke"})
+    print_table(f"end to end, {shape}, {args.prompt}+{args.new} tokens ({DEVICE})", rows, _COLUMNS)
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(markdown_table(rows, _COLUMNS))
+
+
+_COLUMNS = ["impl", "case", "batch", "prefill_tok_s", "decode_tok_s", "peak_GiB", "peak_minus_weights_GiB",
+            "bits_per_elem", "note", "model", "prompt", "new", "bits", "weights_GiB"]  # fmt: skip
+
+if __name__ == "__main__":
+    main()
