@@ -29,7 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from _timing import DEVICE, append_csv, bench_ms, copy_bandwidth_gbs, markdown_table, print_table  # noqa: E402
 
-from rkv_convert.kernels.decode_attention import decode_attention  # noqa: E402
+from rkv_convert.kernels.decode_attention import decode_attention, prepare_rotation  # noqa: E402
 from rkv_convert.kernels.quantize_pack import group_ids_from_perm, quantize_pack  # noqa: E402
 from rkv_convert.quant.hadamard import hadamard_matrix  # noqa: E402
 
@@ -73,6 +73,7 @@ class PackedLayer:
         self.fp_pos = torch.arange(T, T + FP_SLOTS, dtype=torch.int32, device=dev).repeat(B, 1)
         self.fp_pos[:, 8] = -1  # the scratch slot is always empty
         self.inv_freq = (1.0 / 10000.0 ** (torch.arange(0, d, 2, dtype=torch.float32) / d)).to(dev)
+        self.prepared = prepare_rotation(self.rotation, d, torch.float16)  # once per layer, as the runtime does
 
     def tensors(self, T: int) -> tuple[torch.Tensor, ...]:
         """The first ``T`` tokens (views, no copies)."""
@@ -86,7 +87,7 @@ class PackedLayer:
 
     def attend(self, q: torch.Tensor, T: int, **options: object) -> torch.Tensor:
         return decode_attention(
-            q, *self.tensors(T), rotation=self.rotation, k_mean=self.mean, k_gid=self.gid, inv_freq=self.inv_freq,
+            q, *self.tensors(T), rotation=self.prepared, k_mean=self.mean, k_gid=self.gid, inv_freq=self.inv_freq,
             attention_scaling=1.0, sm_scale=self.d**-0.5, k_bits=self.bits, v_bits=self.bits,
             k_group_size=self.g_k, v_group_size=self.g_v, fp_k=self.fp_k, fp_v=self.fp_v, fp_pos=self.fp_pos,
             **options,
@@ -127,6 +128,9 @@ def run(args: argparse.Namespace) -> list[dict[str, object]]:
                 sdpa = lambda: F.scaled_dot_product_attention(q[:, :, None], kt, vt, enable_gqa=n_q != n_kv)  # noqa: E731
                 sdpa_ms = bench_ms(sdpa)[0]
                 rkv_ms, rkv_lo, rkv_hi = bench_ms(lambda: layer.attend(q, T))
+                dense_ms = float("nan")
+                if args.compare_dense and layer.prepared.factored and G > 1:
+                    dense_ms = bench_ms(lambda: layer.attend(q, T, factored=False))[0]
                 fp16_bytes = 2 * kt.numel() * 2
                 rkv_bytes = layer.bytes_read(T)
                 row = {
@@ -135,6 +139,7 @@ def run(args: argparse.Namespace) -> list[dict[str, object]]:
                     "sdpa_ms": sdpa_ms, "rkv_ms": rkv_ms, "rkv_p20_ms": rkv_lo, "rkv_p80_ms": rkv_hi,
                     "floor_ms": rkv_bytes / (copy_gbs * 1e9) * 1e3,
                     "speedup_vs_sdpa": sdpa_ms / rkv_ms,
+                    "rotation": "factored" if layer.prepared.factored else "dense", "rkv_dense_ms": dense_ms,
                     "sdpa_GBs": fp16_bytes / (sdpa_ms * 1e-3) / 1e9,
                     "rkv_GBs": rkv_bytes / (rkv_ms * 1e-3) / 1e9,
                     "copy_GBs": copy_gbs,
@@ -173,6 +178,8 @@ def main() -> None:
     p.add_argument("--key-group", type=int, default=128)
     p.add_argument("--value-group", type=int, default=128)
     p.add_argument("--head-group", type=int, default=4, help="KV heads per key rotation group (gcd with the KV heads)")
+    p.add_argument("--compare-dense", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time the dense inverse rotation (G*d*d MACs per key) beside the factored one (d*d)")
     p.add_argument("--memory-fraction", type=float, default=0.8, help="share of free GPU memory a row may use")
     p.add_argument("--tune", type=lambda s: tuple(int(x) for x in s.split("x")), nargs="*", default=[],
                    help="block_t x num_warps pairs to time at --tune-batch/--tune-context, e.g. 32x4 64x4 128x8")
@@ -182,7 +189,7 @@ def main() -> None:
     p.add_argument("--markdown", type=Path, default=None, help="also write the table as Markdown here")
     args = p.parse_args()
     rows = run(args)
-    cols = ["shape", "batch", "context", "sdpa_ms", "rkv_ms", "floor_ms", "speedup_vs_sdpa", "floor_fraction",
+    cols = ["shape", "batch", "context", "sdpa_ms", "rkv_ms", "rkv_dense_ms", "floor_ms", "speedup_vs_sdpa", "floor_fraction",
             "sdpa_GBs", "rkv_GBs", "bits_per_elem"]  # fmt: skip
     print_table(f"decode attention, {args.bits}-bit, one layer ({DEVICE})", rows, cols)
     tuned = tune(args) if args.tune else []

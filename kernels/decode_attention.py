@@ -32,20 +32,38 @@ group's ``Gd`` rotated channels (``G`` chunks of ``d``, each read as four *plane
 ``j`` = channels ``4i + j``, which is what one shift of a packed byte tile yields, so no
 reshape is needed), dequantizes them with per-channel scale/zero (a broadcast for one group
 per row, else an exact one-hot ``tl.dot``: no gathers), and reconstructs the head's pre-RoPE
-key as ``ŷ @ R^T`` restricted to the head's output channels: the same matmul as one
-``tl.dot`` against ``R[j*d:(j+1)*d, :]^T``, issued per plane against ``R^T``'s rows in plane
-order and split in the two RoPE halves, so that RoPE is elementwise on ``(k_lo, k_hi)``
-(``score = q_lo·(k_lo cos - k_hi sin) + q_hi·(k_hi cos + k_lo sin)``). cos/sin come from a
-Cody-Waite reduction to [-pi, pi] and the fast hardware unit (abs. error ~1e-6). Online
-softmax (fp32 ``m, l``, four plane accumulators), P@V on dequantized value planes. A second
-small kernel merges the splits by log-sum-exp. Accumulation is fp32 everywhere; dot
-operands are fp16 for fp16 queries, IEEE fp32 for fp32 queries, and TF32 (fp32 operands,
-10-bit mantissa, more precise than bf16) for bf16 queries: Triton's CPU interpreter (3.9)
-computes bf16 dots wrongly, and one dot type per path keeps the tested code the shipped code.
+key ``k = ŷ @ R^T`` restricted to the head's ``d`` output channels, split in the two RoPE
+halves so that RoPE is elementwise on ``(k_lo, k_hi)``
+(``score = q_lo·(k_lo cos - k_hi sin) + q_hi·(k_hi cos + k_lo sin)``). Two paths, chosen by
+:func:`prepare_rotation` (or the ``factored`` keyword):
+
+- *factored* (``R = kron(A, B)``, ``A [G, G]``, ``B [d, d]``: every Sylvester Hadamard
+  rotation of power-of-two size, e.g. ``512 = H_4 ⊗ H_128``, and every ``G = 1`` rotation
+  with ``A = [[1]]``): with ``(g, i)`` = rotated channel ``g*d + i`` and ``jh`` the head's
+  place in its group, ``k_c = Σ_i z_i B[c, i]`` with ``z = Σ_g A[jh, g] ŷ_g``. Per plane the
+  ``G`` dequantized chunks are combined elementwise (``G`` FMAs per element, fp32), then one
+  ``tl.dot`` of ``z`` against ``B^T``'s rows in plane order, whose 8 tiles ``[d/4, d/2]`` are
+  loaded once per program. Cost per key token and head: ``d*d`` MACs, independent of ``G``.
+- *dense* (any other orthonormal ``R``, e.g. ``192 = H_12 ⊗ H_16`` with ``d = 64``, which is
+  not ``H_3 ⊗ H_64``): per chunk and plane one ``tl.dot`` against the head's columns of
+  ``R^T`` (rows in plane order, loaded per token block). Cost: ``G*d*d`` MACs per key token
+  and head.
+
+cos/sin come from a Cody-Waite reduction to [-pi, pi] and the fast hardware unit (abs. error
+~1e-6). Online softmax (fp32 ``m, l``, four plane accumulators), P@V on dequantized value
+planes. A second small kernel merges the splits by log-sum-exp. Accumulation is fp32
+everywhere; dot operands are fp16 for fp16 queries, IEEE fp32 for fp32 queries, and TF32
+(fp32 operands, 10-bit mantissa, more precise than bf16) for bf16 queries: Triton's CPU
+interpreter (3.9) computes bf16 dots wrongly, and one dot type per path keeps the tested
+code the shipped code.
 
 Compared with one program per head group, one program per KV head re-reads and unpacks the
 head group's key codes ``G`` times (from cache) but keeps every tile at ``d`` channels
 (no padding of ``Gd = 192`` to 256, no masking of other heads).
+
+The rotation may be passed raw (prepared on every call, which synchronises with the device
+for the factorisation check) or as a :class:`PreparedRotation` made once per layer by
+:func:`prepare_rotation`.
 
 Dispatch (see :mod:`rkv_convert.kernels._common`): ``backend="auto"`` runs the kernel on
 CUDA tensors or under ``TRITON_INTERPRET=1``, else :func:`decode_attention_ref`.
@@ -55,6 +73,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -65,7 +84,7 @@ from rkv_convert.quant.packing import packed_width, unpack_codes
 
 from ._common import Backend, next_pow2, resolve_backend, triton_interpreting
 
-__all__ = ["decode_attention", "decode_attention_ref", "num_splits_for"]
+__all__ = ["PreparedRotation", "decode_attention", "decode_attention_ref", "num_splits_for", "prepare_rotation"]
 
 _LOG2E = 1.0 / math.log(2.0)
 
@@ -318,7 +337,7 @@ def _pv(p, v, valid, acc, alpha, PREC: tl.constexpr):
 @triton.jit
 def _decode_kernel(
     q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, pos_ptr,
-    rtp_ptr, mean_ptr, gidp_ptr, freq_ptr, fk_ptr, fv_ptr, fpos_ptr, o_ptr, lse_ptr,
+    rtp_ptr, a_ptr, btp_ptr, mean_ptr, gidp_ptr, freq_ptr, fk_ptr, fv_ptr, fpos_ptr, o_ptr, lse_ptr,
     s_qb, s_qh,
     s_kcb, s_kch, s_kct, s_ksb, s_ksh, s_kst, s_kzb, s_kzh, s_kzt,
     s_vcb, s_vch, s_vct, s_vsb, s_vsh, s_vst, s_vzb, s_vzh, s_vzt,
@@ -328,12 +347,14 @@ def _decode_kernel(
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, NGK: tl.constexpr, NGK_PAD: tl.constexpr,
     GV: tl.constexpr, NGV: tl.constexpr, NGV_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr, HAS_FP: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
-    USE_LIBDEVICE: tl.constexpr, HOIST_R: tl.constexpr,
+    USE_LIBDEVICE: tl.constexpr, KRON: tl.constexpr,
 ):
     """Grid ``(B, n_kv, n_parts)``; writes fp32 partial outputs and log2-sum-exp per part.
 
     ``rtp [Gd, Gd]`` is ``R^T`` with its rows (input channels) in plane order: row
     ``g*d + j*d/4 + i`` holds input channel ``g*d + 4i + j``; ``gidp [n_hg, Gd]`` likewise.
+    ``KRON`` (``R = kron(A, B)``): ``a fp32 [G, G]`` is ``A`` and ``btp [d, d]`` is ``B^T`` with
+    its rows in plane order (``rtp`` unused); else ``a``/``btp`` are unused.
     """
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -360,16 +381,16 @@ def _decode_kernel(
     gk = tl.arange(0, NGK_PAD)
     gv = tl.arange(0, NGV_PAD)
 
-    if HOIST_R:  # G == 1: the head's 8 rotation tiles [d/4, d/2] are loop-invariant, load once
-        rt_base = rtp_ptr + ii[:, None] * GD + c[None, :]
-        r0l = tl.load(rt_base)
-        r0h = tl.load(rt_base + HALF)
-        r1l = tl.load(rt_base + PW * GD)
-        r1h = tl.load(rt_base + PW * GD + HALF)
-        r2l = tl.load(rt_base + 2 * PW * GD)
-        r2h = tl.load(rt_base + 2 * PW * GD + HALF)
-        r3l = tl.load(rt_base + 3 * PW * GD)
-        r3h = tl.load(rt_base + 3 * PW * GD + HALF)
+    if KRON:  # the 8 plane tiles [d/4, d/2] of B^T (shared by all heads) are loop-invariant: load once
+        bt_base = btp_ptr + ii[:, None] * D + c[None, :]
+        b0l = tl.load(bt_base)
+        b0h = tl.load(bt_base + HALF)
+        b1l = tl.load(bt_base + PW * D)
+        b1h = tl.load(bt_base + PW * D + HALF)
+        b2l = tl.load(bt_base + 2 * PW * D)
+        b2h = tl.load(bt_base + 2 * PW * D + HALF)
+        b3l = tl.load(bt_base + 3 * PW * D)
+        b3h = tl.load(bt_base + 3 * PW * D + HALF)
 
     m_i = tl.full((QP,), -1.0e30, tl.float32)
     l_i = tl.zeros((QP,), tl.float32)
@@ -393,7 +414,10 @@ def _decode_kernel(
         tt = t.to(tl.int64)
         p_t = tl.load(pos_ptr + b * s_pb + tt, mask=tmask, other=-1)
         valid = tmask & (p_t >= 0)
-        # keys: k = y @ R^T, accumulated over chunks g and planes j of the group's input channels
+        # keys: k = y @ R^T restricted to this head's output channels, accumulated over the
+        # chunks g and planes j of the group's input channels. KRON: z_j = sum_g A[jh, g] y_gj
+        # (elementwise, fp32), each plane's z_j dotted with B^T's plane tiles once its last
+        # chunk is in (G == 1: z = y, A = [[1]], no combination).
         k_lo = tl.zeros((BLOCK_T, HALF), tl.float32)
         k_hi = tl.zeros((BLOCK_T, HALF), tl.float32)
         krow = kc_base + tt * s_kct
@@ -401,6 +425,9 @@ def _decode_kernel(
             lo0 = g * D * K_LOB // 8
             hi0 = GD // 4 + g * D // 8
             blo, bhi = _byte_tiles(krow, tmask, ii, lo0, hi0, K_BITS)
+            if KRON:
+                if G > 1:
+                    a_hg = tl.load(a_ptr + jh * G + g)  # A[jh, g], fp32 scalar
             for j in tl.static_range(4):
                 prow = g * D + j * PW + ii  # plane-ordered input channels
                 codes = _plane_codes(krow, tmask, ii, j, lo0, hi0, blo, bhi, K_BITS)
@@ -410,22 +437,45 @@ def _decode_kernel(
                     onehot = (tl.load(gidp_ptr + hg * GD + prow)[None, :] == gk[:, None]).to(tl.float16)
                 sc = _expand_groups(ks_base + tt * s_kst, tmask, onehot, NGK, NGK_PAD, PW)
                 zc = _expand_groups(kz_base + tt * s_kzt, tmask, onehot, NGK, NGK_PAD, PW)
-                y = (codes.to(tl.float32) * sc + zc).to(dt)
-                if HOIST_R:
-                    if j == 0:
-                        rl, rh = r0l, r0h
-                    elif j == 1:
-                        rl, rh = r1l, r1h
-                    elif j == 2:
-                        rl, rh = r2l, r2h
-                    else:
-                        rl, rh = r3l, r3h
-                else:
+                y = codes.to(tl.float32) * sc + zc
+                if KRON:
+                    if G > 1:
+                        y = a_hg * y
+                    if g > 0:  # plus the earlier chunks' share of plane j
+                        if j == 0:
+                            y = z0 + y
+                        elif j == 1:
+                            y = z1 + y
+                        elif j == 2:
+                            y = z2 + y
+                        else:
+                            y = z3 + y
+                    if g < G - 1:
+                        if j == 0:
+                            z0 = y
+                        elif j == 1:
+                            z1 = y
+                        elif j == 2:
+                            z2 = y
+                        else:
+                            z3 = y
+                    else:  # z_j complete: one product with B^T's plane-j rows
+                        if j == 0:
+                            bl, bh = b0l, b0h
+                        elif j == 1:
+                            bl, bh = b1l, b1h
+                        elif j == 2:
+                            bl, bh = b2l, b2h
+                        else:
+                            bl, bh = b3l, b3h
+                        y = y.to(dt)
+                        k_lo = tl.dot(y, bl, k_lo, input_precision=PREC)
+                        k_hi = tl.dot(y, bh, k_hi, input_precision=PREC)
+                else:  # dense: the head's columns of R^T, rows of chunk g plane j
                     rt = rtp_ptr + prow[:, None] * GD + jh * D + c[None, :]
-                    rl = tl.load(rt)
-                    rh = tl.load(rt + HALF)
-                k_lo = tl.dot(y, rl, k_lo, input_precision=PREC)
-                k_hi = tl.dot(y, rh, k_hi, input_precision=PREC)
+                    y = y.to(dt)
+                    k_lo = tl.dot(y, tl.load(rt), k_lo, input_precision=PREC)
+                    k_hi = tl.dot(y, tl.load(rt + HALF), k_hi, input_precision=PREC)
         s = _scores(k_lo + mean_lo[None, :], k_hi + mean_hi[None, :], p_t, valid, q_lo, q_hi, freq,
                     rope_scaling, qk_scale, PREC, USE_LIBDEVICE)
         m_i, l_i, alpha, p = _softmax_step(s, m_i, l_i)
@@ -507,6 +557,105 @@ def _plane_order(gd: int, d: int, device: torch.device) -> torch.Tensor:
     return (g * d + _NPLANES * i + j).reshape(-1).to(device)
 
 
+def _kron_factors(
+    rotation: torch.Tensor, head_dim: int, rtol: float = 1e-5
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(A [G, G], B [d, d])`` in fp64 with ``kron(A, B) == rotation`` (within ``rtol`` of ``max|R|``), else None.
+
+    Block ``(h, g)`` of ``R = kron(A, B)`` is ``A[h, g] * B``. ``B`` is the largest block scaled
+    to Frobenius norm ``sqrt(d)`` (so ``B`` and ``A`` are orthonormal when ``R`` is; the joint
+    sign/scale of the pair is arbitrary), ``A[h, g] = <block(h, g), B> / d``; the factorisation
+    is accepted only if ``kron(A, B)`` rebuilds ``R``.
+    """
+    gd, d = rotation.shape[0], head_dim
+    G = gd // d
+    r = rotation.detach().to(torch.float64)
+    if G == 1:
+        return torch.ones(1, 1, dtype=torch.float64, device=r.device), r
+    blocks = r.reshape(G, d, G, d).permute(0, 2, 1, 3)  # [h, g, c, i]
+    norms = blocks.pow(2).sum((-1, -2)).reshape(-1)
+    ref = int(norms.argmax())
+    big = float(norms[ref])
+    if not math.isfinite(big) or big == 0.0:
+        return None
+    b = blocks.reshape(G * G, d, d)[ref] * (d / big) ** 0.5
+    a = (blocks * b).sum((-1, -2)) / d
+    err = float((torch.kron(a, b) - r).abs().max())
+    return (a, b) if err <= rtol * float(r.abs().max()) else None
+
+
+def _dot_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dot operand dtype of the kernel for queries (or operands) of ``dtype``: fp16 or fp32."""
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"queries must be fp16/bf16/fp32, got {dtype}")
+    return torch.float16 if dtype == torch.float16 else torch.float32
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedRotation:
+    """A key rotation ``R [Gd, Gd]`` preprocessed for :func:`decode_attention` (see :func:`prepare_rotation`).
+
+    Attributes:
+        rotation: fp32 ``[Gd, Gd]``, ``R`` itself (reference backend, shape checks).
+        head_dim: ``d``; ``group_heads = Gd / d``.
+        dot_dtype: dtype of the kernel's dot operands (fp16 for fp16 queries, fp32 for fp32/bf16).
+        factored: True if ``R = kron(A, B)`` was found (always for ``G == 1``): the kernel's
+            factored path (``d*d`` MACs per key token and head); False: the dense path
+            (``G*d*d``), e.g. ``Gd = 192 = H_12 ⊗ H_16`` with ``d = 64``.
+        rtp: ``[Gd, Gd]`` in ``dot_dtype``, ``R^T`` with rows in plane order (dense path).
+        a: fp32 ``[G, G]``, the factor ``A`` (None when not factored).
+        btp: ``[d, d]`` in ``dot_dtype``, ``B^T`` with rows in plane order (None when not factored).
+    """
+
+    rotation: torch.Tensor
+    head_dim: int
+    dot_dtype: torch.dtype
+    factored: bool
+    rtp: torch.Tensor
+    a: torch.Tensor | None
+    btp: torch.Tensor | None
+
+    @property
+    def group_heads(self) -> int:
+        return self.rotation.shape[0] // self.head_dim
+
+    @property
+    def device(self) -> torch.device:
+        return self.rtp.device
+
+
+def prepare_rotation(rotation: torch.Tensor, head_dim: int, dot_dtype: torch.dtype) -> PreparedRotation:
+    """Precompute, on ``rotation``'s device, what :func:`decode_attention` needs of ``R``.
+
+    Detects a Kronecker factorisation ``R = kron(A, B)`` (``A [G, G]``, ``B [d, d]``; true for
+    Sylvester Hadamard rotations of power-of-two size, e.g. ``512 = H_4 ⊗ H_128``) by rebuilding
+    ``kron(A, B)`` and comparing with ``R`` (``1e-5`` relative to ``max|R|``); without one
+    (``192 = H_12 ⊗ H_16`` with ``d = 64``, learned rotations) the dense path is recorded in
+    ``factored``. Call once per layer and pass the result as ``rotation=`` to avoid per-call
+    host work (the check synchronises with the device).
+
+    Args:
+        rotation: ``[G*d, G*d]`` (any float dtype; used in fp32/fp64).
+        head_dim: ``d`` (even, divides the rotation size).
+        dot_dtype: the kernel's dot operand dtype, ``torch.float16`` for fp16 queries and
+            ``torch.float32`` for fp32/bf16 queries; the query dtype itself is accepted too
+            (bf16 maps to fp32).
+    """
+    if rotation.dim() != 2 or rotation.shape[0] != rotation.shape[1] or head_dim <= 0 or rotation.shape[0] % head_dim:
+        raise ValueError(f"rotation must be [G*d, G*d] with d={head_dim}, got {tuple(rotation.shape)}")
+    gd, d = rotation.shape[0], head_dim
+    dt = _dot_dtype(dot_dtype)
+    dev = rotation.device
+    r32 = rotation.detach().to(torch.float32).contiguous()
+    rtp = r32.T.index_select(0, _plane_order(gd, d, dev)).to(dt).contiguous()
+    ab = _kron_factors(r32, d) if d % _NPLANES == 0 else None
+    a = btp = None
+    if ab is not None:
+        a = ab[0].to(torch.float32).contiguous()
+        btp = ab[1].T.index_select(0, _plane_order(d, d, dev)).to(dt).contiguous()
+    return PreparedRotation(rotation=r32, head_dim=d, dot_dtype=dt, factored=ab is not None, rtp=rtp, a=a, btp=btp)
+
+
 def num_splits_for(batch: int, n_kv: int, T: int, block_t: int, device: torch.device) -> int:
     """Context splits so that ``batch * n_kv * splits`` programs fill about two per SM."""
     n_blocks = triton.cdiv(T, block_t)
@@ -527,7 +676,7 @@ def decode_attention(
     v_zero: torch.Tensor,
     pos: torch.Tensor,
     *,
-    rotation: torch.Tensor,
+    rotation: torch.Tensor | PreparedRotation,
     k_mean: torch.Tensor,
     k_gid: torch.Tensor,
     inv_freq: torch.Tensor,
@@ -544,6 +693,7 @@ def decode_attention(
     block_t: int = 64,
     num_warps: int = 4,
     hoist_rotation: bool | None = None,
+    factored: bool | None = None,
     backend: Backend = "auto",
 ) -> torch.Tensor:
     """Attention of one new query token per sequence over the packed cache (module docstring).
@@ -553,7 +703,9 @@ def decode_attention(
         k_codes: uint8 ``[B, n_hg, T, Gd*k_bits/8]``; k_scale, k_zero: fp16 ``[B, n_hg, T, Gd/k_group_size]``.
         v_codes: uint8 ``[B, n_kv, T, d*v_bits/8]``; v_scale, v_zero: fp16 ``[B, n_kv, T, d/v_group_size]``.
         pos: int32 ``[B, T]`` RoPE positions, -1 = empty slot.
-        rotation: fp32 ``[Gd, Gd]``; k_mean: fp32 ``[n_kv*d]``; k_gid: int32 ``[n_hg, Gd]``.
+        rotation: fp32 ``[Gd, Gd]``, or a :class:`PreparedRotation` of it (from
+            :func:`prepare_rotation` with this ``d``, the dot dtype of ``q`` and on ``q``'s
+            device) to skip the per-call preparation; k_mean: fp32 ``[n_kv*d]``; k_gid: int32 ``[n_hg, Gd]``.
         inv_freq: fp32 ``[d/2]``; attention_scaling: cos/sin factor; sm_scale: score factor.
         k_bits, v_bits: 2, 3 or 4; k_group_size, v_group_size: channels per group.
         fp_k, fp_v: ``[B, n_kv, F, d]`` full-precision segment (pre-RoPE keys, stored values);
@@ -561,13 +713,19 @@ def decode_attention(
         num_splits: context splits of the quantized tokens (None: about two programs per SM).
         block_t: tokens per inner step of the kernel (power of two >= 16).
         num_warps: warps per program of the main kernel.
-        hoist_rotation: keep the head's rotation tiles in registers across the token loop
-            (only valid for ``G == 1``; None: on for ``G == 1``).
+        hoist_rotation: legacy name of ``factored`` for ``G == 1`` (the factored path with
+            ``A = [[1]]`` keeps the head's rotation tiles in registers); True needs ``G == 1``.
+        factored: inverse rotation path: True the Kronecker-factored one (``d*d`` MACs per key
+            token and head; needs ``R = kron(A, B)``, else ValueError), False the dense one
+            (``G*d*d``), None: factored whenever the factorisation exists.
         backend: ``"auto"``, ``"triton"`` or ``"reference"`` (see ``_common``).
 
     Returns:
         ``[B, n_q, d]`` in ``q.dtype`` (rotated value space).
     """
+    prep = rotation if isinstance(rotation, PreparedRotation) else None
+    if prep is not None:
+        rotation = prep.rotation
     kw = dict(rotation=rotation, k_mean=k_mean, k_gid=k_gid, inv_freq=inv_freq,
               attention_scaling=attention_scaling, sm_scale=sm_scale, k_bits=k_bits, v_bits=v_bits,
               k_group_size=k_group_size, v_group_size=v_group_size, fp_k=fp_k, fp_v=fp_v, fp_pos=fp_pos)
@@ -582,7 +740,23 @@ def decode_attention(
         raise ValueError(f"block_t must be a power of two >= 16, got {block_t}")
     if hoist_rotation and G != 1:
         raise ValueError("hoist_rotation needs one head per rotation group (G == 1)")
+    if hoist_rotation is not None:
+        if factored is not None and factored != hoist_rotation:
+            raise ValueError("hoist_rotation and factored disagree")
+        factored = hoist_rotation
     dev = q.device
+    dot_dtype = _dot_dtype(q.dtype)
+    if prep is None:
+        prep = prepare_rotation(rotation.to(dev), d, dot_dtype)
+    elif prep.head_dim != d or prep.dot_dtype != dot_dtype or prep.device != dev:
+        raise ValueError(
+            f"PreparedRotation for d={prep.head_dim}, dot dtype {prep.dot_dtype} on {prep.device}; this call needs "
+            f"d={d}, {dot_dtype} (queries {q.dtype}) on {dev}"
+        )
+    if factored is None:
+        factored = prep.factored
+    elif factored and not prep.factored:
+        raise ValueError(f"factored=True needs a rotation of the form kron(A [{G}, {G}], B [{d}, {d}])")
     if num_splits is None:
         num_splits = num_splits_for(B, n_kv, T, block_t, dev)
     num_splits = min(max(num_splits, 1), triton.cdiv(T, block_t)) if T > 0 else 0
@@ -600,8 +774,6 @@ def decode_attention(
         last_dim_contig, (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, pos))
     f32 = dict(device=dev, dtype=torch.float32)
     plane_order = _plane_order(Gd, d, dev)
-    dot_dtype = torch.float16 if q.dtype == torch.float16 else torch.float32
-    rtp = rotation.to(**f32).T.index_select(0, plane_order).to(dot_dtype).contiguous()
     mean = k_mean.to(**f32).contiguous()
     gidp = k_gid.to(device=dev, dtype=torch.int32).index_select(1, plane_order).contiguous()
     freq = inv_freq.to(**f32).contiguous()
@@ -612,9 +784,10 @@ def decode_attention(
     o_part = torch.empty(B, n_q, n_parts, d, **f32)
     lse_part = torch.empty(B, n_q, n_parts, **f32)
     n_gk, n_gv = Gd // k_group_size, d // v_group_size
+    a, btp = (prep.a, prep.btp) if factored else (prep.rtp, prep.rtp)  # unused by the dense path
     _decode_kernel[(B, n_kv, n_parts)](
         qc, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, pos,
-        rtp, mean, gidp, freq, fk, fv, fpos, o_part, lse_part,
+        prep.rtp, a, btp, mean, gidp, freq, fk, fv, fpos, o_part, lse_part,
         qc.stride(0), qc.stride(1),
         *k_codes.stride()[:3], *k_scale.stride()[:3], *k_zero.stride()[:3],
         *v_codes.stride()[:3], *v_scale.stride()[:3], *v_zero.stride()[:3],
@@ -623,9 +796,9 @@ def decode_attention(
         D=d, G=G, REP=rep, QP=max(16, next_pow2(rep)),
         K_BITS=k_bits, V_BITS=v_bits, NGK=n_gk, NGK_PAD=max(16, next_pow2(n_gk)),
         GV=v_group_size, NGV=n_gv, NGV_PAD=max(16, next_pow2(n_gv)),
-        BLOCK_T=block_t, HAS_FP=has_fp, DOT_DTYPE=tl.float16 if q.dtype == torch.float16 else tl.float32,
+        BLOCK_T=block_t, HAS_FP=has_fp, DOT_DTYPE=tl.float16 if dot_dtype == torch.float16 else tl.float32,
         PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        USE_LIBDEVICE=not triton_interpreting(), HOIST_R=G == 1 if hoist_rotation is None else hoist_rotation,
+        USE_LIBDEVICE=not triton_interpreting(), KRON=bool(factored),
         num_warps=num_warps,
     )
     out = torch.empty(B, n_q, d, device=dev, dtype=q.dtype)

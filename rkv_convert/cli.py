@@ -225,5 +225,16 @@ def _clip_tables(checkpoint: Path, num_layers: int) -> dict[str, list[torch.Tens
         raise CheckpointError(f"{checkpoint} lacks per-bit clip tables ({err}); re-export it") from err
 
 
+def _register_subcommands() -> None:
+    """``rkv run`` and ``rkv inspect`` live beside the code they drive."""
+    from .inspect.cli import inspect_command
+    from .runtime.cli import run_command
+
+    app.command("run", help="Generate from an exported checkpoint with the packed rkv cache (streaming, then a summary).")(run_command)
+    app.command("inspect", help="Write PNG figures of key channels, massive activations, sink attention and quantization error.")(inspect_command)
+
+
+_register_subcommands()
+
 if __name__ == "__main__":
     app()

@@ -123,7 +123,7 @@ def rkv_attention(
         out = decode_attention(
             q_rot[:, :, 0],
             qd["k_codes"], qd["k_scale"], qd["k_zero"], qd["v_codes"], qd["v_scale"], qd["v_zero"], qd["pos"],
-            rotation=codec.rotation, k_mean=codec.k_mean, k_gid=codec.k_gid,
+            rotation=codec.prepared_rotation(query.dtype), k_mean=codec.k_mean, k_gid=codec.k_gid,
             inv_freq=cache.inv_freq, attention_scaling=cache.attention_scaling, sm_scale=module.scaling,
             k_bits=codec.bits, v_bits=codec.bits,
             k_group_size=codec.key_group_size, v_group_size=codec.value_group_size,

@@ -37,12 +37,13 @@ always empty: writes that must go nowhere land there, so no step needs a host sy
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..export.format import Checkpoint, LayerTensors, RkvConfig
+from ..kernels.decode_attention import PreparedRotation, prepare_rotation
 from ..kernels.quantize_pack import group_ids_from_perm, quantize_pack
 from ..quant.packing import packed_width
 
@@ -86,6 +87,13 @@ class LayerCodec:
     value_clip: float
     sink_channels: torch.Tensor  # int64 [s]
     sink_threshold: float
+    _prepared: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def prepared_rotation(self, query_dtype: torch.dtype) -> PreparedRotation:
+        """The rotation as the decode kernel wants it for ``query_dtype`` queries (prepared once)."""
+        if query_dtype not in self._prepared:
+            self._prepared[query_dtype] = prepare_rotation(self.rotation, self.head_dim, query_dtype)
+        return self._prepared[query_dtype]
 
     @property
     def group_channels(self) -> int:

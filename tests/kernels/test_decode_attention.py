@@ -14,9 +14,16 @@ import torch
 from _cache_factory import Case, make_case, on_device
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
-from rkv_convert.kernels.decode_attention import decode_attention, decode_attention_ref
+from rkv_convert.kernels.decode_attention import (
+    PreparedRotation,
+    _plane_order,
+    decode_attention,
+    decode_attention_ref,
+    prepare_rotation,
+)
 from rkv_convert.kernels.quantize_pack import perm_from_group_ids
 from rkv_convert.quant.codec import rotate_groups
+from rkv_convert.quant.hadamard import hadamard_matrix
 from rkv_convert.quant.packing import unpack_codes
 from rkv_convert.quant.quantizer import QuantizedTensor, dequantize
 
@@ -149,6 +156,88 @@ def test_no_valid_token_gives_zeros() -> None:
     ref = decode_attention_ref(c.q, *c.cache, **c.kw)
     assert torch.equal(out[1], torch.zeros_like(out[1]))
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
+
+
+# Kronecker-factored inverse rotation (Sylvester rotations R = H_G ⊗ H_d): bits 2/3/4, with and
+# without the fp segment, GQA and MHA, one and several key groups.
+KRON_CASES = {
+    "g2-d64-b2-mha-nofp": dict(B=2, n_kv=4, rep=1, d=64, G=2, T=40, F=0, k_bits=2, v_bits=2, g_k=64, g_v=32),
+    "g4-d64-b3-gqa2-fp": dict(B=1, n_kv=4, rep=2, d=64, G=4, T=50, F=3, k_bits=3, v_bits=2, g_k=64, g_v=32),
+    "g2-d128-b4-gqa3-fp": dict(B=2, n_kv=2, rep=3, d=128, G=2, T=45, F=3, k_bits=4, v_bits=4, g_k=128, g_v=64),
+    "g4-d128-b2-mha-fp": dict(B=1, n_kv=4, rep=1, d=128, G=4, T=40, F=2, k_bits=2, v_bits=3, g_k=128, g_v=64),
+    "g4-d128-b3-gqa2-nofp-1group": dict(B=1, n_kv=4, rep=2, d=128, G=4, T=60, F=0, k_bits=3, v_bits=2, g_k=512,
+                                        g_v=128),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("name", list(KRON_CASES))
+def test_factored_rotation_matches_reference(name: str, dtype: torch.dtype) -> None:
+    cfg = KRON_CASES[name]
+    c = make_case(dtype=dtype, **cfg)
+    assert prepare_rotation(c.kw["rotation"], cfg["d"], dtype).factored
+    _check(c, _run(c, factored=True))  # factored=True raises if the rotation has no factorisation
+
+
+@pytest.mark.parametrize("n,d,factored", [(512, 128, True), (256, 64, True), (128, 64, True), (64, 64, True),
+                                          (192, 64, False), (384, 128, False)])
+def test_prepare_rotation_detects_kronecker_factors(n: int, d: int, factored: bool) -> None:
+    r = hadamard_matrix(n)
+    prep = prepare_rotation(r, d, torch.float32)
+    assert isinstance(prep, PreparedRotation) and prep.factored is factored
+    assert prep.head_dim == d and prep.group_heads == n // d and prep.dot_dtype == torch.float32
+    order = _plane_order(n, d, r.device)
+    torch.testing.assert_close(prep.rtp[torch.argsort(order)], r.T, atol=0, rtol=0)  # plane-ordered R^T
+    if not factored:  # e.g. 192 = H_12 ⊗ H_16 is not H_3 ⊗ H_64: the dense path (tested in CASES)
+        assert prep.a is None and prep.btp is None
+        return
+    G = n // d
+    assert prep.a.shape == (G, G) and prep.a.dtype == torch.float32 and prep.btp.shape == (d, d)
+    b = prep.btp[torch.argsort(_plane_order(d, d, r.device))].T.contiguous()  # undo the plane order of B^T
+    torch.testing.assert_close(torch.kron(prep.a, b), r, atol=1e-6, rtol=0)
+    torch.testing.assert_close(prep.a @ prep.a.T, torch.eye(G), atol=1e-6, rtol=0)  # orthonormal factors
+    half = prepare_rotation(r, d, torch.float16)
+    assert half.factored and half.btp.dtype == torch.float16 and half.rtp.dtype == torch.float16
+    assert prepare_rotation(r, d, torch.bfloat16).dot_dtype == torch.float32  # bf16 queries: tf32 dots
+
+
+def test_prepare_rotation_rejects_non_kronecker() -> None:
+    q, _ = torch.linalg.qr(torch.randn(128, 128, dtype=torch.float64))
+    assert not prepare_rotation(q.float(), 64, torch.float32).factored  # a generic rotation
+    r = hadamard_matrix(256)
+    r[0, 0] += 1e-3  # one perturbed entry breaks kron(A, B)
+    assert not prepare_rotation(r, 64, torch.float32).factored
+    with pytest.raises(ValueError):
+        prepare_rotation(hadamard_matrix(192), 128, torch.float32)  # 128 does not divide 192
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 2e-5), (torch.float16, 3e-3)])
+def test_factored_and_dense_paths_agree(dtype: torch.dtype, atol: float) -> None:
+    c = make_case(B=1, n_kv=4, rep=2, d=128, G=4, T=40, F=2, k_bits=3, v_bits=2, g_k=128, g_v=64, dtype=dtype)
+    fac, dense = _run(c, factored=True), _run(c, factored=False)
+    torch.testing.assert_close(fac.float(), dense.float(), atol=atol, rtol=0)
+    _check(c, dense)
+
+
+@pytest.mark.parametrize("G", [1, 2, 3])
+def test_prepared_rotation_equals_raw(G: int) -> None:
+    c = make_case(B=2, n_kv=2 * G, rep=2, d=64, G=G, T=40, F=2, k_bits=2, g_k=64, dtype=torch.float16)
+    prep = prepare_rotation(on_device(c.kw["rotation"]), 64, torch.float16)
+    assert prep.factored is (G != 3)
+    raw = _run(c)
+    assert torch.equal(_run(c, rotation=prep), raw)
+    kw = {**c.kw, "rotation": prep}
+    ref = decode_attention(c.q, *c.cache, backend="reference", **kw)  # the reference takes it too
+    torch.testing.assert_close(ref, decode_attention_ref(c.q, *c.cache, **c.kw), atol=0, rtol=0)
+    with pytest.raises(ValueError):  # prepared for fp16 queries, called with fp32 ones
+        _run(Case(c.q.float(), c.cache, c.kw), rotation=prep)
+    if G == 3:
+        with pytest.raises(ValueError):
+            _run(c, rotation=prep, factored=True)
+    if G == 1:
+        assert torch.equal(_run(c, hoist_rotation=True), raw)  # legacy name of the factored path
+        with pytest.raises(ValueError):
+            _run(c, hoist_rotation=True, factored=False)
 
 
 GPU_CASES = {
