@@ -156,16 +156,20 @@ def run(args: argparse.Namespace) -> list[dict[str, object]]:
 
 
 def tune(args: argparse.Namespace) -> list[dict[str, object]]:
-    """Tokens per inner step and warps of the kernel at one mid-size shape (informs the defaults)."""
+    """Tokens per inner step, warps and key-group expansion at one mid-size shape (informs the defaults)."""
     n_q, n_kv, d = SHAPES[args.shapes[0]]
     B, T = args.tune_batch, args.tune_context
     k = torch.randn(B, n_kv, T, d, dtype=torch.float16, device=DEVICE)
     layer = PackedLayer(k, torch.randn_like(k), args.bits, args.key_group, args.value_group, math.gcd(n_kv, args.head_group))
     q = torch.randn(B, n_q, d, dtype=torch.float16, device=DEVICE)
     rows = []
-    for block_t, warps in args.tune:
-        ms = bench_ms(lambda: layer.attend(q, T, block_t=block_t, num_warps=warps))[0]
-        rows.append({"shape": args.shapes[0], "batch": B, "context": T, "block_t": block_t, "num_warps": warps, "rkv_ms": ms})
+    for block_t, warps, *stages in args.tune:
+        for select in (True, False):
+            kw = dict(block_t=block_t, num_warps=warps, group_select=select, num_stages=stages[0] if stages else None)
+            ms = bench_ms(lambda: layer.attend(q, T, **kw))[0]
+            rows.append({"shape": args.shapes[0], "batch": B, "context": T, "block_t": block_t, "num_warps": warps,
+                         "num_stages": stages[0] if stages else "default",
+                         "key_groups": "select" if select else "one-hot dot", "rkv_ms": ms})  # fmt: skip
     return rows
 
 
@@ -182,7 +186,7 @@ def main() -> None:
                    help="also time the dense inverse rotation (G*d*d MACs per key) beside the factored one (d*d)")
     p.add_argument("--memory-fraction", type=float, default=0.8, help="share of free GPU memory a row may use")
     p.add_argument("--tune", type=lambda s: tuple(int(x) for x in s.split("x")), nargs="*", default=[],
-                   help="block_t x num_warps pairs to time at --tune-batch/--tune-context, e.g. 32x4 64x4 128x8")
+                   help="block_t x num_warps [x num_stages] to time at --tune-batch/--tune-context, e.g. 32x4 64x4x2 128x8")
     p.add_argument("--tune-batch", type=int, default=8)
     p.add_argument("--tune-context", type=int, default=16384)
     p.add_argument("--csv", type=Path, default=None)

@@ -11,7 +11,9 @@ wall time row), its value rotation fused, and then:
   (``stream_generate``: packed cache, Triton kernels) at the same batch;
 - **largest batch**: for each, the largest batch whose job fits in GPU memory (a linear fit of
   peak memory over two batches, then checked by running it, stepping down on OOM), and the decode
-  tokens/s there.
+  tokens/s there. rkv sizes its cache for the whole job at prefill, so its peak is reached
+  there; at its largest batch only the first ``--largest-timed-tokens`` new tokens are timed
+  (fp16's cache grows to the end, so its job runs in full).
 
 rkv prefills in slices of ``--prefill-batch`` sequences (``stream_generate(prefill_batch=)``);
 transformers prefills the whole batch in one forward, as ``generate`` does.
@@ -79,15 +81,23 @@ def run_hf(model, batch: int, prompt: int, new: int, vocab: int) -> dict[str, fl
     return {"prefill_tok_s": batch * prompt / prefill, "decode_tok_s": batch * (new - 1) / decode, "peak_bytes": _peak()}
 
 
-def run_rkv(rkv: RkvModel, batch: int, prompt: int, new: int, vocab: int, prefill_batch: int) -> dict[str, float]:
+def run_rkv(
+    rkv: RkvModel, batch: int, prompt: int, new: int, vocab: int, prefill_batch: int, timed_tokens: int | None = None
+) -> dict[str, float]:
+    """One job; ``timed_tokens`` stops after that many new tokens (the cache is still sized for ``new``)."""
     ids = torch.randint(0, vocab, (batch, prompt), device=DEVICE)
     _peak_reset()
     stats = GenerationStats()
-    for _ in stream_generate(rkv, ids, max_new_tokens=new, sampling=SamplingOptions(temperature=0), stats=stats,
-                             prefill_batch=prefill_batch):  # fmt: skip
-        pass
-    peak = _peak()
-    rkv.last_cache = None
+    try:
+        gen = stream_generate(rkv, ids, max_new_tokens=new, sampling=SamplingOptions(temperature=0), stats=stats,
+                              prefill_batch=prefill_batch)  # fmt: skip
+        for i, _ in enumerate(gen):
+            if timed_tokens is not None and i + 1 >= timed_tokens:
+                break
+        gen.close()
+        peak = _peak()
+    finally:
+        rkv.last_cache = None
     return {"prefill_tok_s": stats.prefill_tokens_per_second, "decode_tok_s": stats.decode_tokens_per_second,
             "peak_bytes": peak, "kv_bytes": stats.kv_bytes, "bits_per_elem": stats.bits_per_element}  # fmt: skip
 
@@ -126,7 +136,7 @@ def main() -> None:
     p.add_argument("--kv-heads", type=int, default=32)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--prompt", type=int, default=4096)
-    p.add_argument("--new", type=int, default=256)
+    p.add_argument("--new", type=int, default=128)
     p.add_argument("--equal-batch", type=int, default=8, help="batch of the side-by-side rows (and first probe)")
     p.add_argument("--bits", type=int, default=2)
     p.add_argument("--head-group", type=int, default=4)
@@ -136,7 +146,9 @@ def main() -> None:
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-seqlen", type=int, default=512)
     p.add_argument("--max-batch/--no-max-batch", dest="max_batch", default=True, action=argparse.BooleanOptionalAction)
-    p.add_argument("--memory-limit", type=float, default=0.97, help="share of total GPU memory a job may peak at")
+    p.add_argument("--largest-timed-tokens", type=int, default=33,
+                   help="rkv at its largest batch: new tokens timed (its cache is still sized for --new; peak is reached at prefill)")
+    p.add_argument("--memory-limit", type=float, default=0.95, help="share of total GPU memory a job may peak at")
     p.add_argument("--csv", type=Path, default=None)
     p.add_argument("--markdown", type=Path, default=None)
     args = p.parse_args()
@@ -188,7 +200,8 @@ def main() -> None:
         print("largest batch, fp16:", flush=True)
         hb, hr = largest_batch(lambda b: run_hf(model, b, *job), (b1, b2), hf, limit)
         print("largest batch, rkv:", flush=True)
-        rb, rr = largest_batch(lambda b: run_rkv(rkv, b, *job, args.prefill_batch), (b1, b2), ours, limit)
+        rb, rr = largest_batch(lambda b: run_rkv(rkv, b, *job, args.prefill_batch, args.largest_timed_tokens),
+                               (b1, b2), ours, limit)  # fmt: skip
         for name, b, r in (("hf-fp16", hb, hr), ("rkv", rb, rr)):
             rows.append({**base, "impl": name, "case": "largest batch", "batch": b, "prefill_tok_s": r["prefill_tok_s"],
                          "decode_tok_s": r["decode_tok_s"], "peak_GiB": r["peak_bytes"] / 2**30,

@@ -290,6 +290,27 @@ def _expand_groups(sz_row, tmask, onehot, NG: tl.constexpr, NG_PAD: tl.constexpr
 
 
 @triton.jit
+def _group_rows(sz_row, tmask, NG: tl.constexpr):
+    """The first four per-group fp16 values of each token row ``[BLOCK_T]`` (columns past ``NG`` repeat the last)."""
+    s0 = tl.load(sz_row, mask=tmask, other=0.0).to(tl.float32)
+    s1 = tl.load(sz_row + min(1, NG - 1), mask=tmask, other=0.0).to(tl.float32)
+    s2 = tl.load(sz_row + min(2, NG - 1), mask=tmask, other=0.0).to(tl.float32)
+    s3 = tl.load(sz_row + min(3, NG - 1), mask=tmask, other=0.0).to(tl.float32)
+    return s0, s1, s2, s3
+
+
+@triton.jit
+def _select_groups(gid, s0, s1, s2, s3, NG: tl.constexpr):
+    """Per-channel ``[BLOCK_T, PW]`` values ``s_{gid[c]}`` for up to four groups: a chain of selects (exact)."""
+    out = tl.where(gid[None, :] == 0, s0[:, None], s1[:, None])
+    if NG > 2:
+        out = tl.where(gid[None, :] == 2, s2[:, None], out)
+    if NG > 3:
+        out = tl.where(gid[None, :] == 3, s3[:, None], out)
+    return out
+
+
+@triton.jit
 def _cos_sin(ang, USE_LIBDEVICE: tl.constexpr):
     """cos/sin of fp32 angles: Cody-Waite reduction to [-pi, pi], then the fast hardware unit."""
     kq = (ang * 0.15915493667125702 + 12582912.0) - 12582912.0  # round(ang / 2pi), |ang| < 2**22
@@ -347,7 +368,7 @@ def _decode_kernel(
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, NGK: tl.constexpr, NGK_PAD: tl.constexpr,
     GV: tl.constexpr, NGV: tl.constexpr, NGV_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr, HAS_FP: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
-    USE_LIBDEVICE: tl.constexpr, KRON: tl.constexpr,
+    USE_LIBDEVICE: tl.constexpr, KRON: tl.constexpr, SELECT_K: tl.constexpr,
 ):
     """Grid ``(B, n_kv, n_parts)``; writes fp32 partial outputs and log2-sum-exp per part.
 
@@ -421,6 +442,9 @@ def _decode_kernel(
         k_lo = tl.zeros((BLOCK_T, HALF), tl.float32)
         k_hi = tl.zeros((BLOCK_T, HALF), tl.float32)
         krow = kc_base + tt * s_kct
+        if SELECT_K:  # two to four key groups: per-token rows loaded once, expanded by selects
+            ks0, ks1, ks2, ks3 = _group_rows(ks_base + tt * s_kst, tmask, NGK)
+            kz0, kz1, kz2, kz3 = _group_rows(kz_base + tt * s_kzt, tmask, NGK)
         for g in tl.static_range(G):
             lo0 = g * D * K_LOB // 8
             hi0 = GD // 4 + g * D // 8
@@ -431,12 +455,17 @@ def _decode_kernel(
             for j in tl.static_range(4):
                 prow = g * D + j * PW + ii  # plane-ordered input channels
                 codes = _plane_codes(krow, tmask, ii, j, lo0, hi0, blo, bhi, K_BITS)
-                if NGK == 1:
-                    onehot = gk
+                if SELECT_K:
+                    gidv = tl.load(gidp_ptr + hg * GD + prow)
+                    sc = _select_groups(gidv, ks0, ks1, ks2, ks3, NGK)
+                    zc = _select_groups(gidv, kz0, kz1, kz2, kz3, NGK)
                 else:
-                    onehot = (tl.load(gidp_ptr + hg * GD + prow)[None, :] == gk[:, None]).to(tl.float16)
-                sc = _expand_groups(ks_base + tt * s_kst, tmask, onehot, NGK, NGK_PAD, PW)
-                zc = _expand_groups(kz_base + tt * s_kzt, tmask, onehot, NGK, NGK_PAD, PW)
+                    if NGK == 1:
+                        onehot = gk
+                    else:
+                        onehot = (tl.load(gidp_ptr + hg * GD + prow)[None, :] == gk[:, None]).to(tl.float16)
+                    sc = _expand_groups(ks_base + tt * s_kst, tmask, onehot, NGK, NGK_PAD, PW)
+                    zc = _expand_groups(kz_base + tt * s_kzt, tmask, onehot, NGK, NGK_PAD, PW)
                 y = codes.to(tl.float32) * sc + zc
                 if KRON:
                     if G > 1:
@@ -690,10 +719,12 @@ def decode_attention(
     fp_v: torch.Tensor | None = None,
     fp_pos: torch.Tensor | None = None,
     num_splits: int | None = None,
-    block_t: int = 64,
+    block_t: int = 32,
     num_warps: int = 4,
+    num_stages: int | None = 1,
     hoist_rotation: bool | None = None,
     factored: bool | None = None,
+    group_select: bool | None = None,
     backend: Backend = "auto",
 ) -> torch.Tensor:
     """Attention of one new query token per sequence over the packed cache (module docstring).
@@ -713,11 +744,19 @@ def decode_attention(
         num_splits: context splits of the quantized tokens (None: about two programs per SM).
         block_t: tokens per inner step of the kernel (power of two >= 16).
         num_warps: warps per program of the main kernel.
+        num_stages: software-pipelining stages of its token loop (None: Triton's default).
+            The defaults (32 tokens, 4 warps, 1 stage) were the fastest of the configurations
+            timed on an H100 (docs/benchmarks.md).
         hoist_rotation: legacy name of ``factored`` for ``G == 1`` (the factored path with
             ``A = [[1]]`` keeps the head's rotation tiles in registers); True needs ``G == 1``.
         factored: inverse rotation path: True the Kronecker-factored one (``d*d`` MACs per key
             token and head; needs ``R = kron(A, B)``, else ValueError), False the dense one
             (``G*d*d``), None: factored whenever the factorisation exists.
+        group_select: how per-group key scales/zeros reach each channel when a head group has
+            two to four key groups: True a chain of selects on the channel's group id, False an
+            exact one-hot ``tl.dot``; None: the one-hot dot (both exact; on an H100 the selects
+            were 1.5-2.9x slower, ``benchmarks/bench_decode_attention.py --tune``). Other group
+            counts: broadcast (one) or one-hot.
         backend: ``"auto"``, ``"triton"`` or ``"reference"`` (see ``_common``).
 
     Returns:
@@ -799,7 +838,8 @@ def decode_attention(
         BLOCK_T=block_t, HAS_FP=has_fp, DOT_DTYPE=tl.float16 if dot_dtype == torch.float16 else tl.float32,
         PREC="ieee" if q.dtype == torch.float32 else "tf32",
         USE_LIBDEVICE=not triton_interpreting(), KRON=bool(factored),
-        num_warps=num_warps,
+        SELECT_K=(2 <= n_gk <= 4) and bool(group_select),
+        num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}),
     )
     out = torch.empty(B, n_q, d, device=dev, dtype=q.dtype)
     _merge_kernel[(B * n_q,)](o_part, lse_part, out, n_parts, D=d, P_PAD=max(2, next_pow2(n_parts)))

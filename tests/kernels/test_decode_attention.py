@@ -258,3 +258,13 @@ GPU_PARAMS = [(name, torch.float16) for name in GPU_CASES] + [
 def test_gpu_large(name: str, dtype: torch.dtype) -> None:
     c = make_case(dtype=dtype, **GPU_CASES[name])
     _check(c, _run(c))
+
+
+@pytest.mark.parametrize("G,d,g_k", [(3, 64, 64), (4, 64, 64), (2, 128, 128), (1, 128, 64)])
+def test_group_select_equals_one_hot_and_reference(G: int, d: int, g_k: int) -> None:
+    """Two to four key groups: the select chain and the one-hot dot expand the same exact values."""
+    c = make_case(B=2, n_kv=G, rep=2, d=d, G=G, T=45, F=3, g_k=g_k, k_bits=2, v_bits=3)
+    selected = _run(c, group_select=True)
+    one_hot = _run(c, group_select=False)
+    _check(c, selected)
+    torch.testing.assert_close(selected, one_hot, rtol=0, atol=1e-6)

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Every benchmark of docs/benchmarks.md in one run, on one CUDA GPU:
+#   bash benchmarks/run_all.sh [OUT]      (OUT: folder for the CSVs and Markdown tables, default benchmarks/results)
+# CSV rows carry GPU name, date and versions; rerunning appends.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT="${1:-benchmarks/results}"
+PY="${PYTHON:-python3}"
+mkdir -p "$OUT"
+"$PY" benchmarks/bench_decode_attention.py --no-compare-dense --tune 16x4x1 32x4x1 32x8x1 64x4x1 32x4 \
+    --csv "$OUT/decode_attention.csv" --markdown "$OUT/decode_attention.md"
+"$PY" benchmarks/bench_quantize_pack.py --csv "$OUT/quantize_pack.csv" --markdown "$OUT/quantize_pack.md"
+"$PY" benchmarks/bench_end_to_end.py --csv "$OUT/end_to_end.csv" --markdown "$OUT/end_to_end.md"
