@@ -24,6 +24,7 @@ transformers prefills the whole batch in one forward, as ``generate`` does.
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import time
 from collections.abc import Callable
@@ -103,11 +104,15 @@ def run_rkv(
 
 
 def _try(fn, *args) -> dict[str, float] | None:
+    """``fn(*args)``, or None when it runs out of GPU memory (its tensors freed before the next try)."""
     try:
         return fn(*args)
     except torch.OutOfMemoryError:
+        failed = True
+    if failed:  # outside the except block: the traceback's frames (and their tensors) are gone
+        gc.collect()
         torch.cuda.empty_cache()
-        return None
+    return None
 
 
 def largest_batch(job: Callable[[int], dict], probe: tuple[int, int], results: dict[int, dict], limit: int) -> tuple[int, dict]:
