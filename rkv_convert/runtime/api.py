@@ -44,12 +44,15 @@ def load(
     recent_window: int | None = None,
     flush_block: int | None = None,
     max_sinks: int | None = None,
+    device_map: str | dict | None = None,
 ) -> RkvModel:
     """Load an rkv checkpoint folder (written by ``rkv export``) as an :class:`RkvModel`.
 
     ``recent_window``, ``flush_block`` and ``max_sinks`` override the checkpoint's cache settings.
     ``backend`` picks the packed-cache ops: ``"auto"`` (Triton on CUDA, reference on CPU),
-    ``"triton"`` or ``"reference"``.
+    ``"triton"`` or ``"reference"``. ``device_map`` (e.g. ``"auto"``, needs accelerate) places the
+    model with transformers across devices instead of moving it to ``device``; each layer's cache
+    then lives on that layer's device.
     """
     if str(path) in BUILTIN_MODELS:
         raise CheckpointError(
@@ -59,7 +62,10 @@ def load(
     checkpoint = read_checkpoint(path)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dt).to(dev).eval()
+    if device_map is not None:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dt, device_map=device_map).eval()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dt).to(dev).eval()
     tokenizer = None
     folder = Path(path)
     if any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):

@@ -124,7 +124,7 @@ def rkv_attention(
             q_rot[:, :, 0],
             qd["k_codes"], qd["k_scale"], qd["k_zero"], qd["v_codes"], qd["v_scale"], qd["v_zero"], qd["pos"],
             rotation=codec.prepared_rotation(query.dtype), k_mean=codec.k_mean, k_gid=codec.k_gid,
-            inv_freq=cache.inv_freq, attention_scaling=cache.attention_scaling, sm_scale=module.scaling,
+            inv_freq=cache.inv_freq_on(key.device), attention_scaling=cache.attention_scaling, sm_scale=module.scaling,
             k_bits=codec.bits, v_bits=codec.bits,
             k_group_size=codec.key_group_size, v_group_size=codec.value_group_size,
             fp_k=fp["fp_k"], fp_v=fp["fp_v"], fp_pos=fp["fp_pos"], backend=layer.backend,
@@ -139,7 +139,7 @@ def rkv_attention(
     values = torch.cat([values, value.float()], dim=2)
     k_pos = torch.cat([k_pos, new_pos.to(k_pos.dtype)], dim=1)
     out = attend_reference(
-        q_rot, keys, values, k_pos, cache.inv_freq, cache.attention_scaling, module.scaling, q_pos=pos
+        q_rot, keys, values, k_pos, cache.inv_freq_on(key.device), cache.attention_scaling, module.scaling, q_pos=pos
     )
     layer.append(key, value, pos, valid, sinks)
     layer.flush()

@@ -450,6 +450,18 @@ class RkvCacheLayer(CacheLayerMixin):
         return self.n_sinks.clone() if self.is_initialized else torch.zeros(0, dtype=torch.int64)
 
 
+def _layer_devices(model: torch.nn.Module, default: torch.device) -> list[torch.device]:
+    """The device of each decoder layer's parameters (several with ``device_map="auto"``)."""
+    layers = getattr(getattr(model, "model", model), "layers", None)
+    if layers is None:
+        return [default]
+    devices = []
+    for layer in layers:
+        param = next(layer.parameters(), None)
+        devices.append(param.device if param is not None else default)
+    return devices or [default]
+
+
 class RkvCache(Cache):
     """A ``Cache`` of :class:`RkvCacheLayer`, one per decoder layer, plus the model's RoPE table."""
 
@@ -465,6 +477,7 @@ class RkvCache(Cache):
         self.settings = settings
         self.inv_freq = inv_freq.float()
         self.attention_scaling = float(attention_scaling)
+        self._inv_freq_by_device: dict[torch.device, torch.Tensor] = {self.inv_freq.device: self.inv_freq}
         self.backend = backend
 
     @classmethod
@@ -483,12 +496,21 @@ class RkvCache(Cache):
         rope_type = getattr(rotary, "rope_type", "default")
         if rope_type in ("dynamic", "longrope"):
             raise ValueError(f"rope type {rope_type!r} changes its frequencies with the length; rkv supports static RoPE only")
-        device = rotary.inv_freq.device
-        codecs = [LayerCodec.from_checkpoint(config, checkpoint.key_rotation, layer, device) for layer in checkpoint.layers]
+        devices = _layer_devices(model, rotary.inv_freq.device)
+        codecs = [
+            LayerCodec.from_checkpoint(config, checkpoint.key_rotation, layer, devices[i] if i < len(devices) else devices[-1])
+            for i, layer in enumerate(checkpoint.layers)
+        ]
         if len(codecs) != model.config.num_hidden_layers:
             raise ValueError(f"checkpoint has {len(codecs)} layers, the model {model.config.num_hidden_layers}")
         settings = settings or CacheSettings.from_config(config)
         return cls(codecs, settings, rotary.inv_freq, float(getattr(rotary, "attention_scaling", 1.0)), backend)
+
+    def inv_freq_on(self, device: torch.device) -> torch.Tensor:
+        """The RoPE frequencies on ``device`` (layers of a model split across GPUs live on several)."""
+        if device not in self._inv_freq_by_device:
+            self._inv_freq_by_device[device] = self.inv_freq.to(device)
+        return self._inv_freq_by_device[device]
 
     def reserve(self, tokens: int) -> "RkvCache":
         """Size every layer's store for ``tokens`` slots when it is allocated (no doubling on the way)."""

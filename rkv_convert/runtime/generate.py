@@ -200,7 +200,7 @@ def stream_generate(
         _sync(device)
         start = time.perf_counter()
         logits = _prefill(rkv_model, model, cache, ids, mask, positions, t + max_new_tokens, prefill_batch)
-        token = sample_next(logits, sampling, generator)
+        token = sample_next(logits.to(device), sampling, generator)
         _sync(device)
         stats.prefill_seconds = time.perf_counter() - start
         for step in range(max_new_tokens):
@@ -216,7 +216,7 @@ def stream_generate(
             out = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos[:, None],
                         past_key_values=cache, use_cache=True)  # fmt: skip
             next_pos = next_pos + 1
-            token = sample_next(out.logits[:, -1], sampling, generator)
+            token = sample_next(out.logits[:, -1].to(device), sampling, generator)  # lm_head may sit on another GPU
             _sync(device)
             stats.decode_seconds += time.perf_counter() - start
     _fill_cache_stats(stats, cache)

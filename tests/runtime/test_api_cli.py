@@ -113,3 +113,18 @@ def test_builtin_name_and_bad_folder_explain_what_to_do(tmp_path) -> None:
     assert result.exit_code == 1 and "rkv export" in result.output
     with pytest.raises(CheckpointError, match="rkv calibrate"):
         rkv_convert.load("smollm2-135m")
+
+
+def test_device_map_load_generates_like_a_plain_load(folder) -> None:
+    """``device_map`` goes through transformers/accelerate placement; each cache layer follows its layer."""
+    plain = rkv_convert.load(folder, device="cpu", backend="reference")
+    mapped = rkv_convert.load(folder, device_map={"": "cpu"}, backend="reference")
+    ids = torch.randint(3, 98, (2, 30))
+    greedy = SamplingOptions(temperature=0)
+    a = torch.stack(list(stream_generate(plain, ids, max_new_tokens=6, sampling=greedy)), 1)
+    b = torch.stack(list(stream_generate(mapped, ids, max_new_tokens=6, sampling=greedy)), 1)
+    assert torch.equal(a, b)
+    layers = mapped.model.model.layers
+    for layer, cache_layer in zip(layers, mapped.last_cache.layers, strict=True):
+        assert cache_layer.codec.k_mean.device == next(layer.parameters()).device
+        assert cache_layer.k_codes.device == next(layer.parameters()).device
