@@ -134,6 +134,7 @@ class GenerationStats:
     new_tokens: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    first_decode_seconds: float = 0.0  # the first decode step alone (on CUDA it compiles the kernels)
     kv_bytes: int = 0
     kv_bytes_allocated: int = 0
     fp16_equivalent_bytes: int = 0
@@ -149,6 +150,13 @@ class GenerationStats:
         """Generated tokens (after the first, which prefill produces) per second of decode steps."""
         steps = max(self.new_tokens - 1, 0)
         return self.batch * steps / self.decode_seconds if self.decode_seconds else 0.0
+
+    @property
+    def steady_decode_tokens_per_second(self) -> float:
+        """Like :attr:`decode_tokens_per_second`, without the first decode step (one-time kernel compilation)."""
+        steps = max(self.new_tokens - 2, 0)
+        rest = self.decode_seconds - self.first_decode_seconds
+        return self.batch * steps / rest if steps and rest > 0 else self.decode_tokens_per_second
 
     @property
     def compression(self) -> float:
@@ -218,7 +226,10 @@ def stream_generate(
             next_pos = next_pos + 1
             token = sample_next(out.logits[:, -1].to(device), sampling, generator)  # lm_head may sit on another GPU
             _sync(device)
-            stats.decode_seconds += time.perf_counter() - start
+            elapsed = time.perf_counter() - start
+            stats.decode_seconds += elapsed
+            if step == 0:
+                stats.first_decode_seconds = elapsed
     _fill_cache_stats(stats, cache)
     stats.sinks_per_layer = [float(layer.sink_counts().float().mean()) for layer in cache.layers if layer.is_initialized]
 

@@ -36,6 +36,7 @@ def test_load_generate_and_stream_agree(folder) -> None:
     assert stats.kv_bytes == rkv.last_cache.bytes_used() == hf_cache.bytes_used()
     assert stats.fp16_equivalent_bytes == 2 * 2 * 39 * 2 * 2 * 64 * 2  # layers, B, slots, K+V, n_kv, d, bytes
     assert stats.decode_tokens_per_second > 0 and stats.prefill_tokens_per_second > 0
+    assert 0 < stats.first_decode_seconds < stats.decode_seconds and stats.steady_decode_tokens_per_second > 0
 
 
 def test_micro_batched_prefill_builds_the_same_cache(folder) -> None:
