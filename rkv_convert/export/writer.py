@@ -51,19 +51,13 @@ def _probe_logits(model: torch.nn.Module, seed: int = 0) -> torch.Tensor:
         return model(ids.to(next(model.parameters()).device), use_cache=False).logits.float().cpu()
 
 
-def checkpoint_from_artifact(
-    artifact: CalibrationArtifact, bits: int = 2, recent_window: int = 128, flush_block: int = 64, max_sinks: int = 8
-) -> Checkpoint:
-    """The in-memory checkpoint that exporting ``artifact`` at ``bits`` describes (nothing fused or written).
-
-    For benchmarks and tools that keep the model in memory: fuse ``artifact.value_rotation`` into
-    the model with :func:`~rkv_convert.export.fuse.fuse_value_rotation` before running it.
-    """
+def _config_for(artifact: CalibrationArtifact, bits: int, recent_window: int, flush_block: int, max_sinks: int) -> RkvConfig:
+    """The ``config.json["rkv"]`` section that exporting ``artifact`` at ``bits`` writes."""
     if bits not in SUPPORTED_BITS:
         raise CheckpointError(f"--bits must be one of {SUPPORTED_BITS}, got {bits}")
     opts = artifact.meta["options"]
     shape = artifact.meta["model"]
-    config = RkvConfig(
+    return RkvConfig(
         bits=bits,
         key_group_size=opts["key_group_size"],
         value_group_size=opts["value_group_size"],
@@ -77,6 +71,17 @@ def checkpoint_from_artifact(
         max_sinks=max_sinks,
         calibration={k: opts[k] for k in ("source", "num_samples", "seqlen", "seed", "sink_ratio")},
     )
+
+
+def checkpoint_from_artifact(
+    artifact: CalibrationArtifact, bits: int = 2, recent_window: int = 128, flush_block: int = 64, max_sinks: int = 8
+) -> Checkpoint:
+    """The in-memory checkpoint that exporting ``artifact`` at ``bits`` describes (nothing fused or written).
+
+    For benchmarks and tools that keep the model in memory: fuse ``artifact.value_rotation`` into
+    the model with :func:`~rkv_convert.export.fuse.fuse_value_rotation` before running it.
+    """
+    config = _config_for(artifact, bits, recent_window, flush_block, max_sinks)
     layers = [
         LayerTensors(
             key_mean=layer["key_mean"].float(),
@@ -106,7 +111,7 @@ def export_checkpoint(
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite or choose another --out")
     _check_compatible(artifact, loaded, bits)
-    config = checkpoint_from_artifact(artifact, bits, recent_window, flush_block, max_sinks).config
+    config = _config_for(artifact, bits, recent_window, flush_block, max_sinks)
     model = loaded.model
     before = _probe_logits(model)
     fuse_value_rotation(model, artifact.value_rotation)
