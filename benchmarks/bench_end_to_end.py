@@ -108,9 +108,9 @@ def _try(fn, *args) -> dict[str, float] | None:
     try:
         return fn(*args)
     except torch.OutOfMemoryError:
-        failed = True
-    if failed:  # outside the except block: the traceback's frames (and their tensors) are gone
-        gc.collect()
+        pass
+    gc.collect()  # outside the except block, so the traceback's frames (and their tensors) can go
+    if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return None
 
