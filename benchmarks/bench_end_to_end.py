@@ -44,6 +44,11 @@ from rkv_convert.runtime.cache import CacheSettings  # noqa: E402
 from rkv_convert.runtime.generate import GenerationStats, RkvModel, SamplingOptions, stream_generate  # noqa: E402
 
 
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
 class _Clock(BaseStreamer):
     """Times ``generate``: the first ``put`` is the prompt, the second the first new token."""
 
@@ -51,11 +56,11 @@ class _Clock(BaseStreamer):
         self.times: list[float] = []
 
     def put(self, value: torch.Tensor) -> None:
-        torch.cuda.synchronize() if DEVICE.type == "cuda" else None
+        _sync()
         self.times.append(time.perf_counter())
 
     def end(self) -> None:
-        torch.cuda.synchronize() if DEVICE.type == "cuda" else None
+        _sync()
         self.times.append(time.perf_counter())
 
 
@@ -132,6 +137,16 @@ def largest_batch(job: Callable[[int], dict], probe: tuple[int, int], results: d
     return b2, results[b2]
 
 
+def _row(base: dict, impl: str, case: str, batch: int, result: dict | None, weights: int) -> dict[str, object]:
+    """One table row for a job's result (None: it ran out of memory)."""
+    if result is None:
+        return {**base, "impl": impl, "case": case, "batch": batch, "note": "out of memory"}
+    return {**base, "impl": impl, "case": case, "batch": batch, "prefill_tok_s": result["prefill_tok_s"],
+            "decode_tok_s": result["decode_tok_s"], "peak_GiB": result["peak_bytes"] / 2**30,
+            "peak_minus_weights_GiB": (result["peak_bytes"] - weights) / 2**30,
+            "bits_per_elem": result.get("bits_per_elem", 16.0)}  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--layers", type=int, default=32)
@@ -173,7 +188,7 @@ def main() -> None:
                                  head_group_size=args.head_group, key_group_size=args.key_group,
                                  value_group_size=args.value_group)  # fmt: skip
     batches = torch.randint(0, args.vocab, (args.calib_samples, args.calib_seqlen), generator=torch.Generator().manual_seed(0))
-    torch.cuda.synchronize() if DEVICE.type == "cuda" else None
+    _sync()
     t0 = time.perf_counter()
     artifact = calibrate(model, batches, options)
     calib_s = time.perf_counter() - t0
@@ -189,17 +204,9 @@ def main() -> None:
     run_hf(model, 1, 256, 8, args.vocab)
     hf = {b: _try(run_hf, model, b, *job) for b in (b1, b2)}
     ours = {b: _try(run_rkv, rkv, b, *job, args.prefill_batch) for b in (b1, b2)}
-    rows = []
     base = {"model": shape, "prompt": args.prompt, "new": args.new, "bits": args.bits, "weights_GiB": weights / 2**30}
-    for name, res in (("hf-fp16", hf), ("rkv", ours)):
-        for b, r in res.items():
-            if r is None:
-                rows.append({**base, "impl": name, "case": "equal batch", "batch": b, "note": "out of memory"})
-                continue
-            rows.append({**base, "impl": name, "case": "equal batch", "batch": b, "prefill_tok_s": r["prefill_tok_s"],
-                         "decode_tok_s": r["decode_tok_s"], "peak_GiB": r["peak_bytes"] / 2**30,
-                         "peak_minus_weights_GiB": (r["peak_bytes"] - weights) / 2**30,
-                         "bits_per_elem": r.get("bits_per_elem", 16.0)})  # fmt: skip
+    rows = [_row(base, name, "equal batch", b, r, weights) for name, res in (("hf-fp16", hf), ("rkv", ours))
+            for b, r in res.items()]  # fmt: skip
     if args.max_batch and DEVICE.type == "cuda" and all(hf.values()) and all(ours.values()):
         limit = int(args.memory_limit * torch.cuda.get_device_properties(0).total_memory)
         print("largest batch, fp16:", flush=True)
@@ -207,11 +214,7 @@ def main() -> None:
         print("largest batch, rkv:", flush=True)
         rb, rr = largest_batch(lambda b: run_rkv(rkv, b, *job, args.prefill_batch, args.largest_timed_tokens),
                                (b1, b2), ours, limit)  # fmt: skip
-        for name, b, r in (("hf-fp16", hb, hr), ("rkv", rb, rr)):
-            rows.append({**base, "impl": name, "case": "largest batch", "batch": b, "prefill_tok_s": r["prefill_tok_s"],
-                         "decode_tok_s": r["decode_tok_s"], "peak_GiB": r["peak_bytes"] / 2**30,
-                         "peak_minus_weights_GiB": (r["peak_bytes"] - weights) / 2**30,
-                         "bits_per_elem": r.get("bits_per_elem", 16.0)})  # fmt: skip
+        rows += [_row(base, "hf-fp16", "largest batch", hb, hr, weights), _row(base, "rkv", "largest batch", rb, rr, weights)]
         print(f"ratios: batch {rb / hb:.2f}x, decode tok/s at largest batch {rr['decode_tok_s'] / hr['decode_tok_s']:.2f}x, "
               f"peak memory at batch {b2} {hf[b2]['peak_bytes'] / ours[b2]['peak_bytes']:.2f}x (weights included), "
               f"{(hf[b2]['peak_bytes'] - weights) / (ours[b2]['peak_bytes'] - weights):.2f}x (without)")  # fmt: skip

@@ -71,7 +71,6 @@ def test_exported_checkpoint_triton_matches_reference_on_cuda() -> None:
         with rkv.attached() as model:
             out = model(ids, past_key_values=cache, use_cache=True)
             seq = [out.logits[:, -1:].float()]
-            tok = ids[:, -1:]
             for j in range(steps):  # teacher-forced on the prompt's own tokens: both backends see the same inputs
                 tok = ids[:, j : j + 1]
                 seq.append(model(tok, past_key_values=cache, use_cache=True).logits.float())
