@@ -74,19 +74,22 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
 from rkv_convert.quant.packing import packed_width, unpack_codes
 
 from ._common import Backend, next_pow2, resolve_backend, triton_interpreting
+from .decode_group import group_kernel_supports, launch_group_kernel
+from ._decode_parts import _NPLANES, _byte_tiles, _cos_sin, _group_rows, _plane_codes, _select_groups, _softmax_step
 
 __all__ = ["PreparedRotation", "decode_attention", "decode_attention_ref", "num_splits_for", "prepare_rotation"]
 
 _LOG2E = 1.0 / math.log(2.0)
+Kernel = Literal["auto", "group", "head"]
 
 
 def _dims(
@@ -235,45 +238,6 @@ def decode_attention_ref(
     return out.to(q.dtype)
 
 
-# Packed channels are processed in 4 "planes": plane j holds channels 4i + j (i < d/4) of a
-# d-channel chunk. A plane is what one shift of a packed byte tile yields, so unpacking needs
-# no reshape or layout shuffle; the rotation rows, group ids and value accumulators are taken
-# in the same plane order instead.
-_NPLANES = 4
-
-
-@triton.jit
-def _plane_codes(row, tmask, ii, j: tl.constexpr, lo0, hi0, blo, bhi, BITS: tl.constexpr):
-    """Codes ``int32 [BLOCK_T, d/4]`` of channels ``4*ii + j`` of a chunk.
-
-    ``blo``/``bhi``: byte tiles preloaded for 2/3 bits (``[BLOCK_T, d/4]``: byte ``ii`` of the
-    chunk's low plane; byte ``ii//2`` of its high plane). 4 bits loads its own bytes here.
-    """
-    if BITS == 4:  # channel 4i+j: byte 2i + j//2, nibble j%2
-        b4 = tl.load(row[:, None] + lo0 + 2 * ii[None, :] + j // 2, mask=tmask[:, None], other=0).to(tl.int32)
-        codes = (b4 >> (4 * (j % 2))) & 15
-    else:  # channel 4i+j: bits 2j of byte i; at 3 bits, bit 4*(i%2)+j of high byte i//2
-        codes = (blo >> (2 * j)) & 3
-        if BITS == 3:
-            codes = codes | (((bhi >> (4 * (ii[None, :] % 2) + j)) & 1) << 2)
-    return codes
-
-
-@triton.jit
-def _byte_tiles(row, tmask, ii, lo0, hi0, BITS: tl.constexpr):
-    """The byte tiles shared by the four planes of a chunk (2 and 3 bits)."""
-    if BITS == 4:
-        blo = tmask  # unused
-        bhi = tmask
-    else:
-        blo = tl.load(row[:, None] + lo0 + ii[None, :], mask=tmask[:, None], other=0).to(tl.int32)
-        if BITS == 3:
-            bhi = tl.load(row[:, None] + hi0 + ii[None, :] // 2, mask=tmask[:, None], other=0).to(tl.int32)
-        else:
-            bhi = blo
-    return blo, bhi
-
-
 @triton.jit
 def _expand_groups(sz_row, tmask, onehot, NG: tl.constexpr, NG_PAD: tl.constexpr, PW: tl.constexpr):
     """Per-channel fp32 ``[BLOCK_T, PW]`` from per-group fp16 ``[BLOCK_T, NG]`` rows.
@@ -290,43 +254,6 @@ def _expand_groups(sz_row, tmask, onehot, NG: tl.constexpr, NG_PAD: tl.constexpr
 
 
 @triton.jit
-def _group_rows(sz_row, tmask, NG: tl.constexpr):
-    """The first four per-group fp16 values of each token row ``[BLOCK_T]`` (columns past ``NG`` repeat the last)."""
-    s0 = tl.load(sz_row, mask=tmask, other=0.0).to(tl.float32)
-    s1 = tl.load(sz_row + min(1, NG - 1), mask=tmask, other=0.0).to(tl.float32)
-    s2 = tl.load(sz_row + min(2, NG - 1), mask=tmask, other=0.0).to(tl.float32)
-    s3 = tl.load(sz_row + min(3, NG - 1), mask=tmask, other=0.0).to(tl.float32)
-    return s0, s1, s2, s3
-
-
-@triton.jit
-def _select_groups(gid, s0, s1, s2, s3, NG: tl.constexpr):
-    """Per-channel ``[BLOCK_T, PW]`` values ``s_{gid[c]}`` for up to four groups: a chain of selects (exact)."""
-    out = tl.where(gid[None, :] == 0, s0[:, None], s1[:, None])
-    if NG > 2:
-        out = tl.where(gid[None, :] == 2, s2[:, None], out)
-    if NG > 3:
-        out = tl.where(gid[None, :] == 3, s3[:, None], out)
-    return out
-
-
-@triton.jit
-def _cos_sin(ang, USE_LIBDEVICE: tl.constexpr):
-    """cos/sin of fp32 angles: Cody-Waite reduction to [-pi, pi], then the fast hardware unit."""
-    kq = (ang * 0.15915493667125702 + 12582912.0) - 12582912.0  # round(ang / 2pi), |ang| < 2**22
-    r = ang - kq * 6.28125  # 2pi = 6.28125 + C2 + C3 (fp32 parts); kq * 6.28125 is exact
-    r = r - kq * 0.0019353071693331003
-    r = r - kq * 1.0253131677018246e-11
-    if USE_LIBDEVICE:
-        c = libdevice.fast_cosf(r)
-        s = libdevice.fast_sinf(r)
-    else:
-        c = tl.cos(r)
-        s = tl.sin(r)
-    return c, s
-
-
-@triton.jit
 def _scores(k_lo, k_hi, p_t, valid, q_lo, q_hi, freq, rope_scaling, qk_scale,
             PREC: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
     """RoPE of pre-RoPE key halves ``[BLOCK_T, d/2]`` at ``p_t``, then scores ``[BLOCK_T, QP]`` (log2 units)."""
@@ -338,14 +265,6 @@ def _scores(k_lo, k_hi, p_t, valid, q_lo, q_hi, freq, rope_scaling, qk_scale,
     s = tl.dot(r_lo, tl.trans(q_lo), input_precision=PREC)
     s = tl.dot(r_hi, tl.trans(q_hi), s, input_precision=PREC)
     return tl.where(valid[:, None], s * qk_scale, float("-inf"))
-
-
-@triton.jit
-def _softmax_step(s, m_i, l_i):
-    m_new = tl.maximum(m_i, tl.max(s, 0))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[None, :])
-    return m_new, l_i * alpha + tl.sum(p, 0), alpha, p
 
 
 @triton.jit
@@ -725,6 +644,7 @@ def decode_attention(
     hoist_rotation: bool | None = None,
     factored: bool | None = None,
     group_select: bool | None = None,
+    kernel: Kernel = "auto",
     backend: Backend = "auto",
 ) -> torch.Tensor:
     """Attention of one new query token per sequence over the packed cache (module docstring).
@@ -757,6 +677,13 @@ def decode_attention(
             exact one-hot ``tl.dot``; None: the one-hot dot (both exact; on an H100 the selects
             were 1.5-2.9x slower, ``benchmarks/bench_decode_attention.py --tune``). Other group
             counts: broadcast (one) or one-hot.
+        kernel: which Triton kernel: ``"group"`` one program per head group
+            (:mod:`rkv_convert.kernels.decode_group`: each key code dequantized once, value
+            scales folded into the softmax weights; needs a factored rotation and at most four
+            key groups per head group and value groups per head, else ValueError naming the
+            reason), ``"head"`` one program per KV head (this module; any rotation and group
+            count), ``"auto"``: ``"group"`` where it applies, else ``"head"``.
+            ``group_select`` and ``factored=False`` concern the head kernel only.
         backend: ``"auto"``, ``"triton"`` or ``"reference"`` (see ``_common``).
 
     Returns:
@@ -796,8 +723,15 @@ def decode_attention(
         factored = prep.factored
     elif factored and not prep.factored:
         raise ValueError(f"factored=True needs a rotation of the form kron(A [{G}, {G}], B [{d}, {d}])")
+    n_gk, n_gv = Gd // k_group_size, d // v_group_size
+    if kernel not in ("auto", "group", "head"):
+        raise ValueError(f"kernel must be 'auto', 'group' or 'head', got {kernel!r}")
+    why_not = group_kernel_supports(factored=bool(factored), G=G, rep=rep, d=d, n_gk=n_gk, n_gv=n_gv)
+    if kernel == "group" and why_not is not None:
+        raise ValueError(f"kernel='group' does not cover this call: {why_not}; use kernel='head' or 'auto'")
+    use_group = kernel == "group" or (kernel == "auto" and why_not is None)
     if num_splits is None:
-        num_splits = num_splits_for(B, n_kv, T, block_t, dev)
+        num_splits = num_splits_for(B, n_kv // G if use_group else n_kv, T, block_t, dev)
     num_splits = min(max(num_splits, 1), triton.cdiv(T, block_t)) if T > 0 else 0
     tokens_per_split = triton.cdiv(triton.cdiv(T, block_t), num_splits) * block_t if num_splits else block_t
     has_fp = fp_k is not None
@@ -822,7 +756,18 @@ def decode_attention(
         fk, fv, fpos = qc.new_empty(1, 1, 1, d), qc.new_empty(1, 1, 1, d), pos.new_empty(1, 1)
     o_part = torch.empty(B, n_q, n_parts, d, **f32)
     lse_part = torch.empty(B, n_q, n_parts, **f32)
-    n_gk, n_gv = Gd // k_group_size, d // v_group_size
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    if use_group:
+        launch_group_kernel(
+            qc, (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, pos), (fk, fv, fpos),
+            a=prep.a, btp=prep.btp, mean=mean, gidp=gidp, freq=freq, o_part=o_part, lse_part=lse_part,
+            dims=dm, tokens_per_split=tokens_per_split, num_splits=num_splits, has_fp=has_fp,
+            k_bits=k_bits, v_bits=v_bits, v_group_size=v_group_size, n_gk=n_gk,
+            qk_scale=sm_scale * _LOG2E, rope_scaling=float(attention_scaling), dot_dtype=dot_dtype,
+            precision=precision, use_libdevice=not triton_interpreting(),
+            block_t=block_t, num_warps=num_warps, num_stages=num_stages,
+        )
+        return _merge(o_part, lse_part, q.dtype)
     a, btp = (prep.a, prep.btp) if factored else (prep.rtp, prep.rtp)  # unused by the dense path
     _decode_kernel[(B, n_kv, n_parts)](
         qc, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, pos,
@@ -836,12 +781,18 @@ def decode_attention(
         K_BITS=k_bits, V_BITS=v_bits, NGK=n_gk, NGK_PAD=max(16, next_pow2(n_gk)),
         GV=v_group_size, NGV=n_gv, NGV_PAD=max(16, next_pow2(n_gv)),
         BLOCK_T=block_t, HAS_FP=has_fp, DOT_DTYPE=tl.float16 if dot_dtype == torch.float16 else tl.float32,
-        PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        PREC=precision,
         USE_LIBDEVICE=not triton_interpreting(), KRON=bool(factored),
         SELECT_K=(2 <= n_gk <= 4) and bool(group_select),
         num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}),
     )
-    out = torch.empty(B, n_q, d, device=dev, dtype=q.dtype)
+    return _merge(o_part, lse_part, q.dtype)
+
+
+def _merge(o_part: torch.Tensor, lse_part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Merge ``[B, n_q, n_parts, d]`` partial outputs by their log2-sum-exp into ``[B, n_q, d]``."""
+    B, n_q, n_parts, d = o_part.shape
+    out = torch.empty(B, n_q, d, device=o_part.device, dtype=dtype)
     _merge_kernel[(B * n_q,)](o_part, lse_part, out, n_parts, D=d, P_PAD=max(2, next_pow2(n_parts)))
     return out
 

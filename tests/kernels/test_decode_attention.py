@@ -21,6 +21,7 @@ from rkv_convert.kernels.decode_attention import (
     decode_attention_ref,
     prepare_rotation,
 )
+from rkv_convert.kernels.decode_group import group_kernel_supports
 from rkv_convert.kernels.quantize_pack import perm_from_group_ids
 from rkv_convert.quant.codec import rotate_groups
 from rkv_convert.quant.hadamard import hadamard_matrix
@@ -76,7 +77,7 @@ def test_kernel_matches_reference(name: str, dtype: torch.dtype) -> None:
     cfg = dict(CASES[name])
     num_splits = cfg.pop("num_splits", None)
     c = make_case(dtype=dtype, **cfg)
-    out = _run(c, num_splits=num_splits)
+    out = _run(c, num_splits=num_splits, kernel="head")
     _check(c, out)
 
 
@@ -176,7 +177,58 @@ def test_factored_rotation_matches_reference(name: str, dtype: torch.dtype) -> N
     cfg = KRON_CASES[name]
     c = make_case(dtype=dtype, **cfg)
     assert prepare_rotation(c.kw["rotation"], cfg["d"], dtype).factored
-    _check(c, _run(c, factored=True))  # factored=True raises if the rotation has no factorisation
+    _check(c, _run(c, factored=True, kernel="head"))  # factored=True raises if the rotation has no factorisation
+
+
+# The head-group kernel (kernels/decode_group.py) on every case it covers: G = 1, 2, 4, bits
+# 2/3/4, one to four key groups, folded (g_v = d) and selected value groups, MHA and GQA,
+# holes, left padding, NaN garbage in empty slots, fp segment or not, fp-only, several splits.
+GROUP_CASES = {
+    name: cfg for name, cfg in {**CASES, **KRON_CASES}.items()
+    if group_kernel_supports(factored=cfg["G"] != 3, G=cfg["G"], rep=cfg["rep"], d=cfg["d"],
+                             n_gk=cfg["G"] * cfg["d"] // cfg["g_k"], n_gv=cfg["d"] // cfg["g_v"]) is None
+}
+GROUP_CASES.update({
+    "paper-g4-d128-b2-fold-nanholes": dict(B=2, n_kv=8, rep=1, d=128, G=4, T=70, F=3, k_bits=2, v_bits=2,
+                                           g_k=128, g_v=128, nan_holes=True),
+    "g1-d128-gqa4-fold": dict(B=2, n_kv=2, rep=4, d=128, G=1, T=50, F=2, k_bits=2, v_bits=2, g_k=128, g_v=128),
+    "g2-d64-gqa3-fold-1group": dict(B=1, n_kv=4, rep=3, d=64, G=2, T=41, F=0, k_bits=3, v_bits=4, g_k=128,
+                                    g_v=64, num_splits=3),
+})
+
+
+def test_group_cases_cover_the_kernel() -> None:
+    """The group kernel's test cases span what it specialises on."""
+    cfgs = GROUP_CASES.values()
+    assert {c["G"] for c in cfgs} >= {1, 2, 4} and {c["k_bits"] for c in cfgs} >= {2, 3, 4}
+    assert {c["G"] * c["d"] // c["g_k"] for c in cfgs} >= {1, 2, 4}
+    assert any(c["g_v"] == c["d"] for c in cfgs) and any(c["g_v"] < c["d"] for c in cfgs)
+    assert any(c["F"] == 0 for c in cfgs) and any(c["T"] == 0 for c in cfgs) and any(c.get("nan_holes") for c in cfgs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", list(GROUP_CASES))
+def test_group_kernel_matches_reference(name: str, dtype: torch.dtype) -> None:
+    cfg = dict(GROUP_CASES[name])
+    num_splits = cfg.pop("num_splits", None)
+    c = make_case(dtype=dtype, **cfg)
+    out = _run(c, num_splits=num_splits, kernel="group")
+    _check(c, out)
+    if dtype == torch.float32:  # the two kernels agree with each other; "auto" takes the group kernel
+        torch.testing.assert_close(out, _run(c, num_splits=num_splits, kernel="head"), atol=3e-5, rtol=1e-5)
+        assert torch.equal(_run(c, num_splits=num_splits), out)
+
+
+def test_group_kernel_refuses_what_it_does_not_cover() -> None:
+    c = make_case(B=1, n_kv=3, rep=1, d=64, G=3, T=20, F=1, g_k=64)  # H192: not kron(H3, H64)
+    with pytest.raises(ValueError, match="not Kronecker-factored"):
+        _run(c, kernel="group")
+    c = make_case(B=1, n_kv=2, rep=1, d=64, G=2, T=20, F=1, g_k=16)  # 8 key groups per head group
+    with pytest.raises(ValueError, match="8 key groups"):
+        _run(c, kernel="group")
+    _check(c, _run(c))  # "auto" falls back to the head kernel, which covers it
+    with pytest.raises(ValueError, match="kernel must be"):
+        _run(c, kernel="fast")
 
 
 @pytest.mark.parametrize("n,d,factored", [(512, 128, True), (256, 64, True), (128, 64, True), (64, 64, True),
