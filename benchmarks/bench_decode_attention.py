@@ -7,7 +7,10 @@ One new query token per sequence attends over ``T`` cached tokens of one layer. 
 - ``rkv_ms``: ``rkv_convert.kernels.decode_attention`` over the same tokens stored packed
   (keys centred, rotated per head group of ``G`` heads, ``bits``-bit codes, fp16 scale/zero per
   group) plus a full-precision segment as the runtime keeps it (8 sinks, 1 scratch slot, a
-  128-token window), and the GB/s it reaches on the bytes it reads;
+  128-token window), and the GB/s it reaches on the bytes it reads; ``kernel="auto"`` (the
+  head-group kernel wherever it applies);
+- ``rkv_head_ms``: the same call with ``kernel="head"`` (one program per KV head, the earlier
+  kernel), timed side by side;
 - ``floor_ms``: the bytes rkv reads divided by the measured device copy rate (read + write).
 
 Inputs are random (never zeros); the packed cache is made by the write kernel from the same fp16 keys
@@ -128,9 +131,10 @@ def run(args: argparse.Namespace) -> list[dict[str, object]]:
                 sdpa = lambda: F.scaled_dot_product_attention(q[:, :, None], kt, vt, enable_gqa=n_q != n_kv)  # noqa: E731
                 sdpa_ms = bench_ms(sdpa)[0]
                 rkv_ms, rkv_lo, rkv_hi = bench_ms(lambda: layer.attend(q, T))
+                head_ms = bench_ms(lambda: layer.attend(q, T, kernel="head"))[0] if args.compare_head else float("nan")
                 dense_ms = float("nan")
                 if args.compare_dense and layer.prepared.factored and G > 1:
-                    dense_ms = bench_ms(lambda: layer.attend(q, T, factored=False))[0]
+                    dense_ms = bench_ms(lambda: layer.attend(q, T, kernel="head", factored=False))[0]
                 fp16_bytes = 2 * kt.numel() * 2
                 rkv_bytes = layer.bytes_read(T)
                 row = {
@@ -140,6 +144,7 @@ def run(args: argparse.Namespace) -> list[dict[str, object]]:
                     "floor_ms": rkv_bytes / (copy_gbs * 1e9) * 1e3,
                     "speedup_vs_sdpa": sdpa_ms / rkv_ms,
                     "rotation": "factored" if layer.prepared.factored else "dense", "rkv_dense_ms": dense_ms,
+                    "rkv_head_ms": head_ms, "group_vs_head": head_ms / rkv_ms,
                     "sdpa_GBs": fp16_bytes / (sdpa_ms * 1e-3) / 1e9,
                     "rkv_GBs": rkv_bytes / (rkv_ms * 1e-3) / 1e9,
                     "copy_GBs": copy_gbs,
@@ -156,20 +161,27 @@ def run(args: argparse.Namespace) -> list[dict[str, object]]:
 
 
 def tune(args: argparse.Namespace) -> list[dict[str, object]]:
-    """Tokens per inner step, warps and key-group expansion at one mid-size shape (informs the defaults)."""
-    n_q, n_kv, d = SHAPES[args.shapes[0]]
-    B, T = args.tune_batch, args.tune_context
-    k = torch.randn(B, n_kv, T, d, dtype=torch.float16, device=DEVICE)
-    layer = PackedLayer(k, torch.randn_like(k), args.bits, args.key_group, args.value_group, math.gcd(n_kv, args.head_group))
-    q = torch.randn(B, n_q, d, dtype=torch.float16, device=DEVICE)
+    """Tokens per inner step, warps and stages of each kernel at mid-size shapes (informs the defaults)."""
     rows = []
-    for block_t, warps, *stages in args.tune:
-        for select in (True, False):
-            kw = dict(block_t=block_t, num_warps=warps, group_select=select, num_stages=stages[0] if stages else None)
-            ms = bench_ms(lambda: layer.attend(q, T, **kw))[0]
-            rows.append({"shape": args.shapes[0], "batch": B, "context": T, "block_t": block_t, "num_warps": warps,
-                         "num_stages": stages[0] if stages else "default",
-                         "key_groups": "select" if select else "one-hot dot", "rkv_ms": ms})  # fmt: skip
+    for name in args.tune_shapes:
+        n_q, n_kv, d = SHAPES[name]
+        B, T = args.tune_batch, args.tune_context
+        k = torch.randn(B, n_kv, T, d, dtype=torch.float16, device=DEVICE)
+        layer = PackedLayer(k, torch.randn_like(k), args.bits, args.key_group, args.value_group,
+                            math.gcd(n_kv, args.head_group))
+        q = torch.randn(B, n_q, d, dtype=torch.float16, device=DEVICE)
+        for kernel in args.tune_kernels:
+            for block_t, warps, *stages in args.tune:
+                kw = dict(block_t=block_t, num_warps=warps, num_stages=stages[0] if stages else None, kernel=kernel)
+                try:
+                    ms = bench_ms(lambda: layer.attend(q, T, **kw))[0]
+                except Exception as err:  # e.g. out of shared memory for a large tile: record, go on
+                    print(f"tune {name} {kernel} {block_t}x{warps}x{stages}: {type(err).__name__}: {err}"[:300])
+                    ms = float("nan")
+                rows.append({"shape": name, "batch": B, "context": T, "kernel": kernel, "block_t": block_t,
+                             "num_warps": warps, "num_stages": stages[0] if stages else "default", "rkv_ms": ms})
+                print(rows[-1], flush=True)
+        del k, layer
     return rows
 
 
@@ -182,19 +194,26 @@ def main() -> None:
     p.add_argument("--key-group", type=int, default=128)
     p.add_argument("--value-group", type=int, default=128)
     p.add_argument("--head-group", type=int, default=4, help="KV heads per key rotation group (gcd with the KV heads)")
-    p.add_argument("--compare-dense", action=argparse.BooleanOptionalAction, default=True,
-                   help="also time the dense inverse rotation (G*d*d MACs per key) beside the factored one (d*d)")
+    p.add_argument("--compare-dense", action=argparse.BooleanOptionalAction, default=False,
+                   help="also time the head kernel's dense inverse rotation (G*d*d MACs per key) beside the factored one")
+    p.add_argument("--compare-head", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time kernel='head' (one program per KV head) beside the default")
     p.add_argument("--memory-fraction", type=float, default=0.8, help="share of free GPU memory a row may use")
     p.add_argument("--tune", type=lambda s: tuple(int(x) for x in s.split("x")), nargs="*", default=[],
                    help="block_t x num_warps [x num_stages] to time at --tune-batch/--tune-context, e.g. 32x4 64x4x2 128x8")
+    p.add_argument("--tune-shapes", nargs="+", default=["llama2-7b"], choices=list(SHAPES))
+    p.add_argument("--tune-kernels", nargs="+", default=["group"], choices=["group", "head"])
+    p.add_argument("--tune-only", action="store_true", help="skip the sweep, run only --tune")
     p.add_argument("--tune-batch", type=int, default=8)
     p.add_argument("--tune-context", type=int, default=16384)
     p.add_argument("--csv", type=Path, default=None)
     p.add_argument("--markdown", type=Path, default=None, help="also write the table as Markdown here")
     args = p.parse_args()
-    rows = run(args)
-    cols = ["shape", "batch", "context", "sdpa_ms", "rkv_ms", "rkv_dense_ms", "floor_ms", "speedup_vs_sdpa", "floor_fraction",
-            "sdpa_GBs", "rkv_GBs", "bits_per_elem"]  # fmt: skip
+    rows = [] if args.tune_only else run(args)
+    cols = ["shape", "batch", "context", "sdpa_ms", "rkv_ms", "rkv_head_ms", "floor_ms", "speedup_vs_sdpa",
+            "group_vs_head", "floor_fraction", "sdpa_GBs", "rkv_GBs", "bits_per_elem"]  # fmt: skip
+    if args.compare_dense:
+        cols.insert(6, "rkv_dense_ms")
     print_table(f"decode attention, {args.bits}-bit, one layer ({DEVICE})", rows, cols)
     tuned = tune(args) if args.tune else []
     print_table("kernel block_t x num_warps", tuned)
