@@ -86,10 +86,15 @@ from ._common import Backend, next_pow2, resolve_backend, triton_interpreting
 from .decode_group import group_kernel_supports, launch_group_kernel
 from ._decode_parts import _NPLANES, _byte_tiles, _cos_sin, _group_rows, _plane_codes, _select_groups, _softmax_step
 
-__all__ = ["PreparedRotation", "decode_attention", "decode_attention_ref", "num_splits_for", "prepare_rotation"]
+__all__ = ["KERNEL_DEFAULTS", "PreparedRotation", "decode_attention", "decode_attention_ref", "num_splits_for", "prepare_rotation"]
 
 _LOG2E = 1.0 / math.log(2.0)
 Kernel = Literal["auto", "group", "head"]
+# Launch settings per kernel, the fastest timed on an H100 (benchmarks/bench_decode_attention.py --tune).
+KERNEL_DEFAULTS: dict[str, dict[str, int]] = {
+    "head": {"block_t": 32, "num_warps": 4, "num_stages": 1},
+    "group": {"block_t": 32, "num_warps": 8, "num_stages": 1},
+}
 
 
 def _dims(
@@ -638,9 +643,9 @@ def decode_attention(
     fp_v: torch.Tensor | None = None,
     fp_pos: torch.Tensor | None = None,
     num_splits: int | None = None,
-    block_t: int = 32,
-    num_warps: int = 4,
-    num_stages: int | None = 1,
+    block_t: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
     hoist_rotation: bool | None = None,
     factored: bool | None = None,
     group_select: bool | None = None,
@@ -664,9 +669,9 @@ def decode_attention(
         num_splits: context splits of the quantized tokens (None: about two programs per SM).
         block_t: tokens per inner step of the kernel (power of two >= 16).
         num_warps: warps per program of the main kernel.
-        num_stages: software-pipelining stages of its token loop (None: Triton's default).
-            The defaults (32 tokens, 4 warps, 1 stage) were the fastest of the configurations
-            timed on an H100 (docs/benchmarks.md).
+        num_stages: software-pipelining stages of its token loop.
+            None takes each kernel's defaults (``KERNEL_DEFAULTS``: the fastest configuration
+            timed on an H100, docs/benchmarks.md).
         hoist_rotation: legacy name of ``factored`` for ``G == 1`` (the factored path with
             ``A = [[1]]`` keeps the head's rotation tiles in registers); True needs ``G == 1``.
         factored: inverse rotation path: True the Kronecker-factored one (``d*d`` MACs per key
@@ -702,8 +707,6 @@ def decode_attention(
     B, n_q, d, G, Gd, n_kv, rep, T, F = (dm[k] for k in ("B", "n_q", "d", "G", "Gd", "n_kv", "rep", "T", "F"))
     if d & (d - 1) or d < 64:
         raise ValueError(f"the Triton kernel needs a power-of-two head dim >= 64, got {d}")
-    if block_t & (block_t - 1) or block_t < 16:
-        raise ValueError(f"block_t must be a power of two >= 16, got {block_t}")
     if hoist_rotation and G != 1:
         raise ValueError("hoist_rotation needs one head per rotation group (G == 1)")
     if hoist_rotation is not None:
@@ -730,6 +733,12 @@ def decode_attention(
     if kernel == "group" and why_not is not None:
         raise ValueError(f"kernel='group' does not cover this call: {why_not}; use kernel='head' or 'auto'")
     use_group = kernel == "group" or (kernel == "auto" and why_not is None)
+    dflt = KERNEL_DEFAULTS["group" if use_group else "head"]
+    block_t = dflt["block_t"] if block_t is None else block_t
+    num_warps = dflt["num_warps"] if num_warps is None else num_warps
+    num_stages = dflt["num_stages"] if num_stages is None else num_stages
+    if block_t & (block_t - 1) or block_t < 16:
+        raise ValueError(f"block_t must be a power of two >= 16, got {block_t}")
     if num_splits is None:
         num_splits = num_splits_for(B, n_kv // G if use_group else n_kv, T, block_t, dev)
     num_splits = min(max(num_splits, 1), triton.cdiv(T, block_t)) if T > 0 else 0
@@ -784,7 +793,7 @@ def decode_attention(
         PREC=precision,
         USE_LIBDEVICE=not triton_interpreting(), KRON=bool(factored),
         SELECT_K=(2 <= n_gk <= 4) and bool(group_select),
-        num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}),
+        num_warps=num_warps, num_stages=num_stages,
     )
     return _merge(o_part, lse_part, q.dtype)
 
