@@ -7,10 +7,10 @@ One new query token per sequence attends over ``T`` cached tokens of one layer. 
 - ``rkv_ms``: ``rkv_convert.kernels.decode_attention`` over the same tokens stored packed
   (keys centred, rotated per head group of ``G`` heads, ``bits``-bit codes, fp16 scale/zero per
   group) plus a full-precision segment as the runtime keeps it (8 sinks, 1 scratch slot, a
-  128-token window), and the GB/s it reaches on the bytes it reads; ``kernel="auto"`` (the
-  head-group kernel wherever it applies);
-- ``rkv_head_ms``: the same call with ``kernel="head"`` (one program per KV head, the earlier
-  kernel), timed side by side;
+  128-token window), and the GB/s it reaches on the bytes it reads (the default kernel, one
+  program per KV head);
+- ``rkv_group_ms``: the same call with ``kernel="group"`` (one program per head group), timed
+  side by side;
 - ``floor_ms``: the bytes rkv reads divided by the measured device copy rate (read + write).
 
 Inputs are random (never zeros); the packed cache is made by the write kernel from the same fp16 keys
@@ -131,7 +131,9 @@ def run(args: argparse.Namespace) -> list[dict[str, object]]:
                 sdpa = lambda: F.scaled_dot_product_attention(q[:, :, None], kt, vt, enable_gqa=n_q != n_kv)  # noqa: E731
                 sdpa_ms = bench_ms(sdpa)[0]
                 rkv_ms, rkv_lo, rkv_hi = bench_ms(lambda: layer.attend(q, T))
-                head_ms = bench_ms(lambda: layer.attend(q, T, kernel="head"))[0] if args.compare_head else float("nan")
+                group_ms = float("nan")
+                if args.compare_group:
+                    group_ms = bench_ms(lambda: layer.attend(q, T, kernel="group"))[0]
                 dense_ms = float("nan")
                 if args.compare_dense and layer.prepared.factored and G > 1:
                     dense_ms = bench_ms(lambda: layer.attend(q, T, kernel="head", factored=False))[0]
@@ -144,7 +146,7 @@ def run(args: argparse.Namespace) -> list[dict[str, object]]:
                     "floor_ms": rkv_bytes / (copy_gbs * 1e9) * 1e3,
                     "speedup_vs_sdpa": sdpa_ms / rkv_ms,
                     "rotation": "factored" if layer.prepared.factored else "dense", "rkv_dense_ms": dense_ms,
-                    "rkv_head_ms": head_ms, "group_vs_head": head_ms / rkv_ms,
+                    "rkv_group_ms": group_ms, "group_vs_head": rkv_ms / group_ms,
                     "sdpa_GBs": fp16_bytes / (sdpa_ms * 1e-3) / 1e9,
                     "rkv_GBs": rkv_bytes / (rkv_ms * 1e-3) / 1e9,
                     "copy_GBs": copy_gbs,
@@ -196,13 +198,13 @@ def main() -> None:
     p.add_argument("--head-group", type=int, default=4, help="KV heads per key rotation group (gcd with the KV heads)")
     p.add_argument("--compare-dense", action=argparse.BooleanOptionalAction, default=False,
                    help="also time the head kernel's dense inverse rotation (G*d*d MACs per key) beside the factored one")
-    p.add_argument("--compare-head", action=argparse.BooleanOptionalAction, default=True,
-                   help="also time kernel='head' (one program per KV head) beside the default")
+    p.add_argument("--compare-group", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time kernel='group' (one program per head group) beside the default")
     p.add_argument("--memory-fraction", type=float, default=0.8, help="share of free GPU memory a row may use")
     p.add_argument("--tune", type=lambda s: tuple(int(x) for x in s.split("x")), nargs="*", default=[],
                    help="block_t x num_warps [x num_stages] to time at --tune-batch/--tune-context, e.g. 32x4 64x4x2 128x8")
     p.add_argument("--tune-shapes", nargs="+", default=["llama2-7b"], choices=list(SHAPES))
-    p.add_argument("--tune-kernels", nargs="+", default=["group"], choices=["group", "head"])
+    p.add_argument("--tune-kernels", nargs="+", default=["head", "group"], choices=["head", "group"])
     p.add_argument("--tune-only", action="store_true", help="skip the sweep, run only --tune")
     p.add_argument("--tune-batch", type=int, default=8)
     p.add_argument("--tune-context", type=int, default=16384)
@@ -210,7 +212,7 @@ def main() -> None:
     p.add_argument("--markdown", type=Path, default=None, help="also write the table as Markdown here")
     args = p.parse_args()
     rows = [] if args.tune_only else run(args)
-    cols = ["shape", "batch", "context", "sdpa_ms", "rkv_ms", "rkv_head_ms", "floor_ms", "speedup_vs_sdpa",
+    cols = ["shape", "batch", "context", "sdpa_ms", "rkv_ms", "rkv_group_ms", "floor_ms", "speedup_vs_sdpa",
             "group_vs_head", "floor_fraction", "sdpa_GBs", "rkv_GBs", "bits_per_elem"]  # fmt: skip
     if args.compare_dense:
         cols.insert(6, "rkv_dense_ms")

@@ -89,11 +89,11 @@ from ._decode_parts import _NPLANES, _byte_tiles, _cos_sin, _group_rows, _plane_
 __all__ = ["KERNEL_DEFAULTS", "PreparedRotation", "decode_attention", "decode_attention_ref", "num_splits_for", "prepare_rotation"]
 
 _LOG2E = 1.0 / math.log(2.0)
-Kernel = Literal["auto", "group", "head"]
+Kernel = Literal["head", "group"]
 # Launch settings per kernel, the fastest timed on an H100 (benchmarks/bench_decode_attention.py --tune).
 KERNEL_DEFAULTS: dict[str, dict[str, int]] = {
     "head": {"block_t": 32, "num_warps": 4, "num_stages": 1},
-    "group": {"block_t": 32, "num_warps": 8, "num_stages": 1},
+    "group": {"block_t": 32, "num_warps": 8, "num_stages": 2},
 }
 
 
@@ -649,7 +649,7 @@ def decode_attention(
     hoist_rotation: bool | None = None,
     factored: bool | None = None,
     group_select: bool | None = None,
-    kernel: Kernel = "auto",
+    kernel: Kernel = "head",
     backend: Backend = "auto",
 ) -> torch.Tensor:
     """Attention of one new query token per sequence over the packed cache (module docstring).
@@ -682,13 +682,14 @@ def decode_attention(
             exact one-hot ``tl.dot``; None: the one-hot dot (both exact; on an H100 the selects
             were 1.5-2.9x slower, ``benchmarks/bench_decode_attention.py --tune``). Other group
             counts: broadcast (one) or one-hot.
-        kernel: which Triton kernel: ``"group"`` one program per head group
+        kernel: which Triton kernel: ``"head"`` (default) one program per KV head (this
+            module; any rotation and group count), or ``"group"`` one program per head group
             (:mod:`rkv_convert.kernels.decode_group`: each key code dequantized once, value
             scales folded into the softmax weights; needs a factored rotation and at most four
             key groups per head group and value groups per head, else ValueError naming the
-            reason), ``"head"`` one program per KV head (this module; any rotation and group
-            count), ``"auto"``: ``"group"`` where it applies, else ``"head"``.
-            ``group_select`` and ``factored=False`` concern the head kernel only.
+            reason). Neither is faster everywhere on an H100 (docs/benchmarks.md), so the
+            default stays the head kernel. ``group_select`` and ``factored=False`` concern the
+            head kernel only.
         backend: ``"auto"``, ``"triton"`` or ``"reference"`` (see ``_common``).
 
     Returns:
@@ -727,12 +728,12 @@ def decode_attention(
     elif factored and not prep.factored:
         raise ValueError(f"factored=True needs a rotation of the form kron(A [{G}, {G}], B [{d}, {d}])")
     n_gk, n_gv = Gd // k_group_size, d // v_group_size
-    if kernel not in ("auto", "group", "head"):
-        raise ValueError(f"kernel must be 'auto', 'group' or 'head', got {kernel!r}")
+    if kernel not in ("head", "group"):
+        raise ValueError(f"kernel must be 'head' or 'group', got {kernel!r}")
     why_not = group_kernel_supports(factored=bool(factored), G=G, rep=rep, d=d, n_gk=n_gk, n_gv=n_gv)
     if kernel == "group" and why_not is not None:
-        raise ValueError(f"kernel='group' does not cover this call: {why_not}; use kernel='head' or 'auto'")
-    use_group = kernel == "group" or (kernel == "auto" and why_not is None)
+        raise ValueError(f"kernel='group' does not cover this call: {why_not}; use kernel='head'")
+    use_group = kernel == "group"
     dflt = KERNEL_DEFAULTS["group" if use_group else "head"]
     block_t = dflt["block_t"] if block_t is None else block_t
     num_warps = dflt["num_warps"] if num_warps is None else num_warps

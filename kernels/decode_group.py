@@ -1,19 +1,18 @@
-"""Decode attention, one program per *head group*: the fast path of :func:`decode_attention`.
+"""Decode attention, one program per *head group*: ``decode_attention(kernel="group")``.
 
 Same storage layout, arguments and result as :mod:`rkv_convert.kernels.decode_attention`
 (read its module docstring first). This kernel covers the common case: a Kronecker-factored
 key rotation ``R = kron(A [G, G], B [d, d])`` (every power-of-two Sylvester Hadamard rotation,
 e.g. the paper's ``512 = H_4 ⊗ H_128``), one to four key groups per head group and one to four
-value groups per head. Why it is faster than one program per KV head:
+value groups per head. What it changes against one program per KV head (on an H100 neither
+kernel is faster everywhere; docs/benchmarks.md has the side-by-side rows and the reason: both
+are instruction-issue-bound, at a similar count of instructions per key token and head):
 
 - **Each key code is unpacked and dequantized once**, not once per head of its group: a
-  program owns all ``G`` KV heads of one head group (and their ``G*rep`` query heads).
-- **The cross-head part of the rotation moves to the scores.** ``k_h = Σ_g A[h, g] w_g + μ_h``
-  with ``w_g = y_g B^T`` (chunk ``g``'s dequantized codes ``y_g``). RoPE treats every head
-  alike, so ``q_r · RoPE(k_h) = Σ_g A[h, g] q_r · RoPE(w_g + m_g)`` with ``m = A^T μ``: each
-  chunk is unrotated (``d*d`` tensor-core MACs per key token and chunk), RoPE'd and scored
-  against all the group's query rows at once, and its scores are added with per-column
-  weights ``A[h(r), g]``. Only one chunk's key tile is live at a time.
+  program owns all ``G`` KV heads of one head group (and their ``G*rep`` query heads). Per
+  plane ``j`` the ``G`` chunks' dequantized tiles ``y_g`` are combined into each head's
+  ``z_h = Σ_g A[h, g] y_g`` (elementwise) and multiplied by ``B^T``'s plane-``j`` rows
+  (``d*d`` tensor-core MACs per key token and head, as before).
 - **No one-hot dots, no layout round trips for scales:** per-channel key scales and zeros
   come from a chain of at most three selects on the channel's group id; codes become floats
   by the exponent trick (``bits(2^23 + c) - 2^23``), not a conversion instruction.
@@ -24,7 +23,8 @@ value groups per head. Why it is faster than one program per KV head:
   the group's heads.
 
 All query heads of the group share one score tile ``[BLOCK_T, QP]`` (column ``r`` is query
-head ``hg*G*rep + r``, reading KV head ``r // rep`` of the group) and one online softmax.
+head ``hg*G*rep + r``, reading KV head ``r // rep`` of the group) and one online softmax;
+each head's keys fill its own columns.
 """
 
 from __future__ import annotations
@@ -80,29 +80,29 @@ def _key_plane(krow, tmask, ii, gid_ptr, g: tl.constexpr, j: tl.constexpr,
 
 
 @triton.jit
-def _chunk_mean(mean_base, a_ptr, g: tl.constexpr, c, G: tl.constexpr, D: tl.constexpr):
-    """``m_g = Σ_h A[h, g] μ_h`` (both halves): the share of the heads' means that chunk ``g`` carries.
-
-    With ``A`` orthonormal, ``Σ_g A[h, g] (w_g + m_g) = k_h - μ_h + μ_h``: adding ``m_g`` to each
-    chunk's unrotated key restores every head's mean after the cross-head mixing.
-    """
-    HALF: tl.constexpr = D // 2
-    m_lo = tl.zeros((HALF,), tl.float32)
-    m_hi = tl.zeros((HALF,), tl.float32)
-    for h in tl.static_range(G):
-        a_hg = tl.load(a_ptr + h * G + g)
-        m_lo += a_hg * tl.load(mean_base + h * D + c)
-        m_hi += a_hg * tl.load(mean_base + h * D + HALF + c)
-    return m_lo, m_hi
+def _head_keys(a_ptr, h: tl.constexpr, y0, y1, y2, y3, bl, bh, kl, kh,
+               G: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """Head ``h``'s share of one plane: ``z = Σ_g A[h, g] y_g``, then ``k += z @ B^T`` (two halves)."""
+    if G == 1:
+        z = y0
+    else:
+        z = tl.load(a_ptr + h * G) * y0 + tl.load(a_ptr + h * G + 1) * y1
+        if G > 2:
+            z = z + tl.load(a_ptr + h * G + 2) * y2
+        if G > 3:
+            z = z + tl.load(a_ptr + h * G + 3) * y3
+    z = z.to(DT)
+    return tl.dot(z, bl, kl, input_precision=PREC), tl.dot(z, bh, kh, input_precision=PREC)
 
 
 @triton.jit
-def _rope_scores(k_lo, k_hi, cos, sin, q_lo, q_hi, DT: tl.constexpr, PREC: tl.constexpr):
-    """Scores ``[BLOCK_T, QP]`` of pre-RoPE key halves, RoPE'd at their positions, against every query row."""
+def _head_scores(s, h: tl.constexpr, k_lo, k_hi, cos, sin, q_lo, q_hi, qhead, DT: tl.constexpr, PREC: tl.constexpr):
+    """Put head ``h``'s scores (RoPE'd pre-RoPE key halves against its query rows) into its columns of ``s``."""
     r_lo = (k_lo * cos - k_hi * sin).to(DT)
     r_hi = (k_hi * cos + k_lo * sin).to(DT)
     sh = tl.dot(r_lo, tl.trans(q_lo), input_precision=PREC)
-    return tl.dot(r_hi, tl.trans(q_hi), sh, input_precision=PREC)
+    sh = tl.dot(r_hi, tl.trans(q_hi), sh, input_precision=PREC)
+    return tl.where(qhead[None, :] == h, sh, s)
 
 
 @triton.jit
@@ -223,23 +223,51 @@ def _group_kernel(
         s0, s1, s2, s3 = _group_rows(ks_base + tt * s_kst, valid, NGK)
         z0, z1, z2, z3 = _group_rows(kz_base + tt * s_kzt, valid, NGK)
         krow = kc_base + tt * s_kct
-        # chunk by chunk: w_g = y_g @ B^T + m_g, RoPE, scores against all the group's query rows,
-        # weighted per column by A[head of the column, g] (the cross-head mixing commutes with RoPE)
+        k0l = tl.zeros((BLOCK_T, HALF), tl.float32)
+        k0h = tl.zeros((BLOCK_T, HALF), tl.float32)
+        if G > 1:
+            k1l = tl.zeros((BLOCK_T, HALF), tl.float32)
+            k1h = tl.zeros((BLOCK_T, HALF), tl.float32)
+        if G > 2:
+            k2l = tl.zeros((BLOCK_T, HALF), tl.float32)
+            k2h = tl.zeros((BLOCK_T, HALF), tl.float32)
+        if G > 3:
+            k3l = tl.zeros((BLOCK_T, HALF), tl.float32)
+            k3h = tl.zeros((BLOCK_T, HALF), tl.float32)
+        for j in tl.static_range(4):
+            bl = tl.load(bt_base + j * PW * D)
+            bh = tl.load(bt_base + j * PW * D + HALF)
+            y0 = _key_plane(krow, tmask, ii, gid_base, 0, j, s0, s1, s2, s3, z0, z1, z2, z3, D, GD, K_BITS, NGK)
+            y1 = y0
+            y2 = y0
+            y3 = y0
+            if G > 1:
+                y1 = _key_plane(krow, tmask, ii, gid_base, 1, j, s0, s1, s2, s3, z0, z1, z2, z3, D, GD, K_BITS, NGK)
+            if G > 2:
+                y2 = _key_plane(krow, tmask, ii, gid_base, 2, j, s0, s1, s2, s3, z0, z1, z2, z3, D, GD, K_BITS, NGK)
+            if G > 3:
+                y3 = _key_plane(krow, tmask, ii, gid_base, 3, j, s0, s1, s2, s3, z0, z1, z2, z3, D, GD, K_BITS, NGK)
+            k0l, k0h = _head_keys(a_ptr, 0, y0, y1, y2, y3, bl, bh, k0l, k0h, G, DT, PREC)
+            if G > 1:
+                k1l, k1h = _head_keys(a_ptr, 1, y0, y1, y2, y3, bl, bh, k1l, k1h, G, DT, PREC)
+            if G > 2:
+                k2l, k2h = _head_keys(a_ptr, 2, y0, y1, y2, y3, bl, bh, k2l, k2h, G, DT, PREC)
+            if G > 3:
+                k3l, k3h = _head_keys(a_ptr, 3, y0, y1, y2, y3, bl, bh, k3l, k3h, G, DT, PREC)
         s = tl.zeros((BLOCK_T, QP), tl.float32)
-        for g in tl.static_range(G):
-            w_lo = tl.zeros((BLOCK_T, HALF), tl.float32)
-            w_hi = tl.zeros((BLOCK_T, HALF), tl.float32)
-            for j in tl.static_range(4):
-                y = _key_plane(krow, tmask, ii, gid_base, g, j, s0, s1, s2, s3, z0, z1, z2, z3, D, GD, K_BITS, NGK)
-                y = y.to(DT)
-                w_lo = tl.dot(y, tl.load(bt_base + j * PW * D), w_lo, input_precision=PREC)
-                w_hi = tl.dot(y, tl.load(bt_base + j * PW * D + HALF), w_hi, input_precision=PREC)
-            m_lo, m_hi = _chunk_mean(mean_base, a_ptr, g, c, G, D)
-            sg = _rope_scores(w_lo + m_lo[None, :], w_hi + m_hi[None, :], cos, sin, q_lo, q_hi, DT, PREC)
-            if G == 1:
-                s = sg
-            else:
-                s += sg * tl.load(a_ptr + qhead * G + g, mask=qmask, other=0.0)[None, :]
+        s = _head_scores(s, 0, k0l + tl.load(mean_base + c)[None, :], k0h + tl.load(mean_base + HALF + c)[None, :],
+                         cos, sin, q_lo, q_hi, qhead, DT, PREC)
+        if G > 1:
+            s = _head_scores(s, 1, k1l + tl.load(mean_base + D + c)[None, :],
+                             k1h + tl.load(mean_base + D + HALF + c)[None, :], cos, sin, q_lo, q_hi, qhead, DT, PREC)
+        if G > 2:
+            s = _head_scores(s, 2, k2l + tl.load(mean_base + 2 * D + c)[None, :],
+                             k2h + tl.load(mean_base + 2 * D + HALF + c)[None, :], cos, sin, q_lo, q_hi, qhead, DT,
+                             PREC)
+        if G > 3:
+            s = _head_scores(s, 3, k3l + tl.load(mean_base + 3 * D + c)[None, :],
+                             k3h + tl.load(mean_base + 3 * D + HALF + c)[None, :], cos, sin, q_lo, q_hi, qhead, DT,
+                             PREC)
         s = tl.where(valid[:, None] & qmask[None, :], s * qk_scale, float("-inf"))
         m_i, l_i, alpha, p = _softmax_step(s, m_i, l_i)
         acc0 = acc0 * alpha[:, None]
@@ -271,7 +299,7 @@ def _group_kernel(
                 k_row = fk_ptr + b * s_fkb + (hg * G + h) * s_fkh + ff[:, None] * s_fkt
                 k_lo = tl.load(k_row + c[None, :], mask=fmask[:, None], other=0.0).to(tl.float32)
                 k_hi = tl.load(k_row + HALF + c[None, :], mask=fmask[:, None], other=0.0).to(tl.float32)
-                s = tl.where(qhead[None, :] == h, _rope_scores(k_lo, k_hi, cos, sin, q_lo, q_hi, DT, PREC), s)
+                s = _head_scores(s, h, k_lo, k_hi, cos, sin, q_lo, q_hi, qhead, DT, PREC)
             s = tl.where(valid[:, None] & qmask[None, :], s * qk_scale, float("-inf"))
             m_i, l_i, alpha, p = _softmax_step(s, m_i, l_i)
             acc0 = acc0 * alpha[:, None]

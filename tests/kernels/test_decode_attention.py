@@ -214,9 +214,10 @@ def test_group_kernel_matches_reference(name: str, dtype: torch.dtype) -> None:
     c = make_case(dtype=dtype, **cfg)
     out = _run(c, num_splits=num_splits, kernel="group")
     _check(c, out)
-    if dtype == torch.float32:  # the two kernels agree with each other; "auto" takes the group kernel
-        torch.testing.assert_close(out, _run(c, num_splits=num_splits, kernel="head"), atol=3e-5, rtol=1e-5)
-        assert torch.equal(_run(c, num_splits=num_splits), out)
+    if dtype == torch.float32:  # the two kernels agree with each other; the default is the head kernel
+        head = _run(c, num_splits=num_splits, kernel="head")
+        torch.testing.assert_close(out, head, atol=3e-5, rtol=1e-5)
+        assert torch.equal(_run(c, num_splits=num_splits), head)
 
 
 def test_group_kernel_refuses_what_it_does_not_cover() -> None:
@@ -226,7 +227,7 @@ def test_group_kernel_refuses_what_it_does_not_cover() -> None:
     c = make_case(B=1, n_kv=2, rep=1, d=64, G=2, T=20, F=1, g_k=16)  # 8 key groups per head group
     with pytest.raises(ValueError, match="8 key groups"):
         _run(c, kernel="group")
-    _check(c, _run(c))  # "auto" falls back to the head kernel, which covers it
+    _check(c, _run(c))  # the default head kernel covers it
     with pytest.raises(ValueError, match="kernel must be"):
         _run(c, kernel="fast")
 
