@@ -64,6 +64,7 @@ def calibrate(
     value_group_size: int = typer.Option(64, help="Value channels per quantization group."),
     sink_ratio: float = typer.Option(64.0, help="A residual activation above this multiple of the layer's median |h| is massive (a sink)."),
     device: str = typer.Option("cuda" if torch.cuda.is_available() else "cpu", help="Device for the forward passes."),
+    device_map: Optional[str] = typer.Option(None, "--device-map", help="Spread the model over devices with accelerate (e.g. auto); replaces --device."),
     dtype: str = typer.Option("float32", help="Model dtype: float32, float16, bfloat16."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code/--no-trust-remote-code", help="Allow model code from the hub."),
     overwrite: bool = typer.Option(False, "--overwrite/--no-overwrite", help="Replace an existing --out folder."),
@@ -83,7 +84,7 @@ def calibrate(
     start = time.perf_counter()
     try:
         with console.status(f"loading {model}"):
-            loaded = load_model(model, _dtype(dtype), device, trust_remote_code)
+            loaded = load_model(model, _dtype(dtype), device, trust_remote_code, device_map=device_map)
             batches = sample_batches(load_text(data), loaded.tokenizer, samples, seqlen, seed)
         with _progress() as progress:
             artifact = run_calibration(loaded.model, batches, options, _progress_callback(progress))

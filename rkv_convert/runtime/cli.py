@@ -77,6 +77,7 @@ def run_command(
     seed: int = typer.Option(0, help="sampling seed"),
     greedy: bool = typer.Option(False, "--greedy/--sample", help="greedy decoding instead of sampling"),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N"),
+    device_map: str = typer.Option(None, "--device-map", help="spread the model over devices with accelerate (e.g. auto); replaces --device"),
     dtype: str = typer.Option("auto", help="auto (fp16 on CUDA, fp32 on CPU), float32, float16 or bfloat16"),
     chat: bool = typer.Option(True, "--chat/--no-chat", help="wrap the prompt in the tokenizer's chat template"),
     system: str = typer.Option(None, help="system message (chat mode)"),
@@ -92,7 +93,7 @@ def run_command(
         )
         raise typer.Exit(2)
     try:
-        rkv_model = load(checkpoint, device=device, dtype=dtype)
+        rkv_model = load(checkpoint, device=device, dtype=dtype, device_map=device_map)
     except (CheckpointError, OSError, ValueError) as err:
         console.print(f"[red]cannot load {checkpoint}:[/red] {err}")
         raise typer.Exit(1) from err
