@@ -32,7 +32,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from _timing import DEVICE, append_csv, bench_ms, copy_bandwidth_gbs, markdown_table, print_table  # noqa: E402
 
-from rkv_convert.kernels.decode_attention import decode_attention, prepare_rotation  # noqa: E402
+from rkv_convert.kernels.decode_attention import KERNEL_DEFAULTS, decode_attention, prepare_rotation  # noqa: E402
 from rkv_convert.kernels.quantize_pack import group_ids_from_perm, quantize_pack  # noqa: E402
 from rkv_convert.quant.hadamard import hadamard_matrix  # noqa: E402
 
@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> list[dict[str, object]]:
                 rkv_ms, rkv_lo, rkv_hi = bench_ms(lambda: layer.attend(q, T))
                 group_ms = float("nan")
                 if args.compare_group:
-                    group_ms = bench_ms(lambda: layer.attend(q, T, kernel="group"))[0]
+                    group_ms = bench_ms(lambda: layer.attend(q, T, kernel="group", **args.group_kw))[0]
                 dense_ms = float("nan")
                 if args.compare_dense and layer.prepared.factored and G > 1:
                     dense_ms = bench_ms(lambda: layer.attend(q, T, kernel="head", factored=False))[0]
@@ -181,10 +181,29 @@ def tune(args: argparse.Namespace) -> list[dict[str, object]]:
                     print(f"tune {name} {kernel} {block_t}x{warps}x{stages}: {type(err).__name__}: {err}"[:300])
                     ms = float("nan")
                 rows.append({"shape": name, "batch": B, "context": T, "kernel": kernel, "block_t": block_t,
-                             "num_warps": warps, "num_stages": stages[0] if stages else "default", "rkv_ms": ms})
+                             "num_warps": warps, "num_stages": stages[0] if stages else KERNEL_DEFAULTS[kernel]["num_stages"], "rkv_ms": ms})
                 print(rows[-1], flush=True)
         del k, layer
     return rows
+
+
+def _group_launch(spec: str, tuned: list[dict[str, object]]) -> dict[str, int]:
+    """Keyword arguments of the group kernel's launch from ``--group-launch``."""
+    if spec == "default":
+        return {}
+    if spec == "tuned":
+        total: dict[tuple[int, int, int], float] = {}  # summed over the tuned shapes
+        for r in tuned:
+            if r["kernel"] == "group":
+                key = (int(r["block_t"]), int(r["num_warps"]), int(r["num_stages"]))
+                total[key] = total.get(key, 0.0) + float(r["rkv_ms"])
+        total = {k: v for k, v in total.items() if v == v}  # drop failed configurations (NaN)
+        if not total:
+            raise SystemExit("--group-launch tuned needs --tune rows of the group kernel (--tune-kernels group)")
+        block_t, warps, stages = min(total, key=total.get)
+        return {"block_t": block_t, "num_warps": warps, "num_stages": stages}
+    block_t, warps, stages = (int(x) for x in spec.split("x"))
+    return {"block_t": block_t, "num_warps": warps, "num_stages": stages}
 
 
 def main() -> None:
@@ -206,18 +225,23 @@ def main() -> None:
     p.add_argument("--tune-shapes", nargs="+", default=["llama2-7b"], choices=list(SHAPES))
     p.add_argument("--tune-kernels", nargs="+", default=["head", "group"], choices=["head", "group"])
     p.add_argument("--tune-only", action="store_true", help="skip the sweep, run only --tune")
+    p.add_argument("--group-launch", default="default",
+                   help="launch settings of the group kernel in the sweep: 'default', 'tuned' (fastest group row of "
+                        "--tune, which then runs first) or block_t x num_warps x num_stages, e.g. 16x4x1")
     p.add_argument("--tune-batch", type=int, default=8)
     p.add_argument("--tune-context", type=int, default=16384)
     p.add_argument("--csv", type=Path, default=None)
     p.add_argument("--markdown", type=Path, default=None, help="also write the table as Markdown here")
     args = p.parse_args()
+    tuned = tune(args) if args.tune else []
+    args.group_kw = _group_launch(args.group_launch, tuned)
+    print(f"group kernel launch settings in the sweep: {args.group_kw or 'defaults'}", flush=True)
     rows = [] if args.tune_only else run(args)
     cols = ["shape", "batch", "context", "sdpa_ms", "rkv_ms", "rkv_group_ms", "floor_ms", "speedup_vs_sdpa",
             "group_vs_head", "floor_fraction", "sdpa_GBs", "rkv_GBs", "bits_per_elem"]  # fmt: skip
     if args.compare_dense:
         cols.insert(6, "rkv_dense_ms")
     print_table(f"decode attention, {args.bits}-bit, one layer ({DEVICE})", rows, cols)
-    tuned = tune(args) if args.tune else []
     print_table("kernel block_t x num_warps", tuned)
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every benchmark of docs/benchmarks.md in one run, on one CUDA GPU:
+# Every single-GPU benchmark of docs/benchmarks.md in one run, on one CUDA GPU
+# (the two-GPU check is benchmarks/check_device_map.py):
 #   bash benchmarks/run_all.sh [OUT]      (OUT: folder for the CSVs and Markdown tables, default benchmarks/results)
 # CSV rows carry GPU name, date and versions; rerunning appends.
 set -euo pipefail
@@ -7,7 +8,8 @@ cd "$(dirname "$0")/.."
 OUT="${1:-benchmarks/results}"
 PY="${PYTHON:-python3}"
 mkdir -p "$OUT"
-"$PY" benchmarks/bench_decode_attention.py --no-compare-dense --tune 16x4x1 32x4x1 32x8x1 64x4x1 32x4 \
+"$PY" benchmarks/bench_decode_attention.py --tune 32x4x1 16x4x1 32x8x2 --tune-shapes llama2-7b llama3-8b \
+    --tune-kernels head group --group-launch tuned \
     --csv "$OUT/decode_attention.csv" --markdown "$OUT/decode_attention.md"
 "$PY" benchmarks/bench_quantize_pack.py --csv "$OUT/quantize_pack.csv" --markdown "$OUT/quantize_pack.md"
 "$PY" benchmarks/bench_end_to_end.py --csv "$OUT/end_to_end.csv" --markdown "$OUT/end_to_end.md"

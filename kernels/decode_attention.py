@@ -558,6 +558,7 @@ class PreparedRotation:
         rtp: ``[Gd, Gd]`` in ``dot_dtype``, ``R^T`` with rows in plane order (dense path).
         a: fp32 ``[G, G]``, the factor ``A`` (None when not factored).
         btp: ``[d, d]`` in ``dot_dtype``, ``B^T`` with rows in plane order (None when not factored).
+        bt: ``[d, d]`` in ``dot_dtype``, ``B^T`` in channel order (the group kernel; None when not factored).
     """
 
     rotation: torch.Tensor
@@ -567,6 +568,7 @@ class PreparedRotation:
     rtp: torch.Tensor
     a: torch.Tensor | None
     btp: torch.Tensor | None
+    bt: torch.Tensor | None = None
 
     @property
     def group_heads(self) -> int:
@@ -602,11 +604,12 @@ def prepare_rotation(rotation: torch.Tensor, head_dim: int, dot_dtype: torch.dty
     r32 = rotation.detach().to(torch.float32).contiguous()
     rtp = r32.T.index_select(0, _plane_order(gd, d, dev)).to(dt).contiguous()
     ab = _kron_factors(r32, d) if d % _NPLANES == 0 else None
-    a = btp = None
+    a = btp = bt = None
     if ab is not None:
         a = ab[0].to(torch.float32).contiguous()
-        btp = ab[1].T.index_select(0, _plane_order(d, d, dev)).to(dt).contiguous()
-    return PreparedRotation(rotation=r32, head_dim=d, dot_dtype=dt, factored=ab is not None, rtp=rtp, a=a, btp=btp)
+        bt = ab[1].T.to(dt).contiguous()
+        btp = bt.index_select(0, _plane_order(d, d, dev)).contiguous()
+    return PreparedRotation(rotation=r32, head_dim=d, dot_dtype=dt, factored=ab is not None, rtp=rtp, a=a, btp=btp, bt=bt)
 
 
 def num_splits_for(batch: int, n_kv: int, T: int, block_t: int, device: torch.device) -> int:
@@ -770,7 +773,8 @@ def decode_attention(
     if use_group:
         launch_group_kernel(
             qc, (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, pos), (fk, fv, fpos),
-            a=prep.a, btp=prep.btp, mean=mean, gidp=gidp, freq=freq, o_part=o_part, lse_part=lse_part,
+            a=prep.a, bt=prep.bt, mean=mean, gid=k_gid.to(device=dev, dtype=torch.int32).contiguous(), freq=freq,
+            o_part=o_part, lse_part=lse_part,
             dims=dm, tokens_per_split=tokens_per_split, num_splits=num_splits, has_fp=has_fp,
             k_bits=k_bits, v_bits=v_bits, v_group_size=v_group_size, n_gk=n_gk,
             qk_scale=sm_scale * _LOG2E, rope_scaling=float(attention_scaling), dot_dtype=dot_dtype,

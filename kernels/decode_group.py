@@ -9,10 +9,11 @@ kernel is faster everywhere; docs/benchmarks.md has the side-by-side rows and th
 are instruction-issue-bound, at a similar count of instructions per key token and head):
 
 - **Each key code is unpacked and dequantized once**, not once per head of its group: a
-  program owns all ``G`` KV heads of one head group (and their ``G*rep`` query heads). Per
-  plane ``j`` the ``G`` chunks' dequantized tiles ``y_g`` are combined into each head's
-  ``z_h = Σ_g A[h, g] y_g`` (elementwise) and multiplied by ``B^T``'s plane-``j`` rows
-  (``d*d`` tensor-core MACs per key token and head, as before).
+  program owns all ``G`` KV heads of one head group (and their ``G*rep`` query heads).
+- **Codes are read as int32 words** and split into channel order in registers
+  (:func:`_words_to_codes`), so a chunk's ``d`` channels meet ``B^T`` in one ``K = d`` dot
+  (``d*d`` tensor-core MACs per key token and head) after the heads' combination
+  ``z_h = Σ_g A[h, g] y_g`` of the dequantized chunks ``y_g``.
 - **No one-hot dots, no layout round trips for scales:** per-channel key scales and zeros
   come from a chain of at most three selects on the channel's group id; codes become floats
   by the exponent trick (``bits(2^23 + c) - 2^23``), not a conversion instruction.
@@ -34,7 +35,7 @@ import triton
 import triton.language as tl
 
 from ._common import next_pow2
-from ._decode_parts import _byte_tiles, _cos_sin, _group_rows, _plane_codes, _select_groups, _softmax_step
+from ._decode_parts import _cos_sin, _group_rows, _select_groups, _softmax_step
 
 __all__ = ["group_kernel_supports", "launch_group_kernel"]
 
@@ -64,105 +65,125 @@ def _as_float(codes):
 
 
 @triton.jit
-def _key_plane(krow, tmask, ii, gid_ptr, g: tl.constexpr, j: tl.constexpr,
-               s0, s1, s2, s3, z0, z1, z2, z3,
-               D: tl.constexpr, GD: tl.constexpr, K_BITS: tl.constexpr, NGK: tl.constexpr):
-    """Dequantized ``fp32 [BLOCK_T, d/4]``: plane ``j`` of chunk ``g`` of the rotated key row."""
-    K_LOB: tl.constexpr = 4 if K_BITS == 4 else 2
-    lo0 = g * D * K_LOB // 8
-    hi0 = GD // 4 + g * D // 8
-    blo, bhi = _byte_tiles(krow, tmask, ii, lo0, hi0, K_BITS)
-    c = _as_float(_plane_codes(krow, tmask, ii, j, lo0, hi0, blo, bhi, K_BITS))
-    if NGK == 1:
-        return c * s0[:, None] + z0[:, None]
-    gid = tl.load(gid_ptr + g * D + j * (D // 4) + ii)
-    return c * _select_groups(gid, s0, s1, s2, s3, NGK) + _select_groups(gid, z0, z1, z2, z3, NGK)
+def _field(lo, hi, sh, i: tl.constexpr, BITS: tl.constexpr):
+    """Code ``i`` of each packed word (``hi``/``sh``: the 3-bit high bits' words and shifts)."""
+    if BITS == 4:
+        return (lo >> (4 * i)) & 15
+    f = (lo >> (2 * i)) & 3
+    if BITS == 3:
+        f = f | (((hi >> (sh + i)) & 1) << 2)
+    return f
 
 
 @triton.jit
-def _head_keys(a_ptr, h: tl.constexpr, y0, y1, y2, y3, bl, bh, kl, kh,
-               G: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
-    """Head ``h``'s share of one plane: ``z = Σ_g A[h, g] y_g``, then ``k += z @ B^T`` (two halves)."""
+def _words_to_codes(lo, hi, sh, BITS: tl.constexpr, ROWS: tl.constexpr, NW: tl.constexpr):
+    """int32 codes ``[ROWS, NW * per_word]`` in channel order from packed int32 words ``[ROWS, NW]``.
+
+    Word ``w`` holds channels ``per_word*w + i`` (16 per word at 2/3 bits, 8 at 4 bits). Each
+    ``tl.join`` appends an axis of 2, so joining fields that differ in bit ``k`` of ``i``,
+    highest bit first, lays them out in channel order after the reshape (in registers).
+    """
+    if BITS == 4:
+        j0 = tl.join(_field(lo, hi, sh, 0, BITS), _field(lo, hi, sh, 4, BITS))
+        j1 = tl.join(_field(lo, hi, sh, 1, BITS), _field(lo, hi, sh, 5, BITS))
+        j2 = tl.join(_field(lo, hi, sh, 2, BITS), _field(lo, hi, sh, 6, BITS))
+        j3 = tl.join(_field(lo, hi, sh, 3, BITS), _field(lo, hi, sh, 7, BITS))
+        return tl.reshape(tl.join(tl.join(j0, j2), tl.join(j1, j3)), (ROWS, NW * 8))
+    j0 = tl.join(_field(lo, hi, sh, 0, BITS), _field(lo, hi, sh, 8, BITS))
+    j1 = tl.join(_field(lo, hi, sh, 1, BITS), _field(lo, hi, sh, 9, BITS))
+    j2 = tl.join(_field(lo, hi, sh, 2, BITS), _field(lo, hi, sh, 10, BITS))
+    j3 = tl.join(_field(lo, hi, sh, 3, BITS), _field(lo, hi, sh, 11, BITS))
+    j4 = tl.join(_field(lo, hi, sh, 4, BITS), _field(lo, hi, sh, 12, BITS))
+    j5 = tl.join(_field(lo, hi, sh, 5, BITS), _field(lo, hi, sh, 13, BITS))
+    j6 = tl.join(_field(lo, hi, sh, 6, BITS), _field(lo, hi, sh, 14, BITS))
+    j7 = tl.join(_field(lo, hi, sh, 7, BITS), _field(lo, hi, sh, 15, BITS))
+    k0 = tl.join(j0, j4)
+    k1 = tl.join(j1, j5)
+    k2 = tl.join(j2, j6)
+    k3 = tl.join(j3, j7)
+    return tl.reshape(tl.join(tl.join(k0, k2), tl.join(k1, k3)), (ROWS, NW * 16))
+
+
+@triton.jit
+def _chunk_codes(row, tmask, w0, hi0, D: tl.constexpr, BITS: tl.constexpr, ROWS: tl.constexpr):
+    """Codes ``int32 [ROWS, D]`` of one ``D``-channel chunk: low words from word ``w0``, 3-bit high words from ``hi0``."""
+    PER: tl.constexpr = 8 if BITS == 4 else 16
+    NW: tl.constexpr = D // PER
+    wi = tl.arange(0, NW)
+    lo = tl.load(row[:, None] + w0 + wi[None, :], mask=tmask[:, None], other=0)
+    if BITS == 3:  # channel PER*w + i: high bit 16*(w % 2) + i of high word w // 2
+        hi = tl.load(row[:, None] + hi0 + wi[None, :] // 2, mask=tmask[:, None], other=0)
+        sh = (16 * (wi % 2))[None, :]
+    else:
+        hi = lo
+        sh = wi[None, :]
+    return _words_to_codes(lo, hi, sh, BITS, ROWS, NW)
+
+
+@triton.jit
+def _key_chunk(krow, tmask, gid_ptr, g: tl.constexpr, s0, s1, s2, s3, z0, z1, z2, z3,
+               D: tl.constexpr, GD: tl.constexpr, K_BITS: tl.constexpr, NGK: tl.constexpr,
+               BLOCK_T: tl.constexpr, DT: tl.constexpr):
+    """Dequantized chunk ``g`` (``DT [BLOCK_T, D]``, channel order) of the rotated key rows."""
+    PER: tl.constexpr = 8 if K_BITS == 4 else 16
+    c = _as_float(_chunk_codes(krow, tmask, g * (D // PER), GD // 16 + g * (D // 32), D, K_BITS, BLOCK_T))
+    if NGK == 1:
+        return (c * s0[:, None] + z0[:, None]).to(DT)
+    gid = tl.load(gid_ptr + g * D + tl.arange(0, D))
+    return (c * _select_groups(gid, s0, s1, s2, s3, NGK) + _select_groups(gid, z0, z1, z2, z3, NGK)).to(DT)
+
+
+@triton.jit
+def _head_scores(s, h: tl.constexpr, a_ptr, y0, y1, y2, y3, bl, bh, mean_ptr, c, cos, sin, q_lo, q_hi, qhead,
+                 G: tl.constexpr, HALF: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """Head ``h``: ``z = Σ_g A[h, g] y_g``, ``k = z @ B^T + μ_h`` (two halves), RoPE, its score columns."""
     if G == 1:
         z = y0
     else:
-        z = tl.load(a_ptr + h * G) * y0 + tl.load(a_ptr + h * G + 1) * y1
+        z = tl.load(a_ptr + h * G).to(DT) * y0 + tl.load(a_ptr + h * G + 1).to(DT) * y1
         if G > 2:
-            z = z + tl.load(a_ptr + h * G + 2) * y2
+            z = z + tl.load(a_ptr + h * G + 2).to(DT) * y2
         if G > 3:
-            z = z + tl.load(a_ptr + h * G + 3) * y3
-    z = z.to(DT)
-    return tl.dot(z, bl, kl, input_precision=PREC), tl.dot(z, bh, kh, input_precision=PREC)
+            z = z + tl.load(a_ptr + h * G + 3).to(DT) * y3
+    k_lo = tl.dot(z, bl, input_precision=PREC) + tl.load(mean_ptr + h * 2 * HALF + c)[None, :]
+    k_hi = tl.dot(z, bh, input_precision=PREC) + tl.load(mean_ptr + h * 2 * HALF + HALF + c)[None, :]
+    return tl.where(qhead[None, :] == h, _rope_scores(k_lo, k_hi, cos, sin, q_lo, q_hi, DT, PREC), s)
 
 
 @triton.jit
-def _head_scores(s, h: tl.constexpr, k_lo, k_hi, cos, sin, q_lo, q_hi, qhead, DT: tl.constexpr, PREC: tl.constexpr):
-    """Put head ``h``'s scores (RoPE'd pre-RoPE key halves against its query rows) into its columns of ``s``."""
+def _rope_scores(k_lo, k_hi, cos, sin, q_lo, q_hi, DT: tl.constexpr, PREC: tl.constexpr):
+    """Scores ``[BLOCK_T, QP]`` of pre-RoPE key halves, RoPE'd at their positions, against every query row."""
     r_lo = (k_lo * cos - k_hi * sin).to(DT)
     r_hi = (k_hi * cos + k_lo * sin).to(DT)
     sh = tl.dot(r_lo, tl.trans(q_lo), input_precision=PREC)
-    sh = tl.dot(r_hi, tl.trans(q_hi), sh, input_precision=PREC)
-    return tl.where(qhead[None, :] == h, sh, s)
+    return tl.dot(r_hi, tl.trans(q_hi), sh, input_precision=PREC)
 
 
 @triton.jit
-def _value_planes(vrow, tmask, ii, valid, ph, vs_row, vz_row, acc0, acc1, acc2, acc3, accz,
-                  PW: tl.constexpr, V_BITS: tl.constexpr, GV: tl.constexpr, NGV: tl.constexpr, DT: tl.constexpr,
-                  PREC: tl.constexpr):
+def _head_values(vrow, tmask, valid, ph, vs_row, vz_row, acc, accz,
+                 D: tl.constexpr, V_BITS: tl.constexpr, GV: tl.constexpr, NGV: tl.constexpr,
+                 BLOCK_T: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
     """Add one KV head's ``ph^T @ v`` (``ph [BLOCK_T, QP]``: weights of its query columns, others 0)."""
-    vlo, vhi = _byte_tiles(vrow, tmask, ii, 0, PW, V_BITS)
+    c = _as_float(_chunk_codes(vrow, tmask, 0, D // 16, D, V_BITS, BLOCK_T))
     if NGV == 1:  # fold: (p ⊙ s) · codes + Σ p z
         vs = tl.load(vs_row, mask=valid, other=0.0).to(tl.float32)
         vz = tl.load(vz_row, mask=valid, other=0.0).to(tl.float32)
         accz = accz + tl.sum(ph * vz[:, None], 0)
-        pt = tl.trans((ph * vs[:, None]).to(DT))
-        acc0 = tl.dot(pt, _as_float(_plane_codes(vrow, tmask, ii, 0, 0, PW, vlo, vhi, V_BITS)).to(DT),
-                      acc0, input_precision=PREC)
-        acc1 = tl.dot(pt, _as_float(_plane_codes(vrow, tmask, ii, 1, 0, PW, vlo, vhi, V_BITS)).to(DT),
-                      acc1, input_precision=PREC)
-        acc2 = tl.dot(pt, _as_float(_plane_codes(vrow, tmask, ii, 2, 0, PW, vlo, vhi, V_BITS)).to(DT),
-                      acc2, input_precision=PREC)
-        acc3 = tl.dot(pt, _as_float(_plane_codes(vrow, tmask, ii, 3, 0, PW, vlo, vhi, V_BITS)).to(DT),
-                      acc3, input_precision=PREC)
-    else:  # per-channel scale/zero by selects on the channel's value group (4i + j) // GV
+        acc = tl.dot(tl.trans((ph * vs[:, None]).to(DT)), c.to(DT), acc, input_precision=PREC)
+    else:  # per-channel scale/zero by selects on the channel's value group
         s0, s1, s2, s3 = _group_rows(vs_row, valid, NGV)
         z0, z1, z2, z3 = _group_rows(vz_row, valid, NGV)
-        pt = tl.trans(ph.to(DT))
-        for j in tl.static_range(4):
-            gidv = (4 * ii + j) // GV
-            c = _as_float(_plane_codes(vrow, tmask, ii, j, 0, PW, vlo, vhi, V_BITS))
-            v = c * _select_groups(gidv, s0, s1, s2, s3, NGV) + _select_groups(gidv, z0, z1, z2, z3, NGV)
-            v = tl.where(valid[:, None], v, 0.0).to(DT)
-            if j == 0:
-                acc0 = tl.dot(pt, v, acc0, input_precision=PREC)
-            elif j == 1:
-                acc1 = tl.dot(pt, v, acc1, input_precision=PREC)
-            elif j == 2:
-                acc2 = tl.dot(pt, v, acc2, input_precision=PREC)
-            else:
-                acc3 = tl.dot(pt, v, acc3, input_precision=PREC)
-    return acc0, acc1, acc2, acc3, accz
-
-
-@triton.jit
-def _fp_values(v_row, valid, ph, acc0, acc1, acc2, acc3, DT: tl.constexpr, PREC: tl.constexpr):
-    """Add ``ph^T @ v`` for full-precision value rows (``v_row``: pointers to channel ``4i`` of each row).
-
-    Rows of empty slots load as zeros: they may hold garbage (NaN), and ``0 * NaN`` would poison the dot.
-    """
-    pt = tl.trans(ph.to(DT))
-    m = valid[:, None]
-    acc0 = tl.dot(pt, tl.load(v_row, mask=m, other=0.0).to(DT), acc0, input_precision=PREC)
-    acc1 = tl.dot(pt, tl.load(v_row + 1, mask=m, other=0.0).to(DT), acc1, input_precision=PREC)
-    acc2 = tl.dot(pt, tl.load(v_row + 2, mask=m, other=0.0).to(DT), acc2, input_precision=PREC)
-    acc3 = tl.dot(pt, tl.load(v_row + 3, mask=m, other=0.0).to(DT), acc3, input_precision=PREC)
-    return acc0, acc1, acc2, acc3
+        gidv = tl.arange(0, D) // GV
+        v = c * _select_groups(gidv, s0, s1, s2, s3, NGV) + _select_groups(gidv, z0, z1, z2, z3, NGV)
+        v = tl.where(valid[:, None], v, 0.0).to(DT)
+        acc = tl.dot(tl.trans(ph.to(DT)), v, acc, input_precision=PREC)
+    return acc, accz
 
 
 @triton.jit
 def _group_kernel(
-    q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, pos_ptr,
-    a_ptr, btp_ptr, mean_ptr, gidp_ptr, freq_ptr, fk_ptr, fv_ptr, fpos_ptr, o_ptr, lse_ptr,
+    q_ptr, kw_ptr, ks_ptr, kz_ptr, vw_ptr, vs_ptr, vz_ptr, pos_ptr,
+    a_ptr, bt_ptr, mean_ptr, gid_ptr, freq_ptr, fk_ptr, fv_ptr, fpos_ptr, o_ptr, lse_ptr,
     s_qb, s_qh,
     s_kcb, s_kch, s_kct, s_ksb, s_ksh, s_kst, s_kzb, s_kzh, s_kzt,
     s_vcb, s_vch, s_vct, s_vsb, s_vsh, s_vst, s_vzb, s_vzh, s_vzt,
@@ -175,42 +196,39 @@ def _group_kernel(
 ):
     """Grid ``(B, n_hg, n_parts)``; writes fp32 partial outputs and log2-sum-exp per part.
 
-    ``a fp32 [G, G]`` and ``btp [d, d]`` (``B^T``, rows in plane order) are the rotation's
-    factors; ``gidp [n_hg, Gd]`` the key group of each rotated channel, in plane order.
+    ``kw``/``vw``: the packed codes as int32 words (strides in words). ``a fp32 [G, G]`` and
+    ``bt [d, d]`` (``B^T``) are the rotation's factors; ``gid int32 [n_hg, Gd]`` the key group
+    of each rotated channel.
     """
     b = tl.program_id(0).to(tl.int64)
     hg = tl.program_id(1)
     split = tl.program_id(2)
     GD: tl.constexpr = G * D
     HALF: tl.constexpr = D // 2
-    PW: tl.constexpr = D // 4
 
     qi = tl.arange(0, QP)
     qmask = qi < G * REP
     qhead = qi // REP  # head of the group each score column belongs to
     c = tl.arange(0, HALF)
-    ii = tl.arange(0, PW)
+    cc = tl.arange(0, D)
     q_row = q_ptr + b * s_qb + (hg * G * REP + qi)[:, None] * s_qh
     q_lo = tl.load(q_row + c[None, :], mask=qmask[:, None], other=0.0).to(DT)
     q_hi = tl.load(q_row + HALF + c[None, :], mask=qmask[:, None], other=0.0).to(DT)
     freq = tl.load(freq_ptr + c)
     mean_base = mean_ptr + hg * GD
-    gid_base = gidp_ptr + hg * GD
+    gid_base = gid_ptr + hg * GD
 
     m_i = tl.full((QP,), -1.0e30, tl.float32)
     l_i = tl.zeros((QP,), tl.float32)
-    acc0 = tl.zeros((QP, PW), tl.float32)
-    acc1 = tl.zeros((QP, PW), tl.float32)
-    acc2 = tl.zeros((QP, PW), tl.float32)
-    acc3 = tl.zeros((QP, PW), tl.float32)
+    acc = tl.zeros((QP, D), tl.float32)
     accz = tl.zeros((QP,), tl.float32)
 
     t_start = split * tokens_per_split
     t_stop = tl.minimum(T, t_start + tokens_per_split)
-    kc_base = kc_ptr + b * s_kcb + hg * s_kch
+    kw_base = kw_ptr + b * s_kcb + hg * s_kch
     ks_base = ks_ptr + b * s_ksb + hg * s_ksh
     kz_base = kz_ptr + b * s_kzb + hg * s_kzh
-    bt_base = btp_ptr + ii[:, None] * D + c[None, :]
+    bt_base = bt_ptr + cc[:, None] * D + c[None, :]
     for t0 in range(t_start, t_stop, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
         tmask = t < t_stop
@@ -222,66 +240,34 @@ def _group_kernel(
         sin = sin * rope_scaling
         s0, s1, s2, s3 = _group_rows(ks_base + tt * s_kst, valid, NGK)
         z0, z1, z2, z3 = _group_rows(kz_base + tt * s_kzt, valid, NGK)
-        krow = kc_base + tt * s_kct
-        k0l = tl.zeros((BLOCK_T, HALF), tl.float32)
-        k0h = tl.zeros((BLOCK_T, HALF), tl.float32)
+        krow = kw_base + tt * s_kct
+        y0 = _key_chunk(krow, tmask, gid_base, 0, s0, s1, s2, s3, z0, z1, z2, z3, D, GD, K_BITS, NGK, BLOCK_T, DT)
+        y1 = y0
+        y2 = y0
+        y3 = y0
         if G > 1:
-            k1l = tl.zeros((BLOCK_T, HALF), tl.float32)
-            k1h = tl.zeros((BLOCK_T, HALF), tl.float32)
+            y1 = _key_chunk(krow, tmask, gid_base, 1, s0, s1, s2, s3, z0, z1, z2, z3, D, GD, K_BITS, NGK, BLOCK_T, DT)
         if G > 2:
-            k2l = tl.zeros((BLOCK_T, HALF), tl.float32)
-            k2h = tl.zeros((BLOCK_T, HALF), tl.float32)
+            y2 = _key_chunk(krow, tmask, gid_base, 2, s0, s1, s2, s3, z0, z1, z2, z3, D, GD, K_BITS, NGK, BLOCK_T, DT)
         if G > 3:
-            k3l = tl.zeros((BLOCK_T, HALF), tl.float32)
-            k3h = tl.zeros((BLOCK_T, HALF), tl.float32)
-        for j in tl.static_range(4):
-            bl = tl.load(bt_base + j * PW * D)
-            bh = tl.load(bt_base + j * PW * D + HALF)
-            y0 = _key_plane(krow, tmask, ii, gid_base, 0, j, s0, s1, s2, s3, z0, z1, z2, z3, D, GD, K_BITS, NGK)
-            y1 = y0
-            y2 = y0
-            y3 = y0
-            if G > 1:
-                y1 = _key_plane(krow, tmask, ii, gid_base, 1, j, s0, s1, s2, s3, z0, z1, z2, z3, D, GD, K_BITS, NGK)
-            if G > 2:
-                y2 = _key_plane(krow, tmask, ii, gid_base, 2, j, s0, s1, s2, s3, z0, z1, z2, z3, D, GD, K_BITS, NGK)
-            if G > 3:
-                y3 = _key_plane(krow, tmask, ii, gid_base, 3, j, s0, s1, s2, s3, z0, z1, z2, z3, D, GD, K_BITS, NGK)
-            k0l, k0h = _head_keys(a_ptr, 0, y0, y1, y2, y3, bl, bh, k0l, k0h, G, DT, PREC)
-            if G > 1:
-                k1l, k1h = _head_keys(a_ptr, 1, y0, y1, y2, y3, bl, bh, k1l, k1h, G, DT, PREC)
-            if G > 2:
-                k2l, k2h = _head_keys(a_ptr, 2, y0, y1, y2, y3, bl, bh, k2l, k2h, G, DT, PREC)
-            if G > 3:
-                k3l, k3h = _head_keys(a_ptr, 3, y0, y1, y2, y3, bl, bh, k3l, k3h, G, DT, PREC)
+            y3 = _key_chunk(krow, tmask, gid_base, 3, s0, s1, s2, s3, z0, z1, z2, z3, D, GD, K_BITS, NGK, BLOCK_T, DT)
+        bl = tl.load(bt_base)
+        bh = tl.load(bt_base + HALF)
         s = tl.zeros((BLOCK_T, QP), tl.float32)
-        s = _head_scores(s, 0, k0l + tl.load(mean_base + c)[None, :], k0h + tl.load(mean_base + HALF + c)[None, :],
-                         cos, sin, q_lo, q_hi, qhead, DT, PREC)
-        if G > 1:
-            s = _head_scores(s, 1, k1l + tl.load(mean_base + D + c)[None, :],
-                             k1h + tl.load(mean_base + D + HALF + c)[None, :], cos, sin, q_lo, q_hi, qhead, DT, PREC)
-        if G > 2:
-            s = _head_scores(s, 2, k2l + tl.load(mean_base + 2 * D + c)[None, :],
-                             k2h + tl.load(mean_base + 2 * D + HALF + c)[None, :], cos, sin, q_lo, q_hi, qhead, DT,
-                             PREC)
-        if G > 3:
-            s = _head_scores(s, 3, k3l + tl.load(mean_base + 3 * D + c)[None, :],
-                             k3h + tl.load(mean_base + 3 * D + HALF + c)[None, :], cos, sin, q_lo, q_hi, qhead, DT,
-                             PREC)
+        for h in tl.static_range(G):
+            s = _head_scores(s, h, a_ptr, y0, y1, y2, y3, bl, bh, mean_base, c, cos, sin, q_lo, q_hi, qhead,
+                             G, HALF, DT, PREC)
         s = tl.where(valid[:, None] & qmask[None, :], s * qk_scale, float("-inf"))
         m_i, l_i, alpha, p = _softmax_step(s, m_i, l_i)
-        acc0 = acc0 * alpha[:, None]
-        acc1 = acc1 * alpha[:, None]
-        acc2 = acc2 * alpha[:, None]
-        acc3 = acc3 * alpha[:, None]
+        acc = acc * alpha[:, None]
         accz = accz * alpha
         for h in tl.static_range(G):
             kv = hg * G + h
             ph = tl.where(qhead[None, :] == h, p, 0.0)
-            acc0, acc1, acc2, acc3, accz = _value_planes(
-                vc_ptr + b * s_vcb + kv * s_vch + tt * s_vct, tmask, ii, valid, ph,
+            acc, accz = _head_values(
+                vw_ptr + b * s_vcb + kv * s_vch + tt * s_vct, tmask, valid, ph,
                 vs_ptr + b * s_vsb + kv * s_vsh + tt * s_vst, vz_ptr + b * s_vzb + kv * s_vzh + tt * s_vzt,
-                acc0, acc1, acc2, acc3, accz, PW, V_BITS, GV, NGV, DT, PREC)
+                acc, accz, D, V_BITS, GV, NGV, BLOCK_T, DT, PREC)
 
     if HAS_FP:  # the last program index attends to the full-precision segment
         f_stop = tl.where(split == n_splits, F, 0)
@@ -299,28 +285,22 @@ def _group_kernel(
                 k_row = fk_ptr + b * s_fkb + (hg * G + h) * s_fkh + ff[:, None] * s_fkt
                 k_lo = tl.load(k_row + c[None, :], mask=fmask[:, None], other=0.0).to(tl.float32)
                 k_hi = tl.load(k_row + HALF + c[None, :], mask=fmask[:, None], other=0.0).to(tl.float32)
-                s = _head_scores(s, h, k_lo, k_hi, cos, sin, q_lo, q_hi, qhead, DT, PREC)
+                s = tl.where(qhead[None, :] == h, _rope_scores(k_lo, k_hi, cos, sin, q_lo, q_hi, DT, PREC), s)
             s = tl.where(valid[:, None] & qmask[None, :], s * qk_scale, float("-inf"))
             m_i, l_i, alpha, p = _softmax_step(s, m_i, l_i)
-            acc0 = acc0 * alpha[:, None]
-            acc1 = acc1 * alpha[:, None]
-            acc2 = acc2 * alpha[:, None]
-            acc3 = acc3 * alpha[:, None]
+            acc = acc * alpha[:, None]
             accz = accz * alpha
             for h in tl.static_range(G):
                 ph = tl.where(qhead[None, :] == h, p, 0.0)
-                v_row = fv_ptr + b * s_fvb + (hg * G + h) * s_fvh + ff[:, None] * s_fvt + 4 * ii[None, :]
-                acc0, acc1, acc2, acc3 = _fp_values(v_row, valid, ph, acc0, acc1, acc2, acc3, DT, PREC)
+                v_row = fv_ptr + b * s_fvb + (hg * G + h) * s_fvh + ff[:, None] * s_fvt + cc[None, :]
+                v = tl.load(v_row, mask=valid[:, None], other=0.0).to(DT)  # empty slots may hold NaN
+                acc = tl.dot(tl.trans(ph.to(DT)), v, acc, input_precision=PREC)
 
     has = l_i > 0.0
     inv_l = 1.0 / tl.where(has, l_i, 1.0)
     lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
     row = (b * n_q + hg * G * REP + qi) * n_parts + split  # [B, n_q, n_parts]
-    o_row = o_ptr + row[:, None] * D + 4 * ii[None, :]
-    tl.store(o_row, (acc0 + accz[:, None]) * inv_l[:, None], mask=qmask[:, None])
-    tl.store(o_row + 1, (acc1 + accz[:, None]) * inv_l[:, None], mask=qmask[:, None])
-    tl.store(o_row + 2, (acc2 + accz[:, None]) * inv_l[:, None], mask=qmask[:, None])
-    tl.store(o_row + 3, (acc3 + accz[:, None]) * inv_l[:, None], mask=qmask[:, None])
+    tl.store(o_ptr + row[:, None] * D + cc[None, :], (acc + accz[:, None]) * inv_l[:, None], mask=qmask[:, None])
     tl.store(lse_ptr + row, lse, mask=qmask)
 
 
@@ -330,9 +310,9 @@ def launch_group_kernel(
     fp: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     *,
     a: torch.Tensor,
-    btp: torch.Tensor,
+    bt: torch.Tensor,
     mean: torch.Tensor,
-    gidp: torch.Tensor,
+    gid: torch.Tensor,
     freq: torch.Tensor,
     o_part: torch.Tensor,
     lse_part: torch.Tensor,
@@ -353,14 +333,18 @@ def launch_group_kernel(
     num_warps: int,
     num_stages: int,
 ) -> None:
-    """Launch :func:`_group_kernel` over ``(B, n_hg, n_parts)``; arguments prepared by ``decode_attention``."""
+    """Launch :func:`_group_kernel` over ``(B, n_hg, n_parts)``; arguments prepared by ``decode_attention``.
+
+    ``bt``: ``B^T`` in channel order; ``gid``: int32 ``[n_hg, Gd]`` in channel order.
+    """
     k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, pos = cache
+    k_codes, v_codes = _as_words(k_codes), _as_words(v_codes)
     fk, fv, fpos = fp
     B, n_q, d, G, n_hg, rep, T, F = (dims[k] for k in ("B", "n_q", "d", "G", "n_hg", "rep", "T", "F"))
     n_parts = o_part.shape[2]
     _group_kernel[(B, n_hg, n_parts)](
         q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, pos,
-        a, btp, mean, gidp, freq, fk, fv, fpos, o_part, lse_part,
+        a, bt, mean, gid, freq, fk, fv, fpos, o_part, lse_part,
         q.stride(0), q.stride(1),
         *k_codes.stride()[:3], *k_scale.stride()[:3], *k_zero.stride()[:3],
         *v_codes.stride()[:3], *v_scale.stride()[:3], *v_zero.stride()[:3],
@@ -372,3 +356,12 @@ def launch_group_kernel(
         PREC=precision, USE_LIBDEVICE=use_libdevice,
         num_warps=num_warps, num_stages=num_stages,
     )
+
+
+def _as_words(codes: torch.Tensor) -> torch.Tensor:
+    """A uint8 code tensor (rows of whole 4-byte words) viewed as int32 words, no copy."""
+    if codes.shape[-1] % 4 or codes.stride(-1) != 1 or any(s % 4 for s in codes.stride()[:-1]):
+        codes = codes.contiguous()
+        if codes.shape[-1] % 4:
+            raise ValueError(f"packed rows of {codes.shape[-1]} bytes are not whole int32 words")
+    return codes.view(torch.int32)
