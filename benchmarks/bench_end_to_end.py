@@ -120,21 +120,29 @@ def _try(fn, *args) -> dict[str, float] | None:
     return None
 
 
-def largest_batch(job: Callable[[int], dict], probe: tuple[int, int], results: dict[int, dict], limit: int) -> tuple[int, dict]:
-    """The largest batch whose ``job(batch)`` runs, from a linear fit of peak memory at the two ``probe`` batches."""
+def largest_batch(
+    job: Callable[[int], dict], probe: tuple[int, int], results: dict[int, dict], limit: int, max_tries: int = 6
+) -> tuple[int, dict]:
+    """The largest batch whose ``job(batch)`` runs: a first guess from a linear fit of peak memory
+    at the two ``probe`` batches, then up by 25 % steps until one fails, then bisection between
+    the largest success and the smallest failure (at most ``max_tries`` jobs)."""
     (b1, b2) = probe
     p1, p2 = results[b1]["peak_bytes"], results[b2]["peak_bytes"]
     per_seq = max((p2 - p1) / (b2 - b1), 1.0)
-    guess = int((limit - (p1 - b1 * per_seq)) / per_seq)
-    for _ in range(6):
-        if guess <= b2:
-            return b2, results[b2]
+    ok_b, ok_r = b2, results[b2]
+    fail_b: int | None = None
+    guess = max(int((limit - (p1 - b1 * per_seq)) / per_seq), b2 + 1)
+    for _ in range(max_tries):
         out = _try(job, guess)
         print(f"  batch {guess}: {'ok' if out else 'out of memory'}", flush=True)
         if out is not None:
-            return guess, out
-        guess = int(guess * 0.93)
-    return b2, results[b2]
+            ok_b, ok_r = guess, out
+        else:
+            fail_b = guess
+        if fail_b is not None and fail_b - ok_b <= 1:
+            break
+        guess = int(guess * 1.25) + 1 if fail_b is None else (ok_b + fail_b) // 2
+    return ok_b, ok_r
 
 
 def _row(base: dict, impl: str, case: str, batch: int, result: dict | None, weights: int) -> dict[str, object]:

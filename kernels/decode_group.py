@@ -68,10 +68,11 @@ def _as_float(codes):
 def _field(lo, hi, sh, i: tl.constexpr, BITS: tl.constexpr):
     """Code ``i`` of each packed word (``hi``/``sh``: the 3-bit high bits' words and shifts)."""
     if BITS == 4:
-        return (lo >> (4 * i)) & 15
-    f = (lo >> (2 * i)) & 3
-    if BITS == 3:
-        f = f | (((hi >> (sh + i)) & 1) << 2)
+        f = (lo >> (4 * i)) & 15
+    else:
+        f = (lo >> (2 * i)) & 3
+        if BITS == 3:
+            f = f | (((hi >> (sh + i)) & 1) << 2)
     return f
 
 
@@ -83,25 +84,27 @@ def _words_to_codes(lo, hi, sh, BITS: tl.constexpr, ROWS: tl.constexpr, NW: tl.c
     ``tl.join`` appends an axis of 2, so joining fields that differ in bit ``k`` of ``i``,
     highest bit first, lays them out in channel order after the reshape (in registers).
     """
-    if BITS == 4:
+    if BITS == 4:  # one exit: Triton 3.6 checks every return's type, even in a dead constexpr branch
         j0 = tl.join(_field(lo, hi, sh, 0, BITS), _field(lo, hi, sh, 4, BITS))
         j1 = tl.join(_field(lo, hi, sh, 1, BITS), _field(lo, hi, sh, 5, BITS))
         j2 = tl.join(_field(lo, hi, sh, 2, BITS), _field(lo, hi, sh, 6, BITS))
         j3 = tl.join(_field(lo, hi, sh, 3, BITS), _field(lo, hi, sh, 7, BITS))
-        return tl.reshape(tl.join(tl.join(j0, j2), tl.join(j1, j3)), (ROWS, NW * 8))
-    j0 = tl.join(_field(lo, hi, sh, 0, BITS), _field(lo, hi, sh, 8, BITS))
-    j1 = tl.join(_field(lo, hi, sh, 1, BITS), _field(lo, hi, sh, 9, BITS))
-    j2 = tl.join(_field(lo, hi, sh, 2, BITS), _field(lo, hi, sh, 10, BITS))
-    j3 = tl.join(_field(lo, hi, sh, 3, BITS), _field(lo, hi, sh, 11, BITS))
-    j4 = tl.join(_field(lo, hi, sh, 4, BITS), _field(lo, hi, sh, 12, BITS))
-    j5 = tl.join(_field(lo, hi, sh, 5, BITS), _field(lo, hi, sh, 13, BITS))
-    j6 = tl.join(_field(lo, hi, sh, 6, BITS), _field(lo, hi, sh, 14, BITS))
-    j7 = tl.join(_field(lo, hi, sh, 7, BITS), _field(lo, hi, sh, 15, BITS))
-    k0 = tl.join(j0, j4)
-    k1 = tl.join(j1, j5)
-    k2 = tl.join(j2, j6)
-    k3 = tl.join(j3, j7)
-    return tl.reshape(tl.join(tl.join(k0, k2), tl.join(k1, k3)), (ROWS, NW * 16))
+        codes = tl.reshape(tl.join(tl.join(j0, j2), tl.join(j1, j3)), (ROWS, NW * 8))
+    else:
+        j0 = tl.join(_field(lo, hi, sh, 0, BITS), _field(lo, hi, sh, 8, BITS))
+        j1 = tl.join(_field(lo, hi, sh, 1, BITS), _field(lo, hi, sh, 9, BITS))
+        j2 = tl.join(_field(lo, hi, sh, 2, BITS), _field(lo, hi, sh, 10, BITS))
+        j3 = tl.join(_field(lo, hi, sh, 3, BITS), _field(lo, hi, sh, 11, BITS))
+        j4 = tl.join(_field(lo, hi, sh, 4, BITS), _field(lo, hi, sh, 12, BITS))
+        j5 = tl.join(_field(lo, hi, sh, 5, BITS), _field(lo, hi, sh, 13, BITS))
+        j6 = tl.join(_field(lo, hi, sh, 6, BITS), _field(lo, hi, sh, 14, BITS))
+        j7 = tl.join(_field(lo, hi, sh, 7, BITS), _field(lo, hi, sh, 15, BITS))
+        k0 = tl.join(j0, j4)
+        k1 = tl.join(j1, j5)
+        k2 = tl.join(j2, j6)
+        k3 = tl.join(j3, j7)
+        codes = tl.reshape(tl.join(tl.join(k0, k2), tl.join(k1, k3)), (ROWS, NW * 16))
+    return codes
 
 
 @triton.jit
@@ -128,9 +131,11 @@ def _key_chunk(krow, tmask, gid_ptr, g: tl.constexpr, s0, s1, s2, s3, z0, z1, z2
     PER: tl.constexpr = 8 if K_BITS == 4 else 16
     c = _as_float(_chunk_codes(krow, tmask, g * (D // PER), GD // 16 + g * (D // 32), D, K_BITS, BLOCK_T))
     if NGK == 1:
-        return (c * s0[:, None] + z0[:, None]).to(DT)
-    gid = tl.load(gid_ptr + g * D + tl.arange(0, D))
-    return (c * _select_groups(gid, s0, s1, s2, s3, NGK) + _select_groups(gid, z0, z1, z2, z3, NGK)).to(DT)
+        y = c * s0[:, None] + z0[:, None]
+    else:
+        gid = tl.load(gid_ptr + g * D + tl.arange(0, D))
+        y = c * _select_groups(gid, s0, s1, s2, s3, NGK) + _select_groups(gid, z0, z1, z2, z3, NGK)
+    return y.to(DT)
 
 
 @triton.jit
