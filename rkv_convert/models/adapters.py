@@ -159,6 +159,9 @@ def _adapted_forward(
 ) -> tuple[torch.Tensor, None]:
     q, k, v = self._rkv_family.project(self, hidden_states)
     layer_input = self.__dict__.pop("_rkv_layer_input", None)
+    if layer_input is not None and layer_input.device != hidden_states.device:
+        # stashed before accelerate's hook moved the layer's inputs (device_map over several GPUs)
+        layer_input = layer_input.to(hidden_states.device)
     out = self._rkv_handler(self, q, k, v, position_embeddings, attention_mask, past_key_values, layer_input, **kwargs)
     return self.o_proj(out.contiguous()), None
 
