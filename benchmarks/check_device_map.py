@@ -90,7 +90,7 @@ def main() -> None:
         folder = Path(tmp)
         AutoModelForCausalLM.from_config(cfg, dtype=torch.float16).save_pretrained(folder)
         weights = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-        share = math.ceil(weights / max(n_gpu, 1) * 1.15)  # a little over an even split: every GPU gets layers
+        share = math.ceil(weights * 1.4 / max(n_gpu, 1))  # room for accelerate's buffers; still too little for one GPU
         max_memory = {"cpu": 4 * weights} if args.cpu_smoke else {i: share for i in range(n_gpu)}
         split, split_art, split_s = _prepare(folder, args, "auto", max_memory)
         layer_devs = [str(next(layer.parameters()).device) for layer in split.model.model.layers]
