@@ -14,12 +14,13 @@ Dispatch rule of every public op in this package (explicit, never a silent fallb
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Literal
 
 import torch
 
-__all__ = ["Backend", "triton_interpreting", "use_triton", "resolve_backend", "next_pow2"]
+__all__ = ["Backend", "triton_interpreting", "use_triton", "resolve_backend", "next_pow2", "device_guard"]
 
 Backend = Literal["auto", "triton", "reference"]
 
@@ -53,3 +54,13 @@ def resolve_backend(backend: Backend, t: torch.Tensor) -> bool:
 def next_pow2(n: int) -> int:
     """Smallest power of two >= ``n`` (1 for n <= 1)."""
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Make ``t``'s CUDA device current for a kernel launch (a no-op on the CPU).
+
+    Triton launches on the current device and its stream: a layer placed on ``cuda:1`` by
+    ``device_map="auto"`` would otherwise run its kernels on ``cuda:0``'s stream, unordered
+    with the work that produced its inputs.
+    """
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

@@ -82,7 +82,7 @@ import triton.language as tl
 
 from rkv_convert.quant.packing import packed_width, unpack_codes
 
-from ._common import Backend, next_pow2, resolve_backend, triton_interpreting
+from ._common import Backend, device_guard, next_pow2, resolve_backend, triton_interpreting
 from .decode_group import group_kernel_supports, launch_group_kernel
 from ._decode_parts import _NPLANES, _byte_tiles, _cos_sin, _group_rows, _plane_codes, _select_groups, _softmax_step
 
@@ -783,23 +783,24 @@ def decode_attention(
         )
         return _merge(o_part, lse_part, q.dtype)
     a, btp = (prep.a, prep.btp) if factored else (prep.rtp, prep.rtp)  # unused by the dense path
-    _decode_kernel[(B, n_kv, n_parts)](
-        qc, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, pos,
-        prep.rtp, a, btp, mean, gidp, freq, fk, fv, fpos, o_part, lse_part,
-        qc.stride(0), qc.stride(1),
-        *k_codes.stride()[:3], *k_scale.stride()[:3], *k_zero.stride()[:3],
-        *v_codes.stride()[:3], *v_scale.stride()[:3], *v_zero.stride()[:3],
-        pos.stride(0), *fk.stride()[:3], *fv.stride()[:3], fpos.stride(0),
-        T, F, tokens_per_split, num_splits, n_parts, sm_scale * _LOG2E, float(attention_scaling),
-        D=d, G=G, REP=rep, QP=max(16, next_pow2(rep)),
-        K_BITS=k_bits, V_BITS=v_bits, NGK=n_gk, NGK_PAD=max(16, next_pow2(n_gk)),
-        GV=v_group_size, NGV=n_gv, NGV_PAD=max(16, next_pow2(n_gv)),
-        BLOCK_T=block_t, HAS_FP=has_fp, DOT_DTYPE=tl.float16 if dot_dtype == torch.float16 else tl.float32,
-        PREC=precision,
-        USE_LIBDEVICE=not triton_interpreting(), KRON=bool(factored),
-        SELECT_K=(2 <= n_gk <= 4) and bool(group_select),
-        num_warps=num_warps, num_stages=num_stages,
-    )
+    with device_guard(qc):  # Triton launches on the current device
+        _decode_kernel[(B, n_kv, n_parts)](
+            qc, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, pos,
+            prep.rtp, a, btp, mean, gidp, freq, fk, fv, fpos, o_part, lse_part,
+            qc.stride(0), qc.stride(1),
+            *k_codes.stride()[:3], *k_scale.stride()[:3], *k_zero.stride()[:3],
+            *v_codes.stride()[:3], *v_scale.stride()[:3], *v_zero.stride()[:3],
+            pos.stride(0), *fk.stride()[:3], *fv.stride()[:3], fpos.stride(0),
+            T, F, tokens_per_split, num_splits, n_parts, sm_scale * _LOG2E, float(attention_scaling),
+            D=d, G=G, REP=rep, QP=max(16, next_pow2(rep)),
+            K_BITS=k_bits, V_BITS=v_bits, NGK=n_gk, NGK_PAD=max(16, next_pow2(n_gk)),
+            GV=v_group_size, NGV=n_gv, NGV_PAD=max(16, next_pow2(n_gv)),
+            BLOCK_T=block_t, HAS_FP=has_fp, DOT_DTYPE=tl.float16 if dot_dtype == torch.float16 else tl.float32,
+            PREC=precision,
+            USE_LIBDEVICE=not triton_interpreting(), KRON=bool(factored),
+            SELECT_K=(2 <= n_gk <= 4) and bool(group_select),
+            num_warps=num_warps, num_stages=num_stages,
+        )
     return _merge(o_part, lse_part, q.dtype)
 
 
@@ -807,6 +808,7 @@ def _merge(o_part: torch.Tensor, lse_part: torch.Tensor, dtype: torch.dtype) -> 
     """Merge ``[B, n_q, n_parts, d]`` partial outputs by their log2-sum-exp into ``[B, n_q, d]``."""
     B, n_q, n_parts, d = o_part.shape
     out = torch.empty(B, n_q, d, device=o_part.device, dtype=dtype)
-    _merge_kernel[(B * n_q,)](o_part, lse_part, out, n_parts, D=d, P_PAD=max(2, next_pow2(n_parts)))
+    with device_guard(out):  # Triton launches on the current device
+        _merge_kernel[(B * n_q,)](o_part, lse_part, out, n_parts, D=d, P_PAD=max(2, next_pow2(n_parts)))
     return out
 

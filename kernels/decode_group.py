@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import next_pow2
+from ._common import device_guard, next_pow2
 from ._decode_parts import _cos_sin, _group_rows, _select_groups, _softmax_step
 
 __all__ = ["group_kernel_supports", "launch_group_kernel"]
@@ -347,20 +347,21 @@ def launch_group_kernel(
     fk, fv, fpos = fp
     B, n_q, d, G, n_hg, rep, T, F = (dims[k] for k in ("B", "n_q", "d", "G", "n_hg", "rep", "T", "F"))
     n_parts = o_part.shape[2]
-    _group_kernel[(B, n_hg, n_parts)](
-        q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, pos,
-        a, bt, mean, gid, freq, fk, fv, fpos, o_part, lse_part,
-        q.stride(0), q.stride(1),
-        *k_codes.stride()[:3], *k_scale.stride()[:3], *k_zero.stride()[:3],
-        *v_codes.stride()[:3], *v_scale.stride()[:3], *v_zero.stride()[:3],
-        pos.stride(0), *fk.stride()[:3], *fv.stride()[:3], fpos.stride(0),
-        T, F, tokens_per_split, num_splits, n_parts, n_q, qk_scale, rope_scaling,
-        D=d, G=G, REP=rep, QP=max(16, next_pow2(G * rep)),
-        K_BITS=k_bits, V_BITS=v_bits, NGK=n_gk, GV=v_group_size, NGV=d // v_group_size,
-        BLOCK_T=block_t, HAS_FP=has_fp, DT=tl.float16 if dot_dtype == torch.float16 else tl.float32,
-        PREC=precision, USE_LIBDEVICE=use_libdevice,
-        num_warps=num_warps, num_stages=num_stages,
-    )
+    with device_guard(q):  # Triton launches on the current device
+        _group_kernel[(B, n_hg, n_parts)](
+            q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, pos,
+            a, bt, mean, gid, freq, fk, fv, fpos, o_part, lse_part,
+            q.stride(0), q.stride(1),
+            *k_codes.stride()[:3], *k_scale.stride()[:3], *k_zero.stride()[:3],
+            *v_codes.stride()[:3], *v_scale.stride()[:3], *v_zero.stride()[:3],
+            pos.stride(0), *fk.stride()[:3], *fv.stride()[:3], fpos.stride(0),
+            T, F, tokens_per_split, num_splits, n_parts, n_q, qk_scale, rope_scaling,
+            D=d, G=G, REP=rep, QP=max(16, next_pow2(G * rep)),
+            K_BITS=k_bits, V_BITS=v_bits, NGK=n_gk, GV=v_group_size, NGV=d // v_group_size,
+            BLOCK_T=block_t, HAS_FP=has_fp, DT=tl.float16 if dot_dtype == torch.float16 else tl.float32,
+            PREC=precision, USE_LIBDEVICE=use_libdevice,
+            num_warps=num_warps, num_stages=num_stages,
+        )
 
 
 def _as_words(codes: torch.Tensor) -> torch.Tensor:

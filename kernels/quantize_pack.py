@@ -42,7 +42,7 @@ from triton.language.extra import libdevice
 from rkv_convert.quant.packing import pack_codes, packed_width
 from rkv_convert.quant.quantizer import SCALE_FLOOR, levels, quantize
 
-from ._common import Backend, next_pow2, resolve_backend, triton_interpreting
+from ._common import Backend, device_guard, next_pow2, resolve_backend, triton_interpreting
 
 __all__ = ["quantize_pack", "quantize_pack_ref", "group_ids_from_perm", "perm_from_group_ids"]
 
@@ -312,12 +312,13 @@ def quantize_pack(
     g = gid.to(device=dev, dtype=torch.int32).contiguous() if gid is not None else xc
     block_r = 16
     grid = (n_blocks, triton.cdiv(m, block_r))
-    _quantize_pack_kernel[grid](
-        xc, rot, mu, g, codes, scale, zero,
-        m, n_blocks, float(clip), SCALE_FLOOR,
-        W=width, BITS=bits, LEVELS=levels(bits), GS=group_size, NG=n_groups, NG_PAD=max(next_pow2(n_groups), 2),
-        BLOCK_R=block_r, BLOCK_C=_block_c(width),
-        HAS_ROT=rotation is not None, HAS_MEAN=mean is not None, HAS_GID=gid is not None,
-        USE_LIBDEVICE=not triton_interpreting(),
-    )
+    with device_guard(x):  # Triton launches on the current device
+        _quantize_pack_kernel[grid](
+            xc, rot, mu, g, codes, scale, zero,
+            m, n_blocks, float(clip), SCALE_FLOOR,
+            W=width, BITS=bits, LEVELS=levels(bits), GS=group_size, NG=n_groups, NG_PAD=max(next_pow2(n_groups), 2),
+            BLOCK_R=block_r, BLOCK_C=_block_c(width),
+            HAS_ROT=rotation is not None, HAS_MEAN=mean is not None, HAS_GID=gid is not None,
+            USE_LIBDEVICE=not triton_interpreting(),
+        )
     return codes, scale, zero
