@@ -93,7 +93,7 @@ Kernel = Literal["head", "group"]
 # Launch settings per kernel, the fastest timed on an H100 (benchmarks/bench_decode_attention.py --tune).
 KERNEL_DEFAULTS: dict[str, dict[str, int]] = {
     "head": {"block_t": 32, "num_warps": 4, "num_stages": 1},
-    "group": {"block_t": 32, "num_warps": 8, "num_stages": 2},
+    "group": {"block_t": 16, "num_warps": 4, "num_stages": 1},
 }
 
 

@@ -1,0 +1,99 @@
+"""Instruction counts of the decode kernels, compiled for an H100 (sm_90) without a GPU.
+
+Compiles ``_decode_kernel`` (``kernel="head"``) and ``_group_kernel`` (``kernel="group"``) at the
+paper's shape (head groups of 4, d = 128, 2 bits, groups of 128, fp16, MHA) with Triton's own
+compiler and bundled ``cuobjdump``, and prints registers, stack (spills) and the most frequent
+SASS opcodes. Static counts, not a profile: they show what a kernel issues per loop iteration.
+
+    python benchmarks/kernel_sass_stats.py                 # both kernels, their default tiles
+    python benchmarks/kernel_sass_stats.py --block-t 32 --num-warps 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from kernels import decode_attention as head_module  # noqa: E402
+from kernels import decode_group as group_module  # noqa: E402
+
+_POINTERS = {"kc_ptr": "*u8", "vc_ptr": "*u8", "kw_ptr": "*i32", "vw_ptr": "*i32", "pos_ptr": "*i32", "fpos_ptr": "*i32",
+             "gidp_ptr": "*i32", "gid_ptr": "*i32", "a_ptr": "*fp32", "mean_ptr": "*fp32", "freq_ptr": "*fp32",
+             "o_ptr": "*fp32", "lse_ptr": "*fp32"}  # fmt: skip
+_FLOATS = {"qk_scale", "rope_scaling"}
+
+
+def compile_sm90(fn: triton.JITFunction, constexprs: dict, num_warps: int, num_stages: int):
+    """Compile ``fn`` for sm_90 (fp16 for every pointer not listed above, int32 scalars)."""
+    names = fn.arg_names
+    signature = {}
+    for n in names:
+        if n in constexprs:
+            signature[n] = "constexpr"
+        elif n.endswith("_ptr"):
+            signature[n] = _POINTERS.get(n, "*fp16")
+        else:
+            signature[n] = "fp32" if n in _FLOATS else "i32"
+    src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def sass_stats(compiled) -> tuple[int, int, collections.Counter]:
+    """Registers, stack bytes and an opcode histogram of a compiled kernel's SASS."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(compiled.asm["cubin"])
+    usage = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    sass = subprocess.run([str(tool), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    os.unlink(f.name)
+    ops: collections.Counter = collections.Counter()
+    for line in sass.splitlines():
+        m = re.match(r"\s*/\*[0-9a-f]+\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_]+)", line)
+        if m:
+            ops[m.group(2)] += 1
+    regs = int(re.search(r"REG:(\d+)", usage).group(1))
+    stack = int(re.search(r"STACK:(\d+)", usage).group(1))
+    return regs, stack, ops
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--block-t", type=int, default=None, help="tokens per step (default: each kernel's)")
+    p.add_argument("--num-warps", type=int, default=None)
+    p.add_argument("--top", type=int, default=12, help="opcodes to list")
+    args = p.parse_args()
+    common = dict(D=128, G=4, REP=1, QP=16, K_BITS=2, V_BITS=2, NGK=4, GV=128, NGV=1, HAS_FP=True, PREC="tf32",
+                  USE_LIBDEVICE=True)  # fmt: skip
+    kernels = {
+        "head": (head_module._decode_kernel,
+                 dict(common, NGK_PAD=16, NGV_PAD=16, DOT_DTYPE=tl.float16, KRON=True, SELECT_K=False)),
+        "group": (group_module._group_kernel, dict(common, DT=tl.float16)),
+    }  # fmt: skip
+    for name, (fn, cx) in kernels.items():
+        dflt = head_module.KERNEL_DEFAULTS[name]
+        block_t = args.block_t or dflt["block_t"]
+        warps = args.num_warps or dflt["num_warps"]
+        regs, stack, ops = sass_stats(compile_sm90(fn, dict(cx, BLOCK_T=block_t), warps, dflt["num_stages"]))
+        heads = 1 if name == "head" else cx["G"]
+        total = sum(ops.values())
+        print(f"{name}: {block_t} tokens x {warps} warps, {heads} head(s) per program: {regs} registers, "
+              f"{stack} B stack, {total} SASS instructions = {total * warps / (block_t * heads):.0f} "
+              f"warp-instructions per key token and head (whole kernel)")
+        print("  " + ", ".join(f"{op} {n}" for op, n in ops.most_common(args.top)))
+
+
+if __name__ == "__main__":
+    main()
