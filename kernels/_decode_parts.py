@@ -84,6 +84,17 @@ def _cos_sin(ang, USE_LIBDEVICE: tl.constexpr):
 
 
 @triton.jit
+def _slot_rope(pos_row, t, stop, freq, rope_scaling, USE_LIBDEVICE: tl.constexpr):
+    """For slots ``t [BLOCK_T]`` (< ``stop``): in-range mask, validity (position >= 0) and the
+    scaled RoPE ``cos, sin [BLOCK_T, d/2]`` at each slot's position."""
+    tmask = t < stop
+    p_t = tl.load(pos_row + t.to(tl.int64), mask=tmask, other=-1)
+    valid = tmask & (p_t >= 0)
+    cos, sin = _cos_sin(p_t.to(tl.float32)[:, None] * freq[None, :], USE_LIBDEVICE)
+    return tmask, valid, cos * rope_scaling, sin * rope_scaling
+
+
+@triton.jit
 def _softmax_step(s, m_i, l_i):
     m_new = tl.maximum(m_i, tl.max(s, 0))
     alpha = tl.exp2(m_i - m_new)

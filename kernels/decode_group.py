@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from ._common import device_guard, next_pow2
-from ._decode_parts import _cos_sin, _group_rows, _select_groups, _softmax_step
+from ._decode_parts import _group_rows, _select_groups, _slot_rope, _softmax_step
 
 __all__ = ["group_kernel_supports", "launch_group_kernel"]
 
@@ -236,13 +236,8 @@ def _group_kernel(
     bt_base = bt_ptr + cc[:, None] * D + c[None, :]
     for t0 in range(t_start, t_stop, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
-        tmask = t < t_stop
         tt = t.to(tl.int64)
-        p_t = tl.load(pos_ptr + b * s_pb + tt, mask=tmask, other=-1)
-        valid = tmask & (p_t >= 0)
-        cos, sin = _cos_sin(p_t.to(tl.float32)[:, None] * freq[None, :], USE_LIBDEVICE)
-        cos = cos * rope_scaling
-        sin = sin * rope_scaling
+        tmask, valid, cos, sin = _slot_rope(pos_ptr + b * s_pb, t, t_stop, freq, rope_scaling, USE_LIBDEVICE)
         s0, s1, s2, s3 = _group_rows(ks_base + tt * s_kst, valid, NGK)
         z0, z1, z2, z3 = _group_rows(kz_base + tt * s_kzt, valid, NGK)
         krow = kw_base + tt * s_kct
@@ -278,13 +273,8 @@ def _group_kernel(
         f_stop = tl.where(split == n_splits, F, 0)
         for f0 in range(0, f_stop, BLOCK_T):
             f = f0 + tl.arange(0, BLOCK_T)
-            fmask = f < f_stop
             ff = f.to(tl.int64)
-            p_t = tl.load(fpos_ptr + b * s_fpb + ff, mask=fmask, other=-1)
-            valid = fmask & (p_t >= 0)
-            cos, sin = _cos_sin(p_t.to(tl.float32)[:, None] * freq[None, :], USE_LIBDEVICE)
-            cos = cos * rope_scaling
-            sin = sin * rope_scaling
+            fmask, valid, cos, sin = _slot_rope(fpos_ptr + b * s_fpb, f, f_stop, freq, rope_scaling, USE_LIBDEVICE)
             s = tl.zeros((BLOCK_T, QP), tl.float32)
             for h in tl.static_range(G):
                 k_row = fk_ptr + b * s_fkb + (hg * G + h) * s_fkh + ff[:, None] * s_fkt

@@ -74,11 +74,15 @@ def _check(c: Case, out: torch.Tensor, num_splits: int | None = None) -> float:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("name", list(CASES))
 def test_kernel_matches_reference(name: str, dtype: torch.dtype) -> None:
-    cfg = dict(CASES[name])
+    c, num_splits = _named_case(CASES[name], dtype)
+    _check(c, _run(c, num_splits=num_splits, kernel="head"))
+
+
+def _named_case(cfg: dict, dtype: torch.dtype) -> tuple[Case, int | None]:
+    """A case from a table entry (``num_splits``, when present, is a launch option, not a cache field)."""
+    cfg = dict(cfg)
     num_splits = cfg.pop("num_splits", None)
-    c = make_case(dtype=dtype, **cfg)
-    out = _run(c, num_splits=num_splits, kernel="head")
-    _check(c, out)
+    return make_case(dtype=dtype, **cfg), num_splits
 
 
 def test_split_count_does_not_matter() -> None:
@@ -209,9 +213,7 @@ def test_group_cases_cover_the_kernel() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("name", list(GROUP_CASES))
 def test_group_kernel_matches_reference(name: str, dtype: torch.dtype) -> None:
-    cfg = dict(GROUP_CASES[name])
-    num_splits = cfg.pop("num_splits", None)
-    c = make_case(dtype=dtype, **cfg)
+    c, num_splits = _named_case(GROUP_CASES[name], dtype)
     out = _run(c, num_splits=num_splits, kernel="group")
     _check(c, out)
     if dtype == torch.float32:  # the two kernels agree with each other; the default is the head kernel
