@@ -125,6 +125,13 @@ def calibrate(
 ) -> CalibrationArtifact:
     """Run the three passes over ``batches`` (``int64 [n, seqlen]``) and return the artifact."""
     adapter_for(model.config)
+    offloaded = [name for name, p in model.named_parameters() if p.is_meta]
+    if offloaded:
+        raise ValueError(
+            f"weights offloaded to disk (meta device), e.g. {offloaded[0]} ({len(offloaded)} in all): calibration "
+            "fingerprints every weight, so all must be in memory. Give device_map more room (max_memory) or load "
+            "the model on one device"
+        )
     shape = model_shape(model.config)
     g = _validate(options, shape)
     n_layers, d = shape["num_hidden_layers"], shape["head_dim"]

@@ -81,3 +81,12 @@ def test_save_refuses_to_overwrite_and_leaves_nothing(tmp_path) -> None:
     with pytest.raises(FileExistsError):
         save_artifact(art, tmp_path / "cal")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cal"]
+
+
+def test_offloaded_weights_are_refused_before_any_pass() -> None:
+    """A model placed with disk offload (meta parameters) gets a clear error, not a crash at the end."""
+    model = tiny_model("llama")
+    layer = model.model.layers[1].mlp.down_proj
+    layer.weight = torch.nn.Parameter(torch.empty_like(layer.weight, device="meta"))
+    with pytest.raises(ValueError, match="offloaded to disk.*model.layers.1.mlp.down_proj.weight"):
+        calibrate(model, _batches(), _options())
