@@ -57,9 +57,10 @@ everywhere; dot operands are fp16 for fp16 queries, IEEE fp32 for fp32 queries, 
 interpreter (3.9) computes bf16 dots wrongly, and one dot type per path keeps the tested
 code the shipped code.
 
-Compared with one program per head group, one program per KV head re-reads and unpacks the
-head group's key codes ``G`` times (from cache) but keeps every tile at ``d`` channels
-(no padding of ``Gd = 192`` to 256, no masking of other heads).
+One program per KV head re-reads and unpacks the head group's key codes ``G`` times (from
+cache) but keeps every tile at ``d`` channels and covers any rotation. ``kernel="group"``
+runs :mod:`rkv_convert.kernels.decode_group` instead (one program per head group, factored
+rotations only); on an H100 neither is faster everywhere (docs/benchmarks.md).
 
 The rotation may be passed raw (prepared on every call, which synchronises with the device
 for the factorisation check) or as a :class:`PreparedRotation` made once per layer by
@@ -733,10 +734,11 @@ def decode_attention(
     n_gk, n_gv = Gd // k_group_size, d // v_group_size
     if kernel not in ("head", "group"):
         raise ValueError(f"kernel must be 'head' or 'group', got {kernel!r}")
-    why_not = group_kernel_supports(factored=bool(factored), G=G, rep=rep, d=d, n_gk=n_gk, n_gv=n_gv)
-    if kernel == "group" and why_not is not None:
-        raise ValueError(f"kernel='group' does not cover this call: {why_not}; use kernel='head'")
     use_group = kernel == "group"
+    if use_group:
+        why_not = group_kernel_supports(factored=bool(factored), G=G, rep=rep, d=d, n_gk=n_gk, n_gv=n_gv)
+        if why_not is not None:
+            raise ValueError(f"kernel='group' does not cover this call: {why_not}; use kernel='head'")
     dflt = KERNEL_DEFAULTS["group" if use_group else "head"]
     block_t = dflt["block_t"] if block_t is None else block_t
     num_warps = dflt["num_warps"] if num_warps is None else num_warps
@@ -759,9 +761,8 @@ def decode_attention(
     k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, pos = map(
         last_dim_contig, (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, pos))
     f32 = dict(device=dev, dtype=torch.float32)
-    plane_order = _plane_order(Gd, d, dev)
     mean = k_mean.to(**f32).contiguous()
-    gidp = k_gid.to(device=dev, dtype=torch.int32).index_select(1, plane_order).contiguous()
+    gid = k_gid.to(device=dev, dtype=torch.int32)
     freq = inv_freq.to(**f32).contiguous()
     if has_fp:
         fk, fv, fpos = map(last_dim_contig, (fp_k, fp_v, fp_pos))
@@ -773,7 +774,7 @@ def decode_attention(
     if use_group:
         launch_group_kernel(
             qc, (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, pos), (fk, fv, fpos),
-            a=prep.a, bt=prep.bt, mean=mean, gid=k_gid.to(device=dev, dtype=torch.int32).contiguous(), freq=freq,
+            a=prep.a, bt=prep.bt, mean=mean, gid=gid.contiguous(), freq=freq,
             o_part=o_part, lse_part=lse_part,
             dims=dm, tokens_per_split=tokens_per_split, num_splits=num_splits, has_fp=has_fp,
             k_bits=k_bits, v_bits=v_bits, v_group_size=v_group_size, n_gk=n_gk,
@@ -782,6 +783,7 @@ def decode_attention(
             block_t=block_t, num_warps=num_warps, num_stages=num_stages,
         )
         return _merge(o_part, lse_part, q.dtype)
+    gidp = gid.index_select(1, _plane_order(Gd, d, dev)).contiguous()
     a, btp = (prep.a, prep.btp) if factored else (prep.rtp, prep.rtp)  # unused by the dense path
     with device_guard(qc):  # Triton launches on the current device
         _decode_kernel[(B, n_kv, n_parts)](

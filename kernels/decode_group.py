@@ -355,9 +355,12 @@ def launch_group_kernel(
 
 
 def _as_words(codes: torch.Tensor) -> torch.Tensor:
-    """A uint8 code tensor (rows of whole 4-byte words) viewed as int32 words, no copy."""
-    if codes.shape[-1] % 4 or codes.stride(-1) != 1 or any(s % 4 for s in codes.stride()[:-1]):
+    """A uint8 code tensor (rows of whole 4-byte words, last dim contiguous) viewed as int32 words.
+
+    Copies only when an outer stride is not a whole number of words.
+    """
+    if codes.shape[-1] % 4:
+        raise ValueError(f"packed rows of {codes.shape[-1]} bytes are not whole int32 words")
+    if any(s % 4 for s in codes.stride()[:-1]):
         codes = codes.contiguous()
-        if codes.shape[-1] % 4:
-            raise ValueError(f"packed rows of {codes.shape[-1]} bytes are not whole int32 words")
     return codes.view(torch.int32)
