@@ -89,6 +89,11 @@ class LayerCodec:
     sink_threshold: float
     _prepared: dict = field(default_factory=dict, repr=False, compare=False)
 
+    @property
+    def device(self) -> torch.device:
+        """The device of this layer's calibration tensors (its decoder layer's device)."""
+        return self.k_mean.device
+
     def prepared_rotation(self, query_dtype: torch.dtype) -> PreparedRotation:
         """The rotation as the decode kernel wants it for ``query_dtype`` queries (prepared once)."""
         if query_dtype not in self._prepared:
@@ -518,10 +523,10 @@ class RkvCache(Cache):
             layer.capacity_hint = int(tokens)
         return self
 
-    def allocate(self, batch: int, device: torch.device, dtype: torch.dtype) -> None:
-        """Allocate every layer for ``batch`` sequences before any token arrives."""
+    def allocate(self, batch: int, dtype: torch.dtype) -> None:
+        """Allocate every layer for ``batch`` sequences before any token arrives, each on its layer's device."""
         for layer in self.layers:
-            layer.allocate(batch, device, dtype)
+            layer.allocate(batch, layer.codec.device, dtype)
 
     def copy_rows_from(self, part: "RkvCache", start: int) -> None:
         """Copy a prefilled micro-batch cache into rows ``start:`` (see :meth:`RkvCacheLayer.copy_rows_from`)."""

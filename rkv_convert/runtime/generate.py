@@ -246,7 +246,7 @@ def _prefill(
         return out.logits[:, -1]
     if chunk <= 0:
         raise ValueError(f"prefill_batch must be positive, got {chunk}")
-    cache.allocate(b, rkv_model.device, rkv_model.dtype)
+    cache.allocate(b, rkv_model.dtype)
     logits = []
     for s in range(0, b, chunk):
         rows = slice(s, min(s + chunk, b))

@@ -64,7 +64,7 @@ def test_reserved_store_does_not_grow() -> None:
     model = tiny_model("llama")
     ckpt = make_checkpoint(model, bits=2, recent_window=4, flush_block=4, max_sinks=2)
     cache = RkvCache.from_checkpoint(ckpt, model).reserve(300)
-    cache.allocate(2, torch.device("cpu"), torch.float32)
+    cache.allocate(2, torch.float32)
     assert all(layer.k_codes.shape[2] == 300 and layer.pos.shape[1] == 300 for layer in cache.layers)
 
 
