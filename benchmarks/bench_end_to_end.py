@@ -9,9 +9,9 @@ wall time row), its value rotation fused, and then:
 - **equal batch**: peak GPU memory (weights included, and without them), prefill and decode
   tokens/s of fp16 ``model.generate`` (transformers' ``DynamicCache``, SDPA) and of rkv
   (``stream_generate``: packed cache, Triton kernels) at the same batch;
-- **largest batch**: for each, the largest batch whose job fits in GPU memory (a linear fit of
-  peak memory over two batches, then checked by running it, stepping down on OOM), and the decode
-  tokens/s there. rkv sizes its cache for the whole job at prefill, so its peak is reached
+- **largest batch**: for each, the largest batch whose job fits in GPU memory (a first guess
+  from a linear fit of peak memory over two batches, then up by 25 % steps until a job runs out
+  of memory, then bisection), and the decode tokens/s there. rkv sizes its cache for the whole job at prefill, so its peak is reached
   there; at its largest batch only the first ``--largest-timed-tokens`` new tokens are timed
   (fp16's cache grows to the end, so its job runs in full).
 
@@ -31,16 +31,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM
 from transformers.generation.streamers import BaseStreamer
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _random_model import calibrated_rkv, llama_config  # noqa: E402
 from _timing import DEVICE, append_csv, markdown_table, print_table  # noqa: E402
 
-from rkv_convert.calibrate.run import CalibrationOptions, calibrate  # noqa: E402
-from rkv_convert.export.fuse import fuse_value_rotation  # noqa: E402
-from rkv_convert.export.writer import checkpoint_from_artifact  # noqa: E402
-from rkv_convert.runtime.cache import CacheSettings  # noqa: E402
 from rkv_convert.runtime.generate import GenerationStats, RkvModel, SamplingOptions, stream_generate  # noqa: E402
 
 
@@ -181,10 +178,8 @@ def main() -> None:
     p.add_argument("--markdown", type=Path, default=None)
     args = p.parse_args()
 
-    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                      num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-                      max_position_embeddings=max(4096, args.prompt + args.new), tie_word_embeddings=False)  # fmt: skip
-    cfg._attn_implementation = "sdpa"
+    cfg = llama_config(layers=args.layers, hidden=args.hidden, intermediate=args.intermediate, heads=args.heads,
+                       kv_heads=args.kv_heads, vocab=args.vocab, max_positions=args.prompt + args.new)  # fmt: skip
     torch.manual_seed(0)
     dtype = torch.float16 if DEVICE.type == "cuda" else torch.float32
     with torch.device(DEVICE):
@@ -192,18 +187,10 @@ def main() -> None:
     weights = sum(t.numel() * t.element_size() for t in model.parameters())
     shape = f"{args.layers}L h{args.hidden} {args.heads}q/{args.kv_heads}kv"
 
-    options = CalibrationOptions(source="random-tokens", num_samples=args.calib_samples, seqlen=args.calib_seqlen,
-                                 head_group_size=args.head_group, key_group_size=args.key_group,
-                                 value_group_size=args.value_group)  # fmt: skip
-    batches = torch.randint(0, args.vocab, (args.calib_samples, args.calib_seqlen), generator=torch.Generator().manual_seed(0))
-    _sync()
-    t0 = time.perf_counter()
-    artifact = calibrate(model, batches, options)
-    calib_s = time.perf_counter() - t0
-    print(f"calibration: {calib_s:.1f} s for {batches.numel()} tokens", flush=True)
-    ckpt = checkpoint_from_artifact(artifact, bits=args.bits)
-    fuse_value_rotation(model, artifact.value_rotation)
-    rkv = RkvModel(model, ckpt, settings=CacheSettings.from_config(ckpt.config))
+    rkv, _, calib_s = calibrated_rkv(model, vocab=args.vocab, samples=args.calib_samples, seqlen=args.calib_seqlen,
+                                     head_group=args.head_group, key_group=args.key_group,
+                                     value_group=args.value_group, bits=args.bits)  # fmt: skip
+    print(f"calibration: {calib_s:.1f} s for {args.calib_samples * args.calib_seqlen} tokens", flush=True)
 
     job = (args.prompt, args.new, args.vocab)
     b1, b2 = args.equal_batch, 2 * args.equal_batch
@@ -227,7 +214,7 @@ def main() -> None:
               f"peak memory at batch {b2} {hf[b2]['peak_bytes'] / ours[b2]['peak_bytes']:.2f}x (weights included), "
               f"{(hf[b2]['peak_bytes'] - weights) / (ours[b2]['peak_bytes'] - weights):.2f}x (without)")  # fmt: skip
     rows.append({**base, "impl": "rkv", "case": "calibration", "batch": args.calib_samples,
-                 "note": f"{calib_s:.1f} s, {batches.numel()} tokens ({args.calib_samples} x {args.calib_seqlen})"})  # fmt: skip
+                 "note": f"{calib_s:.1f} s, {args.calib_samples * args.calib_seqlen} tokens ({args.calib_samples} x {args.calib_seqlen})"})  # fmt: skip
     if args.csv:
         for r in rows:
             append_csv(args.csv, {**{k: "" for k in _COLUMNS}, **r, "timing": "wall" if DEVICE.type == "cuda" else "cpu-smoke"})

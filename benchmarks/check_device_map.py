@@ -16,21 +16,16 @@ import argparse
 import math
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _random_model import calibrated_rkv, llama_config  # noqa: E402
 from _timing import context  # noqa: E402
 
-from rkv_convert.calibrate.run import CalibrationOptions, calibrate  # noqa: E402
-from rkv_convert.export.fuse import fuse_value_rotation  # noqa: E402
-from rkv_convert.export.writer import checkpoint_from_artifact  # noqa: E402
-from rkv_convert.runtime.api import RkvModel  # noqa: E402
-from rkv_convert.runtime.cache import CacheSettings  # noqa: E402
-from rkv_convert.runtime.generate import GenerationStats, SamplingOptions, stream_generate  # noqa: E402
+from rkv_convert.runtime.generate import GenerationStats, RkvModel, SamplingOptions, stream_generate  # noqa: E402
 
 
 def _prepare(folder: Path, args: argparse.Namespace, device_map: str | dict, max_memory: dict | None):
@@ -38,15 +33,8 @@ def _prepare(folder: Path, args: argparse.Namespace, device_map: str | dict, max
     dtype = torch.float32 if args.cpu_smoke else torch.float16
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device_map,
                                                  max_memory=max_memory).eval()  # fmt: skip
-    options = CalibrationOptions(source="random-tokens", num_samples=args.calib_samples, seqlen=args.calib_seqlen,
-                                 head_group_size=args.head_group, key_group_size=128, value_group_size=128)  # fmt: skip
-    batches = torch.randint(0, args.vocab, (args.calib_samples, args.calib_seqlen), generator=torch.Generator().manual_seed(0))
-    t0 = time.perf_counter()
-    artifact = calibrate(model, batches, options)
-    seconds = time.perf_counter() - t0
-    checkpoint = checkpoint_from_artifact(artifact, bits=2)
-    fuse_value_rotation(model, artifact.value_rotation)
-    return RkvModel(model, checkpoint, settings=CacheSettings.from_config(checkpoint.config)), artifact, seconds
+    return calibrated_rkv(model, vocab=args.vocab, samples=args.calib_samples, seqlen=args.calib_seqlen,
+                          head_group=args.head_group, key_group=128, value_group=128, bits=2)  # fmt: skip
 
 
 def _generate(rkv: RkvModel, ids: torch.Tensor, new: int) -> tuple[torch.Tensor, GenerationStats]:
@@ -81,9 +69,8 @@ def main() -> None:
         raise SystemExit(f"this check needs two or more CUDA GPUs; {n_gpu} visible")
     print(context(), f"{n_gpu} GPUs", flush=True)
 
-    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=int(2.6875 * args.hidden),
-                      num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-                      max_position_embeddings=4096, tie_word_embeddings=False)  # fmt: skip
+    cfg = llama_config(layers=args.layers, hidden=args.hidden, intermediate=int(2.6875 * args.hidden),
+                       heads=args.heads, kv_heads=args.kv_heads, vocab=args.vocab)  # fmt: skip
     torch.manual_seed(0)
     ids = torch.randint(0, args.vocab, (args.batch, args.prompt), generator=torch.Generator().manual_seed(1))
     with tempfile.TemporaryDirectory() as tmp:

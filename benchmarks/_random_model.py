@@ -1,0 +1,49 @@
+"""Random-weight Llama models calibrated on random tokens: what the speed and placement scripts run.
+
+Speed and placement do not depend on the weights' values, and no real weights can be fetched.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from transformers import LlamaConfig
+
+from rkv_convert.calibrate.artifact import CalibrationArtifact
+from rkv_convert.calibrate.run import CalibrationOptions, calibrate
+from rkv_convert.export.fuse import fuse_value_rotation
+from rkv_convert.export.writer import checkpoint_from_artifact
+from rkv_convert.runtime.cache import CacheSettings
+from rkv_convert.runtime.generate import RkvModel
+
+__all__ = ["llama_config", "calibrated_rkv"]
+
+
+def llama_config(*, layers: int, hidden: int, intermediate: int, heads: int, kv_heads: int, vocab: int,
+                 max_positions: int = 4096) -> LlamaConfig:  # fmt: skip
+    """A Llama config of the given shape (untied embeddings, SDPA attention)."""
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads,
+                      max_position_embeddings=max(4096, max_positions), tie_word_embeddings=False)  # fmt: skip
+    cfg._attn_implementation = "sdpa"
+    return cfg
+
+
+def calibrated_rkv(
+    model: torch.nn.Module, *, vocab: int, samples: int, seqlen: int, head_group: int, key_group: int,
+    value_group: int, bits: int,
+) -> tuple[RkvModel, CalibrationArtifact, float]:
+    """Calibrate ``model`` on ``samples`` random windows of ``seqlen`` tokens, fuse its value rotation
+    and wrap it with the packed cache; returns the rkv model, the artifact and the calibration seconds."""
+    options = CalibrationOptions(source="random-tokens", num_samples=samples, seqlen=seqlen,
+                                 head_group_size=head_group, key_group_size=key_group, value_group_size=value_group)  # fmt: skip
+    batches = torch.randint(0, vocab, (samples, seqlen), generator=torch.Generator().manual_seed(0))
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    artifact = calibrate(model, batches, options)
+    seconds = time.perf_counter() - t0
+    checkpoint = checkpoint_from_artifact(artifact, bits=bits)
+    fuse_value_rotation(model, artifact.value_rotation)
+    return RkvModel(model, checkpoint, settings=CacheSettings.from_config(checkpoint.config)), artifact, seconds
