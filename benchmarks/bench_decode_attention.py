@@ -11,6 +11,9 @@ One new query token per sequence attends over ``T`` cached tokens of one layer. 
   program per KV head);
 - ``rkv_group_ms``: the same call with ``kernel="group"`` (one program per head group), timed
   side by side;
+- ``rkv_chunk_ms``: ``kernel="chunk"`` over the same tokens quantized *without* the channel
+  permutation (key groups = the rotated head chunks, ``rkv calibrate --permutation none``), the
+  layout that kernel needs, timed side by side;
 - ``floor_ms``: the bytes rkv reads divided by the measured device copy rate (read + write).
 
 Inputs are random (never zeros); the packed cache is made by the write kernel from the same fp16 keys
@@ -44,7 +47,8 @@ FP_SLOTS = 8 + 1 + 128  # sinks, scratch slot, recent window (the runtime's defa
 class PackedLayer:
     """One layer's packed cache for ``B`` sequences of ``T`` tokens, made from fp16 ``k, v [B, n_kv, T, d]``."""
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, bits: int, g_k: int, g_v: int, head_group: int, chunk: int = 8192):
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, bits: int, g_k: int, g_v: int, head_group: int,
+                 permute: bool = True, chunk: int = 8192):
         B, n_kv, T, d = k.shape
         self.G, self.d, self.bits, self.g_k, self.g_v = head_group, d, bits, g_k, g_v
         Gd, n_hg = head_group * d, n_kv // head_group
@@ -52,6 +56,8 @@ class PackedLayer:
         self.rotation = hadamard_matrix(Gd).to(k.device)
         self.mean = (0.1 * torch.randn(n_kv * d, generator=gen)).to(k.device)
         perm = torch.cat([torch.randperm(Gd, generator=gen) + h * Gd for h in range(n_hg)])
+        if not permute:  # key groups of consecutive rotated channels
+            perm = torch.arange(n_hg * Gd)
         self.gid = group_ids_from_perm(perm, Gd, g_k).to(k.device)
         dev, u8, f16 = k.device, torch.uint8, torch.float16
         self.k_codes = torch.empty(B, n_hg, T, Gd * bits // 8, dtype=u8, device=dev)
@@ -76,7 +82,7 @@ class PackedLayer:
         self.fp_pos = torch.arange(T, T + FP_SLOTS, dtype=torch.int32, device=dev).repeat(B, 1)
         self.fp_pos[:, 8] = -1  # the scratch slot is always empty
         self.inv_freq = (1.0 / 10000.0 ** (torch.arange(0, d, 2, dtype=torch.float32) / d)).to(dev)
-        self.prepared = prepare_rotation(self.rotation, d, torch.float16)  # once per layer, as the runtime does
+        self.prepared = prepare_rotation(self.rotation, d, torch.float16, self.gid)  # once per layer, as the runtime does
 
     def tensors(self, T: int) -> tuple[torch.Tensor, ...]:
         """The first ``T`` tokens (views, no copies)."""
@@ -99,7 +105,7 @@ class PackedLayer:
 
 def _fits(B: int, n_kv: int, T: int, d: int, bits: int, budget: float) -> bool:
     fp16 = 2 * B * n_kv * T * d * 2
-    return fp16 * (1 + bits / 16 + 0.1) < budget
+    return fp16 * (1 + 2 * bits / 16 + 0.1) < budget  # fp16 K/V and two packed layers
 
 
 def run(args: argparse.Namespace) -> list[dict[str, object]]:
@@ -125,15 +131,20 @@ def run(args: argparse.Namespace) -> list[dict[str, object]]:
             k = torch.randn(B, n_kv, T_max, d, dtype=torch.float16, device=DEVICE)
             v = torch.randn_like(k)
             layer = PackedLayer(k, v, args.bits, args.key_group, args.value_group, G)
+            by_chunk = PackedLayer(k, v, args.bits, args.key_group, args.value_group, G, permute=False) \
+                if args.compare_chunk else None
             q = torch.randn(B, n_q, d, dtype=torch.float16, device=DEVICE)
             for T in contexts:
                 kt, vt = k[:, :, :T], v[:, :, :T]
                 sdpa = lambda: F.scaled_dot_product_attention(q[:, :, None], kt, vt, enable_gqa=n_q != n_kv)  # noqa: E731
                 sdpa_ms = bench_ms(sdpa)[0]
-                rkv_ms, rkv_lo, rkv_hi = bench_ms(lambda: layer.attend(q, T))
+                rkv_ms, rkv_lo, rkv_hi = bench_ms(lambda: layer.attend(q, T, kernel="head"))
                 group_ms = float("nan")
                 if args.compare_group:
                     group_ms = bench_ms(lambda: layer.attend(q, T, kernel="group", **args.group_kw))[0]
+                chunk_ms = float("nan")
+                if by_chunk is not None:
+                    chunk_ms = bench_ms(lambda: by_chunk.attend(q, T, kernel="chunk", **args.chunk_kw))[0]
                 dense_ms = float("nan")
                 if args.compare_dense and layer.prepared.factored and G > 1:
                     dense_ms = bench_ms(lambda: layer.attend(q, T, kernel="head", factored=False))[0]
@@ -147,6 +158,9 @@ def run(args: argparse.Namespace) -> list[dict[str, object]]:
                     "speedup_vs_sdpa": sdpa_ms / rkv_ms,
                     "rotation": "factored" if layer.prepared.factored else "dense", "rkv_dense_ms": dense_ms,
                     "rkv_group_ms": group_ms, "group_vs_head": rkv_ms / group_ms,
+                    "rkv_chunk_ms": chunk_ms, "chunk_vs_head": rkv_ms / chunk_ms,
+                    "chunk_speedup_vs_sdpa": sdpa_ms / chunk_ms,
+                    "rkv_chunk_GBs": by_chunk.bytes_read(T) / (chunk_ms * 1e-3) / 1e9 if by_chunk else float("nan"),
                     "sdpa_GBs": fp16_bytes / (sdpa_ms * 1e-3) / 1e9,
                     "rkv_GBs": rkv_bytes / (rkv_ms * 1e-3) / 1e9,
                     "copy_GBs": copy_gbs,
@@ -156,9 +170,10 @@ def run(args: argparse.Namespace) -> list[dict[str, object]]:
                 rows.append(row)
                 if args.csv:
                     append_csv(args.csv, {**row, "timing": "do_bench" if DEVICE.type == "cuda" else "cpu-smoke"})
-                print(f"{name} B={B} T={T}: sdpa {sdpa_ms:.3f} ms, rkv {rkv_ms:.3f} ms ({row['speedup_vs_sdpa']:.2f}x), "
-                      f"floor {row['floor_ms']:.3f} ms, rkv {row['rkv_GBs']:.0f} GB/s", flush=True)  # fmt: skip
-            del k, v, layer
+                print(f"{name} B={B} T={T}: sdpa {sdpa_ms:.3f} ms, rkv head {rkv_ms:.3f} ms ({row['speedup_vs_sdpa']:.2f}x), "
+                      f"group {group_ms:.3f}, chunk {chunk_ms:.3f} ({row['chunk_speedup_vs_sdpa']:.2f}x), "
+                      f"floor {row['floor_ms']:.3f} ms", flush=True)  # fmt: skip
+            del k, v, layer, by_chunk
     return rows
 
 
@@ -169,10 +184,14 @@ def tune(args: argparse.Namespace) -> list[dict[str, object]]:
         n_q, n_kv, d = SHAPES[name]
         B, T = args.tune_batch, args.tune_context
         k = torch.randn(B, n_kv, T, d, dtype=torch.float16, device=DEVICE)
-        layer = PackedLayer(k, torch.randn_like(k), args.bits, args.key_group, args.value_group,
-                            math.gcd(n_kv, args.head_group))
+        v = torch.randn_like(k)
+        G = math.gcd(n_kv, args.head_group)
+        layers = {"permuted": PackedLayer(k, v, args.bits, args.key_group, args.value_group, G)}
+        if "chunk" in args.tune_kernels:
+            layers["by_chunk"] = PackedLayer(k, v, args.bits, args.key_group, args.value_group, G, permute=False)
         q = torch.randn(B, n_q, d, dtype=torch.float16, device=DEVICE)
         for kernel in args.tune_kernels:
+            layer = layers["by_chunk" if kernel == "chunk" else "permuted"]
             for block_t, warps, *stages in args.tune:
                 kw = dict(block_t=block_t, num_warps=warps, num_stages=stages[0] if stages else None, kernel=kernel)
                 try:
@@ -183,23 +202,23 @@ def tune(args: argparse.Namespace) -> list[dict[str, object]]:
                 rows.append({"shape": name, "batch": B, "context": T, "kernel": kernel, "block_t": block_t,
                              "num_warps": warps, "num_stages": stages[0] if stages else KERNEL_DEFAULTS[kernel]["num_stages"], "rkv_ms": ms})
                 print(rows[-1], flush=True)
-        del k, layer
+        del k, v, layers
     return rows
 
 
-def _group_launch(spec: str, tuned: list[dict[str, object]]) -> dict[str, int]:
-    """Keyword arguments of the group kernel's launch from ``--group-launch``."""
+def _launch(kernel: str, spec: str, tuned: list[dict[str, object]]) -> dict[str, int]:
+    """Keyword arguments of ``kernel``'s launch in the sweep from ``--group-launch`` / ``--chunk-launch``."""
     if spec == "default":
         return {}
     if spec == "tuned":
         total: dict[tuple[int, int, int], float] = {}  # summed over the tuned shapes
         for r in tuned:
-            if r["kernel"] == "group":
+            if r["kernel"] == kernel:
                 key = (int(r["block_t"]), int(r["num_warps"]), int(r["num_stages"]))
                 total[key] = total.get(key, 0.0) + float(r["rkv_ms"])
         total = {k: v for k, v in total.items() if v == v}  # drop failed configurations (NaN)
         if not total:
-            raise SystemExit("--group-launch tuned needs --tune rows of the group kernel (--tune-kernels group)")
+            raise SystemExit(f"--{kernel}-launch tuned needs --tune rows of that kernel (--tune-kernels {kernel})")
         block_t, warps, stages = min(total, key=total.get)
         return {"block_t": block_t, "num_warps": warps, "num_stages": stages}
     block_t, warps, stages = (int(x) for x in spec.split("x"))
@@ -219,26 +238,31 @@ def main() -> None:
                    help="also time the head kernel's dense inverse rotation (G*d*d MACs per key) beside the factored one")
     p.add_argument("--compare-group", action=argparse.BooleanOptionalAction, default=True,
                    help="also time kernel='group' (one program per head group) beside the default")
+    p.add_argument("--compare-chunk", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time kernel='chunk' over the same tokens quantized without the channel permutation")
     p.add_argument("--memory-fraction", type=float, default=0.8, help="share of free GPU memory a row may use")
     p.add_argument("--tune", type=lambda s: tuple(int(x) for x in s.split("x")), nargs="*", default=[],
                    help="block_t x num_warps [x num_stages] to time at --tune-batch/--tune-context, e.g. 32x4 64x4x2 128x8")
     p.add_argument("--tune-shapes", nargs="+", default=["llama2-7b"], choices=list(SHAPES))
-    p.add_argument("--tune-kernels", nargs="+", default=["head", "group"], choices=["head", "group"])
+    p.add_argument("--tune-kernels", nargs="+", default=["head", "group", "chunk"], choices=["head", "group", "chunk"])
     p.add_argument("--tune-only", action="store_true", help="skip the sweep, run only --tune")
     p.add_argument("--group-launch", default="default",
                    help="launch settings of the group kernel in the sweep: 'default', 'tuned' (fastest group row of "
                         "--tune, which then runs first) or block_t x num_warps x num_stages, e.g. 16x4x1")
+    p.add_argument("--chunk-launch", default="default", help="the same for the chunk kernel")
     p.add_argument("--tune-batch", type=int, default=8)
     p.add_argument("--tune-context", type=int, default=16384)
     p.add_argument("--csv", type=Path, default=None)
     p.add_argument("--markdown", type=Path, default=None, help="also write the table as Markdown here")
     args = p.parse_args()
     tuned = tune(args) if args.tune else []
-    args.group_kw = _group_launch(args.group_launch, tuned)
-    print(f"group kernel launch settings in the sweep: {args.group_kw or 'defaults'}", flush=True)
+    args.group_kw = _launch("group", args.group_launch, tuned)
+    args.chunk_kw = _launch("chunk", args.chunk_launch, tuned)
+    print(f"launch settings in the sweep: group {args.group_kw or 'defaults'}, chunk {args.chunk_kw or 'defaults'}",
+          flush=True)
     rows = [] if args.tune_only else run(args)
-    cols = ["shape", "batch", "context", "sdpa_ms", "rkv_ms", "rkv_group_ms", "floor_ms", "speedup_vs_sdpa",
-            "group_vs_head", "floor_fraction", "sdpa_GBs", "rkv_GBs", "bits_per_elem"]  # fmt: skip
+    cols = ["shape", "batch", "context", "sdpa_ms", "rkv_ms", "rkv_group_ms", "rkv_chunk_ms", "floor_ms",
+            "speedup_vs_sdpa", "chunk_speedup_vs_sdpa", "sdpa_GBs", "rkv_GBs", "rkv_chunk_GBs", "bits_per_elem"]  # fmt: skip
     if args.compare_dense:
         cols.insert(6, "rkv_dense_ms")
     print_table(f"decode attention, {args.bits}-bit, one layer ({DEVICE})", rows, cols)

@@ -74,7 +74,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -84,17 +84,19 @@ import triton.language as tl
 from rkv_convert.quant.packing import packed_width, unpack_codes
 
 from ._common import Backend, device_guard, next_pow2, resolve_backend, triton_interpreting
+from .decode_chunk import chunk_kernel_supports, code_column_factors, keys_grouped_by_chunk, launch_chunk_kernel
 from .decode_group import group_kernel_supports, launch_group_kernel
 from ._decode_parts import _NPLANES, _byte_tiles, _cos_sin, _group_rows, _plane_codes, _select_groups, _softmax_step
 
 __all__ = ["KERNEL_DEFAULTS", "PreparedRotation", "decode_attention", "decode_attention_ref", "num_splits_for", "prepare_rotation"]
 
 _LOG2E = 1.0 / math.log(2.0)
-Kernel = Literal["head", "group"]
+Kernel = Literal["auto", "head", "group", "chunk"]
 # Launch settings per kernel, the fastest timed on an H100 (benchmarks/bench_decode_attention.py --tune).
 KERNEL_DEFAULTS: dict[str, dict[str, int]] = {
     "head": {"block_t": 32, "num_warps": 4, "num_stages": 1},
     "group": {"block_t": 16, "num_warps": 4, "num_stages": 1},
+    "chunk": {"block_t": 16, "num_warps": 4, "num_stages": 1},
 }
 
 
@@ -560,6 +562,10 @@ class PreparedRotation:
         a: fp32 ``[G, G]``, the factor ``A`` (None when not factored).
         btp: ``[d, d]`` in ``dot_dtype``, ``B^T`` with rows in plane order (None when not factored).
         bt: ``[d, d]`` in ``dot_dtype``, ``B^T`` in channel order (the group kernel; None when not factored).
+        bt32: fp32 ``B^T`` (the chunk kernel's operands; None when not factored).
+        k_gid: the key group ids this rotation was prepared with (None: not given), and
+        keys_by_chunk: whether they group each rotated chunk of ``d`` channels alone (the chunk
+            kernel's condition; None when ``k_gid`` was not given).
     """
 
     rotation: torch.Tensor
@@ -570,6 +576,21 @@ class PreparedRotation:
     a: torch.Tensor | None
     btp: torch.Tensor | None
     bt: torch.Tensor | None = None
+    bt32: torch.Tensor | None = None
+    k_gid: torch.Tensor | None = None
+    keys_by_chunk: bool | None = None
+    _chunk_operands: dict = field(default_factory=dict, repr=False)
+
+    def chunk_operands(self, k_bits: int, v_bits: int, one_value_group: bool) -> tuple[torch.Tensor, ...]:
+        """``(m, beta, vcol)`` of the chunk kernel (:func:`~.decode_chunk.launch_chunk_kernel`), made once."""
+        key = (k_bits, v_bits, one_value_group)
+        if key not in self._chunk_operands:
+            d, dev = self.head_dim, self.rotation.device
+            m = (self.bt32 * code_column_factors(k_bits, d, dev)[:, None]).to(self.dot_dtype).contiguous()
+            beta = self.bt32.sum(0).contiguous()
+            vcol = code_column_factors(v_bits, d, dev) if one_value_group else torch.ones(d, device=dev)
+            self._chunk_operands[key] = (m, beta, vcol.contiguous())
+        return self._chunk_operands[key]
 
     @property
     def group_heads(self) -> int:
@@ -580,7 +601,9 @@ class PreparedRotation:
         return self.rtp.device
 
 
-def prepare_rotation(rotation: torch.Tensor, head_dim: int, dot_dtype: torch.dtype) -> PreparedRotation:
+def prepare_rotation(
+    rotation: torch.Tensor, head_dim: int, dot_dtype: torch.dtype, k_gid: torch.Tensor | None = None
+) -> PreparedRotation:
     """Precompute, on ``rotation``'s device, what :func:`decode_attention` needs of ``R``.
 
     Detects a Kronecker factorisation ``R = kron(A, B)`` (``A [G, G]``, ``B [d, d]``; true for
@@ -596,6 +619,9 @@ def prepare_rotation(rotation: torch.Tensor, head_dim: int, dot_dtype: torch.dty
         dot_dtype: the kernel's dot operand dtype, ``torch.float16`` for fp16 queries and
             ``torch.float32`` for fp32/bf16 queries; the query dtype itself is accepted too
             (bf16 maps to fp32).
+        k_gid: the layer's key group ids (int32 ``[n_hg, Gd]``), optional: recorded with whether
+            they group each rotated chunk alone, so that ``kernel="auto"`` can pick the chunk
+            kernel without reading them on every call. Pass this same tensor as ``k_gid=``.
     """
     if rotation.dim() != 2 or rotation.shape[0] != rotation.shape[1] or head_dim <= 0 or rotation.shape[0] % head_dim:
         raise ValueError(f"rotation must be [G*d, G*d] with d={head_dim}, got {tuple(rotation.shape)}")
@@ -605,12 +631,15 @@ def prepare_rotation(rotation: torch.Tensor, head_dim: int, dot_dtype: torch.dty
     r32 = rotation.detach().to(torch.float32).contiguous()
     rtp = r32.T.index_select(0, _plane_order(gd, d, dev)).to(dt).contiguous()
     ab = _kron_factors(r32, d) if d % _NPLANES == 0 else None
-    a = btp = bt = None
+    a = btp = bt = bt32 = None
     if ab is not None:
         a = ab[0].to(torch.float32).contiguous()
-        bt = ab[1].T.to(dt).contiguous()
+        bt32 = ab[1].T.to(torch.float32).contiguous()
+        bt = bt32.to(dt)
         btp = bt.index_select(0, _plane_order(d, d, dev)).contiguous()
-    return PreparedRotation(rotation=r32, head_dim=d, dot_dtype=dt, factored=ab is not None, rtp=rtp, a=a, btp=btp, bt=bt)
+    by_chunk = None if k_gid is None else keys_grouped_by_chunk(k_gid, d)
+    return PreparedRotation(rotation=r32, head_dim=d, dot_dtype=dt, factored=ab is not None, rtp=rtp, a=a, btp=btp,
+                            bt=bt, bt32=bt32, k_gid=k_gid, keys_by_chunk=by_chunk)  # fmt: skip
 
 
 def num_splits_for(batch: int, n_kv: int, T: int, block_t: int, device: torch.device) -> int:
@@ -721,7 +750,7 @@ def decode_attention(
     dev = q.device
     dot_dtype = _dot_dtype(q.dtype)
     if prep is None:
-        prep = prepare_rotation(rotation.to(dev), d, dot_dtype)
+        prep = prepare_rotation(rotation.to(dev), d, dot_dtype, k_gid=k_gid)
     elif prep.head_dim != d or prep.dot_dtype != dot_dtype or prep.device != dev:
         raise ValueError(
             f"PreparedRotation for d={prep.head_dim}, dot dtype {prep.dot_dtype} on {prep.device}; this call needs "
@@ -732,14 +761,23 @@ def decode_attention(
     elif factored and not prep.factored:
         raise ValueError(f"factored=True needs a rotation of the form kron(A [{G}, {G}], B [{d}, {d}])")
     n_gk, n_gv = Gd // k_group_size, d // v_group_size
-    if kernel not in ("head", "group"):
-        raise ValueError(f"kernel must be 'head' or 'group', got {kernel!r}")
-    use_group = kernel == "group"
-    if use_group:
+    if kernel not in ("auto", "head", "group", "chunk"):
+        raise ValueError(f"kernel must be 'auto', 'head', 'group' or 'chunk', got {kernel!r}")
+    if kernel == "group":
         why_not = group_kernel_supports(factored=bool(factored), G=G, rep=rep, d=d, n_gk=n_gk, n_gv=n_gv)
         if why_not is not None:
             raise ValueError(f"kernel='group' does not cover this call: {why_not}; use kernel='head'")
-    dflt = KERNEL_DEFAULTS["group" if use_group else "head"]
+    if kernel in ("auto", "chunk"):
+        by_chunk = prep.keys_by_chunk if prep.k_gid is k_gid else None
+        if by_chunk is None and kernel == "chunk":
+            by_chunk = keys_grouped_by_chunk(k_gid, d)
+        why_not = chunk_kernel_supports(factored=bool(factored), G=G, rep=rep, d=d, k_bits=k_bits, v_bits=v_bits,
+                                        k_group_size=k_group_size, keys_by_chunk=bool(by_chunk), n_gv=n_gv)  # fmt: skip
+        if why_not is not None and kernel == "chunk":
+            raise ValueError(f"kernel='chunk' does not cover this call: {why_not}; use kernel='head'")
+        kernel = "chunk" if why_not is None else "head"
+    use_group = kernel in ("group", "chunk")
+    dflt = KERNEL_DEFAULTS[kernel]
     block_t = dflt["block_t"] if block_t is None else block_t
     num_warps = dflt["num_warps"] if num_warps is None else num_warps
     num_stages = dflt["num_stages"] if num_stages is None else num_stages
@@ -771,6 +809,18 @@ def decode_attention(
     o_part = torch.empty(B, n_q, n_parts, d, **f32)
     lse_part = torch.empty(B, n_q, n_parts, **f32)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    if kernel == "chunk":
+        m, beta, vcol = prep.chunk_operands(k_bits, v_bits, n_gv == 1)
+        launch_chunk_kernel(
+            qc, (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, pos), (fk, fv, fpos),
+            a=prep.a, m=m, beta=beta, vcol=vcol, mean=mean, freq=freq, o_part=o_part, lse_part=lse_part,
+            dims=dm, tokens_per_split=tokens_per_split, num_splits=num_splits, has_fp=has_fp,
+            k_bits=k_bits, v_bits=v_bits, v_group_size=v_group_size,
+            qk_scale=sm_scale * _LOG2E, rope_scaling=float(attention_scaling), dot_dtype=dot_dtype,
+            precision=precision, use_libdevice=not triton_interpreting(),
+            block_t=block_t, num_warps=num_warps, num_stages=num_stages,
+        )
+        return _merge(o_part, lse_part, q.dtype)
     if use_group:
         launch_group_kernel(
             qc, (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, pos), (fk, fv, fpos),

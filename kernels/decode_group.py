@@ -65,9 +65,16 @@ def _as_float(codes):
 
 
 @triton.jit
-def _field(lo, hi, sh, i: tl.constexpr, BITS: tl.constexpr):
-    """Code ``i`` of each packed word (``hi``/``sh``: the 3-bit high bits' words and shifts)."""
-    if BITS == 4:
+def _field(lo, hi, sh, i: tl.constexpr, BITS: tl.constexpr, SCALED: tl.constexpr):
+    """Code ``i`` of each packed word (``hi``/``sh``: the 3-bit high bits' words and shifts).
+
+    ``SCALED`` (2 and 4 bits): the code left in place within its byte, ``c * 2^(BITS*(i % (8/BITS)))``,
+    which costs one shift per byte instead of one per code (callers fold the factor elsewhere).
+    """
+    if SCALED:
+        PB: tl.constexpr = 8 // BITS
+        f = (lo >> (8 * (i // PB))) & (((1 << BITS) - 1) << (BITS * (i % PB)))
+    elif BITS == 4:
         f = (lo >> (4 * i)) & 15
     else:
         f = (lo >> (2 * i)) & 3
@@ -77,7 +84,7 @@ def _field(lo, hi, sh, i: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def _words_to_codes(lo, hi, sh, BITS: tl.constexpr, ROWS: tl.constexpr, NW: tl.constexpr):
+def _words_to_codes(lo, hi, sh, BITS: tl.constexpr, ROWS: tl.constexpr, NW: tl.constexpr, SCALED: tl.constexpr):
     """int32 codes ``[ROWS, NW * per_word]`` in channel order from packed int32 words ``[ROWS, NW]``.
 
     Word ``w`` holds channels ``per_word*w + i`` (16 per word at 2/3 bits, 8 at 4 bits). Each
@@ -85,20 +92,20 @@ def _words_to_codes(lo, hi, sh, BITS: tl.constexpr, ROWS: tl.constexpr, NW: tl.c
     highest bit first, lays them out in channel order after the reshape (in registers).
     """
     if BITS == 4:  # one exit: Triton 3.6 checks every return's type, even in a dead constexpr branch
-        j0 = tl.join(_field(lo, hi, sh, 0, BITS), _field(lo, hi, sh, 4, BITS))
-        j1 = tl.join(_field(lo, hi, sh, 1, BITS), _field(lo, hi, sh, 5, BITS))
-        j2 = tl.join(_field(lo, hi, sh, 2, BITS), _field(lo, hi, sh, 6, BITS))
-        j3 = tl.join(_field(lo, hi, sh, 3, BITS), _field(lo, hi, sh, 7, BITS))
+        j0 = tl.join(_field(lo, hi, sh, 0, BITS, SCALED), _field(lo, hi, sh, 4, BITS, SCALED))
+        j1 = tl.join(_field(lo, hi, sh, 1, BITS, SCALED), _field(lo, hi, sh, 5, BITS, SCALED))
+        j2 = tl.join(_field(lo, hi, sh, 2, BITS, SCALED), _field(lo, hi, sh, 6, BITS, SCALED))
+        j3 = tl.join(_field(lo, hi, sh, 3, BITS, SCALED), _field(lo, hi, sh, 7, BITS, SCALED))
         codes = tl.reshape(tl.join(tl.join(j0, j2), tl.join(j1, j3)), (ROWS, NW * 8))
     else:
-        j0 = tl.join(_field(lo, hi, sh, 0, BITS), _field(lo, hi, sh, 8, BITS))
-        j1 = tl.join(_field(lo, hi, sh, 1, BITS), _field(lo, hi, sh, 9, BITS))
-        j2 = tl.join(_field(lo, hi, sh, 2, BITS), _field(lo, hi, sh, 10, BITS))
-        j3 = tl.join(_field(lo, hi, sh, 3, BITS), _field(lo, hi, sh, 11, BITS))
-        j4 = tl.join(_field(lo, hi, sh, 4, BITS), _field(lo, hi, sh, 12, BITS))
-        j5 = tl.join(_field(lo, hi, sh, 5, BITS), _field(lo, hi, sh, 13, BITS))
-        j6 = tl.join(_field(lo, hi, sh, 6, BITS), _field(lo, hi, sh, 14, BITS))
-        j7 = tl.join(_field(lo, hi, sh, 7, BITS), _field(lo, hi, sh, 15, BITS))
+        j0 = tl.join(_field(lo, hi, sh, 0, BITS, SCALED), _field(lo, hi, sh, 8, BITS, SCALED))
+        j1 = tl.join(_field(lo, hi, sh, 1, BITS, SCALED), _field(lo, hi, sh, 9, BITS, SCALED))
+        j2 = tl.join(_field(lo, hi, sh, 2, BITS, SCALED), _field(lo, hi, sh, 10, BITS, SCALED))
+        j3 = tl.join(_field(lo, hi, sh, 3, BITS, SCALED), _field(lo, hi, sh, 11, BITS, SCALED))
+        j4 = tl.join(_field(lo, hi, sh, 4, BITS, SCALED), _field(lo, hi, sh, 12, BITS, SCALED))
+        j5 = tl.join(_field(lo, hi, sh, 5, BITS, SCALED), _field(lo, hi, sh, 13, BITS, SCALED))
+        j6 = tl.join(_field(lo, hi, sh, 6, BITS, SCALED), _field(lo, hi, sh, 14, BITS, SCALED))
+        j7 = tl.join(_field(lo, hi, sh, 7, BITS, SCALED), _field(lo, hi, sh, 15, BITS, SCALED))
         k0 = tl.join(j0, j4)
         k1 = tl.join(j1, j5)
         k2 = tl.join(j2, j6)
@@ -108,8 +115,12 @@ def _words_to_codes(lo, hi, sh, BITS: tl.constexpr, ROWS: tl.constexpr, NW: tl.c
 
 
 @triton.jit
-def _chunk_codes(row, tmask, w0, hi0, D: tl.constexpr, BITS: tl.constexpr, ROWS: tl.constexpr):
-    """Codes ``int32 [ROWS, D]`` of one ``D``-channel chunk: low words from word ``w0``, 3-bit high words from ``hi0``."""
+def _chunk_codes(row, tmask, w0, hi0, D: tl.constexpr, BITS: tl.constexpr, ROWS: tl.constexpr,
+                 SCALED: tl.constexpr = False):
+    """Codes ``int32 [ROWS, D]`` of one ``D``-channel chunk: low words from word ``w0``, 3-bit high words from ``hi0``.
+
+    ``SCALED``: codes times ``2^(BITS*(i % (8/BITS)))`` for channel ``i`` of a word (see :func:`_field`).
+    """
     PER: tl.constexpr = 8 if BITS == 4 else 16
     NW: tl.constexpr = D // PER
     wi = tl.arange(0, NW)
@@ -120,7 +131,7 @@ def _chunk_codes(row, tmask, w0, hi0, D: tl.constexpr, BITS: tl.constexpr, ROWS:
     else:
         hi = lo
         sh = wi[None, :]
-    return _words_to_codes(lo, hi, sh, BITS, ROWS, NW)
+    return _words_to_codes(lo, hi, sh, BITS, ROWS, NW, SCALED)
 
 
 @triton.jit
@@ -167,9 +178,14 @@ def _rope_scores(k_lo, k_hi, cos, sin, q_lo, q_hi, DT: tl.constexpr, PREC: tl.co
 @triton.jit
 def _head_values(vrow, tmask, valid, ph, vs_row, vz_row, acc, accz,
                  D: tl.constexpr, V_BITS: tl.constexpr, GV: tl.constexpr, NGV: tl.constexpr,
-                 BLOCK_T: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
-    """Add one KV head's ``ph^T @ v`` (``ph [BLOCK_T, QP]``: weights of its query columns, others 0)."""
-    c = _as_float(_chunk_codes(vrow, tmask, 0, D // 16, D, V_BITS, BLOCK_T))
+                 BLOCK_T: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, SCALED: tl.constexpr = False):
+    """Add one KV head's ``ph^T @ v`` (``ph [BLOCK_T, QP]``: weights of its query columns, others 0).
+
+    ``SCALED`` (one value group only): codes as :func:`_field` leaves them in place, so the
+    accumulator's column ``i`` holds ``2^(V_BITS*(i % (8/V_BITS)))`` times its value (the caller
+    divides once at the end).
+    """
+    c = _as_float(_chunk_codes(vrow, tmask, 0, D // 16, D, V_BITS, BLOCK_T, SCALED and NGV == 1))
     if NGV == 1:  # fold: (p ⊙ s) · codes + Σ p z
         vs = tl.load(vs_row, mask=valid, other=0.0).to(tl.float32)
         vz = tl.load(vz_row, mask=valid, other=0.0).to(tl.float32)
@@ -183,6 +199,41 @@ def _head_values(vrow, tmask, valid, ph, vs_row, vz_row, acc, accz,
         v = tl.where(valid[:, None], v, 0.0).to(DT)
         acc = tl.dot(tl.trans(ph.to(DT)), v, acc, input_precision=PREC)
     return acc, accz
+
+
+@triton.jit
+def _fp_segment(fk_base, fv_base, fpos_row, s_fkh, s_fkt, s_fvh, s_fvt, f_stop, freq, rope_scaling,
+                q_lo, q_hi, qhead, qmask, qk_scale, m_i, l_i, acc, accz, vcol,
+                D: tl.constexpr, G: tl.constexpr, QP: tl.constexpr, BLOCK_T: tl.constexpr,
+                DT: tl.constexpr, PREC: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
+    """Online-softmax step over the full-precision segment (sinks + window, slots ``< f_stop``) of
+    the ``G`` KV heads at ``fk_base``/``fv_base``: pre-RoPE original keys, RoPE'd here.
+
+    ``vcol`` (``[D]`` or a scalar) scales the value columns, as the caller's accumulator holds them.
+    """
+    HALF: tl.constexpr = D // 2
+    c = tl.arange(0, HALF)
+    cc = tl.arange(0, D)
+    for f0 in range(0, f_stop, BLOCK_T):
+        f = f0 + tl.arange(0, BLOCK_T)
+        ff = f.to(tl.int64)
+        fmask, valid, cos, sin = _slot_rope(fpos_row, f, f_stop, freq, rope_scaling, USE_LIBDEVICE)
+        s = tl.zeros((BLOCK_T, QP), tl.float32)
+        for h in tl.static_range(G):
+            k_row = fk_base + h * s_fkh + ff[:, None] * s_fkt
+            k_lo = tl.load(k_row + c[None, :], mask=fmask[:, None], other=0.0).to(tl.float32)
+            k_hi = tl.load(k_row + HALF + c[None, :], mask=fmask[:, None], other=0.0).to(tl.float32)
+            s = tl.where(qhead[None, :] == h, _rope_scores(k_lo, k_hi, cos, sin, q_lo, q_hi, DT, PREC), s)
+        s = tl.where(valid[:, None] & qmask[None, :], s * qk_scale, float("-inf"))
+        m_i, l_i, alpha, p = _softmax_step(s, m_i, l_i)
+        acc = acc * alpha[:, None]
+        accz = accz * alpha
+        for h in tl.static_range(G):
+            ph = tl.where(qhead[None, :] == h, p, 0.0)
+            v_row = fv_base + h * s_fvh + ff[:, None] * s_fvt + cc[None, :]
+            v = tl.load(v_row, mask=valid[:, None], other=0.0).to(tl.float32)  # empty slots may hold NaN
+            acc = tl.dot(tl.trans(ph.to(DT)), (v * vcol).to(DT), acc, input_precision=PREC)
+    return m_i, l_i, acc, accz
 
 
 @triton.jit
@@ -270,27 +321,11 @@ def _group_kernel(
                 acc, accz, D, V_BITS, GV, NGV, BLOCK_T, DT, PREC)
 
     if HAS_FP:  # the last program index attends to the full-precision segment
-        f_stop = tl.where(split == n_splits, F, 0)
-        for f0 in range(0, f_stop, BLOCK_T):
-            f = f0 + tl.arange(0, BLOCK_T)
-            ff = f.to(tl.int64)
-            fmask, valid, cos, sin = _slot_rope(fpos_ptr + b * s_fpb, f, f_stop, freq, rope_scaling, USE_LIBDEVICE)
-            s = tl.zeros((BLOCK_T, QP), tl.float32)
-            for h in tl.static_range(G):
-                k_row = fk_ptr + b * s_fkb + (hg * G + h) * s_fkh + ff[:, None] * s_fkt
-                k_lo = tl.load(k_row + c[None, :], mask=fmask[:, None], other=0.0).to(tl.float32)
-                k_hi = tl.load(k_row + HALF + c[None, :], mask=fmask[:, None], other=0.0).to(tl.float32)
-                s = tl.where(qhead[None, :] == h, _rope_scores(k_lo, k_hi, cos, sin, q_lo, q_hi, DT, PREC), s)
-            s = tl.where(valid[:, None] & qmask[None, :], s * qk_scale, float("-inf"))
-            m_i, l_i, alpha, p = _softmax_step(s, m_i, l_i)
-            acc = acc * alpha[:, None]
-            accz = accz * alpha
-            for h in tl.static_range(G):
-                ph = tl.where(qhead[None, :] == h, p, 0.0)
-                v_row = fv_ptr + b * s_fvb + (hg * G + h) * s_fvh + ff[:, None] * s_fvt + cc[None, :]
-                v = tl.load(v_row, mask=valid[:, None], other=0.0).to(DT)  # empty slots may hold NaN
-                acc = tl.dot(tl.trans(ph.to(DT)), v, acc, input_precision=PREC)
-
+        m_i, l_i, acc, accz = _fp_segment(
+            fk_ptr + b * s_fkb + hg * G * s_fkh, fv_ptr + b * s_fvb + hg * G * s_fvh, fpos_ptr + b * s_fpb,
+            s_fkh, s_fkt, s_fvh, s_fvt, tl.where(split == n_splits, F, 0), freq, rope_scaling,
+            q_lo, q_hi, qhead, qmask, qk_scale, m_i, l_i, acc, accz, 1.0,
+            D, G, QP, BLOCK_T, DT, PREC, USE_LIBDEVICE)
     has = l_i > 0.0
     inv_l = 1.0 / tl.where(has, l_i, 1.0)
     lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))

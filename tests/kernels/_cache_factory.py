@@ -42,6 +42,7 @@ def make_case(
     clip: float = 0.9,
     left_pad: bool = True,
     nan_holes: bool = False,
+    permute: bool = True,
 ) -> Case:
     Gd, n_hg, C = G * d, n_kv // G, n_kv * d
     rotation = hadamard_matrix(Gd)
@@ -50,6 +51,8 @@ def make_case(
     k_mean = keys.reshape(-1, C).mean(0) + 0.05 * torch.randn(C)  # "calibrated" mean
     y = ((k - k_mean).reshape(B, T, n_hg, Gd) @ rotation).abs().mean((0, 1))  # [n_hg, Gd]
     perm = torch.cat([torch.argsort(y[h]) + h * Gd for h in range(n_hg)])  # sort by mean |y|
+    if not permute:  # groups of consecutive rotated channels (calibrate --permutation none)
+        perm = torch.arange(n_hg * Gd)
     k_gid = group_ids_from_perm(perm, Gd, g_k)
     kc, ks, kz = quantize_pack_ref(k.reshape(B, T, n_hg, Gd), k_bits, g_k, clip,
                                    rotation=rotation, mean=k_mean, gid=k_gid)

@@ -21,6 +21,7 @@ from rkv_convert.kernels.decode_attention import (
     decode_attention_ref,
     prepare_rotation,
 )
+from rkv_convert.kernels.decode_chunk import code_column_factors, keys_grouped_by_chunk
 from rkv_convert.kernels.decode_group import group_kernel_supports
 from rkv_convert.kernels.quantize_pack import perm_from_group_ids
 from rkv_convert.quant.codec import rotate_groups
@@ -234,6 +235,73 @@ def test_group_kernel_refuses_what_it_does_not_cover() -> None:
         _run(c, kernel="fast")
 
 
+# The chunk kernel (kernels/decode_chunk.py): key groups = the rotated head chunks (no channel
+# permutation), 2/4 bits, folded (g_v = d) and selected value groups, G = 1/2/4, MHA and GQA,
+# holes, left padding, NaN garbage in empty slots, fp segment or not, fp-only, several splits.
+CHUNK_CASES = {
+    "paper-g4-d128-b2-fold-nanholes": dict(B=2, n_kv=8, rep=1, d=128, G=4, T=70, F=3, k_bits=2, v_bits=2,
+                                           g_k=128, g_v=128, nan_holes=True),
+    "g4-d128-b2-gqa4-fold-splits": dict(B=1, n_kv=4, rep=4, d=128, G=4, T=90, F=2, k_bits=2, v_bits=2, g_k=128,
+                                        g_v=128, num_splits=3),
+    "g2-d64-b4v2-gqa2-select": dict(B=2, n_kv=4, rep=2, d=64, G=2, T=45, F=3, k_bits=4, v_bits=2, g_k=64, g_v=32),
+    "g2-d128-b2v4-mha-nofp": dict(B=2, n_kv=2, rep=1, d=128, G=2, T=40, F=0, k_bits=2, v_bits=4, g_k=128, g_v=128),
+    "g1-d128-gqa4-fold": dict(B=2, n_kv=2, rep=4, d=128, G=1, T=50, F=2, k_bits=2, v_bits=2, g_k=128, g_v=128),
+    "g4-d64-b2-select4-tiny": dict(B=2, n_kv=4, rep=1, d=64, G=4, T=3, F=2, k_bits=2, v_bits=2, g_k=64, g_v=16),
+    "g2-d64-fp-only": dict(B=2, n_kv=2, rep=2, d=64, G=2, T=0, F=6, k_bits=2, v_bits=2, g_k=64, g_v=64),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", list(CHUNK_CASES))
+def test_chunk_kernel_matches_reference(name: str, dtype: torch.dtype) -> None:
+    cfg = dict(CHUNK_CASES[name])
+    num_splits = cfg.pop("num_splits", None)
+    c = make_case(dtype=dtype, permute=False, **cfg)
+    out = _run(c, num_splits=num_splits, kernel="chunk")
+    _check(c, out)
+    if dtype == torch.float32:  # "auto" takes the chunk kernel for these layouts, and agrees with the head kernel
+        assert torch.equal(_run(c, num_splits=num_splits, kernel="auto"), out)
+        head = _run(c, num_splits=num_splits, kernel="head")
+        torch.testing.assert_close(out, head, atol=3e-5, rtol=1e-5)
+
+
+def test_chunk_kernel_refuses_what_it_does_not_cover() -> None:
+    c = make_case(B=1, n_kv=4, rep=1, d=64, G=2, T=20, F=1, g_k=64)  # calibrated permutation: groups cross chunks
+    assert not keys_grouped_by_chunk(c.kw["k_gid"], 64)
+    with pytest.raises(ValueError, match="--permutation none"):
+        _run(c, kernel="chunk")
+    assert torch.equal(_run(c, kernel="auto"), _run(c, kernel="head"))  # auto falls back to the head kernel
+    c = make_case(B=1, n_kv=4, rep=1, d=64, G=2, T=20, F=1, g_k=64, k_bits=3, v_bits=3, permute=False)
+    with pytest.raises(ValueError, match="3-bit"):
+        _run(c, kernel="chunk")
+    c = make_case(B=1, n_kv=3, rep=1, d=64, G=3, T=20, F=1, g_k=64, permute=False)  # H192: not kron(H3, H64)
+    with pytest.raises(ValueError, match="not Kronecker-factored"):
+        _run(c, kernel="chunk")
+
+
+def test_prepared_rotation_records_chunk_groups() -> None:
+    """prepare_rotation(k_gid=) decides the chunk condition once; "auto" trusts it only for that same tensor."""
+    c = make_case(B=1, n_kv=4, rep=1, d=64, G=2, T=30, F=1, g_k=64, permute=False)
+    prep = prepare_rotation(c.kw["rotation"], 64, torch.float32, k_gid=c.kw["k_gid"])
+    assert prep.keys_by_chunk is True and prep.k_gid is c.kw["k_gid"]
+    assert prepare_rotation(c.kw["rotation"], 64, torch.float32).keys_by_chunk is None
+    out = _run(c, rotation=prep, kernel="auto")
+    assert torch.equal(out, _run(c, kernel="chunk"))
+    assert torch.equal(_run(c, rotation=prepare_rotation(c.kw["rotation"], 64, torch.float32), kernel="auto"),
+                       _run(c, kernel="head"))  # no recorded ids: no per-call check, the head kernel
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_code_column_factors_undo_in_place_codes(bits: int) -> None:
+    """Codes left in place within their byte, times the factors, are the codes (every channel of a word)."""
+    per_word = 32 // bits
+    codes = torch.randint(0, 2**bits, (per_word,))
+    word = sum(int(c) << (bits * i) for i, c in enumerate(codes))
+    in_place = torch.tensor([(word >> (8 * (i // (8 // bits)))) & (((1 << bits) - 1) << (bits * (i % (8 // bits))))
+                             for i in range(per_word)], dtype=torch.float32)  # fmt: skip
+    torch.testing.assert_close(in_place * code_column_factors(bits, per_word, torch.device("cpu")), codes.float())
+
+
 @pytest.mark.parametrize("n,d,factored", [(512, 128, True), (256, 64, True), (128, 64, True), (64, 64, True),
                                           (192, 64, False), (384, 128, False)])
 def test_prepare_rotation_detects_kronecker_factors(n: int, d: int, factored: bool) -> None:
@@ -300,6 +368,26 @@ GPU_CASES = {
     "paper-G4-d128-2k": dict(B=2, n_kv=8, rep=1, d=128, G=4, T=2048, F=8, k_bits=2, v_bits=2, g_k=128, g_v=64),
     "smollm2-G3-d64-3k": dict(B=3, n_kv=3, rep=3, d=64, G=3, T=3000, F=5, k_bits=3, v_bits=3, g_k=64, g_v=32),
 }
+
+
+GPU_CHUNK_CASES = {
+    "paper-G4-d128-by-chunk-8k": dict(B=4, n_kv=8, rep=1, d=128, G=4, T=8192, F=8, k_bits=2, v_bits=2, g_k=128,
+                                      g_v=128, permute=False),
+    "llama3-G4-gqa4-by-chunk-4k": dict(B=2, n_kv=8, rep=4, d=128, G=4, T=4096, F=137, k_bits=2, v_bits=2, g_k=128,
+                                       g_v=128, permute=False),
+    "G2-d128-b4-by-chunk-2k": dict(B=2, n_kv=4, rep=2, d=128, G=2, T=2048, F=8, k_bits=4, v_bits=4, g_k=128,
+                                   g_v=64, permute=False),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("name", list(GPU_CHUNK_CASES))
+def test_gpu_chunk_kernel(name: str, dtype: torch.dtype) -> None:
+    c = make_case(dtype=dtype, **GPU_CHUNK_CASES[name])
+    _check(c, _run(c, kernel="chunk"))
+    for block_t, warps in ((64, 4), (128, 8)):  # the tiles the tuning sweeps (tensor-core paths differ)
+        _check(c, _run(c, kernel="chunk", block_t=block_t, num_warps=warps))
 
 
 GPU_PARAMS = [(name, torch.float16) for name in GPU_CASES] + [
