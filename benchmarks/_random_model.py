@@ -32,12 +32,13 @@ def llama_config(*, layers: int, hidden: int, intermediate: int, heads: int, kv_
 
 def calibrated_rkv(
     model: torch.nn.Module, *, vocab: int, samples: int, seqlen: int, head_group: int, key_group: int,
-    value_group: int, bits: int,
+    value_group: int, bits: int, permutation: str = "mean_abs",
 ) -> tuple[RkvModel, CalibrationArtifact, float]:
     """Calibrate ``model`` on ``samples`` random windows of ``seqlen`` tokens, fuse its value rotation
     and wrap it with the packed cache; returns the rkv model, the artifact and the calibration seconds."""
     options = CalibrationOptions(source="random-tokens", num_samples=samples, seqlen=seqlen,
-                                 head_group_size=head_group, key_group_size=key_group, value_group_size=value_group)  # fmt: skip
+                                 head_group_size=head_group, key_group_size=key_group, value_group_size=value_group,
+                                 perm_statistic=permutation)  # fmt: skip
     batches = torch.randint(0, vocab, (samples, seqlen), generator=torch.Generator().manual_seed(0))
     if torch.cuda.is_available():
         torch.cuda.synchronize()

@@ -16,7 +16,10 @@ wall time row), its value rotation fused, and then:
   (fp16's cache grows to the end, so its job runs in full).
 
 rkv prefills in slices of ``--prefill-batch`` sequences (``stream_generate(prefill_batch=)``);
-transformers prefills the whole batch in one forward, as ``generate`` does.
+transformers prefills the whole batch in one forward, as ``generate`` does. rkv is calibrated
+with ``--permutation none`` by default (key groups = the rotated head chunks), the layout that
+decodes with the chunk kernel; ``--permutation mean_abs`` (``rkv calibrate``'s default) decodes
+with the head kernel.
 
     python benchmarks/bench_end_to_end.py --csv benchmarks/results/end_to_end.csv
 """
@@ -168,6 +171,9 @@ def main() -> None:
     p.add_argument("--key-group", type=int, default=128)
     p.add_argument("--value-group", type=int, default=128)
     p.add_argument("--prefill-batch", type=int, default=8)
+    p.add_argument("--permutation", default="none", choices=["none", "mean_abs", "max_abs", "rms"],
+                   help="key channel grouping calibrated for rkv: none (key groups = rotated head chunks) decodes with "
+                        "the chunk kernel, a sorted permutation with the head kernel")
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-seqlen", type=int, default=512)
     p.add_argument("--max-batch/--no-max-batch", dest="max_batch", default=True, action=argparse.BooleanOptionalAction)
@@ -189,7 +195,7 @@ def main() -> None:
 
     rkv, _, calib_s = calibrated_rkv(model, vocab=args.vocab, samples=args.calib_samples, seqlen=args.calib_seqlen,
                                      head_group=args.head_group, key_group=args.key_group,
-                                     value_group=args.value_group, bits=args.bits)  # fmt: skip
+                                     value_group=args.value_group, bits=args.bits, permutation=args.permutation)  # fmt: skip
     print(f"calibration: {calib_s:.1f} s for {args.calib_samples * args.calib_seqlen} tokens", flush=True)
 
     job = (args.prompt, args.new, args.vocab)
@@ -199,7 +205,8 @@ def main() -> None:
     run_hf(model, 1, 256, 8, args.vocab)
     hf = {b: _try(run_hf, model, b, *job) for b in (b1, b2)}
     ours = {b: _try(run_rkv, rkv, b, *job, args.prefill_batch) for b in (b1, b2)}
-    base = {"model": shape, "prompt": args.prompt, "new": args.new, "bits": args.bits, "weights_GiB": weights / 2**30}
+    base = {"model": shape, "prompt": args.prompt, "new": args.new, "bits": args.bits, "weights_GiB": weights / 2**30,
+            "permutation": args.permutation}
     rows = [_row(base, name, "equal batch", b, r, weights) for name, res in (("hf-fp16", hf), ("rkv", ours))
             for b, r in res.items()]  # fmt: skip
     if args.max_batch and DEVICE.type == "cuda" and all(hf.values()) and all(ours.values()):
@@ -225,7 +232,7 @@ def main() -> None:
 
 
 _COLUMNS = ["impl", "case", "batch", "prefill_tok_s", "decode_tok_s", "peak_GiB", "peak_minus_weights_GiB",
-            "bits_per_elem", "note", "model", "prompt", "new", "bits", "weights_GiB"]  # fmt: skip
+            "bits_per_elem", "note", "model", "prompt", "new", "bits", "weights_GiB", "permutation"]  # fmt: skip
 
 if __name__ == "__main__":
     main()

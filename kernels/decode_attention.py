@@ -96,7 +96,7 @@ Kernel = Literal["auto", "head", "group", "chunk"]
 KERNEL_DEFAULTS: dict[str, dict[str, int]] = {
     "head": {"block_t": 32, "num_warps": 4, "num_stages": 1},
     "group": {"block_t": 16, "num_warps": 4, "num_stages": 1},
-    "chunk": {"block_t": 16, "num_warps": 4, "num_stages": 1},
+    "chunk": {"block_t": 64, "num_warps": 4, "num_stages": 1},
 }
 
 
@@ -682,7 +682,7 @@ def decode_attention(
     hoist_rotation: bool | None = None,
     factored: bool | None = None,
     group_select: bool | None = None,
-    kernel: Kernel = "head",
+    kernel: Kernel = "auto",
     backend: Backend = "auto",
 ) -> torch.Tensor:
     """Attention of one new query token per sequence over the packed cache (module docstring).

@@ -25,7 +25,7 @@ key's position ``R_t`` is linear, so for a query ``q`` of head ``h``
 
 Per key element that leaves the unpack, RoPE and one conversion to the dot dtype. Values: the
 value scale goes into the softmax weights and the zero into one running sum per query row (as
-in the group kernel).
+in the group kernel), and the value dot is taken transposed (:func:`_head_values_t`).
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ import triton
 import triton.language as tl
 
 from ._common import device_guard, next_pow2
-from ._decode_parts import _slot_rope, _softmax_step
-from .decode_group import _MAX_GROUP_QUERIES, _as_float, _as_words, _chunk_codes, _fp_segment, _head_values
+from ._decode_parts import _group_rows, _select_groups, _slot_rope, _softmax_step
+from .decode_group import _MAX_GROUP_QUERIES, _as_float, _as_words, _chunk_codes, _fp_segment
 
 __all__ = ["chunk_kernel_supports", "code_column_factors", "keys_grouped_by_chunk", "launch_chunk_kernel"]
 
@@ -88,6 +88,35 @@ def code_column_factors(bits: int, d: int, device: torch.device) -> torch.Tensor
 def _rope_const_weights(q_lo, q_hi, v_lo, v_hi, DT: tl.constexpr):
     """``w, w' [QP, d/2]`` with ``q·R_t v = Σ_j cos_j(t) w_j + sin_j(t) w'_j`` (``v`` broadcast per row or column)."""
     return (q_lo * v_lo + q_hi * v_hi).to(DT), (q_hi * v_lo - q_lo * v_hi).to(DT)
+
+
+@triton.jit
+def _head_values_t(vrow, tmask, valid, ph, vs_row, vz_row, acct, accz,
+                   D: tl.constexpr, V_BITS: tl.constexpr, GV: tl.constexpr, NGV: tl.constexpr,
+                   BLOCK_T: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """Add one KV head's ``v^T @ ph`` to the transposed accumulator ``acct [D, QP]``.
+
+    Transposed, the dot is ``[D, BLOCK_T] @ [BLOCK_T, QP]``: the large code tile is the first
+    operand, which Hopper's tensor cores (wgmma) take from registers (measured 5-8 % faster than
+    ``ph^T @ v`` on an H100). One value group: codes left in place within their byte (row ``i`` of
+    ``acct`` holds ``2^(V_BITS*(i % (8/V_BITS)))`` times its value), the scale folded into the
+    weights and the zero into ``accz``; more groups: dequantized by selects.
+    """
+    if NGV == 1:
+        c = _as_float(_chunk_codes(vrow, tmask, 0, D // 16, D, V_BITS, BLOCK_T, True))
+        vs = tl.load(vs_row, mask=valid, other=0.0).to(tl.float32)
+        vz = tl.load(vz_row, mask=valid, other=0.0).to(tl.float32)
+        accz = accz + tl.sum(ph * vz[:, None], 0)
+        acct = tl.dot(tl.trans(c.to(DT)), (ph * vs[:, None]).to(DT), acct, input_precision=PREC)
+    else:
+        c = _as_float(_chunk_codes(vrow, tmask, 0, D // 16, D, V_BITS, BLOCK_T))
+        s0, s1, s2, s3 = _group_rows(vs_row, valid, NGV)
+        z0, z1, z2, z3 = _group_rows(vz_row, valid, NGV)
+        gidv = tl.arange(0, D) // GV
+        v = c * _select_groups(gidv, s0, s1, s2, s3, NGV) + _select_groups(gidv, z0, z1, z2, z3, NGV)
+        v = tl.where(valid[:, None], v, 0.0).to(DT)  # empty slots may hold NaN scales
+        acct = tl.dot(tl.trans(v), ph.to(DT), acct, input_precision=PREC)
+    return acct, accz
 
 
 @triton.jit
@@ -144,7 +173,7 @@ def _chunk_kernel(
 
     m_i = tl.full((QP,), -1.0e30, tl.float32)
     l_i = tl.zeros((QP,), tl.float32)
-    acc = tl.zeros((QP, D), tl.float32)
+    acct = tl.zeros((D, QP), tl.float32)  # transposed value accumulator (see _head_values_t)
     accz = tl.zeros((QP,), tl.float32)
 
     t_start = split * tokens_per_split
@@ -183,16 +212,17 @@ def _chunk_kernel(
             s += (sg * scale + rb * zero) * ag
         s = tl.where(valid[:, None] & qmask[None, :], s * qk_scale, float("-inf"))
         m_i, l_i, alpha, p = _softmax_step(s, m_i, l_i)
-        acc = acc * alpha[:, None]
+        acct = acct * alpha[None, :]
         accz = accz * alpha
         for h in tl.static_range(G):
             kv = hg * G + h
             ph = tl.where(qhead[None, :] == h, p, 0.0)
-            acc, accz = _head_values(
+            acct, accz = _head_values_t(
                 vw_ptr + b * s_vcb + kv * s_vch + tt * s_vct, tmask, valid, ph,
                 vs_ptr + b * s_vsb + kv * s_vsh + tt * s_vst, vz_ptr + b * s_vzb + kv * s_vzh + tt * s_vzt,
-                acc, accz, D, V_BITS, GV, NGV, BLOCK_T, DT, PREC, True)
+                acct, accz, D, V_BITS, GV, NGV, BLOCK_T, DT, PREC)
 
+    acc = tl.trans(acct)
     inv_vcol = 1.0 / vcol
     if HAS_FP:  # the last program index attends to the full-precision segment
         m_i, l_i, acc, accz = _fp_segment(

@@ -63,6 +63,12 @@ def calibrate(
     key_group_size: int = typer.Option(64, help="Key channels per quantization group."),
     value_group_size: int = typer.Option(64, help="Value channels per quantization group."),
     sink_ratio: float = typer.Option(64.0, help="A residual activation above this multiple of the layer's median |h| is massive (a sink)."),
+    permutation: str = typer.Option(
+        "mean_abs",
+        help="How rotated key channels are grouped for quantization: sorted by mean_abs, max_abs or rms (outlier-aware), "
+        "or none (consecutive channels). With none and key groups of one head (--key-group-size = head dim), decoding "
+        "takes the faster chunk kernel (docs/benchmarks.md; accuracy cost in docs/accuracy.md).",
+    ),
     device: str = typer.Option("cuda" if torch.cuda.is_available() else "cpu", help="Device for the forward passes."),
     device_map: Optional[str] = typer.Option(None, "--device-map", help="Spread the model over devices with accelerate (e.g. auto); replaces --device."),
     dtype: str = typer.Option("float32", help="Model dtype: float32, float16, bfloat16."),
@@ -80,7 +86,8 @@ def calibrate(
 
     if out.exists() and not overwrite:
         _fail(FileExistsError(f"{out} already exists; pass --overwrite or choose another --out"))
-    options = CalibrationOptions(data, samples, seqlen, seed, batch_size, head_group_size, key_group_size, value_group_size, sink_ratio)
+    options = CalibrationOptions(data, samples, seqlen, seed, batch_size, head_group_size, key_group_size, value_group_size, sink_ratio,
+                                 perm_statistic=permutation)  # fmt: skip
     start = time.perf_counter()
     try:
         with console.status(f"loading {model}"):

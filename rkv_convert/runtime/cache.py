@@ -97,7 +97,7 @@ class LayerCodec:
     def prepared_rotation(self, query_dtype: torch.dtype) -> PreparedRotation:
         """The rotation as the decode kernel wants it for ``query_dtype`` queries (prepared once)."""
         if query_dtype not in self._prepared:
-            self._prepared[query_dtype] = prepare_rotation(self.rotation, self.head_dim, query_dtype)
+            self._prepared[query_dtype] = prepare_rotation(self.rotation, self.head_dim, query_dtype, k_gid=self.k_gid)
         return self._prepared[query_dtype]
 
     @property
@@ -127,6 +127,9 @@ class LayerCodec:
         )
 
 
+_STORAGE = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero", "pos", "fp_k", "fp_v", "fp_pos", "n_sinks")
+
+
 def _grow(t: torch.Tensor, used: int, capacity: int, dim: int, fill: int = 0) -> torch.Tensor:
     shape = list(t.shape)
     shape[dim] = capacity
@@ -152,6 +155,7 @@ class RkvCacheLayer(CacheLayerMixin):
         self.n_window = 0  # slots in the recent window
         self.fp_dtype: torch.dtype | None = None
         self.capacity_hint = 0  # store slots to allocate up front (e.g. prompt + new tokens)
+        self.is_row_view = False  # storage is rows of another layer's tensors (rows())
 
     # ----- transformers contract ------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor | None = None) -> None:
@@ -207,7 +211,7 @@ class RkvCacheLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.length = self.n_quant = self.n_window = 0
-        for name in ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero", "pos", "fp_k", "fp_v", "fp_pos", "n_sinks"):
+        for name in _STORAGE:
             self.__dict__.pop(name, None)
         self.is_initialized = False
 
@@ -218,7 +222,7 @@ class RkvCacheLayer(CacheLayerMixin):
         if not self.is_initialized:
             return
         index = index.to(self.device)
-        for name in ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero", "pos", "fp_k", "fp_v", "fp_pos", "n_sinks"):
+        for name in _STORAGE:
             setattr(self, name, getattr(self, name).index_select(0, index).contiguous())
         self.batch = int(index.numel())
 
@@ -232,32 +236,41 @@ class RkvCacheLayer(CacheLayerMixin):
         if self.is_initialized:
             self._select_batch(torch.arange(self.batch, device=self.device).repeat_interleave(repeats))
 
-    def copy_rows_from(self, part: "RkvCacheLayer", start: int) -> None:
-        """Copy the sequences of ``part`` (a micro-batch prefilled on its own) into rows ``start:``.
+    def rows(self, start: int, n: int) -> "RkvCacheLayer":
+        """An empty layer whose storage is rows ``start:start + n`` of this one (views, no copies).
 
-        This layer must be allocated for the whole batch (:meth:`allocate`). Every micro-batch of
-        one prompt length leaves the same slot counts, so the first one sets them and the others
-        must match. Lets a large batch be prefilled in slices without a second full-size cache.
+        This layer must be allocated for the whole batch (:meth:`allocate`) and hold no token yet.
+        Prefilling the view writes straight into this layer's tensors, so a large batch can be
+        prefilled in slices without a second copy of its cache; :meth:`take_counts` then records
+        the slots the slices wrote. The view cannot grow its store (it would detach from this
+        layer): reserve the whole job up front.
         """
-        if not self.is_initialized or not part.is_initialized:
-            raise ValueError("copy_rows_from needs an allocated layer and a prefilled part")
-        n = part.batch
-        if start < 0 or start + n > self.batch:
+        if not self.is_initialized:
+            raise ValueError("rows() needs an allocated layer (allocate(batch, ...) first)")
+        if self.length:
+            raise ValueError("rows() of a layer that already holds tokens")
+        if start < 0 or n <= 0 or start + n > self.batch:
             raise ValueError(f"rows {start}:{start + n} do not fit a batch of {self.batch}")
-        counts = (part.length, part.n_quant, part.n_window)
+        view = RkvCacheLayer(self.codec, self.settings, self.backend)
+        view.device, view.fp_dtype, view.batch = self.device, self.fp_dtype, n
+        for name in _STORAGE:
+            setattr(view, name, getattr(self, name)[start : start + n])
+        view.is_initialized = True
+        view.is_row_view = True
+        return view
+
+    def take_counts(self, view: "RkvCacheLayer", start: int) -> None:
+        """Record the slots written through ``view`` (from :meth:`rows` at ``start``).
+
+        Every slice of one padded prompt length leaves the same slot counts: the first slice sets
+        them, the others must match.
+        """
+        counts = (view.length, view.n_quant, view.n_window)
         if start == 0:
-            self._reserve(part.n_quant)
             self.length, self.n_quant, self.n_window = counts
         elif counts != (self.length, self.n_quant, self.n_window):
             raise ValueError(f"micro-batch slot counts {counts} differ from the first one's "
                              f"{(self.length, self.n_quant, self.n_window)}: prompts must share one padded length")
-        rows = slice(start, start + n)
-        q = self.n_quant
-        for name in ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero"):
-            getattr(self, name)[rows, :, :q] = getattr(part, name)[:, :, :q]
-        self.pos[rows, :q] = part.pos[:, :q]
-        for name in ("fp_k", "fp_v", "fp_pos", "n_sinks"):
-            getattr(self, name)[rows] = getattr(part, name)
 
     # ----- the rkv store ------------------------------------------------------------------
     @property
@@ -360,6 +373,8 @@ class RkvCacheLayer(CacheLayerMixin):
         cap = self.pos.shape[1]
         if needed <= cap:
             return
+        if self.is_row_view:
+            raise RuntimeError(f"a row view of a cache cannot grow past its {cap} reserved slots; reserve the whole job")
         new_cap = max(needed, 2 * cap)
         n = self.n_quant
         for name in ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero"):
@@ -528,10 +543,18 @@ class RkvCache(Cache):
         for layer in self.layers:
             layer.allocate(batch, layer.codec.device, dtype)
 
-    def copy_rows_from(self, part: "RkvCache", start: int) -> None:
-        """Copy a prefilled micro-batch cache into rows ``start:`` (see :meth:`RkvCacheLayer.copy_rows_from`)."""
-        for layer, other in zip(self.layers, part.layers, strict=True):
-            layer.copy_rows_from(other, start)
+    def rows(self, start: int, n: int) -> "RkvCache":
+        """A cache over rows ``start:start + n`` of this allocated, empty one (see :meth:`RkvCacheLayer.rows`)."""
+        view = RkvCache.__new__(RkvCache)
+        Cache.__init__(view, layers=[layer.rows(start, n) for layer in self.layers])
+        view.settings, view.inv_freq, view.attention_scaling = self.settings, self.inv_freq, self.attention_scaling
+        view._inv_freq_by_device, view.backend = self._inv_freq_by_device, self.backend
+        return view
+
+    def take_counts(self, view: "RkvCache", start: int) -> None:
+        """Record the slots a prefilled :meth:`rows` view wrote (see :meth:`RkvCacheLayer.take_counts`)."""
+        for layer, other in zip(self.layers, view.layers, strict=True):
+            layer.take_counts(other, start)
 
     def bytes_used(self) -> int:
         return sum(layer.bytes_used() for layer in self.layers)

@@ -246,16 +246,18 @@ def _prefill(
         return out.logits[:, -1]
     if chunk <= 0:
         raise ValueError(f"prefill_batch must be positive, got {chunk}")
-    cache.allocate(b, rkv_model.dtype)
+    cache.reserve(reserve).allocate(b, rkv_model.dtype)
+    starts = range(0, b, chunk)
+    parts = [cache.rows(s, min(chunk, b - s)) for s in starts]  # views: slices write straight into the cache
     logits = []
-    for s in range(0, b, chunk):
-        rows = slice(s, min(s + chunk, b))
-        part = rkv_model.new_cache(reserve_tokens=reserve)
+    for s, part in zip(starts, parts):
+        rows = slice(s, s + part.layers[0].batch)
         out = model(input_ids=ids[rows], attention_mask=mask[rows], position_ids=positions[rows],
                     past_key_values=part, use_cache=True, logits_to_keep=1)  # fmt: skip
-        cache.copy_rows_from(part, s)
         logits.append(out.logits[:, -1])
-        del part, out
+        del out
+    for s, part in zip(starts, parts):
+        cache.take_counts(part, s)
     return torch.cat(logits)
 
 

@@ -217,10 +217,10 @@ def test_group_kernel_matches_reference(name: str, dtype: torch.dtype) -> None:
     c, num_splits = _named_case(GROUP_CASES[name], dtype)
     out = _run(c, num_splits=num_splits, kernel="group")
     _check(c, out)
-    if dtype == torch.float32:  # the two kernels agree with each other; the default is the head kernel
+    if dtype == torch.float32:  # the two kernels agree with each other; the default is kernel="auto"
         head = _run(c, num_splits=num_splits, kernel="head")
         torch.testing.assert_close(out, head, atol=3e-5, rtol=1e-5)
-        assert torch.equal(_run(c, num_splits=num_splits), head)
+        assert torch.equal(_run(c, num_splits=num_splits), _run(c, num_splits=num_splits, kernel="auto"))
 
 
 def test_group_kernel_refuses_what_it_does_not_cover() -> None:
@@ -371,7 +371,7 @@ GPU_CASES = {
 
 
 GPU_CHUNK_CASES = {
-    "paper-G4-d128-by-chunk-8k": dict(B=4, n_kv=8, rep=1, d=128, G=4, T=8192, F=8, k_bits=2, v_bits=2, g_k=128,
+    "paper-G4-d128-by-chunk-4k": dict(B=2, n_kv=8, rep=1, d=128, G=4, T=4096, F=8, k_bits=2, v_bits=2, g_k=128,
                                       g_v=128, permute=False),
     "llama3-G4-gqa4-by-chunk-4k": dict(B=2, n_kv=8, rep=4, d=128, G=4, T=4096, F=137, k_bits=2, v_bits=2, g_k=128,
                                        g_v=128, permute=False),
@@ -380,14 +380,21 @@ GPU_CHUNK_CASES = {
 }
 
 
+GPU_CHUNK_PARAMS = [(name, torch.float16) for name in GPU_CHUNK_CASES] + [
+    ("paper-G4-d128-by-chunk-4k", torch.bfloat16),
+    ("paper-G4-d128-by-chunk-4k", torch.float32),
+]  # each dtype and tile is a compilation of about 20 s on the GPU machine: a small matrix
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("name", list(GPU_CHUNK_CASES))
+@pytest.mark.parametrize("name,dtype", GPU_CHUNK_PARAMS)
 def test_gpu_chunk_kernel(name: str, dtype: torch.dtype) -> None:
     c = make_case(dtype=dtype, **GPU_CHUNK_CASES[name])
-    _check(c, _run(c, kernel="chunk"))
-    for block_t, warps in ((64, 4), (128, 8)):  # the tiles the tuning sweeps (tensor-core paths differ)
-        _check(c, _run(c, kernel="chunk", block_t=block_t, num_warps=warps))
+    out = _run(c, kernel="chunk")
+    err = _check(c, out)
+    if dtype == torch.float16:  # a small tile takes mma.sync instead of wgmma
+        other = _run(c, kernel="chunk", block_t=16, num_warps=4)
+        assert (other.float() - out.float()).abs().max().item() <= 2 * err + ATOL[dtype]  # so within 3 err of ref
 
 
 GPU_PARAMS = [(name, torch.float16) for name in GPU_CASES] + [

@@ -59,6 +59,28 @@ def test_micro_batched_prefill_builds_the_same_cache(folder) -> None:
         assert torch.equal(a.n_sinks, b.n_sinks)
 
 
+def test_row_views_share_storage_and_refuse_misuse() -> None:
+    """rows(): views of an allocated empty cache (what the micro-batched prefill writes through)."""
+    from rkv_convert.runtime.cache import RkvCache
+    model = tiny_model("llama")
+    ckpt = make_checkpoint(model, bits=2, recent_window=4, flush_block=4, max_sinks=2)
+    cache = RkvCache.from_checkpoint(ckpt, model).reserve(40)
+    with pytest.raises(ValueError, match="allocated"):
+        cache.rows(0, 1)
+    cache.allocate(5, torch.float32)
+    view = cache.rows(2, 3)
+    for full, part in zip(cache.layers, view.layers):
+        assert part.batch == 3 and part.k_codes.data_ptr() == full.k_codes[2].data_ptr()
+        assert part.fp_k.data_ptr() == full.fp_k[2].data_ptr() and part.n_sinks.data_ptr() == full.n_sinks[2:].data_ptr()
+    with pytest.raises(ValueError, match="do not fit"):
+        cache.rows(4, 2)
+    with pytest.raises(RuntimeError, match="cannot grow"):
+        view.layers[0]._reserve(41)
+    cache.layers[0].length = 3
+    with pytest.raises(ValueError, match="already holds tokens"):
+        cache.layers[0].rows(0, 1)
+
+
 def test_reserved_store_does_not_grow() -> None:
     from rkv_convert.runtime.cache import RkvCache
     model = tiny_model("llama")
