@@ -75,7 +75,7 @@ def test_row_views_share_storage_and_refuse_misuse() -> None:
     with pytest.raises(ValueError, match="do not fit"):
         cache.rows(4, 2)
     with pytest.raises(RuntimeError, match="cannot grow"):
-        view.layers[0]._reserve(41)
+        view.layers[0]._reserve(view.layers[0].pos.shape[1] + 1)
     cache.layers[0].length = 3
     with pytest.raises(ValueError, match="already holds tokens"):
         cache.layers[0].rows(0, 1)
