@@ -84,6 +84,7 @@ import triton.language as tl
 from rkv_convert.quant.packing import packed_width, unpack_codes
 
 from ._common import Backend, device_guard, next_pow2, resolve_backend, triton_interpreting
+from ._occupancy import record_residency, resident_per_sm, sm_count, wave_splits
 from .decode_chunk import chunk_kernel_supports, code_column_factors, keys_grouped_by_chunk, launch_chunk_kernel
 from .decode_group import group_kernel_supports, launch_group_kernel
 from ._decode_parts import _NPLANES, _byte_tiles, _cos_sin, _group_rows, _plane_codes, _select_groups, _softmax_step
@@ -642,13 +643,23 @@ def prepare_rotation(
                             bt=bt, bt32=bt32, k_gid=k_gid, keys_by_chunk=by_chunk)  # fmt: skip
 
 
-def num_splits_for(batch: int, n_kv: int, T: int, block_t: int, device: torch.device) -> int:
-    """Context splits so that ``batch * n_kv * splits`` programs fill about two per SM."""
+def num_splits_for(
+    batch: int, n_kv: int, T: int, block_t: int, device: torch.device, resident_per_sm: int | None = None
+) -> int:
+    """Context splits of the ``batch * n_kv`` programs (``n_kv``: the kernel's head units).
+
+    With ``resident_per_sm`` (programs of the compiled kernel that fit on one SM): the split count
+    that fills whole waves (:func:`~._occupancy.wave_splits`). Without (before a configuration's
+    first launch): about two programs per SM.
+    """
     n_blocks = triton.cdiv(T, block_t)
     if n_blocks == 0:
         return 0
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    splits = max(1, min(n_blocks, triton.cdiv(2 * sms, batch * n_kv)))
+    sms = sm_count(device) if device.type == "cuda" else 4
+    if resident_per_sm is not None:
+        splits = wave_splits(batch * n_kv, n_blocks, resident_per_sm * sms)
+    else:
+        splits = max(1, min(n_blocks, triton.cdiv(2 * sms, batch * n_kv)))
     return triton.cdiv(n_blocks, triton.cdiv(n_blocks, splits))  # no empty splits
 
 
@@ -783,11 +794,13 @@ def decode_attention(
     num_stages = dflt["num_stages"] if num_stages is None else num_stages
     if block_t & (block_t - 1) or block_t < 16:
         raise ValueError(f"block_t must be a power of two >= 16, got {block_t}")
+    has_fp = fp_k is not None
+    residency_key = (kernel, dev, block_t, num_warps, num_stages, G, rep, d, k_bits, v_bits, n_gk, n_gv,
+                     dot_dtype, has_fp, bool(factored), bool(group_select))  # fmt: skip
     if num_splits is None:
-        num_splits = num_splits_for(B, n_kv // G if use_group else n_kv, T, block_t, dev)
+        num_splits = num_splits_for(B, n_kv // G if use_group else n_kv, T, block_t, dev, resident_per_sm(residency_key))
     num_splits = min(max(num_splits, 1), triton.cdiv(T, block_t)) if T > 0 else 0
     tokens_per_split = triton.cdiv(triton.cdiv(T, block_t), num_splits) * block_t if num_splits else block_t
-    has_fp = fp_k is not None
     n_parts = num_splits + int(has_fp)
     if n_parts == 0:
         raise ValueError("nothing to attend to: no quantized tokens and no fp segment")
@@ -811,7 +824,7 @@ def decode_attention(
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     if kernel == "chunk":
         m, beta, vcol = prep.chunk_operands(k_bits, v_bits, n_gv == 1)
-        launch_chunk_kernel(
+        compiled = launch_chunk_kernel(
             qc, (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, pos), (fk, fv, fpos),
             a=prep.a, m=m, beta=beta, vcol=vcol, mean=mean, freq=freq, o_part=o_part, lse_part=lse_part,
             dims=dm, tokens_per_split=tokens_per_split, num_splits=num_splits, has_fp=has_fp,
@@ -820,9 +833,10 @@ def decode_attention(
             precision=precision, use_libdevice=not triton_interpreting(),
             block_t=block_t, num_warps=num_warps, num_stages=num_stages,
         )
+        record_residency(residency_key, compiled, dev)
         return _merge(o_part, lse_part, q.dtype)
     if use_group:
-        launch_group_kernel(
+        compiled = launch_group_kernel(
             qc, (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, pos), (fk, fv, fpos),
             a=prep.a, bt=prep.bt, mean=mean, gid=gid.contiguous(), freq=freq,
             o_part=o_part, lse_part=lse_part,
@@ -832,11 +846,12 @@ def decode_attention(
             precision=precision, use_libdevice=not triton_interpreting(),
             block_t=block_t, num_warps=num_warps, num_stages=num_stages,
         )
+        record_residency(residency_key, compiled, dev)
         return _merge(o_part, lse_part, q.dtype)
     gidp = gid.index_select(1, _plane_order(Gd, d, dev)).contiguous()
     a, btp = (prep.a, prep.btp) if factored else (prep.rtp, prep.rtp)  # unused by the dense path
     with device_guard(qc):  # Triton launches on the current device
-        _decode_kernel[(B, n_kv, n_parts)](
+        compiled = _decode_kernel[(B, n_kv, n_parts)](
             qc, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, pos,
             prep.rtp, a, btp, mean, gidp, freq, fk, fv, fpos, o_part, lse_part,
             qc.stride(0), qc.stride(1),
@@ -853,6 +868,7 @@ def decode_attention(
             SELECT_K=(2 <= n_gk <= 4) and bool(group_select),
             num_warps=num_warps, num_stages=num_stages,
         )
+    record_residency(residency_key, compiled, dev)
     return _merge(o_part, lse_part, q.dtype)
 
 

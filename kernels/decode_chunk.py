@@ -268,8 +268,10 @@ def launch_chunk_kernel(
     block_t: int,
     num_warps: int,
     num_stages: int,
-) -> None:
-    """Launch :func:`_chunk_kernel` over ``(B, n_hg, n_parts)``; arguments prepared by ``decode_attention``.
+) -> object:
+    """Launch :func:`_chunk_kernel` over ``(B, n_hg, n_parts)`` (arguments prepared by ``decode_attention``).
+
+    Returns what the launch returns (the compiled kernel on CUDA).
 
     ``m``: ``B^T`` with rows times :func:`code_column_factors` of ``k_bits`` (dot dtype);
     ``beta``: fp32 ``1 B^T``; ``vcol``: :func:`code_column_factors` of ``v_bits`` when a head has
@@ -282,7 +284,7 @@ def launch_chunk_kernel(
     T, F = dims["T"], dims["F"]
     n_parts = o_part.shape[2]
     with device_guard(q):  # Triton launches on the current device
-        _chunk_kernel[(B, n_hg, n_parts)](
+        return _chunk_kernel[(B, n_hg, n_parts)](
             q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, pos,
             a, m, beta, mean, vcol, freq, fk, fv, fpos, o_part, lse_part,
             q.stride(0), q.stride(1),

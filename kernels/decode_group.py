@@ -362,8 +362,10 @@ def launch_group_kernel(
     block_t: int,
     num_warps: int,
     num_stages: int,
-) -> None:
-    """Launch :func:`_group_kernel` over ``(B, n_hg, n_parts)``; arguments prepared by ``decode_attention``.
+) -> object:
+    """Launch :func:`_group_kernel` over ``(B, n_hg, n_parts)`` (arguments prepared by ``decode_attention``).
+
+    Returns what the launch returns (the compiled kernel on CUDA).
 
     ``bt``: ``B^T`` in channel order; ``gid``: int32 ``[n_hg, Gd]`` in channel order.
     """
@@ -373,7 +375,7 @@ def launch_group_kernel(
     B, n_q, d, G, n_hg, rep, T, F = (dims[k] for k in ("B", "n_q", "d", "G", "n_hg", "rep", "T", "F"))
     n_parts = o_part.shape[2]
     with device_guard(q):  # Triton launches on the current device
-        _group_kernel[(B, n_hg, n_parts)](
+        return _group_kernel[(B, n_hg, n_parts)](
             q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, pos,
             a, bt, mean, gid, freq, fk, fv, fpos, o_part, lse_part,
             q.stride(0), q.stride(1),

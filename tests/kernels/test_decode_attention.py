@@ -19,8 +19,10 @@ from rkv_convert.kernels.decode_attention import (
     _plane_order,
     decode_attention,
     decode_attention_ref,
+    num_splits_for,
     prepare_rotation,
 )
+from rkv_convert.kernels._occupancy import wave_splits
 from rkv_convert.kernels.decode_chunk import code_column_factors, keys_grouped_by_chunk
 from rkv_convert.kernels.decode_group import group_kernel_supports
 from rkv_convert.kernels.quantize_pack import perm_from_group_ids
@@ -91,6 +93,24 @@ def test_split_count_does_not_matter() -> None:
     outs = [_run(c, num_splits=s) for s in (1, 2, 3)]
     for o in outs[1:]:
         torch.testing.assert_close(o, outs[0], atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("programs,n_blocks,slots", [(64, 256, 264), (256, 64, 264), (8, 256, 264), (1184, 66, 264),
+                                                     (320, 40, 132), (5, 3, 264)])
+def test_wave_splits_minimise_block_steps(programs: int, n_blocks: int, slots: int) -> None:
+    """The split count whose grid takes the fewest block steps (waves x blocks per program), searched up to about
+    eight waves; among ties the most splits within two waves, else the fewest."""
+    def steps(s: int) -> int:
+        return -(-programs * s // slots) * -(-n_blocks // s)
+    best = wave_splits(programs, n_blocks, slots)
+    s_max = next((s for s in range(1, n_blocks + 1) if programs * s >= 8 * slots), n_blocks)
+    assert 1 <= best <= s_max
+    ties = [s for s in range(1, s_max + 1) if steps(s) == steps(best)]
+    assert all(steps(best) <= steps(s) for s in range(1, s_max + 1))
+    within_two = [s for s in ties if programs * s <= 2 * slots]
+    assert best == (max(within_two) if within_two else min(ties))
+    even = -(-n_blocks // -(-n_blocks // best))  # the same blocks per split, no empty split
+    assert num_splits_for(programs, 1, n_blocks * 16, 16, torch.device("cpu"), resident_per_sm=slots // 4) == even
 
 
 def test_hoisted_rotation_off() -> None:
