@@ -147,6 +147,8 @@ def largest_batch(
 
 def _row(base: dict, impl: str, case: str, batch: int, result: dict | None, weights: int) -> dict[str, object]:
     """One table row for a job's result (None: it ran out of memory)."""
+    if impl != "rkv":
+        base = {**base, "permutation": ""}
     if result is None:
         return {**base, "impl": impl, "case": case, "batch": batch, "note": "out of memory"}
     return {**base, "impl": impl, "case": case, "batch": batch, "prefill_tok_s": result["prefill_tok_s"],

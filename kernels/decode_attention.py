@@ -58,9 +58,18 @@ interpreter (3.9) computes bf16 dots wrongly, and one dot type per path keeps th
 code the shipped code.
 
 One program per KV head re-reads and unpacks the head group's key codes ``G`` times (from
-cache) but keeps every tile at ``d`` channels and covers any rotation. ``kernel="group"``
-runs :mod:`rkv_convert.kernels.decode_group` instead (one program per head group, factored
-rotations only); on an H100 neither is faster everywhere (docs/benchmarks.md).
+cache) but keeps every tile at ``d`` channels and covers any rotation. Two other kernels
+cover narrower cases: ``kernel="group"`` (:mod:`rkv_convert.kernels.decode_group`, one
+program per head group, factored rotations) and ``kernel="chunk"``
+(:mod:`rkv_convert.kernels.decode_chunk`: factored rotations whose key groups are the rotated
+head chunks, i.e. calibrated with ``--permutation none``; raw codes meet ``B^T`` on the tensor
+cores and scales, zeros and the mean act on score entries, not key elements; the fastest on
+an H100, docs/benchmarks.md). ``kernel="auto"`` (the default) takes the chunk kernel where it
+applies, else this one.
+
+The split count is chosen so that the grid fills whole waves of resident programs (the
+residency of each launch configuration is read from the compiled kernel after its first
+launch; :mod:`rkv_convert.kernels._occupancy`).
 
 The rotation may be passed raw (prepared on every call, which synchronises with the device
 for the factorisation check) or as a :class:`PreparedRotation` made once per layer by
@@ -726,14 +735,18 @@ def decode_attention(
             exact one-hot ``tl.dot``; None: the one-hot dot (both exact; on an H100 the selects
             were 1.5-2.9x slower, ``benchmarks/bench_decode_attention.py --tune``). Other group
             counts: broadcast (one) or one-hot.
-        kernel: which Triton kernel: ``"head"`` (default) one program per KV head (this
-            module; any rotation and group count), or ``"group"`` one program per head group
+        kernel: which Triton kernel: ``"auto"`` (default) the chunk kernel where it applies,
+            else the head kernel; ``"head"`` one program per KV head (this module; any rotation
+            and group count); ``"group"`` one program per head group
             (:mod:`rkv_convert.kernels.decode_group`: each key code dequantized once, value
             scales folded into the softmax weights; needs a factored rotation and at most four
-            key groups per head group and value groups per head, else ValueError naming the
-            reason). Neither is faster everywhere on an H100 (docs/benchmarks.md), so the
-            default stays the head kernel. ``group_select`` and ``factored=False`` concern the
-            head kernel only.
+            key groups per head group and value groups per head); ``"chunk"``
+            (:mod:`rkv_convert.kernels.decode_chunk`: also needs 2- or 4-bit codes and key
+            groups equal to the rotated head chunks). An explicit kernel that does not cover
+            the call raises ValueError naming the reason. ``"auto"`` knows the key groups
+            without reading ``k_gid`` when ``rotation`` is a :class:`PreparedRotation` made with
+            this ``k_gid`` (else the head kernel, or a check when the rotation is raw).
+            ``group_select`` and ``factored=False`` concern the head kernel only.
         backend: ``"auto"``, ``"triton"`` or ``"reference"`` (see ``_common``).
 
     Returns:
