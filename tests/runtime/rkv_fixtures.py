@@ -49,6 +49,7 @@ def make_checkpoint(
     clip: float = 1.0,
     sink_quantile: float = 0.97,
     seed: int = 0,
+    permute: bool = True,
 ) -> Checkpoint:
     """A valid checkpoint for ``model`` whose value rotation is fused in place (see module docstring)."""
     cfg = model.config
@@ -77,6 +78,8 @@ def make_checkpoint(
         mean = k.mean(0)
         y = rotate_groups(k - mean, key_rotation).abs().mean(0).view(-1, g * d)
         perm = torch.cat([torch.argsort(blk, descending=True) + i * g * d for i, blk in enumerate(y)])
+        if not permute:  # key groups of consecutive rotated channels (calibrate --permutation none)
+            perm = torch.arange(perm.numel())
         channels = torch.argsort(h.abs().amax(0), descending=True)[:3]
         threshold = torch.quantile(h[:, channels].abs().amax(-1), sink_quantile).item()
         layers.append(LayerTensors(mean, perm, clip, clip, channels, threshold))

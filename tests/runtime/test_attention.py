@@ -148,14 +148,18 @@ def test_four_bit_greedy_tracks_full_precision() -> None:
     assert torch.equal(q_logits.argmax(-1)[clear], fp_logits.argmax(-1)[clear])
 
 
-def test_triton_kernel_path_matches_reference_backend() -> None:
-    """backend='auto': the Triton kernels (CUDA, or the interpreter on CPU) inside the runtime."""
+@pytest.mark.parametrize("key_group,value_group,permute", [(32, 16, True), (64, 64, False), (64, 16, False)])
+def test_triton_kernel_path_matches_reference_backend(key_group: int, value_group: int, permute: bool) -> None:
+    """backend='auto': the Triton kernels (CUDA, or the interpreter on CPU) inside the runtime: the head
+    kernel for a calibrated permutation, the chunk kernel for key groups = rotated head chunks (2 x 64 = H2 ⊗ H64)."""
     model = tiny_model("llama", layers=1)
-    ckpt = make_checkpoint(model, bits=2, key_group_size=32, value_group_size=16)
+    ckpt = make_checkpoint(model, bits=2, key_group_size=key_group, value_group_size=value_group, permute=permute)
     settings = CacheSettings(recent_window=4, flush_block=4, max_sinks=2)
     ids, mask = _prompt(t=14, pad=3)
     ref = _run(model, rkv_attention, ids, mask, steps=3, cache=RkvCache.from_checkpoint(ckpt, model, settings, backend="reference"))
-    got = _run(model, rkv_attention, ids, mask, steps=3, cache=RkvCache.from_checkpoint(ckpt, model, settings, backend="auto"))
+    cache = RkvCache.from_checkpoint(ckpt, model, settings, backend="auto")
+    assert cache.layers[0].codec.prepared_rotation(torch.float32).keys_by_chunk is (not permute)
+    got = _run(model, rkv_attention, ids, mask, steps=3, cache=cache)
     torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3)
 
 
