@@ -29,11 +29,15 @@ def record_residency(key: tuple, compiled: object, device: torch.device) -> None
         return
     props = torch.cuda.get_device_properties(device)
     warps = compiled.metadata.num_warps
-    regs_per_warp = -(-compiled.n_regs * 32 // 256) * 256  # allocated per warp in units of 256
+    lanes = getattr(compiled.metadata, "warp_size", 32)
+    regs_per_warp = -(-compiled.n_regs * lanes // 256) * 256  # allocated per warp in units of 256
     by_regs = getattr(props, "regs_per_multiprocessor", 65536) // max(regs_per_warp * warps, 1)
-    by_threads = getattr(props, "max_threads_per_multi_processor", 2048) // (32 * warps)
+    by_threads = getattr(props, "max_threads_per_multi_processor", 2048) // (lanes * warps)
     smem = compiled.metadata.shared
-    by_smem = getattr(props, "shared_memory_per_multiprocessor", 233472) // smem if smem else by_threads
+    if smem:  # each resident block also reserves 1 KB of shared memory (sm_80 and later)
+        by_smem = getattr(props, "shared_memory_per_multiprocessor", 233472) // (smem + 1024)
+    else:
+        by_smem = by_threads
     _RESIDENT[key] = max(1, min(by_regs, by_threads, by_smem))
 
 

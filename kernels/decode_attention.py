@@ -809,7 +809,7 @@ def decode_attention(
         raise ValueError(f"block_t must be a power of two >= 16, got {block_t}")
     has_fp = fp_k is not None
     residency_key = (kernel, dev, block_t, num_warps, num_stages, G, rep, d, k_bits, v_bits, n_gk, n_gv,
-                     dot_dtype, has_fp, bool(factored), bool(group_select))  # fmt: skip
+                     q.dtype, has_fp, bool(factored), bool(group_select))  # fmt: skip
     if num_splits is None:
         num_splits = num_splits_for(B, n_kv // G if use_group else n_kv, T, block_t, dev, resident_per_sm(residency_key))
     num_splits = min(max(num_splits, 1), triton.cdiv(T, block_t)) if T > 0 else 0

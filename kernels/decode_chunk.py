@@ -222,20 +222,19 @@ def _chunk_kernel(
                 vs_ptr + b * s_vsb + kv * s_vsh + tt * s_vst, vz_ptr + b * s_vzb + kv * s_vzh + tt * s_vzt,
                 acct, accz, D, V_BITS, GV, NGV, BLOCK_T, DT, PREC)
 
-    acc = tl.trans(acct)
-    inv_vcol = 1.0 / vcol
+    acc = tl.trans(acct) * vcol[None, :]  # true value scale before fp16 values join (no overflow)
     if HAS_FP:  # the last program index attends to the full-precision segment
         m_i, l_i, acc, accz = _fp_segment(
             fk_ptr + b * s_fkb + hg * G * s_fkh, fv_ptr + b * s_fvb + hg * G * s_fvh, fpos_ptr + b * s_fpb,
             s_fkh, s_fkt, s_fvh, s_fvt, tl.where(split == n_splits, F, 0), freq, rope_scaling,
-            qd_lo, qd_hi, qhead, qmask, qk_scale, m_i, l_i, acc, accz, inv_vcol[None, :],
+            qd_lo, qd_hi, qhead, qmask, qk_scale, m_i, l_i, acc, accz, 1.0,
             D, G, QP, BLOCK_T, DT, PREC, USE_LIBDEVICE)
 
     has = l_i > 0.0
     inv_l = 1.0 / tl.where(has, l_i, 1.0)
     lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
     row = (b * n_q + hg * G * REP + qi) * n_parts + split  # [B, n_q, n_parts]
-    out = (acc * vcol[None, :] + accz[:, None]) * inv_l[:, None]
+    out = (acc + accz[:, None]) * inv_l[:, None]
     tl.store(o_ptr + row[:, None] * D + cc[None, :], out, mask=qmask[:, None])
     tl.store(lse_ptr + row, lse, mask=qmask)
 

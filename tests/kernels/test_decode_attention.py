@@ -23,7 +23,7 @@ from rkv_convert.kernels.decode_attention import (
     prepare_rotation,
 )
 from rkv_convert.kernels._occupancy import wave_splits
-from rkv_convert.kernels.decode_chunk import code_column_factors, keys_grouped_by_chunk
+from rkv_convert.kernels.decode_chunk import chunk_kernel_supports, code_column_factors, keys_grouped_by_chunk
 from rkv_convert.kernels.decode_group import group_kernel_supports
 from rkv_convert.kernels.quantize_pack import perm_from_group_ids
 from rkv_convert.quant.codec import rotate_groups
@@ -88,9 +88,10 @@ def _named_case(cfg: dict, dtype: torch.dtype) -> tuple[Case, int | None]:
     return make_case(dtype=dtype, **cfg), num_splits
 
 
-def test_split_count_does_not_matter() -> None:
+@pytest.mark.parametrize("kernel", ["head", "chunk"])  # G = 1 with one key group per head: both apply
+def test_split_count_does_not_matter(kernel: str) -> None:
     c = make_case(B=1, n_kv=2, rep=2, d=64, T=150, F=2)
-    outs = [_run(c, num_splits=s) for s in (1, 2, 3)]
+    outs = [_run(c, num_splits=s, kernel=kernel) for s in (1, 2, 3)]
     for o in outs[1:]:
         torch.testing.assert_close(o, outs[0], atol=2e-6, rtol=1e-5)
 
@@ -123,14 +124,15 @@ def test_block_t_32() -> None:
     _check(c, _run(c, block_t=32))
 
 
-def test_strided_cache_views() -> None:
+@pytest.mark.parametrize("kernel", ["head", "chunk"])
+def test_strided_cache_views(kernel: str) -> None:
     """Cache tensors that are slices of preallocated buffers (token axis not the full extent)."""
     c = make_case(B=2, n_kv=2, rep=2, d=64, T=45, F=3)
     big = [torch.cat([t, t[:, :, :7]], 2) if t.dim() == 4 else torch.cat([t, t[:, :7]], 1) for t in c.cache]
     big = on_device(big)  # slice on the device: .to() would make the views contiguous
     views = [t[:, :, :45] if t.dim() == 4 else t[:, :45] for t in big]
     assert not views[0].is_contiguous()
-    out = _run(c, *views)
+    out = _run(c, *views, kernel=kernel)
     _check(c, out)
 
 
@@ -165,8 +167,10 @@ def test_dispatch_and_shape_checks() -> None:
     c = make_case(B=1, n_kv=2, rep=1, d=64, T=10)
     ref = decode_attention(c.q, *c.cache, backend="reference", **c.kw)
     torch.testing.assert_close(ref, decode_attention_ref(c.q, *c.cache, **c.kw), atol=0, rtol=0)
-    auto = decode_attention(on_device(c.q), *on_device(c.cache), **on_device(c.kw)).cpu()  # the kernel
+    auto = decode_attention(on_device(c.q), *on_device(c.cache), **on_device(c.kw)).cpu()  # a kernel
     torch.testing.assert_close(auto, ref, atol=2e-5, rtol=1e-5)
+    head = decode_attention(on_device(c.q), *on_device(c.cache), kernel="head", **on_device(c.kw)).cpu()
+    torch.testing.assert_close(head, ref, atol=2e-5, rtol=1e-5)
     bad = list(c.cache)
     bad[4] = bad[4][..., :1]  # v_scale with one group instead of two
     with pytest.raises(ValueError):
@@ -175,10 +179,11 @@ def test_dispatch_and_shape_checks() -> None:
         decode_attention(c.q, *c.cache, **{**c.kw, "k_group_size": 48})
 
 
-def test_no_valid_token_gives_zeros() -> None:
+@pytest.mark.parametrize("kernel", ["head", "chunk"])
+def test_no_valid_token_gives_zeros(kernel: str) -> None:
     c = make_case(B=2, n_kv=1, rep=1, d=64, T=20)
     c.cache[-1][1] = -1  # second sequence: every slot empty
-    out = _run(c)
+    out = _run(c, kernel=kernel)
     ref = decode_attention_ref(c.q, *c.cache, **c.kw)
     assert torch.equal(out[1], torch.zeros_like(out[1]))
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
@@ -240,7 +245,13 @@ def test_group_kernel_matches_reference(name: str, dtype: torch.dtype) -> None:
     if dtype == torch.float32:  # the two kernels agree with each other; the default is kernel="auto"
         head = _run(c, num_splits=num_splits, kernel="head")
         torch.testing.assert_close(out, head, atol=3e-5, rtol=1e-5)
-        assert torch.equal(_run(c, num_splits=num_splits), _run(c, num_splits=num_splits, kernel="auto"))
+        cfg = GROUP_CASES[name]
+        chunk_ok = chunk_kernel_supports(
+            factored=True, G=cfg["G"], rep=cfg["rep"], d=cfg["d"], k_bits=cfg["k_bits"], v_bits=cfg["v_bits"],
+            k_group_size=cfg["g_k"], keys_by_chunk=keys_grouped_by_chunk(c.kw["k_gid"], cfg["d"]),
+            n_gv=cfg["d"] // cfg["g_v"]) is None  # fmt: skip
+        default = _run(c, num_splits=num_splits)  # kernel="auto": the chunk kernel where it applies
+        assert torch.equal(default, _run(c, num_splits=num_splits, kernel="chunk" if chunk_ok else "head"))
 
 
 def test_group_kernel_refuses_what_it_does_not_cover() -> None:
@@ -285,6 +296,19 @@ def test_chunk_kernel_matches_reference(name: str, dtype: torch.dtype) -> None:
         torch.testing.assert_close(out, head, atol=3e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("bits", [2, 4])
+def test_chunk_kernel_large_full_precision_values(bits: int) -> None:
+    """fp16 values up to ~60000 in the full-precision segment stay finite (the value accumulator is at
+    true scale before they join it)."""
+    c = make_case(B=1, n_kv=4, rep=1, d=64, G=2, T=40, F=4, k_bits=bits, v_bits=bits, g_k=64, g_v=64,
+                  dtype=torch.float16, permute=False)  # fmt: skip
+    c.kw["fp_v"] = (c.kw["fp_v"].float() * 3000).clamp(-6e4, 6e4).half()
+    out = _run(c, kernel="chunk")
+    assert torch.isfinite(out).all()
+    ref = decode_attention_ref(c.q.float(), *c.cache, **_f32(c))
+    torch.testing.assert_close(out.float(), ref, rtol=2e-3, atol=2e-3 * ref.abs().max().item())  # fp16 output
+
+
 def test_chunk_kernel_refuses_what_it_does_not_cover() -> None:
     c = make_case(B=1, n_kv=4, rep=1, d=64, G=2, T=20, F=1, g_k=64)  # calibrated permutation: groups cross chunks
     assert not keys_grouped_by_chunk(c.kw["k_gid"], 64)
@@ -302,12 +326,13 @@ def test_chunk_kernel_refuses_what_it_does_not_cover() -> None:
 def test_prepared_rotation_records_chunk_groups() -> None:
     """prepare_rotation(k_gid=) decides the chunk condition once; "auto" trusts it only for that same tensor."""
     c = make_case(B=1, n_kv=4, rep=1, d=64, G=2, T=30, F=1, g_k=64, permute=False)
-    prep = prepare_rotation(c.kw["rotation"], 64, torch.float32, k_gid=c.kw["k_gid"])
-    assert prep.keys_by_chunk is True and prep.k_gid is c.kw["k_gid"]
-    assert prepare_rotation(c.kw["rotation"], 64, torch.float32).keys_by_chunk is None
-    out = _run(c, rotation=prep, kernel="auto")
+    rot, gid = on_device(c.kw["rotation"]), on_device(c.kw["k_gid"])
+    prep = prepare_rotation(rot, 64, torch.float32, k_gid=gid)
+    assert prep.keys_by_chunk is True and prep.k_gid is gid
+    assert prepare_rotation(rot, 64, torch.float32).keys_by_chunk is None
+    out = _run(c, rotation=prep, k_gid=gid, kernel="auto")
     assert torch.equal(out, _run(c, kernel="chunk"))
-    assert torch.equal(_run(c, rotation=prepare_rotation(c.kw["rotation"], 64, torch.float32), kernel="auto"),
+    assert torch.equal(_run(c, rotation=prepare_rotation(rot, 64, torch.float32), kernel="auto"),
                        _run(c, kernel="head"))  # no recorded ids: no per-call check, the head kernel
 
 
@@ -427,7 +452,7 @@ GPU_PARAMS = [(name, torch.float16) for name in GPU_CASES] + [
 @pytest.mark.parametrize("name,dtype", GPU_PARAMS)
 def test_gpu_large(name: str, dtype: torch.dtype) -> None:
     c = make_case(dtype=dtype, **GPU_CASES[name])
-    _check(c, _run(c))
+    _check(c, _run(c, kernel="head"))  # the chunk kernel: test_gpu_chunk_kernel
 
 
 @pytest.mark.parametrize("G,d,g_k", [(3, 64, 64), (4, 64, 64), (2, 128, 128), (1, 128, 64)])
