@@ -86,6 +86,10 @@ def calibrate(
 
     if out.exists() and not overwrite:
         _fail(FileExistsError(f"{out} already exists; pass --overwrite or choose another --out"))
+    from .calibrate.search import PERM_STATISTICS
+
+    if permutation not in PERM_STATISTICS:
+        _fail(ValueError(f"--permutation must be one of {', '.join(PERM_STATISTICS)}, got {permutation!r}"))
     options = CalibrationOptions(data, samples, seqlen, seed, batch_size, head_group_size, key_group_size, value_group_size, sink_ratio,
                                  perm_statistic=permutation)  # fmt: skip
     start = time.perf_counter()

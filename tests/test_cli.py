@@ -51,6 +51,22 @@ def test_calibrate_export_eval(workspace) -> None:
     assert math.isclose(fp, _stock_perplexity(ck, evaltext, windows=2, length=64), rel_tol=1e-4)
 
 
+def test_calibrate_permutation_option(workspace) -> None:
+    """--permutation none groups consecutive rotated channels (identity permutation); a bad value is refused."""
+    from rkv_convert.calibrate.artifact import load_artifact
+
+    root, model, text, _ = workspace
+    base = ["calibrate", str(model), "--data", str(text), "--samples", "2", "--seqlen", "64", "--device", "cpu"]
+    bad = runner.invoke(app, [*base, "--out", str(root / "cal-bad"), "--permutation", "sorted"])
+    assert bad.exit_code == 2 and "--permutation must be one of mean_abs, max_abs, rms, none" in bad.output
+    assert not (root / "cal-bad").exists()
+    _ok(runner.invoke(app, [*base, "--out", str(root / "cal-none"), "--permutation", "none"]))
+    artifact = load_artifact(root / "cal-none")
+    assert artifact.meta["options"]["perm_statistic"] == "none"
+    for layer in artifact.layers:
+        assert torch.equal(layer["key_perm"].long(), torch.arange(layer["key_perm"].numel()))
+
+
 def _stock_perplexity(checkpoint, text, windows: int, length: int) -> float:
     """Perplexity straight from transformers, no rkv code in the forward pass."""
     tok = AutoTokenizer.from_pretrained(checkpoint)
