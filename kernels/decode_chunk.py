@@ -36,7 +36,7 @@ import triton.language as tl
 
 from ._common import device_guard, next_pow2
 from ._decode_parts import _group_rows, _select_groups, _slot_rope, _softmax_step
-from .decode_group import _MAX_GROUP_QUERIES, _as_float, _as_words, _chunk_codes, _fp_segment
+from .decode_group import _MAX_GROUP_QUERIES, _as_float, _as_words, _chunk_codes, _fp_segment, _store_partial, launch_strides
 
 __all__ = ["chunk_kernel_supports", "code_column_factors", "keys_grouped_by_chunk", "launch_chunk_kernel"]
 
@@ -230,13 +230,8 @@ def _chunk_kernel(
             qd_lo, qd_hi, qhead, qmask, qk_scale, m_i, l_i, acc, accz, 1.0,
             D, G, QP, BLOCK_T, DT, PREC, USE_LIBDEVICE)
 
-    has = l_i > 0.0
-    inv_l = 1.0 / tl.where(has, l_i, 1.0)
-    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-    row = (b * n_q + hg * G * REP + qi) * n_parts + split  # [B, n_q, n_parts]
-    out = (acc + accz[:, None]) * inv_l[:, None]
-    tl.store(o_ptr + row[:, None] * D + cc[None, :], out, mask=qmask[:, None])
-    tl.store(lse_ptr + row, lse, mask=qmask)
+    _store_partial(o_ptr, lse_ptr, acc + accz[:, None], m_i, l_i, (b * n_q + hg * G * REP + qi) * n_parts + split,
+                   qmask, D)
 
 
 def launch_chunk_kernel(
@@ -286,10 +281,7 @@ def launch_chunk_kernel(
         return _chunk_kernel[(B, n_hg, n_parts)](
             q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, pos,
             a, m, beta, mean, vcol, freq, fk, fv, fpos, o_part, lse_part,
-            q.stride(0), q.stride(1),
-            *k_codes.stride()[:3], *k_scale.stride()[:3], *k_zero.stride()[:3],
-            *v_codes.stride()[:3], *v_scale.stride()[:3], *v_zero.stride()[:3],
-            pos.stride(0), *fk.stride()[:3], *fv.stride()[:3], fpos.stride(0),
+            *launch_strides(q, (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, pos), fp),
             T, F, tokens_per_split, num_splits, n_parts, n_q, qk_scale, rope_scaling,
             D=d, G=G, REP=rep, QP=max(16, next_pow2(G * rep)),
             K_BITS=k_bits, V_BITS=v_bits, GV=v_group_size, NGV=d // v_group_size,

@@ -237,6 +237,17 @@ def _fp_segment(fk_base, fv_base, fpos_row, s_fkh, s_fkt, s_fvh, s_fvt, f_stop, 
 
 
 @triton.jit
+def _store_partial(o_ptr, lse_ptr, acc, m_i, l_i, row, qmask, D: tl.constexpr):
+    """Write one program's normalised partial output ``acc / l`` and its log2-sum-exp at ``row``
+    (``[B, n_q, n_parts]`` index of each query row; rows without a valid token get 0 and -inf)."""
+    has = l_i > 0.0
+    inv_l = 1.0 / tl.where(has, l_i, 1.0)
+    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+    tl.store(o_ptr + row[:, None] * D + tl.arange(0, D)[None, :], acc * inv_l[:, None], mask=qmask[:, None])
+    tl.store(lse_ptr + row, lse, mask=qmask)
+
+
+@triton.jit
 def _group_kernel(
     q_ptr, kw_ptr, ks_ptr, kz_ptr, vw_ptr, vs_ptr, vz_ptr, pos_ptr,
     a_ptr, bt_ptr, mean_ptr, gid_ptr, freq_ptr, fk_ptr, fv_ptr, fpos_ptr, o_ptr, lse_ptr,
@@ -326,12 +337,8 @@ def _group_kernel(
             s_fkh, s_fkt, s_fvh, s_fvt, tl.where(split == n_splits, F, 0), freq, rope_scaling,
             q_lo, q_hi, qhead, qmask, qk_scale, m_i, l_i, acc, accz, 1.0,
             D, G, QP, BLOCK_T, DT, PREC, USE_LIBDEVICE)
-    has = l_i > 0.0
-    inv_l = 1.0 / tl.where(has, l_i, 1.0)
-    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-    row = (b * n_q + hg * G * REP + qi) * n_parts + split  # [B, n_q, n_parts]
-    tl.store(o_ptr + row[:, None] * D + cc[None, :], (acc + accz[:, None]) * inv_l[:, None], mask=qmask[:, None])
-    tl.store(lse_ptr + row, lse, mask=qmask)
+    _store_partial(o_ptr, lse_ptr, acc + accz[:, None], m_i, l_i, (b * n_q + hg * G * REP + qi) * n_parts + split,
+                   qmask, D)
 
 
 def launch_group_kernel(
@@ -378,10 +385,7 @@ def launch_group_kernel(
         return _group_kernel[(B, n_hg, n_parts)](
             q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, pos,
             a, bt, mean, gid, freq, fk, fv, fpos, o_part, lse_part,
-            q.stride(0), q.stride(1),
-            *k_codes.stride()[:3], *k_scale.stride()[:3], *k_zero.stride()[:3],
-            *v_codes.stride()[:3], *v_scale.stride()[:3], *v_zero.stride()[:3],
-            pos.stride(0), *fk.stride()[:3], *fv.stride()[:3], fpos.stride(0),
+            *launch_strides(q, (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, pos), fp),
             T, F, tokens_per_split, num_splits, n_parts, n_q, qk_scale, rope_scaling,
             D=d, G=G, REP=rep, QP=max(16, next_pow2(G * rep)),
             K_BITS=k_bits, V_BITS=v_bits, NGK=n_gk, GV=v_group_size, NGV=d // v_group_size,
@@ -389,6 +393,17 @@ def launch_group_kernel(
             PREC=precision, USE_LIBDEVICE=use_libdevice,
             num_warps=num_warps, num_stages=num_stages,
         )
+
+
+def launch_strides(q: torch.Tensor, cache: tuple[torch.Tensor, ...], fp: tuple[torch.Tensor, ...]) -> tuple[int, ...]:
+    """The stride arguments of the head-group kernels, in their order: queries (batch, head), the
+    seven cache tensors (three leading dims each; ``pos`` one) and the fp segment (three, three, one)."""
+    k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, pos = cache
+    fk, fv, fpos = fp
+    return (q.stride(0), q.stride(1),
+            *k_codes.stride()[:3], *k_scale.stride()[:3], *k_zero.stride()[:3],
+            *v_codes.stride()[:3], *v_scale.stride()[:3], *v_zero.stride()[:3],
+            pos.stride(0), *fk.stride()[:3], *fv.stride()[:3], fpos.stride(0))  # fmt: skip
 
 
 def _as_words(codes: torch.Tensor) -> torch.Tensor:
