@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _random_model import calibrated_rkv, llama_config  # noqa: E402
 from _timing import DEVICE, append_csv, markdown_table, print_table  # noqa: E402
 
+from rkv_convert.calibrate.search import PERM_STATISTICS  # noqa: E402
 from rkv_convert.runtime.generate import GenerationStats, RkvModel, SamplingOptions, stream_generate  # noqa: E402
 
 
@@ -173,7 +174,7 @@ def main() -> None:
     p.add_argument("--key-group", type=int, default=128)
     p.add_argument("--value-group", type=int, default=128)
     p.add_argument("--prefill-batch", type=int, default=8)
-    p.add_argument("--permutation", default="none", choices=["none", "mean_abs", "max_abs", "rms"],
+    p.add_argument("--permutation", default="none", choices=PERM_STATISTICS,
                    help="key channel grouping calibrated for rkv: none (key groups = rotated head chunks) decodes with "
                         "the chunk kernel, a sorted permutation with the head kernel")
     p.add_argument("--calib-samples", type=int, default=32)

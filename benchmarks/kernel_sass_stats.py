@@ -1,11 +1,12 @@
 """Instruction counts of the decode kernels, compiled for an H100 (sm_90) without a GPU.
 
-Compiles ``_decode_kernel`` (``kernel="head"``) and ``_group_kernel`` (``kernel="group"``) at the
-paper's shape (head groups of 4, d = 128, 2 bits, groups of 128, fp16, MHA) with Triton's own
+Compiles ``_decode_kernel`` (``kernel="head"``), ``_group_kernel`` (``kernel="group"``) and
+``_chunk_kernel`` (``kernel="chunk"``) at the paper's shape (head groups of 4, d = 128, 2 bits, groups of 128, fp16, MHA) with Triton's own
 compiler and bundled ``cuobjdump``, and prints registers, stack (spills) and the most frequent
 SASS opcodes. Static counts, not a profile: they show what a kernel issues per loop iteration.
 
-    python benchmarks/kernel_sass_stats.py                 # both kernels, their default tiles
+    python benchmarks/kernel_sass_stats.py                     # the three kernels, their default tiles
+    python benchmarks/kernel_sass_stats.py --no-fp-segment     # without the full-precision segment's loop
     python benchmarks/kernel_sass_stats.py --block-t 32 --num-warps 8
 """
 
@@ -28,11 +29,12 @@ from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from kernels import decode_attention as head_module  # noqa: E402
+from kernels import decode_chunk as chunk_module  # noqa: E402
 from kernels import decode_group as group_module  # noqa: E402
 
 _POINTERS = {"kc_ptr": "*u8", "vc_ptr": "*u8", "kw_ptr": "*i32", "vw_ptr": "*i32", "pos_ptr": "*i32", "fpos_ptr": "*i32",
              "gidp_ptr": "*i32", "gid_ptr": "*i32", "a_ptr": "*fp32", "mean_ptr": "*fp32", "freq_ptr": "*fp32",
-             "o_ptr": "*fp32", "lse_ptr": "*fp32"}  # fmt: skip
+             "o_ptr": "*fp32", "lse_ptr": "*fp32", "beta_ptr": "*fp32", "vcol_ptr": "*fp32"}  # fmt: skip
 _FLOATS = {"qk_scale", "rope_scaling"}
 
 
@@ -74,13 +76,16 @@ def main() -> None:
     p.add_argument("--block-t", type=int, default=None, help="tokens per step (default: each kernel's)")
     p.add_argument("--num-warps", type=int, default=None)
     p.add_argument("--top", type=int, default=12, help="opcodes to list")
+    p.add_argument("--fp-segment", action=argparse.BooleanOptionalAction, default=True,
+                   help="compile the full-precision segment's loop too (--no-fp-segment: the token loop of the store only)")
     args = p.parse_args()
-    common = dict(D=128, G=4, REP=1, QP=16, K_BITS=2, V_BITS=2, NGK=4, GV=128, NGV=1, HAS_FP=True, PREC="tf32",
-                  USE_LIBDEVICE=True)  # fmt: skip
+    common = dict(D=128, G=4, REP=1, QP=16, K_BITS=2, V_BITS=2, NGK=4, GV=128, NGV=1, HAS_FP=args.fp_segment,
+                  PREC="tf32", USE_LIBDEVICE=True)  # fmt: skip
     kernels = {
         "head": (head_module._decode_kernel,
                  dict(common, NGK_PAD=16, NGV_PAD=16, DOT_DTYPE=tl.float16, KRON=True, SELECT_K=False)),
         "group": (group_module._group_kernel, dict(common, DT=tl.float16)),
+        "chunk": (chunk_module._chunk_kernel, {k: v for k, v in dict(common, DT=tl.float16).items() if k != "NGK"}),
     }  # fmt: skip
     for name, (fn, cx) in kernels.items():
         dflt = head_module.KERNEL_DEFAULTS[name]
@@ -91,7 +96,7 @@ def main() -> None:
         total = sum(ops.values())
         print(f"{name}: {block_t} tokens x {warps} warps, {heads} head(s) per program: {regs} registers, "
               f"{stack} B stack, {total} SASS instructions = {total * warps / (block_t * heads):.0f} "
-              f"warp-instructions per key token and head (whole kernel)")
+              f"warp-instructions per key token and head")
         print("  " + ", ".join(f"{op} {n}" for op, n in ops.most_common(args.top)))
 
 

@@ -95,7 +95,7 @@ from rkv_convert.quant.packing import packed_width, unpack_codes
 from ._common import Backend, device_guard, next_pow2, resolve_backend, triton_interpreting
 from ._occupancy import record_residency, resident_per_sm, sm_count, wave_splits
 from .decode_chunk import chunk_kernel_supports, code_column_factors, keys_grouped_by_chunk, launch_chunk_kernel
-from .decode_group import group_kernel_supports, launch_group_kernel
+from .decode_group import group_kernel_supports, launch_group_kernel, launch_strides
 from ._decode_parts import _NPLANES, _byte_tiles, _cos_sin, _group_rows, _plane_codes, _select_groups, _softmax_step
 
 __all__ = ["KERNEL_DEFAULTS", "PreparedRotation", "decode_attention", "decode_attention_ref", "num_splits_for", "prepare_rotation"]
@@ -826,7 +826,6 @@ def decode_attention(
         last_dim_contig, (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, pos))
     f32 = dict(device=dev, dtype=torch.float32)
     mean = k_mean.to(**f32).contiguous()
-    gid = k_gid.to(device=dev, dtype=torch.int32)
     freq = inv_freq.to(**f32).contiguous()
     if has_fp:
         fk, fv, fpos = map(last_dim_contig, (fp_k, fp_v, fp_pos))
@@ -851,7 +850,7 @@ def decode_attention(
     if use_group:
         compiled = launch_group_kernel(
             qc, (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, pos), (fk, fv, fpos),
-            a=prep.a, bt=prep.bt, mean=mean, gid=gid.contiguous(), freq=freq,
+            a=prep.a, bt=prep.bt, mean=mean, gid=k_gid.to(device=dev, dtype=torch.int32).contiguous(), freq=freq,
             o_part=o_part, lse_part=lse_part,
             dims=dm, tokens_per_split=tokens_per_split, num_splits=num_splits, has_fp=has_fp,
             k_bits=k_bits, v_bits=v_bits, v_group_size=v_group_size, n_gk=n_gk,
@@ -861,16 +860,13 @@ def decode_attention(
         )
         record_residency(residency_key, compiled, dev)
         return _merge(o_part, lse_part, q.dtype)
-    gidp = gid.index_select(1, _plane_order(Gd, d, dev)).contiguous()
+    gidp = k_gid.to(device=dev, dtype=torch.int32).index_select(1, _plane_order(Gd, d, dev)).contiguous()
     a, btp = (prep.a, prep.btp) if factored else (prep.rtp, prep.rtp)  # unused by the dense path
     with device_guard(qc):  # Triton launches on the current device
         compiled = _decode_kernel[(B, n_kv, n_parts)](
             qc, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, pos,
             prep.rtp, a, btp, mean, gidp, freq, fk, fv, fpos, o_part, lse_part,
-            qc.stride(0), qc.stride(1),
-            *k_codes.stride()[:3], *k_scale.stride()[:3], *k_zero.stride()[:3],
-            *v_codes.stride()[:3], *v_scale.stride()[:3], *v_zero.stride()[:3],
-            pos.stride(0), *fk.stride()[:3], *fv.stride()[:3], fpos.stride(0),
+            *launch_strides(qc, (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, pos), (fk, fv, fpos)),
             T, F, tokens_per_split, num_splits, n_parts, sm_scale * _LOG2E, float(attention_scaling),
             D=d, G=G, REP=rep, QP=max(16, next_pow2(rep)),
             K_BITS=k_bits, V_BITS=v_bits, NGK=n_gk, NGK_PAD=max(16, next_pow2(n_gk)),

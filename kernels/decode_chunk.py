@@ -35,32 +35,35 @@ import triton
 import triton.language as tl
 
 from ._common import device_guard, next_pow2
-from ._decode_parts import _group_rows, _select_groups, _slot_rope, _softmax_step
-from .decode_group import _MAX_GROUP_QUERIES, _as_float, _as_words, _chunk_codes, _fp_segment, _store_partial, launch_strides
+from ._decode_parts import _slot_rope, _softmax_step
+from .decode_group import (
+    _as_float,
+    _as_words,
+    _chunk_codes,
+    _dequant_values,
+    _fp_segment,
+    _store_partial,
+    group_kernel_supports,
+    launch_strides,
+)
 
 __all__ = ["chunk_kernel_supports", "code_column_factors", "keys_grouped_by_chunk", "launch_chunk_kernel"]
 
-_MAX_VALUE_GROUPS = 4
-
-
 def chunk_kernel_supports(*, factored: bool, G: int, rep: int, d: int, k_bits: int, v_bits: int,
                           k_group_size: int, keys_by_chunk: bool, n_gv: int) -> str | None:
-    """None if the chunk kernel covers this configuration, else the reason it does not."""
-    if not factored:
-        return "the key rotation is not Kronecker-factored (kron(A [G, G], B [d, d]))"
-    if G > 4:
-        return f"{G} heads per rotation group (the kernel unrolls at most 4)"
-    if G * rep > _MAX_GROUP_QUERIES:
-        return f"{G * rep} query heads per head group (at most {_MAX_GROUP_QUERIES})"
-    if d & (d - 1) or d < 64:
-        return f"head dim {d} is not a power of two >= 64"
+    """None if the chunk kernel covers this configuration, else the reason it does not.
+
+    It covers what the head-group kernel covers (its key groups being the ``G`` chunks), at 2
+    or 4 bits, when the key groups are the rotated head chunks.
+    """
+    why_not = group_kernel_supports(factored=factored, G=G, rep=rep, d=d, n_gk=G, n_gv=n_gv)
+    if why_not is not None:
+        return why_not
     if k_bits not in (2, 4) or v_bits not in (2, 4):
         return f"{k_bits}-bit keys / {v_bits}-bit values (2 or 4 bits only)"
     if k_group_size != d or not keys_by_chunk:
         return ("key groups are not the rotated head chunks (needs key groups of head_dim channels "
                 "and no channel permutation: rkv calibrate --permutation none)")
-    if n_gv > _MAX_VALUE_GROUPS:
-        return f"{n_gv} value groups per head (at most {_MAX_VALUE_GROUPS})"
     return None
 
 
@@ -110,11 +113,7 @@ def _head_values_t(vrow, tmask, valid, ph, vs_row, vz_row, acct, accz,
         acct = tl.dot(tl.trans(c.to(DT)), (ph * vs[:, None]).to(DT), acct, input_precision=PREC)
     else:
         c = _as_float(_chunk_codes(vrow, tmask, 0, D // 16, D, V_BITS, BLOCK_T))
-        s0, s1, s2, s3 = _group_rows(vs_row, valid, NGV)
-        z0, z1, z2, z3 = _group_rows(vz_row, valid, NGV)
-        gidv = tl.arange(0, D) // GV
-        v = c * _select_groups(gidv, s0, s1, s2, s3, NGV) + _select_groups(gidv, z0, z1, z2, z3, NGV)
-        v = tl.where(valid[:, None], v, 0.0).to(DT)  # empty slots may hold NaN scales
+        v = _dequant_values(c, vs_row, vz_row, valid, D, GV, NGV, DT)
         acct = tl.dot(tl.trans(v), ph.to(DT), acct, input_precision=PREC)
     return acct, accz
 

@@ -176,27 +176,29 @@ def _rope_scores(k_lo, k_hi, cos, sin, q_lo, q_hi, DT: tl.constexpr, PREC: tl.co
 
 
 @triton.jit
+def _dequant_values(c, vs_row, vz_row, valid, D: tl.constexpr, GV: tl.constexpr, NGV: tl.constexpr, DT: tl.constexpr):
+    """Value codes ``c [BLOCK_T, D]`` dequantized with per-channel scale/zero (selects on each channel's
+    value group), in ``DT``; empty slots 0 (their scales may hold NaN)."""
+    s0, s1, s2, s3 = _group_rows(vs_row, valid, NGV)
+    z0, z1, z2, z3 = _group_rows(vz_row, valid, NGV)
+    gidv = tl.arange(0, D) // GV
+    v = c * _select_groups(gidv, s0, s1, s2, s3, NGV) + _select_groups(gidv, z0, z1, z2, z3, NGV)
+    return tl.where(valid[:, None], v, 0.0).to(DT)
+
+
+@triton.jit
 def _head_values(vrow, tmask, valid, ph, vs_row, vz_row, acc, accz,
                  D: tl.constexpr, V_BITS: tl.constexpr, GV: tl.constexpr, NGV: tl.constexpr,
-                 BLOCK_T: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, SCALED: tl.constexpr = False):
-    """Add one KV head's ``ph^T @ v`` (``ph [BLOCK_T, QP]``: weights of its query columns, others 0).
-
-    ``SCALED`` (one value group only): codes as :func:`_field` leaves them in place, so the
-    accumulator's column ``i`` holds ``2^(V_BITS*(i % (8/V_BITS)))`` times its value (the caller
-    divides once at the end).
-    """
-    c = _as_float(_chunk_codes(vrow, tmask, 0, D // 16, D, V_BITS, BLOCK_T, SCALED and NGV == 1))
+                 BLOCK_T: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """Add one KV head's ``ph^T @ v`` (``ph [BLOCK_T, QP]``: weights of its query columns, others 0)."""
+    c = _as_float(_chunk_codes(vrow, tmask, 0, D // 16, D, V_BITS, BLOCK_T))
     if NGV == 1:  # fold: (p ⊙ s) · codes + Σ p z
         vs = tl.load(vs_row, mask=valid, other=0.0).to(tl.float32)
         vz = tl.load(vz_row, mask=valid, other=0.0).to(tl.float32)
         accz = accz + tl.sum(ph * vz[:, None], 0)
         acc = tl.dot(tl.trans((ph * vs[:, None]).to(DT)), c.to(DT), acc, input_precision=PREC)
     else:  # per-channel scale/zero by selects on the channel's value group
-        s0, s1, s2, s3 = _group_rows(vs_row, valid, NGV)
-        z0, z1, z2, z3 = _group_rows(vz_row, valid, NGV)
-        gidv = tl.arange(0, D) // GV
-        v = c * _select_groups(gidv, s0, s1, s2, s3, NGV) + _select_groups(gidv, z0, z1, z2, z3, NGV)
-        v = tl.where(valid[:, None], v, 0.0).to(DT)
+        v = _dequant_values(c, vs_row, vz_row, valid, D, GV, NGV, DT)
         acc = tl.dot(tl.trans(ph.to(DT)), v, acc, input_precision=PREC)
     return acc, accz
 
@@ -396,7 +398,7 @@ def launch_group_kernel(
 
 
 def launch_strides(q: torch.Tensor, cache: tuple[torch.Tensor, ...], fp: tuple[torch.Tensor, ...]) -> tuple[int, ...]:
-    """The stride arguments of the head-group kernels, in their order: queries (batch, head), the
+    """The stride arguments of every decode kernel, in their order: queries (batch, head), the
     seven cache tensors (three leading dims each; ``pos`` one) and the fp segment (three, three, one)."""
     k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, pos = cache
     fk, fv, fpos = fp

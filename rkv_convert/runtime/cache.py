@@ -545,10 +545,10 @@ class RkvCache(Cache):
 
     def rows(self, start: int, n: int) -> "RkvCache":
         """A cache over rows ``start:start + n`` of this allocated, empty one (see :meth:`RkvCacheLayer.rows`)."""
-        view = RkvCache.__new__(RkvCache)
-        Cache.__init__(view, layers=[layer.rows(start, n) for layer in self.layers])
-        view.settings, view.inv_freq, view.attention_scaling = self.settings, self.inv_freq, self.attention_scaling
-        view._inv_freq_by_device, view.backend = self._inv_freq_by_device, self.backend
+        view = RkvCache([layer.codec for layer in self.layers], self.settings, self.inv_freq, self.attention_scaling,
+                        self.backend)  # fmt: skip
+        view.layers = [layer.rows(start, n) for layer in self.layers]
+        view._inv_freq_by_device = self._inv_freq_by_device
         return view
 
     def take_counts(self, view: "RkvCache", start: int) -> None:

@@ -207,7 +207,7 @@ def stream_generate(
     with rkv_model.attached() as model:
         _sync(device)
         start = time.perf_counter()
-        logits = _prefill(rkv_model, model, cache, ids, mask, positions, t + max_new_tokens, prefill_batch)
+        logits = _prefill(rkv_model, model, cache, ids, mask, positions, prefill_batch)
         token = sample_next(logits.to(device), sampling, generator)
         _sync(device)
         stats.prefill_seconds = time.perf_counter() - start
@@ -236,7 +236,7 @@ def stream_generate(
 
 def _prefill(
     rkv_model: RkvModel, model: nn.Module, cache: RkvCache, ids: torch.Tensor, mask: torch.Tensor,
-    positions: torch.Tensor, reserve: int, chunk: int | None,
+    positions: torch.Tensor, chunk: int | None,
 ) -> torch.Tensor:
     """Last-position logits ``[B, vocab]`` of the prompt, writing ``cache`` (in slices of ``chunk`` sequences)."""
     b = ids.shape[0]
@@ -246,7 +246,7 @@ def _prefill(
         return out.logits[:, -1]
     if chunk <= 0:
         raise ValueError(f"prefill_batch must be positive, got {chunk}")
-    cache.reserve(reserve).allocate(b, rkv_model.dtype)
+    cache.allocate(b, rkv_model.dtype)  # its store sized by new_cache(reserve_tokens=...)
     starts = range(0, b, chunk)
     parts = [cache.rows(s, min(chunk, b - s)) for s in starts]  # views: slices write straight into the cache
     logits = []
