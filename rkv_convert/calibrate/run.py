@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..models.adapters import adapter_for, attach, stock_attention
+from ..models.compat import check_transformers_version
 from ..quant.codec import rotate_groups
 from ..quant.hadamard import hadamard_matrix
 from . import search
@@ -72,9 +73,9 @@ class _Tap:
     def __init__(self, callback: Callable[..., None]) -> None:
         self.callback = callback
 
-    def __call__(self, module, query, key, value, position_embeddings, attention_mask, past_key_values, layer_input, **kw):
+    def __call__(self, module, query, key, value, position_embeddings, attention_mask, cache, layer_input, **kw):
         self.callback(module.layer_idx, query, key, value, layer_input)
-        return stock_attention(module, query, key, value, position_embeddings, attention_mask, past_key_values, **kw)
+        return stock_attention(module, query, key, value, position_embeddings, attention_mask, cache, **kw)
 
 
 def _run_pass(model: nn.Module, batches: torch.Tensor, batch_size: int, callback, label: str, progress: Progress | None):
@@ -124,6 +125,7 @@ def calibrate(
     model: nn.Module, batches: torch.Tensor, options: CalibrationOptions, progress: Progress | None = None
 ) -> CalibrationArtifact:
     """Run the three passes over ``batches`` (``int64 [n, seqlen]``) and return the artifact."""
+    check_transformers_version()
     adapter_for(model.config)
     offloaded = [name for name, p in model.named_parameters() if p.is_meta]
     if offloaded:

@@ -41,7 +41,7 @@ class _SchemeAttention:
     def __init__(self, scheme: Scheme, protocol: str, checkpoint: Checkpoint, recent_window: int) -> None:
         self.scheme, self.protocol, self.checkpoint, self.window = scheme, protocol, checkpoint, recent_window
 
-    def __call__(self, module, query, key, value, position_embeddings, attention_mask, past_key_values, layer_input, **kw):
+    def __call__(self, module, query, key, value, position_embeddings, attention_mask, cache, layer_input, **kw):
         layer = module.layer_idx
         cos, sin = position_embeddings
         q = apply_rotary_pos_emb(query, query, cos, sin)[0]

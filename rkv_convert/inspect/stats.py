@@ -53,7 +53,7 @@ class _Recorder:
         self.hidden_map: torch.Tensor | None = None
 
     @torch.no_grad()
-    def __call__(self, module, query, key, value, position_embeddings, attention_mask, past_key_values, layer_input, **kw):
+    def __call__(self, module, query, key, value, position_embeddings, attention_mask, cache, layer_input, **kw):
         i, info, cfg = module.layer_idx, self.ck.layers[module.layer_idx], self.ck.config
         rows = _heads_to_rows(key).reshape(-1, key.shape[1] * key.shape[3]).float()
         rotated = rotate_groups(rows - info.key_mean.to(rows.device), self.ck.key_rotation.to(rows.device))
@@ -88,7 +88,7 @@ class _Recorder:
                 acc = self.err[name][which][i]
                 acc[0] += float((got.float() - ref.float()).pow(2).sum())
                 acc[1] += float(ref.float().pow(2).sum())
-        return stock_attention(module, query, key, value, position_embeddings, attention_mask, past_key_values, **kw)
+        return stock_attention(module, query, key, value, position_embeddings, attention_mask, cache, **kw)
 
     def result(self) -> InspectStats:
         before = torch.stack([s / n for s, n in zip(self.sums["before"], self.tokens)])

@@ -1,38 +1,57 @@
 """Per-family attention adapters: expose pre-RoPE queries, keys and values to a handler.
 
-transformers applies RoPE before the cache sees a key (design notes §3), so each supported
+Why the attention forward is replaced, not extended: transformers applies RoPE before the
+cache sees a key (design notes §3), and neither ``Cache.update`` nor an ``AttentionInterface``
+function ever receives a pre-RoPE key. RotateKV stores keys before RoPE, so each supported
 family gets a small ``project`` function that computes q, k, v exactly as its own attention
 does up to RoPE. A handler (stock attention, an evaluation quantizer, a calibration observer
-or the packed runtime) takes it from there. Adapters are bound per module instance inside
-:func:`attach` and removed on exit: nothing is patched globally.
+or the packed runtime) takes it from there, and reaches transformers only through its public
+extension points: the attention function comes from ``ALL_ATTENTION_FUNCTIONS`` and the rkv
+cache is a ``Cache`` of ``CacheLayerMixin`` layers. Adapters are bound per module instance
+inside :func:`attach` and removed on exit: nothing is patched globally.
+
+Each family states the forward parameters and module attributes it relies on
+(:attr:`FamilyAdapter.forward_params`, :attr:`FamilyAdapter.attributes`); :func:`attach`
+checks them against the installed transformers (:func:`check_contract`) before it binds
+anything, so a renamed argument fails loudly instead of disengaging the rkv cache.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import types
 from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
+import transformers
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
 
+from .compat import CACHE_ARGUMENT_NAMES, supported_range_text
+
 __all__ = [
     "AttentionHandler",
+    "ContractError",
     "FamilyAdapter",
     "SUPPORTED_FAMILIES",
     "UnsupportedModelError",
     "adapter_for",
     "attach",
     "attention_modules",
+    "check_contract",
     "stock_attention",
 ]
 
 
 class UnsupportedModelError(ValueError):
     """The model's architecture has no rkv adapter."""
+
+
+class ContractError(RuntimeError):
+    """The installed transformers' attention module no longer matches what an adapter relies on."""
 
 
 class AttentionHandler(Protocol):
@@ -51,7 +70,7 @@ class AttentionHandler(Protocol):
         value: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
-        past_key_values: object | None,
+        cache: object | None,
         layer_input: torch.Tensor | None,
         **kwargs: object,
     ) -> torch.Tensor: ...
@@ -78,20 +97,57 @@ def _project_qwen3(module: nn.Module, hidden_states: torch.Tensor) -> tuple[torc
     return q, k, v
 
 
+_LLAMA_ATTRIBUTES = ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "layer_idx", "config", "num_key_value_groups")
+_FORWARD_PARAMS = ("hidden_states", "position_embeddings", "attention_mask")
+
+
 @dataclass(frozen=True)
 class FamilyAdapter:
-    """How one model family computes pre-RoPE q, k, v."""
+    """How one model family computes pre-RoPE q, k, v, and what of its attention module that needs.
+
+    ``forward_params``: named parameters of the module's own ``forward`` that the adapted forward
+    takes over (besides the cache, under either of its names); ``attributes``: what ``project``
+    and the handlers read from the module.
+    """
 
     name: str
     model_types: tuple[str, ...]
     project: Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, ...]]
     has_qk_norm: bool = False
+    forward_params: tuple[str, ...] = _FORWARD_PARAMS
+    attributes: tuple[str, ...] = _LLAMA_ATTRIBUTES
 
 
 SUPPORTED_FAMILIES: tuple[FamilyAdapter, ...] = (
     FamilyAdapter("llama", ("llama", "mistral", "qwen2"), _project_llama),
-    FamilyAdapter("qwen3", ("qwen3",), _project_qwen3, has_qk_norm=True),
+    FamilyAdapter("qwen3", ("qwen3",), _project_qwen3, has_qk_norm=True, attributes=_LLAMA_ATTRIBUTES + ("q_norm", "k_norm")),
 )
+
+
+def check_contract(family: FamilyAdapter, module: nn.Module) -> None:
+    """Raise :class:`ContractError` unless ``module`` (an attention layer of ``family``) has what the adapter uses.
+
+    Checks the named parameters of the class's ``forward`` (the cache under one of its known
+    names) and the module attributes; the message names the family, what is missing and the
+    installed transformers version.
+    """
+    forward = type(module).forward
+    params = inspect.signature(inspect.unwrap(forward)).parameters
+    where = f"{type(module).__name__}.forward ({family.name} family, transformers {transformers.__version__})"
+    hint = f"rkv is tested with {supported_range_text()}"
+    missing = [p for p in family.forward_params if p not in params]
+    if missing:
+        raise ContractError(f"{where} has no argument {', '.join(map(repr, missing))}; {hint}")
+    if not any(name in params for name in CACHE_ARGUMENT_NAMES):
+        raise ContractError(f"{where} takes the KV cache under none of {', '.join(CACHE_ARGUMENT_NAMES)}; {hint}")
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        raise ContractError(f"{where} no longer takes **kwargs (position_ids and attention options arrive there); {hint}")
+    absent = [a for a in family.attributes if not hasattr(module, a)]
+    if absent:
+        raise ContractError(
+            f"{type(module).__name__} ({family.name} family, transformers {transformers.__version__}) has no attribute "
+            f"{', '.join(map(repr, absent))}; {hint}"
+        )
 
 
 def supported_model_types() -> list[str]:
@@ -125,15 +181,15 @@ def stock_attention(
     value: torch.Tensor,
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
     attention_mask: torch.Tensor | None,
-    past_key_values: object | None,
+    cache: object | None,
     layer_input: torch.Tensor | None = None,
     **kwargs: object,
 ) -> torch.Tensor:
     """What the family's own forward does after the projections (RoPE, cache update, attention)."""
     cos, sin = position_embeddings
     query, key = apply_rotary_pos_emb(query, key, cos, sin)
-    if past_key_values is not None:
-        key, value = past_key_values.update(key, value, module.layer_idx)
+    if cache is not None:
+        key, value = cache.update(key, value, module.layer_idx)
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, eager_attention_forward)
     out, _ = interface(
         module,
@@ -149,20 +205,34 @@ def stock_attention(
     return out.reshape(*out.shape[:2], -1)
 
 
+def _pop_cache(kwargs: dict) -> object | None:
+    """The KV cache, under whichever name the installed transformers passed it (``cache`` from 5.24)."""
+    given = [name for name in CACHE_ARGUMENT_NAMES if kwargs.get(name) is not None]
+    if len(given) > 1:
+        raise TypeError(f"the attention layer got a KV cache under both {' and '.join(given)}")
+    found = [kwargs.pop(name, None) for name in CACHE_ARGUMENT_NAMES]
+    return next((c for c in found if c is not None), None)
+
+
 def _adapted_forward(
     self: nn.Module,
     hidden_states: torch.Tensor,
-    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
     attention_mask: torch.Tensor | None = None,
-    past_key_values: object | None = None,
     **kwargs: object,
 ) -> tuple[torch.Tensor, None]:
+    cache = _pop_cache(kwargs)
+    if position_embeddings is None:
+        raise ContractError(
+            f"{type(self).__name__} was called without position_embeddings (transformers {transformers.__version__}); "
+            f"rkv is tested with {supported_range_text()}"
+        )
     q, k, v = self._rkv_family.project(self, hidden_states)
     layer_input = self.__dict__.pop("_rkv_layer_input", None)
     if layer_input is not None and layer_input.device != hidden_states.device:
         # stashed before accelerate's hook moved the layer's inputs (device_map over several GPUs)
         layer_input = layer_input.to(hidden_states.device)
-    out = self._rkv_handler(self, q, k, v, position_embeddings, attention_mask, past_key_values, layer_input, **kwargs)
+    out = self._rkv_handler(self, q, k, v, position_embeddings, attention_mask, cache, layer_input, **kwargs)
     return self.o_proj(out.contiguous()), None
 
 
@@ -185,6 +255,8 @@ def attach(model: nn.Module, handler: AttentionHandler | Sequence[AttentionHandl
     handlers = list(handler) if isinstance(handler, (list, tuple)) else [handler] * len(modules)
     if len(handlers) != len(modules):
         raise ValueError(f"got {len(handlers)} handlers for {len(modules)} attention layers")
+    for attn in modules:
+        check_contract(family, attn)
     decoder_layers = getattr(model, "model", model).layers
     hooks = []
     try:

@@ -89,18 +89,15 @@ def rkv_attention(
     value: torch.Tensor,
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
     attention_mask: torch.Tensor | None,
-    past_key_values: object | None,
+    cache: object | None,
     layer_input: torch.Tensor | None = None,
     **kwargs: object,
 ) -> torch.Tensor:
     """An :class:`~rkv_convert.models.adapters.AttentionHandler` writing to and reading an :class:`RkvCache`."""
-    if past_key_values is None:  # a forward without cache: nothing to store, plain attention
+    if cache is None:  # a forward without cache: nothing to store, plain attention
         return stock_attention(module, query, key, value, position_embeddings, attention_mask, None, layer_input, **kwargs)
-    if not isinstance(past_key_values, RkvCache):
-        raise TypeError(
-            f"the rkv attention handler needs past_key_values=RkvCache(...), got {type(past_key_values).__name__}"
-        )
-    cache = past_key_values
+    if not isinstance(cache, RkvCache):
+        raise TypeError(f"the rkv attention handler needs an RkvCache as the model's cache, got {type(cache).__name__}")
     layer: RkvCacheLayer = cache.layers[module.layer_idx]
     b, _, t, d = key.shape
     _check_sliding_window(module, layer, t)

@@ -556,6 +556,10 @@ class RkvCache(Cache):
         for layer, other in zip(self.layers, view.layers, strict=True):
             layer.take_counts(other, start)
 
+    def lengths(self) -> list[int]:
+        """Slots each layer has received (0 for a layer never written)."""
+        return [layer.length if layer.is_initialized else 0 for layer in self.layers]
+
     def bytes_used(self) -> int:
         return sum(layer.bytes_used() for layer in self.layers)
 

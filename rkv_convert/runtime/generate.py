@@ -3,8 +3,14 @@
 :class:`RkvModel` keeps the HF model (value rotation already fused by export) and the checkpoint;
 every forward it runs goes through the rkv attention handler, attached for the duration of the
 call only. ``RkvModel.generate`` is transformers' ``generate`` with a fresh :class:`RkvCache`
-supplied as ``past_key_values``; :func:`stream_generate` is a plain token loop (prefill once, then
-one token per step) that yields tokens as they come and times prefill and decode separately.
+as the model's cache; :func:`stream_generate` is a plain token loop (prefill once, then one token
+per step) that yields tokens as they come and times prefill and decode separately.
+
+Every path checks that the cache really received the tokens (:func:`ensure_cache_engaged`):
+after prefill and after every step of :func:`stream_generate` (so before any token is yielded,
+and at each window flush), and after each ``RkvModel`` call. A transformers release that routes
+the cache around rkv's attention then stops generation with :class:`CacheDisengagedError`
+instead of producing text from an attention that saw no cache.
 """
 
 from __future__ import annotations
@@ -17,12 +23,27 @@ from typing import Iterator
 import torch
 from torch import nn
 
+import transformers
+
 from ..export.format import Checkpoint
 from ..models.adapters import adapter_for, attach
+from ..models.compat import CacheDisengagedError, cache_argument, check_transformers_version, supported_range_text
 from .attention import rkv_attention
 from .cache import CacheSettings, RkvCache
 
-__all__ = ["RkvModel", "SamplingOptions", "GenerationStats", "stream_generate", "sample_next"]
+__all__ = ["RkvModel", "SamplingOptions", "GenerationStats", "ensure_cache_engaged", "stream_generate", "sample_next"]
+
+
+def ensure_cache_engaged(cache: RkvCache, expected_tokens: int, when: str) -> None:
+    """Raise :class:`CacheDisengagedError` unless every layer of ``cache`` holds ``expected_tokens`` slots."""
+    lengths = cache.lengths()
+    if all(n == expected_tokens for n in lengths):
+        return
+    raise CacheDisengagedError(
+        f"the rkv cache did not receive the tokens {when}: expected {expected_tokens} per layer, layers hold "
+        f"{sorted(set(lengths))}. The model's attention bypassed rkv (transformers {transformers.__version__} "
+        f"is installed; rkv is tested with {supported_range_text()}). No output was produced."
+    )
 
 
 class RkvModel:
@@ -36,6 +57,7 @@ class RkvModel:
         settings: CacheSettings | None = None,
         backend: str = "auto",
     ) -> None:
+        check_transformers_version()
         adapter_for(model.config)
         cfg, rkv = model.config, checkpoint.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -50,6 +72,7 @@ class RkvModel:
         self.settings = settings or CacheSettings.from_config(rkv)
         self.backend = backend
         self.last_cache: RkvCache | None = None
+        self.cache_argument = cache_argument(type(model).forward)  # "cache" from transformers 5.24 on
 
     @property
     def device(self) -> torch.device:
@@ -69,27 +92,35 @@ class RkvModel:
 
     @contextlib.contextmanager
     def attached(self) -> Iterator[nn.Module]:
-        """The HF model with the rkv handler attached (pass ``past_key_values=self.new_cache()``)."""
+        """The HF model with the rkv handler attached (pass ``self.new_cache()`` as ``self.cache_argument``)."""
         with attach(self.model, rkv_attention):
             yield self.model
 
     @torch.no_grad()
-    def __call__(self, input_ids: torch.Tensor, past_key_values: RkvCache | None = None, **kwargs: object):
-        """One forward through the rkv handler; without ``past_key_values`` a fresh cache is made."""
-        cache = past_key_values if past_key_values is not None else self.new_cache()
+    def __call__(self, input_ids: torch.Tensor, cache: RkvCache | None = None, **kwargs: object):
+        """One forward through the rkv handler; without ``cache`` a fresh one is made."""
+        cache = cache if cache is not None else self.new_cache()
+        before = max(cache.lengths(), default=0)
         with self.attached():
-            out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True, **kwargs)
+            out = self.model(input_ids=input_ids, use_cache=True, **{self.cache_argument: cache}, **kwargs)
+        ensure_cache_engaged(cache, before + input_ids.shape[1], "in this forward")
         self.last_cache = cache
         return out
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor | None = None, past_key_values: RkvCache | None = None, **kwargs: object):
-        """transformers' ``generate`` with the rkv cache (``cache_implementation`` cannot be combined)."""
+    def generate(self, input_ids: torch.Tensor, cache: RkvCache | None = None, **kwargs: object):
+        """transformers' ``generate`` with the rkv cache (``cache_implementation`` cannot be combined).
+
+        Returns nothing unless the cache received every token fed to the model: the prompt and
+        each generated token but the last.
+        """
         if "cache_implementation" in kwargs:
             raise ValueError("RkvModel.generate always uses the rkv cache; drop cache_implementation")
-        cache = past_key_values if past_key_values is not None else self.new_cache()
+        cache = cache if cache is not None else self.new_cache()
         with self.attached():
-            out = self.model.generate(input_ids, past_key_values=cache, **kwargs)
+            out = self.model.generate(input_ids, **{self.cache_argument: cache}, **kwargs)
+        sequences = out if isinstance(out, torch.Tensor) else out.sequences
+        ensure_cache_engaged(cache, sequences.shape[1] - 1, "during generate")
         self.last_cache = cache
         return out
 
@@ -208,6 +239,7 @@ def stream_generate(
         _sync(device)
         start = time.perf_counter()
         logits = _prefill(rkv_model, model, cache, ids, mask, positions, prefill_batch)
+        ensure_cache_engaged(cache, t, "at prefill")
         token = sample_next(logits.to(device), sampling, generator)
         _sync(device)
         stats.prefill_seconds = time.perf_counter() - start
@@ -222,7 +254,8 @@ def stream_generate(
             start = time.perf_counter()
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             out = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                        past_key_values=cache, use_cache=True)  # fmt: skip
+                        use_cache=True, **{rkv_model.cache_argument: cache})  # fmt: skip
+            ensure_cache_engaged(cache, t + step + 1, f"at decode step {step + 1}")
             next_pos = next_pos + 1
             token = sample_next(out.logits[:, -1].to(device), sampling, generator)  # lm_head may sit on another GPU
             _sync(device)
@@ -241,8 +274,8 @@ def _prefill(
     """Last-position logits ``[B, vocab]`` of the prompt, writing ``cache`` (in slices of ``chunk`` sequences)."""
     b = ids.shape[0]
     if chunk is None or chunk >= b:
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                    use_cache=True, logits_to_keep=1)  # fmt: skip
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+                    **{rkv_model.cache_argument: cache})  # fmt: skip
         return out.logits[:, -1]
     if chunk <= 0:
         raise ValueError(f"prefill_batch must be positive, got {chunk}")
@@ -252,8 +285,8 @@ def _prefill(
     logits = []
     for s, part in zip(starts, parts):
         rows = slice(s, s + part.layers[0].batch)
-        out = model(input_ids=ids[rows], attention_mask=mask[rows], position_ids=positions[rows],
-                    past_key_values=part, use_cache=True, logits_to_keep=1)  # fmt: skip
+        out = model(input_ids=ids[rows], attention_mask=mask[rows], position_ids=positions[rows], use_cache=True,
+                    logits_to_keep=1, **{rkv_model.cache_argument: part})  # fmt: skip
         logits.append(out.logits[:, -1])
         del out
     for s, part in zip(starts, parts):

@@ -6,6 +6,7 @@ from reference_handler import EvalReference
 from rkv_fixtures import make_checkpoint
 from tiny_models import FAMILIES, tiny_model
 
+from rkv_convert.models.compat import cache_kwargs
 from rkv_convert.models.adapters import attach
 from rkv_convert.runtime.attention import new_token_validity, rkv_attention
 from rkv_convert.runtime.cache import CacheSettings, RkvCache
@@ -27,7 +28,7 @@ def _run(model, handler, ids, mask, steps: int, cache=None, chunk: torch.Tensor 
     """Prefill, an optional multi-token chunk, then ``steps`` greedy decode steps; returns all logits."""
     logits = []
     with attach(model, handler):
-        out = model(ids, attention_mask=mask, position_ids=_positions(mask), past_key_values=cache, use_cache=cache is not None)
+        out = model(ids, attention_mask=mask, position_ids=_positions(mask), **cache_kwargs(model, cache), use_cache=cache is not None)
         logits.append(out.logits[:, -1:])
         next_pos = mask.sum(-1)
         full_mask = mask
@@ -38,7 +39,7 @@ def _run(model, handler, ids, mask, steps: int, cache=None, chunk: torch.Tensor 
             t = new.shape[1]
             full_mask = torch.cat([full_mask, torch.ones_like(new)], 1)
             pos = next_pos[:, None] + torch.arange(t)
-            kw = dict(attention_mask=full_mask, past_key_values=cache, use_cache=True) if cache is not None else {}
+            kw = dict(attention_mask=full_mask, **cache_kwargs(model, cache), use_cache=True) if cache is not None else {}
             out = model(new, position_ids=pos, **kw)
             logits.append(out.logits)
             next_pos = next_pos + t
@@ -54,7 +55,7 @@ def test_prefill_is_the_stock_model(family: str) -> None:
         expected = model(ids, attention_mask=mask).logits
         cache = RkvCache.from_checkpoint(ckpt, model, backend="reference")
         with attach(model, rkv_attention):
-            got = model(ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits
+            got = model(ids, attention_mask=mask, **cache_kwargs(model, cache), use_cache=True).logits
     real = mask.bool()
     torch.testing.assert_close(got[real], expected[real], rtol=0, atol=1e-5)
     assert cache.get_seq_length() == ids.shape[1]
@@ -99,12 +100,12 @@ def test_multi_token_step_after_prefill_matches_reference_and_decode() -> None:
     chunked = _run(model, rkv_attention, ids, mask, steps=1, cache=RkvCache.from_checkpoint(ckpt, model, settings, backend="reference"), chunk=chunk)
     cache2 = RkvCache.from_checkpoint(ckpt, model, settings, backend="reference")
     with torch.no_grad(), attach(model, rkv_attention):
-        model(ids, attention_mask=mask, position_ids=_positions(mask), past_key_values=cache2, use_cache=True)
+        model(ids, attention_mask=mask, position_ids=_positions(mask), **cache_kwargs(model, cache2), use_cache=True)
         full_mask, step_logits = mask, []
         for j in range(5):
             full_mask = torch.cat([full_mask, torch.ones(2, 1, dtype=torch.long)], 1)
             pos = mask.sum(-1, keepdim=True) + j
-            out = model(chunk[:, j : j + 1], attention_mask=full_mask, position_ids=pos, past_key_values=cache2, use_cache=True)
+            out = model(chunk[:, j : j + 1], attention_mask=full_mask, position_ids=pos, **cache_kwargs(model, cache2), use_cache=True)
             step_logits.append(out.logits)
     assert cache2.layers[0].n_quant == 16
     torch.testing.assert_close(torch.cat(step_logits, 1), chunked[:, 1:6], rtol=1e-4, atol=1e-4)
@@ -125,7 +126,7 @@ def test_four_bit_greedy_tracks_full_precision() -> None:
     settings = CacheSettings(recent_window=4, flush_block=4, max_sinks=1)
     cache = RkvCache.from_checkpoint(ckpt, model, settings, backend="reference")
     with torch.no_grad(), attach(model, rkv_attention):
-        tokens = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, past_key_values=cache)[:, 24:]
+        tokens = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, **cache_kwargs(model, cache))[:, 24:]
     top2 = fp_logits.topk(2, -1).values
     margin = top2[..., 0] - top2[..., 1]
     for b in range(2):
@@ -136,10 +137,10 @@ def test_four_bit_greedy_tracks_full_precision() -> None:
     # teacher-forced on the fp tokens: 4-bit logits within 25 dB SQNR, same argmax wherever fp is clear
     cache = RkvCache.from_checkpoint(ckpt, model, settings, backend="reference")
     with torch.no_grad(), attach(model, rkv_attention):
-        steps = [model(ids, attention_mask=mask, past_key_values=cache).logits[:, -1:]]
+        steps = [model(ids, attention_mask=mask, **cache_kwargs(model, cache)).logits[:, -1:]]
         for j in range(23):
             m = torch.ones(2, 25 + j, dtype=torch.long)
-            steps.append(model(fp_tokens[:, j : j + 1], attention_mask=m, past_key_values=cache).logits)
+            steps.append(model(fp_tokens[:, j : j + 1], attention_mask=m, **cache_kwargs(model, cache)).logits)
     q_logits = torch.cat(steps, 1)
     sqnr = 20 * torch.log10(fp_logits.norm() / (fp_logits - q_logits).norm())
     assert sqnr > 25, f"4-bit decode logits SQNR {sqnr:.1f} dB"
@@ -169,7 +170,7 @@ def test_handler_refuses_a_foreign_cache_and_reads_masks() -> None:
     model = tiny_model("llama")
     ids, _ = _prompt()
     with torch.no_grad(), attach(model, rkv_attention), pytest.raises(TypeError, match="RkvCache"):
-        model(ids, past_key_values=DynamicCache(), use_cache=True)
+        model(ids, **cache_kwargs(model, DynamicCache()), use_cache=True)
     bool_mask = torch.tensor([[[[True, False, False], [True, True, False], [True, True, True]]]])
     assert new_token_validity(bool_mask[:, :, 1:], 1, 2).tolist() == [[True, True]]
     float_mask = torch.zeros(2, 1, 1, 4)

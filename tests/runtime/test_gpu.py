@@ -7,6 +7,7 @@ import torch
 from rkv_fixtures import make_checkpoint
 from tiny_models import tiny_model
 
+from rkv_convert.models.compat import cache_kwargs
 from rkv_convert.models.adapters import attach
 from rkv_convert.runtime.attention import rkv_attention
 from rkv_convert.runtime.cache import CacheSettings, RkvCache
@@ -18,10 +19,10 @@ pytestmark = pytest.mark.gpu
 @torch.no_grad()
 def _decode_logits(model, cache, ids, steps):
     with attach(model, rkv_attention):
-        out = model(ids, past_key_values=cache, use_cache=True)
+        out = model(ids, **cache_kwargs(model, cache), use_cache=True)
         logits = [out.logits[:, -1:]]
         for _ in range(steps):
-            out = model(out.logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
+            out = model(out.logits[:, -1:].argmax(-1), **cache_kwargs(model, cache), use_cache=True)
             logits.append(out.logits)
     return torch.cat(logits, 1).float()
 
@@ -69,11 +70,11 @@ def test_exported_checkpoint_triton_matches_reference_on_cuda() -> None:
     for name, rkv in (("triton", tri), ("reference", ref)):
         cache = rkv.new_cache()
         with rkv.attached() as model:
-            out = model(ids, past_key_values=cache, use_cache=True)
+            out = model(ids, **cache_kwargs(model, cache), use_cache=True)
             seq = [out.logits[:, -1:].float()]
             for j in range(steps):  # teacher-forced on the prompt's own tokens: both backends see the same inputs
                 tok = ids[:, j : j + 1]
-                seq.append(model(tok, past_key_values=cache, use_cache=True).logits.float())
+                seq.append(model(tok, **cache_kwargs(model, cache), use_cache=True).logits.float())
         logits[name] = torch.cat(seq, 1)
         assert cache.layers[0].n_quant > 0
     err = (logits["triton"] - logits["reference"]).abs().max().item()

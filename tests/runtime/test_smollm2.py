@@ -6,6 +6,8 @@ import pytest
 import torch
 from reference_handler import EvalReference
 
+from rkv_convert.models.compat import cache_kwargs
+
 pytestmark = pytest.mark.slow
 
 
@@ -41,9 +43,9 @@ def test_smollm2_decode_matches_reference_and_tracks_full_precision(exported) ->
     split = ids.shape[1] - 24
     cache = rkv.new_cache()
     with attach(model, rkv_attention):
-        steps = [model(ids[:, :split], past_key_values=cache, use_cache=True).logits]
+        steps = [model(ids[:, :split], **cache_kwargs(model, cache), use_cache=True).logits]
         for j in range(split, ids.shape[1]):
-            steps.append(model(ids[:, j : j + 1], past_key_values=cache, use_cache=True).logits)
+            steps.append(model(ids[:, j : j + 1], **cache_kwargs(model, cache), use_cache=True).logits)
     got = torch.cat(steps, 1)
     torch.testing.assert_close(got[:, :split], fp_logits[:, :split], rtol=0, atol=1e-3)  # prefill is exact
     ref_handler = EvalReference(model, rkv.checkpoint, rkv.settings)
