@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..export.format import CheckpointError, tensor_name
+from ..outdir import atomic_dir, check_output_dir
 
 __all__ = ["ARTIFACT_VERSION", "CalibrationArtifact", "save_artifact", "load_artifact", "weights_fingerprint"]
 
@@ -64,26 +62,16 @@ class CalibrationArtifact:
 
 
 def save_artifact(artifact: CalibrationArtifact, out_dir: str | Path, overwrite: bool = False) -> Path:
-    """Write to a temporary folder beside ``out_dir`` and rename it into place at the end."""
+    """Write to a temporary folder beside ``out_dir`` and rename it into place at the end (:mod:`rkv_convert.outdir`)."""
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass --overwrite or choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_output_dir(out, overwrite)
     tensors = {"key_rotation": artifact.key_rotation.contiguous(), "value_rotation": artifact.value_rotation.contiguous()}
     for i, layer in enumerate(artifact.layers):
         for key in PER_LAYER:
             tensors[tensor_name(i, key)] = layer[key].contiguous()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out, overwrite) as tmp:
         save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": "rkv-calibration"})
         (tmp / META_FILE).write_text(json.dumps(artifact.meta, indent=2, sort_keys=True) + "\n")
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from ..quant.packing import layout_for_bits
@@ -28,6 +29,7 @@ __all__ = [
     "LayerTensors",
     "tensor_name",
     "read_checkpoint",
+    "check_weight_files",
 ]
 
 FORMAT_VERSION = 1
@@ -178,7 +180,34 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         tensors = load_file(str(tensors_path))
     except Exception as err:  # safetensors raises its own error types for corrupt headers
         raise CheckpointError(f"{tensors_path} is corrupt: {err}") from err
+    check_weight_files(folder)
     return Checkpoint(config, *_unpack_tensors(tensors, config))
+
+
+def check_weight_files(folder: str | Path) -> None:
+    """Refuse weight files that are missing or cut short (an interrupted copy or download).
+
+    Reads only each ``*.safetensors`` header, which safetensors checks against the file size.
+    """
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    names = {p.name for p in folder.glob("*.safetensors")} - {RKV_TENSORS_FILE}
+    if index.is_file():
+        try:
+            names |= set(json.loads(index.read_text())["weight_map"].values())
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{index} is corrupt ({err}); re-export the checkpoint with `rkv export --overwrite`") from err
+    for name in sorted(names):
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing; re-export the checkpoint with `rkv export --overwrite`")
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(
+                f"{path} is truncated or corrupt ({err}); re-export the checkpoint with `rkv export --overwrite`"
+            ) from err
 
 
 def _unpack_tensors(tensors: dict[str, torch.Tensor], config: RkvConfig) -> tuple:

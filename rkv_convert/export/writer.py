@@ -1,16 +1,14 @@
 """``rkv export``: source weights + calibration artifact → augmented checkpoint folder.
 
 The folder is written to a temporary sibling and renamed at the end, so a failure leaves
-nothing behind. It loads with stock transformers and gives the source model's logits (checked
-before writing); the rkv runtime reads ``config.json["rkv"]`` and ``rkv.safetensors`` besides.
+nothing behind and a killed run's leftovers go at the next run (:mod:`rkv_convert.outdir`).
+It loads with stock transformers and gives the source model's logits (checked before
+writing); the rkv runtime reads ``config.json["rkv"]`` and ``rkv.safetensors`` besides.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -19,6 +17,7 @@ from safetensors.torch import save_file
 from ..calibrate.artifact import CalibrationArtifact, weights_fingerprint
 from ..calibrate.run import model_shape
 from ..models.loading import LoadedModel
+from ..outdir import atomic_dir, check_output_dir
 from .format import RKV_TENSORS_FILE, SUPPORTED_BITS, Checkpoint, CheckpointError, LayerTensors, RkvConfig, tensor_name
 from .fuse import fuse_value_rotation
 
@@ -108,8 +107,7 @@ def export_checkpoint(
 ) -> Path:
     """Fuse, verify and write the augmented checkpoint; returns the folder."""
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass --overwrite or choose another --out")
+    check_output_dir(out, overwrite)
     _check_compatible(artifact, loaded, bits)
     config = _config_for(artifact, bits, recent_window, flush_block, max_sinks)
     model = loaded.model
@@ -133,9 +131,7 @@ def export_checkpoint(
         tensors[tensor_name(i, "key_clip_by_bits")] = layer["key_clip_by_bits"]
         tensors[tensor_name(i, "value_clip_by_bits")] = layer["value_clip_by_bits"]
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out, overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         loaded.tokenizer.save_pretrained(tmp)
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / RKV_TENSORS_FILE), metadata={"format": "rkv"})
@@ -143,11 +139,4 @@ def export_checkpoint(
         full = json.loads(config_path.read_text())
         full["rkv"] = config.to_dict()
         config_path.write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

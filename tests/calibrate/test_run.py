@@ -90,3 +90,13 @@ def test_offloaded_weights_are_refused_before_any_pass() -> None:
     layer.weight = torch.nn.Parameter(torch.empty_like(layer.weight, device="meta"))
     with pytest.raises(ValueError, match="offloaded to disk.*model.layers.1.mlp.down_proj.weight"):
         calibrate(model, _batches(), _options())
+
+
+def test_save_removes_a_stale_temp_folder_and_refuses_a_file(tmp_path) -> None:
+    art = calibrate(tiny_model("llama"), _batches(), _options())
+    (tmp_path / ".cal.rkv-tmp-999999999-abc").mkdir()
+    save_artifact(art, tmp_path / "cal")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cal"]
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(NotADirectoryError, match="afile is a file, not a folder"):
+        save_artifact(art, tmp_path / "afile", overwrite=True)

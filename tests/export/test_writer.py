@@ -133,3 +133,32 @@ def test_read_checkpoint_errors(source, tmp_path) -> None:
     (out / "rkv.safetensors").unlink()
     with pytest.raises(CheckpointError, match="missing"):
         read_checkpoint(out)
+
+
+def test_output_that_is_a_file_is_refused_before_fusing(source, tmp_path, monkeypatch) -> None:
+    loaded, art = _calibrated(source)
+    (tmp_path / "afile").write_text("x")
+
+    def fused(*args, **kwargs):
+        raise AssertionError("fused before checking the output path")
+
+    monkeypatch.setattr("rkv_convert.export.writer.fuse_value_rotation", fused)
+    with pytest.raises(NotADirectoryError, match="afile is a file, not a folder"):
+        export_checkpoint(loaded, art, tmp_path / "afile", overwrite=True)
+
+
+def test_export_removes_a_stale_temp_folder(source, tmp_path) -> None:
+    loaded, art = _calibrated(source)
+    stale = tmp_path / ".ck.rkv-tmp-999999999-abc"
+    stale.mkdir()
+    export_checkpoint(loaded, art, tmp_path / "ck")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
+def test_truncated_weights_are_refused_by_name(source, tmp_path) -> None:
+    loaded, art = _calibrated(source)
+    out = export_checkpoint(loaded, art, tmp_path / "ck")
+    weights = out / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match=r"model.safetensors is truncated or corrupt .*; re-export"):
+        read_checkpoint(out)
