@@ -4,25 +4,31 @@
   library (``pydoc_data.topics``); the project commits no third-party text.
 - ``wikitext2``, ``c4``, ``pile``: hub datasets (train / validation splits, never the
   WikiText-2 test split rkv evaluates on); a clear error when the hub is unreachable.
-- a path to a local ``.txt``, ``.jsonl``/``.json`` or ``.parquet`` file, read through ``datasets``
-  (a ``text`` column is used for json/parquet).
+- a path to a local ``.txt`` file (read as UTF-8), or a ``.jsonl``/``.json`` or ``.parquet`` file
+  read through ``datasets`` with a throw-away cache (its ``text`` column).
+
+Local files are refused, naming the file and the problem, when empty, binary, not UTF-8, or
+when they substantially overlap the WikiText-2 test split rkv evaluates on (:mod:`.eval_guard`).
 """
 
 from __future__ import annotations
 
-import hashlib
+import codecs
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-__all__ = ["CalibrationDataError", "HUB_SOURCES", "DEFAULT_SOURCE", "load_text", "sample_batches", "describe_sources"]
+from . import eval_guard
+
+__all__ = ["CalibrationDataError", "HUB_SOURCES", "DEFAULT_SOURCE", "check_not_evaluation_text", "check_source", "load_text",
+           "sample_batches", "describe_sources"]
 
 DEFAULT_SOURCE = "pydoc"
 
-# WikiText-2 test (the evaluation text): refused as calibration input, by name and by content.
-_EVAL_SHA256 = "4f3e427e4aff23acff917a8a51aeae21bf12832256e26914c8fc250dcef4103c"
+# WikiText-2 test (the evaluation text): refused as calibration input by name here, by content in eval_guard.
+_EVAL_FILE_NAME = "wiki.test.raw"
 
 
 class CalibrationDataError(ValueError):
@@ -74,28 +80,105 @@ def _hub_text(key: str, max_chars: int) -> str:
     return "\n\n".join(pieces)
 
 
-def _file_text(path: Path) -> str:
-    import datasets
+_READERS = (".txt", ".jsonl", ".json", ".parquet")
+_PARQUET_MAGIC = b"PAR1"
+_SNIFF_BYTES = 1 << 16
 
-    if not path.is_file():
+
+def _check_readable(path: Path) -> bytes:
+    """The first bytes of ``path``; refuses a missing, unreadable or empty file or an unknown suffix."""
+    if not path.exists():
         raise CalibrationDataError(f"calibration file not found: {path}")
-    if path.name == "wiki.test.raw" or hashlib.sha256(path.read_bytes()).hexdigest() == _EVAL_SHA256:
-        raise CalibrationDataError(f"{path} is the WikiText-2 test split, which rkv evaluates on: calibrate on other text")
-    builders: dict[str, Callable[[], object]] = {
-        ".txt": lambda: datasets.load_dataset("text", data_files=str(path), split="train", sample_by="paragraph"),
-        ".jsonl": lambda: datasets.load_dataset("json", data_files=str(path), split="train"),
-        ".json": lambda: datasets.load_dataset("json", data_files=str(path), split="train"),
-        ".parquet": lambda: datasets.load_dataset("parquet", data_files=str(path), split="train"),
-    }
-    if path.suffix not in builders:
+    if not path.is_file():
+        raise CalibrationDataError(f"{path} is not a file; pass a .txt, .jsonl, .json or .parquet file")
+    if path.suffix not in _READERS:
         raise CalibrationDataError(f"unsupported calibration file type {path.suffix!r}; use .txt, .jsonl, .json or .parquet")
     try:
-        data = builders[path.suffix]()
-    except Exception as err:
-        raise CalibrationDataError(f"cannot read {path}: {err}") from err
-    if "text" not in data.column_names:
-        raise CalibrationDataError(f"{path} has no 'text' column (columns: {data.column_names})")
-    return "\n\n".join(t for t in data["text"] if t)
+        with path.open("rb") as handle:
+            head = handle.read(_SNIFF_BYTES)
+    except OSError as err:
+        raise CalibrationDataError(f"cannot read {path}: {err.strerror or err}") from err
+    if not head:
+        raise CalibrationDataError(f"{path} is empty; pass a file with calibration text")
+    return head
+
+
+def _check_text_bytes(path: Path, head: bytes) -> None:
+    """Refuse bytes that are not UTF-8 text, or only whitespace (``head``: the first bytes of the file)."""
+    if not head.strip() and len(head) < _SNIFF_BYTES:
+        raise CalibrationDataError(f"{path} has no text (only whitespace)")
+    if b"\x00" in head:
+        raise CalibrationDataError(f"{path} is not text (NUL bytes: a binary file?); pass a UTF-8 text file")
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=len(head) < _SNIFF_BYTES)
+    except UnicodeDecodeError as err:
+        raise CalibrationDataError(
+            f"{path} is not UTF-8 text (invalid byte at offset {err.start}); convert it to UTF-8"
+        ) from err
+
+
+def check_source(source: str) -> None:
+    """Cheap checks of a calibration source before any model loads: a known name, or a readable
+    non-empty file of a supported type whose first bytes look right. Raises :class:`CalibrationDataError`."""
+    if source == DEFAULT_SOURCE or source in HUB_SOURCES:
+        return
+    path = Path(source)
+    if not (path.suffix or path.exists()):
+        raise CalibrationDataError(
+            f"unknown calibration source {source!r}; use one of {describe_sources()} or a path to a text file"
+        )
+    if path.name == _EVAL_FILE_NAME:
+        raise CalibrationDataError(f"{path} is the WikiText-2 test split, which rkv evaluates on: calibrate on other text")
+    head = _check_readable(path)
+    if path.suffix == ".parquet":
+        if not head.startswith(_PARQUET_MAGIC):
+            raise CalibrationDataError(f"{path} is not a parquet file (no PAR1 header)")
+    else:
+        _check_text_bytes(path, head)
+
+
+def check_not_evaluation_text(text: str, label: str, hashes: frozenset[int] | None = None,
+                              limit: float = eval_guard.OVERLAP_LIMIT) -> None:
+    """Refuse ``text`` when more than ``limit`` of its word 8-grams are WikiText-2 test 8-grams
+    (``hashes``: the committed sample by default; see :mod:`.eval_guard`)."""
+    found = eval_guard.overlap(text, eval_guard.evaluation_hashes() if hashes is None else hashes)
+    if found.fraction > limit:
+        raise CalibrationDataError(
+            f"{label} shares {found.fraction:.0%} of its 8-word sequences with the WikiText-2 test split, which rkv "
+            f"evaluates on (limit {limit:.0%}): calibrating on it would make the perplexity figures meaningless; "
+            "calibrate on other text"
+        )
+
+
+def _datasets_column(path: Path) -> list[str]:
+    """The ``text`` column of a json/jsonl/parquet file, read through ``datasets`` with a throw-away cache."""
+    import datasets
+
+    builder = "parquet" if path.suffix == ".parquet" else "json"
+    with tempfile.TemporaryDirectory(prefix="rkv-datasets-") as cache:
+        try:
+            data = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache)
+        except Exception as err:  # datasets wraps the parser's error; its cause names the problem
+            cause = err.__cause__ or err
+            raise CalibrationDataError(f"cannot read {path} as {builder}: {type(cause).__name__}: {cause}") from err
+        if "text" not in data.column_names:
+            raise CalibrationDataError(f"{path} has no 'text' column (columns: {data.column_names})")
+        return [t for t in data["text"] if t]
+
+
+def _file_text(path: Path) -> str:
+    check_source(str(path))
+    if path.suffix == ".txt":
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise CalibrationDataError(f"{path} is not UTF-8 text (invalid byte at offset {err.start}); convert it to UTF-8") from err
+    else:
+        text = "\n\n".join(_datasets_column(path))
+    if not text.strip():
+        raise CalibrationDataError(f"{path} has no text (only whitespace)")
+    check_not_evaluation_text(text, str(path))
+    return text
 
 
 def load_text(source: str, max_chars: int = 4_000_000) -> str:
