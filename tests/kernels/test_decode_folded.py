@@ -1,0 +1,224 @@
+"""decode_folded: Triton kernel (interpreter on CPU) against its pure-torch reference; the folding algebra.
+
+Tolerances follow the dtype: fp32 tight; fp16/bf16 queries: the kernel's error against the fp32
+reference is at most 2x the error of the reference computed with low-precision matmul operands,
+plus a small atol.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from rkv_convert.kernels.decode_folded import (
+    FoldedKV,
+    FoldedParams,
+    decode_folded,
+    decode_folded_ref,
+    folded_scores_ref,
+)
+from rkv_convert.kernels.quantize_folded import fold_keys_ref, quantize_folded_ref
+from rkv_convert.quant.hadamard import hadamard_matrix
+from rkv_convert.quant.packing import pack_codes, unpack_codes
+from rkv_convert.quant.quantizer import quantize
+from rkv_convert.runtime.ops import rope
+
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ATOL = {torch.float32: 2e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+def _rotations(n_kv: int, d: int) -> torch.Tensor:
+    """Per head: a Hadamard times a channel permutation (head 1: a random orthogonal matrix)."""
+    rots = [hadamard_matrix(d)[:, torch.randperm(d)] for _ in range(n_kv)]
+    if n_kv > 1:
+        rots[1] = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))[0].float()
+    return torch.stack(rots)
+
+
+def make_case(*, B: int = 2, n_kv: int = 2, rep: int = 1, d: int = 64, T: int = 40, F: int = 0, bits: int = 2,
+              v_bits: int | None = None, g_k: int = 64, g_v: int = 64, dtype: torch.dtype = torch.float32,
+              pos0: int = 0, gap: bool = False, nan_holes: bool = False, spare: int = 0, att: float = 1.0,
+              ) -> tuple[torch.Tensor, FoldedKV, FoldedParams]:
+    """Random keys with a large shared mean and outlier channels, left padding in batch 1, a hole in
+    batch 0 (``gap``: its positions also jump by 7 halfway), ``spare`` unused slots past ``T``."""
+    v_bits = bits if v_bits is None else v_bits
+    cap = T + spare
+    mean = torch.randn(n_kv, d) * 2.0
+    scale = torch.ones(d)
+    scale[torch.randperm(d)[:3]] = 6.0
+    k = mean[None, :, None, :] + torch.randn(B, n_kv, cap + F, d) * scale + 0.3 * torch.randn(d)
+    v = torch.randn(B, n_kv, cap + F, d) * 0.5 + 0.1 * torch.randn(d)
+    pos = torch.arange(cap, dtype=torch.int32).repeat(B, 1) + pos0
+    if gap:
+        pos[0, T // 2:] += 7
+    if B > 1:
+        pad = T // 3
+        pos[1, :pad] = -1
+        pos[1, pad:] -= pad
+    if T > 5:
+        pos[0, 5] = -1
+    pos[:, T:] = -1
+    rotation = _rotations(n_kv, d)
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    kc, ks, kz = quantize_folded_ref(k[:, :, :cap], pos, mean, rotation, inv_freq, att, bits, g_k, clip=0.9)
+    if cap:
+        vq = quantize(v[:, :, :cap], v_bits, g_v, 0.9)
+        vc, vs, vz = pack_codes(vq.codes, v_bits), vq.scale, vq.zero
+    else:
+        vc, vs, vz = torch.empty(B, n_kv, 0, d * v_bits // 8, dtype=torch.uint8), *torch.empty(2, B, n_kv, 0, d // g_v).half()
+    if nan_holes:
+        hole = (pos < 0)[:, None, :].expand(B, n_kv, cap)
+        ks[hole] = float("nan")
+        vs[hole] = float("nan")
+    fp = (None, None, None)
+    if F:
+        last = pos.max(1, keepdim=True).values if cap else torch.zeros(B, 1, dtype=torch.int32)
+        fp_pos = (last + 1 + torch.arange(F, dtype=torch.int32)).to(torch.int32)
+        fp_pos[:, min(1, F - 1)] = -1  # an empty scratch slot
+        kf = k[:, :, cap:].clone()
+        kf[:, :, 0] *= 3.0  # a sink-like token far from the mean
+        fp = (rope(kf, fp_pos.clamp_min(0), inv_freq, att).to(dtype), v[:, :, cap:].to(dtype), fp_pos)
+    kv = FoldedKV(kc, ks, kz, vc, vs, vz, pos, *fp)
+    params = FoldedParams(rotation=rotation, mean=mean, inv_freq=inv_freq, attention_scaling=att,
+                          sm_scale=d**-0.5, bits=bits, g_k=g_k, g_v=g_v, v_bits=v_bits)
+    q = (torch.randn(B, n_kv * rep, d) * 0.7).to(dtype)
+    return q, kv, params
+
+
+def _dev(x):
+    if isinstance(x, torch.Tensor):
+        return x.to(DEV)
+    if isinstance(x, FoldedKV):
+        return FoldedKV(*(None if t is None else t.to(DEV) for t in x))
+    if isinstance(x, FoldedParams):
+        return FoldedParams(x.rotation.to(DEV), x.mean.to(DEV), x.inv_freq.to(DEV), x.attention_scaling, x.sm_scale,
+                            x.bits, x.g_k, x.g_v, x.v_bits)
+    return x
+
+
+def _run(q, kv, params, **kw) -> torch.Tensor:
+    return decode_folded(_dev(q), _dev(kv), _dev(params), backend="triton", **kw).cpu()
+
+
+def _f32(kv: FoldedKV) -> FoldedKV:
+    return kv._replace(fp_k=None if kv.fp_k is None else kv.fp_k.float(), fp_v=None if kv.fp_v is None else kv.fp_v.float())
+
+
+def _check(q, kv, params, out, n_tokens=None) -> float:
+    dtype = q.dtype
+    assert out.dtype == dtype and out.shape == q.shape
+    ref = decode_folded_ref(_dev(q.float()), _dev(_f32(kv)), _dev(params), n_tokens=n_tokens).cpu()
+    err = (out.float() - ref).abs().max().item()
+    low_err = 0.0
+    if dtype != torch.float32:
+        low = decode_folded_ref(_dev(q), _dev(kv), _dev(params), n_tokens=n_tokens, compute_dtype=dtype).cpu()
+        low_err = (low.float() - ref).abs().max().item()
+    test = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]
+    print(f"\n[{test}] max|kernel-ref32|={err:.3e} max|ref_lowp-ref32|={low_err:.3e} max|ref32|={ref.abs().max():.2f}")
+    assert torch.isfinite(out).all()
+    assert err <= 2 * low_err + ATOL[dtype], (err, low_err)
+    return err
+
+
+CASES = {
+    "gqa4-d128-g64-fp": dict(B=2, n_kv=2, rep=4, d=128, T=70, F=5, g_k=64, g_v=64),
+    "smollm2-d64-rep3": dict(B=2, n_kv=3, rep=3, d=64, T=45, F=4, g_k=32, g_v=64),
+    "mha-d64-g32-nofp": dict(B=2, n_kv=2, rep=1, d=64, T=50, F=0, g_k=32, g_v=32),
+    "b3-gap": dict(B=2, n_kv=1, rep=2, d=64, T=60, F=3, bits=3, g_k=64, g_v=32, gap=True),
+    "b4v2-nanholes": dict(B=2, n_kv=2, rep=2, d=64, T=40, F=2, bits=4, v_bits=2, g_k=32, g_v=64, nan_holes=True),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("name", list(CASES))
+def test_kernel_matches_reference(name: str, dtype: torch.dtype) -> None:
+    q, kv, params = make_case(dtype=dtype, **CASES[name])
+    _check(q, kv, params, _run(q, kv, params, block_n=16, num_splits=2))
+
+
+def test_bf16_one_launch() -> None:
+    """bf16 queries (fp32 dot operands); one split: the fp segment joins it and no merge runs."""
+    q, kv, params = make_case(dtype=torch.bfloat16, B=2, n_kv=2, rep=2, d=64, T=30, F=3, g_k=64, g_v=32)
+    _check(q, kv, params, _run(q, kv, params, block_n=32, num_splits=1))
+
+
+def test_split_count_and_mean_path_do_not_matter() -> None:
+    """Splits 1 (one launch), 2, 3 and both mean-term paths agree; gap positions take the exact path per block."""
+    q, kv, params = make_case(B=1, n_kv=1, rep=2, d=64, T=90, F=3, g_k=32, gap=True)
+    outs = [_run(q, kv, params, block_n=16, num_splits=s, mean_term=m) for s in (1, 2, 3) for m in ("angle", "exact")]
+    for o in outs[1:]:
+        torch.testing.assert_close(o, outs[0], atol=2e-5, rtol=1e-5)
+    _check(q, kv, params, outs[0])
+
+
+def test_fp16_angle_path_at_large_positions() -> None:
+    """Angle addition from a base position near 20k (fp16 queries): still within the dtype's tolerance."""
+    q, kv, params = make_case(B=2, n_kv=1, rep=4, d=64, T=40, F=2, g_k=64, dtype=torch.float16, pos0=20000)
+    _check(q, kv, params, _run(q, kv, params, block_n=32, mean_term="angle"))
+
+
+def test_n_tokens_and_strided_views() -> None:
+    """Slots past ``n_tokens`` (garbage scales) are not read; cache tensors may be views of larger buffers."""
+    q, kv, params = make_case(B=2, n_kv=2, rep=1, d=64, T=33, F=2, g_k=64, g_v=32, spare=9)
+    kv = kv._replace(k_scale=kv.k_scale.clone(), v_scale=kv.v_scale.clone())
+    kv.k_scale[:, :, 33:] = float("nan")
+    kv.v_scale[:, :, 33:] = float("nan")
+    big = FoldedKV(*(torch.cat([t, t[..., :3, :] if t.dim() == 4 else t[:, :3]], -2 if t.dim() == 4 else -1)
+                     for t in kv[:7]), *kv[7:])
+    views = FoldedKV(*(t[..., :cap, :] if t.dim() == 4 else t[:, :cap] for t, cap in zip(big[:7], [42] * 7)), *kv[7:])
+    assert not views.k_codes.is_contiguous()
+    _check(q, kv, params, _run(q, views, params, n_tokens=33, block_n=16, num_splits=2), n_tokens=33)
+
+
+def test_fp_segment_only() -> None:
+    q, kv, params = make_case(B=2, n_kv=2, rep=2, d=64, T=0, F=6, g_k=64, g_v=64)
+    _check(q, kv, params, _run(q, kv, params))
+
+
+def test_folded_scores_equal_unfolded_attention_scores() -> None:
+    """q'·y + q·RoPE_n(mu) == q·RoPE_n(k) for unquantized y = RoPE_n(k - mu) @ R (exact algebra, fp32)."""
+    B, n_kv, rep, d, T = 2, 3, 3, 64, 20
+    _, kv, params = make_case(B=B, n_kv=n_kv, rep=rep, d=d, T=T, att=1.3)
+    k = params.mean[None, :, None, :] + torch.randn(B, n_kv, T, d) * 3.0
+    pos = kv.pos.clamp_min(0) + 1000  # large positions: RoPE mixes strongly
+    q = torch.randn(B, n_kv * rep, d)
+    y = fold_keys_ref(k, pos, params.mean, params.rotation, params.inv_freq, params.attention_scaling)
+    folded = folded_scores_ref(q, y, pos, params)
+    keys = rope(k, pos, params.inv_freq, params.attention_scaling).repeat_interleave(rep, 1)  # repeat_kv
+    direct = torch.einsum("bhd,bhtd->bht", q, keys)
+    torch.testing.assert_close(folded, direct, atol=1e-3, rtol=1e-5)
+    assert direct.abs().max() > 100  # the mean term is a large share of the score
+
+
+def test_reference_backend_and_encoder() -> None:
+    """The encoder is the project quantizer on folded keys (bit-exact codes); backend='reference' is the reference."""
+    q, kv, params = make_case(B=1, n_kv=2, rep=2, d=64, T=12, bits=2, g_k=32)
+    out = decode_folded(q, kv, params, backend="reference")
+    torch.testing.assert_close(out, decode_folded_ref(q, kv, params), atol=0, rtol=0)
+    k = torch.randn(1, 2, 12, 64) + params.mean[None, :, None, :]
+    pos = kv.pos.clamp_min(0)
+    codes, scale, zero = quantize_folded_ref(k, pos, params.mean, params.rotation, params.inv_freq, 1.0, 2, 32, 1.0)
+    y = fold_keys_ref(k, pos, params.mean, params.rotation, params.inv_freq, 1.0)
+    want = quantize(y, 2, 32, 1.0)
+    assert torch.equal(unpack_codes(codes, 2, 64), want.codes)
+    assert torch.equal(scale, want.scale) and torch.equal(zero, want.zero)
+    with pytest.raises(ValueError, match="mean_term"):
+        decode_folded(q, kv, params, backend="triton", mean_term="bogus")
+
+
+GPU_CASES = {
+    "llama3-like": dict(B=2, n_kv=8, rep=4, d=128, T=3000, F=137, g_k=64, g_v=64, pos0=25000),
+    "llama2-like": dict(B=3, n_kv=4, rep=1, d=128, T=2500, F=137, g_k=64, g_v=64),
+    "smollm2-gap-b3": dict(B=2, n_kv=3, rep=3, d=64, T=700, F=20, bits=3, g_k=32, g_v=64, gap=True),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("name", list(GPU_CASES))
+def test_gpu_kernel(name: str, dtype: torch.dtype) -> None:
+    q, kv, params = make_case(dtype=dtype, **GPU_CASES[name])
+    _check(q, kv, params, _run(q, kv, params))
+    _check(q, kv, params, _run(q, kv, params, num_splits=1))
