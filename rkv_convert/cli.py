@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .models.loading import DEFAULT_MODEL
+from .cli_checks import LIBRARY_ERRORS, InputError, check_bits, check_device, check_length, make_console, parse_bits
+from .models.loading import DEFAULT_MODEL, ModelLoadError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="RotateKV 2-bit KV caches: calibrate, export, evaluate, run.")
-console = Console(stderr=True)
+console = make_console(stderr=True)
+
+# Errors every command turns into one `error:` line and exit code 2 (never a traceback).
+COMMAND_ERRORS = (ValueError, OSError, ModelLoadError, *LIBRARY_ERRORS)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -35,8 +39,22 @@ def _progress() -> Progress:
 
 
 def _fail(err: Exception) -> None:
-    console.print(f"[bold red]error:[/] {err}")
+    console.print(f"[bold red]error:[/] {err}", soft_wrap=True)
     raise typer.Exit(code=2)
+
+
+@contextmanager
+def _phase(doing: str, done: str) -> Iterator[None]:
+    """A spinner while ``doing`` runs, then a line saying ``done`` and how long it took (visible when piped too)."""
+    start = time.perf_counter()
+    with console.status(f"{doing} …"):
+        yield
+    console.print(f"{done} ({time.perf_counter() - start:.1f} s)")
+
+
+def _report_removed(folders: list[Path]) -> None:
+    for folder in folders:
+        console.print(f"removed {folder}, left by an interrupted run")
 
 
 def _progress_callback(progress: Progress):
@@ -55,14 +73,14 @@ def calibrate(
     model: str = typer.Argument(DEFAULT_MODEL, help="Hub id, local folder, .gguf file, or 'smollm2-135m'."),
     out: Path = typer.Option(Path("rkv-out/calibration"), help="Folder for the calibration artifact."),
     data: str = typer.Option("pydoc", help="Calibration text: pydoc (built-in, offline), wikitext2, c4, pile, or a .txt/.jsonl/.parquet file."),
-    samples: int = typer.Option(32, help="Number of calibration windows."),
-    seqlen: int = typer.Option(512, help="Tokens per calibration window."),
+    samples: int = typer.Option(32, min=1, help="Number of calibration windows."),
+    seqlen: int = typer.Option(512, min=2, help="Tokens per calibration window (at most the model's context)."),
     seed: int = typer.Option(0, help="Seed for window sampling and row samples."),
-    batch_size: int = typer.Option(4, help="Windows per forward pass."),
-    head_group_size: Optional[int] = typer.Option(None, help="KV heads per rotation group (default: largest with a Hadamard of <=512 channels)."),
-    key_group_size: int = typer.Option(64, help="Key channels per quantization group."),
-    value_group_size: int = typer.Option(64, help="Value channels per quantization group."),
-    sink_ratio: float = typer.Option(64.0, help="A residual activation above this multiple of the layer's median |h| is massive (a sink)."),
+    batch_size: int = typer.Option(4, min=1, help="Windows per forward pass."),
+    head_group_size: Optional[int] = typer.Option(None, min=1, help="KV heads per rotation group (default: largest with a Hadamard of <=512 channels)."),
+    key_group_size: int = typer.Option(64, min=1, help="Key channels per quantization group."),
+    value_group_size: int = typer.Option(64, min=1, help="Value channels per quantization group."),
+    sink_ratio: float = typer.Option(64.0, min=1.0, help="A residual activation above this multiple of the layer's median |h| is massive (a sink)."),
     permutation: str = typer.Option(
         "mean_abs",
         help="How rotated key channels are grouped for quantization: sorted by mean_abs, max_abs or rms (outlier-aware), "
@@ -79,33 +97,51 @@ def calibrate(
     from .calibrate.artifact import save_artifact
     from .calibrate.run import CalibrationOptions
     from .calibrate.run import calibrate as run_calibration
-    from .calibration_data.sources import CalibrationDataError, load_text, sample_batches
-    from .export.format import CheckpointError
-    from .models.adapters import UnsupportedModelError
-    from .models.loading import ModelLoadError, load_model
+    from .calibration_data.sources import load_text, sample_batches
+    from .models.loading import load_model
+    from .outdir import remove_stale_temp_dirs
 
-    if out.exists() and not overwrite:
-        _fail(FileExistsError(f"{out} already exists; pass --overwrite or choose another --out"))
-    from .calibrate.search import PERM_STATISTICS
-
-    if permutation not in PERM_STATISTICS:
-        _fail(ValueError(f"--permutation must be one of {', '.join(PERM_STATISTICS)}, got {permutation!r}"))
     options = CalibrationOptions(data, samples, seqlen, seed, batch_size, head_group_size, key_group_size, value_group_size, sink_ratio,
                                  perm_statistic=permutation)  # fmt: skip
     start = time.perf_counter()
     try:
-        with console.status(f"loading {model}"):
-            loaded = load_model(model, _dtype(dtype), device, trust_remote_code, device_map=device_map)
-            batches = sample_batches(load_text(data), loaded.tokenizer, samples, seqlen, seed)
+        torch_dtype = _dtype(dtype)
+        config = _check_calibration_inputs(model, out, data, options, device, device_map, trust_remote_code, overwrite)
+        _report_removed(remove_stale_temp_dirs(out))
+        with _phase(f"reading calibration text '{data}'", f"read calibration text '{data}'"):
+            text = load_text(data)
+        with _phase(f"loading {model}", f"loaded {model}"):
+            loaded = load_model(model, torch_dtype, device, trust_remote_code, device_map=device_map, config=config)
+        with _phase(f"tokenizing {len(text):,} characters", f"tokenized: {samples} windows × {seqlen} tokens"):
+            batches = sample_batches(text, loaded.tokenizer, samples, seqlen, seed)
         with _progress() as progress:
             artifact = run_calibration(loaded.model, batches, options, _progress_callback(progress))
         artifact.meta["model_source"] = model
         save_artifact(artifact, out, overwrite=overwrite)
-    except (ModelLoadError, UnsupportedModelError, CalibrationDataError, CheckpointError, ValueError, FileExistsError) as err:
+    except COMMAND_ERRORS as err:
         _fail(err)
     elapsed = time.perf_counter() - start
     console.print(_calibration_table(artifact))
     console.print(f"calibrated on {batches.numel():,} tokens of '{data}' in {elapsed:.1f} s → [bold]{out}[/]")
+
+
+def _check_calibration_inputs(model: str, out: Path, data: str, options, device: str, device_map: Optional[str],
+                              trust_remote_code: bool, overwrite: bool):  # fmt: skip
+    """Everything ``rkv calibrate`` can check without the weights; returns the model's config."""
+    from .calibrate.search import PERM_STATISTICS
+    from .calibration_data.sources import check_source
+    from .models.loading import load_config
+    from .outdir import check_output_dir
+
+    check_output_dir(out, overwrite)
+    if options.perm_statistic not in PERM_STATISTICS:
+        raise InputError(f"--permutation must be one of {', '.join(PERM_STATISTICS)}, got {options.perm_statistic!r}")
+    if device_map is None:
+        check_device(device)
+    check_source(data)
+    config = load_config(model, trust_remote_code)
+    check_length("--seqlen", options.seqlen, config)
+    return config
 
 
 def _calibration_table(artifact) -> Table:
@@ -134,9 +170,9 @@ def export(
     out: Path = typer.Option(Path("rkv-out/checkpoint"), help="Folder for the augmented checkpoint."),
     model: Optional[str] = typer.Option(None, help="Source model (default: the one the artifact was calibrated on)."),
     bits: int = typer.Option(2, help="Bits per cached key/value element: 2, 3 or 4."),
-    recent_window: int = typer.Option(128, help="Recent tokens kept in full precision by the runtime."),
-    flush_block: int = typer.Option(64, help="Tokens moved from the window to the quantized store at a time."),
-    max_sinks: int = typer.Option(8, help="Most sink tokens per sequence kept in full precision."),
+    recent_window: int = typer.Option(128, min=0, help="Recent tokens kept in full precision by the runtime."),
+    flush_block: int = typer.Option(64, min=1, help="Tokens moved from the window to the quantized store at a time."),
+    max_sinks: int = typer.Option(8, min=0, help="Most sink tokens per sequence kept in full precision."),
     dtype: str = typer.Option("float32", help="Weights dtype of the written checkpoint."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code/--no-trust-remote-code"),
     overwrite: bool = typer.Option(False, "--overwrite/--no-overwrite", help="Replace an existing --out folder."),
@@ -145,21 +181,23 @@ def export(
     from .calibrate.artifact import load_artifact
     from .export.format import CheckpointError
     from .export.writer import export_checkpoint
-    from .models.adapters import UnsupportedModelError
-    from .models.loading import ModelLoadError, load_model
+    from .models.loading import load_model
+    from .outdir import check_output_dir, remove_stale_temp_dirs
 
     try:
-        if out.exists() and not overwrite:
-            raise FileExistsError(f"{out} already exists; pass --overwrite or choose another --out")
+        torch_dtype = _dtype(dtype)
+        check_bits(bits)
+        check_output_dir(out, overwrite)
         artifact = load_artifact(calibration)
         source = model or artifact.meta.get("model_source")
         if not source:
             raise CheckpointError("the artifact does not record its model; pass --model")
-        with console.status(f"loading {source}"):
-            loaded = load_model(source, _dtype(dtype), "cpu", trust_remote_code)
+        _report_removed(remove_stale_temp_dirs(out))
+        with _phase(f"loading {source}", f"loaded {source}"):
+            loaded = load_model(source, torch_dtype, "cpu", trust_remote_code)
         with console.status("fusing the value rotation, checking logits, writing"):
             path = export_checkpoint(loaded, artifact, out, bits, recent_window, flush_block, max_sinks, overwrite)
-    except (CheckpointError, ModelLoadError, UnsupportedModelError, FileExistsError, ValueError) as err:
+    except COMMAND_ERRORS as err:
         _fail(err)
     console.print(f"exported {bits}-bit rkv checkpoint of {source} → [bold]{path}[/]")
 
@@ -168,8 +206,8 @@ def export(
 def evaluate(
     checkpoint: Path = typer.Argument(Path("rkv-out/checkpoint"), help="Folder written by `rkv export`."),
     text: Path = typer.Option(..., help="Evaluation text file (e.g. wiki.test.raw)."),
-    windows: int = typer.Option(8, help="Number of non-overlapping windows (0 = all)."),
-    length: int = typer.Option(1024, help="Tokens per window."),
+    windows: int = typer.Option(8, min=0, help="Number of non-overlapping windows (0 = all)."),
+    length: int = typer.Option(1024, min=2, help="Tokens per window (at most the model's context)."),
     schemes: str = typer.Option("fp,rtn,kivi,rotatekv", help="Comma list of fp, rtn, kivi, rotatekv."),
     bits: str = typer.Option("2,3,4", help="Comma list of bit widths for the quantized schemes."),
     protocols: str = typer.Option("oneshot,deployed", help="Comma list: oneshot (all tokens quantized), deployed (sinks + recent window fp)."),
@@ -180,49 +218,64 @@ def evaluate(
     """Perplexity side by side: full precision, RTN, KIVI-style and RotateKV at their real bits per element."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .evaluate.perplexity import PROTOCOLS, perplexity, token_windows
-    from .evaluate.schemes import SCHEME_NAMES, build_scheme
-    from .export.format import CheckpointError, read_checkpoint
+    from .evaluate.perplexity import perplexity, token_windows
+    from .evaluate.schemes import build_scheme
+    from .export.format import read_checkpoint
+    from .models.loading import load_config
 
     try:
+        scheme_list, bit_list, protocol_list = _eval_choices(schemes, bits, protocols)
+        check_device(device)
         ck = read_checkpoint(checkpoint)
+        check_length("--length", length, load_config(str(checkpoint)))
         if not text.is_file():
             raise FileNotFoundError(f"evaluation text not found: {text}")
-        scheme_list = [s.strip() for s in schemes.split(",") if s.strip()]
-        bad = [s for s in scheme_list if s not in SCHEME_NAMES]
-        protocol_list = [p.strip() for p in protocols.split(",") if p.strip()]
-        bad += [p for p in protocol_list if p not in PROTOCOLS]
-        bit_list = [int(b) for b in bits.split(",") if b.strip()]
-        if bad or any(b not in (2, 3, 4) for b in bit_list):
-            raise ValueError(f"unknown scheme/protocol {bad} or bits {bit_list}: schemes {SCHEME_NAMES}, protocols {PROTOCOLS}, bits 2,3,4")
         clips = _clip_tables(checkpoint, ck.config.num_layers)
-        model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).to(device).eval()
-        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        with _phase(f"loading {checkpoint}", f"loaded {checkpoint}"):
+            model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).to(device).eval()
+            tokenizer = AutoTokenizer.from_pretrained(checkpoint)
         ids = token_windows(tokenizer, text.read_text(encoding="utf-8"), length, windows or None)
-    except (CheckpointError, FileNotFoundError, ValueError) as err:
+        runs = [("fp", 16, p) for p in protocol_list[:1]] if "fp" in scheme_list else []
+        runs += [(s, b, p) for s in scheme_list if s != "fp" for b in bit_list for p in protocol_list]
+        results = []
+        with _progress() as progress:
+            for name, b, protocol in runs:
+                label = f"{name}-{b} {protocol}" if name != "fp" else "fp16"
+                task = progress.add_task(label, total=ids.shape[0])
+                scheme = build_scheme(name, b, ck, clips)
+                results.append(perplexity(model, ids, scheme, protocol, ck, recent_window,
+                                          progress=lambda done, total, t=task: progress.update(t, completed=done)))
+    except COMMAND_ERRORS as err:
         _fail(err)
-    runs = [("fp", 16, p) for p in protocol_list[:1]] if "fp" in scheme_list else []
-    runs += [(s, b, p) for s in scheme_list if s != "fp" for b in bit_list for p in protocol_list]
-    results = []
-    with _progress() as progress:
-        for name, b, protocol in runs:
-            label = f"{name}-{b} {protocol}" if name != "fp" else "fp16"
-            task = progress.add_task(label, total=ids.shape[0])
-            scheme = build_scheme(name, b, ck, clips)
-            results.append(perplexity(model, ids, scheme, protocol, ck, recent_window,
-                                      progress=lambda done, total, t=task: progress.update(t, completed=done)))
     if as_json:
         print(json.dumps([r.as_dict() for r in results], indent=2))
         return
-    fp = next((r.perplexity for r in results if r.scheme == "fp"), None)
     window = ck.config.recent_window if recent_window is None else recent_window
-    table = Table(title=f"WikiText-style perplexity: {ids.shape[0]} windows × {length} tokens; deployed = sinks + {window}-token recent window in fp16")
+    make_console().print(_perplexity_table(results, ids.shape[0], length, window))
+
+
+def _eval_choices(schemes: str, bits: str, protocols: str) -> tuple[list[str], list[int], list[str]]:
+    """``rkv eval``'s comma lists, each checked against its valid values."""
+    from .evaluate.perplexity import PROTOCOLS
+    from .evaluate.schemes import SCHEME_NAMES
+
+    scheme_list = [s.strip() for s in schemes.split(",") if s.strip()]
+    protocol_list = [p.strip() for p in protocols.split(",") if p.strip()]
+    bad = [s for s in scheme_list if s not in SCHEME_NAMES] + [p for p in protocol_list if p not in PROTOCOLS]
+    if bad or not scheme_list or not protocol_list:
+        raise InputError(f"unknown or missing scheme/protocol {bad}: schemes {', '.join(SCHEME_NAMES)}; protocols {', '.join(PROTOCOLS)}")
+    return scheme_list, parse_bits(bits), protocol_list
+
+
+def _perplexity_table(results: list, windows: int, length: int, window: int) -> Table:
+    fp = next((r.perplexity for r in results if r.scheme == "fp"), None)
+    table = Table(title=f"WikiText-style perplexity: {windows} windows × {length} tokens; deployed = sinks + {window}-token recent window in fp16")
     for col in ("scheme", "bits", "protocol", "K bits/elem", "V bits/elem", "effective bits", "PPL", "× FP"):
         table.add_column(col, justify="right")
     for r in results:
         table.add_row(r.scheme, str(r.bits), r.protocol if r.scheme != "fp" else "-", f"{r.key_bits:.2f}", f"{r.value_bits:.2f}",
                       f"{r.effective_bits:.2f}", f"{r.perplexity:.2f}", f"{r.perplexity / fp:.3f}" if fp else "-")
-    Console().print(table)
+    return table
 
 
 def _clip_tables(checkpoint: Path, num_layers: int) -> dict[str, list[torch.Tensor]]:

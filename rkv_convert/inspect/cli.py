@@ -10,12 +10,13 @@ from pathlib import Path
 
 import torch
 import typer
-from rich.console import Console
 from rich.table import Table
+
+from ..cli_checks import LIBRARY_ERRORS, check_device, make_console
 
 __all__ = ["inspect_command", "inspect_checkpoint"]
 
-console = Console(stderr=True)
+console = make_console(stderr=True)
 
 
 def inspect_checkpoint(checkpoint: str | Path, out: str | Path, text: str = "pydoc", windows: int = 4, length: int = 512,
@@ -57,9 +58,9 @@ def inspect_command(
     checkpoint: Path = typer.Argument(Path("rkv-out/checkpoint"), help="Folder written by `rkv export`."),
     out: Path = typer.Option(Path("rkv-out/inspect"), help="Folder for the PNG figures and inspect.json."),
     text: str = typer.Option("pydoc", help="Text to run: a calibration source name (pydoc) or a text file."),
-    windows: int = typer.Option(4, help="Windows of text."),
-    length: int = typer.Option(512, help="Tokens per window."),
-    bits: int = typer.Option(0, help="Bit width of the schemes compared (0 = the checkpoint's)."),
+    windows: int = typer.Option(4, min=1, help="Windows of text."),
+    length: int = typer.Option(512, min=2, help="Tokens per window."),
+    bits: int = typer.Option(0, min=0, help="Bit width of the schemes compared (0 = the checkpoint's)."),
     device: str = typer.Option("cuda" if torch.cuda.is_available() else "cpu"),
 ) -> None:
     """Plot per-layer key channel magnitudes (before/after rotation and reordering), massive activations,
@@ -67,10 +68,11 @@ def inspect_command(
     from ..export.format import CheckpointError
 
     try:
+        check_device(device)
         with console.status("running the model and drawing"):
             paths = inspect_checkpoint(checkpoint, out, text, windows, length, bits or None, device)
-    except (CheckpointError, FileNotFoundError, ValueError, RuntimeError) as err:
-        console.print(f"[bold red]error:[/] {err}")
+    except (CheckpointError, OSError, ValueError, RuntimeError, *LIBRARY_ERRORS) as err:
+        console.print(f"[bold red]error:[/] {err}", soft_wrap=True)
         raise typer.Exit(code=2)
     table = Table(title=f"rkv inspect → {out}")
     table.add_column("file")
@@ -85,4 +87,4 @@ def inspect_command(
     }
     for p in paths:
         table.add_row(str(p), shows.get(p.name, ""))
-    Console().print(table)
+    make_console().print(table)

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from .adapters import adapter_for
 
-__all__ = ["DEFAULT_MODEL", "BUILTIN_MODELS", "LoadedModel", "load_model", "ModelLoadError", "resolve_source"]
+__all__ = ["DEFAULT_MODEL", "BUILTIN_MODELS", "LoadedModel", "load_config", "load_model", "ModelLoadError", "resolve_source"]
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -76,22 +76,33 @@ class LoadedModel:
     source: ModelSource
 
 
+def load_config(model: str, trust_remote_code: bool = False) -> PretrainedConfig:
+    """The model's config alone (no weights): for checks before the slow load, e.g. the context length."""
+    source = resolve_source(model)
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    try:
+        return AutoConfig.from_pretrained(source.location, trust_remote_code=trust_remote_code, **kwargs)
+    except OSError as err:
+        raise ModelLoadError(
+            f"cannot load {model!r}: {err}. Offline? Pass a local folder, a .gguf file or '{DEFAULT_MODEL}'"
+        ) from err
+
+
 def load_model(
     model: str,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
     device_map: str | None = None,
+    config: PretrainedConfig | None = None,
 ) -> LoadedModel:
-    """Load weights and tokenizer; refuses architectures rkv has no adapter for before reading weights."""
+    """Load weights and tokenizer; refuses architectures rkv has no adapter for before reading weights.
+
+    ``config``: what :func:`load_config` returned for ``model`` (read again when omitted).
+    """
     source = resolve_source(model)
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-    try:
-        config = AutoConfig.from_pretrained(source.location, trust_remote_code=trust_remote_code, **kwargs)
-    except OSError as err:
-        raise ModelLoadError(
-            f"cannot load {model!r}: {err}. Offline? Pass a local folder, a .gguf file or '{DEFAULT_MODEL}'"
-        ) from err
+    config = config or load_config(model, trust_remote_code)
     adapter_for(config)
     weights = AutoModelForCausalLM.from_pretrained(
         source.location, dtype=dtype, trust_remote_code=trust_remote_code, device_map=device_map, **kwargs

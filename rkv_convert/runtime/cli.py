@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ..cli_checks import LIBRARY_ERRORS, InputError, check_device, check_prompt_fits, make_console
 from ..export.format import CheckpointError
 from ..models.loading import BUILTIN_MODELS
 from .api import load
@@ -83,7 +84,7 @@ def run_command(
     system: str = typer.Option(None, help="system message (chat mode)"),
 ) -> None:
     """Generate text from an rkv checkpoint with the packed 2-4 bit KV cache, streaming it."""
-    console = Console(stderr=True)
+    console = make_console(stderr=True)
     if checkpoint in BUILTIN_MODELS:
         console.print(
             f"[red]{checkpoint} is a source model, not an rkv checkpoint.[/red] Make one first:\n"
@@ -93,27 +94,53 @@ def run_command(
         )
         raise typer.Exit(2)
     try:
+        if not prompt.strip():
+            raise InputError("the prompt is empty; pass some text with --prompt")
+        if device_map is None:
+            check_device(device)
         rkv_model = load(checkpoint, device=device, dtype=dtype, device_map=device_map)
+    except (InputError, *LIBRARY_ERRORS) as err:
+        _fail(console, str(err))
     except (CheckpointError, OSError, ValueError) as err:
-        console.print(f"[red]cannot load {checkpoint}:[/red] {err}")
-        raise typer.Exit(1) from err
+        _fail(console, f"cannot load {checkpoint}: {err}")
     tokenizer = rkv_model.tokenizer
     if tokenizer is None:
-        console.print(f"[red]{checkpoint} has no tokenizer files[/red]; re-export it with its tokenizer")
-        raise typer.Exit(1)
+        _fail(console, f"{checkpoint} has no tokenizer files; re-export it with its tokenizer")
     sampling = SamplingOptions(0.0 if greedy else temperature, top_p, top_k, seed)
     ids = build_prompt(tokenizer, prompt, chat, system)
     stats = GenerationStats()
-    generated: list[int] = []
-    printed = ""
-    for token in stream_generate(rkv_model, ids, max_new_tokens=max_new_tokens, sampling=sampling,
-                                 eos_token_ids=_eos_ids(tokenizer, rkv_model.model), stats=stats):  # fmt: skip
-        generated.append(int(token[0]))
-        text = tokenizer.decode(generated, skip_special_tokens=True)
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            sys.stdout.write(text[len(printed) :])
-            sys.stdout.flush()
-            printed = text
-    sys.stdout.write("\n")
+    try:
+        check_prompt_fits(ids.shape[1], max_new_tokens, rkv_model.model.config)
+        _stream(rkv_model, ids, max_new_tokens, sampling, stats)
+    except (ValueError, *LIBRARY_ERRORS) as err:
+        _fail(console, str(err))
+    if stats.kv_bytes == 0:
+        _fail(console, "the rkv cache holds 0 bytes after generation: the model did not write its keys and values to it, "
+                       "so the text above did not come from the packed cache; check the installed transformers release")  # fmt: skip
     cfg = rkv_model.checkpoint.config
     console.print(summary_table(stats, cfg.bits, cfg.key_group_size, cfg.value_group_size))
+
+
+def _fail(console: Console, message: str) -> None:
+    """One red ``error:`` line on stderr, exit code 1."""
+    console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    raise typer.Exit(1)
+
+
+def _stream(rkv_model, ids: torch.Tensor, max_new_tokens: int, sampling: SamplingOptions, stats: GenerationStats) -> None:
+    """Generate, writing the text to stdout as it arrives (whole characters only)."""
+    tokenizer = rkv_model.tokenizer
+    generated: list[int] = []
+    printed = ""
+    try:
+        for token in stream_generate(rkv_model, ids, max_new_tokens=max_new_tokens, sampling=sampling,
+                                     eos_token_ids=_eos_ids(tokenizer, rkv_model.model), stats=stats):  # fmt: skip
+            generated.append(int(token[0]))
+            text = tokenizer.decode(generated, skip_special_tokens=True)
+            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                sys.stdout.write(text[len(printed) :])
+                sys.stdout.flush()
+                printed = text
+    finally:
+        if generated:  # end the streamed line, also when generation stops with an error
+            sys.stdout.write("\n")
