@@ -1,10 +1,11 @@
-"""The augmented checkpoint's ``rkv`` config section and tensor names (format version 1).
+"""The augmented checkpoint's ``rkv`` config section and tensor names (format version 2).
 
 A checkpoint folder holds the source model's weights (with the value rotation fused into
 ``v_proj``/``o_proj``), its ``config.json`` with an ``rkv`` section (:class:`RkvConfig`),
 tokenizer files, and ``rkv.safetensors`` with the per-layer calibration tensors named by
 :func:`tensor_name`. docs/checkpoint-format.md specifies every field; the version rule:
 a reader accepts exactly the format versions it knows and refuses others with a message.
+Version 2 added ``key_layout`` (:class:`KeyLayout`); a version-1 checkpoint reads as ``prerope``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
 import torch
@@ -23,6 +25,10 @@ from ..quant.quantizer import bits_per_element
 
 __all__ = [
     "FORMAT_VERSION",
+    "READABLE_VERSIONS",
+    "KeyLayout",
+    "KEY_LAYOUTS",
+    "DEFAULT_KEY_LAYOUT",
     "RKV_TENSORS_FILE",
     "CheckpointError",
     "RkvConfig",
@@ -32,13 +38,36 @@ __all__ = [
     "check_weight_files",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1: before key_layout; its keys are pre-RoPE (KeyLayout.PREROPE)
 RKV_TENSORS_FILE = "rkv.safetensors"
 SUPPORTED_BITS = (2, 3, 4)
 
 
 class CheckpointError(ValueError):
     """An augmented checkpoint or calibration artifact is missing, corrupt or inconsistent."""
+
+
+class KeyLayout(str, Enum):
+    """How the quantized store holds a key (``mu`` = ``key_mean`` of the head, ``n`` = its position).
+
+    - ``prerope``: RotateKV. ``y = (k_pre - mu) @ R`` per head group of ``G`` heads (``R =
+      key_rotation [Gd, Gd]``), quantized in groups chosen by ``key_perm`` (codes in rotated channel
+      order); decode undoes ``R`` and applies RoPE per cached key. Full-precision segment: pre-RoPE keys.
+    - ``folded``: query-folded, post-RoPE. ``G = 1``; ``y = RoPE_n(k_pre - mu) @ R_h`` with ``R_h =
+      key_rotation[:, perm_h]`` (``key_rotation [d, d]``, ``perm_h`` the head's block of ``key_perm``),
+      quantized in groups of ``g_k`` *consecutive* channels of ``y`` (the permutation is folded into
+      ``R_h``); decode scores ``(q R_h)·deq(y) + q·RoPE_n(mu)``. Full-precision segment: post-RoPE keys.
+
+    Values are the same in both. Codes are packed as the checkpoint's ``layout`` says.
+    """
+
+    PREROPE = "prerope"
+    FOLDED = "folded"
+
+
+KEY_LAYOUTS = tuple(k.value for k in KeyLayout)
+DEFAULT_KEY_LAYOUT = KeyLayout.PREROPE.value  # what `rkv calibrate` writes unless told otherwise
 
 
 @dataclass
@@ -59,6 +88,7 @@ class RkvConfig:
     version: int = FORMAT_VERSION
     layout: str = ""
     calibration: dict = field(default_factory=dict)
+    key_layout: str = KeyLayout.PREROPE.value  # a KeyLayout value; version 1 knew only prerope
 
     def __post_init__(self) -> None:
         if not self.layout:
@@ -66,11 +96,20 @@ class RkvConfig:
         self.validate()
 
     def validate(self) -> None:
-        if self.version != FORMAT_VERSION:
+        if self.version not in READABLE_VERSIONS:
             raise CheckpointError(
-                f"rkv format version {self.version} is not supported by this rkv (reads version {FORMAT_VERSION}); "
-                "re-export the checkpoint with this rkv or upgrade rkv"
+                f"rkv format version {self.version} is not supported by this rkv (reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}); re-export the checkpoint with this rkv or upgrade rkv"
             )
+        if self.key_layout not in KEY_LAYOUTS:
+            raise CheckpointError(f"key_layout must be one of {', '.join(KEY_LAYOUTS)}, got {self.key_layout!r}")
+        if self.version < 2 and self.key_layout != KeyLayout.PREROPE.value:
+            raise CheckpointError(f"format version {self.version} has only the prerope key layout; re-export the checkpoint")
+        if self.key_layout == KeyLayout.FOLDED.value:
+            if self.head_group_size != 1:
+                raise CheckpointError(f"the folded key layout rotates each KV head alone: head_group_size must be 1, got {self.head_group_size}")
+            if self.head_dim % 2:
+                raise CheckpointError(f"the folded key layout needs an even head_dim (RoPE pairs), got {self.head_dim}")
         if self.bits not in SUPPORTED_BITS:
             raise CheckpointError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits}")
         if self.num_key_value_heads % self.head_group_size:
@@ -89,6 +128,10 @@ class RkvConfig:
             raise CheckpointError(f"layout {self.layout!r} does not match {self.bits}-bit codes")
         if self.recent_window < 0 or self.flush_block <= 0 or self.max_sinks < 0:
             raise CheckpointError("recent_window and max_sinks must be >= 0 and flush_block > 0")
+
+    @property
+    def folded(self) -> bool:
+        return self.key_layout == KeyLayout.FOLDED.value
 
     @property
     def head_group_channels(self) -> int:
@@ -110,15 +153,18 @@ class RkvConfig:
         if not isinstance(data, dict):
             raise CheckpointError("config.json's 'rkv' section is not an object")
         version = data.get("version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise CheckpointError(
-                f"rkv format version {version} is not supported (this rkv reads version {FORMAT_VERSION}); "
-                "re-export the checkpoint with this rkv"
+                f"rkv format version {version} is not supported (this rkv reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}); re-export the checkpoint with this rkv"
             )
         names = {f.name for f in dataclasses.fields(cls)}
+        if version == 1:  # written before key_layout existed: pre-RoPE keys
+            names.discard("key_layout")
         unknown = sorted(set(data) - names)
-        missing = sorted(f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
-                         and f.default_factory is dataclasses.MISSING and f.name not in data)
+        required = {"key_layout"} if version >= 2 else set()
+        missing = sorted(f.name for f in dataclasses.fields(cls) if (f.name in required or (f.default is dataclasses.MISSING
+                         and f.default_factory is dataclasses.MISSING)) and f.name not in data)
         if unknown or missing:
             raise CheckpointError(f"rkv config fields: unknown {unknown}, missing {missing}")
         return cls(**data)
@@ -155,7 +201,7 @@ class LayerTensors:
 @dataclass
 class Checkpoint:
     config: RkvConfig
-    key_rotation: torch.Tensor  # fp32 [G*d, G*d], orthonormal, applied as y = x @ R
+    key_rotation: torch.Tensor  # fp32 [G*d, G*d], orthonormal, applied as y = x @ R (folded: [d, d], R_h = R[:, perm_h])
     value_rotation: torch.Tensor  # fp32 [d, d], fused into v_proj rows / o_proj columns
     layers: list[LayerTensors]
 

@@ -4,15 +4,18 @@ Three paths, chosen per call:
 
 - **prefill** (the cache of this layer is empty): stock attention over the prompt in full precision
   (RoPE from the model's ``position_embeddings``, the model's own attention function and mask,
-  exactly as the unmodified model), then the prompt's pre-RoPE keys and values are written to the
-  cache (sinks and the recent window in full precision, the rest quantized and packed);
+  exactly as the unmodified model), then the prompt's keys (pre-RoPE for the ``prerope`` key
+  layout, post-RoPE for ``folded``) and values are written to the cache (sinks and the recent
+  window in full precision, the rest quantized and packed);
 - **decode** (one new token per sequence): the token is appended to the cache's full-precision
-  segment, then ``decode_attention`` reads the packed store and the full-precision segment
-  (Triton on CUDA, the pure-torch reference on CPU), then the window is flushed;
+  segment, then the layout's decode kernel reads the packed store and the full-precision segment
+  (``decode_attention`` for ``prerope``, ``decode_folded`` for ``folded``; Triton on CUDA, the
+  pure-torch reference on CPU), then the window is flushed;
 - **multi-token step after prefill** (chunked prefill, speculative verification): a simple,
-  correct path: the packed store is dequantized with the reference math, the new tokens are
-  appended in full precision, and attention runs in torch, causal by RoPE position. It costs a
-  full dequantization per call: fine for occasional chunks, not for per-token decoding.
+  correct path: the packed store is dequantized to post-RoPE keys with the layout's reference
+  math (``runtime.ops``), the new tokens are appended in full precision, and attention runs in
+  torch, causal by RoPE position. It costs a full dequantization per call: fine for occasional
+  chunks, not for per-token decoding.
 
 Padding: the new tokens' validity comes from the attention mask (its diagonal over the new
 tokens); padding slots get position -1 in the cache and are never attended.
@@ -25,9 +28,10 @@ from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from ..kernels.decode_attention import decode_attention
+from ..kernels.decode_folded import decode_folded
 from ..models.adapters import stock_attention
 from .cache import RkvCache, RkvCacheLayer
-from .ops import attend_reference, dequantize_keys, dequantize_values
+from .ops import attend_reference, dequantize_folded_keys, dequantize_keys, dequantize_values, rope
 from .sinks import flag_sinks
 
 __all__ = ["rkv_attention", "new_token_validity", "stored_tokens"]
@@ -62,14 +66,25 @@ def _positions(kwargs: dict, layer: RkvCacheLayer, batch: int, q_len: int, devic
 
 
 def stored_tokens(layer: RkvCacheLayer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Every token the layer holds, dequantized: pre-RoPE keys, values ``fp32 [B, n_kv, N, d]``, pos ``[B, N]``."""
+    """Every token the layer holds, dequantized: post-RoPE keys, values ``fp32 [B, n_kv, N, d]``, pos ``[B, N]``.
+
+    Keys come back post-RoPE for either key layout (RoPE at each slot's position; empty slots,
+    position -1, at 0): ``prerope`` dequantizes pre-RoPE keys and RoPEs them, ``folded``
+    unfolds ``y @ R_h^T + RoPE_n(mu)``; the folded full-precision segment is post-RoPE already.
+    """
     c = layer.codec
+    inv_freq, scaling = layer.rope_or_raise()
     q, fp = layer.quantized(), layer.full_precision()
-    keys = dequantize_keys(q["k_codes"], q["k_scale"], q["k_zero"], c.k_gid, c.k_mean, c.rotation, c.bits, c.head_dim)
-    values = dequantize_values(q["v_codes"], q["v_scale"], q["v_zero"], c.bits, c.head_dim)
-    keys = torch.cat([keys, fp["fp_k"].float()], dim=2)
-    values = torch.cat([values, fp["fp_v"].float()], dim=2)
     pos = torch.cat([q["pos"], fp["fp_pos"]], dim=1)
+    if c.folded:
+        keys = dequantize_folded_keys(q["k_codes"], q["k_scale"], q["k_zero"], q["pos"], c.head_rotation, c.head_mean,
+                                      inv_freq, scaling, c.bits)  # fmt: skip
+        keys = torch.cat([keys, fp["fp_k"].float()], dim=2)
+    else:
+        keys = dequantize_keys(q["k_codes"], q["k_scale"], q["k_zero"], c.k_gid, c.k_mean, c.rotation, c.bits, c.head_dim)
+        keys = rope(torch.cat([keys, fp["fp_k"].float()], dim=2), pos.clamp_min(0), inv_freq, scaling)
+    values = dequantize_values(q["v_codes"], q["v_scale"], q["v_zero"], c.bits, c.head_dim)
+    values = torch.cat([values, fp["fp_v"].float()], dim=2)
     return keys, values, pos
 
 
@@ -106,16 +121,24 @@ def rkv_attention(
     codec = layer.codec
     sinks = flag_sinks(layer_input, codec.sink_channels, codec.sink_threshold)
 
+    cos, sin = position_embeddings
+    # what the full-precision segment holds: pre-RoPE keys, or (folded) post-RoPE keys as the model makes them
+    k_store = apply_rotary_pos_emb(key, key, cos, sin)[1] if codec.folded else key
     if layer.length == 0:  # prefill: exactly the model's own attention, then store
         out = stock_attention(module, query, key, value, position_embeddings, attention_mask, None, layer_input, **kwargs)
-        layer.append(key, value, pos, valid, sinks)
+        layer.append(k_store, value, pos, valid, sinks)
         layer.flush()
         return out
 
-    cos, sin = position_embeddings
     q_rot = apply_rotary_pos_emb(query, query, cos, sin)[0]
+    if t == 1 and codec.folded:  # decode, folded keys: the query takes every key transform
+        layer.append(k_store, value, pos, valid, sinks)
+        params = codec.folded_params(cache.inv_freq_on(key.device), cache.attention_scaling, module.scaling)
+        out = decode_folded(q_rot[:, :, 0], layer.folded_kv(), params, backend=layer.backend)
+        layer.flush()
+        return out.to(query.dtype).reshape(b, 1, -1)
     if t == 1:  # decode
-        layer.append(key, value, pos, valid, sinks)
+        layer.append(k_store, value, pos, valid, sinks)
         qd, fp = layer.quantized(), layer.full_precision()
         out = decode_attention(
             q_rot[:, :, 0],
@@ -130,14 +153,12 @@ def rkv_attention(
         return out.to(query.dtype).reshape(b, 1, -1)
 
     # multi-token step after prefill: attend over (dequantized cache + new tokens), then store
-    keys, values, k_pos = stored_tokens(layer)
+    keys, values, k_pos = stored_tokens(layer)  # post-RoPE keys, either layout
     new_pos = pos if valid is None else torch.where(valid, pos, torch.full_like(pos, -1))
-    keys = torch.cat([keys, key.float()], dim=2)
+    keys = torch.cat([keys, apply_rotary_pos_emb(key, key, cos, sin)[1].float()], dim=2)
     values = torch.cat([values, value.float()], dim=2)
     k_pos = torch.cat([k_pos, new_pos.to(k_pos.dtype)], dim=1)
-    out = attend_reference(
-        q_rot, keys, values, k_pos, cache.inv_freq_on(key.device), cache.attention_scaling, module.scaling, q_pos=pos
-    )
-    layer.append(key, value, pos, valid, sinks)
+    out = attend_reference(q_rot, keys, values, k_pos, module.scaling, q_pos=pos)
+    layer.append(k_store, value, pos, valid, sinks)
     layer.flush()
     return out.to(query.dtype).transpose(1, 2).reshape(b, t, -1)

@@ -2,8 +2,11 @@
 
 Per layer and sequence the cache holds three kinds of tokens:
 
-- **quantized store** (append only, never re-quantized): keys pre-RoPE, centred and rotated
-  per head group, packed ``bits``-bit codes with an fp16 scale and zero per group; values
+- **quantized store** (append only, never re-quantized): keys in the checkpoint's key layout
+  (``KeyLayout``): ``prerope`` keys pre-RoPE, centred and rotated per head group; ``folded`` keys
+  post-RoPE, centred by ``RoPE_n(mu)`` and rotated per KV head (``y = (k_post - RoPE_n(mu)) @ R_h``,
+  the kernel folds ``R_h`` into the query); packed ``bits``-bit codes with an fp16 scale and zero
+  per group; values
   (already rotated by the exported weights) packed per token in groups of consecutive channels;
 - **sinks**: up to ``max_sinks`` tokens per sequence flagged online (``sinks.flag_sinks``) kept in
   full precision for the whole generation; further flagged tokens are quantized like any token;
@@ -18,19 +21,21 @@ zero attention weight. Stored tensors (shapes as the kernels in ``rkv_convert.ke
 ==============  =======  ============================  =========================================
 name            dtype    shape                         meaning
 ==============  =======  ============================  =========================================
-``k_codes``     uint8    ``[B, n_hg, cap, Gd*b/8]``     packed key codes, rotated channel order
+``k_codes``     uint8    ``[B, n_hg, cap, Gd*b/8]``     packed key codes, rotated channel order (folded: y)
 ``k_scale``     fp16     ``[B, n_hg, cap, Gd/g_k]``     key scale per quantization group
 ``k_zero``      fp16     ``[B, n_hg, cap, Gd/g_k]``     key zero (group minimum) per group
 ``v_codes``     uint8    ``[B, n_kv, cap, d*b/8]``      packed value codes
 ``v_scale``     fp16     ``[B, n_kv, cap, d/g_v]``      value scale per group
 ``v_zero``      fp16     ``[B, n_kv, cap, d/g_v]``      value zero per group
 ``pos``         int32    ``[B, cap]``                   RoPE position per slot, -1 = empty
-``fp_k``        model    ``[B, n_kv, F, d]``            pre-RoPE keys of sinks + window
+``fp_k``        model    ``[B, n_kv, F, d]``            keys of sinks + window (prerope: pre-RoPE, folded: post-RoPE)
 ``fp_v``        model    ``[B, n_kv, F, d]``            values of sinks + window
 ``fp_pos``      int32    ``[B, F]``                     position per full-precision slot, -1 = empty
 ==============  =======  ============================  =========================================
 
-``n_hg = n_kv/G`` head groups of ``Gd = G*d`` channels; ``cap`` grows geometrically. The
+``n_hg = n_kv/G`` head groups of ``Gd = G*d`` channels (folded: ``G = 1``, key groups of consecutive
+channels of ``y``; the tensors are a :class:`~rkv_convert.kernels.decode_folded.FoldedKV`, see
+:meth:`RkvCacheLayer.folded_kv`); ``cap`` grows geometrically. The
 full-precision segment holds ``max_sinks`` sink slots, one scratch slot (index ``max_sinks``,
 always empty: writes that must go nowhere land there, so no step needs a host sync) and the window.
 """
@@ -42,10 +47,13 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from ..export.format import Checkpoint, LayerTensors, RkvConfig
+from ..export.format import Checkpoint, KeyLayout, LayerTensors, RkvConfig
 from ..kernels.decode_attention import PreparedRotation, prepare_rotation
+from ..kernels.decode_folded import FoldedKV, FoldedParams
 from ..kernels.quantize_pack import group_ids_from_perm, quantize_pack
+from ..quant.codec import folded_head_rotations
 from ..quant.packing import packed_width
+from .ops import fold_keys, mean_at
 
 __all__ = ["CacheSettings", "LayerCodec", "RkvCacheLayer", "RkvCache"]
 
@@ -82,12 +90,36 @@ class LayerCodec:
     num_kv_heads: int
     k_mean: torch.Tensor  # fp32 [n_kv*d]
     rotation: torch.Tensor  # fp32 [Gd, Gd], y = x @ R
-    k_gid: torch.Tensor  # int32 [n_hg, Gd]: quantization group of each rotated channel
+    k_gid: torch.Tensor  # int32 [n_hg, Gd]: quantization group of each rotated channel (folded: c // g_k)
     key_clip: float
     value_clip: float
     sink_channels: torch.Tensor  # int64 [s]
     sink_threshold: float
+    key_layout: str = KeyLayout.PREROPE.value
+    head_rotation: torch.Tensor | None = None  # folded: fp32 [n_kv, d, d], R_h = rotation[:, perm_h]
     _prepared: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def folded(self) -> bool:
+        return self.key_layout == KeyLayout.FOLDED.value
+
+    @property
+    def head_mean(self) -> torch.Tensor:
+        """fp32 ``[n_kv, d]`` view of the key mean."""
+        return self.k_mean.view(self.num_kv_heads, self.head_dim)
+
+    def folded_params(self, inv_freq: torch.Tensor, attention_scaling: float, sm_scale: float) -> FoldedParams:
+        """This layer's :class:`FoldedParams` for the folded decode kernel (built once per layer)."""
+        if not self.folded:
+            raise ValueError(f"folded_params() of a {self.key_layout} layer")
+        key = ("folded", float(attention_scaling), float(sm_scale))
+        if key not in self._prepared:
+            self._prepared[key] = FoldedParams(
+                rotation=self.head_rotation, mean=self.head_mean, inv_freq=inv_freq.to(self.device, torch.float32),
+                attention_scaling=float(attention_scaling), sm_scale=float(sm_scale), bits=self.bits,
+                g_k=self.key_group_size, g_v=self.value_group_size,
+            )
+        return self._prepared[key]
 
     @property
     def device(self) -> torch.device:
@@ -96,6 +128,8 @@ class LayerCodec:
 
     def prepared_rotation(self, query_dtype: torch.dtype) -> PreparedRotation:
         """The rotation as the decode kernel wants it for ``query_dtype`` queries (prepared once)."""
+        if self.folded:
+            raise ValueError("a folded layer has no pre-RoPE rotation to prepare; use folded_params()")
         if query_dtype not in self._prepared:
             self._prepared[query_dtype] = prepare_rotation(self.rotation, self.head_dim, query_dtype, k_gid=self.k_gid)
         return self._prepared[query_dtype]
@@ -110,7 +144,13 @@ class LayerCodec:
 
     @classmethod
     def from_checkpoint(cls, config: RkvConfig, rotation: torch.Tensor, layer: LayerTensors, device: torch.device) -> "LayerCodec":
-        gid = group_ids_from_perm(layer.key_perm.long(), config.head_group_channels, config.key_group_size)
+        head_rotation = None
+        if config.folded:  # the permutation is folded into R_h: key groups are consecutive channels of y
+            d, n_kv = config.head_dim, config.num_key_value_heads
+            head_rotation = folded_head_rotations(rotation, layer.key_perm, d).to(device).contiguous()
+            gid = (torch.arange(d) // config.key_group_size).to(torch.int32).expand(n_kv, d)
+        else:
+            gid = group_ids_from_perm(layer.key_perm.long(), config.head_group_channels, config.key_group_size)
         return cls(
             bits=config.bits,
             key_group_size=config.key_group_size,
@@ -124,6 +164,8 @@ class LayerCodec:
             value_clip=float(layer.value_clip),
             sink_channels=layer.sink_channels.to(device),
             sink_threshold=float(layer.sink_threshold),
+            key_layout=config.key_layout,
+            head_rotation=head_rotation,
         )
 
 
@@ -145,11 +187,16 @@ class RkvCacheLayer(CacheLayerMixin):
     is_sliding = False
     is_croppable = False
 
-    def __init__(self, codec: LayerCodec, settings: CacheSettings, backend: str = "auto") -> None:
+    def __init__(
+        self, codec: LayerCodec, settings: CacheSettings, backend: str = "auto", rope: tuple[torch.Tensor, float] | None = None
+    ) -> None:
         super().__init__()
         self.codec = codec
         self.settings = settings
         self.backend = backend
+        # (inv_freq fp32 [d/2] on the layer's device, attention_scaling): the model's RoPE, which
+        # the folded layout's writes and every layout's stored_tokens() need
+        self.rope = None if rope is None else (rope[0].to(codec.device, torch.float32), float(rope[1]))
         self.length = 0  # slots appended (padding included): what transformers calls the sequence length
         self.n_quant = 0  # slots in the quantized store
         self.n_window = 0  # slots in the recent window
@@ -191,7 +238,7 @@ class RkvCacheLayer(CacheLayerMixin):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object):
         raise TypeError(
-            "RkvCache stores pre-RoPE keys and is written by the rkv attention handler "
+            "RkvCache stores pre-RoPE keys (or folded post-RoPE ones) and is written by the rkv attention handler "
             "(rkv_convert.runtime.attention.rkv_attention); attach it with rkv_convert.models.adapters.attach"
         )
 
@@ -251,7 +298,7 @@ class RkvCacheLayer(CacheLayerMixin):
             raise ValueError("rows() of a layer that already holds tokens")
         if start < 0 or n <= 0 or start + n > self.batch:
             raise ValueError(f"rows {start}:{start + n} do not fit a batch of {self.batch}")
-        view = RkvCacheLayer(self.codec, self.settings, self.backend)
+        view = RkvCacheLayer(self.codec, self.settings, self.backend, self.rope)
         view.device, view.fp_dtype, view.batch = self.device, self.fp_dtype, n
         for name in _STORAGE:
             setattr(view, name, getattr(self, name)[start : start + n])
@@ -289,7 +336,10 @@ class RkvCacheLayer(CacheLayerMixin):
         valid: torch.Tensor | None = None,
         sinks: torch.Tensor | None = None,
     ) -> None:
-        """Append ``T`` tokens: pre-RoPE ``key``/``value`` ``[B, n_kv, T, d]``, RoPE ``positions [B, T]``.
+        """Append ``T`` tokens: ``key``/``value`` ``[B, n_kv, T, d]``, RoPE ``positions [B, T]``.
+
+        Keys as the layout's full-precision segment holds them: pre-RoPE (``prerope``) or post-RoPE
+        (``folded``, RoPE'd at ``positions`` as the model does).
 
         ``valid`` (bool ``[B, T]``, default all) marks real tokens (padding gets position -1);
         ``sinks`` (bool ``[B, T]``) marks sink candidates. Sink tokens take a free sink slot of their
@@ -389,14 +439,22 @@ class RkvCacheLayer(CacheLayerMixin):
         c = self.codec
         self._reserve(self.n_quant + n)
         b, n_kv, _, d = key.shape
-        rows = key.transpose(1, 2).reshape(b, n, c.num_head_groups, c.group_channels)
-        k_codes, k_scale, k_zero = (
-            t.transpose(1, 2)
-            for t in quantize_pack(
-                rows, c.bits, c.key_group_size, c.key_clip,
-                rotation=c.rotation, mean=c.k_mean, gid=c.k_gid, backend=self.backend,
+        if c.folded:  # y = (k_post - RoPE_n(mu)) @ R_h, then the values' consecutive-group encoder
+            inv_freq, scaling = self.rope_or_raise()
+            y = fold_keys(key, mean_at(c.head_mean, pos, inv_freq, scaling), c.head_rotation)
+            k_codes, k_scale, k_zero = (
+                t.transpose(1, 2)
+                for t in quantize_pack(y.transpose(1, 2), c.bits, c.key_group_size, c.key_clip, backend=self.backend)
             )
-        )
+        else:
+            rows = key.transpose(1, 2).reshape(b, n, c.num_head_groups, c.group_channels)
+            k_codes, k_scale, k_zero = (
+                t.transpose(1, 2)
+                for t in quantize_pack(
+                    rows, c.bits, c.key_group_size, c.key_clip,
+                    rotation=c.rotation, mean=c.k_mean, gid=c.k_gid, backend=self.backend,
+                )
+            )
         v_codes, v_scale, v_zero = (
             t.transpose(1, 2)
             for t in quantize_pack(value.transpose(1, 2), c.bits, c.value_group_size, c.value_clip, backend=self.backend)
@@ -429,6 +487,18 @@ class RkvCacheLayer(CacheLayerMixin):
         """Sinks, scratch slot and the used window (views)."""
         hi = self.window_start + self.n_window
         return {"fp_k": self.fp_k[:, :, :hi], "fp_v": self.fp_v[:, :, :hi], "fp_pos": self.fp_pos[:, :hi]}
+
+    def folded_kv(self) -> FoldedKV:
+        """The used store and full-precision segment as the folded decode kernel reads them (views, no copies)."""
+        if not self.codec.folded:
+            raise ValueError(f"folded_kv() of a {self.codec.key_layout} layer")
+        return FoldedKV(**self.quantized(), **self.full_precision())
+
+    def rope_or_raise(self) -> tuple[torch.Tensor, float]:
+        """``(inv_freq, attention_scaling)`` of the model this layer caches for."""
+        if self.rope is None:
+            raise ValueError("this cache layer was made without the model's RoPE (RkvCacheLayer(..., rope=...))")
+        return self.rope
 
     # ----- accounting ----------------------------------------------------------------------
     def _slot_bytes(self) -> tuple[int, int]:
@@ -493,7 +563,8 @@ class RkvCache(Cache):
         attention_scaling: float = 1.0,
         backend: str = "auto",
     ) -> None:
-        super().__init__(layers=[RkvCacheLayer(c, settings, backend) for c in codecs])
+        rope = (inv_freq, float(attention_scaling))
+        super().__init__(layers=[RkvCacheLayer(c, settings, backend, rope) for c in codecs])
         self.settings = settings
         self.inv_freq = inv_freq.float()
         self.attention_scaling = float(attention_scaling)

@@ -3,6 +3,12 @@
 Three ops touch packed storage: quantize+pack keys, quantize+pack values, and decode attention.
 Triton kernels for them live in ``rkv_convert.kernels`` (each with a pure-torch ``*_ref``); this
 module binds the runtime to them and adds the reference dequantizers the multi-token path uses.
+
+One reference per piece of math: RoPE (:func:`rope_cos_sin`, :func:`apply_rope`, :func:`rope`),
+the folded key transform (:func:`fold_keys`, :func:`unfold_keys`) and one dequantizer per key
+layout (:func:`dequantize_keys` for ``prerope``, :func:`dequantize_folded_keys` for ``folded``)
+plus :func:`dequantize_values`. The CPU runtime, ``rkv eval`` (``quant.codec``) and the kernels'
+tests call these.
 """
 
 from __future__ import annotations
@@ -13,9 +19,15 @@ from ..quant.packing import unpack_codes
 
 __all__ = [
     "rope",
+    "rope_cos_sin",
+    "apply_rope",
     "rotate_half",
+    "fold_keys",
+    "unfold_keys",
     "dequantize_keys",
+    "dequantize_folded_keys",
     "dequantize_values",
+    "attend_reference",
 ]
 
 
@@ -24,13 +36,45 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def rope_cos_sin(pos: torch.Tensor, inv_freq: torch.Tensor, attention_scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 ``cos, sin [B, 1, T, d]`` at integer positions ``pos [B, T]`` (times ``attention_scaling``),
+    as transformers' rotary embeddings compute them (rotate-half layout: angle ``i mod d/2``)."""
+    freqs = pos.to(torch.float32)[:, None, :, None] * inv_freq.to(pos.device, torch.float32)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos() * attention_scaling, emb.sin() * attention_scaling
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x * cos + rotate_half(x) * sin`` in fp32; ``cos, sin`` broadcast against ``x [B, H, T, d]``."""
+    xf = x.float()
+    return xf * cos.float() + rotate_half(xf) * sin.float()
+
+
 def rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, attention_scaling: float) -> torch.Tensor:
     """RoPE of ``x [B, H, T, d]`` at integer positions ``pos [B, T]`` in fp32 (HF's rotate-half layout)."""
-    freqs = pos.to(torch.float32)[:, None, :, None] * inv_freq.to(x.device, torch.float32)
-    emb = torch.cat((freqs, freqs), dim=-1)
-    cos, sin = emb.cos() * attention_scaling, emb.sin() * attention_scaling
-    xf = x.float()
-    return xf * cos + rotate_half(xf) * sin
+    return apply_rope(x, *rope_cos_sin(pos.to(x.device), inv_freq, attention_scaling))
+
+
+def fold_keys(k_post: torch.Tensor, mean_rope: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Folded keys ``y = (k_post - RoPE_n(mu)) @ R_h``, fp32 ``[B, n_kv, T, d]``.
+
+    ``k_post [B, n_kv, T, d]`` post-RoPE keys (any float dtype), ``mean_rope`` the head means
+    RoPE'd at each key's position (broadcastable, e.g. ``rope(mean[None, :, None], pos, ...)``),
+    ``rotation fp32 [n_kv, d, d]`` one orthonormal ``R_h`` per KV head.
+    """
+    return (k_post.float() - mean_rope) @ rotation.to(k_post.device, torch.float32)[None]
+
+
+def unfold_keys(y: torch.Tensor, mean_rope: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Post-RoPE keys ``y @ R_h^T + RoPE_n(mu)`` (the inverse of :func:`fold_keys`), fp32."""
+    return y.float() @ rotation.to(y.device, torch.float32).transpose(-1, -2)[None] + mean_rope
+
+
+def mean_at(mean: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, attention_scaling: float) -> torch.Tensor:
+    """``RoPE_n(mu_h)`` fp32 ``[B, n_kv, T, d]`` for head means ``mean [n_kv, d]`` at ``pos [B, T]`` (-1 read as 0)."""
+    b, t = pos.shape
+    mu = mean.to(pos.device, torch.float32)[None, :, None, :].expand(b, -1, t, -1)
+    return rope(mu, pos.clamp_min(0), inv_freq, attention_scaling)
 
 
 def dequantize_keys(
@@ -56,8 +100,32 @@ def dequantize_keys(
     return x.view(b, n_hg, t, g, head_dim).transpose(2, 3).reshape(b, n_hg * g, t, head_dim)
 
 
+def dequantize_folded_keys(
+    k_codes: torch.Tensor,
+    k_scale: torch.Tensor,
+    k_zero: torch.Tensor,
+    pos: torch.Tensor,
+    rotation: torch.Tensor,
+    mean: torch.Tensor,
+    inv_freq: torch.Tensor,
+    attention_scaling: float,
+    bits: int,
+) -> torch.Tensor:
+    """Post-RoPE keys ``fp32 [B, n_kv, T, d]`` from a folded store (``KeyLayout.FOLDED``).
+
+    ``k_codes uint8 [B, n_kv, T, d*b/8]``, ``k_scale/k_zero fp16 [B, n_kv, T, d/g_k]`` (groups of
+    consecutive channels of ``y``), ``pos int32 [B, T]`` (-1: empty, read at 0), ``rotation fp32
+    [n_kv, d, d]``, ``mean fp32 [n_kv, d]``.
+    """
+    d = rotation.shape[-1]
+    y = dequantize_values(k_codes, k_scale, k_zero, bits, d)
+    return unfold_keys(y, mean_at(mean, pos, inv_freq, attention_scaling), rotation)
+
+
 def dequantize_values(v_codes: torch.Tensor, v_scale: torch.Tensor, v_zero: torch.Tensor, bits: int, head_dim: int) -> torch.Tensor:
-    """Rotated values ``fp32 [B, n_kv, T, d]`` from the packed store."""
+    """Rotated values ``fp32 [B, n_kv, T, d]`` from the packed store (groups of consecutive channels)."""
+    if v_codes.numel() == 0:  # unpack cannot view an empty tensor with -1
+        return torch.zeros(*v_codes.shape[:-1], head_dim, device=v_codes.device)
     codes = unpack_codes(v_codes, bits, head_dim).float()
     group = head_dim // v_scale.shape[-1]
     grouped = codes.view(*codes.shape[:-1], -1, group)
@@ -70,20 +138,18 @@ def attend_reference(
     keys: torch.Tensor,
     values: torch.Tensor,
     k_pos: torch.Tensor,
-    inv_freq: torch.Tensor,
-    attention_scaling: float,
     scaling: float,
     q_pos: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Full-precision attention of post-RoPE ``q [B, n_q, Tq, d]`` over pre-RoPE ``keys [B, n_kv, N, d]``.
+    """Full-precision attention of post-RoPE ``q [B, n_q, Tq, d]`` over post-RoPE ``keys [B, n_kv, N, d]``.
 
-    Keys are RoPE'd at ``k_pos [B, N]`` (-1: empty, never attended); with ``q_pos [B, Tq]`` a key is
-    seen only by queries at a position >= its own (causal by position). A query that sees no key
-    gets zeros. Returns fp32 ``[B, n_q, Tq, d]``.
+    ``k_pos [B, N]``: each key's position (-1: empty, never attended); with ``q_pos [B, Tq]`` a key
+    is seen only by queries at a position >= its own (causal by position). A query that sees no
+    key gets zeros. Returns fp32 ``[B, n_q, Tq, d]``.
     """
     b, n_q, tq, d = q.shape
     n_kv = keys.shape[1]
-    k = rope(keys, k_pos.clamp_min(0), inv_freq, attention_scaling)
+    k = keys.float()
     qf = q.float().view(b, n_kv, n_q // n_kv, tq, d)
     scores = torch.einsum("bhrqd,bhnd->bhrqn", qf, k) * scaling
     visible = (k_pos >= 0)[:, None, :].expand(b, tq, -1)

@@ -2,7 +2,8 @@
 
 It keeps every token's pre-RoPE key and value in full precision and, at each attention call,
 replaces the tokens the runtime would hold quantized by ``KeyCodec``/``ValueCodec`` round trips
-(the evaluation codecs), then attends with transformers' own RoPE and torch SDPA. Which tokens are
+(the evaluation codecs; ``FoldedKeyCodec`` for a folded checkpoint, which gives post-RoPE keys),
+then attends with transformers' own RoPE and torch SDPA. Which tokens are
 quantized follows the cache's documented rules (sinks: the first ``max_sinks`` flagged real tokens
 of each sequence; window: flushed in whole blocks of ``flush_block`` once it holds
 ``recent_window + flush_block`` tokens), simulated here from token counts alone.
@@ -15,7 +16,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repea
 
 from rkv_convert.export.format import Checkpoint
 from rkv_convert.models.adapters import stock_attention
-from rkv_convert.quant.codec import KeyCodec, ValueCodec
+from rkv_convert.quant.codec import FoldedKeyCodec, KeyCodec, ValueCodec
 from rkv_convert.runtime.attention import new_token_validity
 from rkv_convert.runtime.cache import CacheSettings
 from rkv_convert.runtime.sinks import flag_sinks
@@ -66,8 +67,10 @@ class EvalReference:
     def __init__(self, model, checkpoint: Checkpoint, settings: CacheSettings) -> None:
         cfg = checkpoint.config
         self.rotary = model.model.rotary_emb
+        codec = FoldedKeyCodec if cfg.folded else KeyCodec
+        self.folded = cfg.folded
         self.keys = [
-            KeyCodec(layer.key_mean, checkpoint.key_rotation, layer.key_perm, cfg.bits, cfg.key_group_size, layer.key_clip)
+            codec(layer.key_mean, checkpoint.key_rotation, layer.key_perm, cfg.bits, cfg.key_group_size, layer.key_clip)
             for layer in checkpoint.layers
         ]
         self.values = [ValueCodec(cfg.bits, cfg.value_group_size, layer.value_clip) for layer in checkpoint.layers]
@@ -81,13 +84,16 @@ class EvalReference:
         quant = torch.zeros(b, n, dtype=torch.bool)
         quant[:, :n_quant] = True
         quant &= ~st.kept
-        flat = k.transpose(1, 2).reshape(b, n, n_kv * d)
-        k_hat = self.keys[i].roundtrip(flat).view(b, n, n_kv, d).transpose(1, 2)
-        v_hat = self.values[i].roundtrip(v)
-        k = torch.where(quant[:, None, :, None], k_hat, k)
-        v = torch.where(quant[:, None, :, None], v_hat, v)
         cos, sin = self.rotary(k, st.pos.clamp_min(0))
-        k = apply_rotary_pos_emb(k, k, cos, sin)[0]
+        if self.folded:  # the folded codec reads post-RoPE keys back
+            k_hat = self.keys[i].roundtrip(k, cos, sin)
+            k = torch.where(quant[:, None, :, None], k_hat, apply_rotary_pos_emb(k, k, cos, sin)[0])
+        else:
+            flat = k.transpose(1, 2).reshape(b, n, n_kv * d)
+            k_hat = self.keys[i].roundtrip(flat).view(b, n, n_kv, d).transpose(1, 2)
+            k = apply_rotary_pos_emb(*(2 * [torch.where(quant[:, None, :, None], k_hat, k)]), cos, sin)[0]
+        v_hat = self.values[i].roundtrip(v)
+        v = torch.where(quant[:, None, :, None], v_hat, v)
         visible = (st.valid & (st.pos >= 0))[:, None, :]
         if causal:
             visible = visible & (st.pos[:, None, :] <= q_pos[:, :, None])

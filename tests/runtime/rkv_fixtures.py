@@ -1,7 +1,9 @@
 """In-memory rkv checkpoints for tiny random models (until `rkv export` can make real ones).
 
 ``make_checkpoint`` calibrates lightly on random tokens: the key mean and a permutation sorted by
-mean |rotated key| per head group come from the model's own pre-RoPE keys, sink channels are the
+mean |rotated key| per head group come from the model's own pre-RoPE keys (``key_layout="folded"``:
+head groups of one head, a Hadamard of order ``d``; the permutation sorted on the pre-RoPE rotated
+keys is as valid a choice as any for tests), sink channels are the
 hidden channels of largest |input|, with a threshold that flags a few tokens; the value Hadamard
 is fused into ``v_proj``/``o_proj`` with export's own ``fuse_value_rotation``.
 ``write_folder`` writes an exported-style folder (HF weights + ``config.json["rkv"]`` +
@@ -50,11 +52,12 @@ def make_checkpoint(
     sink_quantile: float = 0.97,
     seed: int = 0,
     permute: bool = True,
+    key_layout: str = "prerope",
 ) -> Checkpoint:
     """A valid checkpoint for ``model`` whose value rotation is fused in place (see module docstring)."""
     cfg = model.config
     n_kv, d = cfg.num_key_value_heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    g = head_group_size or n_kv
+    g = head_group_size or (1 if key_layout == "folded" else n_kv)
     config = RkvConfig(
         bits=bits,
         key_group_size=key_group_size,
@@ -67,6 +70,7 @@ def make_checkpoint(
         recent_window=recent_window,
         flush_block=flush_block,
         max_sinks=max_sinks,
+        key_layout=key_layout,
     )
     key_rotation = hadamard_matrix(g * d)
     value_rotation = hadamard_matrix(d)

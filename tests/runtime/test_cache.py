@@ -8,8 +8,10 @@ from rkv_convert.quant.codec import KeyCodec, ValueCodec
 from rkv_convert.quant.hadamard import hadamard_matrix
 from rkv_convert.runtime.attention import stored_tokens
 from rkv_convert.runtime.cache import CacheSettings, LayerCodec, RkvCacheLayer
+from rkv_convert.runtime.ops import rope
 
 N_KV, D = 4, 32
+ROPE = (1.0 / 10000 ** (torch.arange(0, D, 2).float() / D), 1.0)  # (inv_freq, attention_scaling)
 
 
 def make_codec(bits: int = 2, g: int = 2, key_group: int = 32, value_group: int = 16) -> tuple[LayerCodec, KeyCodec, ValueCodec]:
@@ -26,7 +28,7 @@ def make_codec(bits: int = 2, g: int = 2, key_group: int = 32, value_group: int 
 
 def make_layer(recent_window=4, flush_block=4, max_sinks=2, **codec_kwargs) -> RkvCacheLayer:
     codec = make_codec(**codec_kwargs)[0]
-    return RkvCacheLayer(codec, CacheSettings(recent_window, flush_block, max_sinks), backend="reference")
+    return RkvCacheLayer(codec, CacheSettings(recent_window, flush_block, max_sinks), backend="reference", rope=ROPE)
 
 
 def tokens(b: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,7 +62,7 @@ def test_decode_appends_flush_in_whole_blocks_and_never_requantize() -> None:
 
 def test_prefill_keeps_recent_window_and_codes_match_the_codec() -> None:
     codec, key_codec, value_codec = make_codec(bits=2)
-    layer = RkvCacheLayer(codec, CacheSettings(recent_window=5, flush_block=4, max_sinks=0), backend="reference")
+    layer = RkvCacheLayer(codec, CacheSettings(recent_window=5, flush_block=4, max_sinks=0), backend="reference", rope=ROPE)
     k, v = tokens(2, 23)
     layer.append(k, v, positions(2, 0, 23))
     layer.flush()
@@ -68,10 +70,10 @@ def test_prefill_keeps_recent_window_and_codes_match_the_codec() -> None:
     fp = layer.full_precision()
     torch.testing.assert_close(fp["fp_k"][:, :, layer.window_start :], k[:, :, 16:], rtol=0, atol=0)
     assert torch.equal(fp["fp_pos"][0, layer.window_start :], torch.arange(16, 23, dtype=torch.int32))
-    # the store decodes to exactly what the evaluation codec gives for the same tokens
+    # the store decodes to exactly what the evaluation codec gives for the same tokens (post-RoPE)
     keys, values, pos = stored_tokens(layer)
     flat_k = k[:, :, :16].transpose(1, 2).reshape(2, 16, N_KV * D)
-    want_k = key_codec.roundtrip(flat_k).view(2, 16, N_KV, D).transpose(1, 2)
+    want_k = rope(key_codec.roundtrip(flat_k).view(2, 16, N_KV, D).transpose(1, 2), pos[:, :16], *ROPE)
     torch.testing.assert_close(keys[:, :, :16], want_k, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(values[:, :, :16], value_codec.roundtrip(v[:, :, :16]), rtol=0, atol=0)
     q = key_codec.encode(flat_k)  # codes/scales bit-exact against the reference quantizer
