@@ -4,7 +4,9 @@
 2. per-channel mean of the pre-RoPE keys over non-sink tokens (key centring);
 3. centred keys rotated by the grouped-head Hadamard → channel magnitudes (permutation),
    row samples of keys and rotated values and the queries' second moments → clip ratios
-   searched per layer and bit width.
+   searched per layer and bit width. With ``key_layout="folded"`` the keys of this pass are
+   post-RoPE: ``RoPE_n(k - mu)`` rotated per KV head by the Hadamard of order ``d`` (what the
+   folded cache quantizes, up to the permutation the pass decides).
 
 The defaults are the ones docs/accuracy.md measured best; every other setting of an
 option is one row of that ablation.
@@ -18,6 +20,9 @@ from typing import Callable
 import torch
 from torch import nn
 
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from ..export.format import DEFAULT_KEY_LAYOUT, KEY_LAYOUTS, KeyLayout
 from ..models.adapters import adapter_for, attach, stock_attention
 from ..models.compat import check_transformers_version
 from ..quant.codec import rotate_groups
@@ -53,6 +58,7 @@ class CalibrationOptions:
     clip_objective: str = "qk"  # one of search.CLIP_OBJECTIVES: key error as is ("mse"), or as attention-logit error ("qk")
     key_clip: float | None = None  # a fixed key clip ratio instead of the per-layer search
     value_clip: float | None = None  # a fixed value clip ratio instead of the per-layer search
+    key_layout: str = DEFAULT_KEY_LAYOUT  # one of export.format.KEY_LAYOUTS: prerope (RotateKV) or folded
 
 
 def model_shape(config: object) -> dict:
@@ -68,20 +74,26 @@ def model_shape(config: object) -> dict:
 
 
 class _Tap:
-    """Attention handler that hands each layer's pre-RoPE queries, keys, values and residual input to a callback."""
+    """Attention handler that hands each layer's pre-RoPE queries, keys, values and residual input to a callback
+    (with ``rope=True`` also the layer's ``position_embeddings``, the model's ``(cos, sin)``)."""
 
-    def __init__(self, callback: Callable[..., None]) -> None:
+    def __init__(self, callback: Callable[..., None], rope: bool = False) -> None:
         self.callback = callback
+        self.rope = rope
 
     def __call__(self, module, query, key, value, position_embeddings, attention_mask, cache, layer_input, **kw):
-        self.callback(module.layer_idx, query, key, value, layer_input)
+        if self.rope:
+            self.callback(module.layer_idx, query, key, value, layer_input, position_embeddings)
+        else:
+            self.callback(module.layer_idx, query, key, value, layer_input)
         return stock_attention(module, query, key, value, position_embeddings, attention_mask, cache, **kw)
 
 
-def _run_pass(model: nn.Module, batches: torch.Tensor, batch_size: int, callback, label: str, progress: Progress | None):
+def _run_pass(model: nn.Module, batches: torch.Tensor, batch_size: int, callback, label: str, progress: Progress | None,
+              rope: bool = False):  # fmt: skip
     device = next(model.parameters()).device
     steps = range(0, batches.shape[0], batch_size)
-    with torch.no_grad(), attach(model, _Tap(callback)):
+    with torch.no_grad(), attach(model, _Tap(callback, rope)):
         for i, start in enumerate(steps):
             model(batches[start : start + batch_size].to(device), use_cache=False)
             if progress:
@@ -90,7 +102,17 @@ def _run_pass(model: nn.Module, batches: torch.Tensor, batch_size: int, callback
 
 def _validate(options: CalibrationOptions, shape: dict) -> int:
     n_kv, d = shape["num_key_value_heads"], shape["head_dim"]
-    g = options.head_group_size or search.default_head_group_size(n_kv, d)
+    if options.key_layout not in KEY_LAYOUTS:
+        raise ValueError(f"key_layout must be one of {', '.join(KEY_LAYOUTS)}, got {options.key_layout!r}")
+    folded = options.key_layout == KeyLayout.FOLDED.value
+    if folded and options.head_group_size not in (None, 1):
+        raise ValueError(
+            f"the folded key layout rotates each KV head alone (head groups of 1); head_group_size "
+            f"{options.head_group_size} applies to the prerope layout only"
+        )
+    if folded and d % 2:
+        raise ValueError(f"the folded key layout needs an even head dim (RoPE pairs), got {d}")
+    g = 1 if folded else options.head_group_size or search.default_head_group_size(n_kv, d)
     if n_kv % g:
         raise ValueError(f"head-group size {g} does not divide the {n_kv} KV heads; use a divisor of {n_kv}")
     if (g * d) % options.key_group_size:
@@ -139,6 +161,7 @@ def calibrate(
     n_layers, d = shape["num_hidden_layers"], shape["head_dim"]
     key_rotation = hadamard_matrix(g * d) if options.rotate_keys else torch.eye(g * d)
     value_rotation = hadamard_matrix(d)
+    folded = options.key_layout == KeyLayout.FOLDED.value  # g == 1: key_rotation is H_d
 
     acts = [ActivationObserver() for _ in range(n_layers)]
     _run_pass(model, batches, options.batch_size, lambda i, q, k, v, h: acts[i].update(h), "sinks", progress)
@@ -170,16 +193,26 @@ def calibrate(
     query_sq: list[torch.Tensor | None] = [None] * n_layers
     query_tokens = [0] * n_layers
 
-    def observe_rotated(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: torch.Tensor) -> None:
+    def observe_rotated(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: torch.Tensor, pe=None) -> None:
+        # The qk clip objective weights key errors by rope_pair_weights of the pre-RoPE query energy.
+        # For folded (post-RoPE) keys that carries over: RoPE turns q and k by the same angle per pair,
+        # so E[q_post,i^2] = (E[q_i^2] + E[q_{i+d/2}^2]) / 2 averaged over positions, the pair weight
+        # up to a constant factor, which does not move the argmin of the clip search.
         energy = _query_energy(q, shape["num_key_value_heads"])
         query_sq[i] = energy if query_sq[i] is None else query_sq[i] + energy
         query_tokens[i] += q.shape[0] * q.shape[2]
-        centred = flatten_heads(k) - key_means[i].to(k.device)
+        if folded:  # post-RoPE centred keys RoPE_n(k - mu), in fp32 with the model's cos/sin
+            mu = key_means[i].to(k.device).view(1, -1, 1, d)
+            cos, sin = pe
+            k_c = k.float() - mu
+            centred = flatten_heads(apply_rotary_pos_emb(k_c, k_c, cos.float(), sin.float())[1])
+        else:
+            centred = flatten_heads(k) - key_means[i].to(k.device)
         rot = rotate_groups(centred, key_rotation.to(k.device))
         values = rotate_groups(flatten_heads(v), value_rotation.to(v.device))
         rotated[i].update(centred, rot, values, keep_mask(i, h), rows_per_batch)
 
-    _run_pass(model, batches, options.batch_size, observe_rotated, "rotated keys", progress)
+    _run_pass(model, batches, options.batch_size, observe_rotated, "rotated keys", progress, rope=folded)
 
     device = next(model.parameters()).device
     layers = []

@@ -18,7 +18,7 @@ from ..calibrate.artifact import CalibrationArtifact, weights_fingerprint
 from ..calibrate.run import model_shape
 from ..models.loading import LoadedModel
 from ..outdir import atomic_dir, check_output_dir
-from .format import RKV_TENSORS_FILE, SUPPORTED_BITS, Checkpoint, CheckpointError, LayerTensors, RkvConfig, tensor_name
+from .format import RKV_TENSORS_FILE, SUPPORTED_BITS, Checkpoint, CheckpointError, KeyLayout, LayerTensors, RkvConfig, tensor_name
 from .fuse import fuse_value_rotation
 
 __all__ = ["checkpoint_from_artifact", "export_checkpoint", "LOGIT_TOLERANCE"]
@@ -69,6 +69,7 @@ def _config_for(artifact: CalibrationArtifact, bits: int, recent_window: int, fl
         flush_block=flush_block,
         max_sinks=max_sinks,
         calibration={k: opts[k] for k in ("source", "num_samples", "seqlen", "seed", "sink_ratio")},
+        key_layout=opts.get("key_layout", KeyLayout.PREROPE.value),  # artifacts from before key_layout: prerope
     )
 
 

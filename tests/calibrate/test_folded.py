@@ -1,0 +1,44 @@
+"""Calibration for the folded key layout: head groups of one, H_d, per-head permutations of post-RoPE keys."""
+
+import pytest
+import torch
+from tiny_models import tiny_model
+
+from rkv_convert.calibrate.run import CalibrationOptions, calibrate
+from rkv_convert.export.writer import checkpoint_from_artifact
+from rkv_convert.quant.hadamard import hadamard_matrix
+
+
+def _options(**kw) -> CalibrationOptions:
+    return CalibrationOptions(num_samples=4, seqlen=32, batch_size=2, clip_samples=64, key_group_size=32, **kw)
+
+
+def _batches() -> torch.Tensor:
+    return torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+
+
+def test_folded_calibration_rotates_each_head_alone() -> None:
+    model = tiny_model("qwen3", n_heads=4, n_kv=2, head_dim=64)
+    art = calibrate(model, _batches(), _options(key_layout="folded"))
+    assert art.meta["options"]["key_layout"] == "folded" and art.meta["options"]["head_group_size"] == 1
+    torch.testing.assert_close(art.key_rotation, hadamard_matrix(64), rtol=0, atol=0)
+    for layer in art.layers:
+        perm = layer["key_perm"]
+        for h in range(2):  # one permutation per KV head
+            assert torch.equal(torch.sort(perm[h * 64 : (h + 1) * 64]).values, torch.arange(h * 64, (h + 1) * 64))
+        assert torch.all((layer["key_clip_by_bits"] > 0) & (layer["key_clip_by_bits"] <= 1))
+    ck = checkpoint_from_artifact(art, bits=2)
+    assert ck.config.key_layout == "folded" and ck.config.head_group_size == 1
+    # the permutation differs from the prerope one: it was decided on post-RoPE keys
+    pre = calibrate(model, _batches(), _options(head_group_size=1))
+    assert pre.meta["options"]["key_layout"] == "prerope"
+    assert not torch.equal(pre.layers[0]["key_perm"], art.layers[0]["key_perm"])
+    torch.testing.assert_close(pre.layers[0]["key_mean"], art.layers[0]["key_mean"], rtol=0, atol=0)
+
+
+def test_folded_refuses_head_groups_and_unknown_layouts() -> None:
+    model = tiny_model("llama", n_kv=2, head_dim=64)
+    with pytest.raises(ValueError, match="head groups of 1"):
+        calibrate(model, _batches(), _options(key_layout="folded", head_group_size=2))
+    with pytest.raises(ValueError, match="key_layout must be one of prerope, folded"):
+        calibrate(model, _batches(), _options(key_layout="postrope"))
