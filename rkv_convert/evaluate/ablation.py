@@ -35,7 +35,7 @@ from ..quant.hadamard import hadamard_matrix
 from ..quant.quantizer import SCALE_FLOOR, QuantizedTensor, dequantize, levels, quantize
 from ..quant.sinks import detect_sinks
 from .perplexity import perplexity
-from .schemes import KIVI, RTN, RotateKV, Scheme, _heads_to_rows, _rows_to_heads
+from .schemes import KIVI, RTN, RotateKV, Scheme, _heads_to_rows, _rows_to_heads, key_codecs
 
 __all__ = [
     "Variant",
@@ -157,6 +157,7 @@ def checkpoint_from_artifact(artifact: CalibrationArtifact, bits: int, recent_wi
         head_group_size=opts["head_group_size"], num_layers=shape["num_hidden_layers"],
         num_key_value_heads=shape["num_key_value_heads"], head_dim=shape["head_dim"],
         source_fingerprint=artifact.meta["source_fingerprint"], recent_window=recent_window, max_sinks=max_sinks,
+        key_layout=opts.get("key_layout", "prerope"),
     )
     layers = [
         LayerTensors(
@@ -217,6 +218,10 @@ class ExperimentalRotateKV(RotateKV):
 
     def keys(self, layer, k_pre, cos, sin):
         c: KeyCodec = self.key_codecs[layer]
+        if not isinstance(c, KeyCodec):  # folded keys: only the value options are experimental here
+            if self.lsq_encoder:
+                raise NotImplementedError("the least-squares encoder is implemented for prerope keys only")
+            return super().keys(layer, k_pre, cos, sin)
         rows = _heads_to_rows(k_pre).float()
         y = rotate_groups(rows - c.mean.to(rows.device), c.rotation)
         back = rotate_groups(self._q(y, c.bits, c.group_size, c.clip, c.perm.to(rows.device)), c.rotation, inverse=True)
@@ -304,8 +309,7 @@ def _scheme(variant: Variant, bits: int, checkpoint: Checkpoint, value_means) ->
     if variant.scheme == "kivi":
         return KIVI(name="kivi", bits=bits, value_rotation=vr, uses_sinks=variant.sinks)
     cfg = checkpoint.config
-    keys = [KeyCodec(l.key_mean, checkpoint.key_rotation, l.key_perm, bits, cfg.key_group_size, l.key_clip)
-            for l in checkpoint.layers]
+    keys = key_codecs(checkpoint, bits)  # in the checkpoint's key layout (prerope or folded)
     values = [ValueCodec(bits, cfg.value_group_size, l.value_clip) for l in checkpoint.layers]
     if variant.experimental or not variant.value_rotation:
         return ExperimentalRotateKV(

@@ -12,10 +12,10 @@ import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from ..export.format import Checkpoint
-from ..quant.codec import KeyCodec, ValueCodec, rotate_groups
+from ..quant.codec import FoldedKeyCodec, KeyCodec, ValueCodec, rotate_groups
 from ..quant.quantizer import bits_per_element, fake_quantize
 
-__all__ = ["Scheme", "FullPrecision", "RTN", "KIVI", "RotateKV", "build_scheme", "SCHEME_NAMES"]
+__all__ = ["Scheme", "FullPrecision", "RTN", "KIVI", "RotateKV", "build_scheme", "key_codecs", "SCHEME_NAMES"]
 
 SCHEME_NAMES = ("fp", "rtn", "kivi", "rotatekv")
 
@@ -113,14 +113,21 @@ class KIVI(_SourceValues):
 
 @dataclass
 class RotateKV(Scheme):
-    """Centred, grouped-head-rotated, permuted pre-RoPE keys; rotated values; sinks kept (deployed)."""
+    """Centred, rotated, permuted keys in the checkpoint's key layout; rotated values; sinks kept (deployed).
 
-    key_codecs: list[KeyCodec] | None = None
+    ``key_codecs`` are :class:`KeyCodec` (``prerope``: grouped-head rotation of pre-RoPE keys) or
+    :class:`FoldedKeyCodec` (``folded``: per-head rotation of post-RoPE keys), as the runtime stores them.
+    """
+
+    key_codecs: list[KeyCodec | FoldedKeyCodec] | None = None
     value_codecs: list[ValueCodec] | None = None
     uses_sinks: bool = True
 
     def keys(self, layer, k_pre, cos, sin):
-        rows = self.key_codecs[layer].roundtrip(_heads_to_rows(k_pre).float()).to(k_pre.dtype)
+        codec = self.key_codecs[layer]
+        if isinstance(codec, FoldedKeyCodec):  # post-RoPE keys come back from the codec itself
+            return codec.roundtrip(k_pre.float(), cos, sin).to(k_pre.dtype)
+        rows = codec.roundtrip(_heads_to_rows(k_pre).float()).to(k_pre.dtype)
         return _rope(_rows_to_heads(rows, k_pre.shape[1]), cos, sin)
 
     def values(self, layer, v):
@@ -132,6 +139,17 @@ class RotateKV(Scheme):
             bits_per_element(self.bits, self.key_codecs[0].group_size),
             bits_per_element(self.bits, self.value_codecs[0].group_size),
         )
+
+
+def key_codecs(checkpoint: Checkpoint, bits: int, key_clips: list[float] | None = None) -> list[KeyCodec | FoldedKeyCodec]:
+    """One key codec per layer in the checkpoint's key layout (clips: the checkpoint's, or ``key_clips``)."""
+    cfg = checkpoint.config
+    codec = FoldedKeyCodec if cfg.folded else KeyCodec
+    return [
+        codec(layer.key_mean, checkpoint.key_rotation, layer.key_perm, bits, cfg.key_group_size,
+              layer.key_clip if key_clips is None else key_clips[i])
+        for i, layer in enumerate(checkpoint.layers)
+    ]  # fmt: skip
 
 
 def build_scheme(name: str, bits: int, checkpoint: Checkpoint, clips: dict[str, list[torch.Tensor]] | None = None,
@@ -147,11 +165,10 @@ def build_scheme(name: str, bits: int, checkpoint: Checkpoint, clips: dict[str, 
     if name == "rotatekv":
         cfg = checkpoint.config
         index = (2, 3, 4).index(bits)
-        keys, values = [], []
-        for i, layer in enumerate(checkpoint.layers):
-            key_clip = float(clips["key"][i][index]) if clips else layer.key_clip
-            value_clip = float(clips["value"][i][index]) if clips else layer.value_clip
-            keys.append(KeyCodec(layer.key_mean, checkpoint.key_rotation, layer.key_perm, bits, cfg.key_group_size, key_clip))
-            values.append(ValueCodec(bits, cfg.value_group_size, value_clip))
-        return RotateKV(name="rotatekv", bits=bits, key_codecs=keys, value_codecs=values)
+        key_clips = [float(clips["key"][i][index]) for i in range(cfg.num_layers)] if clips else None
+        values = [
+            ValueCodec(bits, cfg.value_group_size, float(clips["value"][i][index]) if clips else layer.value_clip)
+            for i, layer in enumerate(checkpoint.layers)
+        ]
+        return RotateKV(name="rotatekv", bits=bits, key_codecs=key_codecs(checkpoint, bits, key_clips), value_codecs=values)
     raise ValueError(f"unknown scheme {name!r}; choose from {', '.join(SCHEME_NAMES)}")
