@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .cli_checks import LIBRARY_ERRORS, InputError, check_bits, check_device, check_length, make_console, parse_bits
+from .export.format import DEFAULT_KEY_LAYOUT, KEY_LAYOUTS
 from .models.loading import DEFAULT_MODEL, ModelLoadError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="RotateKV 2-bit KV caches: calibrate, export, evaluate, run.")
@@ -87,6 +88,11 @@ def calibrate(
         "or none (consecutive channels). With none and key groups of one head (--key-group-size = head dim), decoding "
         "takes the faster chunk kernel (docs/benchmarks.md; accuracy cost in docs/accuracy.md).",
     ),
+    key_layout: str = typer.Option(
+        DEFAULT_KEY_LAYOUT, "--key-layout",
+        help="How keys are cached: prerope (RotateKV: pre-RoPE keys, grouped-head rotation) or folded (post-RoPE keys "
+        "rotated per KV head, the rotation folded into the query at decode; head groups of 1).",
+    ),
     device: str = typer.Option("cuda" if torch.cuda.is_available() else "cpu", help="Device for the forward passes."),
     device_map: Optional[str] = typer.Option(None, "--device-map", help="Spread the model over devices with accelerate (e.g. auto); replaces --device."),
     dtype: str = typer.Option("float32", help="Model dtype: float32, float16, bfloat16."),
@@ -102,7 +108,7 @@ def calibrate(
     from .outdir import remove_stale_temp_dirs
 
     options = CalibrationOptions(data, samples, seqlen, seed, batch_size, head_group_size, key_group_size, value_group_size, sink_ratio,
-                                 perm_statistic=permutation)  # fmt: skip
+                                 perm_statistic=permutation, key_layout=key_layout)  # fmt: skip
     start = time.perf_counter()
     try:
         torch_dtype = _dtype(dtype)
@@ -136,6 +142,10 @@ def _check_calibration_inputs(model: str, out: Path, data: str, options, device:
     check_output_dir(out, overwrite)
     if options.perm_statistic not in PERM_STATISTICS:
         raise InputError(f"--permutation must be one of {', '.join(PERM_STATISTICS)}, got {options.perm_statistic!r}")
+    if options.key_layout not in KEY_LAYOUTS:
+        raise InputError(f"--key-layout must be one of {', '.join(KEY_LAYOUTS)}, got {options.key_layout!r}")
+    if options.key_layout == "folded" and options.head_group_size not in (None, 1):
+        raise InputError(f"--key-layout folded rotates each KV head alone; --head-group-size {options.head_group_size} needs prerope")
     if device_map is None:
         check_device(device)
     check_source(data)
@@ -148,7 +158,7 @@ def _calibration_table(artifact) -> Table:
     from .calibrate.search import outlier_ratio
 
     opts = artifact.meta["options"]
-    table = Table(title=f"per-layer calibration (head groups of {opts['head_group_size']}, key/value groups {opts['key_group_size']}/{opts['value_group_size']})")
+    table = Table(title=f"per-layer calibration ({opts.get('key_layout', 'prerope')} keys, head groups of {opts['head_group_size']}, key/value groups {opts['key_group_size']}/{opts['value_group_size']})")
     for col in ("layer", "key outlier ratio before", "after rotation", "sink channels", "sink tokens", "key clip 2/3/4 bit", "value clip 2/3/4 bit"):
         table.add_column(col, justify="right")
     for i, layer in enumerate(artifact.layers):

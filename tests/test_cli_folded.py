@@ -1,0 +1,52 @@
+"""The whole CLI with the folded key layout on a tiny model folder: calibrate → export → eval → run."""
+
+import json
+
+from tiny_models import save_tiny_model
+from typer.testing import CliRunner
+
+from rkv_convert.cli import app
+from rkv_convert.export.format import read_checkpoint
+
+runner = CliRunner()
+
+
+def _ok(result) -> None:
+    assert result.exit_code == 0, result.output
+
+
+def test_folded_calibrate_export_eval_run(tmp_path) -> None:
+    model = save_tiny_model(tmp_path / "model", "llama", n_kv=2)
+    text = tmp_path / "calib.txt"
+    text.write_text("\n\n".join(f"The cache stores key {i} and value {i * 7} in two bits." for i in range(400)))
+    evaltext = tmp_path / "eval.txt"
+    evaltext.write_text(" ".join(f"word{i % 37} follows word{(i * 5) % 37}." for i in range(600)))
+    cal, ck = tmp_path / "cal", tmp_path / "ck"
+    base = ["calibrate", str(model), "--data", str(text), "--samples", "2", "--seqlen", "64", "--device", "cpu"]
+
+    bad = runner.invoke(app, [*base, "--out", str(tmp_path / "bad"), "--key-layout", "postrope"])
+    assert bad.exit_code == 2 and "--key-layout must be one of prerope, folded" in " ".join(bad.output.split())
+    bad = runner.invoke(app, [*base, "--out", str(tmp_path / "bad"), "--key-layout", "folded", "--head-group-size", "2"])
+    assert bad.exit_code == 2 and "--head-group-size 2 needs prerope" in " ".join(bad.output.split())
+    assert not (tmp_path / "bad").exists()
+
+    calibrated = runner.invoke(app, [*base, "--out", str(cal), "--key-layout", "folded", "--key-group-size", "32"])
+    _ok(calibrated)
+    assert "folded keys, head groups of 1" in " ".join(calibrated.output.split())
+    assert json.loads((cal / "calibration.json").read_text())["options"]["key_layout"] == "folded"
+
+    _ok(runner.invoke(app, ["export", "--calibration", str(cal), "--out", str(ck), "--bits", "2",
+                            "--recent-window", "4", "--flush-block", "4", "--max-sinks", "1"]))  # fmt: skip
+    config = read_checkpoint(ck).config
+    assert (config.version, config.key_layout, config.head_group_size) == (2, "folded", 1)
+
+    result = runner.invoke(app, ["eval", str(ck), "--text", str(evaltext), "--windows", "1", "--length", "64",
+                                 "--schemes", "fp,rotatekv", "--bits", "2", "--device", "cpu", "--json"])  # fmt: skip
+    _ok(result)
+    rows = json.loads(result.stdout[result.stdout.index("[") :])
+    assert {(r["scheme"], r["protocol"]) for r in rows} == {("fp", "oneshot"), ("rotatekv", "oneshot"), ("rotatekv", "deployed")}
+    assert all(r["perplexity"] > 1 for r in rows)
+
+    result = runner.invoke(app, ["run", str(ck), "-p", "The cache stores key 12 and value 84 in", "-n", "6", "--greedy",
+                                 "--no-chat", "--device", "cpu"])  # fmt: skip
+    _ok(result)
