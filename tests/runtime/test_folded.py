@@ -107,3 +107,23 @@ def test_folded_triton_kernel_path_matches_reference_backend(head_dim: int, n_kv
     torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3)
     want = _run(model, EvalReference(model, ckpt, settings), ids, mask, steps=3)
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("family,head_dim,n_kv", [("llama", 64, 2), ("qwen3", 128, 4)])
+def test_folded_triton_runtime_matches_reference_backend_on_cuda(dtype, family, head_dim, n_kv) -> None:
+    model = tiny_model(family, head_dim=head_dim, n_kv=n_kv, n_heads=2 * n_kv)
+    ckpt = make_checkpoint(model, bits=2, key_group_size=32, value_group_size=32, key_layout="folded")
+    model = model.to("cuda", dtype)
+    settings = CacheSettings(recent_window=8, flush_block=8, max_sinks=2)
+    ids = torch.randint(0, 128, (3, 70), device="cuda")
+    mask = torch.ones_like(ids)
+
+    def logits(backend: str) -> torch.Tensor:
+        cache = RkvCache.from_checkpoint(ckpt, model, settings, backend=backend)
+        return _run(model, rkv_attention, ids, mask, steps=16, cache=cache).float()
+
+    ref, got = logits("reference"), logits("triton")
+    tol = 2e-3 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
