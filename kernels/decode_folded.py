@@ -60,7 +60,7 @@ tensors or under ``TRITON_INTERPRET=1``, else :func:`decode_folded_ref`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
 import torch
@@ -80,7 +80,7 @@ __all__ = ["FoldedKV", "FoldedParams", "FOLDED_DEFAULTS", "decode_folded", "deco
 _LOG2E = 1.0 / math.log(2.0)
 MeanTerm = Literal["auto", "angle", "exact"]
 # Launch settings (benchmarks/bench_decode_folded.py --tune on an H200).
-FOLDED_DEFAULTS: dict[str, int] = {"block_n": 128, "num_warps": 4, "num_stages": 2, "waves": 4}
+FOLDED_DEFAULTS: dict[str, int] = {"block_n": 128, "num_warps": 4, "num_stages": 1, "waves": 4, "prefetch": 1}
 
 
 class FoldedKV(NamedTuple):
@@ -129,6 +129,7 @@ class FoldedParams:
     g_k: int
     g_v: int
     v_bits: int | None = None
+    _on_device: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.rotation.dim() != 3 or self.rotation.shape[1] != self.rotation.shape[2]:
@@ -143,6 +144,28 @@ class FoldedParams:
                 raise ValueError(f"{name} must be 2, 3 or 4, got {b}")
         if self.g_k <= 0 or d % self.g_k or self.g_v <= 0 or d % self.g_v:
             raise ValueError(f"group sizes {self.g_k}/{self.g_v} must divide the head dim {d}")
+
+    def kernel_operands(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(rtp, mean, inv_freq)`` fp32 contiguous on ``device``, made once per device.
+
+        ``rtp [n_kv, 4, d/4, d]``: ``R_h^T`` with its rows in plane order (row ``(j, i)`` = column
+        ``4i + j`` of ``R_h``), so that each plane's rows of ``q' = q R_h`` load as one tile.
+        """
+        if device not in self._on_device:
+            n_kv, d = self.n_kv, self.head_dim
+            rt = self.rotation.to(device=device, dtype=torch.float32).transpose(1, 2)
+            rtp = rt.reshape(n_kv, d // 4, 4, d).permute(0, 2, 1, 3).contiguous()
+            self._on_device[device] = (rtp, self.mean.to(device=device, dtype=torch.float32).contiguous(),
+                                       self.inv_freq.to(device=device, dtype=torch.float32).contiguous())
+        return self._on_device[device]
+
+    def angle_table(self, device: torch.device, rows: int, dtype: torch.dtype) -> torch.Tensor:
+        """``[rows, d]``: ``cos(k θ_i)`` in columns ``i < d/2``, ``sin(k θ_i)`` after, for ``k < rows`` (cached)."""
+        key = ("angles", device, rows, dtype)
+        if key not in self._on_device:
+            ang = torch.arange(rows, dtype=torch.float64)[:, None] * self.inv_freq.double().cpu()[None, :]
+            self._on_device[key] = torch.cat([ang.cos(), ang.sin()], 1).to(device=device, dtype=dtype).contiguous()
+        return self._on_device[key]
 
     @property
     def value_bits(self) -> int:
@@ -300,24 +323,15 @@ def _plane(row, tmask, ii, lo, hi, j: tl.constexpr, PW: tl.constexpr, BITS: tl.c
 
 
 @triton.jit
-def _qstar(rot_base, ii, j: tl.constexpr, qexp_t, col_g, GK: tl.constexpr, DT: tl.constexpr, QPREC: tl.constexpr):
-    """Rows ``4i + j`` of ``q' = q R`` as ``[PW, QC]``: column ``(r, g)`` keeps group ``g``'s channels only."""
-    rjt = tl.load(rot_base + (4 * ii + j)[:, None])  # [PW, D]: R[k, 4i + j] at [i, k]
-    qs = tl.dot(rjt, qexp_t, input_precision=QPREC)
+def _qstar(rot_base, ii, j: tl.constexpr, qexp_t, col_g, GK: tl.constexpr, PW: tl.constexpr, D: tl.constexpr,
+           DT: tl.constexpr, QPREC: tl.constexpr):
+    """Rows ``4i + j`` of ``q' = q R`` as ``[PW, QC]``: column ``(r, g)`` keeps group ``g``'s channels only.
+
+    ``rot_base``: this head's plane-ordered ``R^T`` (row ``j*PW + i`` = column ``4i + j`` of ``R``).
+    """
+    qs = tl.dot(tl.load(rot_base + j * PW * D), qexp_t, input_precision=QPREC)
     keep = ((4 * ii + j) // GK)[:, None] == col_g[None, :]
     return tl.where(keep, qs, 0.0).to(DT)
-
-
-@triton.jit
-def _value_step(a0, a1, a2, a3, w_t, row, tmask, ii, PW: tl.constexpr, BITS: tl.constexpr, FAST: tl.constexpr,
-                DT: tl.constexpr, PREC: tl.constexpr):
-    """``a_j += w_t @ plane_j`` for the four value planes of one block (``w_t [QCV, BLOCK_N]``)."""
-    lo, hi = _load_planes(row, tmask, ii, PW, BITS, FAST)
-    a0 = tl.dot(w_t, _plane(row, tmask, ii, lo, hi, 0, PW, BITS, FAST, DT), a0, input_precision=PREC)
-    a1 = tl.dot(w_t, _plane(row, tmask, ii, lo, hi, 1, PW, BITS, FAST, DT), a1, input_precision=PREC)
-    a2 = tl.dot(w_t, _plane(row, tmask, ii, lo, hi, 2, PW, BITS, FAST, DT), a2, input_precision=PREC)
-    a3 = tl.dot(w_t, _plane(row, tmask, ii, lo, hi, 3, PW, BITS, FAST, DT), a3, input_precision=PREC)
-    return a0, a1, a2, a3
 
 
 @triton.jit
@@ -332,9 +346,121 @@ def _store_plane(acc, zacc, inv_l, gv, ii, j: tl.constexpr, dst, rmask, R: tl.co
 
 
 @triton.jit
+def _load_block(t0, t_stop, ptrs, ii, gk, gv, NG: tl.constexpr, NGV: tl.constexpr, PW: tl.constexpr,
+                K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_FAST: tl.constexpr, V_FAST: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """Every load of one block, issued together: masks depend on the slot range only (never on the
+    positions), so no load waits for another; empty slots are zeroed by the caller."""
+    pos_row, kc_base, ks_base, kz_base, vc_base, vs_base, vz_base, s_kct, s_kst, s_vct, s_vst = ptrs
+    t = t0 + tl.arange(0, BLOCK_N)
+    tmask = t < t_stop
+    tt = t.to(tl.int64)
+    p_t = tl.load(pos_row + tt, mask=tmask, other=-1)
+    klo, khi = _load_planes(kc_base + tt * s_kct, tmask, ii, PW, K_BITS, K_FAST)
+    vlo, vhi = _load_planes(vc_base + tt * s_vct, tmask, ii, PW, V_BITS, V_FAST)
+    km = tmask[:, None] & (gk < NG)[None, :]
+    sk = tl.load(ks_base + tt[:, None] * s_kst + gk[None, :], mask=km, other=0.0)
+    zk = tl.load(kz_base + tt[:, None] * s_kst + gk[None, :], mask=km, other=0.0)
+    vm = tmask[:, None] & (gv < NGV)[None, :]
+    sv = tl.load(vs_base + tt[:, None] * s_vst + gv[None, :], mask=vm, other=0.0)
+    zv = tl.load(vz_base + tt[:, None] * s_vst + gv[None, :], mask=vm, other=0.0)
+    return p_t, klo, khi, sk, zk, vlo, vhi, sv, zv
+
+
+@triton.jit
+def _block(t0, t_stop, cur, state, consts, ptrs, ii, hh, rmask, gk, ANGLE: tl.constexpr,
+           R: tl.constexpr, NG: tl.constexpr, NGP: tl.constexpr, NGVP: tl.constexpr,
+           D: tl.constexpr, PW: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_FAST: tl.constexpr,
+           V_FAST: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+           USE_LIBDEVICE: tl.constexpr):
+    """One block of ``BLOCK_N`` quantized slots (loaded by :func:`_load_block`): scores, online softmax,
+    values. ``ANGLE``: the mean term by angle addition from the block's base position (valid positions
+    consecutive), else from each slot's own position."""
+    m_i, l_i, a0, a1, a2, a3, zacc = state
+    q0, q1, q2, q3, qsum3, coef_a, coef_b, tab_ptr, freq, qk_scale = consts
+    pos_row, kc_base, ks_base, kz_base, vc_base, vs_base, vz_base, s_kct, s_kst, s_vct, s_vst = ptrs
+    p_t, klo, khi, sk, zk, vlo, vhi, sv, zv = cur
+    H: tl.constexpr = D // 2
+    QCV: tl.constexpr = R * NGVP
+    KB: tl.constexpr = 4.0 if K_FAST else 0.0  # bias of the fast 2-bit planes (fp16 4 + code)
+    VB: tl.constexpr = 4.0 if V_FAST else 0.0
+    t = t0 + tl.arange(0, BLOCK_N)
+    tmask = t < t_stop
+    tt = t.to(tl.int64)
+    valid = tmask & (p_t >= 0)
+
+    # keys: one dot per plane into columns (r, g)
+    krow = kc_base + tt * s_kct
+    acc = tl.dot(_plane(krow, tmask, ii, klo, khi, 0, PW, K_BITS, K_FAST, DT), q0, input_precision=PREC)
+    acc = tl.dot(_plane(krow, tmask, ii, klo, khi, 1, PW, K_BITS, K_FAST, DT), q1, acc, input_precision=PREC)
+    acc = tl.dot(_plane(krow, tmask, ii, klo, khi, 2, PW, K_BITS, K_FAST, DT), q2, acc, input_precision=PREC)
+    acc = tl.dot(_plane(krow, tmask, ii, klo, khi, 3, PW, K_BITS, K_FAST, DT), q3, acc, input_precision=PREC)
+
+    # mean term into the slot-NG columns
+    if ANGLE:  # [cos(kθ) | sin(kθ)] rows of the block offsets k (a small table, cached on chip)
+        n0 = tl.max(tl.where(valid, p_t - (t - t0), 0), 0).to(tl.float32)
+        c0, s0 = _cos_sin(n0 * freq, USE_LIBDEVICE)
+        ca = coef_a * c0[:, None] + coef_b * s0[:, None]
+        cb = coef_b * c0[:, None] - coef_a * s0[:, None]
+        tab = tab_ptr + tl.arange(0, BLOCK_N)[:, None] * D + hh[None, :]
+        acc = tl.dot(tl.load(tab), ca.to(DT), acc, input_precision=PREC)
+        acc = tl.dot(tl.load(tab + H), cb.to(DT), acc, input_precision=PREC)
+    else:
+        cos_n, sin_n = _cos_sin(tl.maximum(p_t, 0).to(tl.float32)[:, None] * freq[None, :], USE_LIBDEVICE)
+        acc = tl.dot(cos_n.to(DT), coef_a.to(DT), acc, input_precision=PREC)
+        acc = tl.dot(sin_n.to(DT), coef_b.to(DT), acc, input_precision=PREC)
+
+    # scores: Σ_g s_g (q'_g·c_g) + (z_g - KB s_g) Σq'_g + mean (empty slots' scales may hold NaN)
+    sk = tl.where(valid[:, None], sk.to(tl.float32), 0.0)
+    zk = tl.where(valid[:, None], zk.to(tl.float32), 0.0)
+    wk = tl.where((gk == NG)[None, :], 1.0, sk)
+    acc3 = tl.reshape(acc, (BLOCK_N, R, NGP))
+    s = tl.sum(acc3 * wk[:, None, :] + (zk - KB * sk)[:, None, :] * qsum3[None, :, :], 2)  # [BLOCK_N, R]
+    s = tl.where(valid[:, None] & rmask[None, :], s * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 0))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[None, :])
+    l_i = l_i * alpha + tl.sum(p, 0)
+
+    # values: weights p * s_g as rows (r, g), zeros into zacc
+    sv = tl.where(valid[:, None], sv.to(tl.float32), 0.0)
+    zv = tl.where(valid[:, None], zv.to(tl.float32), 0.0)
+    zacc = zacc * alpha[:, None] + tl.sum(p[:, :, None] * (zv - VB * sv)[:, None, :], 0)
+    w_t = tl.trans(tl.reshape(p[:, :, None] * sv[:, None, :], (BLOCK_N, QCV)).to(DT))
+    alpha_c = tl.reshape(tl.broadcast_to(alpha[:, None], (R, NGVP)), (QCV,))[:, None]
+    vrow = vc_base + tt * s_vct
+    a0 = tl.dot(w_t, _plane(vrow, tmask, ii, vlo, vhi, 0, PW, V_BITS, V_FAST, DT), a0 * alpha_c, input_precision=PREC)
+    a1 = tl.dot(w_t, _plane(vrow, tmask, ii, vlo, vhi, 1, PW, V_BITS, V_FAST, DT), a1 * alpha_c, input_precision=PREC)
+    a2 = tl.dot(w_t, _plane(vrow, tmask, ii, vlo, vhi, 2, PW, V_BITS, V_FAST, DT), a2 * alpha_c, input_precision=PREC)
+    a3 = tl.dot(w_t, _plane(vrow, tmask, ii, vlo, vhi, 3, PW, V_BITS, V_FAST, DT), a3 * alpha_c, input_precision=PREC)
+    return m_new, l_i, a0, a1, a2, a3, zacc
+
+
+@triton.jit
+def _run_split(t_start, t_stop, state, consts, ptrs, ii, hh, rmask, gk, gv, ANGLE: tl.constexpr,
+               PREFETCH: tl.constexpr, R: tl.constexpr, NG: tl.constexpr, NGP: tl.constexpr, NGV: tl.constexpr,
+               NGVP: tl.constexpr, D: tl.constexpr, PW: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
+               K_FAST: tl.constexpr, V_FAST: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr,
+               PREC: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
+    """The slots ``[t_start, t_stop)``, block by block; ``PREFETCH``: each block's loads are issued one
+    block ahead (while the previous block computes)."""
+    nxt = _load_block(t_start, t_stop, ptrs, ii, gk, gv, NG, NGV, PW, K_BITS, V_BITS, K_FAST, V_FAST, BLOCK_N)
+    for t0 in range(t_start, t_stop, BLOCK_N):
+        if PREFETCH:
+            cur = nxt
+            nxt = _load_block(t0 + BLOCK_N, t_stop, ptrs, ii, gk, gv, NG, NGV, PW, K_BITS, V_BITS, K_FAST, V_FAST,
+                              BLOCK_N)
+        else:
+            cur = _load_block(t0, t_stop, ptrs, ii, gk, gv, NG, NGV, PW, K_BITS, V_BITS, K_FAST, V_FAST, BLOCK_N)
+        state = _block(t0, t_stop, cur, state, consts, ptrs, ii, hh, rmask, gk, ANGLE, R, NG, NGP, NGVP, D, PW,
+                       K_BITS, V_BITS, K_FAST, V_FAST, BLOCK_N, DT, PREC, USE_LIBDEVICE)
+    return state
+
+
+@triton.jit
 def _folded_kernel(
     q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, pos_ptr,
-    rot_ptr, mean_ptr, freq_ptr, fk_ptr, fv_ptr, fpos_ptr, o_ptr, lse_ptr,
+    rot_ptr, mean_ptr, freq_ptr, tab_ptr, fk_ptr, fv_ptr, fpos_ptr, o_ptr, lse_ptr,
     s_qb, s_qh, s_kcb, s_kch, s_kct, s_ksb, s_ksh, s_kst, s_vcb, s_vch, s_vct, s_vsb, s_vsh, s_vst,
     s_pb, s_fb, s_fh, s_ft, s_fpb,
     T, F, tokens_per_split, n_parts, n_q, qk_scale, rope_scaling,
@@ -342,7 +468,8 @@ def _folded_kernel(
     NG: tl.constexpr, NGP: tl.constexpr, GK: tl.constexpr, NGV: tl.constexpr, NGVP: tl.constexpr, GV: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_FAST: tl.constexpr, V_FAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, HAS_FP: tl.constexpr, DIRECT: tl.constexpr,
-    ANGLE: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, QPREC: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
+    ANGLE: tl.constexpr, PREFETCH: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, QPREC: tl.constexpr,
+    USE_LIBDEVICE: tl.constexpr,
 ):
     """Grid ``(B, n_kv, n_parts)``. ``DIRECT`` (one part): the normalised output in ``o_ptr [B, n_q, d]``;
     else fp32 partial outputs ``o_ptr [B, n_q, n_parts, d]`` and log2-sum-exp ``lse_ptr [B, n_q, n_parts]``."""
@@ -353,8 +480,6 @@ def _folded_kernel(
     PW: tl.constexpr = D // 4
     QC: tl.constexpr = R * NGP
     QCV: tl.constexpr = R * NGVP
-    KB: tl.constexpr = 4.0 if K_FAST else 0.0  # bias of the fast 2-bit planes (fp16 4 + code)
-    VB: tl.constexpr = 4.0 if V_FAST else 0.0
 
     ii = tl.arange(0, PW)
     kk = tl.arange(0, D)
@@ -371,11 +496,11 @@ def _folded_kernel(
     q_col = q_ptr + b * s_qb + (h * REP + col_r) * s_qh  # [QC]: column (r, g) reads query row r
     qc_mask = (col_r < REP)[None, :]
     qexp_t = tl.load(q_col[None, :] + kk[:, None], mask=qc_mask, other=0.0).to(tl.float32)  # [D, QC]
-    rot_base = rot_ptr + h * D * D + kk[None, :] * D
-    q0 = _qstar(rot_base, ii, 0, qexp_t, col_g, GK, DT, QPREC)
-    q1 = _qstar(rot_base, ii, 1, qexp_t, col_g, GK, DT, QPREC)
-    q2 = _qstar(rot_base, ii, 2, qexp_t, col_g, GK, DT, QPREC)
-    q3 = _qstar(rot_base, ii, 3, qexp_t, col_g, GK, DT, QPREC)
+    rot_base = rot_ptr + h * D * D + ii[:, None] * D + kk[None, :]  # plane-ordered R^T rows
+    q0 = _qstar(rot_base, ii, 0, qexp_t, col_g, GK, PW, D, DT, QPREC)
+    q1 = _qstar(rot_base, ii, 1, qexp_t, col_g, GK, PW, D, DT, QPREC)
+    q2 = _qstar(rot_base, ii, 2, qexp_t, col_g, GK, PW, D, DT, QPREC)
+    q3 = _qstar(rot_base, ii, 3, qexp_t, col_g, GK, PW, D, DT, QPREC)
     qsum = (tl.sum(q0.to(tl.float32), 0) + tl.sum(q1.to(tl.float32), 0)
             + tl.sum(q2.to(tl.float32), 0) + tl.sum(q3.to(tl.float32), 0))  # [QC]: Σ_{c in g} q'_c (as rounded)
     qsum3 = tl.reshape(qsum, (R, NGP))
@@ -387,13 +512,6 @@ def _folded_kernel(
     coef_a = tl.where(slot, (q_lo * mu_lo + q_hi * mu_hi) * rope_scaling, 0.0)  # [H, QC]
     coef_b = tl.where(slot, (q_hi * mu_lo - q_lo * mu_hi) * rope_scaling, 0.0)
     freq = tl.load(freq_ptr + hh)
-    if ANGLE:  # cos/sin of k θ for the BLOCK_N offsets of a block (loop-invariant)
-        t_cos, t_sin = _cos_sin(tl.arange(0, BLOCK_N).to(tl.float32)[:, None] * freq[None, :], USE_LIBDEVICE)
-        t_cos = t_cos.to(DT)
-        t_sin = t_sin.to(DT)
-    else:
-        coef_a_d = coef_a.to(DT)
-        coef_b_d = coef_b.to(DT)
 
     m_i = tl.full((R,), -1.0e30, tl.float32)
     l_i = tl.zeros((R,), tl.float32)
@@ -412,65 +530,25 @@ def _folded_kernel(
     vc_base = vc_ptr + b * s_vcb + h * s_vch
     vs_base = vs_ptr + b * s_vsb + h * s_vsh
     vz_base = vz_ptr + b * s_vsb + h * s_vsh
-    for t0 in range(t_start, t_stop, BLOCK_N):
-        t = t0 + tl.arange(0, BLOCK_N)
-        tmask = t < t_stop
-        tt = t.to(tl.int64)
-        p_t = tl.load(pos_row + tt, mask=tmask, other=-1)
-        valid = tmask & (p_t >= 0)
-
-        # keys: one dot per plane into columns (r, g)
-        krow = kc_base + tt * s_kct
-        lo, hi = _load_planes(krow, tmask, ii, PW, K_BITS, K_FAST)
-        acc = tl.dot(_plane(krow, tmask, ii, lo, hi, 0, PW, K_BITS, K_FAST, DT), q0, input_precision=PREC)
-        acc = tl.dot(_plane(krow, tmask, ii, lo, hi, 1, PW, K_BITS, K_FAST, DT), q1, acc, input_precision=PREC)
-        acc = tl.dot(_plane(krow, tmask, ii, lo, hi, 2, PW, K_BITS, K_FAST, DT), q2, acc, input_precision=PREC)
-        acc = tl.dot(_plane(krow, tmask, ii, lo, hi, 3, PW, K_BITS, K_FAST, DT), q3, acc, input_precision=PREC)
-
-        # mean term into the slot-NG columns
-        if ANGLE:
-            off = p_t - (t - t0)  # n0 of the block if its valid positions are consecutive
-            lo_off = tl.min(tl.where(valid, off, 2147483647), 0)
-            hi_off = tl.max(tl.where(valid, off, -2147483647), 0)
-            if hi_off <= lo_off:  # consecutive (or no valid slot at all)
-                n0 = tl.where(hi_off < lo_off, 0, lo_off).to(tl.float32)
-                c0, s0 = _cos_sin(n0 * freq, USE_LIBDEVICE)
-                ca = coef_a * c0[:, None] + coef_b * s0[:, None]
-                cb = coef_b * c0[:, None] - coef_a * s0[:, None]
-                acc = tl.dot(t_cos, ca.to(DT), acc, input_precision=PREC)
-                acc = tl.dot(t_sin, cb.to(DT), acc, input_precision=PREC)
-            else:
-                cos_n, sin_n = _cos_sin(tl.maximum(p_t, 0).to(tl.float32)[:, None] * freq[None, :], USE_LIBDEVICE)
-                acc = tl.dot(cos_n.to(DT), coef_a.to(DT), acc, input_precision=PREC)
-                acc = tl.dot(sin_n.to(DT), coef_b.to(DT), acc, input_precision=PREC)
-        else:
-            cos_n, sin_n = _cos_sin(tl.maximum(p_t, 0).to(tl.float32)[:, None] * freq[None, :], USE_LIBDEVICE)
-            acc = tl.dot(cos_n.to(DT), coef_a_d, acc, input_precision=PREC)
-            acc = tl.dot(sin_n.to(DT), coef_b_d, acc, input_precision=PREC)
-
-        # scores: Σ_g s_g (q'_g·c_g) + (z_g - KB s_g) Σq'_g + mean
-        gmask = valid[:, None] & (gk < NG)[None, :]
-        sk = tl.load(ks_base + tt[:, None] * s_kst + gk[None, :], mask=gmask, other=0.0).to(tl.float32)
-        zk = tl.load(kz_base + tt[:, None] * s_kst + gk[None, :], mask=gmask, other=0.0).to(tl.float32)
-        wk = tl.where((gk == NG)[None, :], 1.0, sk)
-        acc3 = tl.reshape(acc, (BLOCK_N, R, NGP))
-        s = tl.sum(acc3 * wk[:, None, :] + (zk - KB * sk)[:, None, :] * qsum3[None, :, :], 2)  # [BLOCK_N, R]
-        s = tl.where(valid[:, None] & rmask[None, :], s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 0))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[None, :])
-        l_i = l_i * alpha + tl.sum(p, 0)
-        m_i = m_new
-
-        # values: weights p * s_g as rows (r, g), zeros into zacc
-        vmask = valid[:, None] & (gv < NGV)[None, :]
-        sv = tl.load(vs_base + tt[:, None] * s_vst + gv[None, :], mask=vmask, other=0.0).to(tl.float32)
-        zv = tl.load(vz_base + tt[:, None] * s_vst + gv[None, :], mask=vmask, other=0.0).to(tl.float32)
-        zacc = zacc * alpha[:, None] + tl.sum(p[:, :, None] * (zv - VB * sv)[:, None, :], 0)
-        w_t = tl.trans(tl.reshape(p[:, :, None] * sv[:, None, :], (BLOCK_N, QCV)).to(DT))
-        alpha_c = tl.reshape(tl.broadcast_to(alpha[:, None], (R, NGVP)), (QCV,))[:, None]
-        a0, a1, a2, a3 = _value_step(a0 * alpha_c, a1 * alpha_c, a2 * alpha_c, a3 * alpha_c, w_t,
-                                     vc_base + tt * s_vct, tmask, ii, PW, V_BITS, V_FAST, DT, PREC)
+    state = (m_i, l_i, a0, a1, a2, a3, zacc)
+    consts = (q0, q1, q2, q3, qsum3, coef_a, coef_b, tab_ptr, freq, qk_scale)
+    ptrs = (pos_row, kc_base, ks_base, kz_base, vc_base, vs_base, vz_base, s_kct, s_kst, s_vct, s_vst)
+    exact = True
+    if ANGLE:  # angle addition when every block of the split holds consecutive valid positions
+        n_gap = 0
+        for t0 in range(t_start, t_stop, BLOCK_N):
+            t = t0 + tl.arange(0, BLOCK_N)
+            p_t = tl.load(pos_row + t.to(tl.int64), mask=t < t_stop, other=-1)
+            off = tl.where(p_t >= 0, p_t - (t - t0), -1)
+            n_gap += (tl.max(off, 0) > tl.min(tl.where(p_t >= 0, off, 2147483647), 0)).to(tl.int32)
+        exact = n_gap > 0
+    if exact:
+        state = _run_split(t_start, t_stop, state, consts, ptrs, ii, hh, rmask, gk, gv, False, PREFETCH, R, NG, NGP,
+                           NGV, NGVP, D, PW, K_BITS, V_BITS, K_FAST, V_FAST, BLOCK_N, DT, PREC, USE_LIBDEVICE)
+    else:
+        state = _run_split(t_start, t_stop, state, consts, ptrs, ii, hh, rmask, gk, gv, True, PREFETCH, R, NG, NGP,
+                           NGV, NGVP, D, PW, K_BITS, V_BITS, K_FAST, V_FAST, BLOCK_N, DT, PREC, USE_LIBDEVICE)
+    m_i, l_i, a0, a1, a2, a3, zacc = state
 
     if HAS_FP:  # the last part also attends to the full-precision segment (post-RoPE keys)
         f_stop = tl.where(split == n_parts - 1, F, 0)
@@ -495,12 +573,14 @@ def _folded_kernel(
             zacc = zacc * alpha[:, None]
             w_t = tl.trans(tl.reshape(tl.broadcast_to(p[:, :, None], (BLOCK_F, R, NGVP)), (BLOCK_F, QCV)).to(DT))
             alpha_c = tl.reshape(tl.broadcast_to(alpha[:, None], (R, NGVP)), (QCV,))[:, None]
-            v_row = fv_base + ff[:, None] * s_ft + 4 * ii[None, :]
-            vm = fvalid[:, None]
-            a0 = tl.dot(w_t, tl.load(v_row, mask=vm, other=0.0).to(DT), a0 * alpha_c, input_precision=PREC)
-            a1 = tl.dot(w_t, tl.load(v_row + 1, mask=vm, other=0.0).to(DT), a1 * alpha_c, input_precision=PREC)
-            a2 = tl.dot(w_t, tl.load(v_row + 2, mask=vm, other=0.0).to(DT), a2 * alpha_c, input_precision=PREC)
-            a3 = tl.dot(w_t, tl.load(v_row + 3, mask=vm, other=0.0).to(DT), a3 * alpha_c, input_precision=PREC)
+            vf = tl.load(fv_base + ff[:, None] * s_ft + kk[None, :], mask=fvalid[:, None], other=0.0).to(DT)
+            v_even, v_odd = tl.split(tl.reshape(vf, (BLOCK_F, PW, 2, 2)))  # channel 4i + 2u + w: split w
+            v0, v2 = tl.split(v_even)  # then u
+            v1, v3 = tl.split(v_odd)
+            a0 = tl.dot(w_t, v0, a0 * alpha_c, input_precision=PREC)
+            a1 = tl.dot(w_t, v1, a1 * alpha_c, input_precision=PREC)
+            a2 = tl.dot(w_t, v2, a2 * alpha_c, input_precision=PREC)
+            a3 = tl.dot(w_t, v3, a3 * alpha_c, input_precision=PREC)
 
     has = l_i > 0.0
     inv_l = 1.0 / tl.where(has, l_i, 1.0)
@@ -549,6 +629,8 @@ def decode_folded(
     num_warps: int | None = None,
     num_stages: int | None = None,
     mean_term: MeanTerm = "auto",
+    unpack: Literal["auto", "convert"] = "auto",
+    prefetch: bool | None = None,
     backend: Backend = "auto",
 ) -> torch.Tensor:
     """Attention of one new query token per sequence over a folded packed cache (module docstring).
@@ -566,6 +648,9 @@ def decode_folded(
         mean_term: ``"angle"`` (angle addition per block of consecutive positions, exact per slot
             elsewhere), ``"exact"`` (cos/sin per slot), ``"auto"``: angle for 16-bit queries,
             exact for fp32 queries.
+        unpack: ``"auto"``: 2-bit codes of fp16 calls become fp16 by byte permutes (inline PTX,
+            CUDA only), other codes by integer-to-float conversion; ``"convert"``: always the latter.
+        prefetch: issue each block's loads one block ahead (None: ``FOLDED_DEFAULTS``).
         backend: ``"auto"``, ``"triton"`` or ``"reference"`` (see ``_common``).
 
     Returns:
@@ -579,6 +664,8 @@ def decode_folded(
         raise ValueError(f"the Triton kernel needs a power-of-two head dim >= 64, got {d}")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"queries must be fp16/bf16/fp32, got {q.dtype}")
+    if unpack not in ("auto", "convert"):
+        raise ValueError(f"unpack must be 'auto' or 'convert', got {unpack!r}")
     if mean_term not in ("auto", "angle", "exact"):
         raise ValueError(f"mean_term must be 'auto', 'angle' or 'exact', got {mean_term!r}")
     block_n = FOLDED_DEFAULTS["block_n"] if block_n is None else block_n
@@ -597,15 +684,17 @@ def decode_folded(
 
     interp = triton_interpreting()
     fp16 = q.dtype == torch.float16
+    prmt = fp16 and not interp and unpack == "auto"  # inline PTX: not in the interpreter
     dt = tl.float16 if fp16 else tl.float32
     R = max(2, next_pow2(rep))
     ng, ngv = d // params.g_k, d // params.g_v
     ngp = max(next_pow2(ng + 1), 16 // R)  # key groups + the mean slot; R * ngp >= 16 (dot width)
     ngvp = max(next_pow2(ngv), 16 // R)
     f32 = dict(device=dev, dtype=torch.float32)
-    rot = params.rotation.to(**f32).contiguous()
-    mean = params.mean.to(**f32).contiguous()
-    freq = params.inv_freq.to(**f32).contiguous()
+    rot, mean, freq = params.kernel_operands(dev)
+    angle = mean_term == "angle" or (mean_term == "auto" and q.dtype != torch.float32)
+    tab = params.angle_table(dev, block_n, torch.float16 if fp16 else torch.float32) if angle else freq
+    prefetch = bool(FOLDED_DEFAULTS["prefetch"]) if prefetch is None else prefetch
     qc = _last_contig(q)
     kc, vc, pos = _last_contig(kv.k_codes), _last_contig(kv.v_codes), _last_contig(kv.pos)
     ks, kz = _same_strides(kv.k_scale, kv.k_zero)
@@ -622,17 +711,16 @@ def decode_folded(
     else:
         o_part = torch.empty(B, n_q, n_parts, d, **f32)
         lse_part = torch.empty(B, n_q, n_parts, **f32)
-    angle = mean_term == "angle" or (mean_term == "auto" and q.dtype != torch.float32)
     with device_guard(qc):  # Triton launches on the current device
         _folded_kernel[(B, n_kv, n_parts)](
-            qc, kc, ks, kz, vc, vs, vz, pos, rot, mean, freq, fk, fv, fpos, o_part, lse_part,
+            qc, kc, ks, kz, vc, vs, vz, pos, rot, mean, freq, tab, fk, fv, fpos, o_part, lse_part,
             qc.stride(0), qc.stride(1), *kc.stride()[:3], *ks.stride()[:3], *vc.stride()[:3], *vs.stride()[:3],
             pos.stride(0), *fk.stride()[:3], fpos.stride(0),
             T, F, tokens_per_split, n_parts, n_q, params.sm_scale * _LOG2E, float(params.attention_scaling),
             D=d, REP=rep, R=R, NG=ng, NGP=ngp, GK=params.g_k, NGV=ngv, NGVP=ngvp, GV=params.g_v,
             K_BITS=params.bits, V_BITS=params.value_bits,
-            K_FAST=params.bits == 2 and fp16 and not interp, V_FAST=params.value_bits == 2 and fp16 and not interp,
-            BLOCK_N=block_n, BLOCK_F=64, HAS_FP=has_fp, DIRECT=direct, ANGLE=angle,
+            K_FAST=params.bits == 2 and prmt, V_FAST=params.value_bits == 2 and prmt,
+            BLOCK_N=block_n, BLOCK_F=64, HAS_FP=has_fp, DIRECT=direct, ANGLE=angle, PREFETCH=prefetch,
             DT=dt, PREC="ieee" if q.dtype == torch.float32 or not fp16 else "tf32",
             QPREC="ieee" if q.dtype == torch.float32 or interp else "tf32x3",
             USE_LIBDEVICE=not interp, num_warps=num_warps, num_stages=num_stages,

@@ -1,0 +1,231 @@
+"""Decode attention over the query-folded layout against fp16 SDPA and against the 2-bit byte floor.
+
+One new query token per sequence attends over ``T`` quantized slots plus a full-precision segment
+(8 sinks + 128 window tokens) of one layer. Per row:
+
+- ``sdpa_ms``: ``torch.nn.functional.scaled_dot_product_attention`` over fp16 K/V holding the
+  same ``T + 136`` tokens (what an fp16 cache runs);
+- ``folded_ms``: :func:`rkv_convert.kernels.decode_folded.decode_folded` (split-K kernel plus
+  merge, or one launch), random packed codes and fp16 scales/zeros (speed does not depend on the
+  values; correctness is ``tests/kernels/test_decode_folded.py``);
+- ``floor_ms``: the bytes the folded kernel reads divided by the measured device copy rate
+  (read + write), and ``achieved_GBps`` = those bytes over ``folded_ms``.
+
+Timings are ``triton.testing.do_bench`` medians (``benchmarks/_timing.py``), which flush the L2
+before each repetition. ``--tune`` times launch settings on a few rows first.
+
+    python benchmarks/bench_decode_folded.py --csv benchmarks/results/decode_folded.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _timing import DEVICE, append_csv, bench_ms, copy_bandwidth_gbs, markdown_table, print_table  # noqa: E402
+
+from rkv_convert.kernels.decode_folded import FOLDED_DEFAULTS, FoldedKV, FoldedParams, decode_folded  # noqa: E402
+from rkv_convert.quant.hadamard import hadamard_matrix  # noqa: E402
+
+SHAPES = {"llama2-7b": (32, 32, 128), "llama3-8b": (32, 8, 128)}  # query heads, KV heads, head dim
+FP_SLOTS = 8 + 128  # sinks + recent window
+
+
+def make_layer(B: int, n_kv: int, T: int, d: int, bits: int, g_k: int, g_v: int) -> tuple[FoldedKV, FoldedParams]:
+    dev, u8, f16 = DEVICE, torch.uint8, torch.float16
+    kc = torch.randint(0, 256, (B, n_kv, T, d * bits // 8), dtype=u8, device=dev)
+    vc = torch.randint(0, 256, (B, n_kv, T, d * bits // 8), dtype=u8, device=dev)
+    ks, kz = (torch.rand(2, B, n_kv, T, d // g_k, device=dev) * 0.1 + 0.01).to(f16)
+    vs, vz = (torch.rand(2, B, n_kv, T, d // g_v, device=dev) * 0.1 + 0.01).to(f16)
+    pos = torch.arange(T, dtype=torch.int32, device=dev).repeat(B, 1)
+    pos[1:, : T // 8] = -1  # left padding in all but the first sequence
+    fp_k = torch.randn(B, n_kv, FP_SLOTS, d, dtype=f16, device=dev)
+    fp_v = torch.randn_like(fp_k)
+    fp_pos = torch.arange(T, T + FP_SLOTS, dtype=torch.int32, device=dev).repeat(B, 1)
+    rot = torch.stack([hadamard_matrix(d)[:, torch.randperm(d)] for _ in range(n_kv)]).to(dev)
+    params = FoldedParams(rotation=rot, mean=torch.randn(n_kv, d, device=dev), attention_scaling=1.0,
+                          inv_freq=(1.0 / 10000.0 ** (torch.arange(0, d, 2, dtype=torch.float32) / d)).to(dev),
+                          sm_scale=d**-0.5, bits=bits, g_k=g_k, g_v=g_v)  # fmt: skip
+    return FoldedKV(kc, ks, kz, vc, vs, vz, pos, fp_k, fp_v, fp_pos), params
+
+
+def bytes_read(kv: FoldedKV, params: FoldedParams) -> int:
+    per_layer = sum(t.numel() * t.element_size() for t in kv)
+    return per_layer + params.rotation.numel() * 4 + params.mean.numel() * 4
+
+
+def _fits(B: int, n_kv: int, T: int, d: int, budget: float) -> bool:
+    return 2 * B * n_kv * (T + FP_SLOTS) * d * 2 * 1.25 < budget  # fp16 K/V, the packed layer and slack
+
+
+def _compiled_stats() -> list[str]:
+    """Registers, spills and shared memory of every compiled variant of the kernel (Triton's cache)."""
+    from rkv_convert.kernels.decode_folded import _folded_kernel
+
+    out = []
+    for cache in getattr(_folded_kernel, "device_caches", {}).values():
+        for item in cache if isinstance(cache, tuple) else (cache,):
+            if isinstance(item, dict):
+                for k in item.values():
+                    if hasattr(k, "n_regs"):
+                        c = k.metadata.constants if hasattr(k.metadata, "constants") else {}
+                        out.append(f"regs={k.n_regs} spills={k.n_spills} smem={k.metadata.shared} "
+                                   f"warps={k.metadata.num_warps} stages={k.metadata.num_stages} {str(c)[:0]}")
+    return out
+
+
+def graph_ms(fn) -> float:
+    """Median of ``fn`` replayed from a CUDA graph (no host overhead): ``triton.testing.do_bench_cudagraph``."""
+    import triton.testing
+
+    if DEVICE.type != "cuda":
+        return float("nan")
+    return float(triton.testing.do_bench_cudagraph(fn, rep=100, quantiles=[0.5]))
+
+
+def host_us(fn, n: int = 200) -> float:
+    """Host time per call, enqueue only (the GPU work is far shorter than the queue depth)."""
+    import time
+
+    fn()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    dt = (time.perf_counter() - t0) / n * 1e6
+    torch.cuda.synchronize() if DEVICE.type == "cuda" else None
+    return dt
+
+
+def _launch(cfg: str, B: int, n_kv: int, T: int) -> dict[str, object]:
+    """Keyword arguments of ``decode_folded`` from ``BLOCK-WARPS-STAGES-WAVES-PREFETCH[-MEAN[-UNPACK]]``."""
+    from rkv_convert.kernels.decode_folded import default_splits
+
+    block_n, warps, stages, waves, prefetch, *rest = cfg.split("-")
+    return dict(block_n=int(block_n), num_warps=int(warps), num_stages=int(stages), prefetch=prefetch == "1",
+                num_splits=default_splits(B * n_kv, T, int(block_n), DEVICE, int(waves)),
+                mean_term=rest[0] if rest else "auto", unpack=rest[1] if len(rest) > 1 else "auto")
+
+
+def tune(args: argparse.Namespace) -> str:
+    """Time each launch setting on the tuning rows (graph replay); return the best overall."""
+    seen, score = 0, {cfg: 0.0 for cfg in args.tune}
+    for name, B, T in args.tune_rows:
+        n_q, n_kv, d = SHAPES[name]
+        kv, params = make_layer(B, n_kv, T, d, args.bits, args.key_group, args.value_group)
+        q = torch.randn(B, n_q, d, dtype=torch.float16, device=DEVICE)
+        nbytes = bytes_read(kv, params)
+        times = {}
+        for cfg in args.tune:
+            kw = _launch(cfg, B, n_kv, T)
+            fn = lambda: decode_folded(q, kv, params, **kw)  # noqa: E731
+            try:
+                ms, gms = bench_ms(fn)[0], graph_ms(fn)
+                times[cfg] = gms
+                print(f"tune {name} B={B} T={T} {cfg} splits={kw['num_splits']}: {ms:.4f} ms eager, {gms:.4f} ms "
+                      f"graph ({nbytes / gms / 1e6:.0f} GB/s), host {host_us(fn):.1f} us", flush=True)
+            except Exception as err:  # a configuration that does not compile or fit: record, go on
+                print(f"tune {name} B={B} T={T} {cfg}: {type(err).__name__}: {str(err)[:300]}", flush=True)
+            stats = _compiled_stats()
+            for line in stats[seen:]:
+                print(f"    compiled: {line}", flush=True)
+            seen = len(stats)
+        best = min(times.values(), default=float("nan"))
+        for cfg in args.tune:
+            score[cfg] += times.get(cfg, float("inf")) / best
+        del kv, params
+    pick = min(score, key=score.get)
+    print(f"tune: best launch setting {pick} (sum of time / row best: {score[pick]:.3f})", flush=True)
+    return pick
+
+
+def run(args: argparse.Namespace, launch: str) -> list[dict[str, object]]:
+    copy_gbs = copy_bandwidth_gbs()
+    print(f"device copy rate (read + write): {copy_gbs:.0f} GB/s on {DEVICE}", flush=True)
+    rows = []
+    for name in args.shapes:
+        n_q, n_kv, d = SHAPES[name]
+        for B in args.batches:
+            torch.cuda.empty_cache() if DEVICE.type == "cuda" else None
+            budget = 0.9 * torch.cuda.mem_get_info()[0] if DEVICE.type == "cuda" else float("inf")
+            contexts = [T for T in args.contexts if _fits(B, n_kv, T, d, budget)]
+            for T in sorted(set(args.contexts) - set(contexts)):
+                print(f"skip {name} B={B} T={T}: does not fit in memory")
+            if not contexts:
+                continue
+            T_max = max(contexts)
+            k = torch.randn(B, n_kv, T_max + FP_SLOTS, d, dtype=torch.float16, device=DEVICE)
+            v = torch.randn_like(k)
+            kv_all, params = make_layer(B, n_kv, T_max, d, args.bits, args.key_group, args.value_group)
+            q = torch.randn(B, n_q, d, dtype=torch.float16, device=DEVICE)
+            for T in contexts:
+                kt, vt = k[:, :, : T + FP_SLOTS], v[:, :, : T + FP_SLOTS]
+                sdpa = lambda: F.scaled_dot_product_attention(q[:, :, None], kt, vt, enable_gqa=n_q != n_kv)  # noqa: E731
+                sdpa_ms = bench_ms(sdpa)[0]
+                kv = FoldedKV(*(t[:, :, :T] if t.dim() == 4 else t[:, :T] for t in kv_all[:7]), *kv_all[7:])
+                kw = _launch(launch, B, n_kv, T)
+                fn = lambda: decode_folded(q, kv, params, **kw)  # noqa: E731
+                folded_ms, lo, hi = bench_ms(fn)
+                sdpa_graph_ms, folded_graph_ms = graph_ms(sdpa), graph_ms(fn)
+                nbytes = bytes_read(kv, params)
+                row = {
+                    "shape": name, "batch": B, "context": T, "n_q": n_q, "n_kv": n_kv, "head_dim": d,
+                    "bits": args.bits, "key_group": args.key_group, "value_group": args.value_group,
+                    "fp_slots": FP_SLOTS, "sdpa_ms": sdpa_ms, "folded_ms": folded_ms, "folded_p20_ms": lo,
+                    "folded_p80_ms": hi, "speedup_vs_sdpa": sdpa_ms / folded_ms,
+                    "floor_ms": nbytes / (copy_gbs * 1e9) * 1e3,
+                    "achieved_GBps": nbytes / (folded_ms * 1e-3) / 1e9,
+                    "sdpa_GBps": 2 * kt.numel() * 2 / (sdpa_ms * 1e-3) / 1e9, "copy_GBps": copy_gbs,
+                    "sdpa_graph_ms": sdpa_graph_ms, "folded_graph_ms": folded_graph_ms,
+                    "graph_speedup_vs_sdpa": sdpa_graph_ms / folded_graph_ms,
+                    "launch": launch, "num_splits": kw["num_splits"],
+                }  # fmt: skip
+                row["floor_fraction"] = row["floor_ms"] / folded_ms
+                rows.append(row)
+                if args.csv:
+                    append_csv(args.csv, {**row, "timing": "do_bench" if DEVICE.type == "cuda" else "cpu-smoke"})
+                print(f"{name} B={B} T={T}: sdpa {sdpa_ms:.4f} ms, folded {folded_ms:.4f} ms "
+                      f"({row['speedup_vs_sdpa']:.2f}x), floor {row['floor_ms']:.4f} ms "
+                      f"({row['floor_fraction']:.0%}), {row['achieved_GBps']:.0f} GB/s; graph: sdpa {sdpa_graph_ms:.4f}, "
+                      f"folded {folded_graph_ms:.4f} ({row['graph_speedup_vs_sdpa']:.2f}x)", flush=True)  # fmt: skip
+            del k, v, kv_all, kv, params
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
+    ap.add_argument("--contexts", nargs="+", type=int, default=[1024, 4096, 16384, 32768, 65536])
+    ap.add_argument("--bits", type=int, default=2)
+    ap.add_argument("--key-group", type=int, default=64)
+    ap.add_argument("--value-group", type=int, default=64)
+    ap.add_argument("--tune", nargs="*", default=[],
+                    help="launch settings BLOCK-WARPS-STAGES-WAVES-PREFETCH[-MEAN[-UNPACK]]; the best one times the table")
+    ap.add_argument("--tune-rows", nargs="*", default=[("llama2-7b", 8, 16384), ("llama3-8b", 8, 16384)],
+                    type=lambda s: (s.split(":")[0], int(s.split(":")[1]), int(s.split(":")[2])),
+                    help="rows to tune on, SHAPE:BATCH:CONTEXT")
+    ap.add_argument("--no-table", action="store_true", help="only the tuning rows")
+    ap.add_argument("--csv", default=None)
+    ap.add_argument("--markdown", default=None)
+    args = ap.parse_args()
+    d = FOLDED_DEFAULTS
+    launch = f"{d['block_n']}-{d['num_warps']}-{d['num_stages']}-{d['waves']}-{d['prefetch']}"
+    if args.tune:
+        launch = tune(args)
+    if args.no_table:
+        return
+    rows = run(args, launch)
+    cols = ["shape", "batch", "context", "sdpa_ms", "folded_ms", "speedup_vs_sdpa", "floor_ms", "floor_fraction",
+            "achieved_GBps", "sdpa_graph_ms", "folded_graph_ms", "graph_speedup_vs_sdpa"]
+    print_table("decode attention, folded layout vs fp16 SDPA", rows, cols)
+    if args.markdown:
+        Path(args.markdown).write_text(markdown_table(rows, cols))
+
+
+if __name__ == "__main__":
+    main()
