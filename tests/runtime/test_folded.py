@@ -118,12 +118,22 @@ def test_folded_triton_runtime_matches_reference_backend_on_cuda(dtype, family, 
     model = model.to("cuda", dtype)
     settings = CacheSettings(recent_window=8, flush_block=8, max_sinks=2)
     ids = torch.randint(0, 128, (3, 70), device="cuda")
-    mask = torch.ones_like(ids)
 
-    def logits(backend: str) -> torch.Tensor:
+    @torch.no_grad()
+    def logits(backend: str, feed: torch.Tensor | None = None) -> torch.Tensor:
+        """Greedy decode steps; with ``feed`` [B, 16] those tokens instead (teacher-forced: a near-tie
+        that picks another token must not make the two backends' paths part)."""
         cache = RkvCache.from_checkpoint(ckpt, model, settings, backend=backend)
-        return _run(model, rkv_attention, ids, mask, steps=16, cache=cache).float()
+        with attach(model, rkv_attention):
+            out = model(ids, **cache_kwargs(model, cache), use_cache=True)
+            steps = [out.logits[:, -1:]]
+            for j in range(16):
+                new = out.logits[:, -1:].argmax(-1) if feed is None else feed[:, j : j + 1]
+                out = model(new, **cache_kwargs(model, cache), use_cache=True)
+                steps.append(out.logits)
+        return torch.cat(steps, 1).float()
 
-    ref, got = logits("reference"), logits("triton")
+    ref = logits("reference")
+    got = logits("triton", feed=ref[:, :-1].argmax(-1))
     tol = 2e-3 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
