@@ -53,6 +53,12 @@ part):
 Dot operands are fp16 for fp16 queries and fp32 (IEEE) for fp32/bf16 queries, accumulation fp32
 everywhere; ``q'`` itself is computed in-kernel in fp32 (3xTF32 for 16-bit queries).
 
+Measured status (H200, ``benchmarks/results/decode_folded.csv``): correct, but NOT at memory
+speed: 0.57-0.72x fp16 SDPA at >= 16k (about 400-520 GB/s, 9-12 % of the 2-bit byte floor).
+Every compiled variant sits at 255 registers per thread (two programs per SM: latency-bound);
+prefetching one block ahead spilled and was slower; the exact and angle-addition mean paths time
+the same, so the bottleneck is the code/score/value tile traffic, not the trig.
+
 Dispatch (see :mod:`rkv_convert.kernels._common`): ``backend="auto"`` runs the kernel on CUDA
 tensors or under ``TRITON_INTERPRET=1``, else :func:`decode_folded_ref`.
 """
@@ -79,8 +85,8 @@ __all__ = ["FoldedKV", "FoldedParams", "FOLDED_DEFAULTS", "decode_folded", "deco
 
 _LOG2E = 1.0 / math.log(2.0)
 MeanTerm = Literal["auto", "angle", "exact"]
-# Launch settings (benchmarks/bench_decode_folded.py --tune on an H200).
-FOLDED_DEFAULTS: dict[str, int] = {"block_n": 128, "num_warps": 4, "num_stages": 1, "waves": 4, "prefetch": 1}
+# Launch settings: the best of benchmarks/bench_decode_folded.py --tune on an H200 (prefetch spilled).
+FOLDED_DEFAULTS: dict[str, int] = {"block_n": 128, "num_warps": 4, "num_stages": 1, "waves": 4, "prefetch": 0}
 
 
 class FoldedKV(NamedTuple):
