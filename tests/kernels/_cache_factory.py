@@ -110,3 +110,23 @@ def on_cpu(obj):
     if isinstance(obj, (list, tuple)):
         return type(obj)(on_cpu(o) for o in obj)
     return obj
+
+
+def fold_keys_pre(k: torch.Tensor, pos: torch.Tensor, mean: torch.Tensor, rotation: torch.Tensor,
+                  inv_freq: torch.Tensor, attention_scaling: float) -> torch.Tensor:
+    """Folded keys ``y = RoPE_pos(k - mu) @ R`` fp32 from pre-RoPE ``k [B, n_kv, T, d]`` (runtime.ops math)."""
+    from rkv_convert.runtime.ops import fold_keys, mean_at, rope
+
+    k_post = rope(k.float(), pos.clamp_min(0), inv_freq, attention_scaling)
+    return fold_keys(k_post, mean_at(mean, pos, inv_freq, attention_scaling), rotation)
+
+
+def quantize_folded(k: torch.Tensor, pos: torch.Tensor, mean: torch.Tensor, rotation: torch.Tensor,
+                    inv_freq: torch.Tensor, attention_scaling: float, bits: int, g_k: int,
+                    clip: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(k_codes, k_scale, k_zero)`` of folded keys, through the project's quantizer and packing."""
+    from rkv_convert.quant.packing import pack_codes
+    from rkv_convert.quant.quantizer import quantize
+
+    qt = quantize(fold_keys_pre(k, pos, mean, rotation, inv_freq, attention_scaling), bits, g_k, clip)
+    return pack_codes(qt.codes, bits), qt.scale, qt.zero

@@ -12,6 +12,7 @@ import os
 import pytest
 import torch
 
+from _cache_factory import fold_keys_pre, quantize_folded
 from rkv_convert.kernels.decode_folded import (
     FoldedKV,
     FoldedParams,
@@ -19,9 +20,8 @@ from rkv_convert.kernels.decode_folded import (
     decode_folded_ref,
     folded_scores_ref,
 )
-from rkv_convert.kernels.quantize_folded import fold_keys_ref, quantize_folded_ref
 from rkv_convert.quant.hadamard import hadamard_matrix
-from rkv_convert.quant.packing import pack_codes, unpack_codes
+from rkv_convert.quant.packing import pack_codes
 from rkv_convert.quant.quantizer import quantize
 from rkv_convert.runtime.ops import rope
 
@@ -62,11 +62,12 @@ def make_case(*, B: int = 2, n_kv: int = 2, rep: int = 1, d: int = 64, T: int = 
     pos[:, T:] = -1
     rotation = _rotations(n_kv, d)
     inv_freq = 1.0 / (10000.0 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
-    kc, ks, kz = quantize_folded_ref(k[:, :, :cap], pos, mean, rotation, inv_freq, att, bits, g_k, clip=0.9)
     if cap:
+        kc, ks, kz = quantize_folded(k[:, :, :cap], pos, mean, rotation, inv_freq, att, bits, g_k, clip=0.9)
         vq = quantize(v[:, :, :cap], v_bits, g_v, 0.9)
         vc, vs, vz = pack_codes(vq.codes, v_bits), vq.scale, vq.zero
     else:
+        kc, ks, kz = torch.empty(B, n_kv, 0, d * bits // 8, dtype=torch.uint8), *torch.empty(2, B, n_kv, 0, d // g_k).half()
         vc, vs, vz = torch.empty(B, n_kv, 0, d * v_bits // 8, dtype=torch.uint8), *torch.empty(2, B, n_kv, 0, d // g_v).half()
     if nan_holes:
         hole = (pos < 0)[:, None, :].expand(B, n_kv, cap)
@@ -185,7 +186,7 @@ def test_folded_scores_equal_unfolded_attention_scores() -> None:
     k = params.mean[None, :, None, :] + torch.randn(B, n_kv, T, d) * 3.0
     pos = kv.pos.clamp_min(0) + 1000  # large positions: RoPE mixes strongly
     q = torch.randn(B, n_kv * rep, d)
-    y = fold_keys_ref(k, pos, params.mean, params.rotation, params.inv_freq, params.attention_scaling)
+    y = fold_keys_pre(k, pos, params.mean, params.rotation, params.inv_freq, params.attention_scaling)
     folded = folded_scores_ref(q, y, pos, params)
     keys = rope(k, pos, params.inv_freq, params.attention_scaling).repeat_interleave(rep, 1)  # repeat_kv
     direct = torch.einsum("bhd,bhtd->bht", q, keys)
@@ -193,18 +194,11 @@ def test_folded_scores_equal_unfolded_attention_scores() -> None:
     assert direct.abs().max() > 100  # the mean term is a large share of the score
 
 
-def test_reference_backend_and_encoder() -> None:
-    """The encoder is the project quantizer on folded keys (bit-exact codes); backend='reference' is the reference."""
+def test_reference_backend_and_bad_options() -> None:
+    """backend='reference' is the reference; an unknown mean-term path is refused."""
     q, kv, params = make_case(B=1, n_kv=2, rep=2, d=64, T=12, bits=2, g_k=32)
     out = decode_folded(q, kv, params, backend="reference")
     torch.testing.assert_close(out, decode_folded_ref(q, kv, params), atol=0, rtol=0)
-    k = torch.randn(1, 2, 12, 64) + params.mean[None, :, None, :]
-    pos = kv.pos.clamp_min(0)
-    codes, scale, zero = quantize_folded_ref(k, pos, params.mean, params.rotation, params.inv_freq, 1.0, 2, 32, 1.0)
-    y = fold_keys_ref(k, pos, params.mean, params.rotation, params.inv_freq, 1.0)
-    want = quantize(y, 2, 32, 1.0)
-    assert torch.equal(unpack_codes(codes, 2, 64), want.codes)
-    assert torch.equal(scale, want.scale) and torch.equal(zero, want.zero)
     with pytest.raises(ValueError, match="mean_term"):
         decode_folded(q, kv, params, backend="triton", mean_term="bogus")
 
