@@ -171,6 +171,7 @@ def run(args: argparse.Namespace, launch: str) -> list[dict[str, object]]:
                 fn = lambda: decode_folded(q, kv, params, **kw)  # noqa: E731
                 folded_ms, lo, hi = bench_ms(fn)
                 sdpa_graph_ms, folded_graph_ms = graph_ms(sdpa), graph_ms(fn)
+                folded_host_us = host_us(fn, n=50) if DEVICE.type == "cuda" else float("nan")
                 nbytes = bytes_read(kv, params)
                 row = {
                     "shape": name, "batch": B, "context": T, "n_q": n_q, "n_kv": n_kv, "head_dim": d,
@@ -182,7 +183,7 @@ def run(args: argparse.Namespace, launch: str) -> list[dict[str, object]]:
                     "sdpa_GBps": 2 * kt.numel() * 2 / (sdpa_ms * 1e-3) / 1e9, "copy_GBps": copy_gbs,
                     "sdpa_graph_ms": sdpa_graph_ms, "folded_graph_ms": folded_graph_ms,
                     "graph_speedup_vs_sdpa": sdpa_graph_ms / folded_graph_ms,
-                    "launch": launch, "num_splits": kw["num_splits"],
+                    "folded_host_us": folded_host_us, "launch": launch, "num_splits": kw["num_splits"],
                 }  # fmt: skip
                 row["floor_fraction"] = row["floor_ms"] / folded_ms
                 rows.append(row)
@@ -191,7 +192,7 @@ def run(args: argparse.Namespace, launch: str) -> list[dict[str, object]]:
                 print(f"{name} B={B} T={T}: sdpa {sdpa_ms:.4f} ms, folded {folded_ms:.4f} ms "
                       f"({row['speedup_vs_sdpa']:.2f}x), floor {row['floor_ms']:.4f} ms "
                       f"({row['floor_fraction']:.0%}), {row['achieved_GBps']:.0f} GB/s; graph: sdpa {sdpa_graph_ms:.4f}, "
-                      f"folded {folded_graph_ms:.4f} ({row['graph_speedup_vs_sdpa']:.2f}x)", flush=True)  # fmt: skip
+                      f"folded {folded_graph_ms:.4f} ({row['graph_speedup_vs_sdpa']:.2f}x); host {folded_host_us:.1f} us", flush=True)  # fmt: skip
             del k, v, kv_all, kv, params
     return rows
 
