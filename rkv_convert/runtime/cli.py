@@ -54,7 +54,7 @@ def summary_table(stats: GenerationStats, bits: int, key_group: int, value_group
     table.add_row("prefill", f"{stats.prefill_tokens_per_second:,.1f} tok/s ({stats.prefill_seconds * 1e3:.1f} ms)")
     table.add_row("new tokens", str(stats.new_tokens))
     table.add_row("decode", f"{stats.steady_decode_tokens_per_second:,.1f} tok/s ({stats.decode_seconds * 1e3:.1f} ms in all)")
-    table.add_row("first decode step", f"{stats.first_decode_seconds * 1e3:.1f} ms (compiles the Triton kernels on first use)")
+    table.add_row("first decode step", f"{stats.first_decode_seconds * 1e3:.1f} ms (on CUDA it includes compiling the Triton kernels)")
     table.add_row("KV cache used", _mib(stats.kv_bytes))
     table.add_row("fp16 cache, same tokens", _mib(stats.fp16_equivalent_bytes))
     table.add_row("compression", f"{stats.compression:.2f}x")
