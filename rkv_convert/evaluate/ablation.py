@@ -117,7 +117,7 @@ def default_variants(base: CalibrationOptions | None = None) -> list[Variant]:
                 name, component = _LABELS[(option, value)]
                 rows.append(Variant(name, component, {option: value}))
     rows += [
-        Variant("folded key layout (post-RoPE, H_d per head)", "key layout", {"key_layout": "folded"}),
+        Variant("folded key layout: post-RoPE, H_d per head", "key layout", {"key_layout": "folded"}),
         Variant("no key rotation", "grouped-head rotation", {"rotate_keys": False}),
         Variant("no value rotation", "value rotation", value_rotation=False),
         Variant("no permutation", "permutation", {"perm_statistic": "none"}),
