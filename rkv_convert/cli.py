@@ -220,7 +220,7 @@ def evaluate(
     length: int = typer.Option(1024, min=2, help="Tokens per window (at most the model's context)."),
     schemes: str = typer.Option("fp,rtn,kivi,rotatekv", help="Comma list of fp, rtn, kivi, rotatekv."),
     bits: str = typer.Option("2,3,4", help="Comma list of bit widths for the quantized schemes."),
-    protocols: str = typer.Option("oneshot,deployed", help="Comma list: oneshot (all tokens quantized), deployed (sinks + recent window fp)."),
+    protocols: str = typer.Option("oneshot,deployed", help="Comma list: oneshot (all tokens quantized), sinks (sink tokens fp), deployed (sinks + recent window fp)."),
     recent_window: Optional[int] = typer.Option(None, help="Recent-window length for the deployed protocol (default: the checkpoint's)."),
     device: str = typer.Option("cuda" if torch.cuda.is_available() else "cpu"),
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON on stdout."),
@@ -279,12 +279,14 @@ def _eval_choices(schemes: str, bits: str, protocols: str) -> tuple[list[str], l
 
 def _perplexity_table(results: list, windows: int, length: int, window: int) -> Table:
     fp = next((r.perplexity for r in results if r.scheme == "fp"), None)
-    table = Table(title=f"WikiText-style perplexity: {windows} windows × {length} tokens; deployed = sinks + {window}-token recent window in fp16")
-    for col in ("scheme", "bits", "protocol", "K bits/elem", "V bits/elem", "effective bits", "PPL", "× FP"):
+    table = Table(title=f"WikiText-style perplexity: {windows} windows × {length} tokens; deployed = sinks + {window}-token recent window in fp16; "
+                  "fp share = tokens held in fp16 at a window's last token; seconds = wall time of the run")
+    for col in ("scheme", "bits", "protocol", "K bits/elem", "V bits/elem", "effective bits", "fp share", "PPL", "× FP", "seconds"):
         table.add_column(col, justify="right")
     for r in results:
         table.add_row(r.scheme, str(r.bits), r.protocol if r.scheme != "fp" else "-", f"{r.key_bits:.2f}", f"{r.value_bits:.2f}",
-                      f"{r.effective_bits:.2f}", f"{r.perplexity:.2f}", f"{r.perplexity / fp:.3f}" if fp else "-")
+                      f"{r.effective_bits:.2f}", f"{100 * r.fp_share:.2f} %", f"{r.perplexity:.2f}",
+                      f"{r.perplexity / fp:.3f}" if fp else "-", f"{r.seconds:.1f}")
     return table
 
 

@@ -1,28 +1,36 @@
-"""Perplexity of an exported checkpoint under each KV scheme, in two protocols (design notes §4).
+"""Perplexity of an exported checkpoint under each KV scheme, in three protocols (design notes §4).
 
 - ``oneshot``: every token's key and value is read back quantized (the papers' protocol).
+- ``sinks``: the online-detected sink tokens (RotateKV, or a scheme built with sinks) stay in full
+  precision, nothing else (``deployed`` with no recent window).
 - ``deployed``: what the runtime keeps in full precision stays so: keys/values of the last
-  ``recent_window`` tokens before each query, and (RotateKV) the online-detected sink tokens.
+  ``recent_window`` tokens before each query, and the online-detected sink tokens.
+
+Windows may be as long as the model's context: attention runs in blocks of query rows and the
+vocabulary logits in blocks of positions, so no ``T × T`` or ``T × vocab`` tensor is held.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 from ..export.format import Checkpoint
 from ..models.adapters import attach
 from ..quant.sinks import detect_sinks
+from ..runtime.ops import apply_rope
 from .schemes import Scheme
 
 __all__ = ["EvalResult", "token_windows", "perplexity", "PROTOCOLS"]
 
-PROTOCOLS = ("oneshot", "deployed")
+PROTOCOLS = ("oneshot", "sinks", "deployed")
+QUERY_CHUNK = 1024
+"""Query rows per attention block in the ``sinks`` and ``deployed`` protocols (memory: one block's scores)."""
 
 
 def token_windows(tokenizer: object, text: str, length: int, count: int | None) -> torch.Tensor:
@@ -36,42 +44,83 @@ def token_windows(tokenizer: object, text: str, length: int, count: int | None) 
 
 
 class _SchemeAttention:
-    """Attention handler: full-precision queries against the scheme's read-back keys and values."""
+    """Attention handler: full-precision queries against the scheme's read-back keys and values.
 
-    def __init__(self, scheme: Scheme, protocol: str, checkpoint: Checkpoint, recent_window: int) -> None:
+    Memory stays linear in the window at every protocol: ``oneshot`` (and full precision) is one
+    causal SDPA call, which tiles the queries itself; ``sinks`` and ``deployed`` attend in blocks of
+    ``query_chunk`` query rows, each against the keys before its end (:func:`_kept_fp_attention`).
+    ``fp_tokens`` sums, over layers and sequences, the tokens held in full precision at the last query.
+    """
+
+    def __init__(self, scheme: Scheme, protocol: str, checkpoint: Checkpoint, recent_window: int,
+                 query_chunk: int = QUERY_CHUNK) -> None:
         self.scheme, self.protocol, self.checkpoint, self.window = scheme, protocol, checkpoint, recent_window
+        self.query_chunk = query_chunk
+        self.fp_tokens, self.sequences = 0.0, 0
 
     def __call__(self, module, query, key, value, position_embeddings, attention_mask, cache, layer_input, **kw):
         layer = module.layer_idx
         cos, sin = position_embeddings
-        q = apply_rotary_pos_emb(query, query, cos, sin)[0]
+        cos_h, sin_h = cos.unsqueeze(1), sin.unsqueeze(1)
+        q = apply_rope(query, cos_h, sin_h).to(query.dtype)
         kq = self.scheme.keys(layer, key, cos, sin)
         vq = self.scheme.values(layer, value)
-        rep = module.num_key_value_groups
-        if self.protocol == "oneshot" or (self.scheme.bits >= 16):
-            out = F.scaled_dot_product_attention(q, repeat_kv(kq, rep), repeat_kv(vq, rep), is_causal=True, scale=module.scaling)
-            return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
-        k_fp = apply_rotary_pos_emb(key, key, cos, sin)[1]
-        t = q.shape[2]
-        pos = torch.arange(t, device=q.device)
-        keep_fp = (pos[:, None] - pos[None, :]) < self.window  # [T(query), T(key)]
-        keep_fp = keep_fp.unsqueeze(0).expand(q.shape[0], t, t)
+        b, _, t, _ = q.shape
+        self.sequences += b
+        if self.protocol == "oneshot" or self.scheme.bits >= 16:
+            self.fp_tokens += b * t if self.scheme.bits >= 16 else 0
+            out = F.scaled_dot_product_attention(q, kq, vq, is_causal=True, scale=module.scaling, enable_gqa=True)
+            return out.transpose(1, 2).reshape(b, t, -1)
+        window = 0 if self.protocol == "sinks" else self.window
+        k_fp = apply_rope(key, cos_h, sin_h).to(key.dtype)
+        sinks = None
         if self.scheme.uses_sinks:
             info = self.checkpoint.layers[layer]
             sinks = detect_sinks(layer_input, info.sink_channels, info.sink_threshold, self.checkpoint.config.max_sinks)
-            keep_fp = keep_fp | sinks[:, None, :]
-        keep_fp = keep_fp.unsqueeze(1)  # broadcast over heads
-        s_fp = q.float() @ repeat_kv(k_fp, rep).float().transpose(-1, -2)
-        s_q = q.float() @ repeat_kv(kq, rep).float().transpose(-1, -2)
-        scores = torch.where(keep_fp, s_fp, s_q) * module.scaling
-        causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
-        probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
-        out = (probs * keep_fp) @ repeat_kv(value, rep).float() + (probs * ~keep_fp) @ repeat_kv(vq, rep).float()
-        return out.to(q.dtype).transpose(1, 2).reshape(q.shape[0], t, -1)
+        self.fp_tokens += b * min(window, t) + (0 if sinks is None else int(sinks[:, : max(t - window, 0)].sum()))
+        out = _kept_fp_attention(q, kq, vq, k_fp, value, sinks, window, module.scaling, self.query_chunk)
+        return out.transpose(1, 2).reshape(b, t, -1)
+
+
+def _kept_fp_attention(q, k_q, v_q, k_fp, v_fp, sinks, window, scale, query_chunk):
+    """Causal attention where query ``i`` reads key/value ``j`` in full precision when
+    ``i - j < window`` or ``j`` is a sink, and the quantized read-back otherwise.
+
+    One softmax over two disjoint key sets, concatenated per block of ``query_chunk`` queries
+    ``[s, e)``: the *far* keys ``j <= i - window`` (quantized, sinks swapped for their full-precision
+    rows) and the *near* keys ``max(0, s - window + 1) <= j < e`` in full precision, each with a
+    boolean mask. ``q [B, Hq, T, d]``, keys and values ``[B, Hkv, T, d]``, ``sinks`` bool ``[B, T]``
+    or ``None``; returns ``[B, Hq, T, d]``. The largest tensor is one block's scores.
+    """
+    if sinks is not None:
+        keep = sinks[:, None, :, None]
+        k_q, v_q = torch.where(keep, k_fp, k_q), torch.where(keep, v_fp, v_q)
+    t = q.shape[2]
+    pos = torch.arange(t, device=q.device)
+    outs = []
+    for s in range(0, t, query_chunk):
+        e = min(s + query_chunk, t)
+        i = pos[s:e, None]
+        keys, values, masks = [k_q[:, :, :e]], [v_q[:, :, :e]], [pos[None, :e] <= i - window]
+        if window > 0:
+            lo = max(0, s - window + 1)
+            near = pos[None, lo:e]
+            keys.append(k_fp[:, :, lo:e])
+            values.append(v_fp[:, :, lo:e])
+            masks.append((near <= i) & (near > i - window))
+        outs.append(F.scaled_dot_product_attention(
+            q[:, :, s:e], torch.cat(keys, 2), torch.cat(values, 2), attn_mask=torch.cat(masks, 1), scale=scale,
+            enable_gqa=True))
+    return torch.cat(outs, 2)
 
 
 @dataclass
 class EvalResult:
+    """One scheme × bits × protocol. ``fp_share``: the share of a window's tokens whose key and value
+    are held in full precision at its last token (recent window plus sinks outside it, measured, averaged
+    over layers and windows); 0 for ``oneshot``, 1 for full precision. ``seconds``, ``cpu_seconds``: wall
+    and process CPU time (all threads) of the run."""
+
     scheme: str
     bits: int
     protocol: str
@@ -81,6 +130,9 @@ class EvalResult:
     perplexity: float
     windows: int
     window_length: int
+    fp_share: float = 0.0
+    seconds: float = 0.0
+    cpu_seconds: float = 0.0
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -95,20 +147,25 @@ def perplexity(
     recent_window: int | None = None,
     batch_size: int = 1,
     progress: Callable[[int, int], None] | None = None,
+    query_chunk: int = QUERY_CHUNK,
 ) -> EvalResult:
-    """Mean next-token NLL over all windows → perplexity, for ``scheme`` under ``protocol``."""
+    """Mean next-token NLL over all windows → perplexity, for ``scheme`` under ``protocol``.
+
+    ``sinks`` is ``deployed`` with no recent window (``recent_window`` is ignored).
+    """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    started, cpu_started = time.perf_counter(), time.process_time()
     window = checkpoint.config.recent_window if recent_window is None else recent_window
-    handler = _SchemeAttention(scheme, protocol, checkpoint, window)
+    handler = _SchemeAttention(scheme, protocol, checkpoint, window, query_chunk)
     device = next(model.parameters()).device
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
     total, count = 0.0, 0
     with torch.no_grad(), attach(model, handler):
         for start in range(0, windows.shape[0], batch_size):
             ids = windows[start : start + batch_size].to(device)
-            logits = model(ids, use_cache=False).logits.float()
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
-            total += loss.item()
+            hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state
+            total += _nll_sum(head, hidden, ids, query_chunk)
             count += ids[:, 1:].numel()
             if progress:
                 progress(min(start + batch_size, windows.shape[0]), windows.shape[0])
@@ -116,8 +173,21 @@ def perplexity(
     effective = (key_bits + value_bits) / 2
     if protocol == "deployed" and scheme.bits < 16:
         effective = _with_fp_tokens(effective, windows.shape[1], window)
+    fp_share = handler.fp_tokens / max(handler.sequences * windows.shape[1], 1)
     return EvalResult(scheme.name, scheme.bits, protocol, key_bits, value_bits, effective, math.exp(total / count),
-                      windows.shape[0], windows.shape[1])
+                      windows.shape[0], windows.shape[1], fp_share, time.perf_counter() - started,
+                      time.process_time() - cpu_started)
+
+
+def _nll_sum(head: torch.nn.Module, hidden: torch.Tensor, ids: torch.Tensor, chunk: int) -> float:
+    """Summed next-token NLL, the vocabulary logits formed ``chunk`` positions at a time."""
+    total = 0.0
+    for s in range(0, ids.shape[1] - 1, chunk):
+        e = min(s + chunk, ids.shape[1] - 1)
+        logits = head(hidden[:, s:e]).float()
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, s + 1 : e + 1].reshape(-1),
+                                 reduction="sum").item()
+    return total
 
 
 def _with_fp_tokens(bits: float, length: int, window: int) -> float:

@@ -9,11 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from ..export.format import Checkpoint
 from ..quant.codec import FoldedKeyCodec, KeyCodec, ValueCodec, rotate_groups
 from ..quant.quantizer import bits_per_element, fake_quantize
+from ..runtime.ops import apply_rope
 
 __all__ = ["Scheme", "FullPrecision", "RTN", "KIVI", "RotateKV", "build_scheme", "key_codecs", "SCHEME_NAMES"]
 
@@ -49,7 +49,7 @@ class Scheme:
 
 
 def _rope(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return apply_rotary_pos_emb(k, k, cos, sin)[1]
+    return apply_rope(k, cos.unsqueeze(1), sin.unsqueeze(1)).to(k.dtype)
 
 
 FullPrecision = Scheme
