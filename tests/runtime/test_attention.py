@@ -71,8 +71,12 @@ def test_prefill_is_the_stock_model(family: str) -> None:
     ],
 )
 def test_decode_matches_evaluation_reference(family: str, bits: int, pad: int, settings: CacheSettings) -> None:
-    model = tiny_model(family)
-    ckpt = make_checkpoint(model, bits=bits, key_group_size=32, value_group_size=16, sink_quantile=0.9)
+    check_decode_against_reference(tiny_model(family), bits, pad, settings)
+
+
+def check_decode_against_reference(model, bits: int, pad: int, settings: CacheSettings, key_layout: str = "prerope") -> None:
+    """12 decode steps through the packed cache (reference backend) equal the evaluation reference's."""
+    ckpt = make_checkpoint(model, bits=bits, key_group_size=32, value_group_size=16, sink_quantile=0.9, key_layout=key_layout)
     ids, mask = _prompt(pad=pad)
     cache = RkvCache.from_checkpoint(ckpt, model, settings, backend="reference")
     got = _run(model, rkv_attention, ids, mask, steps=12, cache=cache)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from reference_handler import EvalReference
 from rkv_fixtures import make_checkpoint
-from test_attention import _prompt, _run
+from test_attention import _prompt, _run, check_decode_against_reference
 from tiny_models import FAMILIES, tiny_model
 
 from rkv_convert.models.adapters import attach
@@ -42,17 +42,7 @@ def test_folded_prefill_is_the_stock_model(family: str) -> None:
     ],
 )
 def test_folded_decode_matches_evaluation_reference(family, head_dim, n_kv, bits, pad, settings) -> None:
-    model = tiny_model(family, head_dim=head_dim, n_kv=n_kv)
-    ckpt = make_checkpoint(model, bits=bits, key_group_size=32, value_group_size=16, sink_quantile=0.9, key_layout="folded")
-    ids, mask = _prompt(pad=pad)
-    cache = RkvCache.from_checkpoint(ckpt, model, settings, backend="reference")
-    got = _run(model, rkv_attention, ids, mask, steps=12, cache=cache)
-    want = _run(model, EvalReference(model, ckpt, settings), ids, mask, steps=12)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    layer = cache.layers[0]
-    assert layer.n_quant > 0  # the comparison covered quantized tokens
-    if settings.max_sinks:
-        assert int(layer.n_sinks.sum()) > 0  # ... and sinks
+    check_decode_against_reference(tiny_model(family, head_dim=head_dim, n_kv=n_kv), bits, pad, settings, key_layout="folded")
 
 
 def test_folded_multi_token_step_matches_reference() -> None:
