@@ -4,7 +4,6 @@ import torch
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from rkv_convert.kernels.quantize_folded import fold_keys_ref
 from rkv_convert.quant.codec import FoldedKeyCodec, folded_head_rotations
 from rkv_convert.quant.hadamard import hadamard_matrix
 from rkv_convert.runtime.ops import fold_keys, mean_at, rope, rope_cos_sin, unfold_keys
@@ -47,8 +46,9 @@ def test_fold_then_unfold_gives_the_post_rope_keys_back() -> None:
     mu_rope = mean_at(mean.view(N_KV, D), pos, rotary.inv_freq, rotary.attention_scaling)
     y = fold_keys(k_post, mu_rope, r)
     torch.testing.assert_close(unfold_keys(y, mu_rope, r), k_post, rtol=0, atol=2e-5)
-    # the same y as the kernels' encoder reference RoPE(k - mu) @ R_h (RoPE is linear)
-    want = fold_keys_ref(k, pos, mean.view(N_KV, D), r, rotary.inv_freq, rotary.attention_scaling)
+    # the same y as centring before RoPE: RoPE(k - mu) @ R_h (RoPE is linear)
+    centred = k.float() - mean.view(1, N_KV, 1, D)
+    want = rope(centred, pos, rotary.inv_freq, rotary.attention_scaling) @ r[None]
     torch.testing.assert_close(y, want, rtol=0, atol=2e-5)
 
 
