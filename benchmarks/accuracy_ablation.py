@@ -25,6 +25,7 @@ import torch
 from rkv_convert.calibrate.run import CalibrationOptions
 from rkv_convert.calibration_data.sources import load_text, sample_batches
 from rkv_convert.evaluate.ablation import (
+    ABLATION_BASE,
     default_variants,
     env_summary,
     markdown_table,
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
         log_file.flush()
 
     bits_list = [int(b) for b in args.bits.split(",")]
-    options = CalibrationOptions()
+    options = ABLATION_BASE
     loaded = load_model(args.model, torch.float32, args.device)
     tok = loaded.tokenizer
     cal = sample_batches(load_text(options.source), tok, options.num_samples, options.seqlen, options.seed)

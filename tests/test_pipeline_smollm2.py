@@ -23,8 +23,8 @@ def test_smollm2_calibrate_export_eval(tmp_path) -> None:
     batches = sample_batches(load_text("pydoc"), loaded.tokenizer, options.num_samples, options.seqlen, options.seed)
     artifact = calibrate(loaded.model, batches, options)
     shape = artifact.meta["model"]
-    assert (shape["num_key_value_heads"], shape["head_dim"], artifact.meta["options"]["head_group_size"]) == (3, 64, 3)
-    assert artifact.key_rotation.shape == (192, 192)
+    assert (shape["num_key_value_heads"], shape["head_dim"], artifact.meta["options"]["head_group_size"]) == (3, 64, 1)
+    assert artifact.key_rotation.shape == (64, 64) and artifact.meta["options"]["key_layout"] == "folded"  # the default layout: H_64 per head
     late = artifact.layers[-1]
     assert late["sink_channels"].numel() > 0  # SmolLM2's first tokens carry massive activations late in the stack
 

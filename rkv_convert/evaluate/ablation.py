@@ -79,6 +79,9 @@ class Variant:
 
 
 # Choices searched before the table (greedy, in this order, on development text): option → values.
+ABLATION_BASE = CalibrationOptions(key_layout="prerope")
+"""The ablation studies the components of the pre-RoPE RotateKV method; the folded layout is one of its rows."""
+
 SELECTION = (
     ("clip_objective", ("mse", "qk")),
     ("perm_statistic", ("mean_abs", "max_abs", "rms")),
@@ -97,8 +100,8 @@ _LABELS = {
 
 
 def default_variants(base: CalibrationOptions | None = None) -> list[Variant]:
-    """Baselines, the default (``base``), and one change from it per row."""
-    base = base or CalibrationOptions()
+    """Baselines, the default (``base``; the pre-RoPE RotateKV layout), and one change from it per row."""
+    base = base or ABLATION_BASE
     rows = [
         Variant("full precision", "baseline", scheme="fp", protocols=("oneshot",)),
         Variant("RTN per token g64, post-RoPE", "baseline", scheme="rtn", sinks=False, protocols=("oneshot", "deployed")),
@@ -399,7 +402,7 @@ def run_ablation(
     ``texts`` maps a label to (windows ``int64 [n, length]``, variants). Returns (rows,
     chosen option overrides, selection trail); ``on_row`` sees each row as it is produced.
     """
-    base_opts = base_options or CalibrationOptions()
+    base_opts = base_options or ABLATION_BASE
     lab = _Lab(source_model, calibration_batches, dataclasses.asdict(base_opts), batch_size, log)
     chosen, trail = ({}, []) if dev_windows is None else select_defaults(lab, dev_windows)
     if chosen:

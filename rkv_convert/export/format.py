@@ -67,7 +67,7 @@ class KeyLayout(str, Enum):
 
 
 KEY_LAYOUTS = tuple(k.value for k in KeyLayout)
-DEFAULT_KEY_LAYOUT = KeyLayout.PREROPE.value  # what `rkv calibrate` writes unless told otherwise
+DEFAULT_KEY_LAYOUT = KeyLayout.FOLDED.value  # what `rkv calibrate` writes unless told otherwise
 
 
 @dataclass

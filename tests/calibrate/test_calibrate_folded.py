@@ -30,7 +30,7 @@ def test_folded_calibration_rotates_each_head_alone() -> None:
     ck = checkpoint_from_artifact(art, bits=2)
     assert ck.config.key_layout == "folded" and ck.config.head_group_size == 1
     # the permutation differs from the prerope one: it was decided on post-RoPE keys
-    pre = calibrate(model, _batches(), _options(head_group_size=1))
+    pre = calibrate(model, _batches(), _options(head_group_size=1, key_layout="prerope"))
     assert pre.meta["options"]["key_layout"] == "prerope"
     assert not torch.equal(pre.layers[0]["key_perm"], art.layers[0]["key_perm"])
     torch.testing.assert_close(pre.layers[0]["key_mean"], art.layers[0]["key_mean"], rtol=0, atol=0)

@@ -10,7 +10,8 @@ from rkv_convert.export.format import CheckpointError
 
 
 def _options(**kw) -> CalibrationOptions:
-    return CalibrationOptions(num_samples=4, seqlen=32, batch_size=2, clip_samples=64, **kw)
+    """Light settings for the pre-RoPE layout (head groups, grouped rotation); folded: test_calibrate_folded.py."""
+    return CalibrationOptions(**{"num_samples": 4, "seqlen": 32, "batch_size": 2, "clip_samples": 64, "key_layout": "prerope", **kw})
 
 
 def _batches(seed: int = 0) -> torch.Tensor:

@@ -90,7 +90,7 @@ def test_calibration_options_take_effect(overrides: dict) -> None:
     if overrides.get("center_keys") is False:
         assert torch.equal(layer["key_mean"], torch.zeros(128))
     if overrides.get("rotate_keys") is False:
-        assert torch.equal(art.key_rotation, torch.eye(128))
+        assert torch.equal(art.key_rotation, torch.eye(art.key_rotation.shape[0]))
     if "key_clip" in overrides:
         assert layer["key_clip_by_bits"].tolist() == pytest.approx([0.85] * 3)
         assert layer["value_clip_by_bits"].tolist() == pytest.approx([0.95] * 3)

@@ -46,7 +46,7 @@ def test_small_ablation_runs_end_to_end() -> None:
         Variant("no value rotation", "value rotation", value_rotation=False, recent_window=16),
         Variant("exp", "experimental", {"perm_statistic": "rms"}, lsq_encoder=True, value_centring=True, recent_window=16),
     ]
-    options = CalibrationOptions(num_samples=4, seqlen=32, batch_size=2, clip_samples=64)
+    options = CalibrationOptions(num_samples=4, seqlen=32, batch_size=2, clip_samples=64, key_layout="prerope")
     rows, chosen, trail = run_ablation(model, cal, {"t": (windows, variants)}, (2,), 2, options, log=lambda m: None,
                                        dev_windows=windows[:1])
     assert len(trail) == sum(len(values) for _, values in SELECTION)
