@@ -48,8 +48,12 @@ def _run(model, handler, ids, mask, steps: int, cache=None, chunk: torch.Tensor 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_prefill_is_the_stock_model(family: str) -> None:
-    model = tiny_model(family)
-    ckpt = make_checkpoint(model, bits=2)
+    check_prefill_is_the_stock_model(tiny_model(family))
+
+
+def check_prefill_is_the_stock_model(model, key_layout: str = "prerope") -> RkvCache:
+    """A prefill through the packed cache gives the unmodified model's logits; returns the filled cache."""
+    ckpt = make_checkpoint(model, bits=2, key_layout=key_layout)
     ids, mask = _prompt(pad=5)
     with torch.no_grad():
         expected = model(ids, attention_mask=mask).logits
@@ -59,6 +63,7 @@ def test_prefill_is_the_stock_model(family: str) -> None:
     real = mask.bool()
     torch.testing.assert_close(got[real], expected[real], rtol=0, atol=1e-5)
     assert cache.get_seq_length() == ids.shape[1]
+    return cache
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ import pytest
 import torch
 from reference_handler import EvalReference
 from rkv_fixtures import make_checkpoint
-from test_attention import _prompt, _run, check_decode_against_reference
+from test_attention import _prompt, _run, check_decode_against_reference, check_prefill_is_the_stock_model
 from tiny_models import FAMILIES, tiny_model
 
 from rkv_convert.models.adapters import attach
@@ -19,16 +19,7 @@ from rkv_convert.runtime.ops import rope
 @pytest.mark.parametrize("family", FAMILIES)
 def test_folded_prefill_is_the_stock_model(family: str) -> None:
     model = tiny_model(family)
-    ckpt = make_checkpoint(model, bits=2, key_layout="folded")
-    ids, mask = _prompt(pad=5)
-    with torch.no_grad():
-        expected = model(ids, attention_mask=mask).logits
-        cache = RkvCache.from_checkpoint(ckpt, model, backend="reference")
-        with attach(model, rkv_attention):
-            got = model(ids, attention_mask=mask, **cache_kwargs(model, cache), use_cache=True).logits
-    real = mask.bool()
-    torch.testing.assert_close(got[real], expected[real], rtol=0, atol=1e-5)
-    layer = cache.layers[0]
+    layer = check_prefill_is_the_stock_model(model, key_layout="folded").layers[0]
     assert layer.codec.folded and layer.k_codes.shape[1] == model.config.num_key_value_heads
 
 
