@@ -122,8 +122,9 @@ def rkv_attention(
     sinks = flag_sinks(layer_input, codec.sink_channels, codec.sink_threshold)
 
     cos, sin = position_embeddings
-    # what the full-precision segment holds: pre-RoPE keys, or (folded) post-RoPE keys as the model makes them
-    k_store = apply_rotary_pos_emb(key, key, cos, sin)[1] if codec.folded else key
+    multi_token = layer.length > 0 and t > 1
+    k_post = apply_rotary_pos_emb(key, key, cos, sin)[1] if codec.folded or multi_token else None
+    k_store = k_post if codec.folded else key  # what the full-precision segment holds (the layout's key)
     if layer.length == 0:  # prefill: exactly the model's own attention, then store
         out = stock_attention(module, query, key, value, position_embeddings, attention_mask, None, layer_input, **kwargs)
         layer.append(k_store, value, pos, valid, sinks)
@@ -133,7 +134,7 @@ def rkv_attention(
     q_rot = apply_rotary_pos_emb(query, query, cos, sin)[0]
     if t == 1 and codec.folded:  # decode, folded keys: the query takes every key transform
         layer.append(k_store, value, pos, valid, sinks)
-        params = codec.folded_params(cache.inv_freq_on(key.device), cache.attention_scaling, module.scaling)
+        params = codec.folded_params(*layer.rope_or_raise(), module.scaling)
         out = decode_folded(q_rot[:, :, 0], layer.folded_kv(), params, backend=layer.backend)
         layer.flush()
         return out.to(query.dtype).reshape(b, 1, -1)
@@ -155,7 +156,7 @@ def rkv_attention(
     # multi-token step after prefill: attend over (dequantized cache + new tokens), then store
     keys, values, k_pos = stored_tokens(layer)  # post-RoPE keys, either layout
     new_pos = pos if valid is None else torch.where(valid, pos, torch.full_like(pos, -1))
-    keys = torch.cat([keys, apply_rotary_pos_emb(key, key, cos, sin)[1].float()], dim=2)
+    keys = torch.cat([keys, k_post.float()], dim=2)
     values = torch.cat([values, value.float()], dim=2)
     k_pos = torch.cat([k_pos, new_pos.to(k_pos.dtype)], dim=1)
     out = attend_reference(q_rot, keys, values, k_pos, module.scaling, q_pos=pos)
