@@ -93,9 +93,9 @@ def check_decode_against_reference(model, bits: int, pad: int, settings: CacheSe
         assert int(layer.n_sinks.sum()) > 0  # ... and sinks
 
 
-def test_multi_token_step_after_prefill_matches_reference_and_decode() -> None:
-    model = tiny_model("llama")
-    ckpt = make_checkpoint(model, bits=2, key_group_size=32, value_group_size=16)
+def check_multi_token_step_against_reference(model, key_layout: str = "prerope"):
+    """A 5-token chunk after prefill, then 4 decode steps, equal the evaluation reference's; returns (ckpt, ids, mask, chunk)."""
+    ckpt = make_checkpoint(model, bits=2, key_group_size=32, value_group_size=16, key_layout=key_layout)
     settings = CacheSettings(recent_window=8, flush_block=4, max_sinks=2)
     ids, mask = _prompt(pad=4)
     chunk = torch.randint(0, 128, (2, 5))
@@ -103,6 +103,12 @@ def test_multi_token_step_after_prefill_matches_reference_and_decode() -> None:
     got = _run(model, rkv_attention, ids, mask, steps=4, cache=cache, chunk=chunk)
     want = _run(model, EvalReference(model, ckpt, settings), ids, mask, steps=4, chunk=chunk)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    return ckpt, ids, mask, chunk
+
+
+def test_multi_token_step_after_prefill_matches_reference_and_decode() -> None:
+    model = tiny_model("llama")
+    ckpt, ids, mask, chunk = check_multi_token_step_against_reference(model)
     # fed one at a time instead, the chunk gives the same logits while no flush happens in between
     # (21 prompt tokens, window 4 + block 8: 16 quantized, 5 in the window, 10 after the chunk)
     settings = CacheSettings(recent_window=4, flush_block=8, max_sinks=2)

@@ -5,7 +5,13 @@ import pytest
 import torch
 from reference_handler import EvalReference
 from rkv_fixtures import make_checkpoint
-from test_attention import _prompt, _run, check_decode_against_reference, check_prefill_is_the_stock_model
+from test_attention import (
+    _prompt,
+    _run,
+    check_decode_against_reference,
+    check_multi_token_step_against_reference,
+    check_prefill_is_the_stock_model,
+)
 from tiny_models import FAMILIES, tiny_model
 
 from rkv_convert.models.adapters import attach
@@ -37,15 +43,7 @@ def test_folded_decode_matches_evaluation_reference(family, head_dim, n_kv, bits
 
 
 def test_folded_multi_token_step_matches_reference() -> None:
-    model = tiny_model("llama")
-    ckpt = make_checkpoint(model, bits=2, key_group_size=32, value_group_size=16, key_layout="folded")
-    settings = CacheSettings(recent_window=8, flush_block=4, max_sinks=2)
-    ids, mask = _prompt(pad=4)
-    chunk = torch.randint(0, 128, (2, 5))
-    cache = RkvCache.from_checkpoint(ckpt, model, settings, backend="reference")
-    got = _run(model, rkv_attention, ids, mask, steps=4, cache=cache, chunk=chunk)
-    want = _run(model, EvalReference(model, ckpt, settings), ids, mask, steps=4, chunk=chunk)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    check_multi_token_step_against_reference(tiny_model("llama"), key_layout="folded")
 
 
 def test_folded_store_decodes_to_the_evaluation_codec() -> None:
