@@ -13,7 +13,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .cli_checks import LIBRARY_ERRORS, InputError, check_bits, check_device, check_length, make_console, parse_bits
+from .cli_checks import LIBRARY_ERRORS, InputError, check_bits, check_device, check_length, fail, make_console, parse_bits
 from .export.format import DEFAULT_KEY_LAYOUT, KEY_LAYOUTS
 from .models.loading import DEFAULT_MODEL, ModelLoadError
 
@@ -40,8 +40,7 @@ def _progress() -> Progress:
 
 
 def _fail(err: Exception) -> None:
-    console.print(f"[bold red]error:[/] {err}", soft_wrap=True)
-    raise typer.Exit(code=2)
+    fail(console, err)
 
 
 @contextmanager

@@ -3,7 +3,10 @@ and the consoles they print through."""
 
 from __future__ import annotations
 
+from typing import NoReturn
+
 import torch
+import typer
 from rich.console import Console
 
 from .export.format import SUPPORTED_BITS
@@ -17,6 +20,7 @@ __all__ = [
     "check_length",
     "check_prompt_fits",
     "context_length",
+    "fail",
     "make_console",
     "parse_bits",
 ]
@@ -39,6 +43,12 @@ def make_console(stderr: bool = False) -> Console:
     if console.is_terminal:
         return console
     return Console(stderr=stderr, width=PIPED_WIDTH)
+
+
+def fail(console: Console, message: object, code: int = 2) -> NoReturn:
+    """Print one red ``error:`` line (never wrapped) and exit with ``code``."""
+    console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    raise typer.Exit(code=code)
 
 
 def check_device(device: str | None, option: str = "--device") -> None:

@@ -12,7 +12,7 @@ import torch
 import typer
 from rich.table import Table
 
-from ..cli_checks import LIBRARY_ERRORS, check_device, make_console
+from ..cli_checks import LIBRARY_ERRORS, check_device, fail, make_console
 
 __all__ = ["inspect_command", "inspect_checkpoint"]
 
@@ -72,8 +72,7 @@ def inspect_command(
         with console.status("running the model and drawing"):
             paths = inspect_checkpoint(checkpoint, out, text, windows, length, bits or None, device)
     except (CheckpointError, OSError, ValueError, RuntimeError, *LIBRARY_ERRORS) as err:
-        console.print(f"[bold red]error:[/] {err}", soft_wrap=True)
-        raise typer.Exit(code=2)
+        fail(console, err)
     table = Table(title=f"rkv inspect → {out}")
     table.add_column("file")
     table.add_column("shows")

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..cli_checks import LIBRARY_ERRORS, InputError, check_device, check_prompt_fits, make_console
+from ..cli_checks import LIBRARY_ERRORS, InputError, check_device, check_prompt_fits, fail, make_console
 from ..export.format import CheckpointError
 from ..models.loading import BUILTIN_MODELS
 from .api import load
@@ -123,8 +123,7 @@ def run_command(
 
 def _fail(console: Console, message: str) -> None:
     """One red ``error:`` line on stderr, exit code 1."""
-    console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
-    raise typer.Exit(1)
+    fail(console, message, code=1)
 
 
 def _stream(rkv_model, ids: torch.Tensor, max_new_tokens: int, sampling: SamplingOptions, stats: GenerationStats) -> None:
