@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..export.format import CheckpointError, tensor_name
-from ..outdir import atomic_dir, check_output_dir
+from ..outdir import atomic_dir
 
 __all__ = ["ARTIFACT_VERSION", "CalibrationArtifact", "save_artifact", "load_artifact", "weights_fingerprint"]
 
@@ -64,7 +64,6 @@ class CalibrationArtifact:
 def save_artifact(artifact: CalibrationArtifact, out_dir: str | Path, overwrite: bool = False) -> Path:
     """Write to a temporary folder beside ``out_dir`` and rename it into place at the end (:mod:`rkv_convert.outdir`)."""
     out = Path(out_dir)
-    check_output_dir(out, overwrite)
     tensors = {"key_rotation": artifact.key_rotation.contiguous(), "value_rotation": artifact.value_rotation.contiguous()}
     for i, layer in enumerate(artifact.layers):
         for key in PER_LAYER:
