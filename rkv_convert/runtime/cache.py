@@ -436,9 +436,22 @@ class RkvCacheLayer(CacheLayerMixin):
         n = key.shape[2]
         if n == 0:
             return
-        c = self.codec
         self._reserve(self.n_quant + n)
-        b, n_kv, _, d = key.shape
+        lo, hi = self.n_quant, self.n_quant + n
+        for name, t in self.encode(key, value, pos).items():
+            if name == "pos":
+                self.pos[:, lo:hi] = t
+            else:
+                getattr(self, name)[:, :, lo:hi] = t
+        self.n_quant = hi
+
+    def encode(self, key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The store entries of ``[B, n_kv, n, d]`` tokens at ``pos [B, n]`` (codes, scales, zeros, pos; nothing written).
+
+        Every entry depends on its own token only, so a token encodes the same alone or among others.
+        """
+        c = self.codec
+        b, n_kv, n, d = key.shape
         if c.folded:  # y = (k_post - RoPE_n(mu)) @ R_h, then the values' consecutive-group encoder
             inv_freq, scaling = self.rope_or_raise()
             y = fold_keys(key, mean_at(c.head_mean, pos, inv_freq, scaling), c.head_rotation)
@@ -459,15 +472,8 @@ class RkvCacheLayer(CacheLayerMixin):
             t.transpose(1, 2)
             for t in quantize_pack(value.transpose(1, 2), c.bits, c.value_group_size, c.value_clip, backend=self.backend)
         )
-        lo, hi = self.n_quant, self.n_quant + n
-        self.k_codes[:, :, lo:hi] = k_codes
-        self.k_scale[:, :, lo:hi] = k_scale
-        self.k_zero[:, :, lo:hi] = k_zero
-        self.v_codes[:, :, lo:hi] = v_codes
-        self.v_scale[:, :, lo:hi] = v_scale
-        self.v_zero[:, :, lo:hi] = v_zero
-        self.pos[:, lo:hi] = pos
-        self.n_quant = hi
+        return {"k_codes": k_codes, "k_scale": k_scale, "k_zero": k_zero, "v_codes": v_codes, "v_scale": v_scale,
+                "v_zero": v_zero, "pos": pos}  # fmt: skip
 
     # ----- views for attention -----------------------------------------------------------
     def quantized(self) -> dict[str, torch.Tensor]:
