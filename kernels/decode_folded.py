@@ -124,6 +124,8 @@ class FoldedParams:
         inv_freq: fp32 ``[d/2]``; attention_scaling: RoPE's cos/sin factor; sm_scale: score factor.
         bits: key code bits (2, 3 or 4); v_bits: value code bits (None: same as ``bits``).
         g_k, g_v: channels per key / value quantization group (dividing ``d``).
+        softcap: attention-logit soft cap (Gemma 2): logits ``softcap * tanh(sm_scale * s / softcap)``;
+            None: plain ``sm_scale * s``.
     """
 
     rotation: torch.Tensor
@@ -135,6 +137,7 @@ class FoldedParams:
     g_k: int
     g_v: int
     v_bits: int | None = None
+    softcap: float | None = None
     _on_device: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -148,6 +151,8 @@ class FoldedParams:
         for name, b in (("bits", self.bits), ("v_bits", self.value_bits)):
             if b not in (2, 3, 4):
                 raise ValueError(f"{name} must be 2, 3 or 4, got {b}")
+        if self.softcap is not None and not self.softcap > 0:
+            raise ValueError(f"softcap must be positive or None, got {self.softcap}")
         if self.g_k <= 0 or d % self.g_k or self.g_v <= 0 or d % self.g_v:
             raise ValueError(f"group sizes {self.g_k}/{self.g_v} must divide the head dim {d}")
 
@@ -278,7 +283,10 @@ def decode_folded_ref(
         v = torch.cat([v, kv.fp_v.float()], 2)
         valid = torch.cat([valid, kv.fp_pos >= 0], 1)
     v = torch.where(valid[:, None, :, None], v, 0.0).repeat_interleave(rep, 1)  # empty slots may hold garbage
-    scores = (scores * params.sm_scale).masked_fill(~valid[:, None, :], float("-inf"))
+    scores = scores * params.sm_scale
+    if params.softcap is not None:
+        scores = params.softcap * torch.tanh(scores / params.softcap)
+    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
     p = torch.softmax(scores, -1).nan_to_num(0.0)
     out = (p[:, :, None, :].to(cd) @ v.to(cd)).float().squeeze(2)
     return out.to(q.dtype)
@@ -303,6 +311,17 @@ def _u2_plane_fp16(b, J: tl.constexpr):
         asm: tl.constexpr = ("{.reg .b32 t, z; mov.b32 z, 0; shr.b32 t, $2, 6; and.b32 t, t, 0x03030303; "
                              "or.b32 t, t, 0x44444444; prmt.b32 $0, t, z, 0x1404; prmt.b32 $1, t, z, 0x3424;}")
     return tl.inline_asm_elementwise(asm, "=r,=r,r", [b], dtype=tl.float16, is_pure=True, pack=4)
+
+
+@triton.jit
+def _log2_logits(s, qk_scale, cap_scale, SOFTCAP: tl.constexpr):
+    """Base-2 logits of unscaled scores: ``s * qk_scale`` (``sm_scale * log2 e``), or with a soft cap
+    ``cap_scale * tanh(s * qk_scale)`` (``qk_scale = sm_scale / cap``, ``cap_scale = cap * log2 e``)."""
+    if SOFTCAP:
+        out = cap_scale * (1.0 - 2.0 / (tl.exp(2.0 * s * qk_scale) + 1.0))  # tanh, saturating at +-1
+    else:
+        out = s * qk_scale
+    return out
 
 
 @triton.jit
@@ -378,12 +397,12 @@ def _block(t0, t_stop, cur, state, consts, ptrs, ii, hh, rmask, gk, ANGLE: tl.co
            R: tl.constexpr, NG: tl.constexpr, NGP: tl.constexpr, NGVP: tl.constexpr,
            D: tl.constexpr, PW: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_FAST: tl.constexpr,
            V_FAST: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-           USE_LIBDEVICE: tl.constexpr):
+           USE_LIBDEVICE: tl.constexpr, SOFTCAP: tl.constexpr):
     """One block of ``BLOCK_N`` quantized slots (loaded by :func:`_load_block`): scores, online softmax,
     values. ``ANGLE``: the mean term by angle addition from the block's base position (valid positions
     consecutive), else from each slot's own position."""
     m_i, l_i, a0, a1, a2, a3, zacc = state
-    q0, q1, q2, q3, qsum3, coef_a, coef_b, tab_ptr, freq, qk_scale = consts
+    q0, q1, q2, q3, qsum3, coef_a, coef_b, tab_ptr, freq, qk_scale, cap_scale = consts
     pos_row, kc_base, ks_base, kz_base, vc_base, vs_base, vz_base, s_kct, s_kst, s_vct, s_vst = ptrs
     p_t, klo, khi, sk, zk, vlo, vhi, sv, zv = cur
     H: tl.constexpr = D // 2
@@ -422,7 +441,7 @@ def _block(t0, t_stop, cur, state, consts, ptrs, ii, hh, rmask, gk, ANGLE: tl.co
     wk = tl.where((gk == NG)[None, :], 1.0, sk)
     acc3 = tl.reshape(acc, (BLOCK_N, R, NGP))
     s = tl.sum(acc3 * wk[:, None, :] + (zk - KB * sk)[:, None, :] * qsum3[None, :, :], 2)  # [BLOCK_N, R]
-    s = tl.where(valid[:, None] & rmask[None, :], s * qk_scale, float("-inf"))
+    s = tl.where(valid[:, None] & rmask[None, :], _log2_logits(s, qk_scale, cap_scale, SOFTCAP), float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 0))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[None, :])
@@ -447,7 +466,7 @@ def _run_split(t_start, t_stop, state, consts, ptrs, ii, hh, rmask, gk, gv, ANGL
                PREFETCH: tl.constexpr, R: tl.constexpr, NG: tl.constexpr, NGP: tl.constexpr, NGV: tl.constexpr,
                NGVP: tl.constexpr, D: tl.constexpr, PW: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
                K_FAST: tl.constexpr, V_FAST: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr,
-               PREC: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
+               PREC: tl.constexpr, USE_LIBDEVICE: tl.constexpr, SOFTCAP: tl.constexpr):
     """The slots ``[t_start, t_stop)``, block by block; ``PREFETCH``: each block's loads are issued one
     block ahead (while the previous block computes)."""
     nxt = _load_block(t_start, t_stop, ptrs, ii, gk, gv, NG, NGV, PW, K_BITS, V_BITS, K_FAST, V_FAST, BLOCK_N)
@@ -459,7 +478,7 @@ def _run_split(t_start, t_stop, state, consts, ptrs, ii, hh, rmask, gk, gv, ANGL
         else:
             cur = _load_block(t0, t_stop, ptrs, ii, gk, gv, NG, NGV, PW, K_BITS, V_BITS, K_FAST, V_FAST, BLOCK_N)
         state = _block(t0, t_stop, cur, state, consts, ptrs, ii, hh, rmask, gk, ANGLE, R, NG, NGP, NGVP, D, PW,
-                       K_BITS, V_BITS, K_FAST, V_FAST, BLOCK_N, DT, PREC, USE_LIBDEVICE)
+                       K_BITS, V_BITS, K_FAST, V_FAST, BLOCK_N, DT, PREC, USE_LIBDEVICE, SOFTCAP)
     return state
 
 
@@ -469,13 +488,13 @@ def _folded_kernel(
     rot_ptr, mean_ptr, freq_ptr, tab_ptr, fk_ptr, fv_ptr, fpos_ptr, o_ptr, lse_ptr,
     s_qb, s_qh, s_kcb, s_kch, s_kct, s_ksb, s_ksh, s_kst, s_vcb, s_vch, s_vct, s_vsb, s_vsh, s_vst,
     s_pb, s_fb, s_fh, s_ft, s_fpb,
-    T, F, tokens_per_split, n_parts, n_q, qk_scale, rope_scaling,
+    T, F, tokens_per_split, n_parts, n_q, qk_scale, cap_scale, rope_scaling,
     D: tl.constexpr, REP: tl.constexpr, R: tl.constexpr,
     NG: tl.constexpr, NGP: tl.constexpr, GK: tl.constexpr, NGV: tl.constexpr, NGVP: tl.constexpr, GV: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_FAST: tl.constexpr, V_FAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, HAS_FP: tl.constexpr, DIRECT: tl.constexpr,
     ANGLE: tl.constexpr, PREFETCH: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, QPREC: tl.constexpr,
-    USE_LIBDEVICE: tl.constexpr,
+    USE_LIBDEVICE: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """Grid ``(B, n_kv, n_parts)``. ``DIRECT`` (one part): the normalised output in ``o_ptr [B, n_q, d]``;
     else fp32 partial outputs ``o_ptr [B, n_q, n_parts, d]`` and log2-sum-exp ``lse_ptr [B, n_q, n_parts]``."""
@@ -537,7 +556,7 @@ def _folded_kernel(
     vs_base = vs_ptr + b * s_vsb + h * s_vsh
     vz_base = vz_ptr + b * s_vsb + h * s_vsh
     state = (m_i, l_i, a0, a1, a2, a3, zacc)
-    consts = (q0, q1, q2, q3, qsum3, coef_a, coef_b, tab_ptr, freq, qk_scale)
+    consts = (q0, q1, q2, q3, qsum3, coef_a, coef_b, tab_ptr, freq, qk_scale, cap_scale)
     ptrs = (pos_row, kc_base, ks_base, kz_base, vc_base, vs_base, vz_base, s_kct, s_kst, s_vct, s_vst)
     exact = True
     if ANGLE:  # angle addition when every block of the split holds consecutive valid positions
@@ -550,10 +569,12 @@ def _folded_kernel(
         exact = n_gap > 0
     if exact:
         state = _run_split(t_start, t_stop, state, consts, ptrs, ii, hh, rmask, gk, gv, False, PREFETCH, R, NG, NGP,
-                           NGV, NGVP, D, PW, K_BITS, V_BITS, K_FAST, V_FAST, BLOCK_N, DT, PREC, USE_LIBDEVICE)
+                           NGV, NGVP, D, PW, K_BITS, V_BITS, K_FAST, V_FAST, BLOCK_N, DT, PREC, USE_LIBDEVICE,
+                           SOFTCAP)
     else:
         state = _run_split(t_start, t_stop, state, consts, ptrs, ii, hh, rmask, gk, gv, True, PREFETCH, R, NG, NGP,
-                           NGV, NGVP, D, PW, K_BITS, V_BITS, K_FAST, V_FAST, BLOCK_N, DT, PREC, USE_LIBDEVICE)
+                           NGV, NGVP, D, PW, K_BITS, V_BITS, K_FAST, V_FAST, BLOCK_N, DT, PREC, USE_LIBDEVICE,
+                           SOFTCAP)
     m_i, l_i, a0, a1, a2, a3, zacc = state
 
     if HAS_FP:  # the last part also attends to the full-precision segment (post-RoPE keys)
@@ -570,7 +591,7 @@ def _folded_kernel(
             kf = tl.load(fk_base + ff[:, None] * s_ft + kk[None, :], mask=fvalid[:, None], other=0.0).to(DT)
             sf3 = tl.reshape(tl.dot(kf, qd_t, input_precision=PREC), (BLOCK_F, R, NGP))
             s = tl.sum(tl.where(first, sf3, 0.0), 2)
-            s = tl.where(fvalid[:, None] & rmask[None, :], s * qk_scale, float("-inf"))
+            s = tl.where(fvalid[:, None] & rmask[None, :], _log2_logits(s, qk_scale, cap_scale, SOFTCAP), float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 0))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[None, :])
@@ -717,18 +738,22 @@ def decode_folded(
     else:
         o_part = torch.empty(B, n_q, n_parts, d, **f32)
         lse_part = torch.empty(B, n_q, n_parts, **f32)
+    if params.softcap is None:
+        qk_scale, cap_scale = params.sm_scale * _LOG2E, 0.0
+    else:
+        qk_scale, cap_scale = params.sm_scale / params.softcap, params.softcap * _LOG2E
     with device_guard(qc):  # Triton launches on the current device
         _folded_kernel[(B, n_kv, n_parts)](
             qc, kc, ks, kz, vc, vs, vz, pos, rot, mean, freq, tab, fk, fv, fpos, o_part, lse_part,
             qc.stride(0), qc.stride(1), *kc.stride()[:3], *ks.stride()[:3], *vc.stride()[:3], *vs.stride()[:3],
             pos.stride(0), *fk.stride()[:3], fpos.stride(0),
-            T, F, tokens_per_split, n_parts, n_q, params.sm_scale * _LOG2E, float(params.attention_scaling),
+            T, F, tokens_per_split, n_parts, n_q, qk_scale, cap_scale, float(params.attention_scaling),
             D=d, REP=rep, R=R, NG=ng, NGP=ngp, GK=params.g_k, NGV=ngv, NGVP=ngvp, GV=params.g_v,
             K_BITS=params.bits, V_BITS=params.value_bits,
             K_FAST=params.bits == 2 and prmt, V_FAST=params.value_bits == 2 and prmt,
             BLOCK_N=block_n, BLOCK_F=64, HAS_FP=has_fp, DIRECT=direct, ANGLE=angle, PREFETCH=prefetch,
             DT=dt, PREC="ieee" if q.dtype == torch.float32 or not fp16 else "tf32",
             QPREC="ieee" if q.dtype == torch.float32 or interp else "tf32x3",
-            USE_LIBDEVICE=not interp, num_warps=num_warps, num_stages=num_stages,
+            USE_LIBDEVICE=not interp, SOFTCAP=params.softcap is not None, num_warps=num_warps, num_stages=num_stages,
         )  # fmt: skip
     return o_part if direct else _merge(o_part, lse_part, q.dtype)

@@ -7,6 +7,8 @@ plus a small atol.
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 
 import pytest
@@ -95,7 +97,7 @@ def _dev(x):
         return FoldedKV(*(None if t is None else t.to(DEV) for t in x))
     if isinstance(x, FoldedParams):
         return FoldedParams(x.rotation.to(DEV), x.mean.to(DEV), x.inv_freq.to(DEV), x.attention_scaling, x.sm_scale,
-                            x.bits, x.g_k, x.g_v, x.v_bits)
+                            x.bits, x.g_k, x.g_v, x.v_bits, x.softcap)
     return x
 
 
@@ -159,6 +161,25 @@ def test_fp16_angle_path_at_large_positions() -> None:
     """Angle addition from a base position near 20k (fp16 queries): still within the dtype's tolerance."""
     q, kv, params = make_case(B=2, n_kv=1, rep=4, d=64, T=40, F=2, g_k=64, dtype=torch.float16, pos0=20000)
     _check(q, kv, params, _run(q, kv, params, block_n=32, mean_term="angle"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_softcap_matches_reference(dtype: torch.dtype) -> None:
+    """Gemma 2's soft-capped logits: kernel vs reference, with a cap small enough to bind (scores
+    several times the cap), across two splits and the fp segment."""
+    q, kv, params = make_case(dtype=dtype, B=2, n_kv=2, rep=2, d=64, T=50, F=3, g_k=32, g_v=64)
+    q = q * 4
+    capped = dataclasses.replace(params, softcap=2.0, _on_device={})
+    ref_plain = decode_folded_ref(q.float(), _f32(kv), params)
+    ref_capped = decode_folded_ref(q.float(), _f32(kv), capped)
+    assert (ref_plain - ref_capped).abs().max() > 0.05  # the cap changes the result: the test can fail
+    _check(q, kv, capped, _run(q, kv, capped, block_n=16, num_splits=2))
+
+
+def test_softcap_must_be_positive() -> None:
+    _, _, params = make_case(B=1, n_kv=1, rep=1, d=64, T=8)
+    with pytest.raises(ValueError, match="softcap"):
+        dataclasses.replace(params, softcap=0.0, _on_device={})
 
 
 def test_n_tokens_and_strided_views() -> None:
