@@ -3,9 +3,42 @@
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
+    LlamaConfig,
+    MistralConfig,
+    MixtralConfig,
+    Phi3Config,
+    Qwen2Config,
+    Qwen2MoeConfig,
+    Qwen3Config,
+    Qwen3MoeConfig,
+)
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "phi3", "phi4mini", "gemma2", "gemma3")
+"""One row per supported model type (``phi4mini``: Phi-3 with ``partial_rotary_factor`` 0.75, as Phi-4-mini)."""
+
+_MOE = dict(num_experts_per_tok=2, moe_intermediate_size=32)
+_EXTRA = {
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": dict(_MOE, num_experts=4, shared_expert_intermediate_size=32),
+    "qwen3_moe": dict(_MOE, num_experts=4),
+    "phi3": dict(bos_token_id=0, eos_token_id=0, pad_token_id=0),
+    "phi4mini": dict(bos_token_id=0, eos_token_id=0, pad_token_id=0, partial_rotary_factor=0.75),
+    # query_pre_attn_scalar != head_dim so a wrong scale shows; softcap small enough to bite on random weights
+    "gemma2": dict(query_pre_attn_scalar=48, attn_logit_softcapping=5.0, final_logit_softcapping=30.0,
+                   sliding_window=256, layer_types=None),
+    "gemma3": dict(query_pre_attn_scalar=48, sliding_window=256, layer_types=["sliding_attention", "full_attention"],
+                   rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                    "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}}),
+}
+_CONFIGS = {
+    "llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "mixtral": MixtralConfig,
+    "qwen2_moe": Qwen2MoeConfig, "qwen3_moe": Qwen3MoeConfig, "phi3": Phi3Config, "phi4mini": Phi3Config,
+    "gemma2": Gemma2Config, "gemma3": Gemma3TextConfig,
+}
 
 
 def tiny_config(family: str = "llama", head_dim: int = 64, n_heads: int = 4, n_kv: int = 2, layers: int = 2):
@@ -20,16 +53,22 @@ def tiny_config(family: str = "llama", head_dim: int = 64, n_heads: int = 4, n_k
         max_position_embeddings=512,
         tie_word_embeddings=False,
     )
-    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[family]
-    config = cls(**common)
-    config._attn_implementation = "sdpa"
+    extra = dict(_EXTRA.get(family, {}))
+    if family in ("gemma2", "gemma3") and extra.get("layer_types") is not None:
+        extra["layer_types"] = (extra["layer_types"] * layers)[:layers]
+    elif family == "gemma2":
+        extra["layer_types"] = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+    config = _CONFIGS[family](**common, **extra)
+    # Gemma 2's soft cap needs eager attention (SDPA refuses softcap); the others run SDPA
+    config._attn_implementation = "eager" if family == "gemma2" else "sdpa"
     return config
 
 
 def tiny_model(family: str = "llama", seed: int = 0, **kwargs) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family, **kwargs), dtype=torch.float32)
-    if hasattr(model.model.layers[0].self_attn, "q_proj") and model.model.layers[0].self_attn.q_proj.bias is not None:
+    attn = model.model.layers[0].self_attn
+    if hasattr(attn, "q_proj") and attn.q_proj.bias is not None:
         for layer in model.model.layers:
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                 torch.nn.init.normal_(proj.bias, std=0.5)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import sys
 import types
 from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol, Sequence
@@ -41,7 +42,14 @@ __all__ = [
     "adapter_for",
     "attach",
     "attention_modules",
+    "attention_softcap",
+    "attention_window",
     "check_contract",
+    "decoder",
+    "decoder_layers",
+    "head_dim",
+    "layer_rope",
+    "text_config",
     "stock_attention",
 ]
 
@@ -88,7 +96,8 @@ def _project_llama(module: nn.Module, hidden_states: torch.Tensor) -> tuple[torc
     return q, k, v
 
 
-def _project_qwen3(module: nn.Module, hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def _project_qk_norm(module: nn.Module, hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Qwen3 and Gemma 3: RMSNorm over each head's channels of q and k, before RoPE."""
     d = module.head_dim
     shape = (*hidden_states.shape[:-1], -1, d)
     q = module.q_norm(module.q_proj(hidden_states).view(shape)).transpose(1, 2)
@@ -97,30 +106,102 @@ def _project_qwen3(module: nn.Module, hidden_states: torch.Tensor) -> tuple[torc
     return q, k, v
 
 
+def _fused_qkv_sizes(module: nn.Module) -> tuple[int, int]:
+    """Output rows of the query part and of the key part of a fused ``qkv_proj``."""
+    d, config = module.head_dim, module.config
+    return config.num_attention_heads * d, config.num_key_value_heads * d
+
+
+def _project_fused_qkv(module: nn.Module, hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Phi-3: one ``qkv_proj`` whose output rows are all queries, then all keys, then all values."""
+    n_q, n_k = _fused_qkv_sizes(module)
+    qkv = module.qkv_proj(hidden_states)
+    d = module.head_dim
+    return _split_heads(qkv[..., :n_q], d), _split_heads(qkv[..., n_q : n_q + n_k], d), _split_heads(qkv[..., n_q + n_k :], d)
+
+
+def _value_rows_separate(module: nn.Module) -> tuple[nn.Linear, slice]:
+    return module.v_proj, slice(0, module.v_proj.out_features)
+
+
+def _value_rows_fused(module: nn.Module) -> tuple[nn.Linear, slice]:
+    n_q, n_k = _fused_qkv_sizes(module)
+    return module.qkv_proj, slice(n_q + n_k, module.qkv_proj.out_features)
+
+
+def _window_of_module(module: nn.Module) -> int | None:
+    return getattr(module, "sliding_window", None)
+
+
+def _window_of_config(module: nn.Module) -> int | None:
+    return getattr(module.config, "sliding_window", None)
+
+
+def _no_softcap(module: nn.Module) -> float | None:
+    return None
+
+
+def _softcap_of_module(module: nn.Module) -> float | None:
+    cap = module.attn_logit_softcapping
+    return None if cap is None else float(cap)
+
+
+def _rope_single(rotary: nn.Module, module: nn.Module) -> tuple[torch.Tensor, float, str]:
+    return rotary.inv_freq, float(getattr(rotary, "attention_scaling", 1.0)), getattr(rotary, "rope_type", "default")
+
+
+def _rope_per_layer_type(rotary: nn.Module, module: nn.Module) -> tuple[torch.Tensor, float, str]:
+    """Gemma 3: one table per layer type (sliding layers have their own base), ``{type}_inv_freq``."""
+    kind = module.layer_type
+    return getattr(rotary, f"{kind}_inv_freq"), float(getattr(rotary, f"{kind}_attention_scaling")), rotary.rope_type[kind]
+
+
 _LLAMA_ATTRIBUTES = ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "layer_idx", "config", "num_key_value_groups")
+_QK_NORM_ATTRIBUTES = _LLAMA_ATTRIBUTES + ("q_norm", "k_norm")
+_FUSED_ATTRIBUTES = ("qkv_proj", "o_proj", "head_dim", "scaling", "layer_idx", "config", "num_key_value_groups")
 _FORWARD_PARAMS = ("hidden_states", "position_embeddings", "attention_mask")
 
 
 @dataclass(frozen=True)
 class FamilyAdapter:
-    """How one model family computes pre-RoPE q, k, v, and what of its attention module that needs.
+    """Everything rkv knows about one model family's attention: the single place to change for a new one.
 
-    ``forward_params``: named parameters of the module's own ``forward`` that the adapted forward
-    takes over (besides the cache, under either of its names); ``attributes``: what ``project``
-    and the handlers read from the module.
+    - ``project``: pre-RoPE ``q, k, v [B, heads, T, d]`` exactly as the family's forward computes them
+      (q/k norms included);
+    - ``value_rows``: the linear layer holding the value projection and which of its output rows
+      are the values (the value rotation is fused there, :mod:`rkv_convert.export.fuse`);
+    - ``sliding_window``, ``softcap``: the module's sliding window (``None``: global attention) and
+      attention-logit soft cap (``None``: none; else scores become ``cap * tanh(scores / cap)``);
+    - ``rope``: ``(inv_freq, attention_scaling, rope_type)`` of one attention layer, from the decoder's
+      rotary embedding module;
+    - ``forward_params``, ``attributes``: named parameters of the module's own ``forward`` the adapted
+      forward takes over (besides the cache, under either of its names), and the module attributes
+      the adapter and the handlers read; :func:`check_contract` checks both.
+
+    The attention scale is always the module's own ``scaling`` (``query_pre_attn_scalar`` for Gemma).
     """
 
     name: str
     model_types: tuple[str, ...]
-    project: Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, ...]]
+    project: Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, ...]] = _project_llama
+    value_rows: Callable[[nn.Module], tuple[nn.Linear, slice]] = _value_rows_separate
+    sliding_window: Callable[[nn.Module], int | None] = _window_of_module
+    softcap: Callable[[nn.Module], float | None] = _no_softcap
+    rope: Callable[[nn.Module, nn.Module], tuple[torch.Tensor, float, str]] = _rope_single
     has_qk_norm: bool = False
     forward_params: tuple[str, ...] = _FORWARD_PARAMS
     attributes: tuple[str, ...] = _LLAMA_ATTRIBUTES
 
 
 SUPPORTED_FAMILIES: tuple[FamilyAdapter, ...] = (
-    FamilyAdapter("llama", ("llama", "mistral", "qwen2"), _project_llama),
-    FamilyAdapter("qwen3", ("qwen3",), _project_qwen3, has_qk_norm=True, attributes=_LLAMA_ATTRIBUTES + ("q_norm", "k_norm")),
+    FamilyAdapter("llama", ("llama", "qwen2", "qwen2_moe")),
+    FamilyAdapter("mistral", ("mistral", "mixtral"), sliding_window=_window_of_config),
+    FamilyAdapter("qwen3", ("qwen3", "qwen3_moe"), _project_qk_norm, has_qk_norm=True, attributes=_QK_NORM_ATTRIBUTES),
+    FamilyAdapter("phi3", ("phi3",), _project_fused_qkv, _value_rows_fused, _window_of_config, attributes=_FUSED_ATTRIBUTES),
+    FamilyAdapter("gemma2", ("gemma2",), softcap=_softcap_of_module,
+                  attributes=_LLAMA_ATTRIBUTES + ("sliding_window", "attn_logit_softcapping")),
+    FamilyAdapter("gemma3", ("gemma3_text", "gemma3"), _project_qk_norm, rope=_rope_per_layer_type, has_qk_norm=True,
+                  attributes=_QK_NORM_ATTRIBUTES + ("sliding_window", "layer_type")),
 )
 
 
@@ -155,7 +236,10 @@ def supported_model_types() -> list[str]:
 
 
 def adapter_for(config: object) -> FamilyAdapter:
-    """The adapter for ``config.model_type``, or an error naming the supported ones."""
+    """The adapter for ``config.model_type``, or an error naming the supported ones.
+
+    Reads the config alone, so an unsupported model is refused before any weights load.
+    """
     model_type = getattr(config, "model_type", None)
     for family in SUPPORTED_FAMILIES:
         if model_type in family.model_types:
@@ -165,13 +249,67 @@ def adapter_for(config: object) -> FamilyAdapter:
     )
 
 
+def text_config(config: object) -> object:
+    """The language model's config (the text part of a multimodal config such as ``gemma3``)."""
+    get = getattr(config, "get_text_config", None)
+    return get() if get is not None else config
+
+
+def head_dim(config: object) -> int:
+    """Channels per attention head: the one place rkv derives it (``head_dim``, else hidden / heads)."""
+    cfg = text_config(config)
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def decoder(model: nn.Module) -> nn.Module:
+    """The decoder stack (it holds ``.layers`` and ``.rotary_emb``), also inside a multimodal model."""
+    inner = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", model)
+    if getattr(inner, "layers", None) is None:
+        raise UnsupportedModelError(f"{type(model).__name__} has no decoder layers (get_decoder().layers)")
+    return inner
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """Every decoder layer, in order."""
+    return list(decoder(model).layers)
+
+
 def attention_modules(model: nn.Module) -> list[nn.Module]:
     """The self-attention module of every decoder layer, in layer order."""
-    decoder = getattr(model, "model", model)
-    layers = getattr(decoder, "layers", None)
-    if layers is None:
-        raise UnsupportedModelError(f"{type(model).__name__} has no decoder layers at .model.layers")
-    return [layer.self_attn for layer in layers]
+    return [layer.self_attn for layer in decoder_layers(model)]
+
+
+def layer_rope(model: nn.Module) -> list[tuple[torch.Tensor, float]]:
+    """Each attention layer's RoPE as ``(inv_freq fp32 [d/2], attention_scaling)``, in layer order.
+
+    Refuses RoPE types whose frequencies change with the sequence length (the cache stores keys
+    rotated at fixed frequencies). Partial RoPE (``partial_rotary_factor`` < 1) comes back padded
+    with zero frequencies: see :func:`_full_width_rope`.
+    """
+    family = adapter_for(model.config)
+    rotary = getattr(decoder(model), "rotary_emb", None)
+    if rotary is None:
+        raise UnsupportedModelError(f"{type(model).__name__} has no rotary embedding at get_decoder().rotary_emb")
+    tables = []
+    for module in attention_modules(model):
+        inv_freq, scaling, rope_type = family.rope(rotary, module)
+        if rope_type in ("dynamic", "longrope"):
+            raise ValueError(f"rope type {rope_type!r} changes its frequencies with the length; rkv supports static RoPE only")
+        pad = module.head_dim // 2 - inv_freq.shape[0]
+        if pad and scaling != 1.0:
+            raise ValueError(f"partial RoPE with attention scaling {scaling} (rope type {rope_type!r}) is not supported")
+        tables.append((torch.cat([inv_freq.float(), inv_freq.new_zeros(pad, dtype=torch.float32)]), scaling))
+    return tables
+
+
+def attention_softcap(module: nn.Module) -> float | None:
+    """The attention-logit soft cap of ``module`` (an attached attention layer), ``None`` if it has none."""
+    return module.__dict__["_rkv_family"].softcap(module)
+
+
+def attention_window(module: nn.Module) -> int | None:
+    """The sliding window of ``module`` (an attached attention layer), ``None`` for global attention."""
+    return module.__dict__["_rkv_family"].sliding_window(module)
 
 
 def stock_attention(
@@ -190,7 +328,10 @@ def stock_attention(
     query, key = apply_rotary_pos_emb(query, key, cos, sin)
     if cache is not None:
         key, value = cache.update(key, value, module.layer_idx)
-    interface = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, eager_attention_forward)
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, _eager_attention(module))
+    softcap = attention_softcap(module)
+    if softcap is not None:
+        kwargs["softcap"] = softcap
     out, _ = interface(
         module,
         query,
@@ -199,10 +340,36 @@ def stock_attention(
         attention_mask,
         dropout=0.0,
         scaling=module.scaling,
-        sliding_window=getattr(module, "sliding_window", None),
+        sliding_window=attention_window(module),
         **kwargs,
     )
     return out.reshape(*out.shape[:2], -1)
+
+
+def _eager_attention(module: nn.Module) -> Callable:
+    """The family's own eager attention (Gemma 2's applies the soft cap), else Llama's."""
+    own = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    return own if callable(own) else eager_attention_forward
+
+
+def _full_width_rope(
+    query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Partial RoPE (the first ``r < d`` channels rotated, rotate-half pairs ``(i, i + r/2)``) as full-width RoPE.
+
+    The same channel permutation of q and k leaves every ``q·k`` unchanged. This one moves the
+    pairs to ``(i, i + d/2)`` and the unrotated channels into pairs of zero frequency (cos 1,
+    sin 0), so every rkv path (cache, kernels, evaluation) sees ordinary rotate-half RoPE over
+    ``d`` channels; :func:`layer_rope` pads the frequencies to match.
+    """
+    d, r = query.shape[-1], cos.shape[-1]
+    half, rest = r // 2, (d - r) // 2
+    idx = torch.arange(d, device=query.device)
+    perm = torch.cat([idx[:half], idx[r : r + rest], idx[half:r], idx[r + rest :]])
+    ones = cos.new_ones(*cos.shape[:-1], rest)
+    cos_full = torch.cat([cos[..., :half], ones, cos[..., :half], ones], dim=-1)
+    sin_full = torch.cat([sin[..., :half], ones * 0, sin[..., :half], ones * 0], dim=-1)
+    return query[..., perm], key[..., perm], cos_full, sin_full
 
 
 def _pop_cache(kwargs: dict) -> object | None:
@@ -228,6 +395,9 @@ def _adapted_forward(
             f"rkv is tested with {supported_range_text()}"
         )
     q, k, v = self._rkv_family.project(self, hidden_states)
+    if position_embeddings[0].shape[-1] < q.shape[-1]:  # partial RoPE (Phi-4-mini)
+        q, k, *cos_sin = _full_width_rope(q, k, *position_embeddings)
+        position_embeddings = tuple(cos_sin)
     layer_input = self.__dict__.pop("_rkv_layer_input", None)
     if layer_input is not None and layer_input.device != hidden_states.device:
         # stashed before accelerate's hook moved the layer's inputs (device_map over several GPUs)
@@ -257,10 +427,9 @@ def attach(model: nn.Module, handler: AttentionHandler | Sequence[AttentionHandl
         raise ValueError(f"got {len(handlers)} handlers for {len(modules)} attention layers")
     for attn in modules:
         check_contract(family, attn)
-    decoder_layers = getattr(model, "model", model).layers
     hooks = []
     try:
-        for layer, attn, layer_handler in zip(decoder_layers, modules, handlers):
+        for layer, attn, layer_handler in zip(decoder_layers(model), modules, handlers):
             attn.__dict__["_rkv_family"] = family
             attn.__dict__["_rkv_handler"] = layer_handler
             attn.__dict__["forward"] = types.MethodType(_adapted_forward, attn)
