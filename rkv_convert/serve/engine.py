@@ -1,0 +1,275 @@
+"""The continuous-batching engine: many requests decoding together over one :class:`RowCache`.
+
+One :meth:`Engine.step` does, in order: drop cancelled requests (their rows are freed), admit
+waiting requests while a row is free and the cache, grown to hold the request, stays within the
+memory budget (each admitted request is prefilled alone and yields its first token), then one
+decode forward for every active row. A request that finishes (EOS, ``max_tokens``) frees its row at
+once, and the next waiting request takes it on the following step.
+
+**Same greedy tokens alone or in a batch.** A request's computation does not depend on the other
+rows: its prefill runs alone, its cache row follows its own flush schedule (:mod:`.row_cache`),
+its position ids are its own, and it samples with its own generator (seeded by its ``seed``). What
+other rows change is only the batch shape (more rows, and the longest row's slot count, whose
+extra slots have position -1): exact arithmetic gives the same logits; floating-point reductions of
+other lengths may differ in the last bits (see docs/serving.md).
+
+The engine is single-threaded; :mod:`.worker` runs it in a thread for the HTTP server.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..models.compat import CacheDisengagedError
+from ..runtime.generate import RkvModel, ensure_cache_engaged, sample_next
+from .requests import GenerationRequest
+from .row_cache import RowCache, row_bytes
+
+__all__ = ["EngineConfig", "TokenEvent", "Engine", "default_budget", "bytes_per_row"]
+
+MAX_DEFAULT_BATCH = 256
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One new token of a request (``token`` is None on a final event that carries no token)."""
+
+    request_id: str
+    token: int | None
+    finish_reason: str | None = None  # "stop" (EOS), "length" (max_tokens), "cancelled", "error"
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Admission limits: rows (``max_batch``; None = as many as the budget holds at ``max_len``) and bytes."""
+
+    max_len: int  # longest request (prompt + max_tokens) the engine must be able to hold
+    budget_bytes: int  # cache memory the engine may allocate
+    max_batch: int | None = None
+
+
+@dataclass
+class _Sequence:
+    request: GenerationRequest
+    emit: Callable[[TokenEvent], None]
+    generator: torch.Generator | None
+    generated: int = 0
+    last_token: int = 0
+    next_pos: int = 0
+    cancelled: bool = False
+
+
+@dataclass
+class EngineStats:
+    """Counters the progress bar and /health read."""
+
+    requests_done: int = 0
+    tokens_generated: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def tokens_per_second(self) -> float:
+        elapsed = time.perf_counter() - self.started
+        return self.tokens_generated / elapsed if elapsed > 0 else 0.0
+
+
+def bytes_per_row(rkv_model: RkvModel, slots: int) -> int:
+    """Cache bytes one row of every layer allocates for ``slots`` store slots (and its fp segment)."""
+    cache = rkv_model.new_cache()
+    return sum(row_bytes(layer.codec, rkv_model.settings, rkv_model.dtype, slots) for layer in cache.layers)
+
+
+def default_budget(device: torch.device, cpu_bytes: int, fraction: float = 0.85) -> int:
+    """Cache bytes to allow: ``fraction`` of the free memory of a CUDA device, else ``cpu_bytes``."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * fraction)
+    return int(cpu_bytes)
+
+
+class Engine:
+    """Continuous batching over the packed cache (see the module docstring)."""
+
+    def __init__(self, rkv_model: RkvModel, config: EngineConfig) -> None:
+        self.model = rkv_model
+        self.config = config
+        self._row_fixed = bytes_per_row(rkv_model, 0)
+        self._row_per_slot = bytes_per_row(rkv_model, 1) - self._row_fixed
+        per_row = self._row_fixed + self._row_per_slot * config.max_len
+        fits = config.budget_bytes // per_row
+        if config.max_batch is None and fits < 1:
+            raise ValueError(f"one sequence of {config.max_len} tokens needs {per_row / 2**20:.1f} MiB of cache, "
+                             f"the budget is {config.budget_bytes / 2**20:.1f} MiB; raise the budget or lower the length")  # fmt: skip
+        self.max_batch = config.max_batch or int(min(fits, MAX_DEFAULT_BATCH))
+        base = rkv_model.new_cache()
+        self.cache = RowCache(base, self.max_batch, slots=0, dtype=rkv_model.dtype)
+        self.rows: list[_Sequence] = []  # rows[r] runs in cache row r
+        self.waiting: deque[_Sequence] = deque()
+        self.stats = EngineStats()
+        self.device = rkv_model.device
+
+    # ----- requests --------------------------------------------------------------------------
+    def submit(self, request: GenerationRequest, emit: Callable[[TokenEvent], None]) -> None:
+        """Queue ``request``; ``emit`` gets each of its tokens (and the final event) from :meth:`step`."""
+        self.check_fits(request)
+        generator = None
+        if not request.sampling.greedy:
+            generator = torch.Generator(device=self.device)
+            if request.sampling.seed is None:
+                generator.seed()
+            else:
+                generator.manual_seed(request.sampling.seed)
+        self.waiting.append(_Sequence(request, emit, generator))
+
+    def cancel(self, request_id: str) -> None:
+        """Stop ``request_id`` before the next step (a waiting one is dropped, a running one frees its row)."""
+        for seq in (*self.rows, *self.waiting):
+            if seq.request.id == request_id:
+                seq.cancelled = True
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.rows or self.waiting)
+
+    @property
+    def active(self) -> int:
+        return len(self.rows)
+
+    def cache_bytes(self) -> int:
+        """Cache bytes allocated now (every row, store grown to the longest request admitted)."""
+        return self.cache_bytes_for(self.cache.store_slots())
+
+    def cache_bytes_for(self, slots: int) -> int:
+        return self.max_batch * (self._row_fixed + self._row_per_slot * slots)
+
+    # ----- the loop --------------------------------------------------------------------------
+    def step(self) -> None:
+        """Drop cancelled requests, admit what fits, decode one token for every active row."""
+        self._drop_cancelled()
+        self._admit()
+        if self.rows:
+            self._decode()
+
+    def run_until_done(self) -> None:
+        while self.has_work:
+            self.step()
+
+    def fail_all(self, message: str) -> None:
+        """End every request with an ``error`` event (the engine cannot go on)."""
+        for seq in (*self.rows, *self.waiting):
+            seq.emit(TokenEvent(seq.request.id, None, "error", message))
+        for r in reversed(range(len(self.rows))):
+            self._release(r)
+        self.waiting.clear()
+
+    def _drop_cancelled(self) -> None:
+        for seq in [s for s in self.waiting if s.cancelled]:
+            self.waiting.remove(seq)
+            seq.emit(TokenEvent(seq.request.id, None, "cancelled"))
+        for r in reversed(range(len(self.rows))):
+            if self.rows[r].cancelled:
+                seq = self.rows[r]
+                self._release(r)
+                seq.emit(TokenEvent(seq.request.id, None, "cancelled"))
+
+    def check_fits(self, request: GenerationRequest) -> None:
+        """Raise ``ValueError`` unless the cache, its store grown to hold ``request``, fits the budget.
+
+        The store is one rectangle (``max_batch`` rows of the longest admitted request's slots), so
+        a request fits or never does, whatever else runs; the front ends call this before queueing.
+        """
+        if request.total_tokens > self.config.max_len:
+            raise ValueError(f"the request needs {request.total_tokens} tokens (prompt + max_tokens), the engine "
+                             f"holds at most {self.config.max_len} per request")  # fmt: skip
+        need = self.cache_bytes_for(max(self.cache.store_slots(), request.total_tokens))
+        if need > self.config.budget_bytes:
+            raise ValueError(f"the request needs {request.total_tokens} cache slots in each of {self.max_batch} rows "
+                             f"({need / 2**20:.1f} MiB), beyond the cache budget of {self.config.budget_bytes / 2**20:.1f} MiB; "
+                             "lower max_tokens or restart with a smaller --max-batch")  # fmt: skip
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.rows) < self.max_batch:
+            seq = self.waiting.popleft()
+            try:
+                self.check_fits(seq.request)
+            except ValueError as err:
+                seq.emit(TokenEvent(seq.request.id, None, "error", str(err)))
+                continue
+            self.cache.grow_slots(seq.request.total_tokens)
+            self._prefill(seq)
+
+    @torch.no_grad()
+    def _prefill(self, seq: _Sequence) -> None:
+        """Prefill ``seq`` alone (a batch-1 cache), copy it into the next row, emit its first token."""
+        rkv = self.model
+        ids = torch.tensor([seq.request.prompt_ids], dtype=torch.long, device=self.device)
+        t = ids.shape[1]
+        single = rkv.new_cache(reserve_tokens=t)
+        mask = torch.ones_like(ids)
+        positions = torch.arange(t, device=self.device)[None]
+        with rkv.attached() as model:
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+                        **{rkv.cache_argument: single})  # fmt: skip
+        ensure_cache_engaged(single, t, "at prefill")
+        self.cache.load_row(len(self.rows), single)
+        self.rows.append(seq)
+        seq.next_pos = t
+        self._accept(len(self.rows) - 1, sample_next(out.logits[:, -1].to(self.device), seq.request.sampling, seq.generator))
+
+    @torch.no_grad()
+    def _decode(self) -> None:
+        rkv, a = self.model, len(self.rows)
+        tokens = torch.tensor([[s.last_token] for s in self.rows], dtype=torch.long, device=self.device)
+        positions = torch.tensor([[s.next_pos] for s in self.rows], dtype=torch.long, device=self.device)
+        self.cache.begin_step()
+        with rkv.attached() as model:
+            out = model(input_ids=tokens, position_ids=positions, use_cache=True, **{rkv.cache_argument: self.cache})
+        written = self.cache.layers_written()
+        if any(n != 1 for n in written):
+            raise CacheDisengagedError(f"the rkv row cache did not receive the decode step: layers appended {sorted(set(written))} "
+                                       "tokens instead of 1; the model's attention bypassed rkv")  # fmt: skip
+        self.cache.end_step()
+        logits = out.logits[:, -1].to(self.device)
+        greedy = [r for r in range(a) if self.rows[r].request.sampling.greedy]
+        picked: dict[int, torch.Tensor] = {}
+        if greedy:
+            best = logits[greedy].argmax(-1)
+            picked.update(zip(greedy, best))
+        for r in range(a):
+            seq = self.rows[r]
+            seq.next_pos += 1
+            if r not in picked:
+                picked[r] = sample_next(logits[r : r + 1], seq.request.sampling, seq.generator)[0]
+        for r in reversed(range(a)):  # releases move the last row down: go from the top
+            self._accept(r, picked[r])
+
+    def _accept(self, row: int, token: torch.Tensor) -> None:
+        """Record ``row``'s new token, emit it, and free the row when the request is done."""
+        seq = self.rows[row]
+        token_id = int(token.reshape(-1)[0])
+        seq.generated += 1
+        seq.last_token = token_id
+        self.stats.tokens_generated += 1
+        if token_id in seq.request.stop_ids:
+            self._finish(row, TokenEvent(seq.request.id, None, "stop"))
+        elif seq.generated >= seq.request.max_tokens:
+            self._finish(row, TokenEvent(seq.request.id, token_id, "length"))
+        else:
+            seq.emit(TokenEvent(seq.request.id, token_id))
+
+    def _finish(self, row: int, event: TokenEvent) -> None:
+        seq = self.rows[row]
+        self._release(row)
+        self.stats.requests_done += 1
+        seq.emit(event)
+
+    def _release(self, row: int) -> None:
+        moved = self.cache.release_row(row)
+        last = self.rows.pop()
+        if moved is not None:
+            self.rows[row] = last

@@ -1,0 +1,258 @@
+"""A packed rkv cache whose rows run independent schedules: continuous batching over the 2-bit store.
+
+:class:`~rkv_convert.runtime.cache.RkvCache` appends every sequence of a batch in lockstep: one
+slot per token for every row, one flush schedule counted in shared slots. A request that joined a
+running batch there would have its window flushed (its tokens quantized) at other steps than
+when it runs alone, and its prefill would push padding into every other row.
+
+:class:`RowCache` keeps the same tensors (same layout, same kernels) but counts per row: row
+``r`` holds ``n_quant[r]`` store slots, ``n_window[r]`` window slots and its own sink slots,
+exactly the counts of that request run alone through :func:`~rkv_convert.runtime.generate.stream_generate`.
+
+- **Prefill** runs for one request alone, in a batch-1 :class:`RkvCache` (the stock path), and
+  :meth:`RowCache.load_row` copies its state into a free row: the same store, window and sinks.
+- **Decode** (one token per active row) writes each row's token at its own window slot; a row
+  whose window reaches ``recent_window + flush_block`` flushes its oldest ``flush_block`` tokens
+  to its own store offset, on the step it would alone. The kernels read ``[:active]`` rows and
+  the longest row's slots; a shorter row's extra slots have position -1 (zero attention weight),
+  as padding always has.
+- **Active rows are ``0 .. active-1``**: a finished row is replaced by the last active one
+  (:meth:`RowCache.move_row`), so the decode batch is a contiguous slice of the storage.
+
+All layers share one schedule (:class:`RowState`): the engine calls :meth:`RowCache.begin_step`
+before a decode forward and :meth:`RowCache.end_step` after it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..runtime.cache import _STORAGE, CacheSettings, LayerCodec, RkvCache, RkvCacheLayer, _grow
+
+__all__ = ["RowState", "RowCache", "RowCacheLayer", "row_bytes"]
+
+_STORE = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero")
+
+
+@dataclass
+class RowState:
+    """Per-row slot counts on the host (the truth), plus the current step's device index."""
+
+    n_quant: list[int]
+    n_window: list[int]
+    length: list[int]  # slots each row has received (its tokens so far)
+    active: int = 0
+    window_slot: torch.Tensor | None = None  # int64 [active]: where this step's token goes in the fp segment
+    flushing: list[int] = field(default_factory=list)  # rows whose window flushes at the end of this step
+
+
+class RowCacheLayer(RkvCacheLayer):
+    """One decoder layer of a :class:`RowCache` (see the module docstring)."""
+
+    def __init__(self, codec: LayerCodec, settings: CacheSettings, backend: str, rope: tuple[torch.Tensor, float],
+                 state: RowState) -> None:  # fmt: skip
+        super().__init__(codec, settings, backend, rope)
+        self.state = state
+        self.base: dict[str, torch.Tensor] = {}
+
+    def allocate_rows(self, rows: int, slots: int, dtype: torch.dtype) -> None:
+        """Storage for ``rows`` sequences of ``slots`` store slots each, on the codec's device."""
+        self.capacity_hint = slots
+        self.allocate(rows, self.codec.device, dtype)
+        self.base = {name: getattr(self, name) for name in _STORAGE}
+        self.bind(0)
+
+    def bind(self, active: int) -> None:
+        """Point the storage attributes at rows ``0 .. active-1`` (views) for the next forward."""
+        st = self.state
+        for name, t in self.base.items():
+            setattr(self, name, t[:active])
+        self.batch = active
+        self.n_quant = max(st.n_quant[:active], default=0)
+        self.n_window = max(st.n_window[:active], default=0)
+        self.length = max(st.length[:active], default=0)
+
+    def store_slots(self) -> int:
+        return self.base["pos"].shape[1]
+
+    def grow_slots(self, slots: int) -> None:
+        """Make every row's store hold ``slots`` slots (copies the used part)."""
+        cap = self.store_slots()
+        if slots <= cap:
+            return
+        used = max(self.state.n_quant, default=0)
+        for name in _STORE:
+            self.base[name] = _grow(self.base[name], used, slots, dim=2)
+        self.base["pos"] = _grow(self.base["pos"], used, slots, dim=1, fill=-1)
+
+    # ----- rows ------------------------------------------------------------------------------
+    def load_row(self, row: int, single: RkvCacheLayer) -> None:
+        """Copy the state of ``single`` (a batch-1 layer, just prefilled) into ``row``."""
+        b, nq = self.base, single.n_quant
+        for name in _STORE:
+            b[name][row, :, :nq] = getattr(single, name)[0, :, :nq]
+        b["pos"][row] = -1
+        b["pos"][row, :nq] = single.pos[0, :nq]
+        for name in ("fp_k", "fp_v", "fp_pos", "n_sinks"):
+            b[name][row] = getattr(single, name)[0]
+
+    def move_row(self, src: int, dst: int) -> None:
+        """Copy row ``src`` onto row ``dst`` (the slots ``src`` uses; the rest of ``dst`` emptied)."""
+        b, nq = self.base, self.state.n_quant[src]
+        for name in _STORE:
+            b[name][dst, :, :nq] = b[name][src, :, :nq]
+        b["pos"][dst] = -1
+        b["pos"][dst, :nq] = b["pos"][src, :nq]
+        for name in ("fp_k", "fp_v", "fp_pos", "n_sinks"):
+            b[name][dst] = b[name][src]
+
+    def clear_row(self, row: int) -> None:
+        """Mark every slot of ``row`` empty (position -1) and its sink count zero."""
+        self.base["pos"][row] = -1
+        self.base["fp_pos"][row] = -1
+        self.base["n_sinks"][row] = 0
+
+    # ----- the decode step -------------------------------------------------------------------
+    def append(self, key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor,
+               valid: torch.Tensor | None = None, sinks: torch.Tensor | None = None) -> None:  # fmt: skip
+        """Write one token per active row at that row's own window slot (sinks to its sink slots)."""
+        a, n_kv, t, d = key.shape
+        if t != 1 or a != self.state.active:
+            raise ValueError(f"a row cache takes one token for each of its {self.state.active} active rows, "
+                             f"got {a} rows of {t}; prefill requests alone and load_row() them")  # fmt: skip
+        pos = positions.to(self.device, torch.int32).expand(a, 1)
+        if valid is not None:
+            pos = torch.where(valid.to(self.device), pos, torch.full_like(pos, -1))
+        key, value = key.to(self.fp_dtype), value.to(self.fp_dtype)
+        if sinks is not None and self.settings.max_sinks > 0:
+            pos = self._take_sinks(key, value, pos, sinks.to(self.device) & (pos >= 0))
+        slot = self.state.window_slot.to(self.device)  # no copy unless the model spans devices
+        index = slot[:, None, None, None].expand(a, n_kv, 1, d)
+        self.fp_k.scatter_(2, index, key)
+        self.fp_v.scatter_(2, index, value)
+        self.fp_pos.scatter_(1, slot[:, None], pos)
+        self.n_window = max(self.state.n_window[:a]) + 1  # the attention reads the longest row's window
+        self.length += 1
+
+    def flush(self) -> int:
+        """Quantize the oldest ``flush_block`` window tokens of each row whose window is full, at its own offset."""
+        s, w0, st = self.settings, self.window_start, self.state
+        fb = s.flush_block
+        for r in st.flushing:
+            nq, keep = st.n_quant[r], st.n_window[r] + 1 - fb
+            entries = self.encode(self.fp_k[r : r + 1, :, w0 : w0 + fb], self.fp_v[r : r + 1, :, w0 : w0 + fb],
+                                  self.fp_pos[r : r + 1, w0 : w0 + fb])  # fmt: skip
+            for name, t in entries.items():
+                if name == "pos":
+                    self.pos[r, nq : nq + fb] = t[0]
+                else:
+                    getattr(self, name)[r, :, nq : nq + fb] = t[0]
+            for name in ("fp_k", "fp_v"):
+                buf = getattr(self, name)
+                buf[r, :, w0 : w0 + keep] = buf[r, :, w0 + fb : w0 + fb + keep].clone()
+            self.fp_pos[r, w0 : w0 + keep] = self.fp_pos[r, w0 + fb : w0 + fb + keep].clone()
+            self.fp_pos[r, w0 + keep :] = -1
+        return fb * len(st.flushing)
+
+    def bytes_used(self) -> int:
+        """Bytes holding the active rows' tokens (store slots, sink slots, window)."""
+        if not self.base:
+            return 0
+        quant, fp = self._slot_bytes()
+        st = self.state
+        return sum(st.n_quant[r] * quant + (self.window_start + st.n_window[r]) * fp for r in range(st.active))
+
+
+def row_bytes(codec: LayerCodec, settings: CacheSettings, dtype: torch.dtype, slots: int) -> int:
+    """Bytes one row of one layer allocates for ``slots`` store slots plus its full-precision segment."""
+    probe = RkvCacheLayer(codec, settings)
+    probe.fp_dtype = dtype
+    quant, fp = probe._slot_bytes()
+    return slots * quant + (probe.window_start + settings.recent_window + settings.flush_block) * fp + 8
+
+
+class RowCache(RkvCache):
+    """An :class:`RkvCache` of :class:`RowCacheLayer` over ``rows`` rows with per-row schedules."""
+
+    def __init__(self, base: RkvCache, rows: int, slots: int, dtype: torch.dtype) -> None:
+        super().__init__([layer.codec for layer in base.layers], base.settings, base.inv_freq, base.attention_scaling,
+                         base.backend)  # fmt: skip
+        self.state = RowState([0] * rows, [0] * rows, [0] * rows)
+        self.layers = [RowCacheLayer(layer.codec, self.settings, self.backend, layer.rope, self.state) for layer in base.layers]
+        self.rows, self.dtype = rows, dtype
+        for layer in self.layers:
+            layer.allocate_rows(rows, slots, dtype)
+
+    @property
+    def active(self) -> int:
+        return self.state.active
+
+    def store_slots(self) -> int:
+        return self.layers[0].store_slots()
+
+    def grow_slots(self, slots: int) -> None:
+        for layer in self.layers:
+            layer.grow_slots(slots)
+
+    def load_row(self, row: int, single: RkvCache) -> None:
+        """Copy a prefilled batch-1 cache into ``row`` (which becomes active if it is the next free one)."""
+        first = single.layers[0]
+        if first.batch != 1:
+            raise ValueError(f"load_row() takes a batch-1 cache, got {first.batch} rows")
+        if row != self.state.active:
+            raise ValueError(f"the next row to load is {self.state.active}, not {row}")
+        self.grow_slots(first.n_quant)
+        for mine, theirs in zip(self.layers, single.layers, strict=True):
+            if (theirs.length, theirs.n_quant, theirs.n_window) != (first.length, first.n_quant, first.n_window):
+                raise ValueError("the prefilled cache's layers hold different slot counts")
+            mine.load_row(row, theirs)
+        st = self.state
+        st.n_quant[row], st.n_window[row], st.length[row] = first.n_quant, first.n_window, first.length
+        st.active += 1
+
+    def release_row(self, row: int) -> int | None:
+        """Free ``row``; the last active row moves into it. Returns the row that moved there (or None)."""
+        st = self.state
+        if not 0 <= row < st.active:
+            raise ValueError(f"row {row} is not active (rows 0..{st.active - 1} are)")
+        last = st.active - 1
+        for layer in self.layers:
+            if row != last:
+                layer.move_row(last, row)
+            layer.clear_row(last)
+        for counts in (st.n_quant, st.n_window, st.length):
+            counts[row] = counts[last]
+            counts[last] = 0
+        st.active = last
+        return last if row != last else None
+
+    def begin_step(self) -> None:
+        """Before a decode forward: each active row's window slot, which rows flush, views of the active rows."""
+        st, s = self.state, self.settings
+        a = st.active
+        need = max((st.n_quant[r] + s.flush_block for r in range(a)), default=0)
+        self.grow_slots(need)
+        w0 = self.layers[0].window_start
+        st.window_slot = torch.tensor([w0 + st.n_window[r] for r in range(a)], dtype=torch.int64,
+                                      device=self.layers[0].codec.device)  # fmt: skip
+        st.flushing = [r for r in range(a) if st.n_window[r] + 1 >= s.recent_window + s.flush_block]
+        for layer in self.layers:
+            layer.bind(a)
+
+    def end_step(self) -> None:
+        """After a decode forward: every active row received one token; flushed rows moved a block to the store."""
+        st, fb = self.state, self.settings.flush_block
+        for r in range(st.active):
+            st.n_window[r] += 1
+            st.length[r] += 1
+        for r in st.flushing:
+            st.n_window[r] -= fb
+            st.n_quant[r] += fb
+        st.flushing = []
+
+    def layers_written(self) -> list[int]:
+        """Per layer, how many tokens its last forward appended beyond the rows' counts (1 when it wrote the step)."""
+        base = max(self.state.length[: self.state.active], default=0)
+        return [layer.length - base for layer in self.layers]
