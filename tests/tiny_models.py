@@ -20,6 +20,10 @@ from transformers import (
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "phi3", "phi4mini", "gemma2", "gemma3")
 """One row per supported model type (``phi4mini``: Phi-3 with ``partial_rotary_factor`` 0.75, as Phi-4-mini)."""
 
+SOFTCAPPED = ("gemma2",)
+"""Families with attention-logit soft-capping: the pre-RoPE key layout refuses them (folded only)."""
+PREROPE_FAMILIES = tuple(f for f in FAMILIES if f not in SOFTCAPPED)
+
 _MOE = dict(num_experts_per_tok=2, moe_intermediate_size=32)
 _EXTRA = {
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
@@ -27,8 +31,8 @@ _EXTRA = {
     "qwen3_moe": dict(_MOE, num_experts=4),
     "phi3": dict(bos_token_id=0, eos_token_id=0, pad_token_id=0),
     "phi4mini": dict(bos_token_id=0, eos_token_id=0, pad_token_id=0, partial_rotary_factor=0.75),
-    # query_pre_attn_scalar != head_dim so a wrong scale shows; softcap small enough to bite on random weights
-    "gemma2": dict(query_pre_attn_scalar=48, attn_logit_softcapping=5.0, final_logit_softcapping=30.0,
+    # query_pre_attn_scalar != head_dim so a wrong scale shows; random weights give scores ~0.1, so a cap of 0.1 bites
+    "gemma2": dict(query_pre_attn_scalar=48, attn_logit_softcapping=0.1, final_logit_softcapping=30.0,
                    sliding_window=256, layer_types=None),
     "gemma3": dict(query_pre_attn_scalar=48, sliding_window=256, layer_types=["sliding_attention", "full_attention"],
                    rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},

@@ -49,6 +49,7 @@ __all__ = [
     "decoder_layers",
     "head_dim",
     "layer_rope",
+    "layer_softcaps",
     "text_config",
     "stock_attention",
 ]
@@ -300,6 +301,12 @@ def layer_rope(model: nn.Module) -> list[tuple[torch.Tensor, float]]:
             raise ValueError(f"partial RoPE with attention scaling {scaling} (rope type {rope_type!r}) is not supported")
         tables.append((torch.cat([inv_freq.float(), inv_freq.new_zeros(pad, dtype=torch.float32)]), scaling))
     return tables
+
+
+def layer_softcaps(model: nn.Module) -> list[float | None]:
+    """Each attention layer's attention-logit soft cap (``None``: none), in layer order."""
+    family = adapter_for(model.config)
+    return [family.softcap(module) for module in attention_modules(model)]
 
 
 def attention_softcap(module: nn.Module) -> float | None:

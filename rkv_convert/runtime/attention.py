@@ -29,7 +29,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from ..kernels.decode_attention import decode_attention
 from ..kernels.decode_folded import decode_folded
-from ..models.adapters import stock_attention
+from ..models.adapters import attention_softcap, attention_window, stock_attention
 from .cache import RkvCache, RkvCacheLayer
 from .ops import attend_reference, dequantize_folded_keys, dequantize_keys, dequantize_values, rope
 from .sinks import flag_sinks
@@ -89,7 +89,7 @@ def stored_tokens(layer: RkvCacheLayer) -> tuple[torch.Tensor, torch.Tensor, tor
 
 
 def _check_sliding_window(module: nn.Module, layer: RkvCacheLayer, q_len: int) -> None:
-    window = getattr(module, "sliding_window", None)
+    window = attention_window(module)
     if window is not None and layer.length + q_len > window:
         raise NotImplementedError(
             f"layer {module.layer_idx} uses sliding-window attention ({window} tokens) and the sequence "
@@ -134,18 +134,19 @@ def rkv_attention(
     q_rot = apply_rotary_pos_emb(query, query, cos, sin)[0]
     if t == 1 and codec.folded:  # decode, folded keys: the query takes every key transform
         layer.append(k_store, value, pos, valid, sinks)
-        params = codec.folded_params(*layer.rope_or_raise(), module.scaling)
+        params = codec.folded_params(*layer.rope_or_raise(), module.scaling, attention_softcap(module))
         out = decode_folded(q_rot[:, :, 0], layer.folded_kv(), params, backend=layer.backend)
         layer.flush()
         return out.to(query.dtype).reshape(b, 1, -1)
-    if t == 1:  # decode
+    if t == 1:  # decode (RkvCache.from_checkpoint refuses soft-capped models in this layout)
+        inv_freq, rope_scaling = layer.rope_or_raise()
         layer.append(k_store, value, pos, valid, sinks)
         qd, fp = layer.quantized(), layer.full_precision()
         out = decode_attention(
             q_rot[:, :, 0],
             qd["k_codes"], qd["k_scale"], qd["k_zero"], qd["v_codes"], qd["v_scale"], qd["v_zero"], qd["pos"],
             rotation=codec.prepared_rotation(query.dtype), k_mean=codec.k_mean, k_gid=codec.k_gid,
-            inv_freq=cache.inv_freq_on(key.device), attention_scaling=cache.attention_scaling, sm_scale=module.scaling,
+            inv_freq=inv_freq, attention_scaling=rope_scaling, sm_scale=module.scaling,
             k_bits=codec.bits, v_bits=codec.bits,
             k_group_size=codec.key_group_size, v_group_size=codec.value_group_size,
             fp_k=fp["fp_k"], fp_v=fp["fp_v"], fp_pos=fp["fp_pos"], backend=layer.backend,
@@ -159,7 +160,7 @@ def rkv_attention(
     keys = torch.cat([keys, k_post.float()], dim=2)
     values = torch.cat([values, value.float()], dim=2)
     k_pos = torch.cat([k_pos, new_pos.to(k_pos.dtype)], dim=1)
-    out = attend_reference(q_rot, keys, values, k_pos, module.scaling, q_pos=pos)
+    out = attend_reference(q_rot, keys, values, k_pos, module.scaling, q_pos=pos, softcap=attention_softcap(module))
     layer.append(k_store, value, pos, valid, sinks)
     layer.flush()
     return out.to(query.dtype).transpose(1, 2).reshape(b, t, -1)

@@ -51,6 +51,7 @@ from ..export.format import Checkpoint, KeyLayout, LayerTensors, RkvConfig
 from ..kernels.decode_attention import PreparedRotation, prepare_rotation
 from ..kernels.decode_folded import FoldedKV, FoldedParams
 from ..kernels.quantize_pack import group_ids_from_perm, quantize_pack
+from ..models.adapters import decoder_layers, layer_rope, layer_softcaps
 from ..quant.codec import folded_head_rotations
 from ..quant.packing import packed_width
 from .ops import fold_keys, mean_at
@@ -108,16 +109,18 @@ class LayerCodec:
         """fp32 ``[n_kv, d]`` view of the key mean."""
         return self.k_mean.view(self.num_kv_heads, self.head_dim)
 
-    def folded_params(self, inv_freq: torch.Tensor, attention_scaling: float, sm_scale: float) -> FoldedParams:
+    def folded_params(
+        self, inv_freq: torch.Tensor, attention_scaling: float, sm_scale: float, softcap: float | None = None
+    ) -> FoldedParams:
         """This layer's :class:`FoldedParams` for the folded decode kernel (built once per layer)."""
         if not self.folded:
             raise ValueError(f"folded_params() of a {self.key_layout} layer")
-        key = ("folded", float(attention_scaling), float(sm_scale))
+        key = ("folded", float(attention_scaling), float(sm_scale), softcap)
         if key not in self._prepared:
             self._prepared[key] = FoldedParams(
                 rotation=self.head_rotation, mean=self.head_mean, inv_freq=inv_freq.to(self.device, torch.float32),
                 attention_scaling=float(attention_scaling), sm_scale=float(sm_scale), bits=self.bits,
-                g_k=self.key_group_size, g_v=self.value_group_size,
+                g_k=self.key_group_size, g_v=self.value_group_size, softcap=softcap,
             )
         return self._prepared[key]
 
@@ -548,11 +551,8 @@ class RkvCacheLayer(CacheLayerMixin):
 
 def _layer_devices(model: torch.nn.Module, default: torch.device) -> list[torch.device]:
     """The device of each decoder layer's parameters (several with ``device_map="auto"``)."""
-    layers = getattr(getattr(model, "model", model), "layers", None)
-    if layers is None:
-        return [default]
     devices = []
-    for layer in layers:
+    for layer in decoder_layers(model):
         param = next(layer.parameters(), None)
         devices.append(param.device if param is not None else default)
     return devices or [default]
@@ -587,13 +587,13 @@ class RkvCache(Cache):
     ) -> "RkvCache":
         """A cache for ``model`` (whose RoPE table it copies) with ``checkpoint``'s calibration."""
         config = checkpoint.config
-        rotary = getattr(getattr(model, "model", model), "rotary_emb", None)
-        if rotary is None or not hasattr(rotary, "inv_freq"):
-            raise ValueError(f"{type(model).__name__} has no rotary embedding at .model.rotary_emb")
-        rope_type = getattr(rotary, "rope_type", "default")
-        if rope_type in ("dynamic", "longrope"):
-            raise ValueError(f"rope type {rope_type!r} changes its frequencies with the length; rkv supports static RoPE only")
-        devices = _layer_devices(model, rotary.inv_freq.device)
+        if not config.folded and any(cap is not None for cap in layer_softcaps(model)):
+            raise ValueError(
+                f"{model.config.model_type} caps its attention logits (soft-capping), which the {config.key_layout} "
+                "key layout's decode kernel does not apply; export with the folded key layout (the default)"
+            )
+        ropes = layer_rope(model)  # per layer: Gemma 3's sliding layers have their own base
+        devices = _layer_devices(model, ropes[0][0].device)
         codecs = [
             LayerCodec.from_checkpoint(config, checkpoint.key_rotation, layer, devices[i] if i < len(devices) else devices[-1])
             for i, layer in enumerate(checkpoint.layers)
@@ -601,7 +601,10 @@ class RkvCache(Cache):
         if len(codecs) != model.config.num_hidden_layers:
             raise ValueError(f"checkpoint has {len(codecs)} layers, the model {model.config.num_hidden_layers}")
         settings = settings or CacheSettings.from_config(config)
-        return cls(codecs, settings, rotary.inv_freq, float(getattr(rotary, "attention_scaling", 1.0)), backend)
+        cache = cls(codecs, settings, ropes[0][0], ropes[0][1], backend)
+        for layer, (inv_freq, scaling) in zip(cache.layers, ropes):
+            layer.rope = (inv_freq.to(layer.codec.device, torch.float32), scaling)
+        return cache
 
     def inv_freq_on(self, device: torch.device) -> torch.Tensor:
         """The RoPE frequencies on ``device`` (layers of a model split across GPUs live on several)."""

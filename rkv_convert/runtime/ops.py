@@ -140,18 +140,21 @@ def attend_reference(
     k_pos: torch.Tensor,
     scaling: float,
     q_pos: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Full-precision attention of post-RoPE ``q [B, n_q, Tq, d]`` over post-RoPE ``keys [B, n_kv, N, d]``.
 
     ``k_pos [B, N]``: each key's position (-1: empty, never attended); with ``q_pos [B, Tq]`` a key
     is seen only by queries at a position >= its own (causal by position). A query that sees no
-    key gets zeros. Returns fp32 ``[B, n_q, Tq, d]``.
+    key gets zeros. ``softcap`` (Gemma 2): scores become ``softcap * tanh(scores / softcap)``. Returns fp32 ``[B, n_q, Tq, d]``.
     """
     b, n_q, tq, d = q.shape
     n_kv = keys.shape[1]
     k = keys.float()
     qf = q.float().view(b, n_kv, n_q // n_kv, tq, d)
     scores = torch.einsum("bhrqd,bhnd->bhrqn", qf, k) * scaling
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     visible = (k_pos >= 0)[:, None, :].expand(b, tq, -1)
     if q_pos is not None:
         visible = visible & (k_pos[:, None, :] <= q_pos[:, :, None])

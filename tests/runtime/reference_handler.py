@@ -3,7 +3,8 @@
 It keeps every token's pre-RoPE key and value in full precision and, at each attention call,
 replaces the tokens the runtime would hold quantized by ``KeyCodec``/``ValueCodec`` round trips
 (the evaluation codecs; ``FoldedKeyCodec`` for a folded checkpoint, which gives post-RoPE keys),
-then attends with transformers' own RoPE and torch SDPA. Which tokens are
+then attends with the model's RoPE tables (per layer: Gemma 3's sliding layers have their own)
+and plain softmax attention (with the layer's soft cap, Gemma 2). Which tokens are
 quantized follows the cache's documented rules (sinks: the first ``max_sinks`` flagged real tokens
 of each sequence; window: flushed in whole blocks of ``flush_block`` once it holds
 ``recent_window + flush_block`` tokens), simulated here from token counts alone.
@@ -15,10 +16,11 @@ import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 from rkv_convert.export.format import Checkpoint
-from rkv_convert.models.adapters import stock_attention
+from rkv_convert.models.adapters import layer_rope, layer_softcaps, stock_attention
 from rkv_convert.quant.codec import FoldedKeyCodec, KeyCodec, ValueCodec
 from rkv_convert.runtime.attention import new_token_validity
 from rkv_convert.runtime.cache import CacheSettings
+from rkv_convert.runtime.ops import rope_cos_sin
 from rkv_convert.runtime.sinks import flag_sinks
 
 
@@ -66,7 +68,7 @@ class EvalReference:
 
     def __init__(self, model, checkpoint: Checkpoint, settings: CacheSettings) -> None:
         cfg = checkpoint.config
-        self.rotary = model.model.rotary_emb
+        self.ropes, self.softcaps = layer_rope(model), layer_softcaps(model)
         codec = FoldedKeyCodec if cfg.folded else KeyCodec
         self.folded = cfg.folded
         self.keys = [
@@ -84,7 +86,7 @@ class EvalReference:
         quant = torch.zeros(b, n, dtype=torch.bool)
         quant[:, :n_quant] = True
         quant &= ~st.kept
-        cos, sin = self.rotary(k, st.pos.clamp_min(0))
+        cos, sin = (t.squeeze(1) for t in rope_cos_sin(st.pos.clamp_min(0), *self.ropes[i]))
         if self.folded:  # the folded codec reads post-RoPE keys back
             k_hat = self.keys[i].roundtrip(k, cos, sin)
             k = torch.where(quant[:, None, :, None], k_hat, apply_rotary_pos_emb(k, k, cos, sin)[0])
@@ -98,9 +100,11 @@ class EvalReference:
         if causal:
             visible = visible & (st.pos[:, None, :] <= q_pos[:, :, None])
         rep = q_rot.shape[1] // n_kv
-        out = torch.nn.functional.scaled_dot_product_attention(
-            q_rot.float(), repeat_kv(k, rep), repeat_kv(v, rep), attn_mask=visible[:, None], scale=module.scaling
-        )
+        scores = q_rot.float() @ repeat_kv(k, rep).transpose(-1, -2) * module.scaling
+        if self.softcaps[i] is not None:
+            scores = self.softcaps[i] * torch.tanh(scores / self.softcaps[i])
+        probs = torch.softmax(scores.masked_fill(~visible[:, None], float("-inf")), dim=-1)
+        out = probs @ repeat_kv(v, rep)
         return out.transpose(1, 2).reshape(b, q_rot.shape[2], -1)
 
     def __call__(self, module, q, k, v, pe, mask, cache, layer_input, **kw):

@@ -1,0 +1,68 @@
+"""The family-specific pieces of the adapters against transformers' own code: partial RoPE,
+per-layer RoPE tables, the soft cap, and one tiny-model row per supported family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import FAMILIES, tiny_model
+
+from rkv_convert.models.adapters import _full_width_rope, attach, attention_modules, layer_rope, layer_softcaps
+
+NEW = ("mixtral", "qwen2_moe", "qwen3_moe", "phi3", "phi4mini", "gemma2", "gemma3")
+
+
+def test_soft_cap_is_read_and_bites() -> None:
+    """Gemma 2's cap reaches every layer, and it changes the logits (so the tests above exercise it)."""
+    model = tiny_model("gemma2")
+    assert layer_softcaps(model) == [0.1, 0.1]
+    ids = torch.randint(0, 128, (1, 12))
+    with torch.no_grad():
+        capped = model(ids).logits
+        for m in attention_modules(model):
+            m.attn_logit_softcapping = None
+        uncapped = model(ids).logits
+    assert (capped - uncapped).abs().max() > 1e-2
+
+
+def test_gemma3_layers_get_their_own_rope_base() -> None:
+    model = tiny_model("gemma3")
+    (local, _), (full, _) = layer_rope(model)
+    rotary = model.model.rotary_emb
+    assert [m.layer_type for m in attention_modules(model)] == ["sliding_attention", "full_attention"]
+    torch.testing.assert_close(local, rotary.sliding_attention_inv_freq.float())
+    torch.testing.assert_close(full, rotary.full_attention_inv_freq.float())
+    assert not torch.allclose(local, full)
+
+
+@pytest.mark.parametrize("head_dim,factor", [(64, 0.75), (128, 0.5), (96, 0.25)])
+def test_partial_rope_as_full_width_rope_keeps_every_score(head_dim: int, factor: float) -> None:
+    """Permuted q and k under the padded full-width RoPE give Phi-3's partial-RoPE q·k exactly."""
+    from transformers.models.phi3.modeling_phi3 import apply_rotary_pos_emb as phi3_rope
+
+    rotary_dim = int(head_dim * factor)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim))
+    pos = torch.arange(9).float()
+    emb = torch.cat([pos[:, None] * inv_freq] * 2, -1)[None]
+    cos, sin = emb.cos(), emb.sin()
+    q, k = torch.randn(1, 2, 9, head_dim), torch.randn(1, 2, 9, head_dim)
+    q_ref, k_ref = phi3_rope(q, k, cos, sin)
+    q_p, k_p, cos_f, sin_f = _full_width_rope(q, k, cos, sin)
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    q_f, k_f = apply_rotary_pos_emb(q_p, k_p, cos_f, sin_f)
+    torch.testing.assert_close(q_f @ k_f.transpose(-1, -2), q_ref @ k_ref.transpose(-1, -2), rtol=1e-5, atol=1e-5)
+
+
+def test_phi4mini_rope_table_is_padded_with_zero_frequencies() -> None:
+    model = tiny_model("phi4mini", head_dim=64)
+    inv_freq, scaling = layer_rope(model)[0]
+    assert inv_freq.shape == (32,) and scaling == 1.0
+    assert torch.equal(inv_freq[24:], torch.zeros(8)) and (inv_freq[:24] > 0).all()
+
+
+def test_every_row_is_a_supported_family() -> None:
+    assert set(NEW) <= set(FAMILIES)
+    for family in FAMILIES:
+        with attach(tiny_model(family), lambda *a, **k: None):
+            pass

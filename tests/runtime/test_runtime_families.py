@@ -1,0 +1,67 @@
+"""Every supported family end to end on tiny random models: decode through the packed cache against
+the evaluation reference (both key layouts, MHA and GQA, each head_dim the family uses), the Triton
+kernels in the interpreter against the CPU reference, and the family-specific pieces (partial RoPE,
+per-layer RoPE tables, soft cap) against transformers' own code."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from reference_handler import EvalReference
+from rkv_fixtures import make_checkpoint
+from test_attention import _prompt, _run, check_multi_token_step_against_reference
+from tiny_models import SOFTCAPPED, tiny_model
+
+from rkv_convert.runtime.attention import rkv_attention
+from rkv_convert.runtime.cache import CacheSettings, RkvCache
+
+NEW = ("mixtral", "qwen2_moe", "qwen3_moe", "phi3", "phi4mini", "gemma2", "gemma3")
+# (head_dim, n_heads, n_kv): MHA and GQA at the usual 64/128, and Gemma's 256 with one KV head
+SHAPES = {f: [(64, 4, 4), (128, 4, 2)] for f in NEW}
+SHAPES["gemma2"] = [(64, 4, 4), (256, 4, 2)]
+SHAPES["gemma3"] = [(64, 4, 4), (256, 4, 1)]
+SETTINGS = CacheSettings(recent_window=4, flush_block=4, max_sinks=2)
+CASES = [(f, *shape) for f in NEW for shape in SHAPES[f]]
+
+
+def _layouts(family: str) -> list[str]:
+    return ["folded"] if family in SOFTCAPPED else ["folded", "prerope"]
+
+
+@pytest.mark.parametrize("family,head_dim,n_heads,n_kv", CASES)
+def test_decode_matches_evaluation_reference(family: str, head_dim: int, n_heads: int, n_kv: int) -> None:
+    model = tiny_model(family, head_dim=head_dim, n_heads=n_heads, n_kv=n_kv)
+    for layout in _layouts(family):
+        ckpt = make_checkpoint(model, bits=2, key_group_size=32, value_group_size=16, sink_quantile=0.9, key_layout=layout)
+        ids, mask = _prompt(pad=3)
+        cache = RkvCache.from_checkpoint(ckpt, model, SETTINGS, backend="reference")
+        got = _run(model, rkv_attention, ids, mask, steps=8, cache=cache)
+        want = _run(model, EvalReference(model, ckpt, SETTINGS), ids, mask, steps=8)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m: f"{family} {layout}: {m}")
+        assert cache.layers[-1].n_quant > 0
+
+
+@pytest.mark.parametrize("family", NEW)
+def test_multi_token_step_matches_reference(family: str) -> None:
+    check_multi_token_step_against_reference(tiny_model(family), key_layout="folded")
+
+
+@pytest.mark.parametrize("family", NEW)
+def test_triton_interpreter_matches_reference_backend(family: str) -> None:
+    """backend='auto' (Triton; the interpreter on CPU) gives the reference backend's logits."""
+    head_dim, n_heads, n_kv = SHAPES[family][-1]
+    layers = 2 if family.startswith("gemma") else 1  # Gemma: one sliding and one global layer
+    model = tiny_model(family, layers=layers, head_dim=head_dim, n_heads=n_heads, n_kv=n_kv)
+    for layout in _layouts(family):
+        ckpt = make_checkpoint(model, bits=2, key_group_size=32, value_group_size=32, key_layout=layout)
+        ids, mask = _prompt(t=10, pad=2)
+        ref = _run(model, rkv_attention, ids, mask, steps=2, cache=RkvCache.from_checkpoint(ckpt, model, SETTINGS, backend="reference"))
+        got = _run(model, rkv_attention, ids, mask, steps=2, cache=RkvCache.from_checkpoint(ckpt, model, SETTINGS, backend="auto"))
+        torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3, msg=lambda m: f"{family} {layout}: {m}")
+
+
+def test_prerope_layout_refuses_soft_capped_models_naming_the_fix() -> None:
+    model = tiny_model("gemma2")
+    ckpt = make_checkpoint(model, bits=2, key_layout="prerope")
+    with pytest.raises(ValueError, match="gemma2 caps its attention logits.*folded key layout"):
+        RkvCache.from_checkpoint(ckpt, model)
