@@ -8,6 +8,7 @@ A thin layer over :func:`rkv_convert.runtime.api.load` and
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 import typer
@@ -17,6 +18,7 @@ from rich.table import Table
 from ..cli_checks import LIBRARY_ERRORS, InputError, check_device, check_prompt_fits, fail, make_console
 from ..export.format import CheckpointError
 from ..models.loading import BUILTIN_MODELS
+from ..serve.job_cli import batch_job
 from .api import load
 from .generate import GenerationStats, SamplingOptions, stream_generate
 
@@ -82,8 +84,16 @@ def run_command(
     dtype: str = typer.Option("auto", help="auto (fp16 on CUDA, fp32 on CPU), float32, float16 or bfloat16"),
     chat: bool = typer.Option(True, "--chat/--no-chat", help="wrap the prompt in the tokenizer's chat template"),
     system: str = typer.Option(None, help="system message (chat mode)"),
+    prompts: Path = typer.Option(None, "--prompts", help="batch job: a JSONL file of requests (id, prompt or messages, "
+                                 "max_tokens, temperature, top_p, seed), run with continuous batching; needs --out"),
+    out: Path = typer.Option(None, "--out", help="batch job: JSONL output, one line appended per finished request; "
+                             "a re-run skips the ids already there"),
+    max_batch: int = typer.Option(None, "--max-batch", help="batch job: most sequences at once (default: as many as the "
+                                  "cache budget holds at the longest request)"),
+    cache_memory: float = typer.Option(None, "--cache-memory", help="batch job: KV cache budget in GiB (default: 85%% "
+                                       "of free GPU memory on CUDA, 2 GiB on CPU)"),
 ) -> None:
-    """Generate text from an rkv checkpoint with the packed 2-4 bit KV cache, streaming it."""
+    """Generate text from an rkv checkpoint with the packed 2-4 bit KV cache, streaming it (or a batch job: --prompts)."""
     console = make_console(stderr=True)
     if checkpoint in BUILTIN_MODELS:
         console.print(
@@ -94,6 +104,10 @@ def run_command(
         )
         raise typer.Exit(2)
     try:
+        if (prompts is None) != (out is None):
+            raise InputError("--prompts and --out go together: pass both for a batch job")
+        if prompts is not None and not prompts.is_file():
+            raise InputError(f"--prompts {prompts}: no such file")
         if not prompt.strip():
             raise InputError("the prompt is empty; pass some text with --prompt")
         if device_map is None:
@@ -107,6 +121,15 @@ def run_command(
     if tokenizer is None:
         _fail(console, f"{checkpoint} has no tokenizer files; re-export it with its tokenizer")
     sampling = SamplingOptions(0.0 if greedy else temperature, top_p, top_k, seed)
+    if prompts is not None:
+        try:
+            summary = batch_job(rkv_model, prompts, out, sampling, max_new_tokens, _eos_ids(tokenizer, rkv_model.model),
+                                max_batch, cache_memory, console)  # fmt: skip
+        except (InputError, ValueError, OSError, *LIBRARY_ERRORS) as err:
+            _fail(console, str(err))
+        if summary.failed:
+            raise typer.Exit(1)
+        return
     ids = build_prompt(tokenizer, prompt, chat, system)
     stats = GenerationStats()
     try:

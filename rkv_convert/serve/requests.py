@@ -105,9 +105,12 @@ def prompt_ids(tokenizer, body: dict, chat: bool) -> list[int]:
     return list(tokenizer(prompt).input_ids)
 
 
-def parse_request(body: object, tokenizer, limits: Limits, request_id: str, chat: bool,
-                  stop_ids: tuple[int, ...] = ()) -> GenerationRequest:  # fmt: skip
-    """A checked :class:`GenerationRequest` from a JSON object (raises :class:`RequestError`)."""
+def parse_request(body: object, tokenizer, limits: Limits, request_id: str, chat: bool, stop_ids: tuple[int, ...] = (),
+                  defaults: SamplingOptions = SamplingOptions(temperature=1.0, top_p=1.0, top_k=0, seed=None)) -> GenerationRequest:  # fmt: skip
+    """A checked :class:`GenerationRequest` from a JSON object (raises :class:`RequestError`).
+
+    ``defaults`` gives the sampling of fields the body leaves out (OpenAI's: temperature 1, top_p 1).
+    """
     if not isinstance(body, dict):
         raise RequestError("the request must be a JSON object")
     if _integer(body, "n") not in (None, 1):
@@ -135,10 +138,11 @@ def parse_request(body: object, tokenizer, limits: Limits, request_id: str, chat
         )
     if max_tokens is None:
         max_tokens = min(limits.default_max_tokens, room)
-    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
-    top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
+    temperature = _number(body, "temperature", defaults.temperature, 0.0, 2.0)
+    top_p = _number(body, "top_p", defaults.top_p, 0.0, 1.0)
     if top_p == 0.0:
         raise RequestError("top_p must be above 0", "top_p")
     seed = _integer(body, "seed")
-    sampling = SamplingOptions(temperature=temperature, top_p=top_p, top_k=0, seed=seed)
+    sampling = SamplingOptions(temperature=temperature, top_p=top_p, top_k=defaults.top_k,
+                               seed=defaults.seed if seed is None else seed)  # fmt: skip
     return GenerationRequest(request_id, tuple(ids), max_tokens, sampling, tuple(stop_ids))
