@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import importlib.util
+import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from .adapters import adapter_for
+from .adapters import UnsupportedModelError, adapter_for, supported_model_types
 
-__all__ = ["DEFAULT_MODEL", "BUILTIN_MODELS", "LoadedModel", "load_config", "load_model", "ModelLoadError", "resolve_source"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "BUILTIN_MODELS",
+    "LoadedModel",
+    "ModelLoadError",
+    "check_gguf_supported",
+    "gguf_architecture",
+    "load_config",
+    "load_model",
+    "resolve_source",
+]
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -69,6 +81,73 @@ def _forget_gguf_quantization(model: PreTrainedModel) -> None:
         del model.config.quantization_config
 
 
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+_GGUF_MODEL_TYPES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gemma3": "gemma3_text"}
+"""llama.cpp architecture names that differ from the transformers model type."""
+
+
+def _read(f: BinaryIO, fmt: str) -> object:
+    size = struct.calcsize(fmt)
+    data = f.read(size)
+    if len(data) != size:
+        raise ModelLoadError(f"{f.name}: the GGUF header ends early")
+    return struct.unpack(fmt, data)[0]
+
+
+def _read_string(f: BinaryIO) -> str:
+    return f.read(_read(f, "<Q")).decode("utf-8", errors="replace")
+
+
+def _skip_value(f: BinaryIO, kind: int) -> None:
+    if kind == _GGUF_STRING:
+        f.seek(_read(f, "<Q"), 1)
+    elif kind == _GGUF_ARRAY:
+        item, count = _read(f, "<I"), _read(f, "<Q")
+        if item in _GGUF_SCALARS:
+            f.seek(struct.calcsize(_GGUF_SCALARS[item]) * count, 1)
+        else:
+            for _ in range(count):
+                _skip_value(f, item)
+    elif kind in _GGUF_SCALARS:
+        f.seek(struct.calcsize(_GGUF_SCALARS[kind]), 1)
+    else:
+        raise ModelLoadError(f"{f.name}: unknown GGUF value type {kind}")
+
+
+def gguf_architecture(path: str | Path) -> str:
+    """``general.architecture`` from a GGUF file's header, reading only the key-value pairs before it.
+
+    transformers parses every header field (a 262k-token vocabulary among them) before it looks
+    at the architecture; this reads a few hundred bytes, so an unsupported model is refused at once.
+    """
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ModelLoadError(f"{path} is not a GGUF file (no GGUF magic)")
+        version = _read(f, "<I")
+        if version < 2:
+            raise ModelLoadError(f"{path}: GGUF version {version} is too old (2 or later needed)")
+        _read(f, "<Q")  # tensor count
+        for _ in range(_read(f, "<Q")):
+            key, kind = _read_string(f), _read(f, "<I")
+            if key == "general.architecture" and kind == _GGUF_STRING:
+                return _read_string(f)
+            _skip_value(f, kind)
+    raise ModelLoadError(f"{path} has no general.architecture in its GGUF header")
+
+
+def check_gguf_supported(path: str | Path) -> str:
+    """The transformers model type of a GGUF file, or :class:`UnsupportedModelError` naming the supported ones."""
+    arch = gguf_architecture(path)
+    model_type = _GGUF_MODEL_TYPES.get(arch, arch)
+    if model_type not in supported_model_types():
+        raise UnsupportedModelError(
+            f"GGUF architecture {arch!r} ({Path(path).name}) is not supported by rkv; supported: "
+            f"{', '.join(supported_model_types())}"
+        )
+    return model_type
+
+
 @dataclass
 class LoadedModel:
     model: PreTrainedModel
@@ -77,15 +156,23 @@ class LoadedModel:
 
 
 def load_config(model: str, trust_remote_code: bool = False) -> PretrainedConfig:
-    """The model's config alone (no weights): for checks before the slow load, e.g. the context length."""
+    """The model's config alone (no weights), refused unless rkv supports its architecture.
+
+    For checks before the slow load (the context length, the family). A GGUF file is refused from
+    its header's architecture before transformers parses the rest of the header.
+    """
     source = resolve_source(model)
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    if source.gguf_file and Path(source.location, source.gguf_file).is_file():
+        check_gguf_supported(Path(source.location, source.gguf_file))
     try:
-        return AutoConfig.from_pretrained(source.location, trust_remote_code=trust_remote_code, **kwargs)
+        config = AutoConfig.from_pretrained(source.location, trust_remote_code=trust_remote_code, **kwargs)
     except OSError as err:
         raise ModelLoadError(
             f"cannot load {model!r}: {err}. Offline? Pass a local folder, a .gguf file or '{DEFAULT_MODEL}'"
         ) from err
+    adapter_for(config)
+    return config
 
 
 def load_model(
