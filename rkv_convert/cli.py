@@ -302,11 +302,13 @@ def _clip_tables(checkpoint: Path, num_layers: int) -> dict[str, list[torch.Tens
 
 
 def _register_subcommands() -> None:
-    """``rkv run`` and ``rkv inspect`` live beside the code they drive."""
+    """``rkv run``, ``rkv serve`` and ``rkv inspect`` live beside the code they drive."""
     from .inspect.cli import inspect_command
     from .runtime.cli import run_command
+    from .serve.serve_cli import serve_command
 
     app.command("run", help="Generate from an exported checkpoint with the packed rkv cache (streaming, then a summary).")(run_command)
+    app.command("serve", help="Serve an exported checkpoint over an OpenAI-compatible HTTP API with continuous batching.")(serve_command)
     app.command("inspect", help="Write PNG figures of key channels, massive activations, sink attention and quantization error.")(inspect_command)
 
 

@@ -1,0 +1,128 @@
+"""The engine in a thread: thread-safe submit and cancel, a bounded waiting queue, a drain on stop.
+
+The HTTP handlers run on the asyncio loop; the model runs here, one :meth:`Engine.step` at a
+time, so a long forward never blocks the loop. Requests wait in the engine's queue until a row is
+free; :meth:`EngineWorker.submit` refuses one more than ``max_queue`` waiting (:class:`QueueFull`,
+HTTP 429) and any once the worker stops or its engine failed (:class:`Unavailable`, HTTP 503).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from typing import Callable
+
+from .engine import Engine, TokenEvent
+from .requests import GenerationRequest
+
+__all__ = ["EngineWorker", "QueueFull", "Unavailable"]
+
+log = logging.getLogger("rkv.serve")
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue is full: try again later (HTTP 429)."""
+
+
+class Unavailable(RuntimeError):
+    """The worker is stopping or its engine failed (HTTP 503)."""
+
+
+class EngineWorker:
+    """Runs an :class:`Engine` in a daemon thread (see the module docstring)."""
+
+    def __init__(self, engine: Engine, max_queue: int) -> None:
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be at least 1, got {max_queue}")
+        self.engine = engine
+        self.max_queue = max_queue
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._waiting = 0  # submitted, not yet taken into a row (inbox + engine queue)
+        self._wake = threading.Event()
+        self._stopping = False
+        self.failure: str | None = None
+        self._thread = threading.Thread(target=self._loop, name="rkv-engine", daemon=True)
+
+    def start(self) -> "EngineWorker":
+        self._thread.start()
+        return self
+
+    @property
+    def available(self) -> bool:
+        return not self._stopping and self.failure is None and self._thread.is_alive()
+
+    @property
+    def waiting(self) -> int:
+        return self._waiting
+
+    def submit(self, request: GenerationRequest, emit: Callable[[TokenEvent], None]) -> None:
+        """Queue ``request`` (``emit`` is called from the engine thread) or raise QueueFull / Unavailable."""
+        with self._lock:
+            if not self.available:
+                raise Unavailable(self.failure or "the server is shutting down")
+            if self._waiting >= self.max_queue:
+                raise QueueFull(f"{self._waiting} requests are already waiting (the queue holds {self.max_queue})")
+            self._waiting += 1
+        self._inbox.put(("submit", request, emit))
+        self._wake.set()
+
+    def cancel(self, request_id: str) -> None:
+        """Stop ``request_id`` (a client went away): its row is freed at the next step."""
+        self._inbox.put(("cancel", request_id, None))
+        self._wake.set()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Refuse new requests, finish every request already taken, then end the thread."""
+        with self._lock:
+            self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout)
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, arg, emit = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "submit":
+                emit = self._counting(emit)
+                if self.failure is not None:
+                    emit(TokenEvent(arg.id, None, "error", self.failure))
+                    continue
+                try:
+                    self.engine.submit(arg, emit)
+                except ValueError as err:  # checked before queueing; the store may have grown since
+                    emit(TokenEvent(arg.id, None, "error", str(err)))
+            else:
+                self.engine.cancel(arg)
+
+    def _counting(self, emit: Callable[[TokenEvent], None]) -> Callable[[TokenEvent], None]:
+        """``emit`` that also notes when the request leaves the waiting queue (first event)."""
+        first = [True]
+
+        def wrapped(event: TokenEvent) -> None:
+            if first[0]:
+                first[0] = False
+                with self._lock:
+                    self._waiting -= 1
+            emit(event)
+
+        return wrapped
+
+    def _loop(self) -> None:
+        while True:
+            self._drain_inbox()
+            if self.engine.has_work:
+                try:
+                    self.engine.step()
+                except Exception as err:  # the engine cannot go on: end every request with an error, refuse new ones
+                    log.exception("engine step failed")
+                    self.failure = f"the engine failed: {type(err).__name__}: {err}"
+                    self.engine.fail_all(self.failure)
+                continue
+            if self._stopping and self._inbox.empty():
+                return
+            self._wake.wait(0.05)
+            self._wake.clear()
