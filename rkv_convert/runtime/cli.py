@@ -90,7 +90,7 @@ def run_command(
                              "a re-run skips the ids already there"),
     max_batch: int = typer.Option(None, "--max-batch", help="batch job: most sequences at once (default: as many as the "
                                   "cache budget holds at the longest request)"),
-    cache_memory: float = typer.Option(None, "--cache-memory", help="batch job: KV cache budget in GiB (default: 85%% "
+    cache_memory: float = typer.Option(None, "--cache-memory", help="batch job: KV cache budget in GiB (default: 85% "
                                        "of free GPU memory on CUDA, 2 GiB on CPU)"),
 ) -> None:
     """Generate text from an rkv checkpoint with the packed 2-4 bit KV cache, streaming it (or a batch job: --prompts)."""
