@@ -135,6 +135,7 @@ def _check_calibration_inputs(model: str, out: Path, data: str, options, device:
     """Everything ``rkv calibrate`` can check without the weights; returns the model's config."""
     from .calibrate.search import PERM_STATISTICS
     from .calibration_data.sources import check_source
+    from .models.adapters import check_key_layout
     from .models.loading import load_config
     from .outdir import check_output_dir
 
@@ -149,6 +150,7 @@ def _check_calibration_inputs(model: str, out: Path, data: str, options, device:
         check_device(device)
     check_source(data)
     config = load_config(model, trust_remote_code)
+    check_key_layout(config, options.key_layout)
     check_length("--seqlen", options.seqlen, config)
     return config
 
@@ -214,7 +216,7 @@ def export(
 @app.command("eval")
 def evaluate(
     checkpoint: Path = typer.Argument(Path("rkv-out/checkpoint"), help="Folder written by `rkv export`."),
-    text: Path = typer.Option(..., help="Evaluation text file (e.g. wiki.test.raw)."),
+    text: Optional[Path] = typer.Option(None, help="Evaluation text file (e.g. wiki.test.raw); needed by --task perplexity."),
     windows: int = typer.Option(8, min=0, help="Number of non-overlapping windows (0 = all)."),
     length: int = typer.Option(1024, min=2, help="Tokens per window (at most the model's context)."),
     schemes: str = typer.Option("fp,rtn,kivi,rotatekv", help="Comma list of fp, rtn, kivi, rotatekv."),
@@ -223,10 +225,23 @@ def evaluate(
     recent_window: Optional[int] = typer.Option(None, help="Recent-window length for the deployed protocol (default: the checkpoint's)."),
     device: str = typer.Option("cuda" if torch.cuda.is_available() else "cpu"),
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON on stdout."),
+    task: str = typer.Option("perplexity", help="perplexity (--text windows) or passkey (pass key hidden in pydoc filler, greedy answers)."),
+    lengths: str = typer.Option("1024,2048,4096,8192", help="passkey: comma list of prompt lengths in tokens (answer included)."),
+    trials: int = typer.Option(50, min=1, help="passkey: trials per length (depths 10-90 % in turn)."),
+    passkey_batch: int = typer.Option(10, min=1, help="passkey: trials decoded together."),
+    seed: int = typer.Option(0, help="passkey: seed of the keys, depths and filler offsets."),
+    out: Optional[Path] = typer.Option(None, help="passkey: write passkey.csv and passkey.json (every answer) into this folder."),
 ) -> None:
-    """Perplexity side by side: full precision, RTN, KIVI-style and RotateKV at their real bits per element."""
+    """Perplexity side by side (full precision, RTN, KIVI-style and RotateKV at their real bits per element), or passkey retrieval."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if task == "passkey":
+        _passkey(checkpoint, schemes, bits, lengths, trials, passkey_batch, seed, device, out, as_json)
+        return
+    if task != "perplexity":
+        _fail(InputError(f"--task must be perplexity or passkey, got {task!r}"))
+
+    from .evaluate.checkpoints import clip_tables
     from .evaluate.perplexity import perplexity, token_windows
     from .evaluate.schemes import build_scheme
     from .export.format import read_checkpoint
@@ -237,9 +252,11 @@ def evaluate(
         check_device(device)
         ck = read_checkpoint(checkpoint)
         check_length("--length", length, load_config(str(checkpoint)))
+        if text is None:
+            raise InputError("--task perplexity needs --text (an evaluation text file, e.g. wiki.test.raw)")
         if not text.is_file():
             raise FileNotFoundError(f"evaluation text not found: {text}")
-        clips = _clip_tables(checkpoint, ck.config.num_layers)
+        clips = clip_tables(checkpoint, ck.config.num_layers)
         with _phase(f"loading {checkpoint}", f"loaded {checkpoint}"):
             model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).to(device).eval()
             tokenizer = AutoTokenizer.from_pretrained(checkpoint)
@@ -261,6 +278,72 @@ def evaluate(
         return
     window = ck.config.recent_window if recent_window is None else recent_window
     make_console().print(_perplexity_table(results, ids.shape[0], length, window))
+
+
+def _passkey(checkpoint: Path, schemes: str, bits: str, lengths: str, trials: int, batch: int, seed: int, device: str,
+             out: Optional[Path], as_json: bool) -> None:  # fmt: skip
+    """``rkv eval --task passkey``: accuracy per path, bit width and length (a table, or JSON; CSV/JSON in ``out``)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .calibration_data.sources import load_text
+    from .evaluate.checkpoints import checkpoint_at_bits, clip_tables
+    from .evaluate.passkey import PASSKEY_PATHS, PasskeyOptions, passkey_csv, run_passkey
+    from .export.format import read_checkpoint
+    from .models.loading import load_config
+
+    try:
+        paths = [s.strip() for s in schemes.split(",") if s.strip()]
+        if not paths or any(p not in PASSKEY_PATHS for p in paths):
+            raise InputError(f"--schemes for the passkey task: a comma list of {', '.join(PASSKEY_PATHS)}; got {schemes!r}")
+        bit_list = parse_bits(bits)
+        items = [x.strip() for x in lengths.split(",") if x.strip()]
+        if not items or not all(x.isdigit() for x in items):
+            raise InputError(f"--lengths takes a comma list of token counts, got {lengths!r}")
+        options = PasskeyOptions(lengths=tuple(int(x) for x in items), trials=trials, batch_size=batch, seed=seed)
+        check_device(device)
+        ck = read_checkpoint(checkpoint)
+        config = load_config(str(checkpoint))
+        for n in options.lengths:
+            check_length("--lengths", n, config)
+        clips = clip_tables(checkpoint, ck.config.num_layers)
+        if out is not None and out.exists() and not out.is_dir():
+            raise InputError(f"--out {out} exists and is not a folder")
+        with _phase(f"loading {checkpoint}", f"loaded {checkpoint}"):
+            model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).to(device).eval()
+            tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        results = run_passkey(model, tokenizer, ck, lambda b: checkpoint_at_bits(ck, clips, b), paths, bit_list, options,
+                              load_text("pydoc"), log=console.print)  # fmt: skip
+    except COMMAND_ERRORS as err:
+        _fail(err)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "passkey.csv").write_text(passkey_csv(results))
+        (out / "passkey.json").write_text(json.dumps([r.as_dict() for r in results], indent=2))
+        console.print(f"wrote {out / 'passkey.csv'} and {out / 'passkey.json'}")
+    if as_json:
+        print(json.dumps([r.as_dict() for r in results], indent=2))
+        return
+    make_console().print(_passkey_table(results, options))
+
+
+def _passkey_table(results: list, options) -> Table:
+    lengths = list(options.lengths)
+    fp = {r.length: r.accuracy for r in results if r.path == "fp"}
+    where = sorted({r.device for r in results})
+    table = Table(title=f"passkey retrieval: {options.trials} trials per length, depths {min(options.depths):.0%}-"
+                        f"{max(options.depths):.0%}, greedy, chat template; ran on {', '.join(where)}; "
+                        "accuracy (points vs FP)")  # fmt: skip
+    for col in ("path", "bits", *(f"{n} tokens" for n in lengths), "seconds"):
+        table.add_column(col, justify="right")
+    for key in dict.fromkeys((r.path, r.bits) for r in results):
+        mine = {r.length: r for r in results if (r.path, r.bits) == key}
+        cells = []
+        for n in lengths:
+            r = mine.get(n)
+            delta = f" ({100 * (r.accuracy - fp[n]):+.0f})" if r and n in fp and r.path != "fp" else ""
+            cells.append(f"{100 * r.accuracy:.0f} %{delta}" if r else "-")
+        table.add_row(key[0], str(key[1]), *cells, f"{sum(r.seconds for r in mine.values()):.1f}")
+    return table
 
 
 def _eval_choices(schemes: str, bits: str, protocols: str) -> tuple[list[str], list[int], list[str]]:
@@ -287,18 +370,6 @@ def _perplexity_table(results: list, windows: int, length: int, window: int) -> 
                       f"{r.effective_bits:.2f}", f"{100 * r.fp_share:.2f} %", f"{r.perplexity:.2f}",
                       f"{r.perplexity / fp:.3f}" if fp else "-", f"{r.seconds:.1f}")
     return table
-
-
-def _clip_tables(checkpoint: Path, num_layers: int) -> dict[str, list[torch.Tensor]]:
-    from safetensors.torch import load_file
-
-    from .export.format import RKV_TENSORS_FILE, CheckpointError, tensor_name
-
-    tensors = load_file(str(checkpoint / RKV_TENSORS_FILE))
-    try:
-        return {w: [tensors[tensor_name(i, f"{w}_clip_by_bits")] for i in range(num_layers)] for w in ("key", "value")}
-    except KeyError as err:
-        raise CheckpointError(f"{checkpoint} lacks per-bit clip tables ({err}); re-export it") from err
 
 
 def _register_subcommands() -> None:

@@ -45,7 +45,9 @@ _CONFIGS = {
 }
 
 
-def tiny_config(family: str = "llama", head_dim: int = 64, n_heads: int = 4, n_kv: int = 2, layers: int = 2):
+def tiny_config(family: str = "llama", head_dim: int = 64, n_heads: int = 4, n_kv: int = 2, layers: int = 2,
+                sliding_window: int | None = None):
+    """``sliding_window``: overrides the family's window (Gemma: its sliding layers; Mistral, Mixtral, Phi-3: every layer)."""
     common = dict(
         vocab_size=128,
         hidden_size=n_heads * head_dim,
@@ -62,6 +64,8 @@ def tiny_config(family: str = "llama", head_dim: int = 64, n_heads: int = 4, n_k
         extra["layer_types"] = (extra["layer_types"] * layers)[:layers]
     elif family == "gemma2":
         extra["layer_types"] = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+    if sliding_window is not None:
+        extra["sliding_window"] = sliding_window
     config = _CONFIGS[family](**common, **extra)
     # Gemma 2's soft cap needs eager attention (SDPA refuses softcap); the others run SDPA
     config._attn_implementation = "eager" if family == "gemma2" else "sdpa"

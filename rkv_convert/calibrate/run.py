@@ -23,7 +23,7 @@ from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from ..export.format import DEFAULT_KEY_LAYOUT, KEY_LAYOUTS, KeyLayout
-from ..models.adapters import adapter_for, attach, stock_attention
+from ..models.adapters import attach, check_key_layout, head_dim, stock_attention, text_config
 from ..models.compat import check_transformers_version
 from ..quant.codec import rotate_groups
 from ..quant.hadamard import hadamard_matrix
@@ -62,14 +62,14 @@ class CalibrationOptions:
 
 
 def model_shape(config: object) -> dict:
-    d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    text = text_config(config)  # the language model of a multimodal config (Gemma 3)
     return {
         "model_type": config.model_type,
-        "num_hidden_layers": config.num_hidden_layers,
-        "num_attention_heads": config.num_attention_heads,
-        "num_key_value_heads": config.num_key_value_heads,
-        "head_dim": d,
-        "hidden_size": config.hidden_size,
+        "num_hidden_layers": text.num_hidden_layers,
+        "num_attention_heads": text.num_attention_heads,
+        "num_key_value_heads": text.num_key_value_heads,
+        "head_dim": head_dim(config),
+        "hidden_size": text.hidden_size,
     }
 
 
@@ -148,7 +148,7 @@ def calibrate(
 ) -> CalibrationArtifact:
     """Run the three passes over ``batches`` (``int64 [n, seqlen]``) and return the artifact."""
     check_transformers_version()
-    adapter_for(model.config)
+    check_key_layout(model.config, options.key_layout)
     offloaded = [name for name, p in model.named_parameters() if p.is_meta]
     if offloaded:
         raise ValueError(

@@ -30,6 +30,7 @@ from ..calibrate.artifact import CalibrationArtifact
 from ..calibrate.run import CalibrationOptions, _run_pass, calibrate
 from ..export.format import Checkpoint, LayerTensors, RkvConfig
 from ..export.fuse import fuse_value_rotation
+from ..models.adapters import head_dim
 from ..quant.codec import KeyCodec, ValueCodec, rotate_groups
 from ..quant.hadamard import hadamard_matrix
 from ..quant.quantizer import SCALE_FLOOR, QuantizedTensor, dequantize, levels, quantize
@@ -335,9 +336,7 @@ class _Lab:
         self.source, self.batches, self.base, self.batch_size, self.log = source_model, calibration_batches, base, batch_size, log
         self.artifacts: dict[tuple, CalibrationArtifact] = {}
         self.model = copy.deepcopy(source_model)
-        d = source_model.config.head_dim if getattr(source_model.config, "head_dim", None) else (
-            source_model.config.hidden_size // source_model.config.num_attention_heads)
-        fuse_value_rotation(self.model, hadamard_matrix(d))
+        fuse_value_rotation(self.model, hadamard_matrix(head_dim(source_model.config)))
         self._value_means = None
 
     def artifact(self, overrides: dict) -> CalibrationArtifact:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..export.format import Checkpoint
-from ..models.adapters import attach
+from ..models.adapters import attach, attention_softcap, attention_window
 from ..quant.sinks import detect_sinks
 from ..runtime.ops import apply_rope
 from .schemes import Scheme
@@ -67,9 +67,13 @@ class _SchemeAttention:
         vq = self.scheme.values(layer, value)
         b, _, t, _ = q.shape
         self.sequences += b
+        shape = _Shape(module.scaling, attention_softcap(module), attention_window(module))
         if self.protocol == "oneshot" or self.scheme.bits >= 16:
             self.fp_tokens += b * t if self.scheme.bits >= 16 else 0
-            out = F.scaled_dot_product_attention(q, kq, vq, is_causal=True, scale=module.scaling, enable_gqa=True)
+            if shape.softcap is None and (shape.sliding is None or shape.sliding >= t):
+                out = F.scaled_dot_product_attention(q, kq, vq, is_causal=True, scale=module.scaling, enable_gqa=True)
+            else:
+                out = _kept_fp_attention(q, kq, vq, kq, vq, None, 0, shape, self.query_chunk)
             return out.transpose(1, 2).reshape(b, t, -1)
         window = 0 if self.protocol == "sinks" else self.window
         k_fp = apply_rope(key, cos_h, sin_h).to(key.dtype)
@@ -78,11 +82,33 @@ class _SchemeAttention:
             info = self.checkpoint.layers[layer]
             sinks = detect_sinks(layer_input, info.sink_channels, info.sink_threshold, self.checkpoint.config.max_sinks)
         self.fp_tokens += b * min(window, t) + (0 if sinks is None else int(sinks[:, : max(t - window, 0)].sum()))
-        out = _kept_fp_attention(q, kq, vq, k_fp, value, sinks, window, module.scaling, self.query_chunk)
+        out = _kept_fp_attention(q, kq, vq, k_fp, value, sinks, window, shape, self.query_chunk)
         return out.transpose(1, 2).reshape(b, t, -1)
 
 
-def _kept_fp_attention(q, k_q, v_q, k_fp, v_fp, sinks, window, scale, query_chunk):
+@dataclass(frozen=True)
+class _Shape:
+    """What of a layer's attention the evaluation must reproduce besides the keys: the score scale,
+    the soft cap (Gemma 2: ``cap * tanh(s / cap)``) and the sliding window (query ``i`` sees ``j > i - sliding``)."""
+
+    scale: float
+    softcap: float | None = None
+    sliding: int | None = None
+
+
+def _attend(q, k, v, mask, shape: _Shape):
+    """Masked attention (GQA); SDPA unless a soft cap is applied to the scores."""
+    if shape.softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=shape.scale, enable_gqa=True)
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * shape.scale
+    scores = shape.softcap * torch.tanh(scores / shape.softcap)
+    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    return (probs @ v.float()).to(q.dtype)
+
+
+def _kept_fp_attention(q, k_q, v_q, k_fp, v_fp, sinks, window, shape: _Shape, query_chunk):
     """Causal attention where query ``i`` reads key/value ``j`` in full precision when
     ``i - j < window`` or ``j`` is a sink, and the quantized read-back otherwise.
 
@@ -90,7 +116,8 @@ def _kept_fp_attention(q, k_q, v_q, k_fp, v_fp, sinks, window, scale, query_chun
     ``[s, e)``: the *far* keys ``j <= i - window`` (quantized, sinks swapped for their full-precision
     rows) and the *near* keys ``max(0, s - window + 1) <= j < e`` in full precision, each with a
     boolean mask. ``q [B, Hq, T, d]``, keys and values ``[B, Hkv, T, d]``, ``sinks`` bool ``[B, T]``
-    or ``None``; returns ``[B, Hq, T, d]``. The largest tensor is one block's scores.
+    or ``None``; returns ``[B, Hq, T, d]``. The largest tensor is one block's scores. ``shape``: the
+    layer's scale, soft cap and sliding window (keys outside it are masked in both sets).
     """
     if sinks is not None:
         keep = sinks[:, None, :, None]
@@ -108,9 +135,11 @@ def _kept_fp_attention(q, k_q, v_q, k_fp, v_fp, sinks, window, scale, query_chun
             keys.append(k_fp[:, :, lo:e])
             values.append(v_fp[:, :, lo:e])
             masks.append((near <= i) & (near > i - window))
-        outs.append(F.scaled_dot_product_attention(
-            q[:, :, s:e], torch.cat(keys, 2), torch.cat(values, 2), attn_mask=torch.cat(masks, 1), scale=scale,
-            enable_gqa=True))
+        mask = torch.cat(masks, 1)
+        if shape.sliding is not None:
+            seen = torch.cat([pos[None, :e]] + ([pos[None, lo:e]] if window > 0 else []), 1)
+            mask = mask & (seen > i - shape.sliding)
+        outs.append(_attend(q[:, :, s:e], torch.cat(keys, 2), torch.cat(values, 2), mask, shape))
     return torch.cat(outs, 2)
 
 

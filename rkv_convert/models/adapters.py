@@ -45,6 +45,7 @@ __all__ = [
     "attention_softcap",
     "attention_window",
     "check_contract",
+    "check_key_layout",
     "decoder",
     "decoder_layers",
     "head_dim",
@@ -138,15 +139,6 @@ def _window_of_config(module: nn.Module) -> int | None:
     return getattr(module.config, "sliding_window", None)
 
 
-def _no_softcap(module: nn.Module) -> float | None:
-    return None
-
-
-def _softcap_of_module(module: nn.Module) -> float | None:
-    cap = module.attn_logit_softcapping
-    return None if cap is None else float(cap)
-
-
 def _rope_single(rotary: nn.Module, module: nn.Module) -> tuple[torch.Tensor, float, str]:
     return rotary.inv_freq, float(getattr(rotary, "attention_scaling", 1.0)), getattr(rotary, "rope_type", "default")
 
@@ -171,8 +163,10 @@ class FamilyAdapter:
       (q/k norms included);
     - ``value_rows``: the linear layer holding the value projection and which of its output rows
       are the values (the value rotation is fused there, :mod:`rkv_convert.export.fuse`);
-    - ``sliding_window``, ``softcap``: the module's sliding window (``None``: global attention) and
-      attention-logit soft cap (``None``: none; else scores become ``cap * tanh(scores / cap)``);
+    - ``sliding_window``: the module's sliding window (``None``: global attention);
+    - ``softcap_attribute``: the name, on the attention module and on the (text) config alike, of the
+      attention-logit soft cap (Gemma 2; ``None`` or a ``None`` value: no cap; else scores become
+      ``cap * tanh(scores / cap)``);
     - ``rope``: ``(inv_freq, attention_scaling, rope_type)`` of one attention layer, from the decoder's
       rotary embedding module;
     - ``forward_params``, ``attributes``: named parameters of the module's own ``forward`` the adapted
@@ -187,7 +181,7 @@ class FamilyAdapter:
     project: Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, ...]] = _project_llama
     value_rows: Callable[[nn.Module], tuple[nn.Linear, slice]] = _value_rows_separate
     sliding_window: Callable[[nn.Module], int | None] = _window_of_module
-    softcap: Callable[[nn.Module], float | None] = _no_softcap
+    softcap_attribute: str | None = None
     rope: Callable[[nn.Module, nn.Module], tuple[torch.Tensor, float, str]] = _rope_single
     has_qk_norm: bool = False
     forward_params: tuple[str, ...] = _FORWARD_PARAMS
@@ -199,7 +193,7 @@ SUPPORTED_FAMILIES: tuple[FamilyAdapter, ...] = (
     FamilyAdapter("mistral", ("mistral", "mixtral"), sliding_window=_window_of_config),
     FamilyAdapter("qwen3", ("qwen3", "qwen3_moe"), _project_qk_norm, has_qk_norm=True, attributes=_QK_NORM_ATTRIBUTES),
     FamilyAdapter("phi3", ("phi3",), _project_fused_qkv, _value_rows_fused, _window_of_config, attributes=_FUSED_ATTRIBUTES),
-    FamilyAdapter("gemma2", ("gemma2",), softcap=_softcap_of_module,
+    FamilyAdapter("gemma2", ("gemma2",), softcap_attribute="attn_logit_softcapping",
                   attributes=_LLAMA_ATTRIBUTES + ("sliding_window", "attn_logit_softcapping")),
     FamilyAdapter("gemma3", ("gemma3_text", "gemma3"), _project_qk_norm, rope=_rope_per_layer_type, has_qk_norm=True,
                   attributes=_QK_NORM_ATTRIBUTES + ("sliding_window", "layer_type")),
@@ -303,15 +297,33 @@ def layer_rope(model: nn.Module) -> list[tuple[torch.Tensor, float]]:
     return tables
 
 
+def _softcap(family: FamilyAdapter, holder: object) -> float | None:
+    cap = getattr(holder, family.softcap_attribute) if family.softcap_attribute else None
+    return None if cap is None else float(cap)
+
+
 def layer_softcaps(model: nn.Module) -> list[float | None]:
     """Each attention layer's attention-logit soft cap (``None``: none), in layer order."""
     family = adapter_for(model.config)
-    return [family.softcap(module) for module in attention_modules(model)]
+    return [_softcap(family, module) for module in attention_modules(model)]
 
 
 def attention_softcap(module: nn.Module) -> float | None:
     """The attention-logit soft cap of ``module`` (an attached attention layer), ``None`` if it has none."""
-    return module.__dict__["_rkv_family"].softcap(module)
+    return _softcap(module.__dict__["_rkv_family"], module)
+
+
+def check_key_layout(config: object, key_layout: str) -> None:
+    """Refuse the ``prerope`` key layout for a soft-capped family: its decode kernel applies no cap.
+
+    Reads the config alone, so ``rkv calibrate`` refuses before loading weights.
+    """
+    family = adapter_for(config)
+    if key_layout == "prerope" and _softcap(family, text_config(config)) is not None:
+        raise UnsupportedModelError(
+            f"{getattr(config, 'model_type', '?')} caps its attention logits (soft-capping), which the prerope key "
+            "layout's decode kernel does not apply; use the folded key layout (--key-layout folded, the default)"
+        )
 
 
 def attention_window(module: nn.Module) -> int | None:

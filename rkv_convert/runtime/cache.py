@@ -51,7 +51,7 @@ from ..export.format import Checkpoint, KeyLayout, LayerTensors, RkvConfig
 from ..kernels.decode_attention import PreparedRotation, prepare_rotation
 from ..kernels.decode_folded import FoldedKV, FoldedParams
 from ..kernels.quantize_pack import group_ids_from_perm, quantize_pack
-from ..models.adapters import decoder_layers, layer_rope, layer_softcaps
+from ..models.adapters import check_key_layout, decoder_layers, layer_rope
 from ..quant.codec import folded_head_rotations
 from ..quant.packing import packed_width
 from .ops import fold_keys, mean_at
@@ -587,19 +587,15 @@ class RkvCache(Cache):
     ) -> "RkvCache":
         """A cache for ``model`` (whose RoPE table it copies) with ``checkpoint``'s calibration."""
         config = checkpoint.config
-        if not config.folded and any(cap is not None for cap in layer_softcaps(model)):
-            raise ValueError(
-                f"{model.config.model_type} caps its attention logits (soft-capping), which the {config.key_layout} "
-                "key layout's decode kernel does not apply; export with the folded key layout (the default)"
-            )
+        check_key_layout(model.config, config.key_layout)
         ropes = layer_rope(model)  # per layer: Gemma 3's sliding layers have their own base
         devices = _layer_devices(model, ropes[0][0].device)
         codecs = [
             LayerCodec.from_checkpoint(config, checkpoint.key_rotation, layer, devices[i] if i < len(devices) else devices[-1])
             for i, layer in enumerate(checkpoint.layers)
         ]
-        if len(codecs) != model.config.num_hidden_layers:
-            raise ValueError(f"checkpoint has {len(codecs)} layers, the model {model.config.num_hidden_layers}")
+        if len(codecs) != len(ropes):
+            raise ValueError(f"checkpoint has {len(codecs)} layers, the model {len(ropes)}")
         settings = settings or CacheSettings.from_config(config)
         cache = cls(codecs, settings, ropes[0][0], ropes[0][1], backend)
         for layer, (inv_freq, scaling) in zip(cache.layers, ropes):

@@ -26,7 +26,7 @@ from torch import nn
 import transformers
 
 from ..export.format import Checkpoint
-from ..models.adapters import adapter_for, attach
+from ..models.adapters import adapter_for, attach, head_dim, text_config
 from ..models.compat import CacheDisengagedError, cache_argument, check_transformers_version, supported_range_text
 from .attention import rkv_attention
 from .cache import CacheSettings, RkvCache
@@ -59,12 +59,12 @@ class RkvModel:
     ) -> None:
         check_transformers_version()
         adapter_for(model.config)
-        cfg, rkv = model.config, checkpoint.config
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        if (cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim) != (rkv.num_layers, rkv.num_key_value_heads, rkv.head_dim):
+        cfg, rkv = text_config(model.config), checkpoint.config
+        d = head_dim(model.config)
+        if (cfg.num_hidden_layers, cfg.num_key_value_heads, d) != (rkv.num_layers, rkv.num_key_value_heads, rkv.head_dim):
             raise ValueError(
                 f"checkpoint is for {rkv.num_layers} layers x {rkv.num_key_value_heads} KV heads of {rkv.head_dim}, "
-                f"the model has {cfg.num_hidden_layers} x {cfg.num_key_value_heads} of {head_dim}"
+                f"the model has {cfg.num_hidden_layers} x {cfg.num_key_value_heads} of {d}"
             )
         self.model = model
         self.checkpoint = checkpoint

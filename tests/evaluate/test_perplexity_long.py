@@ -11,7 +11,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repea
 
 from rkv_convert.calibrate.run import CalibrationOptions, calibrate
 from rkv_convert.evaluate.ablation import checkpoint_from_artifact
-from rkv_convert.evaluate.perplexity import PROTOCOLS, _kept_fp_attention, perplexity
+from rkv_convert.evaluate.perplexity import PROTOCOLS, _kept_fp_attention, _Shape, perplexity
 from rkv_convert.evaluate.schemes import SCHEME_NAMES, KIVI, build_scheme
 from rkv_convert.models.adapters import attach
 from rkv_convert.quant.sinks import detect_sinks
@@ -70,7 +70,7 @@ def test_chunked_attention_matches_dense_math(window, chunk, with_sinks) -> None
         sinks = torch.zeros(b, t, dtype=torch.bool)
         sinks[0, [0, 3, 30]] = True
         sinks[1, [0, 39]] = True
-    out = _kept_fp_attention(q, k_q, v_q, k_fp, v_fp, sinks, window, 0.25, chunk)
+    out = _kept_fp_attention(q, k_q, v_q, k_fp, v_fp, sinks, window, _Shape(0.25), chunk)
     torch.testing.assert_close(out, _dense(q, k_q, v_q, k_fp, v_fp, sinks, window, 0.25), rtol=1e-5, atol=1e-5)
 
 
@@ -138,5 +138,5 @@ def test_chunked_attention_matches_dense_math_over_many_blocks() -> None:
     sinks = torch.zeros(b, t, dtype=torch.bool)
     sinks[0, [0, 200, 650]] = True
     for window in (0, 128):
-        out = _kept_fp_attention(q, k_q, v_q, k_fp, v_fp, sinks, window, 0.125, 256)
+        out = _kept_fp_attention(q, k_q, v_q, k_fp, v_fp, sinks, window, _Shape(0.125), 256)
         torch.testing.assert_close(out, _dense(q, k_q, v_q, k_fp, v_fp, sinks, window, 0.125), rtol=1e-5, atol=1e-5)

@@ -63,5 +63,5 @@ def test_triton_interpreter_matches_reference_backend(family: str) -> None:
 def test_prerope_layout_refuses_soft_capped_models_naming_the_fix() -> None:
     model = tiny_model("gemma2")
     ckpt = make_checkpoint(model, bits=2, key_layout="prerope")
-    with pytest.raises(ValueError, match="gemma2 caps its attention logits.*folded key layout"):
+    with pytest.raises(ValueError, match="gemma2 caps its attention logits.*--key-layout folded"):
         RkvCache.from_checkpoint(ckpt, model)
