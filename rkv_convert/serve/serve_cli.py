@@ -9,6 +9,7 @@ then the engine thread drains and the process exits 0.
 from __future__ import annotations
 
 import ipaddress
+import signal
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,6 +104,9 @@ def serve_command(
     engine = worker.engine
     console.print(f"rkv serve: model {options.model_name!r}, {engine.max_batch} rows, queue {max_queue}, "
                   f"http://{host}:{port}/v1")  # fmt: skip
+    # uvicorn drains on SIGTERM, then raises the signal again for the handler it found: make that one
+    # a no-op, so that the drained server ends through worker.stop() with exit code 0
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     try:
         uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info")).run()
     finally:
