@@ -1,0 +1,70 @@
+"""The whole CLI (calibrate → export → eval → run) on a tiny random model of every new family, from a
+folder written by ``save_pretrained``, with the default (folded) key layout."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_models import save_tiny_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from typer.testing import CliRunner
+
+from rkv_convert.cli import app
+
+runner = CliRunner()
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "phi3", "phi4mini", "gemma2", "gemma3")
+
+
+def _ok(result) -> None:
+    assert result.exit_code == 0, result.output
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("texts")
+    calib, evaltext = root / "calib.txt", root / "eval.txt"
+    calib.write_text("\n\n".join(f"The cache stores key {i} and value {i * 7} in two bits." for i in range(400)))
+    evaltext.write_text(" ".join(f"word{i % 37} follows word{(i * 5) % 37}." for i in range(600)))
+    return calib, evaltext
+
+
+def _stock_perplexity(folder, text, length: int) -> float:
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    ids = torch.tensor(tok(text.read_text(), add_special_tokens=False)["input_ids"][:length])[None]
+    with torch.no_grad():
+        logits = model(ids).logits.float()
+    return math.exp(F.cross_entropy(logits[0, :-1], ids[0, 1:]).item())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_calibrate_export_eval_run(tmp_path, texts, family: str) -> None:
+    calib, evaltext = texts
+    model = save_tiny_model(tmp_path / "model", family, n_kv=2)
+    cal, ck = tmp_path / "cal", tmp_path / "ck"
+    _ok(runner.invoke(app, ["calibrate", str(model), "--out", str(cal), "--data", str(calib), "--samples", "2",
+                            "--seqlen", "64", "--device", "cpu", "--key-group-size", "32"]))  # fmt: skip
+    _ok(runner.invoke(app, ["export", "--calibration", str(cal), "--out", str(ck), "--bits", "2",
+                            "--recent-window", "4", "--flush-block", "4", "--max-sinks", "1"]))  # fmt: skip
+    result = runner.invoke(app, ["eval", str(ck), "--text", str(evaltext), "--windows", "1", "--length", "64",
+                                 "--schemes", "fp,rotatekv", "--bits", "2", "--device", "cpu", "--json"])  # fmt: skip
+    _ok(result)
+    rows = json.loads(result.stdout[result.stdout.index("[") :])
+    fp = next(r["perplexity"] for r in rows if r["scheme"] == "fp")
+    assert math.isclose(fp, _stock_perplexity(model, evaltext, 64), rel_tol=1e-4)  # the exported (fused) model is the source
+    assert all(r["perplexity"] > 1 for r in rows)
+    result = runner.invoke(app, ["run", str(ck), "-p", "The cache stores key 12 and value 84 in", "-n", "12", "--greedy",
+                                 "--no-chat", "--device", "cpu"])  # fmt: skip
+    _ok(result)
+
+
+def test_prerope_layout_is_refused_for_a_soft_capped_family_before_loading(tmp_path, texts) -> None:
+    model = save_tiny_model(tmp_path / "model", "gemma2", n_kv=2)
+    (model / "model.safetensors").unlink()  # refused from the config: the weights are never read
+    result = runner.invoke(app, ["calibrate", str(model), "--out", str(tmp_path / "cal"), "--data", str(texts[0]),
+                                 "--key-layout", "prerope", "--device", "cpu"])  # fmt: skip
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "soft-capping" in result.output and "--key-layout folded" in " ".join(result.output.split())
+    assert not (tmp_path / "cal").exists()
