@@ -1,0 +1,50 @@
+"""`rkv eval --task passkey` on a tiny model folder: table, CSV/JSON files, refusals."""
+
+import csv
+import json
+
+from tiny_models import tiny_model, tiny_tokenizer
+from typer.testing import CliRunner
+
+from rkv_convert.cli import app
+
+runner = CliRunner()
+TEMPLATE = ("{% for m in messages %}<eos>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<eos>assistant: {% endif %}")
+
+
+def _ok(result) -> None:
+    assert result.exit_code == 0, result.output
+
+
+def test_eval_passkey(tmp_path) -> None:
+    folder = tmp_path / "model"
+    tiny_model("llama", n_kv=2).save_pretrained(folder)
+    tok = tiny_tokenizer()
+    tok.chat_template = TEMPLATE
+    tok.save_pretrained(folder)
+    text = tmp_path / "calib.txt"
+    text.write_text("\n\n".join(f"The cache stores key {i} and value {i * 7} in two bits." for i in range(400)))
+    cal, ck, out = tmp_path / "cal", tmp_path / "ck", tmp_path / "pk"
+    _ok(runner.invoke(app, ["calibrate", str(folder), "--data", str(text), "--samples", "2", "--seqlen", "64",
+                            "--device", "cpu", "--out", str(cal)]))  # fmt: skip
+    _ok(runner.invoke(app, ["export", "--calibration", str(cal), "--out", str(ck), "--bits", "2", "--recent-window", "16",
+                            "--flush-block", "8"]))  # fmt: skip
+    base = ["eval", str(ck), "--task", "passkey", "--lengths", "300", "--trials", "2", "--device", "cpu"]
+
+    result = runner.invoke(app, [*base, "--schemes", "fp,rotatekv,kivi", "--bits", "2,3", "--out", str(out)])
+    _ok(result)
+    flat = " ".join(result.output.split())
+    assert "passkey retrieval: 2 trials per length" in flat and "ran on cpu" in flat
+    rows = list(csv.DictReader((out / "passkey.csv").open()))
+    assert [(r["path"], r["bits"]) for r in rows] == [("fp", "16"), ("rotatekv", "2"), ("rotatekv", "3"), ("kivi", "2"), ("kivi", "3")]
+    assert all(r["length"] == "300" and r["trials"] == "2" and r["device"].startswith("cpu") for r in rows)
+    records = json.loads((out / "passkey.json").read_text())
+    assert len(records) == 5 and all(len(r["answers"]) == 2 for r in records)
+
+    bad = runner.invoke(app, [*base, "--schemes", "fp,nope"])
+    assert bad.exit_code == 2 and "--schemes for the passkey task" in " ".join(bad.output.split())
+    bad = runner.invoke(app, [*base, "--lengths", "300,99999"])
+    assert bad.exit_code == 2 and "--lengths 99999 is longer than the model's context" in " ".join(bad.output.split())
+    bad = runner.invoke(app, ["eval", str(ck), "--length", "64", "--device", "cpu"])
+    assert bad.exit_code == 2 and "--task perplexity needs --text" in " ".join(bad.output.split())
