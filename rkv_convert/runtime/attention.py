@@ -88,13 +88,11 @@ def stored_tokens(layer: RkvCacheLayer) -> tuple[torch.Tensor, torch.Tensor, tor
     return keys, values, pos
 
 
-def _check_sliding_window(module: nn.Module, layer: RkvCacheLayer, q_len: int) -> None:
-    window = attention_window(module)
-    if window is not None and layer.length + q_len > window:
-        raise NotImplementedError(
-            f"layer {module.layer_idx} uses sliding-window attention ({window} tokens) and the sequence "
-            f"reached {layer.length + q_len}; the rkv cache does not evict tokens yet"
-        )
+def _hide_outside_window(window: int | None, layer: RkvCacheLayer, pos: torch.Tensor) -> None:
+    """A sliding-window layer (``window`` tokens, the query's own included) never again attends to
+    positions before ``first new position - window + 1``: they are hidden before the step."""
+    if window is not None and layer.length > 0:
+        layer.hide_before(pos[:, 0] - window + 1)
 
 
 def rkv_attention(
@@ -115,8 +113,9 @@ def rkv_attention(
         raise TypeError(f"the rkv attention handler needs an RkvCache as the model's cache, got {type(cache).__name__}")
     layer: RkvCacheLayer = cache.layers[module.layer_idx]
     b, _, t, d = key.shape
-    _check_sliding_window(module, layer, t)
     pos = _positions(kwargs, layer, b, t, key.device)
+    window = attention_window(module)
+    _hide_outside_window(window, layer, pos)
     valid = new_token_validity(attention_mask, b, t)
     codec = layer.codec
     sinks = flag_sinks(layer_input, codec.sink_channels, codec.sink_threshold)
@@ -160,7 +159,8 @@ def rkv_attention(
     keys = torch.cat([keys, k_post.float()], dim=2)
     values = torch.cat([values, value.float()], dim=2)
     k_pos = torch.cat([k_pos, new_pos.to(k_pos.dtype)], dim=1)
-    out = attend_reference(q_rot, keys, values, k_pos, module.scaling, q_pos=pos, softcap=attention_softcap(module))
+    out = attend_reference(q_rot, keys, values, k_pos, module.scaling, q_pos=pos, softcap=attention_softcap(module),
+                           window=window)
     layer.append(k_store, value, pos, valid, sinks)
     layer.flush()
     return out.to(query.dtype).transpose(1, 2).reshape(b, t, -1)

@@ -548,6 +548,15 @@ class RkvCacheLayer(CacheLayerMixin):
     def sink_counts(self) -> torch.Tensor:
         return self.n_sinks.clone() if self.is_initialized else torch.zeros(0, dtype=torch.int64)
 
+    def hide_before(self, first: torch.Tensor) -> None:
+        """Sliding-window layers: slots of sequence ``b`` at positions below ``first[b]`` get position -1
+        (never attended again; a sliding window only moves forward). Their storage is not reclaimed."""
+        if not self.is_initialized:
+            return
+        first = first.to(self.pos.device, torch.int32)[:, None]
+        for pos in (self.pos[:, : self.n_quant], self.fp_pos):
+            pos.masked_fill_((pos >= 0) & (pos < first), -1)
+
 
 def _layer_devices(model: torch.nn.Module, default: torch.device) -> list[torch.device]:
     """The device of each decoder layer's parameters (several with ``device_map="auto"``)."""

@@ -141,12 +141,14 @@ def attend_reference(
     scaling: float,
     q_pos: torch.Tensor | None = None,
     softcap: float | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Full-precision attention of post-RoPE ``q [B, n_q, Tq, d]`` over post-RoPE ``keys [B, n_kv, N, d]``.
 
     ``k_pos [B, N]``: each key's position (-1: empty, never attended); with ``q_pos [B, Tq]`` a key
     is seen only by queries at a position >= its own (causal by position). A query that sees no
-    key gets zeros. ``softcap`` (Gemma 2): scores become ``softcap * tanh(scores / softcap)``. Returns fp32 ``[B, n_q, Tq, d]``.
+    key gets zeros. ``softcap`` (Gemma 2): scores become ``softcap * tanh(scores / softcap)``; ``window`` (sliding-window
+    layers, needs ``q_pos``): a query sees only keys less than ``window`` positions behind it. Returns fp32 ``[B, n_q, Tq, d]``.
     """
     b, n_q, tq, d = q.shape
     n_kv = keys.shape[1]
@@ -158,6 +160,8 @@ def attend_reference(
     visible = (k_pos >= 0)[:, None, :].expand(b, tq, -1)
     if q_pos is not None:
         visible = visible & (k_pos[:, None, :] <= q_pos[:, :, None])
+        if window is not None:
+            visible = visible & (k_pos[:, None, :] > q_pos[:, :, None] - window)
     visible = visible[:, None, None]
     scores = scores.masked_fill(~visible, float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)

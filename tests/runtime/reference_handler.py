@@ -16,7 +16,7 @@ import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 from rkv_convert.export.format import Checkpoint
-from rkv_convert.models.adapters import layer_rope, layer_softcaps, stock_attention
+from rkv_convert.models.adapters import attention_window, layer_rope, layer_softcaps, stock_attention
 from rkv_convert.quant.codec import FoldedKeyCodec, KeyCodec, ValueCodec
 from rkv_convert.runtime.attention import new_token_validity
 from rkv_convert.runtime.cache import CacheSettings
@@ -99,6 +99,9 @@ class EvalReference:
         visible = (st.valid & (st.pos >= 0))[:, None, :]
         if causal:
             visible = visible & (st.pos[:, None, :] <= q_pos[:, :, None])
+        window = attention_window(module)  # sliding-window layers: only the last `window` positions
+        if window is not None:
+            visible = visible & (st.pos[:, None, :] > q_pos[:, :, None] - window)
         rep = q_rot.shape[1] // n_kv
         scores = q_rot.float() @ repeat_kv(k, rep).transpose(-1, -2) * module.scaling
         if self.softcaps[i] is not None:

@@ -65,3 +65,34 @@ def test_prerope_layout_refuses_soft_capped_models_naming_the_fix() -> None:
     ckpt = make_checkpoint(model, bits=2, key_layout="prerope")
     with pytest.raises(ValueError, match="gemma2 caps its attention logits.*--key-layout folded"):
         RkvCache.from_checkpoint(ckpt, model)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "mistral", "phi3"])
+def test_sliding_window_layers_attend_to_their_window_only(family: str) -> None:
+    """A window of 6 tokens, a 21-token prompt and 8 decode steps, then a 5-token chunk: tokens that
+    left a sliding layer's window are never attended again (decode, multi-token step, both layouts)."""
+    model = tiny_model(family, sliding_window=6)
+    for layout in _layouts(family):
+        ckpt = make_checkpoint(model, bits=2, key_group_size=32, value_group_size=16, sink_quantile=0.9, key_layout=layout)
+        ids, mask = _prompt(pad=3)
+        cache = RkvCache.from_checkpoint(ckpt, model, SETTINGS, backend="reference")
+        got = _run(model, rkv_attention, ids, mask, steps=8, cache=cache)
+        want = _run(model, EvalReference(model, ckpt, SETTINGS), ids, mask, steps=8)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m: f"{family} {layout}: {m}")
+        chunk = torch.randint(0, 128, (2, 5))
+        cache = RkvCache.from_checkpoint(ckpt, model, SETTINGS, backend="reference")
+        got = _run(model, rkv_attention, ids, mask, steps=3, cache=cache, chunk=chunk)
+        want = _run(model, EvalReference(model, ckpt, SETTINGS), ids, mask, steps=3, chunk=chunk)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m: f"{family} {layout} chunk: {m}")
+
+
+def test_sliding_window_changes_the_decode() -> None:
+    """The window must matter for the test above to mean anything: 6 against 256 gives other logits."""
+    ids, mask = _prompt(pad=3)
+    logits = []
+    for window in (6, 256):
+        model = tiny_model("gemma3", sliding_window=window)
+        ckpt = make_checkpoint(model, bits=2, key_group_size=32, value_group_size=16, key_layout="folded")
+        cache = RkvCache.from_checkpoint(ckpt, model, SETTINGS, backend="reference")
+        logits.append(_run(model, rkv_attention, ids, mask, steps=4, cache=cache))
+    assert (logits[0] - logits[1]).abs().max() > 1e-3
