@@ -131,7 +131,8 @@ def create_app(rkv_model: RkvModel, worker: EngineWorker, model_name: str, limit
         except Unavailable as err:
             return error_response(503, f"the server cannot take requests: {err}", code="unavailable")
         if body.get("stream"):
-            return StreamingResponse(_stream(http, request, events, chat), media_type="text/event-stream",
+            include_usage = isinstance(body.get("stream_options"), dict) and bool(body["stream_options"].get("include_usage"))
+            return StreamingResponse(_stream(http, request, events, chat, include_usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})  # fmt: skip
         return await _complete(http, request, events, chat)
 
@@ -168,8 +169,9 @@ def create_app(rkv_model: RkvModel, worker: EngineWorker, model_name: str, limit
         return JSONResponse({"id": request.id, "object": "chat.completion" if chat else "text_completion",
                              "created": int(time.time()), "model": model_name, "choices": [choice], "usage": usage})  # fmt: skip
 
-    async def _stream(http: Request, request: GenerationRequest, events: asyncio.Queue, chat: bool) -> AsyncIterator[str]:
-        text, finished = _Detokenizer(tokenizer), False
+    async def _stream(http: Request, request: GenerationRequest, events: asyncio.Queue, chat: bool,
+                      include_usage: bool) -> AsyncIterator[str]:  # fmt: skip
+        text, finished, n = _Detokenizer(tokenizer), False, 0
         kind = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(piece: str | None, finish: str | None, first: bool = False) -> str:
@@ -194,11 +196,18 @@ def create_app(rkv_model: RkvModel, worker: EngineWorker, model_name: str, limit
                     error = {"error": {"message": event.error, "type": "server_error", "param": None, "code": "engine_error"}}
                     yield f"data: {json.dumps(error)}\n\n"
                     return
+                if event.token is not None:
+                    n += 1
                 if event.finish_reason is not None:
                     finished = True
                     if piece:
                         yield chunk(piece, None)
                     yield chunk(None, event.finish_reason)
+                    if include_usage:  # OpenAI's stream_options: a last chunk with no choices and the usage
+                        usage = {"prompt_tokens": len(request.prompt_ids), "completion_tokens": n,
+                                 "total_tokens": len(request.prompt_ids) + n}  # fmt: skip
+                        yield "data: " + json.dumps({"id": request.id, "object": kind, "created": int(time.time()),
+                                                     "model": model_name, "choices": [], "usage": usage}) + "\n\n"  # fmt: skip
                     yield "data: [DONE]\n\n"
                     return
                 if piece:

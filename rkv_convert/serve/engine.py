@@ -219,7 +219,7 @@ class Engine:
         self.cache.load_row(len(self.rows), single)
         self.rows.append(seq)
         seq.next_pos = t
-        self._accept(len(self.rows) - 1, sample_next(out.logits[:, -1].to(self.device), seq.request.sampling, seq.generator))
+        self._accept(len(self.rows) - 1, int(sample_next(out.logits[:, -1].to(self.device), seq.request.sampling, seq.generator)[0]))
 
     @torch.no_grad()
     def _decode(self) -> None:
@@ -236,22 +236,20 @@ class Engine:
         self.cache.end_step()
         logits = out.logits[:, -1].to(self.device)
         greedy = [r for r in range(a) if self.rows[r].request.sampling.greedy]
-        picked: dict[int, torch.Tensor] = {}
-        if greedy:
-            best = logits[greedy].argmax(-1)
-            picked.update(zip(greedy, best))
+        picked: dict[int, int] = {}
+        if greedy:  # one argmax and one device-to-host copy for all greedy rows
+            picked.update(zip(greedy, logits[greedy].argmax(-1).tolist()))
         for r in range(a):
             seq = self.rows[r]
             seq.next_pos += 1
             if r not in picked:
-                picked[r] = sample_next(logits[r : r + 1], seq.request.sampling, seq.generator)[0]
+                picked[r] = int(sample_next(logits[r : r + 1], seq.request.sampling, seq.generator)[0])
         for r in reversed(range(a)):  # releases move the last row down: go from the top
             self._accept(r, picked[r])
 
-    def _accept(self, row: int, token: torch.Tensor) -> None:
+    def _accept(self, row: int, token_id: int) -> None:
         """Record ``row``'s new token, emit it, and free the row when the request is done."""
         seq = self.rows[row]
-        token_id = int(token.reshape(-1)[0])
         seq.generated += 1
         seq.last_token = token_id
         self.stats.tokens_generated += 1

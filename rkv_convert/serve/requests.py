@@ -1,7 +1,7 @@
 """Generation requests: the one typed structure both front ends build, and the checks that build it.
 
 A batch-job line and an HTTP body are JSON objects with the same fields (OpenAI's names):
-``prompt`` (a string) or ``messages`` (a list of ``{"role", "content"}``), and optional
+``prompt`` (a string, or a list of token ids) or ``messages`` (a list of ``{"role", "content"}``), and optional
 ``max_tokens``, ``temperature``, ``top_p`` and ``seed``. :func:`parse_request` checks every field
 against the model's context and the server's limits and raises :class:`RequestError` (a message
 naming the field and the fix) before anything reaches the engine.
@@ -98,10 +98,15 @@ def prompt_ids(tokenizer, body: dict, chat: bool) -> list[int]:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return list(tokenizer(text, add_special_tokens=False).input_ids)
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
+    if isinstance(prompt, list):  # token ids, as OpenAI's API allows
+        vocab = len(tokenizer)
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in prompt):
+            raise RequestError(f"a prompt of token ids must hold integers from 0 to {vocab - 1}", "prompt")
+        return list(prompt)
     if not isinstance(prompt, str):
-        raise RequestError("prompt must be a string (one prompt per request)", "prompt")
+        raise RequestError("prompt must be a string or a list of token ids (one prompt per request)", "prompt")
     return list(tokenizer(prompt).input_ids)
 
 

@@ -60,6 +60,12 @@ def test_routes_plain_and_streamed(rkv) -> None:
             events = sse_events(response.iter_lines())
         assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "length"
         assert "".join(e["choices"][0]["text"] for e in events[:-1]) == plain["choices"][0]["text"]
+        ids = rkv.tokenizer("The cat sat on").input_ids  # a prompt of token ids, usage in the last chunk
+        with client.stream("POST", "/v1/completions", json={"model": "tiny", "prompt": ids, "max_tokens": 24, "temperature": 0,
+                                                             "stream": True, "stream_options": {"include_usage": True}}) as response:  # fmt: skip
+            events = sse_events(response.iter_lines())
+        assert events[-2]["choices"] == [] and events[-2]["usage"]["completion_tokens"] == 24
+        assert "".join(e["choices"][0]["text"] for e in events[:-2]) == plain["choices"][0]["text"]
 
         chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16, "temperature": 0}
         reply = client.post("/v1/chat/completions", json=chat).json()
