@@ -66,3 +66,33 @@ def test_every_row_is_a_supported_family() -> None:
     for family in FAMILIES:
         with attach(tiny_model(family), lambda *a, **k: None):
             pass
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_attribute_the_adapter_relies_on_is_checked_by_name(family: str) -> None:
+    """Removing any attribute an adapter reads fails the contract naming the family, the attribute and
+    the installed transformers version (what a transformers release that renames it would see)."""
+    import re
+
+    import transformers
+
+    from rkv_convert.models.adapters import ContractError, adapter_for, check_contract
+
+    model = tiny_model(family)
+    adapter = adapter_for(model.config)
+    module = attention_modules(model)[0]
+    check_contract(adapter, module)
+    for name in adapter.attributes:
+        saved = module.__dict__.get(name, None)
+        in_modules = name in module._modules
+        value = getattr(module, name)
+        delattr(module, name)
+        try:
+            with pytest.raises(ContractError, match=rf"{adapter.name} family, transformers {re.escape(transformers.__version__)}\) has no attribute '{name}'"):
+                check_contract(adapter, module)
+        finally:
+            if in_modules:
+                module._modules[name] = value
+            else:
+                module.__dict__[name] = saved if saved is not None else value
+        check_contract(adapter, module)
