@@ -83,6 +83,18 @@ def tiny_model(family: str = "llama", seed: int = 0, **kwargs) -> torch.nn.Modul
     return model.eval()
 
 
+def tiny_gemma3_multimodal(head_dim: int = 64, n_kv: int = 1, seed: int = 0) -> torch.nn.Module:
+    """A tiny ``Gemma3ForConditionalGeneration`` (model type ``gemma3``): rkv adapts its text part."""
+    from transformers import Gemma3Config
+
+    text = tiny_config("gemma3", head_dim=head_dim, n_kv=n_kv).to_dict()
+    vision = dict(hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=127)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
 def tiny_tokenizer():
     """A 128-token byte-level BPE trained on Python's docs (offline, seconds)."""
     import pydoc_data.topics

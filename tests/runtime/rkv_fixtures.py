@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from rkv_convert.export.fuse import fuse_value_rotation
 from rkv_convert.export.format import Checkpoint, LayerTensors, RkvConfig, tensor_name
-from rkv_convert.models.adapters import attach, stock_attention
+from rkv_convert.models.adapters import attach, head_dim, stock_attention, text_config
 from rkv_convert.quant.codec import rotate_groups
 from rkv_convert.quant.hadamard import hadamard_matrix
 
@@ -55,8 +55,8 @@ def make_checkpoint(
     key_layout: str = "prerope",
 ) -> Checkpoint:
     """A valid checkpoint for ``model`` whose value rotation is fused in place (see module docstring)."""
-    cfg = model.config
-    n_kv, d = cfg.num_key_value_heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    cfg = text_config(model.config)
+    n_kv, d = cfg.num_key_value_heads, head_dim(model.config)
     g = head_group_size or (1 if key_layout == "folded" else n_kv)
     config = RkvConfig(
         bits=bits,

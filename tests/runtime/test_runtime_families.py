@@ -10,7 +10,7 @@ import torch
 from reference_handler import EvalReference
 from rkv_fixtures import make_checkpoint
 from test_attention import _prompt, _run, check_multi_token_step_against_reference
-from tiny_models import SOFTCAPPED, tiny_model
+from tiny_models import SOFTCAPPED, tiny_gemma3_multimodal, tiny_model
 
 from rkv_convert.runtime.attention import rkv_attention
 from rkv_convert.runtime.cache import CacheSettings, RkvCache
@@ -96,3 +96,20 @@ def test_sliding_window_changes_the_decode() -> None:
         cache = RkvCache.from_checkpoint(ckpt, model, SETTINGS, backend="reference")
         logits.append(_run(model, rkv_attention, ids, mask, steps=4, cache=cache))
     assert (logits[0] - logits[1]).abs().max() > 1e-3
+
+
+def test_the_text_part_of_a_multimodal_gemma3() -> None:
+    """Gemma3ForConditionalGeneration (model type gemma3): layers, RoPE and head_dim come from its
+    language model; prefill is the stock model and decode equals the evaluation reference."""
+    model = tiny_gemma3_multimodal()
+    assert type(model).__name__ == "Gemma3ForConditionalGeneration"
+    for layout in ("folded", "prerope"):
+        ckpt = make_checkpoint(model, bits=2, key_group_size=32, value_group_size=16, sink_quantile=0.9, key_layout=layout)
+        ids, mask = _prompt(pad=3)
+        ids = ids.clamp_max(100)  # no image tokens
+        with torch.no_grad():
+            stock = model(ids, attention_mask=mask).logits[:, -1:]
+        got = _run(model, rkv_attention, ids, mask, steps=6, cache=RkvCache.from_checkpoint(ckpt, model, SETTINGS, backend="reference"))
+        want = _run(model, EvalReference(model, ckpt, SETTINGS), ids, mask, steps=6)
+        torch.testing.assert_close(got[:, :1], stock, rtol=0, atol=1e-5)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m: f"{layout}: {m}")
