@@ -36,7 +36,7 @@ def checkpoint_at_bits(checkpoint: Checkpoint, clips: ClipTables, bits: int) -> 
     if bits not in SUPPORTED_BITS:
         raise CheckpointError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
     index = SUPPORTED_BITS.index(bits)
-    config = dataclasses.replace(checkpoint.config, bits=bits, layout="")
+    config = dataclasses.replace(checkpoint.config, bits=bits, layout="", key_bits=[], value_bits=[])
     layers = [
         dataclasses.replace(layer, key_clip=float(clips["key"][i][index]), value_clip=float(clips["value"][i][index]))
         for i, layer in enumerate(checkpoint.layers)

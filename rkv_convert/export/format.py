@@ -1,4 +1,4 @@
-"""The augmented checkpoint's ``rkv`` config section and tensor names (format version 2).
+"""The augmented checkpoint's ``rkv`` config section and tensor names (format version 3).
 
 A checkpoint folder holds the source model's weights (with the value rotation fused into
 ``v_proj``/``o_proj``), its ``config.json`` with an ``rkv`` section (:class:`RkvConfig`),
@@ -6,6 +6,8 @@ tokenizer files, and ``rkv.safetensors`` with the per-layer calibration tensors 
 :func:`tensor_name`. docs/checkpoint-format.md specifies every field; the version rule:
 a reader accepts exactly the format versions it knows and refuses others with a message.
 Version 2 added ``key_layout`` (:class:`KeyLayout`); a version-1 checkpoint reads as ``prerope``.
+Version 3 added per-layer key and value widths (``key_bits``, ``value_bits``); a version-1 or -2
+checkpoint reads with every layer's keys and values at ``bits``.
 """
 
 from __future__ import annotations
@@ -38,8 +40,8 @@ __all__ = [
     "check_weight_files",
 ]
 
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # version 1: before key_layout; its keys are pre-RoPE (KeyLayout.PREROPE)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)  # 1: before key_layout (pre-RoPE keys); 2: before per-layer key/value bits
 RKV_TENSORS_FILE = "rkv.safetensors"
 SUPPORTED_BITS = (2, 3, 4)
 
@@ -89,6 +91,8 @@ class RkvConfig:
     layout: str = ""
     calibration: dict = field(default_factory=dict)
     key_layout: str = KeyLayout.PREROPE.value  # a KeyLayout value; version 1 knew only prerope
+    key_bits: list[int] = field(default_factory=list)  # per layer (version 3); empty: every layer at `bits`
+    value_bits: list[int] = field(default_factory=list)  # per layer (version 3); empty: every layer at `bits`
 
     def __post_init__(self) -> None:
         if not self.layout:
@@ -124,6 +128,12 @@ class RkvConfig:
             )
         if self.head_dim % self.value_group_size:
             raise CheckpointError(f"value group size {self.value_group_size} must divide head_dim {self.head_dim}")
+        for name in ("key_bits", "value_bits"):
+            widths = getattr(self, name)
+            if widths and self.version < 3:
+                raise CheckpointError(f"format version {self.version} has no per-layer {name}; re-export the checkpoint")
+            if widths and (len(widths) != self.num_layers or any(b not in SUPPORTED_BITS for b in widths)):
+                raise CheckpointError(f"{name} must list one of {SUPPORTED_BITS} per layer ({self.num_layers} layers), got {widths}")
         if self.layout != layout_for_bits(self.bits).value:
             raise CheckpointError(f"layout {self.layout!r} does not match {self.bits}-bit codes")
         if self.recent_window < 0 or self.flush_block <= 0 or self.max_sinks < 0:
@@ -137,13 +147,23 @@ class RkvConfig:
     def head_group_channels(self) -> int:
         return self.head_group_size * self.head_dim
 
+    def layer_bits(self, layer: int) -> tuple[int, int]:
+        """``(key bits, value bits)`` of ``layer`` (each code's packing layout: ``layout_for_bits``)."""
+        return (self.key_bits[layer] if self.key_bits else self.bits, self.value_bits[layer] if self.value_bits else self.bits)
+
+    @property
+    def mixed_bits(self) -> bool:
+        """Whether some layer's keys or values differ from ``bits``."""
+        return any(b != self.bits for b in (*self.key_bits, *self.value_bits))
+
     @property
     def key_bits_per_element(self) -> float:
-        return bits_per_element(self.bits, self.key_group_size)
+        """Stored bits per key element, averaged over layers (codes plus fp16 scale and zero per group)."""
+        return sum(bits_per_element(self.layer_bits(i)[0], self.key_group_size) for i in range(self.num_layers)) / self.num_layers
 
     @property
     def value_bits_per_element(self) -> float:
-        return bits_per_element(self.bits, self.value_group_size)
+        return sum(bits_per_element(self.layer_bits(i)[1], self.value_group_size) for i in range(self.num_layers)) / self.num_layers
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self), sort_keys=True))
@@ -161,8 +181,10 @@ class RkvConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         if version == 1:  # written before key_layout existed: pre-RoPE keys
             names.discard("key_layout")
+        if version < 3:  # written before per-layer widths: every layer at `bits`
+            names -= {"key_bits", "value_bits"}
         unknown = sorted(set(data) - names)
-        required = {"key_layout"} if version >= 2 else set()
+        required = ({"key_layout"} if version >= 2 else set()) | ({"key_bits", "value_bits"} if version >= 3 else set())
         missing = sorted(f.name for f in dataclasses.fields(cls) if (f.name in required or (f.default is dataclasses.MISSING
                          and f.default_factory is dataclasses.MISSING)) and f.name not in data)
         if unknown or missing:
@@ -182,7 +204,7 @@ class LayerTensors:
     - ``key_mean`` fp32 ``[n_kv*d]``: calibrated mean of the pre-RoPE keys, subtracted before rotation.
     - ``key_perm`` int64 ``[n_kv*d]``: channel permutation, block-diagonal over head groups;
       quantization group ``j`` of a head group holds rotated channels ``perm[j*g:(j+1)*g]``.
-    - ``key_clip``, ``value_clip`` fp32 ``[]``: clip ratios for this layer at the exported bits.
+    - ``key_clip``, ``value_clip`` fp32 ``[]``: clip ratios for this layer at its key / value bits.
     - ``sink_channels`` int64 ``[s]``: hidden channels whose massive activations flag sink tokens.
     - ``sink_threshold`` fp32 ``[]``: a token is a sink when ``max |h[sink_channels]| > sink_threshold``
       (``h`` = the decoder layer's input); ``inf`` disables detection for the layer.

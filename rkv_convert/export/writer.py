@@ -21,7 +21,7 @@ from ..outdir import atomic_dir, check_output_dir
 from .format import RKV_TENSORS_FILE, SUPPORTED_BITS, Checkpoint, CheckpointError, KeyLayout, LayerTensors, RkvConfig, tensor_name
 from .fuse import fuse_value_rotation
 
-__all__ = ["checkpoint_from_artifact", "export_checkpoint", "LOGIT_TOLERANCE"]
+__all__ = ["checkpoint_from_artifact", "export_checkpoint", "layer_widths", "LOGIT_TOLERANCE"]
 
 LOGIT_TOLERANCE = {torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 2.5e-1}
 
@@ -50,12 +50,25 @@ def _probe_logits(model: torch.nn.Module, seed: int = 0) -> torch.Tensor:
         return model(ids.to(next(model.parameters()).device), use_cache=False).logits.float().cpu()
 
 
-def _config_for(artifact: CalibrationArtifact, bits: int, recent_window: int, flush_block: int, max_sinks: int) -> RkvConfig:
-    """The ``config.json["rkv"]`` section that exporting ``artifact`` at ``bits`` writes."""
+def layer_widths(bits: int, num_layers: int, widths: list[int] | None, name: str) -> list[int]:
+    """Per-layer widths: ``widths`` as given (one per layer), or every layer at ``bits``."""
+    if widths is None:
+        return [bits] * num_layers
+    widths = [int(b) for b in widths]
+    if len(widths) != num_layers or any(b not in SUPPORTED_BITS for b in widths):
+        raise CheckpointError(f"{name} must give one of {SUPPORTED_BITS} for each of the {num_layers} layers, got {widths}")
+    return widths
+
+
+def _config_for(artifact: CalibrationArtifact, bits: int, recent_window: int, flush_block: int, max_sinks: int,
+                key_bits: list[int] | None = None, value_bits: list[int] | None = None) -> RkvConfig:  # fmt: skip
+    """The ``config.json["rkv"]`` section that exporting ``artifact`` at ``bits`` (per-layer widths: ``key_bits``,
+    ``value_bits``) writes."""
     if bits not in SUPPORTED_BITS:
         raise CheckpointError(f"--bits must be one of {SUPPORTED_BITS}, got {bits}")
     opts = artifact.meta["options"]
     shape = artifact.meta["model"]
+    n = shape["num_hidden_layers"]
     return RkvConfig(
         bits=bits,
         key_group_size=opts["key_group_size"],
@@ -70,24 +83,27 @@ def _config_for(artifact: CalibrationArtifact, bits: int, recent_window: int, fl
         max_sinks=max_sinks,
         calibration={k: opts[k] for k in ("source", "num_samples", "seqlen", "seed", "sink_ratio")},
         key_layout=opts.get("key_layout", KeyLayout.PREROPE.value),  # artifacts from before key_layout: prerope
+        key_bits=layer_widths(bits, n, key_bits, "key bits"),
+        value_bits=layer_widths(bits, n, value_bits, "value bits"),
     )
 
 
 def checkpoint_from_artifact(
-    artifact: CalibrationArtifact, bits: int = 2, recent_window: int = 128, flush_block: int = 64, max_sinks: int = 8
+    artifact: CalibrationArtifact, bits: int = 2, recent_window: int = 128, flush_block: int = 64, max_sinks: int = 8,
+    key_bits: list[int] | None = None, value_bits: list[int] | None = None,
 ) -> Checkpoint:
     """The in-memory checkpoint that exporting ``artifact`` at ``bits`` describes (nothing fused or written).
 
     For benchmarks and tools that keep the model in memory: fuse ``artifact.value_rotation`` into
     the model with :func:`~rkv_convert.export.fuse.fuse_value_rotation` before running it.
     """
-    config = _config_for(artifact, bits, recent_window, flush_block, max_sinks)
+    config = _config_for(artifact, bits, recent_window, flush_block, max_sinks, key_bits, value_bits)
     layers = [
         LayerTensors(
             key_mean=layer["key_mean"].float(),
             key_perm=layer["key_perm"].long(),
-            key_clip=artifact.clip_for(i, bits, "key"),
-            value_clip=artifact.clip_for(i, bits, "value"),
+            key_clip=artifact.clip_for(i, config.layer_bits(i)[0], "key"),
+            value_clip=artifact.clip_for(i, config.layer_bits(i)[1], "value"),
             sink_channels=layer["sink_channels"].long(),
             sink_threshold=float(layer["sink_threshold"]),
         )
@@ -105,12 +121,15 @@ def export_checkpoint(
     flush_block: int = 64,
     max_sinks: int = 8,
     overwrite: bool = False,
+    key_bits: list[int] | None = None,
+    value_bits: list[int] | None = None,
 ) -> Path:
-    """Fuse, verify and write the augmented checkpoint; returns the folder."""
+    """Fuse, verify and write the augmented checkpoint; returns the folder. ``key_bits``/``value_bits``:
+    one width per layer (default: every layer at ``bits``)."""
     out = Path(out_dir)
     check_output_dir(out, overwrite)
     _check_compatible(artifact, loaded, bits)
-    config = _config_for(artifact, bits, recent_window, flush_block, max_sinks)
+    config = _config_for(artifact, bits, recent_window, flush_block, max_sinks, key_bits, value_bits)
     model = loaded.model
     before = _probe_logits(model)
     fuse_value_rotation(model, artifact.value_rotation)
@@ -125,8 +144,8 @@ def export_checkpoint(
     for i, layer in enumerate(artifact.layers):
         tensors[tensor_name(i, "key_mean")] = layer["key_mean"]
         tensors[tensor_name(i, "key_perm")] = layer["key_perm"]
-        tensors[tensor_name(i, "key_clip")] = torch.tensor(artifact.clip_for(i, bits, "key"))
-        tensors[tensor_name(i, "value_clip")] = torch.tensor(artifact.clip_for(i, bits, "value"))
+        tensors[tensor_name(i, "key_clip")] = torch.tensor(artifact.clip_for(i, config.layer_bits(i)[0], "key"))
+        tensors[tensor_name(i, "value_clip")] = torch.tensor(artifact.clip_for(i, config.layer_bits(i)[1], "value"))
         tensors[tensor_name(i, "sink_channels")] = layer["sink_channels"]
         tensors[tensor_name(i, "sink_threshold")] = layer["sink_threshold"]
         tensors[tensor_name(i, "key_clip_by_bits")] = layer["key_clip_by_bits"]

@@ -78,12 +78,12 @@ def stored_tokens(layer: RkvCacheLayer) -> tuple[torch.Tensor, torch.Tensor, tor
     pos = torch.cat([q["pos"], fp["fp_pos"]], dim=1)
     if c.folded:
         keys = dequantize_folded_keys(q["k_codes"], q["k_scale"], q["k_zero"], q["pos"], c.head_rotation, c.head_mean,
-                                      inv_freq, scaling, c.bits)  # fmt: skip
+                                      inv_freq, scaling, c.key_bits)  # fmt: skip
         keys = torch.cat([keys, fp["fp_k"].float()], dim=2)
     else:
-        keys = dequantize_keys(q["k_codes"], q["k_scale"], q["k_zero"], c.k_gid, c.k_mean, c.rotation, c.bits, c.head_dim)
+        keys = dequantize_keys(q["k_codes"], q["k_scale"], q["k_zero"], c.k_gid, c.k_mean, c.rotation, c.key_bits, c.head_dim)
         keys = rope(torch.cat([keys, fp["fp_k"].float()], dim=2), pos.clamp_min(0), inv_freq, scaling)
-    values = dequantize_values(q["v_codes"], q["v_scale"], q["v_zero"], c.bits, c.head_dim)
+    values = dequantize_values(q["v_codes"], q["v_scale"], q["v_zero"], c.value_bits, c.head_dim)
     values = torch.cat([values, fp["fp_v"].float()], dim=2)
     return keys, values, pos
 
@@ -146,7 +146,7 @@ def rkv_attention(
             qd["k_codes"], qd["k_scale"], qd["k_zero"], qd["v_codes"], qd["v_scale"], qd["v_zero"], qd["pos"],
             rotation=codec.prepared_rotation(query.dtype), k_mean=codec.k_mean, k_gid=codec.k_gid,
             inv_freq=inv_freq, attention_scaling=rope_scaling, sm_scale=module.scaling,
-            k_bits=codec.bits, v_bits=codec.bits,
+            k_bits=codec.key_bits, v_bits=codec.value_bits,
             k_group_size=codec.key_group_size, v_group_size=codec.value_group_size,
             fp_k=fp["fp_k"], fp_v=fp["fp_v"], fp_pos=fp["fp_pos"], backend=layer.backend,
         )  # fmt: skip

@@ -84,7 +84,8 @@ class CacheSettings:
 class LayerCodec:
     """One layer's quantizer settings and calibration tensors, on the cache's device."""
 
-    bits: int
+    key_bits: int  # the layer's key code width (RkvConfig.layer_bits)
+    value_bits: int  # the layer's value code width
     key_group_size: int
     value_group_size: int
     head_dim: int
@@ -119,7 +120,8 @@ class LayerCodec:
         if key not in self._prepared:
             self._prepared[key] = FoldedParams(
                 rotation=self.head_rotation, mean=self.head_mean, inv_freq=inv_freq.to(self.device, torch.float32),
-                attention_scaling=float(attention_scaling), sm_scale=float(sm_scale), bits=self.bits,
+                attention_scaling=float(attention_scaling), sm_scale=float(sm_scale), bits=self.key_bits,
+                v_bits=self.value_bits,
                 g_k=self.key_group_size, g_v=self.value_group_size, softcap=softcap,
             )
         return self._prepared[key]
@@ -146,7 +148,12 @@ class LayerCodec:
         return self.k_gid.shape[0]
 
     @classmethod
-    def from_checkpoint(cls, config: RkvConfig, rotation: torch.Tensor, layer: LayerTensors, device: torch.device) -> "LayerCodec":
+    def from_checkpoint(cls, config: RkvConfig, rotation: torch.Tensor, layer: LayerTensors, device: torch.device,
+                        layer_index: int | None = None) -> "LayerCodec":  # fmt: skip
+        """``layer`` (number ``layer_index``, which sets its key and value widths) on ``device``."""
+        if layer_index is None and config.mixed_bits:
+            raise ValueError("this checkpoint's layers differ in key/value bits: pass layer_index")
+        key_bits, value_bits = config.layer_bits(layer_index or 0)
         head_rotation = None
         if config.folded:  # the permutation is folded into R_h: key groups are consecutive channels of y
             d, n_kv = config.head_dim, config.num_key_value_heads
@@ -155,7 +162,8 @@ class LayerCodec:
         else:
             gid = group_ids_from_perm(layer.key_perm.long(), config.head_group_channels, config.key_group_size)
         return cls(
-            bits=config.bits,
+            key_bits=key_bits,
+            value_bits=value_bits,
             key_group_size=config.key_group_size,
             value_group_size=config.value_group_size,
             head_dim=config.head_dim,
@@ -224,10 +232,10 @@ class RkvCacheLayer(CacheLayerMixin):
         n_hg, gd = c.num_head_groups, c.group_channels
         cap = max(_MIN_CAPACITY, self.capacity_hint)
         u8, f16 = torch.uint8, torch.float16
-        self.k_codes = torch.zeros(b, n_hg, cap, packed_width(gd, c.bits), dtype=u8, device=dev)
+        self.k_codes = torch.zeros(b, n_hg, cap, packed_width(gd, c.key_bits), dtype=u8, device=dev)
         self.k_scale = torch.zeros(b, n_hg, cap, gd // c.key_group_size, dtype=f16, device=dev)
         self.k_zero = torch.zeros_like(self.k_scale)
-        self.v_codes = torch.zeros(b, n_kv, cap, packed_width(d, c.bits), dtype=u8, device=dev)
+        self.v_codes = torch.zeros(b, n_kv, cap, packed_width(d, c.value_bits), dtype=u8, device=dev)
         self.v_scale = torch.zeros(b, n_kv, cap, d // c.value_group_size, dtype=f16, device=dev)
         self.v_zero = torch.zeros_like(self.v_scale)
         self.pos = torch.full((b, cap), -1, dtype=torch.int32, device=dev)
@@ -460,20 +468,20 @@ class RkvCacheLayer(CacheLayerMixin):
             y = fold_keys(key, mean_at(c.head_mean, pos, inv_freq, scaling), c.head_rotation)
             k_codes, k_scale, k_zero = (
                 t.transpose(1, 2)
-                for t in quantize_pack(y.transpose(1, 2), c.bits, c.key_group_size, c.key_clip, backend=self.backend)
+                for t in quantize_pack(y.transpose(1, 2), c.key_bits, c.key_group_size, c.key_clip, backend=self.backend)
             )
         else:
             rows = key.transpose(1, 2).reshape(b, n, c.num_head_groups, c.group_channels)
             k_codes, k_scale, k_zero = (
                 t.transpose(1, 2)
                 for t in quantize_pack(
-                    rows, c.bits, c.key_group_size, c.key_clip,
+                    rows, c.key_bits, c.key_group_size, c.key_clip,
                     rotation=c.rotation, mean=c.k_mean, gid=c.k_gid, backend=self.backend,
                 )
             )
         v_codes, v_scale, v_zero = (
             t.transpose(1, 2)
-            for t in quantize_pack(value.transpose(1, 2), c.bits, c.value_group_size, c.value_clip, backend=self.backend)
+            for t in quantize_pack(value.transpose(1, 2), c.value_bits, c.value_group_size, c.value_clip, backend=self.backend)
         )
         return {"k_codes": k_codes, "k_scale": k_scale, "k_zero": k_zero, "v_codes": v_codes, "v_scale": v_scale,
                 "v_zero": v_zero, "pos": pos}  # fmt: skip
@@ -514,8 +522,8 @@ class RkvCacheLayer(CacheLayerMixin):
         """Bytes per (sequence, slot): quantized store, full-precision segment."""
         c = self.codec
         n_hg, gd, d, n_kv = c.num_head_groups, c.group_channels, c.head_dim, c.num_kv_heads
-        quant = n_hg * (packed_width(gd, c.bits) + 4 * (gd // c.key_group_size))
-        quant += n_kv * (packed_width(d, c.bits) + 4 * (d // c.value_group_size)) + 4
+        quant = n_hg * (packed_width(gd, c.key_bits) + 4 * (gd // c.key_group_size))
+        quant += n_kv * (packed_width(d, c.value_bits) + 4 * (d // c.value_group_size)) + 4
         elem = torch.empty((), dtype=self.fp_dtype or torch.float16).element_size()
         return quant, 2 * n_kv * d * elem + 4
 
@@ -600,7 +608,7 @@ class RkvCache(Cache):
         ropes = layer_rope(model)  # per layer: Gemma 3's sliding layers have their own base
         devices = _layer_devices(model, ropes[0][0].device)
         codecs = [
-            LayerCodec.from_checkpoint(config, checkpoint.key_rotation, layer, devices[i] if i < len(devices) else devices[-1])
+            LayerCodec.from_checkpoint(config, checkpoint.key_rotation, layer, devices[i] if i < len(devices) else devices[-1], i)
             for i, layer in enumerate(checkpoint.layers)
         ]
         if len(codecs) != len(ropes):

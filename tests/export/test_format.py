@@ -1,4 +1,5 @@
-"""The rkv config: format versions (1 reads as prerope, unknown ones refused) and the key layout's rules."""
+"""The rkv config: format versions (1 reads as prerope, 2 with uniform widths, unknown ones refused), the key
+layout's rules and per-layer key/value widths."""
 
 import json
 
@@ -20,9 +21,9 @@ def _config(**kw) -> RkvConfig:
 
 
 def test_written_version_and_layouts() -> None:
-    assert FORMAT_VERSION == 2 and KEY_LAYOUTS == ("prerope", "folded") and DEFAULT_KEY_LAYOUT in KEY_LAYOUTS
+    assert FORMAT_VERSION == 3 and KEY_LAYOUTS == ("prerope", "folded") and DEFAULT_KEY_LAYOUT in KEY_LAYOUTS
     data = _config(key_layout="folded").to_dict()
-    assert data["version"] == 2 and data["key_layout"] == "folded"
+    assert data["version"] == 3 and data["key_layout"] == "folded"
     assert list(data) == sorted(data)
     assert RkvConfig.from_dict(json.loads(json.dumps(data))).folded
 
@@ -30,14 +31,14 @@ def test_written_version_and_layouts() -> None:
 def test_version_1_reads_as_prerope() -> None:
     data = _config(head_group_size=2).to_dict()
     data["version"] = 1
-    del data["key_layout"]
+    del data["key_layout"], data["key_bits"], data["value_bits"]
     config = RkvConfig.from_dict(data)
     assert config.key_layout == "prerope" and not config.folded and config.version == 1
     with pytest.raises(CheckpointError, match="unknown"):  # version 1 had no key_layout field
         RkvConfig.from_dict({**data, "key_layout": "folded"})
 
 
-@pytest.mark.parametrize("version", [0, 3, None, "2"])
+@pytest.mark.parametrize("version", [0, 4, None, "2"])
 def test_unknown_versions_are_refused_with_the_re_export_message(version) -> None:
     data = _config().to_dict()
     data["version"] = version
@@ -47,7 +48,8 @@ def test_unknown_versions_are_refused_with_the_re_export_message(version) -> Non
 
 def test_version_2_needs_the_key_layout() -> None:
     data = _config().to_dict()
-    del data["key_layout"]
+    data["version"] = 2
+    del data["key_layout"], data["key_bits"], data["value_bits"]
     with pytest.raises(CheckpointError, match="missing \\['key_layout'\\]"):
         RkvConfig.from_dict(data)
 
@@ -60,3 +62,32 @@ def test_folded_rules() -> None:
     with pytest.raises(CheckpointError, match="key_layout must be one of"):
         _config(key_layout="post")
     assert _config(key_layout="prerope", head_group_size=2).head_group_channels == 128
+
+
+def test_version_2_reads_with_every_layer_at_bits() -> None:
+    data = _config(bits=3).to_dict()
+    data["version"] = 2
+    del data["key_bits"], data["value_bits"]
+    config = RkvConfig.from_dict(data)
+    assert [config.layer_bits(i) for i in range(2)] == [(3, 3), (3, 3)] and not config.mixed_bits
+    assert config.key_bits_per_element == 3 + 32 / 32
+    with pytest.raises(CheckpointError, match="unknown"):  # version 2 had no per-layer widths
+        RkvConfig.from_dict({**data, "key_bits": [2, 3]})
+    with pytest.raises(CheckpointError, match="no per-layer key_bits"):
+        _config(version=2, key_bits=[2, 3])
+
+
+def test_per_layer_key_and_value_bits() -> None:
+    config = _config(bits=2, key_bits=[3, 2], value_bits=[2, 4])
+    assert [config.layer_bits(i) for i in range(2)] == [(3, 2), (2, 4)] and config.mixed_bits
+    assert config.key_bits_per_element == (4.0 + 3.0) / 2 and config.value_bits_per_element == (3.0 + 5.0) / 2
+    again = RkvConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert again == config
+    data = config.to_dict()
+    del data["value_bits"]
+    with pytest.raises(CheckpointError, match="missing \\['value_bits'\\]"):
+        RkvConfig.from_dict(data)
+    with pytest.raises(CheckpointError, match="one of \\(2, 3, 4\\) per layer"):
+        _config(key_bits=[2, 5])
+    with pytest.raises(CheckpointError, match="per layer \\(2 layers\\)"):
+        _config(value_bits=[2])

@@ -72,10 +72,11 @@ class EvalReference:
         codec = FoldedKeyCodec if cfg.folded else KeyCodec
         self.folded = cfg.folded
         self.keys = [
-            codec(layer.key_mean, checkpoint.key_rotation, layer.key_perm, cfg.bits, cfg.key_group_size, layer.key_clip)
-            for layer in checkpoint.layers
+            codec(layer.key_mean, checkpoint.key_rotation, layer.key_perm, cfg.layer_bits(i)[0], cfg.key_group_size, layer.key_clip)
+            for i, layer in enumerate(checkpoint.layers)
         ]
-        self.values = [ValueCodec(cfg.bits, cfg.value_group_size, layer.value_clip) for layer in checkpoint.layers]
+        self.values = [ValueCodec(cfg.layer_bits(i)[1], cfg.value_group_size, layer.value_clip)
+                       for i, layer in enumerate(checkpoint.layers)]
         self.layers = checkpoint.layers
         self.state = [_LayerState(settings) for _ in checkpoint.layers]
 
