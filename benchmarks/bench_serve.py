@@ -17,7 +17,10 @@ accepted requests under load whose text differs (the target is none).
 ``--mode hf`` (or ``both``) runs fp16 transformers ``generate`` on the same model with static
 batches: the largest batch that fits (searched as in ``bench_end_to_end.py``, or ``--hf-batch``)
 doing the same job (``--prompt`` + ``--new`` greedy tokens), generated tokens/s over prefill and
-decode. ``both`` prints the ratio rkv served / fp16. Rows go to ``--csv`` with GPU name, versions, date.
+decode. ``both`` gives two ratios, rkv served / fp16: generated tokens/s over the whole job
+(``ratio_tok_s``; prefill costs the same per token in both and dominates 4k-token prompts with 128
+new tokens) and decode tokens/s (``ratio_decode_tok_s``: the server's own decode-step timing from
+``/health`` against ``generate``'s decode phase). Rows go to ``--csv`` with GPU name, versions, date.
 
 On the H200 (the issue's target: 4k-token prompts, 128 new tokens, >= 5x fp16 tokens/s):
 
@@ -237,7 +240,8 @@ def hf_static(args) -> dict[str, object]:
     gc.collect()
     if DEVICE.type == "cuda":
         torch.cuda.empty_cache()
-    return {"hf_batch": batch, "hf_tok_s": batch * args.new / seconds, "hf_peak_GiB": result["peak_bytes"] / 2**30}
+    return {"hf_batch": batch, "hf_tok_s": batch * args.new / seconds, "hf_decode_tok_s": result["decode_tok_s"],
+            "hf_peak_GiB": result["peak_bytes"] / 2**30}  # fmt: skip
 
 
 # ----- main --------------------------------------------------------------------------------------
@@ -288,6 +292,11 @@ def serve_load(args) -> dict[str, object]:
                     alone[i] = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
         records, wall = asyncio.run(_load(url, prompts, args))
         row = summarize(records, wall)
+        import httpx
+
+        stats = httpx.get(f"{url}/health", timeout=30).json()["stats"]  # the engine's own decode timing
+        row.update(server_rows=stats["mean_decode_batch"], server_decode_tok_s=stats["decode_tokens_per_second"],
+                   server_prefill_share=stats["prefill_seconds"] / wall)  # fmt: skip
         if args.check_alone:
             row["alone_mismatches"] = sum(alone[r.index % args.distinct] != r.text for r in records if r.ok)
         return row
@@ -334,15 +343,16 @@ def main() -> None:
         row.update(serve_load(args))
     if args.mode == "both":
         row["ratio_tok_s"] = row["tok_s"] / row["hf_tok_s"]
-    columns = [c for c in _COLUMNS if c in row]
-    print_table(f"rkv serve load test ({DEVICE})", [row], columns)
+        row["ratio_decode_tok_s"] = row["server_decode_tok_s"] / row["hf_decode_tok_s"]
+    print_table(f"rkv serve load test ({DEVICE})", [{"metric": c, "value": row[c]} for c in _COLUMNS if c in row])
     if args.csv:
         append_csv(args.csv, {**{c: "" for c in _COLUMNS}, **row, "timing": "wall" if DEVICE.type == "cuda" else "cpu-smoke"})
 
 
 _COLUMNS = ["model", "prompt", "new", "clients", "max_batch", "max_queue", "requests", "completed", "rejected_429_503",
             "failed", "alone_mismatches", "wall_s", "req_s", "tok_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms",
-            "itl_p99_ms", "hf_batch", "hf_tok_s", "hf_peak_GiB", "ratio_tok_s", "tokens", "failures"]  # fmt: skip
+            "itl_p99_ms", "server_rows", "server_decode_tok_s", "server_prefill_share", "hf_batch", "hf_tok_s",
+            "hf_decode_tok_s", "hf_peak_GiB", "ratio_tok_s", "ratio_decode_tok_s", "tokens", "failures"]  # fmt: skip
 
 if __name__ == "__main__":
     main()

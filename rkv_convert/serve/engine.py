@@ -71,7 +71,20 @@ class EngineStats:
 
     requests_done: int = 0
     tokens_generated: int = 0
+    prefills: int = 0
+    prefill_tokens: int = 0
+    prefill_seconds: float = 0.0  # wall time of the prefill forwards (each ends with its first token on the host)
+    decode_steps: int = 0
+    decode_tokens: int = 0  # tokens of decode steps (rows summed over steps)
+    decode_seconds: float = 0.0  # wall time of the decode steps (each ends with its tokens on the host)
     started: float = field(default_factory=time.perf_counter)
+
+    def as_dict(self) -> dict[str, float]:
+        """The counters, plus decode tokens/s and the mean decode batch."""
+        out = {k: v for k, v in vars(self).items() if k != "started"}
+        out["decode_tokens_per_second"] = self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
+        out["mean_decode_batch"] = self.decode_tokens / self.decode_steps if self.decode_steps else 0.0
+        return out
 
     def tokens_per_second(self) -> float:
         elapsed = time.perf_counter() - self.started
@@ -206,7 +219,7 @@ class Engine:
     @torch.no_grad()
     def _prefill(self, seq: _Sequence) -> None:
         """Prefill ``seq`` alone (a batch-1 cache), copy it into the next row, emit its first token."""
-        rkv = self.model
+        rkv, start = self.model, time.perf_counter()
         ids = torch.tensor([seq.request.prompt_ids], dtype=torch.long, device=self.device)
         t = ids.shape[1]
         single = rkv.new_cache(reserve_tokens=t)
@@ -219,11 +232,15 @@ class Engine:
         self.cache.load_row(len(self.rows), single)
         self.rows.append(seq)
         seq.next_pos = t
-        self._accept(len(self.rows) - 1, int(sample_next(out.logits[:, -1].to(self.device), seq.request.sampling, seq.generator)[0]))
+        token = int(sample_next(out.logits[:, -1].to(self.device), seq.request.sampling, seq.generator)[0])
+        self.stats.prefills += 1
+        self.stats.prefill_tokens += t
+        self.stats.prefill_seconds += time.perf_counter() - start
+        self._accept(len(self.rows) - 1, token)
 
     @torch.no_grad()
     def _decode(self) -> None:
-        rkv, a = self.model, len(self.rows)
+        rkv, a, start = self.model, len(self.rows), time.perf_counter()
         tokens = torch.tensor([[s.last_token] for s in self.rows], dtype=torch.long, device=self.device)
         positions = torch.tensor([[s.next_pos] for s in self.rows], dtype=torch.long, device=self.device)
         self.cache.begin_step()
@@ -244,6 +261,9 @@ class Engine:
             seq.next_pos += 1
             if r not in picked:
                 picked[r] = int(sample_next(logits[r : r + 1], seq.request.sampling, seq.generator)[0])
+        self.stats.decode_steps += 1
+        self.stats.decode_tokens += a
+        self.stats.decode_seconds += time.perf_counter() - start
         for r in reversed(range(a)):  # releases move the last row down: go from the top
             self._accept(r, picked[r])
 

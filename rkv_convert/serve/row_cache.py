@@ -46,6 +46,8 @@ class RowState:
     active: int = 0
     window_slot: torch.Tensor | None = None  # int64 [active]: where this step's token goes in the fp segment
     flushing: list[int] = field(default_factory=list)  # rows whose window flushes at the end of this step
+    flush_rows: torch.Tensor | None = None  # int64 [k]: the flushing rows
+    flush_slots: torch.Tensor | None = None  # int64 [k, flush_block]: the store slots each one's block goes to
 
 
 class RowCacheLayer(RkvCacheLayer):
@@ -137,23 +139,27 @@ class RowCacheLayer(RkvCacheLayer):
         self.length += 1
 
     def flush(self) -> int:
-        """Quantize the oldest ``flush_block`` window tokens of each row whose window is full, at its own offset."""
-        s, w0, st = self.settings, self.window_start, self.state
-        fb = s.flush_block
-        for r in st.flushing:
-            nq, keep = st.n_quant[r], st.n_window[r] + 1 - fb
-            entries = self.encode(self.fp_k[r : r + 1, :, w0 : w0 + fb], self.fp_v[r : r + 1, :, w0 : w0 + fb],
-                                  self.fp_pos[r : r + 1, w0 : w0 + fb])  # fmt: skip
-            for name, t in entries.items():
-                if name == "pos":
-                    self.pos[r, nq : nq + fb] = t[0]
-                else:
-                    getattr(self, name)[r, :, nq : nq + fb] = t[0]
-            for name in ("fp_k", "fp_v"):
-                buf = getattr(self, name)
-                buf[r, :, w0 : w0 + keep] = buf[r, :, w0 + fb : w0 + fb + keep].clone()
-            self.fp_pos[r, w0 : w0 + keep] = self.fp_pos[r, w0 + fb : w0 + fb + keep].clone()
-            self.fp_pos[r, w0 + keep :] = -1
+        """Quantize the oldest ``flush_block`` window tokens of each row whose window is full, at its own offset.
+
+        All flushing rows hold ``recent_window + flush_block`` window tokens, so one encode takes
+        the same window slots of each, and one indexed write puts each row's block at its own offset.
+        """
+        st = self.state
+        if not st.flushing:
+            return 0
+        w0, fb, keep = self.window_start, self.settings.flush_block, self.settings.recent_window
+        rows, slots = st.flush_rows.to(self.device), st.flush_slots.to(self.device)
+        entries = self.encode(self.fp_k[rows, :, w0 : w0 + fb], self.fp_v[rows, :, w0 : w0 + fb], self.fp_pos[rows, w0 : w0 + fb])
+        for name, t in entries.items():
+            if name == "pos":
+                self.pos[rows[:, None], slots] = t
+            else:  # [rows, heads, fb, X] into [row, :, slot]: the indexed dims come first
+                getattr(self, name)[rows[:, None], :, slots] = t.transpose(1, 2)
+        for name in ("fp_k", "fp_v"):
+            buf = getattr(self, name)
+            buf[rows, :, w0 : w0 + keep] = buf[rows, :, w0 + fb : w0 + fb + keep]  # the right side is a gathered copy
+        self.fp_pos[rows, w0 : w0 + keep] = self.fp_pos[rows, w0 + fb : w0 + fb + keep]
+        self.fp_pos[rows, w0 + keep :] = -1
         return fb * len(st.flushing)
 
     def bytes_used(self) -> int:
@@ -238,6 +244,12 @@ class RowCache(RkvCache):
         st.window_slot = torch.tensor([w0 + st.n_window[r] for r in range(a)], dtype=torch.int64,
                                       device=self.layers[0].codec.device)  # fmt: skip
         st.flushing = [r for r in range(a) if st.n_window[r] + 1 >= s.recent_window + s.flush_block]
+        if any(st.n_window[r] + 1 != s.recent_window + s.flush_block for r in st.flushing):
+            raise RuntimeError("a row's window outgrew recent_window + flush_block: its schedule was broken")
+        device = self.layers[0].codec.device
+        st.flush_rows = torch.tensor(st.flushing, dtype=torch.int64, device=device)
+        st.flush_slots = torch.tensor([[st.n_quant[r] + j for j in range(s.flush_block)] for r in st.flushing],
+                                      dtype=torch.int64, device=device).reshape(-1, s.flush_block)  # fmt: skip
         for layer in self.layers:
             layer.bind(a)
 

@@ -84,14 +84,18 @@ def test_greedy_tokens_alone_equal_tokens_in_a_busy_batch(key_layout: str) -> No
     sinks_seen = []
     original = engine.cache.end_step
 
-    def end_step():  # record that sinks were taken in the batched rows
+    flushing = []
+
+    def end_step():  # record that sinks were taken and that several rows flushed in one step
         sinks_seen.append(int(engine.cache.layers[0].base["n_sinks"].sum()))
+        flushing.append(len(engine.cache.state.flushing))
         original()
 
     engine.cache.end_step = end_step
     batched = _collect(engine, requests, arrivals)
     assert batched == alone
     assert max(sinks_seen) > 0, "no sink was flagged: the test would not cover sink slots"
+    assert max(flushing) >= 2 and sum(flushing) >= 10, flushing  # rows flush together and apart
     assert all(len(t) == r.max_tokens for r, t in zip(requests, alone.values()))  # no EOS: every flush cycle runs
     assert max(r.max_tokens + len(r.prompt_ids) for r in requests) > 8 * SETTINGS.flush_block
 
