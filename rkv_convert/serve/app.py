@@ -125,7 +125,7 @@ def create_app(rkv_model: RkvModel, worker: EngineWorker, model_name: str, limit
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[TokenEvent] = asyncio.Queue()
         try:
-            worker.submit(request, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+            worker.submit(request, events.put_nowait, loop)
         except QueueFull as err:
             return error_response(429, f"the server is busy: {err}; retry later", code="queue_full")
         except Unavailable as err:

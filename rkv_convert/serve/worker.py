@@ -8,6 +8,7 @@ HTTP 429) and any once the worker stops or its engine failed (:class:`Unavailabl
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
@@ -43,6 +44,7 @@ class EngineWorker:
         self._wake = threading.Event()
         self._stopping = False
         self.failure: str | None = None
+        self._outbox: dict[asyncio.AbstractEventLoop, list] = {}  # events of the current step, per loop (engine thread only)
         self._thread = threading.Thread(target=self._loop, name="rkv-engine", daemon=True)
 
     def start(self) -> "EngineWorker":
@@ -57,8 +59,16 @@ class EngineWorker:
     def waiting(self) -> int:
         return self._waiting
 
-    def submit(self, request: GenerationRequest, emit: Callable[[TokenEvent], None]) -> None:
-        """Queue ``request`` (``emit`` is called from the engine thread) or raise QueueFull / Unavailable."""
+    def submit(self, request: GenerationRequest, emit: Callable[[TokenEvent], None],
+               loop: asyncio.AbstractEventLoop | None = None) -> None:  # fmt: skip
+        """Queue ``request`` or raise QueueFull / Unavailable.
+
+        ``emit`` gets each event: on ``loop`` when given (the events of one engine step are handed
+        over in one call, one wake-up of the loop per step rather than per token), else in the
+        engine thread.
+        """
+        if loop is not None:
+            emit = self._on_loop(emit, loop)
         with self._lock:
             if not self.available:
                 raise Unavailable(self.failure or "the server is shutting down")
@@ -79,6 +89,21 @@ class EngineWorker:
             self._stopping = True
         self._wake.set()
         self._thread.join(timeout)
+
+    def _on_loop(self, emit: Callable[[TokenEvent], None], loop: asyncio.AbstractEventLoop) -> Callable[[TokenEvent], None]:
+        def buffered(event: TokenEvent) -> None:
+            self._outbox.setdefault(loop, []).append((emit, event))
+
+        return buffered
+
+    def _deliver(self) -> None:
+        """Hand the events buffered during a step to their loops (one call per loop)."""
+        outbox, self._outbox = self._outbox, {}
+        for loop, batch in outbox.items():
+            try:
+                loop.call_soon_threadsafe(_run_all, batch)
+            except RuntimeError:  # the loop is closed: its clients are gone
+                pass
 
     def _drain_inbox(self) -> None:
         while True:
@@ -114,6 +139,7 @@ class EngineWorker:
     def _loop(self) -> None:
         while True:
             self._drain_inbox()
+            self._deliver()
             if self.engine.has_work:
                 try:
                     self.engine.step()
@@ -121,8 +147,14 @@ class EngineWorker:
                     log.exception("engine step failed")
                     self.failure = f"the engine failed: {type(err).__name__}: {err}"
                     self.engine.fail_all(self.failure)
+                self._deliver()
                 continue
             if self._stopping and self._inbox.empty():
                 return
             self._wake.wait(0.05)
             self._wake.clear()
+
+
+def _run_all(batch: list) -> None:
+    for emit, event in batch:
+        emit(event)
