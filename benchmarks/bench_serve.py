@@ -113,7 +113,8 @@ def _serve(args, port: int) -> None:
 
     rkv = _rkv_model(args)
     options = ServerOptions(max_batch=args.max_batch, cache_memory_gib=args.cache_memory, max_queue=args.max_queue,
-                            max_model_len=args.prompt + args.new, default_max_tokens=args.new, model_name=MODEL_NAME)  # fmt: skip
+                            max_model_len=args.prompt + args.new, default_max_tokens=args.new, model_name=MODEL_NAME,
+                            prefill_tokens_per_step=args.prefill_tokens)  # fmt: skip
     app, worker = build_server(rkv, options)
     print(f"server: {worker.engine.max_batch} rows, queue {args.max_queue}", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: None)  # uvicorn drains, then re-raises it: end cleanly
@@ -321,6 +322,7 @@ def main() -> None:
     p.add_argument("--max-batch", type=int, default=None)
     p.add_argument("--max-queue", type=int, default=None, help="server queue (default: --requests, no 429)")
     p.add_argument("--cache-memory", type=float, default=None, help="server cache budget in GiB")
+    p.add_argument("--prefill-tokens", type=int, default=8192, help="server: prompt tokens prefilled per engine step")
     p.add_argument("--hf-batch", type=int, default=None, help="fp16 batch (default: the largest that fits)")
     p.add_argument("--check-alone", action="store_true", help="compare each accepted text with the prompt served alone")
     p.add_argument("--startup-timeout", type=float, default=600.0)

@@ -52,6 +52,7 @@ class EngineConfig:
     max_len: int  # longest request (prompt + max_tokens) the engine must be able to hold
     budget_bytes: int  # cache memory the engine may allocate
     max_batch: int | None = None
+    prefill_tokens_per_step: int = 8192  # prompt tokens prefilled per step (at least one request) before decoding the rest
 
 
 @dataclass
@@ -206,7 +207,10 @@ class Engine:
                              "lower max_tokens or restart with a smaller --max-batch")  # fmt: skip
 
     def _admit(self) -> None:
-        while self.waiting and len(self.rows) < self.max_batch:
+        """Prefill waiting requests into free rows, up to ``prefill_tokens_per_step`` prompt tokens
+        (a long queue does not stall the running rows' decoding, nor every first token, for long)."""
+        budget = self.config.prefill_tokens_per_step
+        while self.waiting and len(self.rows) < self.max_batch and budget > 0:
             seq = self.waiting.popleft()
             try:
                 self.check_fits(seq.request)
@@ -215,6 +219,7 @@ class Engine:
                 continue
             self.cache.grow_slots(seq.request.total_tokens)
             self._prefill(seq)
+            budget -= len(seq.request.prompt_ids)
 
     @torch.no_grad()
     def _prefill(self, seq: _Sequence) -> None:

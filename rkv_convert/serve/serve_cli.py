@@ -41,6 +41,7 @@ class ServerOptions:
     default_max_tokens: int = 256
     model_name: str = "rkv"
     api_key: str | None = None
+    prefill_tokens_per_step: int = 8192
 
 
 def eos_ids(rkv_model: RkvModel) -> tuple[int, ...]:
@@ -60,7 +61,8 @@ def build_server(rkv_model: RkvModel, options: ServerOptions):
         raise InputError(f"--max-model-len {max_len} is beyond the model's context of {context} tokens")
     cpu_bytes = int((options.cache_memory_gib if options.cache_memory_gib is not None else 2.0) * 2**30)
     budget = cpu_bytes if options.cache_memory_gib is not None else default_budget(rkv_model.device, cpu_bytes)
-    engine = Engine(rkv_model, EngineConfig(max_len=max_len, budget_bytes=budget, max_batch=options.max_batch))
+    engine = Engine(rkv_model, EngineConfig(max_len=max_len, budget_bytes=budget, max_batch=options.max_batch,
+                                            prefill_tokens_per_step=options.prefill_tokens_per_step))  # fmt: skip
     limits = Limits(context=max_len, max_tokens=max_len, default_max_tokens=options.default_max_tokens)
     worker = EngineWorker(engine, options.max_queue).start()
     app = create_app(rkv_model, worker, options.model_name, limits, eos_ids(rkv_model), options.api_key)
@@ -81,6 +83,8 @@ def serve_command(
                                       "(default: the model's context)"),
     default_max_tokens: int = typer.Option(256, "--default-max-tokens", min=1, help="max_tokens of a request that sets none"),
     model_name: str = typer.Option(None, "--model-name", help="the id clients pass as `model` (default: the folder name)"),
+    prefill_tokens: int = typer.Option(8192, "--prefill-tokens", min=1, help="prompt tokens prefilled per engine step "
+                                       "(at least one request) between decode steps"),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N"),
     dtype: str = typer.Option("auto", help="auto (fp16 on CUDA, fp32 on CPU), float32, float16 or bfloat16"),
 ) -> None:
@@ -92,7 +96,7 @@ def serve_command(
             raise InputError(f"{checkpoint}: not a checkpoint folder (run `rkv export` first)")
         rkv_model = load(checkpoint, device=device, dtype=dtype)
         options = ServerOptions(max_batch, cache_memory, max_queue, max_model_len, default_max_tokens,
-                                model_name or checkpoint.resolve().name, api_key)  # fmt: skip
+                                model_name or checkpoint.resolve().name, api_key, prefill_tokens)  # fmt: skip
         app, worker = build_server(rkv_model, options)
     except (InputError, *LIBRARY_ERRORS) as err:
         fail(console, err, code=1)

@@ -146,3 +146,17 @@ def test_cancel_frees_the_row() -> None:
     engine.run_until_done()
     alone = _collect(_engine(rkv, max_batch=1), [c])[c.id]
     assert [e.token for e in events if e.request_id == c.id and e.token is not None] == alone
+
+
+def test_prefill_budget_interleaves_admission_with_decoding() -> None:
+    rkv = _rkv("folded")
+    engine = Engine(rkv, EngineConfig(max_len=128, budget_bytes=2**30, max_batch=4, prefill_tokens_per_step=1))
+    requests = _requests(3, seed=7)
+    for r in requests:
+        engine.submit(r, lambda e: None)
+    active = []
+    for _ in range(3):
+        engine.step()
+        active.append(engine.active)
+    assert active == [1, 2, 3]  # one prefill per step, each followed by a decode step of the running rows
+    assert engine.stats.decode_steps == 3 and engine.stats.decode_tokens == 1 + 2 + 3
