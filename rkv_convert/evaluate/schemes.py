@@ -15,7 +15,7 @@ from ..quant.codec import FoldedKeyCodec, KeyCodec, ValueCodec, rotate_groups
 from ..quant.quantizer import bits_per_element, fake_quantize
 from ..runtime.ops import apply_rope
 
-__all__ = ["Scheme", "FullPrecision", "RTN", "KIVI", "RotateKV", "build_scheme", "key_codecs", "SCHEME_NAMES"]
+__all__ = ["Scheme", "FullPrecision", "RTN", "KIVI", "RotateKV", "build_scheme", "key_codecs", "value_codecs", "SCHEME_NAMES"]
 
 SCHEME_NAMES = ("fp", "rtn", "kivi", "rotatekv")
 
@@ -135,26 +135,40 @@ class RotateKV(Scheme):
         return _rows_to_heads(rows, v.shape[1])
 
     def bits_per_element(self):
-        return (
-            bits_per_element(self.bits, self.key_codecs[0].group_size),
-            bits_per_element(self.bits, self.value_codecs[0].group_size),
-        )
+        """Stored bits per key and value element, averaged over layers (layers may differ in width)."""
+        keys = [bits_per_element(c.bits, c.group_size) for c in self.key_codecs]
+        values = [bits_per_element(c.bits, c.group_size) for c in self.value_codecs]
+        return sum(keys) / len(keys), sum(values) / len(values)
 
 
-def key_codecs(checkpoint: Checkpoint, bits: int, key_clips: list[float] | None = None) -> list[KeyCodec | FoldedKeyCodec]:
-    """One key codec per layer in the checkpoint's key layout (clips: the checkpoint's, or ``key_clips``)."""
+def key_codecs(checkpoint: Checkpoint, bits: int | None, key_clips: list[float] | None = None) -> list[KeyCodec | FoldedKeyCodec]:
+    """One key codec per layer in the checkpoint's key layout at ``bits`` (``None``: each layer's own key
+    width, ``RkvConfig.layer_bits``); clips: the checkpoint's, or ``key_clips``."""
     cfg = checkpoint.config
     codec = FoldedKeyCodec if cfg.folded else KeyCodec
     return [
-        codec(layer.key_mean, checkpoint.key_rotation, layer.key_perm, bits, cfg.key_group_size,
-              layer.key_clip if key_clips is None else key_clips[i])
+        codec(layer.key_mean, checkpoint.key_rotation, layer.key_perm, cfg.layer_bits(i)[0] if bits is None else bits,
+              cfg.key_group_size, layer.key_clip if key_clips is None else key_clips[i])
         for i, layer in enumerate(checkpoint.layers)
     ]  # fmt: skip
 
 
-def build_scheme(name: str, bits: int, checkpoint: Checkpoint, clips: dict[str, list[torch.Tensor]] | None = None,
+def value_codecs(checkpoint: Checkpoint, bits: int | None, value_clips: list[float] | None = None) -> list[ValueCodec]:
+    """One value codec per layer, like :func:`key_codecs`."""
+    cfg = checkpoint.config
+    return [
+        ValueCodec(cfg.layer_bits(i)[1] if bits is None else bits, cfg.value_group_size,
+                   layer.value_clip if value_clips is None else value_clips[i])
+        for i, layer in enumerate(checkpoint.layers)
+    ]  # fmt: skip
+
+
+def build_scheme(name: str, bits: int | None, checkpoint: Checkpoint, clips: dict[str, list[torch.Tensor]] | None = None,
                  group_size: int = 64) -> Scheme:
-    """A scheme by name at ``bits``; RotateKV takes its tensors (and per-bit clips) from ``checkpoint``."""
+    """A scheme by name at ``bits``; RotateKV takes its tensors (and per-bit clips) from ``checkpoint``.
+
+    RotateKV at ``bits=None`` runs the checkpoint as exported: each layer at its own key and value
+    widths and clips (``RkvConfig.layer_bits``); the result is labelled with ``config.bits``."""
     vr = checkpoint.value_rotation
     if name == "fp":
         return Scheme()
@@ -163,12 +177,13 @@ def build_scheme(name: str, bits: int, checkpoint: Checkpoint, clips: dict[str, 
     if name == "kivi":
         return KIVI(name="kivi", bits=bits, value_rotation=vr, group_size=group_size)
     if name == "rotatekv":
-        cfg = checkpoint.config
+        if bits is None:
+            return RotateKV(name="rotatekv", bits=checkpoint.config.bits, key_codecs=key_codecs(checkpoint, None),
+                            value_codecs=value_codecs(checkpoint, None))  # fmt: skip
+        n = checkpoint.config.num_layers
         index = (2, 3, 4).index(bits)
-        key_clips = [float(clips["key"][i][index]) for i in range(cfg.num_layers)] if clips else None
-        values = [
-            ValueCodec(bits, cfg.value_group_size, float(clips["value"][i][index]) if clips else layer.value_clip)
-            for i, layer in enumerate(checkpoint.layers)
-        ]
-        return RotateKV(name="rotatekv", bits=bits, key_codecs=key_codecs(checkpoint, bits, key_clips), value_codecs=values)
+        kc = [float(clips["key"][i][index]) for i in range(n)] if clips else None
+        vc = [float(clips["value"][i][index]) for i in range(n)] if clips else None
+        return RotateKV(name="rotatekv", bits=bits, key_codecs=key_codecs(checkpoint, bits, kc),
+                        value_codecs=value_codecs(checkpoint, bits, vc))  # fmt: skip
     raise ValueError(f"unknown scheme {name!r}; choose from {', '.join(SCHEME_NAMES)}")

@@ -1,0 +1,109 @@
+"""Per-layer key and value widths under an average bit budget, from measured sensitivity (KVTuner-style).
+
+Sensitivity is measured on development text (never the evaluation text): start from every layer's
+keys and values at ``low`` bits, raise one (layer, keys-or-values) pair at a time to ``high``
+bits and record how much the mean next-token NLL falls. The allocation then raises pairs in order
+of gain per stored bit until the average stored bits per element would pass the budget (gains
+are taken as additive, the usual first-order assumption; the result is scored again, as a whole,
+wherever it is reported).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..export.format import Checkpoint
+from ..quant.quantizer import bits_per_element
+
+__all__ = ["Sensitivity", "measure_sensitivity", "allocate_bits", "Allocation"]
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class Sensitivity:
+    """Mean NLL per token on development text: all at ``low`` bits (``base_nll``), and with one pair raised."""
+
+    low: int
+    high: int
+    base_nll: float
+    key_gain: list[float]  # per layer: base_nll - NLL with that layer's keys at `high`
+    value_gain: list[float]  # per layer: the same for values
+    protocol: str = "sinks"
+    tokens: int = 0
+
+
+@dataclass
+class Allocation:
+    """Per-layer widths and what they cost (stored bits per element, averaged over layers and K/V)."""
+
+    key_bits: list[int]
+    value_bits: list[int]
+    bits_per_element: float
+    raised: list[str] = field(default_factory=list)  # "k12", "v3", ... in the order chosen
+
+
+def measure_sensitivity(
+    model: torch.nn.Module,
+    dev_windows: torch.Tensor,
+    checkpoint_at: Callable[[list[int], list[int]], Checkpoint],
+    num_layers: int,
+    low: int = 2,
+    high: int = 3,
+    protocol: str = "sinks",
+    batch_size: int = 4,
+    log: Log | None = None,
+) -> Sensitivity:
+    """``2 * num_layers + 1`` perplexity runs on ``dev_windows`` (``int64 [n, T]``) with the RotateKV scheme.
+
+    ``checkpoint_at(key_bits, value_bits)`` gives the checkpoint at those per-layer widths (clips at
+    each width); ``model`` has the value rotation fused.
+    """
+    from ..evaluate.perplexity import perplexity
+    from ..evaluate.schemes import build_scheme
+
+    def nll(key_bits: list[int], value_bits: list[int]) -> float:
+        ck = checkpoint_at(key_bits, value_bits)
+        result = perplexity(model, dev_windows, build_scheme("rotatekv", None, ck), protocol, ck, batch_size=batch_size)
+        return math.log(result.perplexity)
+
+    base = [low] * num_layers
+    base_nll = nll(base, base)
+    gains = {"k": [], "v": []}
+    for kind in ("k", "v"):
+        for layer in range(num_layers):
+            raised = [high if i == layer else low for i in range(num_layers)]
+            value = nll(raised, base) if kind == "k" else nll(base, raised)
+            gains[kind].append(base_nll - value)
+            if log:
+                log(f"[sensitivity] {kind}{layer} at {high} bits: NLL gain {base_nll - value:+.5f}")
+    return Sensitivity(low, high, base_nll, gains["k"], gains["v"], protocol, int(dev_windows.numel()))
+
+
+def allocate_bits(sensitivity: Sensitivity, budget: float, key_group_size: int, value_group_size: int) -> Allocation:
+    """Raise (layer, K/V) pairs from ``low`` to ``high`` bits by gain per stored bit while the average
+    stored bits per element (keys and values alike, ``b + 32/g``) stays within ``budget``."""
+    s = sensitivity
+    n = len(s.key_gain)
+    key_bits, value_bits = [s.low] * n, [s.low] * n
+
+    def cost() -> float:
+        k = sum(bits_per_element(b, key_group_size) for b in key_bits)
+        v = sum(bits_per_element(b, value_group_size) for b in value_bits)
+        return (k + v) / (2 * n)
+
+    if cost() > budget + 1e-9:
+        raise ValueError(f"budget {budget} bits per element is below every layer at {s.low} bits ({cost():.3f})")
+    step = (s.high - s.low) / (2 * n)  # average bits per element one raised pair adds (same for K and V)
+    pairs = [("k", i, g) for i, g in enumerate(s.key_gain)] + [("v", i, g) for i, g in enumerate(s.value_gain)]
+    raised = []
+    for kind, i, gain in sorted(pairs, key=lambda p: -p[2]):
+        if gain <= 0 or cost() + step > budget + 1e-9:
+            continue
+        (key_bits if kind == "k" else value_bits)[i] = s.high
+        raised.append(f"{kind}{i}")
+    return Allocation(key_bits, value_bits, cost(), raised)
