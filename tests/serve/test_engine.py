@@ -72,9 +72,9 @@ def _alone_stream(rkv: RkvModel, request: GenerationRequest) -> list[int]:
     return [int(t[0]) for t in stream_generate(rkv, ids, max_new_tokens=request.max_tokens, sampling=GREEDY)]
 
 
-@pytest.mark.parametrize("key_layout", ["folded", "prerope"])
-def test_greedy_tokens_alone_equal_tokens_in_a_busy_batch(key_layout: str) -> None:
-    rkv = _rkv(key_layout)
+@pytest.mark.parametrize("family,key_layout", [("llama", "folded"), ("llama", "prerope"), ("qwen3", "folded"), ("qwen2", "folded")])
+def test_greedy_tokens_alone_equal_tokens_in_a_busy_batch(family: str, key_layout: str) -> None:
+    rkv = _rkv(key_layout, family)
     requests = _requests(7)
     alone = {r.id: _collect(_engine(rkv, max_batch=1), [r])[r.id] for r in requests}
     for r in requests[:3]:  # the engine alone is stream_generate alone
@@ -160,3 +160,12 @@ def test_prefill_budget_interleaves_admission_with_decoding() -> None:
         active.append(engine.active)
     assert active == [1, 2, 3]  # one prefill per step, each followed by a decode step of the running rows
     assert engine.stats.decode_steps == 3 and engine.stats.decode_tokens == 1 + 2 + 3
+
+
+def test_seeded_sampling_is_the_same_alone_and_in_a_batch() -> None:
+    rkv = _rkv("folded")
+    requests = [GenerationRequest(r.id, r.prompt_ids, r.max_tokens, SamplingOptions(temperature=0.9, top_p=0.9, top_k=0, seed=i))
+                for i, r in enumerate(_requests(4, seed=11))]  # fmt: skip
+    alone = {r.id: _collect(_engine(rkv, max_batch=1), [r])[r.id] for r in requests}
+    assert _collect(_engine(rkv, max_batch=4), requests, {0: 0, 1: 1, 2: 1, 3: 4}) == alone
+    assert len({tuple(t) for t in alone.values()}) == len(requests)
