@@ -117,16 +117,28 @@ def search_clip(
     return best[1], best[0]
 
 
+SINK_MAX_FRACTION = 0.02
+"""Share of calibration tokens flagged when a layer's ratio threshold flags most of them (see below)."""
+
+
 def select_sink_channels(
-    token_max: torch.Tensor, token_argmax: torch.Tensor, median: float, ratio: float, max_channels: int
+    token_max: torch.Tensor, token_argmax: torch.Tensor, median: float, ratio: float, max_channels: int,
+    max_fraction: float = SINK_MAX_FRACTION,
 ) -> tuple[torch.Tensor, float, int]:
     """Channels whose massive activations (> ``ratio`` × median |h|) mark sink tokens.
 
-    Returns (channels int64, online threshold, number of calibration tokens flagged). A layer
-    with no massive activation gets no channels and an infinite threshold.
+    Some models (Gemma 3) carry a few channels above ``ratio`` × median in every token. When more
+    than half the tokens pass, the ratio describes the layer, not a few tokens: the threshold then
+    rises to the ``1 - max_fraction`` quantile of the per-token maxima, so only the most massive
+    tokens are flagged. Returns (channels int64, online threshold, number of
+    calibration tokens flagged). A layer with no massive activation gets no channels and an
+    infinite threshold.
     """
     threshold = ratio * median
     massive = token_max > threshold
+    if float(massive.float().mean()) > 0.5:
+        threshold = max(threshold, float(torch.quantile(token_max.float(), 1.0 - max_fraction)))
+        massive = token_max > threshold
     if not bool(massive.any()):
         return torch.zeros(0, dtype=torch.long), float("inf"), 0
     channels, counts = torch.unique(token_argmax[massive], return_counts=True)

@@ -78,6 +78,21 @@ def test_sink_channels_from_massive_tokens() -> None:
     assert none.numel() == 0 and inf == float("inf") and zero == 0
 
 
+def test_sink_threshold_rises_when_a_channel_is_massive_in_every_token() -> None:
+    """Gemma 3: channel 3 is far above ratio × median in all tokens; then the top 2 % of per-token
+    maxima (the two tokens standing out, and two more) are sinks, not every token."""
+    token_max = torch.full((200,), 900.0) + torch.arange(200.0)
+    token_max[[0, 57]] = 50_000.0
+    token_argmax = torch.full((200,), 3)
+    token_argmax[57] = 5
+    channels, threshold, flagged = search.select_sink_channels(token_max, token_argmax, 1.0, 64.0, 8)
+    assert flagged == 4 and channels.tolist() == [3, 5]
+    assert 1090 < threshold < 50_000
+    few = token_max.clone()
+    few[100:] = 10.0  # half the tokens massive: the ratio threshold stands
+    assert search.select_sink_channels(few, token_argmax, 1.0, 64.0, 8)[1:] == (64.0, 100)
+
+
 @pytest.mark.parametrize(
     "overrides",
     [dict(center_keys=False), dict(rotate_keys=False), dict(perm_statistic="max_abs"), dict(clip_objective="qk"),
