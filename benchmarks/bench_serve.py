@@ -41,7 +41,6 @@ import gc
 import json
 import multiprocessing as mp
 import socket
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field

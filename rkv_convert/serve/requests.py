@@ -10,7 +10,7 @@ naming the field and the fix) before anything reaches the engine.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..runtime.generate import SamplingOptions
 
@@ -44,7 +44,6 @@ class GenerationRequest:
     max_tokens: int
     sampling: SamplingOptions
     stop_ids: tuple[int, ...] = ()
-    extra: dict = field(default_factory=dict, compare=False)  # front-end fields passed through (e.g. chat or text)
 
     @property
     def total_tokens(self) -> int:
