@@ -3,7 +3,7 @@
     python benchmarks/accuracy_ablation.py --out rkv-out/ablation            # GPU: ~5 min; CPU: hours
 
 Calibrates SmolLM2-135M-Instruct on Python's own docs (``pydoc``) once per distinct option set,
-then scores every variant of :func:`rkv_convert.evaluate.ablation.default_variants` on the
+then scores every variant of :func:`rkv_convert.evaluate.variants.default_variants` on the
 first ``--windows`` windows of WikiText-2 test, and the main methods on a second domain
 (installed Python packages' READMEs, see ``package_docs_text``), at 2, 3 and 4 bits in the
 oneshot / sinks / deployed protocols. Writes ``ablation.json`` (every row and the setup),
@@ -24,16 +24,10 @@ import torch
 
 from rkv_convert.calibrate.run import CalibrationOptions
 from rkv_convert.calibration_data.sources import load_text, sample_batches
-from rkv_convert.evaluate.ablation import (
-    ABLATION_BASE,
-    default_variants,
-    env_summary,
-    markdown_table,
-    package_docs_text,
-    run_ablation,
-    second_domain_variants,
-    selection_table,
-)
+from rkv_convert.evaluate.ablation import run_ablation
+from rkv_convert.evaluate.ablation_report import env_summary, markdown_table, selection_table
+from rkv_convert.evaluate.domains import package_docs_text
+from rkv_convert.evaluate.variants import ABLATION_BASE, default_variants, second_domain_variants
 from rkv_convert.evaluate.perplexity import token_windows
 from rkv_convert.models.loading import DEFAULT_MODEL, load_model
 

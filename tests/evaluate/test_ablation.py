@@ -5,15 +5,11 @@ import torch
 from tiny_models import tiny_model
 
 from rkv_convert.calibrate.run import CalibrationOptions
-from rkv_convert.evaluate.ablation import (
-    SELECTION,
-    Variant,
-    default_variants,
-    lsq_quantize,
-    markdown_table,
-    package_docs_text,
-    run_ablation,
-)
+from rkv_convert.evaluate.ablation import run_ablation
+from rkv_convert.evaluate.ablation_report import markdown_table
+from rkv_convert.evaluate.domains import package_docs_text
+from rkv_convert.evaluate.experimental import lsq_quantize
+from rkv_convert.evaluate.variants import SELECTION, Variant, default_variants
 from rkv_convert.quant.quantizer import fake_quantize
 
 
@@ -45,13 +41,19 @@ def test_small_ablation_runs_end_to_end() -> None:
         Variant("RotateKV default", "default", recent_window=16),
         Variant("no value rotation", "value rotation", value_rotation=False, recent_window=16),
         Variant("exp", "experimental", {"perm_statistic": "rms"}, lsq_encoder=True, value_centring=True, recent_window=16),
+        Variant("keys +1", "key/value bits", key_extra_bits=1, protocols=("oneshot",)),
+        Variant("allocated", "bit allocation", allocation_extra=0.25, protocols=("oneshot",)),
     ]
     options = CalibrationOptions(num_samples=4, seqlen=32, batch_size=2, clip_samples=64, key_layout="prerope")
     rows, chosen, trail = run_ablation(model, cal, {"t": (windows, variants)}, (2,), 2, options, log=lambda m: None,
                                        dev_windows=windows[:1])
     assert len(trail) == sum(len(values) for _, values in SELECTION)
     assert set(chosen) <= {option for option, _ in SELECTION}
-    assert len(rows) == 1 + 2 + 3 * 3
+    assert len(rows) == 1 + 2 + 3 * 3 + 2
+    by_name = {r["variant"]: r for r in rows if r["protocol"] == "oneshot"}
+    assert (by_name["keys +1"]["key_bits"], by_name["keys +1"]["value_bits"]) == (3.5, 2.5)
+    allocated = by_name["allocated"]
+    assert (allocated["key_bits"] + allocated["value_bits"]) / 2 <= 2.5 + 0.25 + 1e-9
     assert all(math.isfinite(r["ppl"]) and r["ratio_fp"] > 0 for r in rows)
     assert {r["protocol"] for r in rows if r["variant"] == "RotateKV default"} == {"oneshot", "sinks", "deployed"}
     table = markdown_table(rows, "t", (2,))
@@ -64,3 +66,11 @@ def test_package_docs_text_reads_metadata_bodies(tmp_path) -> None:
         (tmp_path / f"{name}.dist-info" / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\n\n{body}\n")
     text = package_docs_text(tmp_path)
     assert text == "A" * 600 + "\n\n" + "B" * 600  # sorted, duplicate and short bodies dropped
+
+
+def test_variant_names_have_no_commas() -> None:
+    """benchmarks/accuracy_ablation.py --only takes a comma list of names."""
+    from rkv_convert.evaluate.variants import long_context_variants, second_domain_variants
+
+    names = [v.name for make in (default_variants, second_domain_variants, long_context_variants) for v in make()]
+    assert names and not [n for n in names if "," in n]

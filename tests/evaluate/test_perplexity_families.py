@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from tiny_models import tiny_model
 
 from rkv_convert.calibrate.run import CalibrationOptions, calibrate
-from rkv_convert.evaluate.ablation import checkpoint_from_artifact
+from rkv_convert.export.writer import checkpoint_from_artifact
 from rkv_convert.evaluate.perplexity import perplexity
 from rkv_convert.evaluate.schemes import build_scheme
 from rkv_convert.export.fuse import fuse_value_rotation

@@ -10,7 +10,7 @@ from tiny_models import tiny_model
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 from rkv_convert.calibrate.run import CalibrationOptions, calibrate
-from rkv_convert.evaluate.ablation import checkpoint_from_artifact
+from rkv_convert.export.writer import checkpoint_from_artifact
 from rkv_convert.evaluate.perplexity import PROTOCOLS, _kept_fp_attention, _Shape, perplexity
 from rkv_convert.evaluate.schemes import SCHEME_NAMES, KIVI, build_scheme
 from rkv_convert.models.adapters import attach
