@@ -95,8 +95,8 @@ def _rkv_model(args):
 
     vocab = SHAPES[args.shape]["vocab"]
     model = _random_model(args.shape, args.prompt + args.new)
-    head_group = 4 if SHAPES[args.shape]["kv_heads"] % 4 == 0 else 1
-    rkv, _, _ = calibrated_rkv(model, vocab=vocab, samples=8, seqlen=min(512, args.prompt), head_group=head_group,
+    # the default (folded) key layout: one Hadamard per KV head (head groups of 1), 2 bits, groups of 64
+    rkv, _, _ = calibrated_rkv(model, vocab=vocab, samples=8, seqlen=min(512, args.prompt), head_group=1,
                                key_group=64, value_group=64, bits=2)  # fmt: skip
     rkv.tokenizer = _word_tokenizer(vocab)
     return rkv

@@ -42,18 +42,28 @@ def error_response(status: int, message: str, param: str | None = None, code: st
 
 
 class _Detokenizer:
-    """Text of a growing token list, released in whole characters (a multi-byte character waits)."""
+    """Text of a growing token list, released in whole characters (a multi-byte character waits).
+
+    Decodes only the tokens since the last released piece (plus the few before them, for context),
+    so a long answer costs linear, not quadratic, time; ``sent`` is the text released so far.
+    """
 
     def __init__(self, tokenizer) -> None:
         self.tokenizer, self.ids, self.sent = tokenizer, [], ""
+        self.prefix = self.read = 0  # ids[prefix:read] were decoded into the last piece's context
 
-    def add(self, token: int | None) -> str:
+    def add(self, token: int | None, last: bool = False) -> str:
+        """The text ``token`` completes (``last``: release everything left, an unfinished character too)."""
         if token is not None:
             self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd") or not text.startswith(self.sent):
+        decode = self.tokenizer.decode
+        before = decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
+        after = decode(self.ids[self.prefix :], skip_special_tokens=True)
+        if len(after) <= len(before) or not after.startswith(before) or (after.endswith("\ufffd") and not last):
             return ""
-        piece, self.sent = text[len(self.sent) :], text
+        piece = after[len(before) :]
+        self.prefix, self.read = self.read, len(self.ids)
+        self.sent += piece
         return piece
 
 
@@ -154,7 +164,7 @@ def create_app(rkv_model: RkvModel, worker: EngineWorker, model_name: str, limit
                 return error_response(499, "the client closed the request", code="client_closed")
             if event.token is not None:
                 n += 1
-            text.add(event.token)
+            text.add(event.token, last=event.finish_reason is not None)
             if event.finish_reason is not None:
                 break
         if event.finish_reason == "error":
@@ -190,7 +200,7 @@ def create_app(rkv_model: RkvModel, worker: EngineWorker, model_name: str, limit
                 event = await _next(http, request, events)
                 if event is None:
                     return
-                piece = text.add(event.token)
+                piece = text.add(event.token, last=event.finish_reason is not None)
                 if event.finish_reason == "error":
                     finished = True
                     error = {"error": {"message": event.error, "type": "server_error", "param": None, "code": "engine_error"}}
