@@ -27,7 +27,7 @@ from rkv_convert.calibration_data.sources import load_text, sample_batches
 from rkv_convert.evaluate.ablation import run_ablation
 from rkv_convert.evaluate.ablation_report import env_summary, markdown_table, selection_table
 from rkv_convert.evaluate.domains import package_docs_text
-from rkv_convert.evaluate.variants import ABLATION_BASE, default_variants, second_domain_variants
+from rkv_convert.evaluate.variants import ABLATION_BASE, default_variants, long_context_variants, second_domain_variants
 from rkv_convert.evaluate.perplexity import token_windows
 from rkv_convert.models.loading import DEFAULT_MODEL, load_model
 
@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-second", action="store_true", help="skip the second domain")
     p.add_argument("--dev-windows", type=int, default=16,
                    help="windows of held-out calibration-source text on which defaults are re-chosen (0: keep the defaults)")
+    p.add_argument("--rows", choices=("default", "long"), default="default",
+                   help="default: every component; long: sinks and window rows (issue 12), e.g. with --length 8192 --windows 2")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
 
@@ -76,7 +78,8 @@ def main(argv: list[str] | None = None) -> None:
         return variants
 
     wiki_text = args.text.read_text(encoding="utf-8")
-    texts = {"WikiText-2 test": (token_windows(tok, wiki_text, args.length, args.windows), pick(default_variants))}
+    rows_of = long_context_variants if args.rows == "long" else default_variants
+    texts = {"WikiText-2 test": (token_windows(tok, wiki_text, args.length, args.windows), pick(rows_of))}
     dev = None
     if args.dev_windows:
         # development text for choosing defaults: the last windows of the calibration source (never the evaluation text)
