@@ -181,6 +181,8 @@ def export(
     out: Path = typer.Option(Path("rkv-out/checkpoint"), help="Folder for the augmented checkpoint."),
     model: Optional[str] = typer.Option(None, help="Source model (default: the one the artifact was calibrated on)."),
     bits: int = typer.Option(2, help="Bits per cached key/value element: 2, 3 or 4."),
+    key_bits: Optional[str] = typer.Option(None, help="Key widths: one of 2, 3, 4 for every layer, or a comma list with one per layer (default: --bits)."),
+    value_bits: Optional[str] = typer.Option(None, help="Value widths, like --key-bits (default: --bits)."),
     recent_window: int = typer.Option(128, min=0, help="Recent tokens kept in full precision by the runtime."),
     flush_block: int = typer.Option(64, min=1, help="Tokens moved from the window to the quantized store at a time."),
     max_sinks: int = typer.Option(8, min=0, help="Most sink tokens per sequence kept in full precision."),
@@ -200,6 +202,9 @@ def export(
         check_bits(bits)
         check_output_dir(out, overwrite)
         artifact = load_artifact(calibration)
+        n_layers = artifact.meta["model"]["num_hidden_layers"]
+        widths = {name: _layer_widths(option, text, n_layers) for name, option, text in
+                  (("key", "--key-bits", key_bits), ("value", "--value-bits", value_bits))}  # fmt: skip
         source = model or artifact.meta.get("model_source")
         if not source:
             raise CheckpointError("the artifact does not record its model; pass --model")
@@ -207,10 +212,22 @@ def export(
         with _phase(f"loading {source}", f"loaded {source}"):
             loaded = load_model(source, torch_dtype, "cpu", trust_remote_code)
         with console.status("fusing the value rotation, checking logits, writing"):
-            path = export_checkpoint(loaded, artifact, out, bits, recent_window, flush_block, max_sinks, overwrite)
+            path = export_checkpoint(loaded, artifact, out, bits, recent_window, flush_block, max_sinks, overwrite,
+                                     key_bits=widths["key"], value_bits=widths["value"])  # fmt: skip
     except COMMAND_ERRORS as err:
         _fail(err)
     console.print(f"exported {bits}-bit rkv checkpoint of {source} → [bold]{path}[/]")
+
+
+def _layer_widths(option: str, text: Optional[str], num_layers: int) -> Optional[list[int]]:
+    """``--key-bits``/``--value-bits``: one width for every layer, or one per layer."""
+    if text is None:
+        return None
+    items = [x.strip() for x in text.split(",")]
+    widths = [int(x) for x in items if x.isdigit() and int(x) in (2, 3, 4)]
+    if len(widths) != len(items) or len(widths) not in (1, num_layers):
+        raise InputError(f"{option} takes one of 2, 3, 4 or a comma list of {num_layers} of them (one per layer); got {text!r}")
+    return widths * num_layers if len(widths) == 1 else widths
 
 
 @app.command("eval")
@@ -263,10 +280,12 @@ def evaluate(
         ids = token_windows(tokenizer, text.read_text(encoding="utf-8"), length, windows or None)
         runs = [("fp", 16, p) for p in protocol_list[:1]] if "fp" in scheme_list else []
         runs += [(s, b, p) for s in scheme_list if s != "fp" for b in bit_list for p in protocol_list]
+        if ck.config.mixed_bits and "rotatekv" in scheme_list:  # the checkpoint as exported: per-layer widths
+            runs += [("rotatekv", None, p) for p in protocol_list]
         results = []
         with _progress() as progress:
             for name, b, protocol in runs:
-                label = f"{name}-{b} {protocol}" if name != "fp" else "fp16"
+                label = f"{name}-{b or 'mixed'} {protocol}" if name != "fp" else "fp16"
                 task = progress.add_task(label, total=ids.shape[0])
                 scheme = build_scheme(name, b, ck, clips)
                 results.append(perplexity(model, ids, scheme, protocol, ck, recent_window,

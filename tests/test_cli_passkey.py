@@ -48,3 +48,31 @@ def test_eval_passkey(tmp_path) -> None:
     assert bad.exit_code == 2 and "--lengths 99999 is longer than the model's context" in " ".join(bad.output.split())
     bad = runner.invoke(app, ["eval", str(ck), "--length", "64", "--device", "cpu"])
     assert bad.exit_code == 2 and "--task perplexity needs --text" in " ".join(bad.output.split())
+
+
+def test_export_with_per_layer_widths_and_eval_as_exported(tmp_path) -> None:
+    folder = tmp_path / "model"
+    tiny_model("llama", n_kv=2).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    text = tmp_path / "calib.txt"
+    text.write_text("\n\n".join(f"The cache stores key {i} and value {i * 7} in two bits." for i in range(400)))
+    evaltext = tmp_path / "eval.txt"
+    evaltext.write_text(" ".join(f"word{i % 37} follows word{(i * 5) % 37}." for i in range(600)))
+    cal, ck = tmp_path / "cal", tmp_path / "ck"
+    _ok(runner.invoke(app, ["calibrate", str(folder), "--data", str(text), "--samples", "2", "--seqlen", "64",
+                            "--device", "cpu", "--out", str(cal)]))  # fmt: skip
+    bad = runner.invoke(app, ["export", "--calibration", str(cal), "--out", str(ck), "--key-bits", "3,2,4"])
+    assert bad.exit_code == 2 and "--key-bits takes one of 2, 3, 4 or a comma list of 2" in " ".join(bad.output.split())
+    assert not ck.exists()
+    _ok(runner.invoke(app, ["export", "--calibration", str(cal), "--out", str(ck), "--bits", "2", "--key-bits", "3,2",
+                            "--value-bits", "4", "--recent-window", "8", "--flush-block", "8"]))  # fmt: skip
+    from rkv_convert.export.format import read_checkpoint
+
+    config = read_checkpoint(ck).config
+    assert (config.version, config.key_bits, config.value_bits) == (3, [3, 2], [4, 4])
+    result = runner.invoke(app, ["eval", str(ck), "--text", str(evaltext), "--windows", "1", "--length", "64",
+                                 "--schemes", "rotatekv", "--bits", "2", "--protocols", "oneshot", "--device", "cpu",
+                                 "--json"])  # fmt: skip
+    _ok(result)
+    rows = json.loads(result.stdout[result.stdout.index("[") :])
+    assert [(r["scheme"], r["key_bits"], r["value_bits"]) for r in rows] == [("rotatekv", 2.5, 2.5), ("rotatekv-mixed", 3.0, 4.5)]

@@ -178,7 +178,8 @@ def build_scheme(name: str, bits: int | None, checkpoint: Checkpoint, clips: dic
         return KIVI(name="kivi", bits=bits, value_rotation=vr, group_size=group_size)
     if name == "rotatekv":
         if bits is None:
-            return RotateKV(name="rotatekv", bits=checkpoint.config.bits, key_codecs=key_codecs(checkpoint, None),
+            name = "rotatekv-mixed" if checkpoint.config.mixed_bits else "rotatekv"
+            return RotateKV(name=name, bits=checkpoint.config.bits, key_codecs=key_codecs(checkpoint, None),
                             value_codecs=value_codecs(checkpoint, None))  # fmt: skip
         n = checkpoint.config.num_layers
         index = (2, 3, 4).index(bits)
