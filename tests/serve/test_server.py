@@ -192,3 +192,20 @@ def test_sigterm_finishes_the_streams_in_flight_then_exits(folder) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_serve_refuses_what_it_cannot_serve_in_one_line(folder, tmp_path) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from rkv_convert.serve.serve_cli import serve_command
+
+    app = typer.Typer()
+    app.command("serve")(serve_command)
+    app.command("noop")(lambda: None)
+    for args, message in [([str(tmp_path / "none")], "not a checkpoint folder"),
+                          ([str(folder), "--device", "cpu", "--max-model-len", "4096"], "beyond the model's context of 512"),
+                          ([str(folder), "--device", "cpu", "--cache-memory", "0.000001"], "raise the budget")]:  # fmt: skip
+        result = CliRunner().invoke(app, ["serve", *args])
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        assert message in " ".join(result.output.split()), result.output
