@@ -232,7 +232,7 @@ class Engine:
         rkv, start = self.model, time.perf_counter()
         ids = torch.tensor([seq.request.prompt_ids], dtype=torch.long, device=self.device)
         t = ids.shape[1]
-        single = rkv.new_cache(reserve_tokens=t)
+        single = self.cache.single(reserve_tokens=t)
         mask = torch.ones_like(ids)
         positions = torch.arange(t, device=self.device)[None]
         with rkv.attached() as model:

@@ -195,6 +195,17 @@ class RowCache(RkvCache):
     def active(self) -> int:
         return self.state.active
 
+    def single(self, reserve_tokens: int) -> RkvCache:
+        """An empty batch-1 :class:`RkvCache` with this cache's codecs and RoPE (to prefill one request alone).
+
+        The same layers ``RkvModel.new_cache`` makes, without re-reading the checkpoint per request.
+        """
+        cache = RkvCache([layer.codec for layer in self.layers], self.settings, self.inv_freq, self.attention_scaling,
+                         self.backend)  # fmt: skip
+        for mine, ours in zip(cache.layers, self.layers, strict=True):
+            mine.rope = ours.rope
+        return cache.reserve(reserve_tokens)
+
     def store_slots(self) -> int:
         return self.layers[0].store_slots()
 

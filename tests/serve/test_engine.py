@@ -181,3 +181,12 @@ def test_sliding_window_models_are_refused_beyond_their_window() -> None:
     with pytest.raises(ValueError, match="sliding-window layers attend to 32 tokens"):
         Engine(rkv, EngineConfig(max_len=128, budget_bytes=2**30, max_batch=2))
     assert Engine(rkv, EngineConfig(max_len=32, budget_bytes=2**30, max_batch=2)).max_batch == 2
+
+
+def test_single_cache_is_the_models_own() -> None:
+    rkv = _rkv("folded")
+    mine, theirs = _engine(rkv).cache.single(16), rkv.new_cache(16)
+    for a, b in zip(mine.layers, theirs.layers, strict=True):
+        assert type(a) is type(b) and a.settings == b.settings and a.backend == b.backend and a.capacity_hint == b.capacity_hint
+        assert torch.equal(a.rope[0], b.rope[0]) and a.rope[1] == b.rope[1]
+        assert all(torch.equal(getattr(a.codec, f), getattr(b.codec, f)) for f in ("k_mean", "rotation", "k_gid", "head_rotation"))
