@@ -9,8 +9,6 @@ One new query token per sequence attends over ``T`` cached tokens of one layer. 
   group) plus a full-precision segment as the runtime keeps it (8 sinks, 1 scratch slot, a
   128-token window), and the GB/s it reaches on the bytes it reads (the default kernel, one
   program per KV head);
-- ``rkv_group_ms``: the same call with ``kernel="group"`` (one program per head group), timed
-  side by side;
 - ``rkv_chunk_ms``: ``kernel="chunk"`` over the same tokens quantized *without* the channel
   permutation (key groups = the rotated head chunks, ``rkv calibrate --permutation none``), the
   layout that kernel needs, timed side by side;
@@ -139,9 +137,6 @@ def run(args: argparse.Namespace) -> list[dict[str, object]]:
                 sdpa = lambda: F.scaled_dot_product_attention(q[:, :, None], kt, vt, enable_gqa=n_q != n_kv)  # noqa: E731
                 sdpa_ms = bench_ms(sdpa)[0]
                 rkv_ms, rkv_lo, rkv_hi = bench_ms(lambda: layer.attend(q, T, kernel="head"))
-                group_ms = float("nan")
-                if args.compare_group:
-                    group_ms = bench_ms(lambda: layer.attend(q, T, kernel="group", **args.group_kw))[0]
                 chunk_ms = float("nan")
                 if by_chunk is not None:
                     chunk_ms = bench_ms(lambda: by_chunk.attend(q, T, kernel="chunk", **args.chunk_kw))[0]
@@ -157,7 +152,6 @@ def run(args: argparse.Namespace) -> list[dict[str, object]]:
                     "floor_ms": rkv_bytes / (copy_gbs * 1e9) * 1e3,
                     "speedup_vs_sdpa": sdpa_ms / rkv_ms,
                     "rotation": "factored" if layer.prepared.factored else "dense", "rkv_dense_ms": dense_ms,
-                    "rkv_group_ms": group_ms, "group_vs_head": rkv_ms / group_ms,
                     "rkv_chunk_ms": chunk_ms, "chunk_vs_head": rkv_ms / chunk_ms,
                     "chunk_speedup_vs_sdpa": sdpa_ms / chunk_ms,
                     "rkv_chunk_GBs": by_chunk.bytes_read(T) / (chunk_ms * 1e-3) / 1e9 if by_chunk else float("nan"),
@@ -171,7 +165,7 @@ def run(args: argparse.Namespace) -> list[dict[str, object]]:
                 if args.csv:
                     append_csv(args.csv, {**row, "timing": "do_bench" if DEVICE.type == "cuda" else "cpu-smoke"})
                 print(f"{name} B={B} T={T}: sdpa {sdpa_ms:.3f} ms, rkv head {rkv_ms:.3f} ms ({row['speedup_vs_sdpa']:.2f}x), "
-                      f"group {group_ms:.3f}, chunk {chunk_ms:.3f} ({row['chunk_speedup_vs_sdpa']:.2f}x), "
+                      f"chunk {chunk_ms:.3f} ({row['chunk_speedup_vs_sdpa']:.2f}x), "
                       f"floor {row['floor_ms']:.3f} ms", flush=True)  # fmt: skip
             del k, v, layer, by_chunk
     return rows
@@ -207,7 +201,7 @@ def tune(args: argparse.Namespace) -> list[dict[str, object]]:
 
 
 def _launch(kernel: str, spec: str, tuned: list[dict[str, object]]) -> dict[str, int]:
-    """Keyword arguments of ``kernel``'s launch in the sweep from ``--group-launch`` / ``--chunk-launch``."""
+    """Keyword arguments of ``kernel``'s launch in the sweep from ``--chunk-launch``."""
     if spec == "default":
         return {}
     if spec == "tuned":
@@ -236,32 +230,27 @@ def main() -> None:
     p.add_argument("--head-group", type=int, default=4, help="KV heads per key rotation group (gcd with the KV heads)")
     p.add_argument("--compare-dense", action=argparse.BooleanOptionalAction, default=False,
                    help="also time the head kernel's dense inverse rotation (G*d*d MACs per key) beside the factored one")
-    p.add_argument("--compare-group", action=argparse.BooleanOptionalAction, default=True,
-                   help="also time kernel='group' (one program per head group) beside the default")
     p.add_argument("--compare-chunk", action=argparse.BooleanOptionalAction, default=True,
                    help="also time kernel='chunk' over the same tokens quantized without the channel permutation")
     p.add_argument("--memory-fraction", type=float, default=0.8, help="share of free GPU memory a row may use")
     p.add_argument("--tune", type=lambda s: tuple(int(x) for x in s.split("x")), nargs="*", default=[],
                    help="block_t x num_warps [x num_stages] to time at --tune-batch/--tune-context, e.g. 32x4 64x4x2 128x8")
     p.add_argument("--tune-shapes", nargs="+", default=["llama2-7b"], choices=list(SHAPES))
-    p.add_argument("--tune-kernels", nargs="+", default=["head", "group", "chunk"], choices=["head", "group", "chunk"])
+    p.add_argument("--tune-kernels", nargs="+", default=["head", "chunk"], choices=["head", "chunk"])
     p.add_argument("--tune-only", action="store_true", help="skip the sweep, run only --tune")
-    p.add_argument("--group-launch", default="default",
-                   help="launch settings of the group kernel in the sweep: 'default', 'tuned' (fastest group row of "
-                        "--tune, which then runs first) or block_t x num_warps x num_stages, e.g. 16x4x1")
-    p.add_argument("--chunk-launch", default="default", help="the same for the chunk kernel")
+    p.add_argument("--chunk-launch", default="default",
+                   help="launch settings of the chunk kernel in the sweep: 'default', 'tuned' (fastest chunk row of "
+                        "--tune, which then runs first) or block_t x num_warps x num_stages, e.g. 64x4x1")
     p.add_argument("--tune-batch", type=int, default=8)
     p.add_argument("--tune-context", type=int, default=16384)
     p.add_argument("--csv", type=Path, default=None)
     p.add_argument("--markdown", type=Path, default=None, help="also write the table as Markdown here")
     args = p.parse_args()
     tuned = tune(args) if args.tune else []
-    args.group_kw = _launch("group", args.group_launch, tuned)
     args.chunk_kw = _launch("chunk", args.chunk_launch, tuned)
-    print(f"launch settings in the sweep: group {args.group_kw or 'defaults'}, chunk {args.chunk_kw or 'defaults'}",
-          flush=True)
+    print(f"launch settings in the sweep: chunk {args.chunk_kw or 'defaults'}", flush=True)
     rows = [] if args.tune_only else run(args)
-    cols = ["shape", "batch", "context", "sdpa_ms", "rkv_ms", "rkv_group_ms", "rkv_chunk_ms", "floor_ms",
+    cols = ["shape", "batch", "context", "sdpa_ms", "rkv_ms", "rkv_chunk_ms", "floor_ms",
             "speedup_vs_sdpa", "chunk_speedup_vs_sdpa", "sdpa_GBs", "rkv_GBs", "rkv_chunk_GBs", "bits_per_elem"]  # fmt: skip
     if args.compare_dense:
         cols.insert(6, "rkv_dense_ms")

@@ -1,11 +1,11 @@
 """Instruction counts of the decode kernels, compiled for an H100 (sm_90) without a GPU.
 
-Compiles ``_decode_kernel`` (``kernel="head"``), ``_group_kernel`` (``kernel="group"``) and
+Compiles ``_decode_kernel`` (``kernel="head"``) and
 ``_chunk_kernel`` (``kernel="chunk"``) at the paper's shape (head groups of 4, d = 128, 2 bits, groups of 128, fp16, MHA) with Triton's own
 compiler and bundled ``cuobjdump``, and prints registers, stack (spills) and the most frequent
 SASS opcodes. Static counts, not a profile: they show what a kernel issues per loop iteration.
 
-    python benchmarks/kernel_sass_stats.py                     # the three kernels, their default tiles
+    python benchmarks/kernel_sass_stats.py                     # both kernels, their default tiles
     python benchmarks/kernel_sass_stats.py --no-fp-segment     # without the full-precision segment's loop
     python benchmarks/kernel_sass_stats.py --block-t 32 --num-warps 8
 """
@@ -30,7 +30,6 @@ from triton.compiler import ASTSource  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from kernels import decode_attention as head_module  # noqa: E402
 from kernels import decode_chunk as chunk_module  # noqa: E402
-from kernels import decode_group as group_module  # noqa: E402
 
 _POINTERS = {"kc_ptr": "*u8", "vc_ptr": "*u8", "kw_ptr": "*i32", "vw_ptr": "*i32", "pos_ptr": "*i32", "fpos_ptr": "*i32",
              "gidp_ptr": "*i32", "gid_ptr": "*i32", "a_ptr": "*fp32", "mean_ptr": "*fp32", "freq_ptr": "*fp32",
@@ -83,8 +82,7 @@ def main() -> None:
                   PREC="tf32", USE_LIBDEVICE=True)  # fmt: skip
     kernels = {
         "head": (head_module._decode_kernel,
-                 dict(common, NGK_PAD=16, NGV_PAD=16, DOT_DTYPE=tl.float16, KRON=True, SELECT_K=False)),
-        "group": (group_module._group_kernel, dict(common, DT=tl.float16)),
+                 dict(common, NGK_PAD=16, NGV_PAD=16, DOT_DTYPE=tl.float16, KRON=True)),
         "chunk": (chunk_module._chunk_kernel, {k: v for k, v in dict(common, DT=tl.float16).items() if k != "NGK"}),
     }  # fmt: skip
     for name, (fn, cx) in kernels.items():

@@ -58,9 +58,8 @@ interpreter (3.9) computes bf16 dots wrongly, and one dot type per path keeps th
 code the shipped code.
 
 One program per KV head re-reads and unpacks the head group's key codes ``G`` times (from
-cache) but keeps every tile at ``d`` channels and covers any rotation. Two other kernels
-cover narrower cases: ``kernel="group"`` (:mod:`rkv_convert.kernels.decode_group`, one
-program per head group, factored rotations) and ``kernel="chunk"``
+cache) but keeps every tile at ``d`` channels and covers any rotation. One other kernel
+covers a narrower case: ``kernel="chunk"``
 (:mod:`rkv_convert.kernels.decode_chunk`: factored rotations whose key groups are the rotated
 head chunks, i.e. calibrated with ``--permutation none``; raw codes meet ``B^T`` on the tensor
 cores and scales, zeros and the mean act on score entries, not key elements; the fastest on
@@ -95,17 +94,16 @@ from rkv_convert.quant.packing import packed_width, unpack_codes
 from ._common import Backend, device_guard, next_pow2, resolve_backend, triton_interpreting
 from ._occupancy import record_residency, resident_per_sm, sm_count, wave_splits
 from .decode_chunk import chunk_kernel_supports, code_column_factors, keys_grouped_by_chunk, launch_chunk_kernel
-from .decode_group import group_kernel_supports, launch_group_kernel, launch_strides
-from ._decode_parts import _NPLANES, _byte_tiles, _cos_sin, _group_rows, _plane_codes, _select_groups, _softmax_step
+from ._chunk_parts import launch_strides
+from ._decode_parts import _NPLANES, _byte_tiles, _cos_sin, _plane_codes, _softmax_step
 
 __all__ = ["KERNEL_DEFAULTS", "PreparedRotation", "decode_attention", "decode_attention_ref", "num_splits_for", "prepare_rotation"]
 
 _LOG2E = 1.0 / math.log(2.0)
-Kernel = Literal["auto", "head", "group", "chunk"]
+Kernel = Literal["auto", "head", "chunk"]
 # Launch settings per kernel, the fastest timed on an H100 (benchmarks/bench_decode_attention.py --tune).
 KERNEL_DEFAULTS: dict[str, dict[str, int]] = {
     "head": {"block_t": 32, "num_warps": 4, "num_stages": 1},
-    "group": {"block_t": 16, "num_warps": 4, "num_stages": 1},
     "chunk": {"block_t": 64, "num_warps": 4, "num_stages": 1},
 }
 
@@ -305,7 +303,7 @@ def _decode_kernel(
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, NGK: tl.constexpr, NGK_PAD: tl.constexpr,
     GV: tl.constexpr, NGV: tl.constexpr, NGV_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr, HAS_FP: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
-    USE_LIBDEVICE: tl.constexpr, KRON: tl.constexpr, SELECT_K: tl.constexpr,
+    USE_LIBDEVICE: tl.constexpr, KRON: tl.constexpr,
 ):
     """Grid ``(B, n_kv, n_parts)``; writes fp32 partial outputs and log2-sum-exp per part.
 
@@ -379,9 +377,6 @@ def _decode_kernel(
         k_lo = tl.zeros((BLOCK_T, HALF), tl.float32)
         k_hi = tl.zeros((BLOCK_T, HALF), tl.float32)
         krow = kc_base + tt * s_kct
-        if SELECT_K:  # two to four key groups: per-token rows loaded once, expanded by selects
-            ks0, ks1, ks2, ks3 = _group_rows(ks_base + tt * s_kst, tmask, NGK)
-            kz0, kz1, kz2, kz3 = _group_rows(kz_base + tt * s_kzt, tmask, NGK)
         for g in tl.static_range(G):
             lo0 = g * D * K_LOB // 8
             hi0 = GD // 4 + g * D // 8
@@ -392,17 +387,12 @@ def _decode_kernel(
             for j in tl.static_range(4):
                 prow = g * D + j * PW + ii  # plane-ordered input channels
                 codes = _plane_codes(krow, tmask, ii, j, lo0, hi0, blo, bhi, K_BITS)
-                if SELECT_K:
-                    gidv = tl.load(gidp_ptr + hg * GD + prow)
-                    sc = _select_groups(gidv, ks0, ks1, ks2, ks3, NGK)
-                    zc = _select_groups(gidv, kz0, kz1, kz2, kz3, NGK)
+                if NGK == 1:
+                    onehot = gk
                 else:
-                    if NGK == 1:
-                        onehot = gk
-                    else:
-                        onehot = (tl.load(gidp_ptr + hg * GD + prow)[None, :] == gk[:, None]).to(tl.float16)
-                    sc = _expand_groups(ks_base + tt * s_kst, tmask, onehot, NGK, NGK_PAD, PW)
-                    zc = _expand_groups(kz_base + tt * s_kzt, tmask, onehot, NGK, NGK_PAD, PW)
+                    onehot = (tl.load(gidp_ptr + hg * GD + prow)[None, :] == gk[:, None]).to(tl.float16)
+                sc = _expand_groups(ks_base + tt * s_kst, tmask, onehot, NGK, NGK_PAD, PW)
+                zc = _expand_groups(kz_base + tt * s_kzt, tmask, onehot, NGK, NGK_PAD, PW)
                 y = codes.to(tl.float32) * sc + zc
                 if KRON:
                     if G > 1:
@@ -699,9 +689,7 @@ def decode_attention(
     block_t: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
-    hoist_rotation: bool | None = None,
     factored: bool | None = None,
-    group_select: bool | None = None,
     kernel: Kernel = "auto",
     backend: Backend = "auto",
 ) -> torch.Tensor:
@@ -725,28 +713,17 @@ def decode_attention(
         num_stages: software-pipelining stages of its token loop.
             None takes each kernel's defaults (``KERNEL_DEFAULTS``: the fastest configuration
             timed on an H100, docs/benchmarks.md).
-        hoist_rotation: legacy name of ``factored`` for ``G == 1`` (the factored path with
-            ``A = [[1]]`` keeps the head's rotation tiles in registers); True needs ``G == 1``.
         factored: inverse rotation path: True the Kronecker-factored one (``d*d`` MACs per key
             token and head; needs ``R = kron(A, B)``, else ValueError), False the dense one
             (``G*d*d``), None: factored whenever the factorisation exists.
-        group_select: how per-group key scales/zeros reach each channel when a head group has
-            two to four key groups: True a chain of selects on the channel's group id, False an
-            exact one-hot ``tl.dot``; None: the one-hot dot (both exact; on an H100 the selects
-            were 1.5-2.9x slower, ``benchmarks/bench_decode_attention.py --tune``). Other group
-            counts: broadcast (one) or one-hot.
         kernel: which Triton kernel: ``"auto"`` (default) the chunk kernel where it applies,
             else the head kernel; ``"head"`` one program per KV head (this module; any rotation
-            and group count); ``"group"`` one program per head group
-            (:mod:`rkv_convert.kernels.decode_group`: each key code dequantized once, value
-            scales folded into the softmax weights; needs a factored rotation and at most four
-            key groups per head group and value groups per head); ``"chunk"``
-            (:mod:`rkv_convert.kernels.decode_chunk`: also needs 2- or 4-bit codes and key
-            groups equal to the rotated head chunks). An explicit kernel that does not cover
+            and group count); ``"chunk"`` (:mod:`rkv_convert.kernels.decode_chunk`: needs a
+            factored rotation, 2- or 4-bit codes and key groups equal to the rotated head chunks). An explicit kernel that does not cover
             the call raises ValueError naming the reason. ``"auto"`` knows the key groups
             without reading ``k_gid`` when ``rotation`` is a :class:`PreparedRotation` made with
             this ``k_gid`` (else the head kernel, or a check when the rotation is raw).
-            ``group_select`` and ``factored=False`` concern the head kernel only.
+            ``factored=False`` concerns the head kernel only.
         backend: ``"auto"``, ``"triton"`` or ``"reference"`` (see ``_common``).
 
     Returns:
@@ -765,12 +742,6 @@ def decode_attention(
     B, n_q, d, G, Gd, n_kv, rep, T, F = (dm[k] for k in ("B", "n_q", "d", "G", "Gd", "n_kv", "rep", "T", "F"))
     if d & (d - 1) or d < 64:
         raise ValueError(f"the Triton kernel needs a power-of-two head dim >= 64, got {d}")
-    if hoist_rotation and G != 1:
-        raise ValueError("hoist_rotation needs one head per rotation group (G == 1)")
-    if hoist_rotation is not None:
-        if factored is not None and factored != hoist_rotation:
-            raise ValueError("hoist_rotation and factored disagree")
-        factored = hoist_rotation
     dev = q.device
     dot_dtype = _dot_dtype(q.dtype)
     if prep is None:
@@ -785,12 +756,8 @@ def decode_attention(
     elif factored and not prep.factored:
         raise ValueError(f"factored=True needs a rotation of the form kron(A [{G}, {G}], B [{d}, {d}])")
     n_gk, n_gv = Gd // k_group_size, d // v_group_size
-    if kernel not in ("auto", "head", "group", "chunk"):
-        raise ValueError(f"kernel must be 'auto', 'head', 'group' or 'chunk', got {kernel!r}")
-    if kernel == "group":
-        why_not = group_kernel_supports(factored=bool(factored), G=G, rep=rep, d=d, n_gk=n_gk, n_gv=n_gv)
-        if why_not is not None:
-            raise ValueError(f"kernel='group' does not cover this call: {why_not}; use kernel='head'")
+    if kernel not in ("auto", "head", "chunk"):
+        raise ValueError(f"kernel must be 'auto', 'head' or 'chunk', got {kernel!r}")
     if kernel in ("auto", "chunk"):
         by_chunk = prep.keys_by_chunk if prep.k_gid is k_gid else None
         if by_chunk is None and kernel == "chunk":
@@ -800,7 +767,6 @@ def decode_attention(
         if why_not is not None and kernel == "chunk":
             raise ValueError(f"kernel='chunk' does not cover this call: {why_not}; use kernel='head'")
         kernel = "chunk" if why_not is None else "head"
-    use_group = kernel in ("group", "chunk")
     dflt = KERNEL_DEFAULTS[kernel]
     block_t = dflt["block_t"] if block_t is None else block_t
     num_warps = dflt["num_warps"] if num_warps is None else num_warps
@@ -809,9 +775,9 @@ def decode_attention(
         raise ValueError(f"block_t must be a power of two >= 16, got {block_t}")
     has_fp = fp_k is not None
     residency_key = (kernel, dev, block_t, num_warps, num_stages, G, rep, d, k_bits, v_bits, n_gk, n_gv,
-                     q.dtype, has_fp, bool(factored), bool(group_select))  # fmt: skip
+                     q.dtype, has_fp, bool(factored))  # fmt: skip
     if num_splits is None:
-        num_splits = num_splits_for(B, n_kv // G if use_group else n_kv, T, block_t, dev, resident_per_sm(residency_key))
+        num_splits = num_splits_for(B, n_kv // G if kernel == "chunk" else n_kv, T, block_t, dev, resident_per_sm(residency_key))
     num_splits = min(max(num_splits, 1), triton.cdiv(T, block_t)) if T > 0 else 0
     tokens_per_split = triton.cdiv(triton.cdiv(T, block_t), num_splits) * block_t if num_splits else block_t
     n_parts = num_splits + int(has_fp)
@@ -847,19 +813,6 @@ def decode_attention(
         )
         record_residency(residency_key, compiled, dev)
         return _merge(o_part, lse_part, q.dtype)
-    if use_group:
-        compiled = launch_group_kernel(
-            qc, (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, pos), (fk, fv, fpos),
-            a=prep.a, bt=prep.bt, mean=mean, gid=k_gid.to(device=dev, dtype=torch.int32).contiguous(), freq=freq,
-            o_part=o_part, lse_part=lse_part,
-            dims=dm, tokens_per_split=tokens_per_split, num_splits=num_splits, has_fp=has_fp,
-            k_bits=k_bits, v_bits=v_bits, v_group_size=v_group_size, n_gk=n_gk,
-            qk_scale=sm_scale * _LOG2E, rope_scaling=float(attention_scaling), dot_dtype=dot_dtype,
-            precision=precision, use_libdevice=not triton_interpreting(),
-            block_t=block_t, num_warps=num_warps, num_stages=num_stages,
-        )
-        record_residency(residency_key, compiled, dev)
-        return _merge(o_part, lse_part, q.dtype)
     gidp = k_gid.to(device=dev, dtype=torch.int32).index_select(1, _plane_order(Gd, d, dev)).contiguous()
     a, btp = (prep.a, prep.btp) if factored else (prep.rtp, prep.rtp)  # unused by the dense path
     with device_guard(qc):  # Triton launches on the current device
@@ -874,7 +827,6 @@ def decode_attention(
             BLOCK_T=block_t, HAS_FP=has_fp, DOT_DTYPE=tl.float16 if dot_dtype == torch.float16 else tl.float32,
             PREC=precision,
             USE_LIBDEVICE=not triton_interpreting(), KRON=bool(factored),
-            SELECT_K=(2 <= n_gk <= 4) and bool(group_select),
             num_warps=num_warps, num_stages=num_stages,
         )
     record_residency(residency_key, compiled, dev)

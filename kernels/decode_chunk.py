@@ -19,13 +19,13 @@ key's position ``R_t`` is linear, so for a query ``q`` of head ``h``
 - The zero and mean terms are RoPE'd constant vectors dotted with a query:
   ``q·R_t v = Σ_j cos_j(t) w_j + sin_j(t) w'_j`` with ``w, w'`` computed once per program, so
   per token block they are one dot of the tokens' ``[cos | sin]`` rows.
-- Codes are left in place within their byte (:func:`decode_group._field` ``SCALED``): one
+- Codes are left in place within their byte (:func:`_chunk_parts._field` ``SCALED``): one
   shift per byte instead of per code. Their factor ``2^(bits * (i mod 8/bits))`` is folded into
   the rows of ``B^T`` for keys and divided out of the value accumulator once at the end.
 
 Per key element that leaves the unpack, RoPE and one conversion to the dot dtype. Values: the
-value scale goes into the softmax weights and the zero into one running sum per query row (as
-in the group kernel), and the value dot is taken transposed (:func:`_head_values_t`).
+value scale goes into the softmax weights and the zero into one running sum per query row,
+and the value dot is taken transposed (:func:`_head_values_t`).
 """
 
 from __future__ import annotations
@@ -36,29 +36,31 @@ import triton.language as tl
 
 from ._common import device_guard, next_pow2
 from ._decode_parts import _slot_rope, _softmax_step
-from .decode_group import (
-    _as_float,
-    _as_words,
-    _chunk_codes,
-    _dequant_values,
-    _fp_segment,
-    _store_partial,
-    group_kernel_supports,
-    launch_strides,
-)
+from ._chunk_parts import _as_float, _as_words, _chunk_codes, _dequant_values, _fp_segment, _store_partial, launch_strides
 
 __all__ = ["chunk_kernel_supports", "code_column_factors", "keys_grouped_by_chunk", "launch_chunk_kernel"]
+
+_MAX_GROUP_QUERIES = 64  # query heads per head group held in one score tile
+_MAX_VALUE_GROUPS = 4  # value groups per head reached by a select chain
 
 def chunk_kernel_supports(*, factored: bool, G: int, rep: int, d: int, k_bits: int, v_bits: int,
                           k_group_size: int, keys_by_chunk: bool, n_gv: int) -> str | None:
     """None if the chunk kernel covers this configuration, else the reason it does not.
 
-    It covers what the head-group kernel covers (its key groups being the ``G`` chunks), at 2
-    or 4 bits, when the key groups are the rotated head chunks.
+    It covers Kronecker-factored rotations of up to four heads per group, at most 64 query heads
+    per head group and four value groups per head, at 2 or 4 bits, when the key groups are the
+    rotated head chunks.
     """
-    why_not = group_kernel_supports(factored=factored, G=G, rep=rep, d=d, n_gk=G, n_gv=n_gv)
-    if why_not is not None:
-        return why_not
+    if not factored:
+        return "the key rotation is not Kronecker-factored (kron(A [G, G], B [d, d]))"
+    if G > 4:
+        return f"{G} heads per rotation group (the kernel unrolls at most 4)"
+    if G * rep > _MAX_GROUP_QUERIES:
+        return f"{G * rep} query heads per head group (at most {_MAX_GROUP_QUERIES})"
+    if d & (d - 1) or d < 64:
+        return f"head dim {d} is not a power of two >= 64"
+    if n_gv > _MAX_VALUE_GROUPS:
+        return f"{n_gv} value groups per head (at most {_MAX_VALUE_GROUPS})"
     if k_bits not in (2, 4) or v_bits not in (2, 4):
         return f"{k_bits}-bit keys / {v_bits}-bit values (2 or 4 bits only)"
     if k_group_size != d or not keys_by_chunk:

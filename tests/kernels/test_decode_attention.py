@@ -24,7 +24,6 @@ from rkv_convert.kernels.decode_attention import (
 )
 from rkv_convert.kernels._occupancy import wave_splits
 from rkv_convert.kernels.decode_chunk import chunk_kernel_supports, code_column_factors, keys_grouped_by_chunk
-from rkv_convert.kernels.decode_group import group_kernel_supports
 from rkv_convert.kernels.quantize_pack import perm_from_group_ids
 from rkv_convert.quant.codec import rotate_groups
 from rkv_convert.quant.hadamard import hadamard_matrix
@@ -114,9 +113,10 @@ def test_wave_splits_minimise_block_steps(programs: int, n_blocks: int, slots: i
     assert num_splits_for(programs, 1, n_blocks * 16, 16, torch.device("cpu"), resident_per_sm=slots // 4) == even
 
 
-def test_hoisted_rotation_off() -> None:
+def test_dense_rotation_path() -> None:
+    """``factored=False``: the dense inverse rotation, even where a factorisation exists."""
     c = make_case(B=2, n_kv=2, rep=2, d=64, G=1, T=70, F=2, g_k=32)
-    _check(c, _run(c, hoist_rotation=False))
+    _check(c, _run(c, factored=False, kernel="head"))
 
 
 def test_block_t_32() -> None:
@@ -210,60 +210,18 @@ def test_factored_rotation_matches_reference(name: str, dtype: torch.dtype) -> N
     _check(c, _run(c, factored=True, kernel="head"))  # factored=True raises if the rotation has no factorisation
 
 
-# The head-group kernel (kernels/decode_group.py) on every case it covers: G = 1, 2, 4, bits
-# 2/3/4, one to four key groups, folded (g_v = d) and selected value groups, MHA and GQA,
-# holes, left padding, NaN garbage in empty slots, fp segment or not, fp-only, several splits.
-GROUP_CASES = {
-    name: cfg for name, cfg in {**CASES, **KRON_CASES}.items()
-    if group_kernel_supports(factored=cfg["G"] != 3, G=cfg["G"], rep=cfg["rep"], d=cfg["d"],
-                             n_gk=cfg["G"] * cfg["d"] // cfg["g_k"], n_gv=cfg["d"] // cfg["g_v"]) is None
-}
-GROUP_CASES.update({
-    "paper-g4-d128-b2-fold-nanholes": dict(B=2, n_kv=8, rep=1, d=128, G=4, T=70, F=3, k_bits=2, v_bits=2,
-                                           g_k=128, g_v=128, nan_holes=True),
-    "g1-d128-gqa4-fold": dict(B=2, n_kv=2, rep=4, d=128, G=1, T=50, F=2, k_bits=2, v_bits=2, g_k=128, g_v=128),
-    "g2-d64-gqa3-fold-1group": dict(B=1, n_kv=4, rep=3, d=64, G=2, T=41, F=0, k_bits=3, v_bits=4, g_k=128,
-                                    g_v=64, num_splits=3),
-})
-
-
-def test_group_cases_cover_the_kernel() -> None:
-    """The group kernel's test cases span what it specialises on."""
-    cfgs = GROUP_CASES.values()
-    assert {c["G"] for c in cfgs} >= {1, 2, 4} and {c["k_bits"] for c in cfgs} >= {2, 3, 4}
-    assert {c["G"] * c["d"] // c["g_k"] for c in cfgs} >= {1, 2, 4}
-    assert any(c["g_v"] == c["d"] for c in cfgs) and any(c["g_v"] < c["d"] for c in cfgs)
-    assert any(c["F"] == 0 for c in cfgs) and any(c["T"] == 0 for c in cfgs) and any(c.get("nan_holes") for c in cfgs)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("name", list(GROUP_CASES))
-def test_group_kernel_matches_reference(name: str, dtype: torch.dtype) -> None:
-    c, num_splits = _named_case(GROUP_CASES[name], dtype)
-    out = _run(c, num_splits=num_splits, kernel="group")
-    _check(c, out)
-    if dtype == torch.float32:  # the two kernels agree with each other; the default is kernel="auto"
-        head = _run(c, num_splits=num_splits, kernel="head")
-        torch.testing.assert_close(out, head, atol=3e-5, rtol=1e-5)
-        cfg = GROUP_CASES[name]
-        chunk_ok = chunk_kernel_supports(
-            factored=True, G=cfg["G"], rep=cfg["rep"], d=cfg["d"], k_bits=cfg["k_bits"], v_bits=cfg["v_bits"],
-            k_group_size=cfg["g_k"], keys_by_chunk=keys_grouped_by_chunk(c.kw["k_gid"], cfg["d"]),
-            n_gv=cfg["d"] // cfg["g_v"]) is None  # fmt: skip
-        default = _run(c, num_splits=num_splits)  # kernel="auto": the chunk kernel where it applies
-        assert torch.equal(default, _run(c, num_splits=num_splits, kernel="chunk" if chunk_ok else "head"))
-
-
-def test_group_kernel_refuses_what_it_does_not_cover() -> None:
+def test_kernel_choice_is_checked() -> None:
+    """An explicit kernel that does not cover the call is refused with its reason; the default covers it."""
     c = make_case(B=1, n_kv=3, rep=1, d=64, G=3, T=20, F=1, g_k=64)  # H192: not kron(H3, H64)
     with pytest.raises(ValueError, match="not Kronecker-factored"):
-        _run(c, kernel="group")
+        _run(c, kernel="chunk")
+    _check(c, _run(c))
     c = make_case(B=1, n_kv=2, rep=1, d=64, G=2, T=20, F=1, g_k=16)  # 8 key groups per head group
-    with pytest.raises(ValueError, match="8 key groups"):
-        _run(c, kernel="group")
+    with pytest.raises(ValueError, match="key groups are not the rotated head chunks"):
+        _run(c, kernel="chunk")
     _check(c, _run(c))  # the default head kernel covers it
     with pytest.raises(ValueError, match="kernel must be"):
-        _run(c, kernel="fast")
+        _run(c, kernel="group")  # retired: no default path ran it
 
 
 # The chunk kernel (kernels/decode_chunk.py): key groups = the rotated head chunks (no channel
@@ -402,10 +360,6 @@ def test_prepared_rotation_equals_raw(G: int) -> None:
     if G == 3:
         with pytest.raises(ValueError):
             _run(c, rotation=prep, factored=True)
-    if G == 1:
-        assert torch.equal(_run(c, hoist_rotation=True, kernel="head"), raw)  # legacy name of the factored path
-        with pytest.raises(ValueError):
-            _run(c, hoist_rotation=True, factored=False)
 
 
 GPU_CASES = {
@@ -456,10 +410,7 @@ def test_gpu_large(name: str, dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("G,d,g_k", [(3, 64, 64), (4, 64, 64), (2, 128, 128), (1, 128, 64)])
-def test_group_select_equals_one_hot_and_reference(G: int, d: int, g_k: int) -> None:
-    """Two to four key groups: the select chain and the one-hot dot expand the same exact values."""
+def test_several_key_groups_match_reference(G: int, d: int, g_k: int) -> None:
+    """Two to four key groups per head group: per-channel scales and zeros by the exact one-hot dot."""
     c = make_case(B=2, n_kv=G, rep=2, d=d, G=G, T=45, F=3, g_k=g_k, k_bits=2, v_bits=3)
-    selected = _run(c, group_select=True)
-    one_hot = _run(c, group_select=False)
-    _check(c, selected)
-    torch.testing.assert_close(selected, one_hot, rtol=0, atol=1e-6)
+    _check(c, _run(c, kernel="head"))
