@@ -12,6 +12,7 @@ from transformers import LlamaConfig
 
 from rkv_convert.calibrate.artifact import CalibrationArtifact
 from rkv_convert.calibrate.run import CalibrationOptions, calibrate
+from rkv_convert.export.format import DEFAULT_KEY_LAYOUT
 from rkv_convert.export.fuse import fuse_value_rotation
 from rkv_convert.export.writer import checkpoint_from_artifact
 from rkv_convert.runtime.cache import CacheSettings
@@ -31,14 +32,14 @@ def llama_config(*, layers: int, hidden: int, intermediate: int, heads: int, kv_
 
 
 def calibrated_rkv(
-    model: torch.nn.Module, *, vocab: int, samples: int, seqlen: int, head_group: int, key_group: int,
-    value_group: int, bits: int, permutation: str = "mean_abs",
+    model: torch.nn.Module, *, vocab: int, samples: int, seqlen: int, head_group: int | None, key_group: int,
+    value_group: int, bits: int, permutation: str = "mean_abs", key_layout: str = DEFAULT_KEY_LAYOUT,
 ) -> tuple[RkvModel, CalibrationArtifact, float]:
     """Calibrate ``model`` on ``samples`` random windows of ``seqlen`` tokens, fuse its value rotation
     and wrap it with the packed cache; returns the rkv model, the artifact and the calibration seconds."""
     options = CalibrationOptions(source="random-tokens", num_samples=samples, seqlen=seqlen,
                                  head_group_size=head_group, key_group_size=key_group, value_group_size=value_group,
-                                 perm_statistic=permutation)  # fmt: skip
+                                 perm_statistic=permutation, key_layout=key_layout)  # fmt: skip
     batches = torch.randint(0, vocab, (samples, seqlen), generator=torch.Generator().manual_seed(0))
     if torch.cuda.is_available():
         torch.cuda.synchronize()

@@ -17,9 +17,12 @@ wall time row), its value rotation fused, and then:
 
 rkv prefills in slices of ``--prefill-batch`` sequences (``stream_generate(prefill_batch=)``);
 transformers prefills the whole batch in one forward, as ``generate`` does. rkv is calibrated
-with ``--permutation none`` by default (key groups = the rotated head chunks), the layout that
-decodes with the chunk kernel; ``--permutation mean_abs`` (``rkv calibrate``'s default) decodes
-with the head kernel.
+with ``rkv calibrate``'s defaults: the query-folded key layout (``--key-layout folded``,
+``kernels.decode_folded``). ``--key-layout prerope --permutation none`` gives the pre-RoPE layout
+that decodes with the chunk kernel, ``--key-layout prerope`` alone the head kernel.
+
+The largest-batch search runs at most ``--max-tries`` jobs per implementation (each a full
+prefill at that batch), starting from the memory model.
 
     python benchmarks/bench_end_to_end.py --csv benchmarks/results/end_to_end.csv
 """
@@ -41,7 +44,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _random_model import calibrated_rkv, llama_config  # noqa: E402
 from _timing import DEVICE, append_csv, markdown_table, print_table  # noqa: E402
 
+from rkv_convert.calibrate.run import CalibrationOptions  # noqa: E402
 from rkv_convert.calibrate.search import PERM_STATISTICS  # noqa: E402
+from rkv_convert.export.format import DEFAULT_KEY_LAYOUT, KEY_LAYOUTS  # noqa: E402
 from rkv_convert.runtime.generate import GenerationStats, RkvModel, SamplingOptions, stream_generate  # noqa: E402
 
 
@@ -149,7 +154,7 @@ def largest_batch(
 def _row(base: dict, impl: str, case: str, batch: int, result: dict | None, weights: int) -> dict[str, object]:
     """One table row for a job's result (None: it ran out of memory)."""
     if impl != "rkv":
-        base = {**base, "permutation": ""}
+        base = {**base, "permutation": "", "key_layout": ""}
     if result is None:
         return {**base, "impl": impl, "case": case, "batch": batch, "note": "out of memory"}
     return {**base, "impl": impl, "case": case, "batch": batch, "prefill_tok_s": result["prefill_tok_s"],
@@ -170,13 +175,14 @@ def main() -> None:
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--equal-batch", type=int, default=8, help="batch of the side-by-side rows (and first probe)")
     p.add_argument("--bits", type=int, default=2)
-    p.add_argument("--head-group", type=int, default=4)
-    p.add_argument("--key-group", type=int, default=128)
-    p.add_argument("--value-group", type=int, default=128)
+    p.add_argument("--head-group", type=int, default=None, help="prerope layout: KV heads per rotation group")
+    p.add_argument("--key-group", type=int, default=CalibrationOptions().key_group_size)
+    p.add_argument("--value-group", type=int, default=CalibrationOptions().value_group_size)
     p.add_argument("--prefill-batch", type=int, default=8)
-    p.add_argument("--permutation", default="none", choices=PERM_STATISTICS,
-                   help="key channel grouping calibrated for rkv: none (key groups = rotated head chunks) decodes with "
-                        "the chunk kernel, a sorted permutation with the head kernel")
+    p.add_argument("--key-layout", default=DEFAULT_KEY_LAYOUT, choices=KEY_LAYOUTS, help="rkv's key layout")
+    p.add_argument("--permutation", default=CalibrationOptions().perm_statistic, choices=PERM_STATISTICS,
+                   help="key channel grouping calibrated for rkv (prerope: none decodes with the chunk kernel)")
+    p.add_argument("--max-tries", type=int, default=4, help="jobs per implementation in the largest-batch search")
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-seqlen", type=int, default=512)
     p.add_argument("--max-batch/--no-max-batch", dest="max_batch", default=True, action=argparse.BooleanOptionalAction)
@@ -198,7 +204,8 @@ def main() -> None:
 
     rkv, _, calib_s = calibrated_rkv(model, vocab=args.vocab, samples=args.calib_samples, seqlen=args.calib_seqlen,
                                      head_group=args.head_group, key_group=args.key_group,
-                                     value_group=args.value_group, bits=args.bits, permutation=args.permutation)  # fmt: skip
+                                     value_group=args.value_group, bits=args.bits, permutation=args.permutation,
+                                     key_layout=args.key_layout)  # fmt: skip
     print(f"calibration: {calib_s:.1f} s for {args.calib_samples * args.calib_seqlen} tokens", flush=True)
 
     job = (args.prompt, args.new, args.vocab)
@@ -209,16 +216,16 @@ def main() -> None:
     hf = {b: _try(run_hf, model, b, *job) for b in (b1, b2)}
     ours = {b: _try(run_rkv, rkv, b, *job, args.prefill_batch) for b in (b1, b2)}
     base = {"model": shape, "prompt": args.prompt, "new": args.new, "bits": args.bits, "weights_GiB": weights / 2**30,
-            "permutation": args.permutation}
+            "permutation": args.permutation, "key_layout": args.key_layout}
     rows = [_row(base, name, "equal batch", b, r, weights) for name, res in (("hf-fp16", hf), ("rkv", ours))
             for b, r in res.items()]  # fmt: skip
     if args.max_batch and DEVICE.type == "cuda" and all(hf.values()) and all(ours.values()):
         limit = int(args.memory_limit * torch.cuda.get_device_properties(0).total_memory)
         print("largest batch, fp16:", flush=True)
-        hb, hr = largest_batch(lambda b: run_hf(model, b, *job), (b1, b2), hf, limit)
+        hb, hr = largest_batch(lambda b: run_hf(model, b, *job), (b1, b2), hf, limit, args.max_tries)
         print("largest batch, rkv:", flush=True)
         rb, rr = largest_batch(lambda b: run_rkv(rkv, b, *job, args.prefill_batch, args.largest_timed_tokens),
-                               (b1, b2), ours, limit)  # fmt: skip
+                               (b1, b2), ours, limit, args.max_tries)  # fmt: skip
         rows += [_row(base, "hf-fp16", "largest batch", hb, hr, weights), _row(base, "rkv", "largest batch", rb, rr, weights)]
         print(f"ratios: batch {rb / hb:.2f}x, decode tok/s at largest batch {rr['decode_tok_s'] / hr['decode_tok_s']:.2f}x, "
               f"peak memory at batch {b2} {hf[b2]['peak_bytes'] / ours[b2]['peak_bytes']:.2f}x (weights included), "
@@ -235,7 +242,7 @@ def main() -> None:
 
 
 _COLUMNS = ["impl", "case", "batch", "prefill_tok_s", "decode_tok_s", "peak_GiB", "peak_minus_weights_GiB",
-            "bits_per_elem", "note", "model", "prompt", "new", "bits", "weights_GiB", "permutation"]  # fmt: skip
+            "bits_per_elem", "note", "model", "prompt", "new", "bits", "weights_GiB", "key_layout", "permutation"]  # fmt: skip
 
 if __name__ == "__main__":
     main()
