@@ -74,14 +74,15 @@ def create_app(rkv_model: RkvModel, worker: EngineWorker, model_name: str, limit
     tokenizer = rkv_model.tokenizer
     created = int(time.time())
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if api_key is not None and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return error_response(401, "missing or wrong API key: send the header Authorization: Bearer <key>",
-                                      code="invalid_api_key")  # fmt: skip
-        return await call_next(request)
+    def _refused(request: Request) -> JSONResponse | None:
+        """A 401 unless the request carries the bearer key (a check in each route, not a middleware:
+        Starlette's ``BaseHTTPMiddleware`` would hide client disconnects from the routes)."""
+        if api_key is None:
+            return None
+        given = request.headers.get("authorization", "")
+        if secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            return None
+        return error_response(401, "missing or wrong API key: send the header Authorization: Bearer <key>", code="invalid_api_key")
 
     @app.exception_handler(404)
     async def _not_found(request: Request, exc) -> JSONResponse:
@@ -102,7 +103,9 @@ def create_app(rkv_model: RkvModel, worker: EngineWorker, model_name: str, limit
         return JSONResponse(body, status_code=200 if worker.available else 503)
 
     @app.get("/v1/models")
-    async def models() -> JSONResponse:
+    async def models(request: Request) -> JSONResponse:
+        if (refusal := _refused(request)) is not None:
+            return refusal
         card = {"id": model_name, "object": "model", "created": created, "owned_by": "rkv", "max_model_len": limits.context}
         return JSONResponse({"object": "list", "data": [card]})
 
@@ -115,6 +118,8 @@ def create_app(rkv_model: RkvModel, worker: EngineWorker, model_name: str, limit
         return await _generate(request, chat=True)
 
     async def _generate(http: Request, chat: bool):
+        if (refusal := _refused(http)) is not None:
+            return refusal
         try:
             body = json.loads(await http.body())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -146,20 +151,28 @@ def create_app(rkv_model: RkvModel, worker: EngineWorker, model_name: str, limit
                                      headers={"Cache-Control": "no-cache"})  # fmt: skip
         return await _complete(http, request, events, chat)
 
-    async def _next(http: Request, request: GenerationRequest, events: asyncio.Queue) -> TokenEvent | None:
-        """The next event, or None (request cancelled) once the client has gone away."""
+    async def _next(http: Request, request: GenerationRequest, events: asyncio.Queue, checked: list[float]) -> TokenEvent | None:
+        """The next event, or None (request cancelled) once the client has gone away.
+
+        Whether the client is still there is asked at most every ``DISCONNECT_POLL_S`` seconds
+        (``checked[0]``: when it was last asked), also while tokens keep coming.
+        """
+        loop = asyncio.get_running_loop()
         while True:
-            try:
-                return await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
-            except asyncio.TimeoutError:
+            if loop.time() - checked[0] >= DISCONNECT_POLL_S:
+                checked[0] = loop.time()
                 if await http.is_disconnected():
                     worker.cancel(request.id)
                     return None
+            try:
+                return await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
+                continue
 
     async def _complete(http: Request, request: GenerationRequest, events: asyncio.Queue, chat: bool):
-        text, n = _Detokenizer(tokenizer), 0
+        text, n, checked = _Detokenizer(tokenizer), 0, [asyncio.get_running_loop().time()]
         while True:
-            event = await _next(http, request, events)
+            event = await _next(http, request, events, checked)
             if event is None:
                 return error_response(499, "the client closed the request", code="client_closed")
             if event.token is not None:
@@ -181,7 +194,7 @@ def create_app(rkv_model: RkvModel, worker: EngineWorker, model_name: str, limit
 
     async def _stream(http: Request, request: GenerationRequest, events: asyncio.Queue, chat: bool,
                       include_usage: bool) -> AsyncIterator[str]:  # fmt: skip
-        text, finished, n = _Detokenizer(tokenizer), False, 0
+        text, finished, n, checked = _Detokenizer(tokenizer), False, 0, [asyncio.get_running_loop().time()]
         kind = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(piece: str | None, finish: str | None, first: bool = False) -> str:
@@ -197,7 +210,7 @@ def create_app(rkv_model: RkvModel, worker: EngineWorker, model_name: str, limit
             if chat:
                 yield chunk(None, None, first=True)
             while True:
-                event = await _next(http, request, events)
+                event = await _next(http, request, events, checked)
                 if event is None:
                     return
                 piece = text.add(event.token, last=event.finish_reason is not None)

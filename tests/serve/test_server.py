@@ -151,6 +151,13 @@ def test_a_disconnect_frees_its_row(rkv) -> None:
             time.sleep(0.05)
         assert worker.engine.active == 0 and worker.engine.cache.active == 0
         assert worker.engine.stats.tokens_generated < 480  # stopped early, not run to the end
+        assert worker.engine.stats.requests_done == 0  # cancelled, not finished
+        with pytest.raises(httpx.ReadTimeout):  # a plain (not streamed) request whose client gives up
+            client.post("/v1/completions", json={**body, "stream": False}, timeout=1.0)
+        deadline = time.monotonic() + 10
+        while worker.engine.active and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert worker.engine.active == 0 and worker.engine.stats.requests_done == 0
         assert _complete(client, "still serving", max_tokens=3).status_code == 200
 
 
