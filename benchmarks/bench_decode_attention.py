@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _timing import DEVICE, append_csv, bench_ms, copy_bandwidth_gbs, markdown_table, print_table  # noqa: E402
 
 from rkv_convert.kernels.decode_attention import KERNEL_DEFAULTS, decode_attention, prepare_rotation  # noqa: E402
+from rkv_convert.kernels.packed_kv import PackedKV  # noqa: E402
 from rkv_convert.kernels.quantize_pack import group_ids_from_perm, quantize_pack  # noqa: E402
 from rkv_convert.quant.hadamard import hadamard_matrix  # noqa: E402
 
@@ -94,10 +95,9 @@ class PackedLayer:
 
     def attend(self, q: torch.Tensor, T: int, **options: object) -> torch.Tensor:
         return decode_attention(
-            q, *self.tensors(T), rotation=self.prepared, k_mean=self.mean, k_gid=self.gid, inv_freq=self.inv_freq,
+            q, PackedKV(*self.tensors(T), self.fp_k, self.fp_v, self.fp_pos), rotation=self.prepared, k_mean=self.mean, k_gid=self.gid, inv_freq=self.inv_freq,
             attention_scaling=1.0, sm_scale=self.d**-0.5, k_bits=self.bits, v_bits=self.bits,
-            k_group_size=self.g_k, v_group_size=self.g_v, fp_k=self.fp_k, fp_v=self.fp_v, fp_pos=self.fp_pos,
-            **options,
+            k_group_size=self.g_k, v_group_size=self.g_v, **options,
         )  # fmt: skip
 
 

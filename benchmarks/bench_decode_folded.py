@@ -29,14 +29,15 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from _timing import DEVICE, append_csv, bench_ms, copy_bandwidth_gbs, markdown_table, print_table  # noqa: E402
 
-from rkv_convert.kernels.decode_folded import FOLDED_DEFAULTS, FoldedKV, FoldedParams, decode_folded  # noqa: E402
+from rkv_convert.kernels.decode_folded import FOLDED_DEFAULTS, FoldedParams, decode_folded  # noqa: E402
+from rkv_convert.kernels.packed_kv import PackedKV  # noqa: E402
 from rkv_convert.quant.hadamard import hadamard_matrix  # noqa: E402
 
 SHAPES = {"llama2-7b": (32, 32, 128), "llama3-8b": (32, 8, 128)}  # query heads, KV heads, head dim
 FP_SLOTS = 8 + 128  # sinks + recent window
 
 
-def make_layer(B: int, n_kv: int, T: int, d: int, bits: int, g_k: int, g_v: int) -> tuple[FoldedKV, FoldedParams]:
+def make_layer(B: int, n_kv: int, T: int, d: int, bits: int, g_k: int, g_v: int) -> tuple[PackedKV, FoldedParams]:
     dev, u8, f16 = DEVICE, torch.uint8, torch.float16
     kc = torch.randint(0, 256, (B, n_kv, T, d * bits // 8), dtype=u8, device=dev)
     vc = torch.randint(0, 256, (B, n_kv, T, d * bits // 8), dtype=u8, device=dev)
@@ -51,10 +52,10 @@ def make_layer(B: int, n_kv: int, T: int, d: int, bits: int, g_k: int, g_v: int)
     params = FoldedParams(rotation=rot, mean=torch.randn(n_kv, d, device=dev), attention_scaling=1.0,
                           inv_freq=(1.0 / 10000.0 ** (torch.arange(0, d, 2, dtype=torch.float32) / d)).to(dev),
                           sm_scale=d**-0.5, bits=bits, g_k=g_k, g_v=g_v)  # fmt: skip
-    return FoldedKV(kc, ks, kz, vc, vs, vz, pos, fp_k, fp_v, fp_pos), params
+    return PackedKV(kc, ks, kz, vc, vs, vz, pos, fp_k, fp_v, fp_pos), params
 
 
-def bytes_read(kv: FoldedKV, params: FoldedParams) -> int:
+def bytes_read(kv: PackedKV, params: FoldedParams) -> int:
     per_layer = sum(t.numel() * t.element_size() for t in kv)
     return per_layer + params.rotation.numel() * 4 + params.mean.numel() * 4
 
@@ -166,7 +167,7 @@ def run(args: argparse.Namespace, launch: str) -> list[dict[str, object]]:
                 kt, vt = k[:, :, : T + FP_SLOTS], v[:, :, : T + FP_SLOTS]
                 sdpa = lambda: F.scaled_dot_product_attention(q[:, :, None], kt, vt, enable_gqa=n_q != n_kv)  # noqa: E731
                 sdpa_ms = bench_ms(sdpa)[0]
-                kv = FoldedKV(*(t[:, :, :T] if t.dim() == 4 else t[:, :T] for t in kv_all[:7]), *kv_all[7:])
+                kv = kv_all.truncated(T)
                 kw = _launch(launch, B, n_kv, T)
                 fn = lambda: decode_folded(q, kv, params, **kw)  # noqa: E731
                 folded_ms, lo, hi = bench_ms(fn)

@@ -96,6 +96,7 @@ from ._occupancy import record_residency, resident_per_sm, sm_count, wave_splits
 from .decode_chunk import chunk_kernel_supports, code_column_factors, keys_grouped_by_chunk, launch_chunk_kernel
 from ._chunk_parts import launch_strides
 from ._decode_parts import _NPLANES, _byte_tiles, _cos_sin, _plane_codes, _softmax_step
+from .packed_kv import PackedKV
 
 __all__ = ["KERNEL_DEFAULTS", "PreparedRotation", "decode_attention", "decode_attention_ref", "num_splits_for", "prepare_rotation"]
 
@@ -189,13 +190,7 @@ def _rope(k: torch.Tensor, p: torch.Tensor, inv_freq: torch.Tensor, scaling: flo
 
 def decode_attention_ref(
     q: torch.Tensor,
-    k_codes: torch.Tensor,
-    k_scale: torch.Tensor,
-    k_zero: torch.Tensor,
-    v_codes: torch.Tensor,
-    v_scale: torch.Tensor,
-    v_zero: torch.Tensor,
-    pos: torch.Tensor,
+    kv: PackedKV,
     *,
     rotation: torch.Tensor,
     k_mean: torch.Tensor,
@@ -207,9 +202,6 @@ def decode_attention_ref(
     v_bits: int,
     k_group_size: int,
     v_group_size: int,
-    fp_k: torch.Tensor | None = None,
-    fp_v: torch.Tensor | None = None,
-    fp_pos: torch.Tensor | None = None,
     compute_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Pure-torch reference of :func:`decode_attention` (arguments as there).
@@ -223,6 +215,7 @@ def decode_attention_ref(
     Returns:
         ``[B, n_q, d]`` in ``q.dtype``.
     """
+    k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, pos, fp_k, fp_v, fp_pos = kv
     dm = _dims(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, pos, rotation, k_mean, k_gid,
                inv_freq, k_bits, v_bits, k_group_size, v_group_size, fp_k, fp_v, fp_pos)
     B, d, G, Gd, n_hg, n_kv, rep, T = (dm[k] for k in ("B", "d", "G", "Gd", "n_hg", "n_kv", "rep", "T"))
@@ -664,13 +657,7 @@ def num_splits_for(
 
 def decode_attention(
     q: torch.Tensor,
-    k_codes: torch.Tensor,
-    k_scale: torch.Tensor,
-    k_zero: torch.Tensor,
-    v_codes: torch.Tensor,
-    v_scale: torch.Tensor,
-    v_zero: torch.Tensor,
-    pos: torch.Tensor,
+    kv: PackedKV,
     *,
     rotation: torch.Tensor | PreparedRotation,
     k_mean: torch.Tensor,
@@ -682,9 +669,6 @@ def decode_attention(
     v_bits: int,
     k_group_size: int,
     v_group_size: int,
-    fp_k: torch.Tensor | None = None,
-    fp_v: torch.Tensor | None = None,
-    fp_pos: torch.Tensor | None = None,
     num_splits: int | None = None,
     block_t: int | None = None,
     num_warps: int | None = None,
@@ -697,16 +681,13 @@ def decode_attention(
 
     Args:
         q: ``[B, n_q, d]`` post-RoPE queries, fp16/bf16/fp32; ``d`` a power of two >= 64.
-        k_codes: uint8 ``[B, n_hg, T, Gd*k_bits/8]``; k_scale, k_zero: fp16 ``[B, n_hg, T, Gd/k_group_size]``.
-        v_codes: uint8 ``[B, n_kv, T, d*v_bits/8]``; v_scale, v_zero: fp16 ``[B, n_kv, T, d/v_group_size]``.
-        pos: int32 ``[B, T]`` RoPE positions, -1 = empty slot.
+        kv: the layer's :class:`~rkv_convert.kernels.packed_kv.PackedKV` in the ``prerope`` layout
+            (``T`` store slots; the full-precision segment holds pre-RoPE keys).
         rotation: fp32 ``[Gd, Gd]``, or a :class:`PreparedRotation` of it (from
             :func:`prepare_rotation` with this ``d``, the dot dtype of ``q`` and on ``q``'s
             device) to skip the per-call preparation; k_mean: fp32 ``[n_kv*d]``; k_gid: int32 ``[n_hg, Gd]``.
         inv_freq: fp32 ``[d/2]``; attention_scaling: cos/sin factor; sm_scale: score factor.
         k_bits, v_bits: 2, 3 or 4; k_group_size, v_group_size: channels per group.
-        fp_k, fp_v: ``[B, n_kv, F, d]`` full-precision segment (pre-RoPE keys, stored values);
-            fp_pos: int32 ``[B, F]`` (-1 = empty). All three or none.
         num_splits: context splits of the quantized tokens (None: about two programs per SM).
         block_t: tokens per inner step of the kernel (power of two >= 16).
         num_warps: warps per program of the main kernel.
@@ -734,9 +715,10 @@ def decode_attention(
         rotation = prep.rotation
     kw = dict(rotation=rotation, k_mean=k_mean, k_gid=k_gid, inv_freq=inv_freq,
               attention_scaling=attention_scaling, sm_scale=sm_scale, k_bits=k_bits, v_bits=v_bits,
-              k_group_size=k_group_size, v_group_size=v_group_size, fp_k=fp_k, fp_v=fp_v, fp_pos=fp_pos)
+              k_group_size=k_group_size, v_group_size=v_group_size)
     if not resolve_backend(backend, q):
-        return decode_attention_ref(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, pos, **kw)
+        return decode_attention_ref(q, kv, **kw)
+    k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, pos, fp_k, fp_v, fp_pos = kv
     dm = _dims(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, pos, rotation, k_mean, k_gid,
                inv_freq, k_bits, v_bits, k_group_size, v_group_size, fp_k, fp_v, fp_pos)
     B, n_q, d, G, Gd, n_kv, rep, T, F = (dm[k] for k in ("B", "n_q", "d", "G", "Gd", "n_kv", "rep", "T", "F"))

@@ -13,7 +13,7 @@ slots; codes packed along channels with :func:`rkv_convert.quant.packing.pack_co
   d/2]``, cos/sin times ``attention_scaling``: :func:`rkv_convert.runtime.ops.rope`.
 - Full-precision segment (sinks + recent window): *post-RoPE* keys and values as the model made them.
 
-Tensors travel as one :class:`FoldedKV`; the per-layer constants as :class:`FoldedParams`.
+Tensors travel as one :class:`PackedKV`; the per-layer constants as :class:`FoldedParams`.
 
 Decode (one query token per sequence, ``q [B, n_q, d]`` post-RoPE, ``n_q = n_kv * rep``, query
 head ``i`` reads KV head ``i // rep``). Since ``RoPE_n(k_n) = y_n R_h^T + RoPE_n(mu_h)``,
@@ -67,7 +67,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import torch
 import triton
@@ -79,39 +79,15 @@ from rkv_convert.runtime.ops import dequantize_values, rope
 from ._common import Backend, device_guard, next_pow2, resolve_backend, triton_interpreting
 from ._decode_parts import _byte_tiles, _cos_sin, _plane_codes
 from ._occupancy import sm_count
+from .packed_kv import PackedKV
 from .decode_attention import _merge
 
-__all__ = ["FoldedKV", "FoldedParams", "FOLDED_DEFAULTS", "decode_folded", "decode_folded_ref", "folded_scores_ref"]
+__all__ = ["FoldedParams", "FOLDED_DEFAULTS", "decode_folded", "decode_folded_ref", "folded_scores_ref"]
 
 _LOG2E = 1.0 / math.log(2.0)
 MeanTerm = Literal["auto", "angle", "exact"]
 # Launch settings: the best of benchmarks/bench_decode_folded.py --tune on an H200 (prefetch spilled).
 FOLDED_DEFAULTS: dict[str, int] = {"block_n": 128, "num_warps": 4, "num_stages": 1, "waves": 4, "prefetch": 0}
-
-
-class FoldedKV(NamedTuple):
-    """One layer's folded cache (``cap`` slots; ``b`` = key bits, ``b_v`` = value bits).
-
-    - ``k_codes uint8 [B, n_kv, cap, d*b/8]``: codes of ``y = RoPE_pos(k - mu) @ R`` per token,
-      ``k_scale, k_zero fp16 [B, n_kv, cap, d/g_k]`` (``zero`` = group minimum times clip).
-    - ``v_codes uint8 [B, n_kv, cap, d*b_v/8]``, ``v_scale, v_zero fp16 [B, n_kv, cap, d/g_v]``.
-    - ``pos int32 [B, cap]``: position of each slot, ``-1`` = empty (never attended).
-    - ``fp_k, fp_v [B, n_kv, F, d]`` (fp16/bf16/fp32): full-precision segment, *post-RoPE* keys
-      and values; ``fp_pos int32 [B, F]`` (``-1`` = empty). All three or none.
-
-    Only the last dimension of each tensor needs to be contiguous (views of preallocated buffers are fine).
-    """
-
-    k_codes: torch.Tensor
-    k_scale: torch.Tensor
-    k_zero: torch.Tensor
-    v_codes: torch.Tensor
-    v_scale: torch.Tensor
-    v_zero: torch.Tensor
-    pos: torch.Tensor
-    fp_k: torch.Tensor | None = None
-    fp_v: torch.Tensor | None = None
-    fp_pos: torch.Tensor | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -191,7 +167,7 @@ class FoldedParams:
         return self.rotation.shape[0]
 
 
-def _dims(q: torch.Tensor, kv: FoldedKV, p: FoldedParams, n_tokens: int | None) -> dict[str, int]:
+def _dims(q: torch.Tensor, kv: PackedKV, p: FoldedParams, n_tokens: int | None) -> dict[str, int]:
     """Validate shapes against the layout; return the dimensions."""
     if q.dim() != 3:
         raise ValueError(f"q must be [B, n_q, d], got {tuple(q.shape)}")
@@ -250,7 +226,7 @@ def folded_scores_ref(
 
 def decode_folded_ref(
     q: torch.Tensor,
-    kv: FoldedKV,
+    kv: PackedKV,
     params: FoldedParams,
     *,
     n_tokens: int | None = None,
@@ -647,7 +623,7 @@ def default_splits(programs: int, T: int, block_n: int, device: torch.device, wa
 
 def decode_folded(
     q: torch.Tensor,
-    kv: FoldedKV,
+    kv: PackedKV,
     params: FoldedParams,
     *,
     n_tokens: int | None = None,
@@ -664,7 +640,7 @@ def decode_folded(
 
     Args:
         q: ``[B, n_q, d]`` post-RoPE queries, fp16/bf16/fp32; ``d`` a power of two >= 64 for the kernel.
-        kv: the layer's :class:`FoldedKV`.
+        kv: the layer's :class:`PackedKV`.
         params: the layer's :class:`FoldedParams` (tensors on ``q``'s device or movable there).
         n_tokens: slots ``[0, n_tokens)`` of the quantized store are read (None: all ``cap``;
             slots with ``pos == -1`` are skipped either way).

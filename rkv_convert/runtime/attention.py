@@ -134,21 +134,18 @@ def rkv_attention(
     if t == 1 and codec.folded:  # decode, folded keys: the query takes every key transform
         layer.append(k_store, value, pos, valid, sinks)
         params = codec.folded_params(*layer.rope_or_raise(), module.scaling, attention_softcap(module))
-        out = decode_folded(q_rot[:, :, 0], layer.folded_kv(), params, backend=layer.backend)
+        out = decode_folded(q_rot[:, :, 0], layer.packed_kv(), params, backend=layer.backend)
         layer.flush()
         return out.to(query.dtype).reshape(b, 1, -1)
     if t == 1:  # decode (RkvCache.from_checkpoint refuses soft-capped models in this layout)
         inv_freq, rope_scaling = layer.rope_or_raise()
         layer.append(k_store, value, pos, valid, sinks)
-        qd, fp = layer.quantized(), layer.full_precision()
         out = decode_attention(
-            q_rot[:, :, 0],
-            qd["k_codes"], qd["k_scale"], qd["k_zero"], qd["v_codes"], qd["v_scale"], qd["v_zero"], qd["pos"],
+            q_rot[:, :, 0], layer.packed_kv(),
             rotation=codec.prepared_rotation(query.dtype), k_mean=codec.k_mean, k_gid=codec.k_gid,
             inv_freq=inv_freq, attention_scaling=rope_scaling, sm_scale=module.scaling,
             k_bits=codec.key_bits, v_bits=codec.value_bits,
-            k_group_size=codec.key_group_size, v_group_size=codec.value_group_size,
-            fp_k=fp["fp_k"], fp_v=fp["fp_v"], fp_pos=fp["fp_pos"], backend=layer.backend,
+            k_group_size=codec.key_group_size, v_group_size=codec.value_group_size, backend=layer.backend,
         )  # fmt: skip
         layer.flush()
         return out.to(query.dtype).reshape(b, 1, -1)

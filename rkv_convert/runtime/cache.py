@@ -34,8 +34,8 @@ name            dtype    shape                         meaning
 ==============  =======  ============================  =========================================
 
 ``n_hg = n_kv/G`` head groups of ``Gd = G*d`` channels (folded: ``G = 1``, key groups of consecutive
-channels of ``y``; the tensors are a :class:`~rkv_convert.kernels.decode_folded.FoldedKV`, see
-:meth:`RkvCacheLayer.folded_kv`); ``cap`` grows geometrically. The
+channels of ``y``); the kernels read them as one :class:`~rkv_convert.kernels.packed_kv.PackedKV`
+(:meth:`RkvCacheLayer.packed_kv`); ``cap`` grows geometrically. The
 full-precision segment holds ``max_sinks`` sink slots, one scratch slot (index ``max_sinks``,
 always empty: writes that must go nowhere land there, so no step needs a host sync) and the window.
 """
@@ -49,7 +49,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..export.format import Checkpoint, KeyLayout, LayerTensors, RkvConfig
 from ..kernels.decode_attention import PreparedRotation, prepare_rotation
-from ..kernels.decode_folded import FoldedKV, FoldedParams
+from ..kernels.decode_folded import FoldedParams
+from ..kernels.packed_kv import PackedKV
 from ..kernels.quantize_pack import group_ids_from_perm, quantize_pack
 from ..models.adapters import check_key_layout, decoder_layers, layer_rope
 from ..quant.codec import folded_head_rotations
@@ -505,11 +506,9 @@ class RkvCacheLayer(CacheLayerMixin):
         hi = self.window_start + self.n_window
         return {"fp_k": self.fp_k[:, :, :hi], "fp_v": self.fp_v[:, :, :hi], "fp_pos": self.fp_pos[:, :hi]}
 
-    def folded_kv(self) -> FoldedKV:
-        """The used store and full-precision segment as the folded decode kernel reads them (views, no copies)."""
-        if not self.codec.folded:
-            raise ValueError(f"folded_kv() of a {self.codec.key_layout} layer")
-        return FoldedKV(**self.quantized(), **self.full_precision())
+    def packed_kv(self) -> PackedKV:
+        """The used store and full-precision segment as the decode kernels read them (views, no copies)."""
+        return PackedKV(**self.quantized(), **self.full_precision())
 
     def rope_or_raise(self) -> tuple[torch.Tensor, float]:
         """``(inv_freq, attention_scaling)`` of the model this layer caches for."""

@@ -12,6 +12,7 @@ import os
 import pytest
 import torch
 from _cache_factory import Case, make_case, on_device
+from rkv_convert.kernels.packed_kv import PackedKV
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 from rkv_convert.kernels.decode_attention import (
@@ -47,10 +48,23 @@ CASES = {
 }
 
 
+_FP = ("fp_k", "fp_v", "fp_pos")
+
+
+def _args(cache: tuple | list, kw: dict) -> tuple[PackedKV, dict]:
+    """The kernels' arguments from a case's seven store tensors and keyword table (its ``fp_*`` entries are the segment)."""
+    return PackedKV(*cache, *(kw.get(k) for k in _FP)), {k: v for k, v in kw.items() if k not in _FP}
+
+
+def _call(fn, q: torch.Tensor, cache: tuple | list, kw: dict, **extra) -> torch.Tensor:
+    kv, opts = _args(cache, kw)
+    return fn(q, kv, **opts, **extra)
+
+
 def _run(c: Case, *cache: torch.Tensor, **extra) -> torch.Tensor:
     """The Triton kernel on the test device (CUDA, else the CPU interpreter), result on CPU."""
     cache = cache or c.cache
-    return decode_attention(on_device(c.q), *on_device(cache), backend="triton", **on_device({**c.kw, **extra})).cpu()
+    return _call(decode_attention, on_device(c.q), on_device(cache), on_device({**c.kw, **extra}), backend="triton").cpu()
 
 
 def _f32(c: Case) -> dict:
@@ -61,11 +75,11 @@ def _check(c: Case, out: torch.Tensor, num_splits: int | None = None) -> float:
     dtype = c.q.dtype
     assert out.dtype == dtype and out.shape == c.q.shape
     # references on the test device too (fp16 matmuls are slow on CPU); CUDA fp32 matmuls are full fp32
-    ref = decode_attention_ref(on_device(c.q.float()), *on_device(c.cache), **on_device(_f32(c))).cpu()
+    ref = _call(decode_attention_ref, on_device(c.q.float()), on_device(c.cache), on_device(_f32(c))).cpu()
     err = (out.float() - ref).abs().max().item()
     low_err = 0.0
     if dtype != torch.float32:
-        low = decode_attention_ref(on_device(c.q), *on_device(c.cache), compute_dtype=dtype, **on_device(c.kw)).cpu()
+        low = _call(decode_attention_ref, on_device(c.q), on_device(c.cache), on_device(c.kw), compute_dtype=dtype).cpu()
         low_err = (low.float() - ref).abs().max().item()
     test = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]
     print(f"\n[{test}] max|kernel-ref32|={err:.3e} max|ref_lowp-ref32|={low_err:.3e} max|ref32|={ref.abs().max():.2f}")
@@ -159,24 +173,24 @@ def test_reference_matches_codec_and_hf_attention() -> None:
     want = torch.nn.functional.scaled_dot_product_attention(
         c.q[:, :, None], repeat_kv(k, rep), repeat_kv(v, rep), attn_mask=mask, scale=kw["sm_scale"]
     )[:, :, 0]
-    got = decode_attention_ref(c.q, *c.cache, **kw)
+    got = _call(decode_attention_ref, c.q, c.cache, kw)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_dispatch_and_shape_checks() -> None:
     c = make_case(B=1, n_kv=2, rep=1, d=64, T=10)
-    ref = decode_attention(c.q, *c.cache, backend="reference", **c.kw)
-    torch.testing.assert_close(ref, decode_attention_ref(c.q, *c.cache, **c.kw), atol=0, rtol=0)
-    auto = decode_attention(on_device(c.q), *on_device(c.cache), **on_device(c.kw)).cpu()  # a kernel
+    ref = _call(decode_attention, c.q, c.cache, c.kw, backend="reference")
+    torch.testing.assert_close(ref, _call(decode_attention_ref, c.q, c.cache, c.kw), atol=0, rtol=0)
+    auto = _call(decode_attention, on_device(c.q), on_device(c.cache), on_device(c.kw)).cpu()  # a kernel
     torch.testing.assert_close(auto, ref, atol=2e-5, rtol=1e-5)
-    head = decode_attention(on_device(c.q), *on_device(c.cache), kernel="head", **on_device(c.kw)).cpu()
+    head = _call(decode_attention, on_device(c.q), on_device(c.cache), on_device(c.kw), kernel="head").cpu()
     torch.testing.assert_close(head, ref, atol=2e-5, rtol=1e-5)
     bad = list(c.cache)
     bad[4] = bad[4][..., :1]  # v_scale with one group instead of two
     with pytest.raises(ValueError):
-        decode_attention(c.q, *bad, **c.kw)
+        _call(decode_attention, c.q, bad, c.kw)
     with pytest.raises(ValueError):
-        decode_attention(c.q, *c.cache, **{**c.kw, "k_group_size": 48})
+        _call(decode_attention, c.q, c.cache, {**c.kw, "k_group_size": 48})
 
 
 @pytest.mark.parametrize("kernel", ["head", "chunk"])
@@ -184,7 +198,7 @@ def test_no_valid_token_gives_zeros(kernel: str) -> None:
     c = make_case(B=2, n_kv=1, rep=1, d=64, T=20)
     c.cache[-1][1] = -1  # second sequence: every slot empty
     out = _run(c, kernel=kernel)
-    ref = decode_attention_ref(c.q, *c.cache, **c.kw)
+    ref = _call(decode_attention_ref, c.q, c.cache, c.kw)
     assert torch.equal(out[1], torch.zeros_like(out[1]))
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
 
@@ -263,7 +277,7 @@ def test_chunk_kernel_large_full_precision_values(bits: int) -> None:
     c.kw["fp_v"] = (c.kw["fp_v"].float() * 3000).clamp(-6e4, 6e4).half()
     out = _run(c, kernel="chunk")
     assert torch.isfinite(out).all()
-    ref = decode_attention_ref(c.q.float(), *c.cache, **_f32(c))
+    ref = _call(decode_attention_ref, c.q.float(), c.cache, _f32(c))
     torch.testing.assert_close(out.float(), ref, rtol=2e-3, atol=2e-3 * ref.abs().max().item())  # fp16 output
 
 
@@ -353,8 +367,8 @@ def test_prepared_rotation_equals_raw(G: int) -> None:
     raw = _run(c, kernel="head")  # G = 1 with one key group per head would otherwise take the chunk kernel
     assert torch.equal(_run(c, rotation=prep, kernel="head"), raw)
     kw = {**c.kw, "rotation": prep}
-    ref = decode_attention(c.q, *c.cache, backend="reference", **kw)  # the reference takes it too
-    torch.testing.assert_close(ref, decode_attention_ref(c.q, *c.cache, **c.kw), atol=0, rtol=0)
+    ref = _call(decode_attention, c.q, c.cache, kw, backend="reference")  # the reference takes it too
+    torch.testing.assert_close(ref, _call(decode_attention_ref, c.q, c.cache, c.kw), atol=0, rtol=0)
     with pytest.raises(ValueError):  # prepared for fp16 queries, called with fp32 ones
         _run(Case(c.q.float(), c.cache, c.kw), rotation=prep)
     if G == 3:

@@ -16,12 +16,12 @@ import torch
 
 from _cache_factory import fold_keys_pre, quantize_folded
 from rkv_convert.kernels.decode_folded import (
-    FoldedKV,
     FoldedParams,
     decode_folded,
     decode_folded_ref,
     folded_scores_ref,
 )
+from rkv_convert.kernels.packed_kv import PackedKV
 from rkv_convert.quant.hadamard import hadamard_matrix
 from rkv_convert.quant.packing import pack_codes
 from rkv_convert.quant.quantizer import quantize
@@ -42,7 +42,7 @@ def _rotations(n_kv: int, d: int) -> torch.Tensor:
 def make_case(*, B: int = 2, n_kv: int = 2, rep: int = 1, d: int = 64, T: int = 40, F: int = 0, bits: int = 2,
               v_bits: int | None = None, g_k: int = 64, g_v: int = 64, dtype: torch.dtype = torch.float32,
               pos0: int = 0, gap: bool = False, nan_holes: bool = False, spare: int = 0, att: float = 1.0,
-              ) -> tuple[torch.Tensor, FoldedKV, FoldedParams]:
+              ) -> tuple[torch.Tensor, PackedKV, FoldedParams]:
     """Random keys with a large shared mean and outlier channels, left padding in batch 1, a hole in
     batch 0 (``gap``: its positions also jump by 7 halfway), ``spare`` unused slots past ``T``."""
     v_bits = bits if v_bits is None else v_bits
@@ -83,7 +83,7 @@ def make_case(*, B: int = 2, n_kv: int = 2, rep: int = 1, d: int = 64, T: int = 
         kf = k[:, :, cap:].clone()
         kf[:, :, 0] *= 3.0  # a sink-like token far from the mean
         fp = (rope(kf, fp_pos.clamp_min(0), inv_freq, att).to(dtype), v[:, :, cap:].to(dtype), fp_pos)
-    kv = FoldedKV(kc, ks, kz, vc, vs, vz, pos, *fp)
+    kv = PackedKV(kc, ks, kz, vc, vs, vz, pos, *fp)
     params = FoldedParams(rotation=rotation, mean=mean, inv_freq=inv_freq, attention_scaling=att,
                           sm_scale=d**-0.5, bits=bits, g_k=g_k, g_v=g_v, v_bits=v_bits)
     q = (torch.randn(B, n_kv * rep, d) * 0.7).to(dtype)
@@ -93,8 +93,8 @@ def make_case(*, B: int = 2, n_kv: int = 2, rep: int = 1, d: int = 64, T: int = 
 def _dev(x):
     if isinstance(x, torch.Tensor):
         return x.to(DEV)
-    if isinstance(x, FoldedKV):
-        return FoldedKV(*(None if t is None else t.to(DEV) for t in x))
+    if isinstance(x, PackedKV):
+        return PackedKV(*(None if t is None else t.to(DEV) for t in x))
     if isinstance(x, FoldedParams):
         return FoldedParams(x.rotation.to(DEV), x.mean.to(DEV), x.inv_freq.to(DEV), x.attention_scaling, x.sm_scale,
                             x.bits, x.g_k, x.g_v, x.v_bits, x.softcap)
@@ -105,7 +105,7 @@ def _run(q, kv, params, **kw) -> torch.Tensor:
     return decode_folded(_dev(q), _dev(kv), _dev(params), backend="triton", **kw).cpu()
 
 
-def _f32(kv: FoldedKV) -> FoldedKV:
+def _f32(kv: PackedKV) -> PackedKV:
     return kv._replace(fp_k=None if kv.fp_k is None else kv.fp_k.float(), fp_v=None if kv.fp_v is None else kv.fp_v.float())
 
 
@@ -188,9 +188,9 @@ def test_n_tokens_and_strided_views() -> None:
     kv = kv._replace(k_scale=kv.k_scale.clone(), v_scale=kv.v_scale.clone())
     kv.k_scale[:, :, 33:] = float("nan")
     kv.v_scale[:, :, 33:] = float("nan")
-    big = FoldedKV(*(torch.cat([t, t[..., :3, :] if t.dim() == 4 else t[:, :3]], -2 if t.dim() == 4 else -1)
+    big = PackedKV(*(torch.cat([t, t[..., :3, :] if t.dim() == 4 else t[:, :3]], -2 if t.dim() == 4 else -1)
                      for t in kv[:7]), *kv[7:])
-    views = FoldedKV(*(t[..., :cap, :] if t.dim() == 4 else t[:, :cap] for t, cap in zip(big[:7], [42] * 7)), *kv[7:])
+    views = PackedKV(*(t[..., :cap, :] if t.dim() == 4 else t[:, :cap] for t, cap in zip(big[:7], [42] * 7)), *kv[7:])
     assert not views.k_codes.is_contiguous()
     _check(q, kv, params, _run(q, views, params, n_tokens=33, block_n=16, num_splits=2), n_tokens=33)
 
