@@ -89,7 +89,8 @@ import torch
 import triton
 import triton.language as tl
 
-from rkv_convert.quant.packing import packed_width, unpack_codes
+from rkv_convert.quant.packing import packed_width
+from rkv_convert.runtime.ops import dequantize_keys, dequantize_values, rope
 
 from ._common import Backend, device_guard, next_pow2, resolve_backend, triton_interpreting
 from ._occupancy import record_residency, resident_per_sm, sm_count, wave_splits
@@ -178,16 +179,6 @@ def _dims(
     return dict(B=B, n_q=n_q, d=d, G=G, Gd=Gd, n_hg=n_hg, n_kv=n_kv, rep=n_q // n_kv, T=T, F=F)
 
 
-def _rope(k: torch.Tensor, p: torch.Tensor, inv_freq: torch.Tensor, scaling: float) -> torch.Tensor:
-    """rotate_half RoPE of fp32 ``k [B, H, T, d]`` at positions ``p [B, T]``."""
-    ang = p.float()[:, None, :, None] * inv_freq.float()  # [B, 1, T, d/2]
-    cos = torch.cat([ang.cos(), ang.cos()], -1) * scaling
-    sin = torch.cat([ang.sin(), ang.sin()], -1) * scaling
-    half = k.shape[-1] // 2
-    rot_half = torch.cat([-k[..., half:], k[..., :half]], -1)
-    return k * cos + rot_half * sin
-
-
 def decode_attention_ref(
     q: torch.Tensor,
     kv: PackedKV,
@@ -206,8 +197,10 @@ def decode_attention_ref(
 ) -> torch.Tensor:
     """Pure-torch reference of :func:`decode_attention` (arguments as there).
 
-    Unpack, dequantize, unrotate, add the mean, RoPE at each key's position, ``repeat_kv``,
-    softmax with ``-inf`` for empty slots, matmul with the dequantized values; all in fp32.
+    Dequantize and unrotate the keys (``runtime.ops.dequantize_keys``), RoPE at each key's
+    position (``runtime.ops.rope``), dequantize the values (``runtime.ops.dequantize_values``):
+    the same references the CPU runtime and ``rkv eval`` use; then ``repeat_kv``, softmax with
+    ``-inf`` for empty slots, matmul with the values; all in fp32.
     A sequence without any valid token gets zeros (the kernel does the same).
     ``compute_dtype`` (tests only) rounds the matmul operands to a lower precision, as the
     kernel does for fp16/bf16 queries, to measure the error a low-precision computation has.
@@ -224,17 +217,12 @@ def decode_attention_ref(
     def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return (a.to(cd) @ b.to(cd)).float()
 
-    codes = unpack_codes(k_codes, k_bits, Gd).float()  # [B, n_hg, T, Gd]
-    idx = k_gid.long().to(q.device)[None, :, None, :].expand(B, n_hg, T, Gd)
-    y = codes * torch.gather(k_scale.float(), -1, idx) + torch.gather(k_zero.float(), -1, idx)
-    k = mm(y, rotation.float().T) + k_mean.float().reshape(n_hg, 1, Gd)
-    k = k.reshape(B, n_hg, T, G, d).transpose(2, 3).reshape(B, n_kv, T, d)
-    k = _rope(k, pos, inv_freq, attention_scaling)
-    vq = unpack_codes(v_codes, v_bits, d).float()
-    v = vq * v_scale.float().repeat_interleave(v_group_size, -1) + v_zero.float().repeat_interleave(v_group_size, -1)
+    k = dequantize_keys(k_codes, k_scale, k_zero, k_gid, k_mean, rotation, k_bits, d, compute_dtype=cd)
+    k = rope(k, pos, inv_freq, attention_scaling)
+    v = dequantize_values(v_codes, v_scale, v_zero, v_bits, d)
     valid = pos >= 0
     if fp_k is not None:
-        k = torch.cat([k, _rope(fp_k.float(), fp_pos, inv_freq, attention_scaling)], 2)
+        k = torch.cat([k, rope(fp_k.float(), fp_pos, inv_freq, attention_scaling)], 2)
         v = torch.cat([v, fp_v.float()], 2)
         valid = torch.cat([valid, fp_pos >= 0], 1)
     v = torch.where(valid[:, None, :, None], v, 0.0)  # empty slots may hold garbage

@@ -86,15 +86,21 @@ def dequantize_keys(
     rotation: torch.Tensor,
     bits: int,
     head_dim: int,
+    compute_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Pre-RoPE keys ``fp32 [B, n_kv, T, d]`` from the packed store (reference math of the codec)."""
+    """Pre-RoPE keys ``fp32 [B, n_kv, T, d]`` from the packed store (reference math of the codec).
+
+    ``compute_dtype`` rounds the unrotation's operands (kernel tests: the error a kernel computing
+    in that precision may have); the default is exact fp32.
+    """
     n_hg, gd = k_gid.shape
     codes = unpack_codes(k_codes, bits, gd).float()  # [B, n_hg, T, Gd], rotated channel order
     gid = k_gid.long().to(codes.device)[None, :, None, :].expand_as(codes)
     scale = k_scale.float().gather(-1, gid)
     zero = k_zero.float().gather(-1, gid)
     y = codes * scale + zero
-    x = y @ rotation.to(y.device, torch.float32).T + k_mean.to(y.device, torch.float32).view(n_hg, 1, gd)
+    r_t = rotation.to(y.device, torch.float32).T
+    x = (y.to(compute_dtype) @ r_t.to(compute_dtype)).float() + k_mean.to(y.device, torch.float32).view(n_hg, 1, gd)
     b, _, t, _ = x.shape
     g = gd // head_dim
     return x.view(b, n_hg, t, g, head_dim).transpose(2, 3).reshape(b, n_hg * g, t, head_dim)
