@@ -25,7 +25,6 @@ from typing import Callable
 
 import torch
 
-from ..models.adapters import attention_modules
 from ..models.compat import CacheDisengagedError
 from ..runtime.generate import RkvModel, ensure_cache_engaged, sample_next
 from .requests import GenerationRequest
@@ -111,10 +110,6 @@ class Engine:
     """Continuous batching over the packed cache (see the module docstring)."""
 
     def __init__(self, rkv_model: RkvModel, config: EngineConfig) -> None:
-        windows = [w for w in (getattr(m, "sliding_window", None) for m in attention_modules(rkv_model.model)) if w]
-        if windows and min(windows) < config.max_len:
-            raise ValueError(f"the model's sliding-window layers attend to {min(windows)} tokens and the rkv cache "
-                             f"does not evict yet; serve at most {min(windows)} tokens per request (--max-model-len)")  # fmt: skip
         self.model = rkv_model
         self.config = config
         self._row_fixed = bytes_per_row(rkv_model, 0)

@@ -171,16 +171,15 @@ def test_seeded_sampling_is_the_same_alone_and_in_a_batch() -> None:
     assert len({tuple(t) for t in alone.values()}) == len(requests)
 
 
-def test_sliding_window_models_are_refused_beyond_their_window() -> None:
-    model = tiny_model("mistral")
-    model.config.sliding_window = 32
-    for layer in model.model.layers:
-        layer.self_attn.sliding_window = 32
-    ckpt = make_checkpoint(model, bits=2, recent_window=4, flush_block=4, max_sinks=2, key_layout="folded")
+@pytest.mark.parametrize("family", ["mistral", "gemma2"])
+def test_sliding_window_layers_alone_equal_batch_past_the_window(family: str) -> None:
+    model = tiny_model(family, sliding_window=8)  # requests run far past the 8-token window
+    ckpt = make_checkpoint(model, bits=2, recent_window=4, flush_block=4, max_sinks=2, key_layout="folded", sink_quantile=0.9)
     rkv = RkvModel(model, ckpt, settings=SETTINGS, backend="reference")
-    with pytest.raises(ValueError, match="sliding-window layers attend to 32 tokens"):
-        Engine(rkv, EngineConfig(max_len=128, budget_bytes=2**30, max_batch=2))
-    assert Engine(rkv, EngineConfig(max_len=32, budget_bytes=2**30, max_batch=2)).max_batch == 2
+    requests = _requests(4, seed=13)
+    alone = {r.id: _collect(_engine(rkv, max_batch=1), [r])[r.id] for r in requests}
+    assert _collect(_engine(rkv, max_batch=3), requests, {0: 0, 1: 2, 2: 3, 3: 9}) == alone
+    assert alone[requests[0].id] == _alone_stream(rkv, requests[0])
 
 
 def test_single_cache_is_the_models_own() -> None:
