@@ -31,7 +31,8 @@ def texts(tmp_path_factory):
 
 
 def _stock_perplexity(folder, text, length: int) -> float:
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    # eager: transformers 5.17 loads Gemma 2 with SDPA, which drops the soft cap silently (5.24 refuses SDPA)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
     tok = AutoTokenizer.from_pretrained(folder)
     ids = torch.tensor(tok(text.read_text(), add_special_tokens=False)["input_ids"][:length])[None]
     with torch.no_grad():

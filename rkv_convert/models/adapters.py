@@ -46,6 +46,7 @@ __all__ = [
     "attention_window",
     "check_contract",
     "check_key_layout",
+    "config_softcap",
     "decoder",
     "decoder_layers",
     "head_dim",
@@ -313,13 +314,17 @@ def attention_softcap(module: nn.Module) -> float | None:
     return _softcap(module.__dict__["_rkv_family"], module)
 
 
+def config_softcap(config: object) -> float | None:
+    """The attention-logit soft cap a model of ``config`` applies (``None``: none), from the config alone."""
+    return _softcap(adapter_for(config), text_config(config))
+
+
 def check_key_layout(config: object, key_layout: str) -> None:
     """Refuse the ``prerope`` key layout for a soft-capped family: its decode kernel applies no cap.
 
     Reads the config alone, so ``rkv calibrate`` refuses before loading weights.
     """
-    family = adapter_for(config)
-    if key_layout == "prerope" and _softcap(family, text_config(config)) is not None:
+    if key_layout == "prerope" and config_softcap(config) is not None:
         raise UnsupportedModelError(
             f"{getattr(config, 'model_type', '?')} caps its attention logits (soft-capping), which the prerope key "
             "layout's decode kernel does not apply; use the folded key layout (--key-layout folded, the default)"
@@ -446,6 +451,12 @@ def attach(model: nn.Module, handler: AttentionHandler | Sequence[AttentionHandl
         raise ValueError(f"got {len(handlers)} handlers for {len(modules)} attention layers")
     for attn in modules:
         check_contract(family, attn)
+    # SDPA cannot cap scores (transformers 5.17 loads Gemma 2 with SDPA and drops the cap silently):
+    # a soft-capped model runs eager attention (masks and scores) while attached
+    eager_for_softcap = config_softcap(model.config) is not None and model.config._attn_implementation == "sdpa"
+    configs = {id(c): c for c in (model.config, text_config(model.config))}.values()
+    if eager_for_softcap:
+        model.set_attn_implementation("eager")
     hooks = []
     try:
         for layer, attn, layer_handler in zip(decoder_layers(model), modules, handlers):
@@ -455,6 +466,9 @@ def attach(model: nn.Module, handler: AttentionHandler | Sequence[AttentionHandl
             hooks.append(layer.register_forward_pre_hook(_stash_layer_input(attn), with_kwargs=True))
         yield
     finally:
+        if eager_for_softcap:  # as it was (5.24 refuses SDPA for Gemma 2 through set_attn_implementation)
+            for config in configs:
+                config._attn_implementation = "sdpa"
         for hook in hooks:
             hook.remove()
         for attn in modules:

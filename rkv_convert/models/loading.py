@@ -11,7 +11,7 @@ from typing import BinaryIO
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from .adapters import UnsupportedModelError, adapter_for, supported_model_types
+from .adapters import UnsupportedModelError, adapter_for, config_softcap, supported_model_types
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -190,7 +190,8 @@ def load_model(
     source = resolve_source(model)
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     config = config or load_config(model, trust_remote_code)
-    adapter_for(config)
+    if config_softcap(config) is not None:  # SDPA cannot cap scores (transformers 5.17 loads Gemma 2 with it)
+        kwargs["attn_implementation"] = "eager"
     weights = AutoModelForCausalLM.from_pretrained(
         source.location, dtype=dtype, trust_remote_code=trust_remote_code, device_map=device_map, **kwargs
     )

@@ -96,3 +96,29 @@ def test_each_attribute_the_adapter_relies_on_is_checked_by_name(family: str) ->
             else:
                 module.__dict__[name] = saved if saved is not None else value
         check_contract(adapter, module)
+
+
+def test_soft_capped_models_run_eager_while_attached() -> None:
+    """SDPA cannot cap scores (transformers 5.17 loads Gemma 2 with SDPA and drops the cap silently;
+    5.24 refuses): while attached, a soft-capped model configured for SDPA runs eager attention."""
+    from rkv_convert.models.adapters import stock_attention
+
+    model = tiny_model("gemma2")
+    ids = torch.randint(0, 128, (2, 11))
+    with torch.no_grad():
+        eager = model(ids).logits
+        model.config._attn_implementation = "sdpa"
+        with attach(model, stock_attention):
+            assert model.config._attn_implementation == "eager"
+            got = model(ids).logits
+    assert model.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(got, eager, rtol=0, atol=1e-5)
+
+
+def test_load_model_loads_soft_capped_models_eager(tmp_path) -> None:
+    from tiny_models import save_tiny_model
+
+    from rkv_convert.models.loading import load_model
+
+    save_tiny_model(tmp_path / "m", "gemma2")
+    assert load_model(str(tmp_path / "m")).model.config._attn_implementation == "eager"
