@@ -184,7 +184,6 @@ class FamilyAdapter:
     sliding_window: Callable[[nn.Module], int | None] = _window_of_module
     softcap_attribute: str | None = None
     rope: Callable[[nn.Module, nn.Module], tuple[torch.Tensor, float, str]] = _rope_single
-    has_qk_norm: bool = False
     forward_params: tuple[str, ...] = _FORWARD_PARAMS
     attributes: tuple[str, ...] = _LLAMA_ATTRIBUTES
 
@@ -192,11 +191,11 @@ class FamilyAdapter:
 SUPPORTED_FAMILIES: tuple[FamilyAdapter, ...] = (
     FamilyAdapter("llama", ("llama", "qwen2", "qwen2_moe")),
     FamilyAdapter("mistral", ("mistral", "mixtral"), sliding_window=_window_of_config),
-    FamilyAdapter("qwen3", ("qwen3", "qwen3_moe"), _project_qk_norm, has_qk_norm=True, attributes=_QK_NORM_ATTRIBUTES),
+    FamilyAdapter("qwen3", ("qwen3", "qwen3_moe"), _project_qk_norm, attributes=_QK_NORM_ATTRIBUTES),
     FamilyAdapter("phi3", ("phi3",), _project_fused_qkv, _value_rows_fused, _window_of_config, attributes=_FUSED_ATTRIBUTES),
     FamilyAdapter("gemma2", ("gemma2",), softcap_attribute="attn_logit_softcapping",
                   attributes=_LLAMA_ATTRIBUTES + ("sliding_window", "attn_logit_softcapping")),
-    FamilyAdapter("gemma3", ("gemma3_text", "gemma3"), _project_qk_norm, rope=_rope_per_layer_type, has_qk_norm=True,
+    FamilyAdapter("gemma3", ("gemma3_text", "gemma3"), _project_qk_norm, rope=_rope_per_layer_type,
                   attributes=_QK_NORM_ATTRIBUTES + ("sliding_window", "layer_type")),
 )
 
