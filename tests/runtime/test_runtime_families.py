@@ -30,8 +30,8 @@ def _layouts(family: str) -> list[str]:
 
 @pytest.mark.parametrize("family,head_dim,n_heads,n_kv", CASES)
 def test_decode_matches_evaluation_reference(family: str, head_dim: int, n_heads: int, n_kv: int) -> None:
-    model = tiny_model(family, head_dim=head_dim, n_heads=n_heads, n_kv=n_kv)
-    for layout in _layouts(family):
+    for layout in _layouts(family):  # a fresh model per layout: make_checkpoint fuses the value rotation in place
+        model = tiny_model(family, head_dim=head_dim, n_heads=n_heads, n_kv=n_kv)
         ckpt = make_checkpoint(model, bits=2, key_group_size=32, value_group_size=16, sink_quantile=0.9, key_layout=layout)
         ids, mask = _prompt(pad=3)
         cache = RkvCache.from_checkpoint(ckpt, model, SETTINGS, backend="reference")
@@ -51,8 +51,8 @@ def test_triton_interpreter_matches_reference_backend(family: str) -> None:
     """backend='auto' (Triton; the interpreter on CPU) gives the reference backend's logits."""
     head_dim, n_heads, n_kv = SHAPES[family][-1]
     layers = 2 if family.startswith("gemma") else 1  # Gemma: one sliding and one global layer
-    model = tiny_model(family, layers=layers, head_dim=head_dim, n_heads=n_heads, n_kv=n_kv)
     for layout in _layouts(family):
+        model = tiny_model(family, layers=layers, head_dim=head_dim, n_heads=n_heads, n_kv=n_kv)
         ckpt = make_checkpoint(model, bits=2, key_group_size=32, value_group_size=32, key_layout=layout)
         ids, mask = _prompt(t=10, pad=2)
         ref = _run(model, rkv_attention, ids, mask, steps=2, cache=RkvCache.from_checkpoint(ckpt, model, SETTINGS, backend="reference"))
@@ -71,8 +71,8 @@ def test_prerope_layout_refuses_soft_capped_models_naming_the_fix() -> None:
 def test_sliding_window_layers_attend_to_their_window_only(family: str) -> None:
     """A window of 6 tokens, a 21-token prompt and 8 decode steps, then a 5-token chunk: tokens that
     left a sliding layer's window are never attended again (decode, multi-token step, both layouts)."""
-    model = tiny_model(family, sliding_window=6)
     for layout in _layouts(family):
+        model = tiny_model(family, sliding_window=6)
         ckpt = make_checkpoint(model, bits=2, key_group_size=32, value_group_size=16, sink_quantile=0.9, key_layout=layout)
         ids, mask = _prompt(pad=3)
         cache = RkvCache.from_checkpoint(ckpt, model, SETTINGS, backend="reference")
@@ -101,9 +101,9 @@ def test_sliding_window_changes_the_decode() -> None:
 def test_the_text_part_of_a_multimodal_gemma3() -> None:
     """Gemma3ForConditionalGeneration (model type gemma3): layers, RoPE and head_dim come from its
     language model; prefill is the stock model and decode equals the evaluation reference."""
-    model = tiny_gemma3_multimodal()
-    assert type(model).__name__ == "Gemma3ForConditionalGeneration"
     for layout in ("folded", "prerope"):
+        model = tiny_gemma3_multimodal()
+        assert type(model).__name__ == "Gemma3ForConditionalGeneration"
         ckpt = make_checkpoint(model, bits=2, key_group_size=32, value_group_size=16, sink_quantile=0.9, key_layout=layout)
         ids, mask = _prompt(pad=3)
         ids = ids.clamp_max(100)  # no image tokens
@@ -113,3 +113,38 @@ def test_the_text_part_of_a_multimodal_gemma3() -> None:
         want = _run(model, EvalReference(model, ckpt, SETTINGS), ids, mask, steps=6)
         torch.testing.assert_close(got[:, :1], stock, rtol=0, atol=1e-5)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m: f"{layout}: {m}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("family", NEW)
+def test_triton_on_cuda_matches_reference_backend(family: str, dtype: torch.dtype) -> None:
+    """The compiled Triton decode kernels on CUDA for every new family (soft cap, head_dim 256, partial
+    RoPE, per-layer RoPE, a sliding window of 24 crossed by a 70-token prompt), teacher-forced."""
+    from rkv_convert.models.adapters import attach
+    from rkv_convert.models.compat import cache_kwargs
+
+    head_dim, n_heads, n_kv = SHAPES[family][-1]
+    settings = CacheSettings(recent_window=8, flush_block=8, max_sinks=2)
+    ids = torch.randint(0, 128, (3, 70), device="cuda")
+    for layout in _layouts(family):
+        model = tiny_model(family, head_dim=head_dim, n_heads=n_heads, n_kv=n_kv, sliding_window=24)
+        ckpt = make_checkpoint(model, bits=2, key_group_size=32, value_group_size=32, key_layout=layout)
+        model = model.to("cuda", dtype)
+
+        @torch.no_grad()
+        def logits(backend: str, feed: torch.Tensor | None = None) -> torch.Tensor:
+            cache = RkvCache.from_checkpoint(ckpt, model, settings, backend=backend)
+            with attach(model, rkv_attention):
+                out = model(ids, **cache_kwargs(model, cache), use_cache=True)
+                steps = [out.logits[:, -1:]]
+                for j in range(12):
+                    new = out.logits[:, -1:].argmax(-1) if feed is None else feed[:, j : j + 1]
+                    out = model(new, **cache_kwargs(model, cache), use_cache=True)
+                    steps.append(out.logits)
+            return torch.cat(steps, 1).float()
+
+        ref = logits("reference")
+        got = logits("triton", feed=ref[:, :-1].argmax(-1))
+        tol = 2e-3 if dtype == torch.float32 else 3e-2  # as test_runtime_folded.py's CUDA test
+        torch.testing.assert_close(got, ref, rtol=tol, atol=tol, msg=lambda m: f"{family} {layout} {dtype}: {m}")
