@@ -92,6 +92,10 @@ def calibrate(
         help="How keys are cached: prerope (RotateKV: pre-RoPE keys, grouped-head rotation) or folded (post-RoPE keys "
         "rotated per KV head, the rotation folded into the query at decode; head groups of 1).",
     ),
+    learn_rotation: Optional[bool] = typer.Option(
+        None, "--learn-rotation/--no-learn-rotation",
+        help="Learn each KV head's key rotation from the Hadamard for the q·k error (folded layout; default: on for folded).",
+    ),
     device: str = typer.Option("cuda" if torch.cuda.is_available() else "cpu", help="Device for the forward passes."),
     device_map: Optional[str] = typer.Option(None, "--device-map", help="Spread the model over devices with accelerate (e.g. auto); replaces --device."),
     dtype: str = typer.Option("float32", help="Model dtype: float32, float16, bfloat16."),
@@ -107,7 +111,7 @@ def calibrate(
     from .outdir import remove_stale_temp_dirs
 
     options = CalibrationOptions(data, samples, seqlen, seed, batch_size, head_group_size, key_group_size, value_group_size, sink_ratio,
-                                 perm_statistic=permutation, key_layout=key_layout)  # fmt: skip
+                                 perm_statistic=permutation, key_layout=key_layout, learn_rotation=learn_rotation)  # fmt: skip
     start = time.perf_counter()
     try:
         torch_dtype = _dtype(dtype)
@@ -144,6 +148,8 @@ def _check_calibration_inputs(model: str, out: Path, data: str, options, device:
         raise InputError(f"--permutation must be one of {', '.join(PERM_STATISTICS)}, got {options.perm_statistic!r}")
     if options.key_layout not in KEY_LAYOUTS:
         raise InputError(f"--key-layout must be one of {', '.join(KEY_LAYOUTS)}, got {options.key_layout!r}")
+    if options.learn_rotation and options.key_layout != "folded":
+        raise InputError("--learn-rotation needs --key-layout folded (a pre-RoPE rotation is undone per cached key at decode)")
     if options.key_layout == "folded" and options.head_group_size not in (None, 1):
         raise InputError(f"--key-layout folded rotates each KV head alone; --head-group-size {options.head_group_size} needs prerope")
     if device_map is None:

@@ -38,7 +38,8 @@ def test_folded_calibrate_export_eval_run(tmp_path) -> None:
     _ok(runner.invoke(app, ["export", "--calibration", str(cal), "--out", str(ck), "--bits", "2",
                             "--recent-window", "4", "--flush-block", "4", "--max-sinks", "1"]))  # fmt: skip
     config = read_checkpoint(ck).config
-    assert (config.version, config.key_layout, config.head_group_size) == (2, "folded", 1)
+    assert (config.version, config.key_layout, config.head_group_size) == (3, "folded", 1)
+    assert all(layer.key_head_rotation is not None for layer in read_checkpoint(ck).layers)  # learned by default
 
     result = runner.invoke(app, ["eval", str(ck), "--text", str(evaltext), "--windows", "1", "--length", "64",
                                  "--schemes", "fp,rotatekv", "--bits", "2", "--device", "cpu", "--json"])  # fmt: skip

@@ -21,6 +21,7 @@ __all__ = ["ARTIFACT_VERSION", "CalibrationArtifact", "save_artifact", "load_art
 ARTIFACT_VERSION = 1
 TENSORS_FILE = "calibration.safetensors"
 META_FILE = "calibration.json"
+OPTIONAL_PER_LAYER = ("key_head_rotation",)  # folded layout with learned rotations: fp32 [n_kv, d, d]
 PER_LAYER = (
     "key_mean",
     "key_perm",
@@ -66,8 +67,9 @@ def save_artifact(artifact: CalibrationArtifact, out_dir: str | Path, overwrite:
     out = Path(out_dir)
     tensors = {"key_rotation": artifact.key_rotation.contiguous(), "value_rotation": artifact.value_rotation.contiguous()}
     for i, layer in enumerate(artifact.layers):
-        for key in PER_LAYER:
-            tensors[tensor_name(i, key)] = layer[key].contiguous()
+        for key in PER_LAYER + OPTIONAL_PER_LAYER:
+            if key in layer:
+                tensors[tensor_name(i, key)] = layer[key].contiguous()
     with atomic_dir(out, overwrite) as tmp:
         save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": "rkv-calibration"})
         (tmp / META_FILE).write_text(json.dumps(artifact.meta, indent=2, sort_keys=True) + "\n")
@@ -102,6 +104,9 @@ def load_artifact(path: str | Path) -> CalibrationArtifact:
             if name not in tensors:
                 raise CheckpointError(f"{tensors_path} lacks {name}; the artifact is incomplete, re-run `rkv calibrate`")
             layer[key] = tensors[name]
+        for key in OPTIONAL_PER_LAYER:
+            if tensor_name(i, key) in tensors:
+                layer[key] = tensors[tensor_name(i, key)]
         if layer["key_mean"].shape != (channels,) or layer["key_perm"].shape != (channels,):
             raise CheckpointError(f"{name}: shapes do not match the model recorded in {meta_path}")
         layers.append(layer)

@@ -25,9 +25,10 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from ..export.format import DEFAULT_KEY_LAYOUT, KEY_LAYOUTS, KeyLayout
 from ..models.adapters import attach, check_key_layout, head_dim, stock_attention, text_config
 from ..models.compat import check_transformers_version
-from ..quant.codec import rotate_groups
+from ..quant.codec import folded_head_rotations, rotate_groups
 from ..quant.hadamard import hadamard_matrix
 from . import search
+from .rotation import learn_rotation
 from .artifact import ARTIFACT_VERSION, CalibrationArtifact, weights_fingerprint
 from .observers import ActivationObserver, KeyMeanObserver, RotatedKeyObserver, flatten_heads
 
@@ -59,6 +60,8 @@ class CalibrationOptions:
     key_clip: float | None = None  # a fixed key clip ratio instead of the per-layer search
     value_clip: float | None = None  # a fixed value clip ratio instead of the per-layer search
     key_layout: str = DEFAULT_KEY_LAYOUT  # one of export.format.KEY_LAYOUTS: prerope (RotateKV) or folded
+    learn_rotation: bool | None = None  # learned per-head key rotations (calibrate.rotation); None: on for folded
+    rotation_steps: int = 150  # Adam steps of the learned rotation per KV head
 
 
 def model_shape(config: object) -> dict:
@@ -123,6 +126,9 @@ def _validate(options: CalibrationOptions, shape: dict) -> int:
         raise ValueError(f"perm_statistic must be one of {search.PERM_STATISTICS}, got {options.perm_statistic!r}")
     if options.clip_objective not in search.CLIP_OBJECTIVES:
         raise ValueError(f"clip_objective must be one of {search.CLIP_OBJECTIVES}, got {options.clip_objective!r}")
+    if options.learn_rotation and not folded:
+        raise ValueError("learned key rotations need the folded key layout (pre-RoPE keys would need the rotation "
+                         "undone per cached key at decode); use key_layout='folded' or learn_rotation=False")
     for name in ("key_clip", "value_clip"):
         clip = getattr(options, name)
         if clip is not None and not 0.0 < clip <= 1.0:
@@ -141,6 +147,27 @@ def _clips(rows, bits_list, group_size, perm, fixed, weight=None, rotation=None)
     if fixed is not None:
         return [float(fixed)] * len(bits_list)
     return [search.search_clip(rows, b, group_size, perm, weight, rotation)[0] for b in bits_list]
+
+
+def _learned_rotation(rows: torch.Tensor, rotation: torch.Tensor, perm: torch.Tensor, weight: torch.Tensor | None,
+                      clips: list[float], options: CalibrationOptions, d: int, device: torch.device):  # fmt: skip
+    """Per KV head ``R_h`` learned from ``H_d[:, perm_h]`` at 2 bits (:mod:`.rotation`), then the clips searched
+    again for the learned rotations. ``rows`` are centred post-RoPE keys rotated by ``H_d`` per head."""
+    n_kv = rows.shape[1] // d
+    x = rotate_groups(rows.float(), rotation, inverse=True).reshape(-1, n_kv, d)  # back to unrotated keys
+    init = folded_head_rotations(rotation, perm, d)
+    w = (weight.float().cpu() if weight is not None else torch.ones(n_kv * d)).reshape(n_kv, d)
+    heads = torch.stack([
+        learn_rotation(x[:, h], w[h], init[h], search.QUANT_BITS[0], options.key_group_size, clips[0],
+                       steps=options.rotation_steps).rotation
+        for h in range(n_kv)
+    ])  # fmt: skip
+    if options.key_clip is None:
+        y = torch.einsum("nhd,hde->nhe", x, heads).reshape(x.shape[0], -1)
+        block = torch.block_diag(*heads)
+        clips = _clips(y.to(device), search.QUANT_BITS, options.key_group_size, None, None,
+                       weight, block.to(device))  # fmt: skip
+    return heads.contiguous(), clips
 
 
 def calibrate(
@@ -225,6 +252,9 @@ def calibrate(
         # the search runs where the model runs (same grid and error, many small kernels)
         key_clips = _clips(stats["key_rows"].to(device), search.QUANT_BITS, options.key_group_size, perm.to(device),
                            options.key_clip, weight, key_rotation.to(device))
+        learned = None
+        if folded and options.learn_rotation is not False and options.rotate_keys:
+            learned, key_clips = _learned_rotation(stats["key_rows"], key_rotation, perm, weight, key_clips, options, d, device)
         value_clips = _clips(stats["value_rows"].to(device), search.QUANT_BITS, options.value_group_size, None,
                              options.value_clip)
         channels, threshold, flagged = sinks[i]
@@ -239,6 +269,7 @@ def calibrate(
                 "sink_channels": channels,
                 "sink_threshold": torch.tensor(threshold, dtype=torch.float32),
                 "sink_tokens_flagged": flagged,
+                **({"key_head_rotation": learned} if learned is not None else {}),
             }
         )
         if progress:

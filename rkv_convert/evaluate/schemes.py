@@ -145,12 +145,12 @@ def key_codecs(checkpoint: Checkpoint, bits: int | None, key_clips: list[float] 
     """One key codec per layer in the checkpoint's key layout at ``bits`` (``None``: each layer's own key
     width, ``RkvConfig.layer_bits``); clips: the checkpoint's, or ``key_clips``."""
     cfg = checkpoint.config
-    codec = FoldedKeyCodec if cfg.folded else KeyCodec
-    return [
-        codec(layer.key_mean, checkpoint.key_rotation, layer.key_perm, cfg.layer_bits(i)[0] if bits is None else bits,
-              cfg.key_group_size, layer.key_clip if key_clips is None else key_clips[i])
-        for i, layer in enumerate(checkpoint.layers)
-    ]  # fmt: skip
+    def make(i: int, layer) -> KeyCodec | FoldedKeyCodec:
+        args = (layer.key_mean, checkpoint.key_rotation, layer.key_perm, cfg.layer_bits(i)[0] if bits is None else bits,
+                cfg.key_group_size, layer.key_clip if key_clips is None else key_clips[i])
+        return FoldedKeyCodec(*args, head_rotation=layer.key_head_rotation) if cfg.folded else KeyCodec(*args)
+
+    return [make(i, layer) for i, layer in enumerate(checkpoint.layers)]
 
 
 def value_codecs(checkpoint: Checkpoint, bits: int | None, value_clips: list[float] | None = None) -> list[ValueCodec]:

@@ -208,6 +208,8 @@ class LayerTensors:
     - ``sink_channels`` int64 ``[s]``: hidden channels whose massive activations flag sink tokens.
     - ``sink_threshold`` fp32 ``[]``: a token is a sink when ``max |h[sink_channels]| > sink_threshold``
       (``h`` = the decoder layer's input); ``inf`` disables detection for the layer.
+    - ``key_head_rotation`` fp32 ``[n_kv, d, d]`` or ``None`` (folded layout, version 3): each KV head's
+      ``R_h``, learned by calibration; absent, ``R_h = key_rotation[:, perm_h]``.
     """
 
     key_mean: torch.Tensor
@@ -216,6 +218,7 @@ class LayerTensors:
     value_clip: float
     sink_channels: torch.Tensor
     sink_threshold: float
+    key_head_rotation: torch.Tensor | None = None
 
     FIELDS = ("key_mean", "key_perm", "key_clip", "value_clip", "sink_channels", "sink_threshold")
 
@@ -278,6 +281,17 @@ def check_weight_files(folder: str | Path) -> None:
             ) from err
 
 
+def _head_rotation(tensors: dict[str, torch.Tensor], layer: int, config: RkvConfig) -> torch.Tensor | None:
+    """A folded layer's learned ``R_h`` (``[n_kv, d, d]``) when the checkpoint has one."""
+    name = tensor_name(layer, "key_head_rotation")
+    if name not in tensors:
+        return None
+    shape = (config.num_key_value_heads, config.head_dim, config.head_dim)
+    if not config.folded or config.version < 3 or tuple(tensors[name].shape) != shape:
+        raise CheckpointError(f"{name} needs the folded key layout, format version 3 and shape {shape}; re-export the checkpoint")
+    return tensors[name].float()
+
+
 def _unpack_tensors(tensors: dict[str, torch.Tensor], config: RkvConfig) -> tuple:
     def need(name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
         if name not in tensors:
@@ -301,6 +315,7 @@ def _unpack_tensors(tensors: dict[str, torch.Tensor], config: RkvConfig) -> tupl
                 value_clip=float(need(tensor_name(i, "value_clip"), ())),
                 sink_channels=need(tensor_name(i, "sink_channels")).long(),
                 sink_threshold=float(need(tensor_name(i, "sink_threshold"), ())),
+                key_head_rotation=_head_rotation(tensors, i, config),
             )
         )
     return key_rotation, value_rotation, layers

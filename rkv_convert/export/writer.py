@@ -106,6 +106,7 @@ def checkpoint_from_artifact(
             value_clip=artifact.clip_for(i, config.layer_bits(i)[1], "value"),
             sink_channels=layer["sink_channels"].long(),
             sink_threshold=float(layer["sink_threshold"]),
+            key_head_rotation=layer["key_head_rotation"].float() if "key_head_rotation" in layer else None,
         )
         for i, layer in enumerate(artifact.layers)
     ]
@@ -150,6 +151,8 @@ def export_checkpoint(
         tensors[tensor_name(i, "sink_threshold")] = layer["sink_threshold"]
         tensors[tensor_name(i, "key_clip_by_bits")] = layer["key_clip_by_bits"]
         tensors[tensor_name(i, "value_clip_by_bits")] = layer["value_clip_by_bits"]
+        if "key_head_rotation" in layer:  # learned per-head rotations (folded layout)
+            tensors[tensor_name(i, "key_head_rotation")] = layer["key_head_rotation"]
 
     with atomic_dir(out, overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)

@@ -83,10 +83,12 @@ class FoldedKeyCodec:
     bits: int
     group_size: int
     clip: float
+    head_rotation: torch.Tensor | None = None  # [n_kv, d, d] learned R_h; None: rotation[:, perm_h]
 
     def __post_init__(self) -> None:
         d = self.rotation.shape[0]
-        self.head_rotations = folded_head_rotations(self.rotation, self.perm, d)  # [n_kv, d, d]
+        learned = self.head_rotation
+        self.head_rotations = folded_head_rotations(self.rotation, self.perm, d) if learned is None else learned.float()
         self.head_means = self.mean.float().reshape(-1, d)  # [n_kv, d]
 
     def _mean_rope(self, cos: torch.Tensor, sin: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -158,7 +158,9 @@ class LayerCodec:
         head_rotation = None
         if config.folded:  # the permutation is folded into R_h: key groups are consecutive channels of y
             d, n_kv = config.head_dim, config.num_key_value_heads
-            head_rotation = folded_head_rotations(rotation, layer.key_perm, d).to(device).contiguous()
+            head_rotation = layer.key_head_rotation if layer.key_head_rotation is not None else (
+                folded_head_rotations(rotation, layer.key_perm, d))
+            head_rotation = head_rotation.to(device, torch.float32).contiguous()
             gid = (torch.arange(d) // config.key_group_size).to(torch.int32).expand(n_kv, d)
         else:
             gid = group_ids_from_perm(layer.key_perm.long(), config.head_group_channels, config.key_group_size)

@@ -42,5 +42,5 @@ def test_sensitivity_runs_on_a_tiny_model() -> None:
     assert seen == [([2, 2], [2, 2]), ([3, 2], [2, 2]), ([2, 3], [2, 2]), ([2, 2], [3, 2]), ([2, 2], [2, 3])]
     ck = at([2, 3], [2, 2])
     raised = math.log(perplexity(model, dev, build_scheme("rotatekv", None, ck), "oneshot", ck).perplexity)
-    assert s.key_gain[1] == pytest.approx(s.base_nll - raised, abs=1e-9)
+    assert s.key_gain[1] == pytest.approx(s.base_nll - raised, abs=1e-6)
     assert len(s.value_gain) == 2 and s.tokens == dev.numel()

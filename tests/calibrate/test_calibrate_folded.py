@@ -42,3 +42,28 @@ def test_folded_refuses_head_groups_and_unknown_layouts() -> None:
         calibrate(model, _batches(), _options(key_layout="folded", head_group_size=2))
     with pytest.raises(ValueError, match="key_layout must be one of prerope, folded"):
         calibrate(model, _batches(), _options(key_layout="postrope"))
+
+
+def test_learned_rotations_are_orthonormal_stored_and_used(tmp_path) -> None:
+    from rkv_convert.calibrate.artifact import load_artifact, save_artifact
+    from rkv_convert.quant.codec import folded_head_rotations
+    from rkv_convert.runtime.cache import LayerCodec
+
+    model = tiny_model("llama", n_kv=2, head_dim=64)
+    art = calibrate(model, _batches(), _options(key_layout="folded", rotation_steps=30))
+    plain = calibrate(model, _batches(), _options(key_layout="folded", learn_rotation=False))
+    assert "key_head_rotation" not in plain.layers[0]
+    for layer, base in zip(art.layers, plain.layers):
+        r = layer["key_head_rotation"]
+        assert r.shape == (2, 64, 64)
+        torch.testing.assert_close(r @ r.transpose(1, 2), torch.eye(64).expand(2, 64, 64), atol=1e-4, rtol=0)
+        assert torch.equal(layer["key_perm"], base["key_perm"])
+    assert any(not torch.allclose(layer["key_head_rotation"], folded_head_rotations(art.key_rotation, layer["key_perm"], 64))
+               for layer in art.layers)  # fmt: skip
+    again = load_artifact(save_artifact(art, tmp_path / "art"))
+    torch.testing.assert_close(again.layers[1]["key_head_rotation"], art.layers[1]["key_head_rotation"], rtol=0, atol=0)
+    ck = checkpoint_from_artifact(again, bits=2)
+    codec = LayerCodec.from_checkpoint(ck.config, ck.key_rotation, ck.layers[1], torch.device("cpu"), 1)
+    torch.testing.assert_close(codec.head_rotation, art.layers[1]["key_head_rotation"], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="learned key rotations need the folded key layout"):
+        calibrate(model, _batches(), _options(key_layout="prerope", learn_rotation=True))

@@ -69,12 +69,14 @@ class EvalReference:
     def __init__(self, model, checkpoint: Checkpoint, settings: CacheSettings) -> None:
         cfg = checkpoint.config
         self.ropes, self.softcaps = layer_rope(model), layer_softcaps(model)
-        codec = FoldedKeyCodec if cfg.folded else KeyCodec
         self.folded = cfg.folded
         self.keys = [
-            codec(layer.key_mean, checkpoint.key_rotation, layer.key_perm, cfg.layer_bits(i)[0], cfg.key_group_size, layer.key_clip)
+            FoldedKeyCodec(layer.key_mean, checkpoint.key_rotation, layer.key_perm, cfg.layer_bits(i)[0], cfg.key_group_size,
+                           layer.key_clip, head_rotation=layer.key_head_rotation)
+            if cfg.folded else
+            KeyCodec(layer.key_mean, checkpoint.key_rotation, layer.key_perm, cfg.layer_bits(i)[0], cfg.key_group_size, layer.key_clip)
             for i, layer in enumerate(checkpoint.layers)
-        ]
+        ]  # fmt: skip
         self.values = [ValueCodec(cfg.layer_bits(i)[1], cfg.value_group_size, layer.value_clip)
                        for i, layer in enumerate(checkpoint.layers)]
         self.layers = checkpoint.layers
