@@ -90,7 +90,8 @@ def default_variants(base: CalibrationOptions | None = None) -> list[Variant]:
                 name, component = _LABELS[(option, value)]
                 rows.append(Variant(name, component, {option: value}))
     rows += [
-        Variant("folded key layout: post-RoPE with H_d per head", "key layout", {"key_layout": "folded"}),
+        Variant("folded key layout: post-RoPE with H_d per head", "key layout", {"key_layout": "folded", "learn_rotation": False}),
+        Variant("folded keys + learned rotation per head", "learned rotation", {"key_layout": "folded", "learn_rotation": True}),
         Variant("no key rotation", "grouped-head rotation", {"rotate_keys": False}),
         Variant("no value rotation", "value rotation", value_rotation=False),
         Variant("no permutation", "permutation", {"perm_statistic": "none"}),
