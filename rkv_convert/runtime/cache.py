@@ -38,6 +38,14 @@ channels of ``y``); the kernels read them as one :class:`~rkv_convert.kernels.pa
 (:meth:`RkvCacheLayer.packed_kv`); ``cap`` grows geometrically. The
 full-precision segment holds ``max_sinks`` sink slots, one scratch slot (index ``max_sinks``,
 always empty: writes that must go nowhere land there, so no step needs a host sync) and the window.
+
+Sliding-window layers (Gemma 2/3, Mistral, Phi-3): before each step the attention handler hides
+(position -1) the slots of tokens that left the layer's window (:meth:`RkvCacheLayer.hide_before`).
+Their storage is reclaimed when the store grows: once the store's hidden prefix (the leading slots
+every sequence has hidden) is at least half of the used store, the live slots move to the front
+(one copy of the used part, amortised O(1) per token; codes are moved, never re-quantized) and
+``n_quant`` shrinks. A sliding layer's store stays ``O(window + flush_block)`` slots, not
+``O(sequence)``; its up-front allocation is capped likewise (``RkvCacheLayer.window``).
 """
 
 from __future__ import annotations
@@ -52,7 +60,7 @@ from ..kernels.decode_attention import PreparedRotation, prepare_rotation
 from ..kernels.decode_folded import FoldedParams
 from ..kernels.packed_kv import PackedKV
 from ..kernels.quantize_pack import group_ids_from_perm, quantize_pack
-from ..models.adapters import check_key_layout, decoder_layers, layer_rope
+from ..models.adapters import adapter_for, attention_modules, check_key_layout, decoder_layers, layer_rope
 from ..quant.codec import folded_head_rotations
 from ..quant.packing import packed_width
 from .ops import fold_keys, mean_at
@@ -217,6 +225,10 @@ class RkvCacheLayer(CacheLayerMixin):
         self.fp_dtype: torch.dtype | None = None
         self.capacity_hint = 0  # store slots to allocate up front (e.g. prompt + new tokens)
         self.is_row_view = False  # storage is rows of another layer's tensors (rows())
+        self.window: int | None = None  # the layer's sliding window (None: global), caps the store's allocation
+        self.reclaim = True  # drop hidden store slots of a sliding layer (False: keep them, for comparisons)
+        self.hides = False  # hide_before() was called: this layer is a sliding one
+        self.reclaimed = 0  # store slots dropped by reclaiming (slots held = length - reclaimed)
 
     # ----- transformers contract ------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor | None = None) -> None:
@@ -231,9 +243,9 @@ class RkvCacheLayer(CacheLayerMixin):
         """Empty storage for ``batch`` sequences; the store starts at ``capacity_hint`` slots (or 64)."""
         c, b, d, n_kv, dev = self.codec, batch, self.codec.head_dim, self.codec.num_kv_heads, device
         self.device, self.fp_dtype, self.batch = dev, dtype, b
-        self.length = self.n_quant = self.n_window = 0
+        self.length = self.n_quant = self.n_window = self.reclaimed = 0
         n_hg, gd = c.num_head_groups, c.group_channels
-        cap = max(_MIN_CAPACITY, self.capacity_hint)
+        cap = max(_MIN_CAPACITY, self.store_hint())
         u8, f16 = torch.uint8, torch.float16
         self.k_codes = torch.zeros(b, n_hg, cap, packed_width(gd, c.key_bits), dtype=u8, device=dev)
         self.k_scale = torch.zeros(b, n_hg, cap, gd // c.key_group_size, dtype=f16, device=dev)
@@ -271,7 +283,7 @@ class RkvCacheLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.length = self.n_quant = self.n_window = 0
+        self.length = self.n_quant = self.n_window = self.reclaimed = 0
         for name in _STORAGE:
             self.__dict__.pop(name, None)
         self.is_initialized = False
@@ -445,11 +457,46 @@ class RkvCacheLayer(CacheLayerMixin):
             setattr(self, name, _grow(getattr(self, name), n, new_cap, dim=2))
         self.pos = _grow(self.pos, n, new_cap, dim=1, fill=-1)
 
+    def store_hint(self) -> int:
+        """Store slots to allocate up front: ``capacity_hint``, capped for a sliding layer at what
+        reclaiming lets its store reach (live slots below the window, as many hidden, one flush)."""
+        if self.window is None or not self.reclaim:
+            return self.capacity_hint
+        s = self.settings
+        return min(self.capacity_hint, 2 * (self.window + s.recent_window + s.flush_block) + s.flush_block)
+
+    def hidden_prefix(self) -> int:
+        """Leading store slots every sequence has empty (position -1): never attended again."""
+        n = self.n_quant
+        if n == 0:
+            return 0
+        live = self.pos[:, :n] >= 0
+        first_live = torch.where(live.any(1), live.int().argmax(1), torch.full_like(live[:, 0], n, dtype=torch.int64))
+        return int(first_live.min())  # one host sync per store append of a sliding layer (every flush_block tokens)
+
+    def _reclaim_hidden(self) -> None:
+        """A sliding layer's store: move the live slots to the front once its hidden prefix is at
+        least half of the used store (one copy of the used part; codes move, never re-quantized)."""
+        if not (self.hides and self.reclaim) or self.is_row_view:
+            return
+        n, h = self.n_quant, self.hidden_prefix()
+        if h == 0 or 2 * h < n:
+            return
+        live = n - h
+        for name in ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero"):
+            t = getattr(self, name)
+            t[:, :, :live] = t[:, :, h:n].clone()
+        self.pos[:, :live] = self.pos[:, h:n].clone()
+        self.pos[:, live:n] = -1
+        self.n_quant = live
+        self.reclaimed += h
+
     def _store(self, key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor) -> None:
         """Quantize, pack and append ``[B, n_kv, n, d]`` tokens to the store (never touching old ones)."""
         n = key.shape[2]
         if n == 0:
             return
+        self._reclaim_hidden()
         self._reserve(self.n_quant + n)
         lo, hi = self.n_quant, self.n_quant + n
         for name, t in self.encode(key, value, pos).items():
@@ -544,24 +591,24 @@ class RkvCacheLayer(CacheLayerMixin):
 
     def fp16_equivalent_bytes(self) -> int:
         """What an fp16 cache (like transformers' ``DynamicCache``) holding the same slots would take."""
-        if not self.is_initialized:
-            return 0
-        return self.batch * self.length * 2 * self.codec.num_kv_heads * self.codec.head_dim * 2
+        return 2 * self.num_elements()
 
     def num_elements(self) -> int:
-        """K and V elements of the tokens held (``B * slots * 2 * n_kv * d``)."""
+        """K and V elements of the tokens held (``B * slots * 2 * n_kv * d``; reclaimed slots are not held)."""
         if not self.is_initialized:
             return 0
-        return self.batch * self.length * 2 * self.codec.num_kv_heads * self.codec.head_dim
+        return self.batch * (self.length - self.reclaimed) * 2 * self.codec.num_kv_heads * self.codec.head_dim
 
     def sink_counts(self) -> torch.Tensor:
         return self.n_sinks.clone() if self.is_initialized else torch.zeros(0, dtype=torch.int64)
 
     def hide_before(self, first: torch.Tensor) -> None:
         """Sliding-window layers: slots of sequence ``b`` at positions below ``first[b]`` get position -1
-        (never attended again; a sliding window only moves forward). Their storage is not reclaimed."""
+        (never attended again; a sliding window only moves forward). Their store slots are reclaimed
+        at the next store append (:meth:`_reclaim_hidden`)."""
         if not self.is_initialized:
             return
+        self.hides = True
         first = first.to(self.pos.device, torch.int32)[:, None]
         for pos in (self.pos[:, : self.n_quant], self.fp_pos):
             pos.masked_fill_((pos >= 0) & (pos < first), -1)
@@ -616,8 +663,10 @@ class RkvCache(Cache):
             raise ValueError(f"checkpoint has {len(codecs)} layers, the model {len(ropes)}")
         settings = settings or CacheSettings.from_config(config)
         cache = cls(codecs, settings, ropes[0][0], ropes[0][1], backend)
-        for layer, (inv_freq, scaling) in zip(cache.layers, ropes):
+        family = adapter_for(model.config)
+        for layer, (inv_freq, scaling), module in zip(cache.layers, ropes, attention_modules(model), strict=True):
             layer.rope = (inv_freq.to(layer.codec.device, torch.float32), scaling)
+            layer.window = family.sliding_window(module)
         return cache
 
     def inv_freq_on(self, device: torch.device) -> torch.Tensor:
