@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from ..calibrate.artifact import CalibrationArtifact, weights_fingerprint
 from ..calibrate.run import model_shape
+from ..models.adapters import text_config
 from ..models.loading import LoadedModel
 from ..outdir import atomic_dir, check_output_dir
 from .format import RKV_TENSORS_FILE, SUPPORTED_BITS, Checkpoint, CheckpointError, KeyLayout, LayerTensors, RkvConfig, tensor_name
@@ -45,7 +46,8 @@ def _check_compatible(artifact: CalibrationArtifact, loaded: LoadedModel, bits: 
 
 def _probe_logits(model: torch.nn.Module, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=g)
+    vocab = text_config(model.config).vocab_size  # a multimodal config (gemma3) keeps it in its text part
+    ids = torch.randint(0, vocab, (2, 24), generator=g)
     with torch.no_grad():
         return model(ids.to(next(model.parameters()).device), use_cache=False).logits.float().cpu()
 
