@@ -9,7 +9,9 @@ import torch
 import typer
 from rich.console import Console
 
+from .calibrate.observers import CalibrationError
 from .export.format import SUPPORTED_BITS
+from .models.adapters import ContractError
 from .models.compat import CacheDisengagedError, UntestedTransformersError
 
 __all__ = [
@@ -33,8 +35,10 @@ class InputError(ValueError):
     """A command-line value that cannot work; the message names the option and the fix."""
 
 
-LIBRARY_ERRORS = (UntestedTransformersError, CacheDisengagedError)
-"""Errors the library raises on an untested transformers release or a disengaged rkv cache."""
+LIBRARY_ERRORS = (UntestedTransformersError, CacheDisengagedError, ContractError, CalibrationError)
+"""The ``RuntimeError`` types rkv raises deliberately (an untested transformers release, a disengaged
+rkv cache, an attention module that broke its family's contract, calibration data that gives no
+statistic): the commands print them in one line. Other ``RuntimeError``s are bugs and keep their traceback."""
 
 
 def make_console(stderr: bool = False) -> Console:

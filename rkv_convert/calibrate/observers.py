@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["ActivationObserver", "KeyMeanObserver", "RotatedKeyObserver", "flatten_heads"]
+__all__ = ["ActivationObserver", "CalibrationError", "KeyMeanObserver", "RotatedKeyObserver", "flatten_heads"]
+
+
+class CalibrationError(RuntimeError):
+    """The calibration data cannot give a statistic rkv needs; the message names the fix."""
 
 
 def flatten_heads(x: torch.Tensor) -> torch.Tensor:
@@ -48,7 +52,8 @@ class KeyMeanObserver:
 
     def result(self) -> torch.Tensor:
         if self.total is None or self.count == 0:
-            raise RuntimeError("no calibration tokens reached the key observer")
+            raise CalibrationError("no calibration tokens reached the key observer (every token was padding or a "
+                                   "sink); calibrate on more or longer text: --samples, --seqlen, --data")
         return (self.total / self.count).float().cpu()
 
 
