@@ -6,7 +6,6 @@ import re
 from pathlib import Path
 
 import pytest
-import transformers
 
 from rkv_convert.models.compat import (
     ALLOW_UNTESTED_ENV,
@@ -52,12 +51,15 @@ def test_generation_and_calibration_refuse_an_untested_release(monkeypatch) -> N
     from tiny_models import tiny_model
 
     from rkv_convert.calibrate.run import CalibrationOptions, calibrate
+    from rkv_convert.models import compat
     from rkv_convert.runtime.generate import RkvModel
 
     model = tiny_model("llama")
     checkpoint = make_checkpoint(model)
     monkeypatch.delenv(ALLOW_UNTESTED_ENV, raising=False)
-    monkeypatch.setattr(transformers, "__version__", "9.0.0")
+    # the module object compat reads: importing a modeling file can replace sys.modules["transformers"]
+    # (transformers 5.24), so this file's own `transformers` may be another object when run alone
+    monkeypatch.setattr(compat.transformers, "__version__", "9.0.0")
     with pytest.raises(UntestedTransformersError, match="9.0.0"):
         RkvModel(model, checkpoint)
     with pytest.raises(UntestedTransformersError, match="9.0.0"):
