@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..cli_checks import LIBRARY_ERRORS, InputError, check_device, check_prompt_fits, fail, make_console
-from ..export.format import CheckpointError
+from ..export.format import CheckpointError, RkvConfig
 from ..models.loading import BUILTIN_MODELS
 from ..serve.job_cli import batch_job
 from .api import load
@@ -48,7 +48,7 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
-def summary_table(stats: GenerationStats, bits: int, key_group: int, value_group: int) -> Table:
+def summary_table(stats: GenerationStats, config: RkvConfig) -> Table:
     table = Table(title="rkv run", show_header=False)
     table.add_column("what", style="bold")
     table.add_column("value", justify="right")
@@ -61,9 +61,11 @@ def summary_table(stats: GenerationStats, bits: int, key_group: int, value_group
     table.add_row("fp16 cache, same tokens", _mib(stats.fp16_equivalent_bytes))
     table.add_row("compression", f"{stats.compression:.2f}x")
     table.add_row("bits / element (all in)", f"{stats.bits_per_element:.2f}")
+    widths = "per-layer widths" if config.mixed_bits else f"{config.bits}-bit"
     table.add_row(
         "quantized store bits / element",
-        f"K {bits + 32 / key_group:.2f}, V {bits + 32 / value_group:.2f} ({bits}-bit, groups {key_group}/{value_group})",
+        f"K {config.key_bits_per_element:.2f}, V {config.value_bits_per_element:.2f} "
+        f"({widths}, groups {config.key_group_size}/{config.value_group_size})",
     )
     if stats.sinks_per_layer:
         table.add_row("sink tokens / layer (mean)", f"{sum(stats.sinks_per_layer) / len(stats.sinks_per_layer):.2f}")
@@ -141,7 +143,7 @@ def run_command(
         _fail(console, "the rkv cache holds 0 bytes after generation: the model did not write its keys and values to it, "
                        "so the text above did not come from the packed cache; check the installed transformers release")  # fmt: skip
     cfg = rkv_model.checkpoint.config
-    console.print(summary_table(stats, cfg.bits, cfg.key_group_size, cfg.value_group_size))
+    console.print(summary_table(stats, cfg))
 
 
 def _fail(console: Console, message: str) -> None:

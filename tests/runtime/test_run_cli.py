@@ -102,3 +102,19 @@ def test_untested_transformers_at_load_is_one_line(folder, monkeypatch) -> None:
 
     monkeypatch.setattr(run_cli, "load", untested)
     _one_line_error(_run(str(folder), "-p", "hello", "--device", "cpu"), "error: transformers 9.0 is installed")
+
+
+def test_summary_reports_per_layer_widths() -> None:
+    """A mixed-width checkpoint's summary gives the stored bits averaged over layers, not ``bits``'s."""
+    from rich.console import Console
+
+    from rkv_convert.export.format import RkvConfig
+    from rkv_convert.runtime.cli import summary_table
+    from rkv_convert.runtime.generate import GenerationStats
+
+    cfg = RkvConfig(bits=2, key_group_size=32, value_group_size=32, head_group_size=1, num_layers=2,
+                    num_key_value_heads=2, head_dim=64, source_fingerprint="x", key_bits=[3, 2], value_bits=[2, 4])  # fmt: skip
+    console = Console(width=200, record=True)
+    console.print(summary_table(GenerationStats(), cfg))
+    text = console.export_text()
+    assert "K 3.50, V 4.00 (per-layer widths, groups 32/32)" in text, text
