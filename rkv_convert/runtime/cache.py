@@ -45,7 +45,9 @@ Their storage is reclaimed when the store grows: once the store's hidden prefix 
 every sequence has hidden) is at least half of the used store, the live slots move to the front
 (one copy of the used part, amortised O(1) per token; codes are moved, never re-quantized) and
 ``n_quant`` shrinks. A sliding layer's store stays ``O(window + flush_block)`` slots, not
-``O(sequence)``; its up-front allocation is capped likewise (``RkvCacheLayer.window``).
+``O(sequence)``; its up-front allocation is capped likewise (``RkvCacheLayer.window``), and a
+store that a prompt longer than the window grew shrinks back at the first reclaim (a prefill does
+not hide: its peak is the prompt's store).
 """
 
 from __future__ import annotations
@@ -452,6 +454,8 @@ class RkvCacheLayer(CacheLayerMixin):
         if self.is_row_view:
             raise RuntimeError(f"a row view of a cache cannot grow past its {cap} reserved slots; reserve the whole job")
         new_cap = max(needed, 2 * cap)
+        if needed <= self.capacity_hint:  # never past the reserved total while it suffices
+            new_cap = min(new_cap, self.capacity_hint)
         n = self.n_quant
         for name in ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero"):
             setattr(self, name, _grow(getattr(self, name), n, new_cap, dim=2))
@@ -482,12 +486,12 @@ class RkvCacheLayer(CacheLayerMixin):
         n, h = self.n_quant, self.hidden_prefix()
         if h == 0 or 2 * h < n:
             return
-        live = n - h
+        live, cap = n - h, self.pos.shape[1]
+        target = max(_MIN_CAPACITY, self.store_hint(), 2 * live)
+        new_cap = target if target < cap else cap  # a store grown by a long prompt shrinks back
         for name in ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero"):
-            t = getattr(self, name)
-            t[:, :, :live] = t[:, :, h:n].clone()
-        self.pos[:, :live] = self.pos[:, h:n].clone()
-        self.pos[:, live:n] = -1
+            setattr(self, name, _grow(getattr(self, name).narrow(2, h, live), live, new_cap, dim=2))
+        self.pos = _grow(self.pos.narrow(1, h, live), live, new_cap, dim=1, fill=-1)
         self.n_quant = live
         self.reclaimed += h
 

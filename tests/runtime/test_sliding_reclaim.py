@@ -89,3 +89,22 @@ def test_sliding_store_stays_bounded_over_a_long_decode() -> None:
     sliding = 0  # gemma3 tiny: layer 0 sliding, layer 1 global
     assert cache.layers[sliding].window == 8 and cache.layers[1].window is None
     assert sizes[1][sliding] <= 2 * (8 + 8) + 4 and sizes[1][1] > sizes[0][1] + 70
+
+
+def test_a_store_grown_by_a_long_prompt_shrinks_back() -> None:
+    """A 300-token prompt fills a sliding layer's store (a prefill hides nothing); the first reclaim
+    gives the memory back, down to the capped allocation."""
+    from rkv_convert.models.adapters import attach
+    from rkv_convert.models.compat import cache_kwargs
+
+    model = tiny_model("mistral", sliding_window=16, layers=1)
+    ckpt = make_checkpoint(model, bits=2, key_group_size=32, value_group_size=16, key_layout="folded")
+    cache = RkvCache.from_checkpoint(ckpt, model, SETTINGS, backend="reference").reserve(340)
+    layer = cache.layers[0]
+    with torch.no_grad(), attach(model, rkv_attention):
+        out = model(torch.randint(0, 128, (1, 300)), use_cache=True, **cache_kwargs(model, cache))
+        after_prefill = layer.pos.shape[1]
+        for _ in range(12):
+            out = model(out.logits[:, -1:].argmax(-1), use_cache=True, **cache_kwargs(model, cache))
+    assert after_prefill >= 290 and layer.pos.shape[1] == max(64, layer.store_hint()) < after_prefill
+    assert layer.reclaimed > 250 and layer.n_quant < 2 * 16
