@@ -463,7 +463,7 @@ class RkvCacheLayer(CacheLayerMixin):
 
     def store_hint(self) -> int:
         """Store slots to allocate up front: ``capacity_hint``, capped for a sliding layer at what
-        reclaiming lets its store reach (live slots below the window, as many hidden, one flush)."""
+        reclaiming lets its store reach (the window's live slots, as many hidden ones, one flush)."""
         if self.window is None or not self.reclaim:
             return self.capacity_hint
         s = self.settings
