@@ -239,15 +239,19 @@ class RkvCacheLayer(CacheLayerMixin):
         c = self.codec
         if n_kv != c.num_kv_heads or d != c.head_dim:
             raise ValueError(f"keys have {n_kv} heads of {d}, the checkpoint {c.num_kv_heads} heads of {c.head_dim}")
-        self.allocate(b, key_states.device, key_states.dtype)
+        self.allocate(b, key_states.device, key_states.dtype, whole_hint=False)
 
-    def allocate(self, batch: int, device: torch.device, dtype: torch.dtype) -> None:
-        """Empty storage for ``batch`` sequences; the store starts at ``capacity_hint`` slots (or 64)."""
+    def allocate(self, batch: int, device: torch.device, dtype: torch.dtype, whole_hint: bool = True) -> None:
+        """Empty storage for ``batch`` sequences; the store starts at ``capacity_hint`` slots (or 64).
+
+        ``whole_hint=False`` (a first write): a sliding layer starts at :meth:`store_hint` instead.
+        An explicit allocation takes the whole hint: :meth:`rows` views cannot grow.
+        """
         c, b, d, n_kv, dev = self.codec, batch, self.codec.head_dim, self.codec.num_kv_heads, device
         self.device, self.fp_dtype, self.batch = dev, dtype, b
         self.length = self.n_quant = self.n_window = self.reclaimed = 0
         n_hg, gd = c.num_head_groups, c.group_channels
-        cap = max(_MIN_CAPACITY, self.store_hint())
+        cap = max(_MIN_CAPACITY, self.capacity_hint if whole_hint else self.store_hint())
         u8, f16 = torch.uint8, torch.float16
         self.k_codes = torch.zeros(b, n_hg, cap, packed_width(gd, c.key_bits), dtype=u8, device=dev)
         self.k_scale = torch.zeros(b, n_hg, cap, gd // c.key_group_size, dtype=f16, device=dev)

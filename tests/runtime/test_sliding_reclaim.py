@@ -108,3 +108,39 @@ def test_a_store_grown_by_a_long_prompt_shrinks_back() -> None:
             out = model(out.logits[:, -1:].argmax(-1), use_cache=True, **cache_kwargs(model, cache))
     assert after_prefill >= 290 and layer.pos.shape[1] == max(64, layer.store_hint()) < after_prefill
     assert layer.reclaimed > 250 and layer.n_quant < 2 * 16
+
+
+def test_row_views_prefill_a_long_prompt_then_reclaim() -> None:
+    """An allocated cache prefilled through rows() views (rkv run --prefill-batch) holds a prompt far
+    longer than a sliding layer's capped store; decode then reclaims as usual and matches a
+    whole-batch prefill."""
+    from rkv_convert.models.adapters import attach
+    from rkv_convert.models.compat import cache_kwargs
+
+    model = tiny_model("mistral", sliding_window=16, layers=1)
+    ckpt = make_checkpoint(model, bits=2, key_group_size=32, value_group_size=16, key_layout="folded")
+    ids = torch.randint(0, 128, (2, 300))
+
+    @torch.no_grad()
+    def run(sliced: bool) -> tuple[torch.Tensor, RkvCache]:
+        cache = RkvCache.from_checkpoint(ckpt, model, SETTINGS, backend="reference").reserve(320)
+        with attach(model, rkv_attention):
+            if sliced:
+                cache.allocate(2, torch.float32)
+                parts = [cache.rows(0, 1), cache.rows(1, 1)]
+                logits = [model(ids[i : i + 1], use_cache=True, **cache_kwargs(model, p)).logits for i, p in enumerate(parts)]
+                for i, part in enumerate(parts):
+                    cache.take_counts(part, i)
+                out = torch.cat(logits)
+            else:
+                out = model(ids, use_cache=True, **cache_kwargs(model, cache)).logits
+            steps = [out[:, -1:]]
+            for _ in range(12):
+                out = model(steps[-1].argmax(-1), use_cache=True, **cache_kwargs(model, cache)).logits
+                steps.append(out)
+        return torch.cat(steps, 1), cache
+
+    sliced, cache = run(True)
+    whole, _ = run(False)
+    torch.testing.assert_close(sliced, whole, rtol=1e-5, atol=1e-5)
+    assert cache.layers[0].reclaimed > 250
