@@ -18,7 +18,8 @@ def export_smollm2(out: Path) -> Path:
     from rkv_convert.models.loading import load_model
 
     loaded = load_model("smollm2-135m")
-    options = CalibrationOptions(num_samples=4, seqlen=256, batch_size=4, clip_samples=1024)
+    # the default path (learned key rotations included) with fewer Adam steps: these tests are about the runtime
+    options = CalibrationOptions(num_samples=4, seqlen=256, batch_size=4, clip_samples=1024, rotation_steps=20)
     batches = sample_batches(load_text("pydoc"), loaded.tokenizer, options.num_samples, options.seqlen, 0)
     artifact = calibrate(loaded.model, batches, options)
     return export_checkpoint(loaded, artifact, out, bits=2, recent_window=16, flush_block=16, max_sinks=4)
