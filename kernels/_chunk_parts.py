@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from ._decode_parts import _group_rows, _select_groups, _slot_rope, _softmax_step
+from .packed_kv import PackedKV
 
 @triton.jit
 def _as_float(codes):
@@ -161,11 +162,11 @@ def _store_partial(o_ptr, lse_ptr, acc, m_i, l_i, row, qmask, D: tl.constexpr):
     tl.store(lse_ptr + row, lse, mask=qmask)
 
 
-def launch_strides(q: torch.Tensor, cache: tuple[torch.Tensor, ...], fp: tuple[torch.Tensor, ...]) -> tuple[int, ...]:
-    """The stride arguments of every decode kernel, in their order: queries (batch, head), the
-    seven cache tensors (three leading dims each; ``pos`` one) and the fp segment (three, three, one)."""
-    k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, pos = cache
-    fk, fv, fpos = fp
+def launch_strides(q: torch.Tensor, kv: PackedKV) -> tuple[int, ...]:
+    """The stride arguments of the pre-RoPE decode kernels, in their order: queries (batch, head),
+    the seven store tensors (three leading dims each; ``pos`` one) and the fp segment (three, three,
+    one; ``kv`` must carry it, placeholders where the call has none)."""
+    k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, pos, fk, fv, fpos = kv
     return (q.stride(0), q.stride(1),
             *k_codes.stride()[:3], *k_scale.stride()[:3], *k_zero.stride()[:3],
             *v_codes.stride()[:3], *v_scale.stride()[:3], *v_zero.stride()[:3],

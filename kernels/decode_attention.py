@@ -758,23 +758,19 @@ def decode_attention(
         return t if t.stride(-1) == 1 else t.contiguous()
 
     qc = last_dim_contig(q)
-    k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, pos = map(
-        last_dim_contig, (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, pos))
+    if not has_fp:  # placeholders: the kernels take the segment's pointers and strides either way
+        kv = kv._replace(fp_k=qc.new_empty(1, 1, 1, d), fp_v=qc.new_empty(1, 1, 1, d), fp_pos=pos.new_empty(1, 1))
+    kv = PackedKV(*map(last_dim_contig, kv))
     f32 = dict(device=dev, dtype=torch.float32)
     mean = k_mean.to(**f32).contiguous()
     freq = inv_freq.to(**f32).contiguous()
-    if has_fp:
-        fk, fv, fpos = map(last_dim_contig, (fp_k, fp_v, fp_pos))
-    else:
-        fk, fv, fpos = qc.new_empty(1, 1, 1, d), qc.new_empty(1, 1, 1, d), pos.new_empty(1, 1)
     o_part = torch.empty(B, n_q, n_parts, d, **f32)
     lse_part = torch.empty(B, n_q, n_parts, **f32)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     if kernel == "chunk":
         m, beta, vcol = prep.chunk_operands(k_bits, v_bits, n_gv == 1)
         compiled = launch_chunk_kernel(
-            qc, (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, pos), (fk, fv, fpos),
-            a=prep.a, m=m, beta=beta, vcol=vcol, mean=mean, freq=freq, o_part=o_part, lse_part=lse_part,
+            qc, kv, a=prep.a, m=m, beta=beta, vcol=vcol, mean=mean, freq=freq, o_part=o_part, lse_part=lse_part,
             dims=dm, tokens_per_split=tokens_per_split, num_splits=num_splits, has_fp=has_fp,
             k_bits=k_bits, v_bits=v_bits, v_group_size=v_group_size,
             qk_scale=sm_scale * _LOG2E, rope_scaling=float(attention_scaling), dot_dtype=dot_dtype,
@@ -787,9 +783,7 @@ def decode_attention(
     a, btp = (prep.a, prep.btp) if factored else (prep.rtp, prep.rtp)  # unused by the dense path
     with device_guard(qc):  # Triton launches on the current device
         compiled = _decode_kernel[(B, n_kv, n_parts)](
-            qc, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, pos,
-            prep.rtp, a, btp, mean, gidp, freq, fk, fv, fpos, o_part, lse_part,
-            *launch_strides(qc, (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, pos), (fk, fv, fpos)),
+            qc, *kv[:7], prep.rtp, a, btp, mean, gidp, freq, *kv[7:], o_part, lse_part, *launch_strides(qc, kv),
             T, F, tokens_per_split, num_splits, n_parts, sm_scale * _LOG2E, float(attention_scaling),
             D=d, G=G, REP=rep, QP=max(16, next_pow2(rep)),
             K_BITS=k_bits, V_BITS=v_bits, NGK=n_gk, NGK_PAD=max(16, next_pow2(n_gk)),

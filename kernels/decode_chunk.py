@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from ._common import device_guard, next_pow2
+from .packed_kv import PackedKV
 from ._decode_parts import _slot_rope, _softmax_step
 from ._chunk_parts import _as_float, _as_words, _chunk_codes, _dequant_values, _fp_segment, _store_partial, launch_strides
 
@@ -237,8 +238,7 @@ def _chunk_kernel(
 
 def launch_chunk_kernel(
     q: torch.Tensor,
-    cache: tuple[torch.Tensor, ...],
-    fp: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    kv: PackedKV,
     *,
     a: torch.Tensor,
     m: torch.Tensor,
@@ -264,7 +264,8 @@ def launch_chunk_kernel(
     num_warps: int,
     num_stages: int,
 ) -> object:
-    """Launch :func:`_chunk_kernel` over ``(B, n_hg, n_parts)`` (arguments prepared by ``decode_attention``).
+    """Launch :func:`_chunk_kernel` over ``(B, n_hg, n_parts)`` (arguments prepared by ``decode_attention``;
+    ``kv`` carries the fp segment, placeholders where the call has none).
 
     Returns what the launch returns (the compiled kernel on CUDA).
 
@@ -272,9 +273,8 @@ def launch_chunk_kernel(
     ``beta``: fp32 ``1 B^T``; ``vcol``: :func:`code_column_factors` of ``v_bits`` when a head has
     one value group, else ones.
     """
-    k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, pos = cache
-    k_codes, v_codes = _as_words(k_codes), _as_words(v_codes)
-    fk, fv, fpos = fp
+    kv = kv._replace(k_codes=_as_words(kv.k_codes), v_codes=_as_words(kv.v_codes))
+    k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, pos, fk, fv, fpos = kv
     B, n_q, d, G, n_hg, rep = (dims[k] for k in ("B", "n_q", "d", "G", "n_hg", "rep"))
     T, F = dims["T"], dims["F"]
     n_parts = o_part.shape[2]
@@ -282,7 +282,7 @@ def launch_chunk_kernel(
         return _chunk_kernel[(B, n_hg, n_parts)](
             q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, pos,
             a, m, beta, mean, vcol, freq, fk, fv, fpos, o_part, lse_part,
-            *launch_strides(q, (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, pos), fp),
+            *launch_strides(q, kv),
             T, F, tokens_per_split, num_splits, n_parts, n_q, qk_scale, rope_scaling,
             D=d, G=G, REP=rep, QP=max(16, next_pow2(G * rep)),
             K_BITS=k_bits, V_BITS=v_bits, GV=v_group_size, NGV=d // v_group_size,

@@ -94,7 +94,7 @@ def _dev(x):
     if isinstance(x, torch.Tensor):
         return x.to(DEV)
     if isinstance(x, PackedKV):
-        return PackedKV(*(None if t is None else t.to(DEV) for t in x))
+        return x.to(DEV)
     if isinstance(x, FoldedParams):
         return FoldedParams(x.rotation.to(DEV), x.mean.to(DEV), x.inv_freq.to(DEV), x.attention_scaling, x.sm_scale,
                             x.bits, x.g_k, x.g_v, x.v_bits, x.softcap)
@@ -190,7 +190,7 @@ def test_n_tokens_and_strided_views() -> None:
     kv.v_scale[:, :, 33:] = float("nan")
     big = PackedKV(*(torch.cat([t, t[..., :3, :] if t.dim() == 4 else t[:, :3]], -2 if t.dim() == 4 else -1)
                      for t in kv[:7]), *kv[7:])
-    views = PackedKV(*(t[..., :cap, :] if t.dim() == 4 else t[:, :cap] for t, cap in zip(big[:7], [42] * 7)), *kv[7:])
+    views = big.truncated(42)
     assert not views.k_codes.is_contiguous()
     _check(q, kv, params, _run(q, views, params, n_tokens=33, block_n=16, num_splits=2), n_tokens=33)
 
