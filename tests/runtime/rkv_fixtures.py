@@ -127,3 +127,33 @@ def write_folder(checkpoint: Checkpoint, model: torch.nn.Module, tokenizer, path
         tensors[tensor_name(i, "sink_threshold")] = torch.tensor(layer.sink_threshold)
     save_file(tensors, str(folder / "rkv.safetensors"))
     return folder
+
+
+def tiny_serving_folder(out: str | Path) -> Path:
+    """The tiny folded Qwen2 checkpoint folder the serving tests run (512 positions, window 4, flush 4, 2 sinks)."""
+    from tiny_models import tiny_model
+
+    torch.manual_seed(0)
+    model = tiny_model("qwen2")
+    ckpt = make_checkpoint(model, bits=2, recent_window=4, flush_block=4, max_sinks=2, key_layout="folded")
+    return write_folder(ckpt, model, char_tokenizer(), out)
+
+
+@torch.no_grad()
+def decode_logits(model, cache, ids: torch.Tensor, steps: int, feed: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 logits of a prefill of ``ids`` and ``steps`` decode steps through ``cache`` (rkv attention attached).
+
+    Greedy, or with ``feed [B, steps]`` those tokens instead (teacher-forced: a near-tie that picks
+    another token must not make two backends' paths part).
+    """
+    from rkv_convert.models.compat import cache_kwargs
+    from rkv_convert.runtime.attention import rkv_attention
+
+    with attach(model, rkv_attention):
+        out = model(ids, **cache_kwargs(model, cache), use_cache=True)
+        logits = [out.logits[:, -1:]]
+        for j in range(steps):
+            new = out.logits[:, -1:].argmax(-1) if feed is None else feed[:, j : j + 1]
+            out = model(new, **cache_kwargs(model, cache), use_cache=True)
+            logits.append(out.logits)
+    return torch.cat(logits, 1).float()

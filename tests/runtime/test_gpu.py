@@ -4,27 +4,14 @@ import os
 
 import pytest
 import torch
-from rkv_fixtures import make_checkpoint
+from rkv_fixtures import decode_logits, make_checkpoint
 from tiny_models import tiny_model
 
 from rkv_convert.models.compat import cache_kwargs
-from rkv_convert.models.adapters import attach
-from rkv_convert.runtime.attention import rkv_attention
 from rkv_convert.runtime.cache import CacheSettings, RkvCache
 from rkv_convert.runtime.generate import RkvModel
 
 pytestmark = pytest.mark.gpu
-
-
-@torch.no_grad()
-def _decode_logits(model, cache, ids, steps):
-    with attach(model, rkv_attention):
-        out = model(ids, **cache_kwargs(model, cache), use_cache=True)
-        logits = [out.logits[:, -1:]]
-        for _ in range(steps):
-            out = model(out.logits[:, -1:].argmax(-1), **cache_kwargs(model, cache), use_cache=True)
-            logits.append(out.logits)
-    return torch.cat(logits, 1).float()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -35,8 +22,8 @@ def test_triton_runtime_matches_reference_backend(dtype, family, head_dim, n_kv)
     model = model.to("cuda", dtype)
     settings = CacheSettings(recent_window=8, flush_block=8, max_sinks=2)
     ids = torch.randint(0, 128, (3, 70), device="cuda")
-    ref = _decode_logits(model, RkvCache.from_checkpoint(ckpt, model, settings, backend="reference"), ids, 16)
-    got = _decode_logits(model, RkvCache.from_checkpoint(ckpt, model, settings, backend="triton"), ids, 16)
+    ref = decode_logits(model, RkvCache.from_checkpoint(ckpt, model, settings, backend="reference"), ids, 16)
+    got = decode_logits(model, RkvCache.from_checkpoint(ckpt, model, settings, backend="triton"), ids, 16)
     tol = 2e-3 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
 

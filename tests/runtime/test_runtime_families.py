@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from reference_handler import EvalReference
-from rkv_fixtures import make_checkpoint
+from rkv_fixtures import decode_logits, make_checkpoint
 from test_attention import _prompt, _run, check_multi_token_step_against_reference
 from tiny_models import SOFTCAPPED, tiny_gemma3_multimodal, tiny_model
 
@@ -28,16 +28,23 @@ def _layouts(family: str) -> list[str]:
     return ["folded"] if family in SOFTCAPPED else ["folded", "prerope"]
 
 
+def _decode_matches_reference(model, label: str, layout: str) -> tuple[object, RkvCache, tuple[torch.Tensor, torch.Tensor]]:
+    """Prefill and 8 decode steps through the packed cache equal the evaluation reference; returns the
+    checkpoint, the cache and the prompt (ids, mask)."""
+    ckpt = make_checkpoint(model, bits=2, key_group_size=32, value_group_size=16, sink_quantile=0.9, key_layout=layout)
+    ids, mask = _prompt(pad=3)
+    cache = RkvCache.from_checkpoint(ckpt, model, SETTINGS, backend="reference")
+    got = _run(model, rkv_attention, ids, mask, steps=8, cache=cache)
+    want = _run(model, EvalReference(model, ckpt, SETTINGS), ids, mask, steps=8)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m: f"{label}: {m}")
+    return ckpt, cache, (ids, mask)
+
+
 @pytest.mark.parametrize("family,head_dim,n_heads,n_kv", CASES)
 def test_decode_matches_evaluation_reference(family: str, head_dim: int, n_heads: int, n_kv: int) -> None:
     for layout in _layouts(family):  # a fresh model per layout: make_checkpoint fuses the value rotation in place
         model = tiny_model(family, head_dim=head_dim, n_heads=n_heads, n_kv=n_kv)
-        ckpt = make_checkpoint(model, bits=2, key_group_size=32, value_group_size=16, sink_quantile=0.9, key_layout=layout)
-        ids, mask = _prompt(pad=3)
-        cache = RkvCache.from_checkpoint(ckpt, model, SETTINGS, backend="reference")
-        got = _run(model, rkv_attention, ids, mask, steps=8, cache=cache)
-        want = _run(model, EvalReference(model, ckpt, SETTINGS), ids, mask, steps=8)
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m: f"{family} {layout}: {m}")
+        _, cache, _ = _decode_matches_reference(model, f"{family} {layout}", layout)
         assert cache.layers[-1].n_quant > 0
 
 
@@ -73,12 +80,7 @@ def test_sliding_window_layers_attend_to_their_window_only(family: str) -> None:
     left a sliding layer's window are never attended again (decode, multi-token step, both layouts)."""
     for layout in _layouts(family):
         model = tiny_model(family, sliding_window=6)
-        ckpt = make_checkpoint(model, bits=2, key_group_size=32, value_group_size=16, sink_quantile=0.9, key_layout=layout)
-        ids, mask = _prompt(pad=3)
-        cache = RkvCache.from_checkpoint(ckpt, model, SETTINGS, backend="reference")
-        got = _run(model, rkv_attention, ids, mask, steps=8, cache=cache)
-        want = _run(model, EvalReference(model, ckpt, SETTINGS), ids, mask, steps=8)
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m: f"{family} {layout}: {m}")
+        ckpt, _, (ids, mask) = _decode_matches_reference(model, f"{family} {layout}", layout)
         chunk = torch.randint(0, 128, (2, 5))
         cache = RkvCache.from_checkpoint(ckpt, model, SETTINGS, backend="reference")
         got = _run(model, rkv_attention, ids, mask, steps=3, cache=cache, chunk=chunk)
@@ -121,9 +123,6 @@ def test_the_text_part_of_a_multimodal_gemma3() -> None:
 def test_triton_on_cuda_matches_reference_backend(family: str, dtype: torch.dtype) -> None:
     """The compiled Triton decode kernels on CUDA for every new family (soft cap, head_dim 256, partial
     RoPE, per-layer RoPE, a sliding window of 24 crossed by a 70-token prompt), teacher-forced."""
-    from rkv_convert.models.adapters import attach
-    from rkv_convert.models.compat import cache_kwargs
-
     head_dim, n_heads, n_kv = SHAPES[family][-1]
     settings = CacheSettings(recent_window=8, flush_block=8, max_sinks=2)
     ids = torch.randint(0, 128, (3, 70), device="cuda")
@@ -132,17 +131,8 @@ def test_triton_on_cuda_matches_reference_backend(family: str, dtype: torch.dtyp
         ckpt = make_checkpoint(model, bits=2, key_group_size=32, value_group_size=32, key_layout=layout)
         model = model.to("cuda", dtype)
 
-        @torch.no_grad()
         def logits(backend: str, feed: torch.Tensor | None = None) -> torch.Tensor:
-            cache = RkvCache.from_checkpoint(ckpt, model, settings, backend=backend)
-            with attach(model, rkv_attention):
-                out = model(ids, **cache_kwargs(model, cache), use_cache=True)
-                steps = [out.logits[:, -1:]]
-                for j in range(12):
-                    new = out.logits[:, -1:].argmax(-1) if feed is None else feed[:, j : j + 1]
-                    out = model(new, **cache_kwargs(model, cache), use_cache=True)
-                    steps.append(out.logits)
-            return torch.cat(steps, 1).float()
+            return decode_logits(model, RkvCache.from_checkpoint(ckpt, model, settings, backend=backend), ids, 12, feed)
 
         ref = logits("reference")
         got = logits("triton", feed=ref[:, :-1].argmax(-1))

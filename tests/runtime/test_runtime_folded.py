@@ -4,7 +4,7 @@ evaluation codec, the multi-token path, and the Triton kernel (interpreter on CP
 import pytest
 import torch
 from reference_handler import EvalReference
-from rkv_fixtures import make_checkpoint
+from rkv_fixtures import decode_logits, make_checkpoint
 from test_attention import (
     _prompt,
     _run,
@@ -14,8 +14,6 @@ from test_attention import (
 )
 from tiny_models import FAMILIES, tiny_model
 
-from rkv_convert.models.adapters import attach
-from rkv_convert.models.compat import cache_kwargs
 from rkv_convert.quant.codec import FoldedKeyCodec
 from rkv_convert.runtime.attention import rkv_attention, stored_tokens
 from rkv_convert.runtime.cache import CacheSettings, RkvCache
@@ -98,19 +96,8 @@ def test_folded_triton_runtime_matches_reference_backend_on_cuda(dtype, family, 
     settings = CacheSettings(recent_window=8, flush_block=8, max_sinks=2)
     ids = torch.randint(0, 128, (3, 70), device="cuda")
 
-    @torch.no_grad()
     def logits(backend: str, feed: torch.Tensor | None = None) -> torch.Tensor:
-        """Greedy decode steps; with ``feed`` [B, 16] those tokens instead (teacher-forced: a near-tie
-        that picks another token must not make the two backends' paths part)."""
-        cache = RkvCache.from_checkpoint(ckpt, model, settings, backend=backend)
-        with attach(model, rkv_attention):
-            out = model(ids, **cache_kwargs(model, cache), use_cache=True)
-            steps = [out.logits[:, -1:]]
-            for j in range(16):
-                new = out.logits[:, -1:].argmax(-1) if feed is None else feed[:, j : j + 1]
-                out = model(new, **cache_kwargs(model, cache), use_cache=True)
-                steps.append(out.logits)
-        return torch.cat(steps, 1).float()
+        return decode_logits(model, RkvCache.from_checkpoint(ckpt, model, settings, backend=backend), ids, 16, feed)
 
     ref = logits("reference")
     got = logits("triton", feed=ref[:, :-1].argmax(-1))

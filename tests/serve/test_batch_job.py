@@ -7,23 +7,18 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import typer
 from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "runtime"))  # the tiny-checkpoint fixtures live beside the runtime tests
-from rkv_fixtures import char_tokenizer, make_checkpoint, write_folder  # noqa: E402
-from tiny_models import tiny_model  # noqa: E402
+from rkv_fixtures import tiny_serving_folder  # noqa: E402
 
 from rkv_convert.runtime.cli import run_command  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    torch.manual_seed(0)
-    model = tiny_model("qwen2")  # context: 512 positions
-    ckpt = make_checkpoint(model, bits=2, recent_window=4, flush_block=4, max_sinks=2, key_layout="folded")
-    return write_folder(ckpt, model, char_tokenizer(), tmp_path_factory.mktemp("rkv") / "tiny-rkv")
+    return tiny_serving_folder(tmp_path_factory.mktemp("rkv") / "tiny-rkv")
 
 
 def _run(*args: str):
