@@ -253,7 +253,7 @@ def evaluate(
     trials: int = typer.Option(50, min=1, help="passkey: trials per length (depths 10-90 % in turn)."),
     passkey_batch: int = typer.Option(10, min=1, help="passkey: trials decoded together."),
     seed: int = typer.Option(0, help="passkey: seed of the keys, depths and filler offsets."),
-    out: Optional[Path] = typer.Option(None, help="passkey: write passkey.csv and passkey.json (every answer) into this folder."),
+    out: Optional[Path] = typer.Option(None, help="passkey: write passkey.csv and passkey.json (every answer) into this folder after each result; a later run with the same --out resumes."),
 ) -> None:
     """Perplexity side by side (full precision, RTN, KIVI-style and RotateKV at their real bits per element), or passkey retrieval."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -312,7 +312,8 @@ def _passkey(checkpoint: Path, schemes: str, bits: str, lengths: str, trials: in
 
     from .calibration_data.sources import load_text
     from .evaluate.checkpoints import checkpoint_at_bits, clip_tables
-    from .evaluate.passkey import PASSKEY_PATHS, PasskeyOptions, passkey_csv, run_passkey
+    from .evaluate.passkey import PASSKEY_PATHS, PasskeyOptions, run_passkey
+    from .evaluate.passkey_store import PasskeySetup, load_results, save_results
     from .export.format import read_checkpoint
     from .models.loading import load_config
 
@@ -333,18 +334,18 @@ def _passkey(checkpoint: Path, schemes: str, bits: str, lengths: str, trials: in
         clips = clip_tables(checkpoint, ck.config.num_layers)
         if out is not None and out.exists() and not out.is_dir():
             raise InputError(f"--out {out} exists and is not a folder")
+        setup = PasskeySetup.of(options, checkpoint)
+        done = load_results(out, setup) if out is not None else []
+        save = (lambda so_far: save_results(out, setup, so_far)) if out is not None else None
         with _phase(f"loading {checkpoint}", f"loaded {checkpoint}"):
             model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).to(device).eval()
             tokenizer = AutoTokenizer.from_pretrained(checkpoint)
         results = run_passkey(model, tokenizer, ck, lambda b: checkpoint_at_bits(ck, clips, b), paths, bit_list, options,
-                              load_text("pydoc"), log=console.print)  # fmt: skip
+                              load_text("pydoc"), log=console.print, done=done, on_result=save)  # fmt: skip
     except COMMAND_ERRORS as err:
         _fail(err)
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "passkey.csv").write_text(passkey_csv(results))
-        (out / "passkey.json").write_text(json.dumps([r.as_dict() for r in results], indent=2))
-        console.print(f"wrote {out / 'passkey.csv'} and {out / 'passkey.json'}")
+        console.print(f"{out / 'passkey.csv'} and {out / 'passkey.json'} hold {len(results)} results ({len(done)} resumed)")
     if as_json:
         print(json.dumps([r.as_dict() for r in results], indent=2))
         return

@@ -39,7 +39,7 @@ def test_eval_passkey(tmp_path) -> None:
     rows = list(csv.DictReader((out / "passkey.csv").open()))
     assert [(r["path"], r["bits"]) for r in rows] == [("fp", "16"), ("rotatekv", "2"), ("rotatekv", "3"), ("kivi", "2"), ("kivi", "3")]
     assert all(r["length"] == "300" and r["trials"] == "2" and r["device"].startswith("cpu") for r in rows)
-    records = json.loads((out / "passkey.json").read_text())
+    records = json.loads((out / "passkey.json").read_text())["results"]
     assert len(records) == 5 and all(len(r["answers"]) == 2 for r in records)
 
     bad = runner.invoke(app, [*base, "--schemes", "fp,nope"])

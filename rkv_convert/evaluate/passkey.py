@@ -276,11 +276,16 @@ def run_passkey(
     filler: str,
     backend: str = "auto",
     log: Log | None = None,
+    done: list[PasskeyResult] | None = None,
+    on_result: Callable[[list[PasskeyResult]], None] | None = None,
 ) -> list[PasskeyResult]:
     """Accuracy of every path (``fp`` once, the others at every width) at every length.
 
     ``model`` is the exported model (value rotation fused) on its device; ``checkpoint_at(b)``
-    gives the checkpoint at ``b`` bits (:func:`~.checkpoints.checkpoint_at_bits`).
+    gives the checkpoint at ``b`` bits (:func:`~.checkpoints.checkpoint_at_bits`). Resuming: a
+    path × bits × length already in ``done`` (an earlier run made the same way, see
+    :mod:`.passkey_store`) is not run again; ``on_result`` gets every result so far (``done``
+    first) after each new one, so a run cut short keeps what it finished.
     """
     from ..runtime.cache import CacheSettings
     from ..runtime.generate import RkvModel
@@ -291,10 +296,15 @@ def run_passkey(
     device = next(model.parameters()).device
     trials = build_trials(tokenizer, filler, options)
     window = checkpoint.config.recent_window
-    results = []
+    results = list(done or [])
+    finished = {(r.path, r.bits, r.length) for r in results}
     for length, rows in trials.items():
         for path in paths:
             for bits in [16] if path == "fp" else bits_list:
+                if (path, bits, length) in finished:
+                    if log:
+                        log(f"passkey {path}-{bits} @ {length}: already done (resumed)")
+                    continue
                 if path == "fp":
                     start = _fp_step(model)
                 elif path == "rotatekv":
@@ -306,6 +316,8 @@ def run_passkey(
                     start = _eval_step(model, lambda s=scheme, c=ck: _SchemeAttention(s, "deployed", c, window))
                 result = _score(path, bits, rows, start, tokenizer, options, device)
                 results.append(result)
+                if on_result:
+                    on_result(results)
                 if log:
                     log(f"passkey {path}-{bits} @ {length}: {result.correct}/{result.trials} in {result.seconds:.1f} s")
     return results
