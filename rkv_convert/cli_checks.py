@@ -11,7 +11,7 @@ from rich.console import Console
 
 from .calibrate.observers import CalibrationError
 from .export.format import SUPPORTED_BITS
-from .models.adapters import ContractError
+from .models.adapters import ContractError, rope_limit
 from .models.compat import CacheDisengagedError, UntestedTransformersError
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "check_length",
     "check_prompt_fits",
     "context_length",
+    "context_text",
     "fail",
     "make_console",
     "parse_bits",
@@ -87,19 +88,31 @@ def parse_bits(text: str) -> list[int]:
 
 
 def context_length(config: object) -> int | None:
-    """The model's context in tokens (``max_position_embeddings``), or ``None`` when it does not say."""
+    """The most tokens one sequence may reach in rkv, or ``None`` when the model does not say: the model's
+    context (``max_position_embeddings``), or less for a longrope model (:func:`~rkv_convert.models.adapters.rope_limit`).
+
+    The one place every command (calibrate, eval, run, batch jobs, serve) takes this limit from.
+    """
     limit = getattr(config, "max_position_embeddings", None)
-    return int(limit) if limit else None
+    rope = rope_limit(config)
+    limits = [int(n) for n in (limit, rope.tokens if rope else None) if n]
+    return min(limits) if limits else None
+
+
+def context_text(config: object) -> str:
+    """``context_length`` for a message: the number, where it comes from and, when not the model's own context, why."""
+    limit = context_length(config)
+    rope = rope_limit(config)
+    if rope is not None and rope.tokens == limit:
+        return f"rkv's limit of {limit} tokens for this model (original_max_position_embeddings: {rope.why})"
+    return f"the model's context of {limit} tokens (max_position_embeddings)"
 
 
 def check_length(option: str, tokens: int, config: object) -> None:
-    """Refuse a window longer than the model's context (``option`` names the flag that set it)."""
+    """Refuse a window longer than :func:`context_length` (``option`` names the flag that set it)."""
     limit = context_length(config)
     if limit is not None and tokens > limit:
-        raise InputError(
-            f"{option} {tokens} is longer than the model's context of {limit} tokens (max_position_embeddings); "
-            f"use {option} {limit} or less"
-        )
+        raise InputError(f"{option} {tokens} is longer than {context_text(config)}; use {option} {limit} or less")
 
 
 def check_prompt_fits(prompt_tokens: int, max_new_tokens: int, config: object) -> None:
@@ -110,6 +123,6 @@ def check_prompt_fits(prompt_tokens: int, max_new_tokens: int, config: object) -
     total = prompt_tokens + max_new_tokens
     if limit is not None and total > limit:
         raise InputError(
-            f"the prompt has {prompt_tokens} tokens; with --max-new-tokens {max_new_tokens} that is {total}, beyond the "
-            f"model's context of {limit} tokens (max_position_embeddings); shorten the prompt or lower --max-new-tokens"
+            f"the prompt has {prompt_tokens} tokens; with --max-new-tokens {max_new_tokens} that is {total}, beyond "
+            f"{context_text(config)}; shorten the prompt or lower --max-new-tokens"
         )

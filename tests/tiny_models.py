@@ -17,8 +17,15 @@ from transformers import (
     Qwen3MoeConfig,
 )
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "phi3", "phi4mini", "gemma2", "gemma3")
-"""One row per supported model type (``phi4mini``: Phi-3 with ``partial_rotary_factor`` 0.75, as Phi-4-mini)."""
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "phi3", "phi3_longrope", "phi4mini",
+            "gemma2", "gemma3")
+"""One row per supported model type and RoPE variant (``phi3_longrope``: Phi-3 with longrope, as
+Phi-3-*-128k; ``phi4mini``: longrope with ``partial_rotary_factor`` 0.75, as Phi-4-mini)."""
+
+LONGROPE = ("phi3_longrope", "phi4mini")
+"""Rows whose RoPE is longrope: sequences stay within ``LONGROPE_LIMIT`` tokens in rkv."""
+LONGROPE_LIMIT = 256
+"""``original_max_position_embeddings`` of the longrope rows (``max_position_embeddings`` is 512)."""
 
 SOFTCAPPED = ("gemma2",)
 """Families with attention-logit soft-capping: the pre-RoPE key layout refuses them (folded only)."""
@@ -30,7 +37,9 @@ _EXTRA = {
     "qwen2_moe": dict(_MOE, num_experts=4, shared_expert_intermediate_size=32),
     "qwen3_moe": dict(_MOE, num_experts=4),
     "phi3": dict(bos_token_id=0, eos_token_id=0, pad_token_id=0),
-    "phi4mini": dict(bos_token_id=0, eos_token_id=0, pad_token_id=0, partial_rotary_factor=0.75),
+    "phi3_longrope": dict(bos_token_id=0, eos_token_id=0, pad_token_id=0, original_max_position_embeddings=LONGROPE_LIMIT),
+    "phi4mini": dict(bos_token_id=0, eos_token_id=0, pad_token_id=0, partial_rotary_factor=0.75,
+                     original_max_position_embeddings=LONGROPE_LIMIT),
     # query_pre_attn_scalar != head_dim so a wrong scale shows; random weights give scores ~0.1, so a cap of 0.1 bites
     "gemma2": dict(query_pre_attn_scalar=48, attn_logit_softcapping=0.1, final_logit_softcapping=30.0,
                    sliding_window=256, layer_types=None),
@@ -40,7 +49,7 @@ _EXTRA = {
 }
 _CONFIGS = {
     "llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "mixtral": MixtralConfig,
-    "qwen2_moe": Qwen2MoeConfig, "qwen3_moe": Qwen3MoeConfig, "phi3": Phi3Config, "phi4mini": Phi3Config,
+    "qwen2_moe": Qwen2MoeConfig, "qwen3_moe": Qwen3MoeConfig, "phi3": Phi3Config, "phi3_longrope": Phi3Config, "phi4mini": Phi3Config,
     "gemma2": Gemma2Config, "gemma3": Gemma3TextConfig,
 }
 
@@ -66,10 +75,19 @@ def tiny_config(family: str = "llama", head_dim: int = 64, n_heads: int = 4, n_k
         extra["layer_types"] = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
     if sliding_window is not None:
         extra["sliding_window"] = sliding_window
+    if family in LONGROPE:
+        extra["rope_parameters"] = _longrope_parameters(int(head_dim * extra.get("partial_rotary_factor", 1.0)))
     config = _CONFIGS[family](**common, **extra)
     # Gemma 2's soft cap needs eager attention (SDPA refuses softcap); the others run SDPA
     config._attn_implementation = "eager" if family == "gemma2" else "sdpa"
     return config
+
+
+def _longrope_parameters(rotary_dim: int) -> dict:
+    """Short and long factors that differ in every pair (so a switch to the long ones shows)."""
+    pairs = rotary_dim // 2
+    return {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0 + 0.05 * i for i in range(pairs)],
+            "long_factor": [1.5 + 0.5 * i for i in range(pairs)]}
 
 
 def tiny_model(family: str = "llama", seed: int = 0, **kwargs) -> torch.nn.Module:

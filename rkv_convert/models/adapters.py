@@ -23,7 +23,7 @@ import inspect
 import sys
 import types
 from dataclasses import dataclass
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Callable, Iterator, NamedTuple, Protocol, Sequence
 
 import torch
 import transformers
@@ -37,6 +37,8 @@ __all__ = [
     "AttentionHandler",
     "ContractError",
     "FamilyAdapter",
+    "RopeLimit",
+    "RopeLimitError",
     "SUPPORTED_FAMILIES",
     "UnsupportedModelError",
     "adapter_for",
@@ -52,6 +54,7 @@ __all__ = [
     "head_dim",
     "layer_rope",
     "layer_softcaps",
+    "rope_limit",
     "text_config",
     "stock_attention",
 ]
@@ -63,6 +66,10 @@ class UnsupportedModelError(ValueError):
 
 class ContractError(RuntimeError):
     """The installed transformers' attention module no longer matches what an adapter relies on."""
+
+
+class RopeLimitError(ValueError):
+    """A forward reached a position past the length up to which the model's RoPE stays fixed (longrope)."""
 
 
 class AttentionHandler(Protocol):
@@ -140,14 +147,22 @@ def _window_of_config(module: nn.Module) -> int | None:
     return getattr(module.config, "sliding_window", None)
 
 
+def _static_inv_freq(rotary: nn.Module, prefix: str, rope_type: str) -> torch.Tensor:
+    """The frequencies rkv caches with: longrope's short-factor table (``original_inv_freq``; the live
+    ``inv_freq`` holds the long factors after any forward past ``original_max_position_embeddings``)."""
+    return getattr(rotary, f"{prefix}original_inv_freq" if rope_type == "longrope" else f"{prefix}inv_freq")
+
+
 def _rope_single(rotary: nn.Module, module: nn.Module) -> tuple[torch.Tensor, float, str]:
-    return rotary.inv_freq, float(getattr(rotary, "attention_scaling", 1.0)), getattr(rotary, "rope_type", "default")
+    rope_type = getattr(rotary, "rope_type", "default")
+    return _static_inv_freq(rotary, "", rope_type), float(getattr(rotary, "attention_scaling", 1.0)), rope_type
 
 
 def _rope_per_layer_type(rotary: nn.Module, module: nn.Module) -> tuple[torch.Tensor, float, str]:
     """Gemma 3: one table per layer type (sliding layers have their own base), ``{type}_inv_freq``."""
     kind = module.layer_type
-    return getattr(rotary, f"{kind}_inv_freq"), float(getattr(rotary, f"{kind}_attention_scaling")), rotary.rope_type[kind]
+    rope_type = rotary.rope_type[kind]
+    return _static_inv_freq(rotary, f"{kind}_", rope_type), float(getattr(rotary, f"{kind}_attention_scaling")), rope_type
 
 
 _LLAMA_ATTRIBUTES = ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "layer_idx", "config", "num_key_value_groups")
@@ -277,9 +292,11 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
 def layer_rope(model: nn.Module) -> list[tuple[torch.Tensor, float]]:
     """Each attention layer's RoPE as ``(inv_freq fp32 [d/2], attention_scaling)``, in layer order.
 
-    Refuses RoPE types whose frequencies change with the sequence length (the cache stores keys
-    rotated at fixed frequencies). Partial RoPE (``partial_rotary_factor`` < 1) comes back padded
-    with zero frequencies: see :func:`_full_width_rope`.
+    Refuses ``dynamic`` RoPE, whose frequencies change with the sequence length (the cache stores
+    keys rotated at fixed frequencies). ``longrope`` comes back with its short factors: what
+    transformers uses while a sequence stays within :func:`rope_limit`, which rkv enforces.
+    Partial RoPE (``partial_rotary_factor`` < 1) comes back padded with zero frequencies: see
+    :func:`_full_width_rope`.
     """
     family = adapter_for(model.config)
     rotary = getattr(decoder(model), "rotary_emb", None)
@@ -288,13 +305,71 @@ def layer_rope(model: nn.Module) -> list[tuple[torch.Tensor, float]]:
     tables = []
     for module in attention_modules(model):
         inv_freq, scaling, rope_type = family.rope(rotary, module)
-        if rope_type in ("dynamic", "longrope"):
-            raise ValueError(f"rope type {rope_type!r} changes its frequencies with the length; rkv supports static RoPE only")
+        if "dynamic" in rope_type:
+            raise ValueError(f"rope type {rope_type!r} changes its frequencies with the length; rkv supports static RoPE "
+                             "(and longrope within original_max_position_embeddings) only")
         pad = module.head_dim // 2 - inv_freq.shape[0]
-        if pad and scaling != 1.0:
-            raise ValueError(f"partial RoPE with attention scaling {scaling} (rope type {rope_type!r}) is not supported")
         tables.append((torch.cat([inv_freq.float(), inv_freq.new_zeros(pad, dtype=torch.float32)]), scaling))
     return tables
+
+
+class RopeLimit(NamedTuple):
+    """The longest sequence, in tokens, whose RoPE stays fixed, and why (for one-line refusals)."""
+
+    tokens: int
+    why: str
+
+
+_LONGROPE_WHY = (
+    "longrope keeps its short RoPE factors up to original_max_position_embeddings and past it switches every position "
+    "to its long factors, which keys already in the rkv cache (rotated with the short ones) cannot follow"
+)
+
+
+def _rope_parameter_sets(cfg: object) -> list[dict]:
+    """The config's RoPE parameter dicts: one, or one per layer type (Gemma 3)."""
+    params = getattr(cfg, "rope_parameters", None) or {}
+    if "rope_type" in params:
+        return [params]
+    return [p for p in params.values() if isinstance(p, dict)]
+
+
+def rope_limit(config: object) -> RopeLimit | None:
+    """The most tokens one sequence may reach in rkv for a model whose RoPE changes with the length; ``None``: no such limit.
+
+    ``longrope`` (Phi-3-*-128k, Phi-4-mini): ``original_max_position_embeddings``. transformers
+    switches the whole forward to the long factors once a position reaches it; the rkv cache keeps
+    keys rotated with the short factors (the folded layout's mean term uses one table per layer),
+    so sequences stay within it. Read from the config alone (checks run before weights load).
+    """
+    cfg = text_config(config)
+    limits = [
+        int(p.get("original_max_position_embeddings") or getattr(cfg, "original_max_position_embeddings"))
+        for p in _rope_parameter_sets(cfg)
+        if p.get("rope_type") == "longrope"
+    ]
+    return RopeLimit(min(limits), _LONGROPE_WHY) if limits else None
+
+
+def _refuse_past(limit: RopeLimit) -> Callable:
+    """A forward pre-hook for the rotary embedding: refuse positions at or past ``limit.tokens``.
+
+    The rotary embedding sees every forward's position ids once (one host read of their maximum
+    per forward, for longrope models only), so no attached forward ever runs on switched factors.
+    """
+
+    def hook(_rotary: nn.Module, args: tuple, kwargs: dict) -> None:
+        position_ids = args[1] if len(args) > 1 else kwargs.get("position_ids")
+        if position_ids is None or position_ids.numel() == 0:
+            return
+        last = int(position_ids.max())
+        if last >= limit.tokens:
+            raise RopeLimitError(
+                f"position {last} is past rkv's limit of {limit.tokens} tokens per sequence for this model "
+                f"(original_max_position_embeddings): {limit.why}"
+            )
+
+    return hook
 
 
 def _softcap(family: FamilyAdapter, holder: object) -> float | None:
@@ -376,23 +451,31 @@ def _eager_attention(module: nn.Module) -> Callable:
 
 
 def _full_width_rope(
-    query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scaling: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Partial RoPE (the first ``r < d`` channels rotated, rotate-half pairs ``(i, i + r/2)``) as full-width RoPE.
 
     The same channel permutation of q and k leaves every ``q·k`` unchanged. This one moves the
-    pairs to ``(i, i + d/2)`` and the unrotated channels into pairs of zero frequency (cos 1,
-    sin 0), so every rkv path (cache, kernels, evaluation) sees ordinary rotate-half RoPE over
-    ``d`` channels; :func:`layer_rope` pads the frequencies to match.
+    pairs to ``(i, i + d/2)`` and the unrotated channels into pairs of zero frequency, so every
+    rkv path (cache, kernels, evaluation) sees ordinary rotate-half RoPE over ``d`` channels;
+    :func:`layer_rope` pads the frequencies to match. Those paths multiply every cos/sin by the
+    RoPE's ``scaling`` (longrope's attention factor), which transformers applies to the rotated
+    channels only: the unrotated ones get cos ``scaling`` (sin 0) and are divided by ``scaling``
+    here, so they come out of RoPE unchanged, as in transformers.
     """
     d, r = query.shape[-1], cos.shape[-1]
     half, rest = r // 2, (d - r) // 2
     idx = torch.arange(d, device=query.device)
     perm = torch.cat([idx[:half], idx[r : r + rest], idx[half:r], idx[r + rest :]])
-    ones = cos.new_ones(*cos.shape[:-1], rest)
+    ones = cos.new_full((*cos.shape[:-1], rest), scaling)
     cos_full = torch.cat([cos[..., :half], ones, cos[..., :half], ones], dim=-1)
     sin_full = torch.cat([sin[..., :half], ones * 0, sin[..., :half], ones * 0], dim=-1)
-    return query[..., perm], key[..., perm], cos_full, sin_full
+    query, key = query[..., perm], key[..., perm]
+    if scaling != 1.0:
+        unrotated = torch.ones(d, dtype=query.dtype, device=query.device)
+        unrotated[half : half + rest] = unrotated[d - rest :] = 1.0 / scaling
+        query, key = query * unrotated, key * unrotated
+    return query, key, cos_full, sin_full
 
 
 def _pop_cache(kwargs: dict) -> object | None:
@@ -419,7 +502,7 @@ def _adapted_forward(
         )
     q, k, v = self._rkv_family.project(self, hidden_states)
     if position_embeddings[0].shape[-1] < q.shape[-1]:  # partial RoPE (Phi-4-mini)
-        q, k, *cos_sin = _full_width_rope(q, k, *position_embeddings)
+        q, k, *cos_sin = _full_width_rope(q, k, *position_embeddings, self.__dict__.get("_rkv_rope_scaling", 1.0))
         position_embeddings = tuple(cos_sin)
     layer_input = self.__dict__.pop("_rkv_layer_input", None)
     if layer_input is not None and layer_input.device != hidden_states.device:
@@ -450,6 +533,8 @@ def attach(model: nn.Module, handler: AttentionHandler | Sequence[AttentionHandl
         raise ValueError(f"got {len(handlers)} handlers for {len(modules)} attention layers")
     for attn in modules:
         check_contract(family, attn)
+    rotary = getattr(decoder(model), "rotary_emb", None)
+    limit = rope_limit(model.config)
     # SDPA cannot cap scores (transformers 5.17 loads Gemma 2 with SDPA and drops the cap silently):
     # a soft-capped model runs eager attention (masks and scores) while attached
     eager_for_softcap = config_softcap(model.config) is not None and model.config._attn_implementation == "sdpa"
@@ -462,7 +547,13 @@ def attach(model: nn.Module, handler: AttentionHandler | Sequence[AttentionHandl
             attn.__dict__["_rkv_family"] = family
             attn.__dict__["_rkv_handler"] = layer_handler
             attn.__dict__["forward"] = types.MethodType(_adapted_forward, attn)
+            if rotary is not None:  # the scaling partial RoPE's unrotated channels must not get
+                attn.__dict__["_rkv_rope_scaling"] = family.rope(rotary, attn)[1]
             hooks.append(layer.register_forward_pre_hook(_stash_layer_input(attn), with_kwargs=True))
+        if limit is not None:
+            if rotary is None:
+                raise UnsupportedModelError(f"{type(model).__name__} has no rotary embedding at get_decoder().rotary_emb")
+            hooks.append(rotary.register_forward_pre_hook(_refuse_past(limit), with_kwargs=True))
         yield
     finally:
         if eager_for_softcap:  # as it was (5.24 refuses SDPA for Gemma 2 through set_attn_implementation)
@@ -471,5 +562,5 @@ def attach(model: nn.Module, handler: AttentionHandler | Sequence[AttentionHandl
         for hook in hooks:
             hook.remove()
         for attn in modules:
-            for name in ("forward", "_rkv_family", "_rkv_handler", "_rkv_layer_input"):
+            for name in ("forward", "_rkv_family", "_rkv_handler", "_rkv_layer_input", "_rkv_rope_scaling"):
                 attn.__dict__.pop(name, None)

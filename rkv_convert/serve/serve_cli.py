@@ -17,7 +17,7 @@ from pathlib import Path
 import typer
 import uvicorn
 
-from ..cli_checks import LIBRARY_ERRORS, InputError, check_device, context_length, fail, make_console
+from ..cli_checks import LIBRARY_ERRORS, InputError, check_device, context_length, context_text, fail, make_console
 from ..export.format import CheckpointError
 from ..runtime.api import load
 from ..runtime.cli import _eos_ids
@@ -58,7 +58,7 @@ def build_server(rkv_model: RkvModel, options: ServerOptions):
     if max_len is None:
         raise InputError("the model does not say its context (max_position_embeddings); pass --max-model-len")
     if context is not None and max_len > context:
-        raise InputError(f"--max-model-len {max_len} is beyond the model's context of {context} tokens")
+        raise InputError(f"--max-model-len {max_len} is beyond {context_text(rkv_model.config)}")
     cpu_bytes = int((options.cache_memory_gib if options.cache_memory_gib is not None else 2.0) * 2**30)
     budget = cpu_bytes if options.cache_memory_gib is not None else default_budget(rkv_model.device, cpu_bytes)
     engine = Engine(rkv_model, EngineConfig(max_len=max_len, budget_bytes=budget, max_batch=options.max_batch,

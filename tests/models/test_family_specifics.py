@@ -35,19 +35,20 @@ def test_gemma3_layers_get_their_own_rope_base() -> None:
     assert not torch.allclose(local, full)
 
 
-@pytest.mark.parametrize("head_dim,factor", [(64, 0.75), (128, 0.5), (96, 0.25)])
-def test_partial_rope_as_full_width_rope_keeps_every_score(head_dim: int, factor: float) -> None:
-    """Permuted q and k under the padded full-width RoPE give Phi-3's partial-RoPE q·k exactly."""
+@pytest.mark.parametrize("head_dim,factor,scaling", [(64, 0.75, 1.0), (128, 0.5, 1.0), (96, 0.25, 1.0), (64, 0.75, 1.19)])
+def test_partial_rope_as_full_width_rope_keeps_every_score(head_dim: int, factor: float, scaling: float) -> None:
+    """Permuted q and k under the padded full-width RoPE give Phi-3's partial-RoPE q·k exactly, also when
+    cos/sin carry an attention factor (longrope, Phi-4-mini) that transformers applies to the rotated channels only."""
     from transformers.models.phi3.modeling_phi3 import apply_rotary_pos_emb as phi3_rope
 
     rotary_dim = int(head_dim * factor)
     inv_freq = 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim))
     pos = torch.arange(9).float()
     emb = torch.cat([pos[:, None] * inv_freq] * 2, -1)[None]
-    cos, sin = emb.cos(), emb.sin()
+    cos, sin = emb.cos() * scaling, emb.sin() * scaling
     q, k = torch.randn(1, 2, 9, head_dim), torch.randn(1, 2, 9, head_dim)
     q_ref, k_ref = phi3_rope(q, k, cos, sin)
-    q_p, k_p, cos_f, sin_f = _full_width_rope(q, k, cos, sin)
+    q_p, k_p, cos_f, sin_f = _full_width_rope(q, k, cos, sin, scaling)
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     q_f, k_f = apply_rotary_pos_emb(q_p, k_p, cos_f, sin_f)
@@ -55,10 +56,15 @@ def test_partial_rope_as_full_width_rope_keeps_every_score(head_dim: int, factor
 
 
 def test_phi4mini_rope_table_is_padded_with_zero_frequencies() -> None:
+    """Phi-4-mini (longrope, 48 of 64 channels rotated): the short factors padded with zero frequencies,
+    and longrope's attention factor sqrt(1 + ln(max / original max) / ln(original max))."""
+    import math
+
     model = tiny_model("phi4mini", head_dim=64)
     inv_freq, scaling = layer_rope(model)[0]
-    assert inv_freq.shape == (32,) and scaling == 1.0
+    assert inv_freq.shape == (32,) and scaling == pytest.approx(math.sqrt(1 + math.log(512 / 256) / math.log(256)))
     assert torch.equal(inv_freq[24:], torch.zeros(8)) and (inv_freq[:24] > 0).all()
+    torch.testing.assert_close(inv_freq[:24], model.model.rotary_emb.original_inv_freq.float())
 
 
 def test_every_row_is_a_supported_family() -> None:
