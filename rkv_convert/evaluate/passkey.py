@@ -14,7 +14,7 @@ filler, pass key, filler) and then the *question* (question, end of the user tur
 - ``rtn``, ``kivi``, ``rotatekv-eval``: the evaluation's quantizers (:mod:`.schemes`) in the
   ``deployed`` protocol of :mod:`.perplexity` (every query, prompt included, reads keys and values
   older than the recent window quantized, sinks in full precision for the schemes that keep them),
-  decoding by re-running the whole sequence each step;
+  each step attending only the new tokens over the kept full-precision history (:mod:`.scheme_decode`);
 - ``rotatekv``: the real packed cache (:class:`~rkv_convert.runtime.generate.RkvModel`): the context
   is prefilled (the model's own attention, then stored packed), the question attends over the
   dequantized cache, and every answer token is a decode step of the runtime's kernels.
@@ -37,7 +37,7 @@ import torch
 from ..export.format import Checkpoint
 from ..models.adapters import attach
 from ..models.compat import cache_argument
-from .perplexity import _SchemeAttention
+from .scheme_decode import SchemeDecodeAttention
 from .schemes import build_scheme
 
 __all__ = [
@@ -216,16 +216,20 @@ def _fp_step(model: torch.nn.Module) -> Callable[[], Step]:
     return start
 
 
-def _eval_step(model: torch.nn.Module, handler_factory: Callable[[], _SchemeAttention]) -> Callable[[], Step]:
-    """An evaluation quantizer: every step re-runs the whole sequence through the scheme's attention."""
+def _eval_step(model: torch.nn.Module, handler_factory: Callable[[], SchemeDecodeAttention]) -> Callable[[], Step]:
+    """An evaluation quantizer, deployed protocol: each step feeds only the new tokens; the handler
+    keeps the earlier keys and values (:mod:`.scheme_decode`)."""
 
     def start() -> Step:
-        seen: list[torch.Tensor] = []
+        handler = handler_factory()
+        seen = 0
 
         def step(ids: torch.Tensor) -> torch.Tensor:
-            seen.append(ids)
-            with attach(model, handler_factory()):
-                out = model(input_ids=torch.cat(seen, 1), use_cache=False, logits_to_keep=1)
+            nonlocal seen
+            positions = torch.arange(seen, seen + ids.shape[1], device=ids.device)[None]
+            with attach(model, handler):
+                out = model(input_ids=ids, position_ids=positions, use_cache=False, logits_to_keep=1)
+            seen += ids.shape[1]
             return out.logits[:, -1].float()
 
         return step
@@ -313,7 +317,7 @@ def run_passkey(
                 else:
                     ck = checkpoint_at(bits)
                     scheme = build_scheme("rotatekv" if path == "rotatekv-eval" else path, bits, ck)
-                    start = _eval_step(model, lambda s=scheme, c=ck: _SchemeAttention(s, "deployed", c, window))
+                    start = _eval_step(model, lambda s=scheme, c=ck: SchemeDecodeAttention(s, c, window))
                 result = _score(path, bits, rows, start, tokenizer, options, device)
                 results.append(result)
                 if on_result:

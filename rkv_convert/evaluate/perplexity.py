@@ -108,24 +108,27 @@ def _attend(q, k, v, mask, shape: _Shape):
     return (probs @ v.float()).to(q.dtype)
 
 
-def _kept_fp_attention(q, k_q, v_q, k_fp, v_fp, sinks, window, shape: _Shape, query_chunk):
+def _kept_fp_attention(q, k_q, v_q, k_fp, v_fp, sinks, window, shape: _Shape, query_chunk, q_start: int = 0):
     """Causal attention where query ``i`` reads key/value ``j`` in full precision when
     ``i - j < window`` or ``j`` is a sink, and the quantized read-back otherwise.
 
     One softmax over two disjoint key sets, concatenated per block of ``query_chunk`` queries
     ``[s, e)``: the *far* keys ``j <= i - window`` (quantized, sinks swapped for their full-precision
     rows) and the *near* keys ``max(0, s - window + 1) <= j < e`` in full precision, each with a
-    boolean mask. ``q [B, Hq, T, d]``, keys and values ``[B, Hkv, T, d]``, ``sinks`` bool ``[B, T]``
-    or ``None``; returns ``[B, Hq, T, d]``. The largest tensor is one block's scores. ``shape``: the
-    layer's scale, soft cap and sliding window (keys outside it are masked in both sets).
+    boolean mask. ``q [B, Hq, Tq, d]`` holds the queries at positions ``q_start .. q_start + Tq - 1``
+    (the last ``Tq`` of ``T``: decoding step by step), keys and values ``[B, Hkv, T, d]``, ``sinks``
+    bool ``[B, T]`` or ``None``; returns ``[B, Hq, Tq, d]``. The largest tensor is one block's scores.
+    ``shape``: the layer's scale, soft cap and sliding window (keys outside it are masked in both sets).
     """
     if sinks is not None:
         keep = sinks[:, None, :, None]
         k_q, v_q = torch.where(keep, k_fp, k_q), torch.where(keep, v_fp, v_q)
-    t = q.shape[2]
+    t = q_start + q.shape[2]
+    if k_q.shape[2] != t:
+        raise ValueError(f"{q.shape[2]} queries from position {q_start} need {t} keys, got {k_q.shape[2]}")
     pos = torch.arange(t, device=q.device)
     outs = []
-    for s in range(0, t, query_chunk):
+    for s in range(q_start, t, query_chunk):
         e = min(s + query_chunk, t)
         i = pos[s:e, None]
         keys, values, masks = [k_q[:, :, :e]], [v_q[:, :, :e]], [pos[None, :e] <= i - window]
@@ -139,7 +142,7 @@ def _kept_fp_attention(q, k_q, v_q, k_fp, v_fp, sinks, window, shape: _Shape, qu
         if shape.sliding is not None:
             seen = torch.cat([pos[None, :e]] + ([pos[None, lo:e]] if window > 0 else []), 1)
             mask = mask & (seen > i - shape.sliding)
-        outs.append(_attend(q[:, :, s:e], torch.cat(keys, 2), torch.cat(values, 2), mask, shape))
+        outs.append(_attend(q[:, :, s - q_start : e - q_start], torch.cat(keys, 2), torch.cat(values, 2), mask, shape))
     return torch.cat(outs, 2)
 
 
