@@ -34,7 +34,7 @@ from kernels import decode_chunk as chunk_module  # noqa: E402
 _POINTERS = {"kc_ptr": "*u8", "vc_ptr": "*u8", "kw_ptr": "*i32", "vw_ptr": "*i32", "pos_ptr": "*i32", "fpos_ptr": "*i32",
              "gidp_ptr": "*i32", "gid_ptr": "*i32", "a_ptr": "*fp32", "mean_ptr": "*fp32", "freq_ptr": "*fp32",
              "o_ptr": "*fp32", "lse_ptr": "*fp32", "beta_ptr": "*fp32", "vcol_ptr": "*fp32"}  # fmt: skip
-_FLOATS = {"qk_scale", "rope_scaling"}
+_FLOATS = {"qk_scale", "cap_scale", "rope_scaling"}
 
 
 def compile_sm90(fn: triton.JITFunction, constexprs: dict, num_warps: int, num_stages: int):
@@ -79,7 +79,7 @@ def main() -> None:
                    help="compile the full-precision segment's loop too (--no-fp-segment: the token loop of the store only)")
     args = p.parse_args()
     common = dict(D=128, G=4, REP=1, QP=16, K_BITS=2, V_BITS=2, NGK=4, GV=128, NGV=1, HAS_FP=args.fp_segment,
-                  PREC="tf32", USE_LIBDEVICE=True)  # fmt: skip
+                  PREC="tf32", USE_LIBDEVICE=True, SOFTCAP=False)  # fmt: skip
     kernels = {
         "head": (head_module._decode_kernel,
                  dict(common, NGK_PAD=16, NGV_PAD=16, DOT_DTYPE=tl.float16, KRON=True)),

@@ -5,6 +5,7 @@
   (``bits(2^23 + c) - 2^23``), not a conversion instruction.
 - :func:`_fp_segment`: the online-softmax step over the full-precision segment (pre-RoPE keys
   RoPE'd in the kernel); :func:`_store_partial`: one program's partial output.
+- :func:`_log2_logits`: base-2 logits of raw scores, soft-capped or not (both pre-RoPE kernels).
 - :func:`launch_strides`: the stride arguments of the pre-RoPE decode kernels, in their order.
 
 (The head-group kernel these were first written for was retired: no default path ran it;
@@ -12,6 +13,8 @@ its H100 figures stay in docs/benchmarks.md.)
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -97,6 +100,28 @@ def _chunk_codes(row, tmask, w0, hi0, D: tl.constexpr, BITS: tl.constexpr, ROWS:
 
 
 @triton.jit
+def _log2_logits(s, qk_scale, cap_scale, SOFTCAP: tl.constexpr):
+    """Base-2 logits of raw scores ``q·k``: ``s * qk_scale`` (``qk_scale = sm_scale * log2 e``), or with a
+    soft cap (Gemma 2) ``cap_scale * tanh(s * qk_scale)`` (``qk_scale = sm_scale / cap``,
+    ``cap_scale = cap * log2 e``): ``cap * tanh(sm_scale * s / cap)`` in base 2. :func:`logit_scales` gives both."""
+    if SOFTCAP:
+        out = cap_scale * (1.0 - 2.0 / (tl.exp(2.0 * s * qk_scale) + 1.0))  # tanh, saturating at +-1
+    else:
+        out = s * qk_scale
+    return out
+
+
+def logit_scales(sm_scale: float, softcap: float | None) -> tuple[float, float]:
+    """``(qk_scale, cap_scale)`` of :func:`_log2_logits` for a score factor and an optional soft cap."""
+    log2e = 1.0 / math.log(2.0)
+    if softcap is None:
+        return sm_scale * log2e, 1.0
+    if not softcap > 0:
+        raise ValueError(f"softcap must be positive or None, got {softcap}")
+    return sm_scale / softcap, softcap * log2e
+
+
+@triton.jit
 def _rope_scores(k_lo, k_hi, cos, sin, q_lo, q_hi, DT: tl.constexpr, PREC: tl.constexpr):
     """Scores ``[BLOCK_T, QP]`` of pre-RoPE key halves, RoPE'd at their positions, against every query row."""
     r_lo = (k_lo * cos - k_hi * sin).to(DT)
@@ -118,13 +143,14 @@ def _dequant_values(c, vs_row, vz_row, valid, D: tl.constexpr, GV: tl.constexpr,
 
 @triton.jit
 def _fp_segment(fk_base, fv_base, fpos_row, s_fkh, s_fkt, s_fvh, s_fvt, f_stop, freq, rope_scaling,
-                q_lo, q_hi, qhead, qmask, qk_scale, m_i, l_i, acc, accz, vcol,
+                q_lo, q_hi, qhead, qmask, qk_scale, cap_scale, m_i, l_i, acc, accz, vcol,
                 D: tl.constexpr, G: tl.constexpr, QP: tl.constexpr, BLOCK_T: tl.constexpr,
-                DT: tl.constexpr, PREC: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
+                DT: tl.constexpr, PREC: tl.constexpr, USE_LIBDEVICE: tl.constexpr, SOFTCAP: tl.constexpr):
     """Online-softmax step over the full-precision segment (sinks + window, slots ``< f_stop``) of
     the ``G`` KV heads at ``fk_base``/``fv_base``: pre-RoPE original keys, RoPE'd here.
 
-    ``vcol`` (``[D]`` or a scalar) scales the value columns, as the caller's accumulator holds them.
+    ``vcol`` (``[D]`` or a scalar) scales the value columns, as the caller's accumulator holds them;
+    logits as :func:`_log2_logits`.
     """
     HALF: tl.constexpr = D // 2
     c = tl.arange(0, HALF)
@@ -139,7 +165,7 @@ def _fp_segment(fk_base, fv_base, fpos_row, s_fkh, s_fkt, s_fvh, s_fvt, f_stop, 
             k_lo = tl.load(k_row + c[None, :], mask=fmask[:, None], other=0.0).to(tl.float32)
             k_hi = tl.load(k_row + HALF + c[None, :], mask=fmask[:, None], other=0.0).to(tl.float32)
             s = tl.where(qhead[None, :] == h, _rope_scores(k_lo, k_hi, cos, sin, q_lo, q_hi, DT, PREC), s)
-        s = tl.where(valid[:, None] & qmask[None, :], s * qk_scale, float("-inf"))
+        s = tl.where(valid[:, None] & qmask[None, :], _log2_logits(s, qk_scale, cap_scale, SOFTCAP), float("-inf"))
         m_i, l_i, alpha, p = _softmax_step(s, m_i, l_i)
         acc = acc * alpha[:, None]
         accz = accz * alpha

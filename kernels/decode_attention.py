@@ -23,7 +23,8 @@ groups ``g_k`` (divides ``Gd``) and ``g_v`` (divides ``d``); codes packed with
 
 ``q [B, n_q, d]`` is post-RoPE, ``n_q = n_kv * rep`` (query head ``i`` reads KV head
 ``i // rep``, as ``repeat_kv``). The output ``[B, n_q, d]`` (dtype of ``q``) is in the rotated
-value space: ``softmax(sm_scale * q·k) @ v`` over every valid quantized and fp-segment token.
+value space: ``softmax(sm_scale * q·k) @ v`` over every valid quantized and fp-segment token
+(with ``softcap``, Gemma 2's attention-logit cap: ``softmax(softcap * tanh(sm_scale * q·k / softcap)) @ v``).
 
 Kernel: grid ``(B, n_kv, n_splits + has_fp)``. A program owns one KV head and its ``rep``
 query heads, and one contiguous split of the quantized tokens (the last program index
@@ -95,13 +96,12 @@ from rkv_convert.runtime.ops import dequantize_keys, dequantize_values, rope
 from ._common import Backend, device_guard, next_pow2, resolve_backend, triton_interpreting
 from ._occupancy import record_residency, resident_per_sm, sm_count, wave_splits
 from .decode_chunk import chunk_kernel_supports, code_column_factors, keys_grouped_by_chunk, launch_chunk_kernel
-from ._chunk_parts import launch_strides
+from ._chunk_parts import _log2_logits, launch_strides, logit_scales
 from ._decode_parts import _NPLANES, _byte_tiles, _cos_sin, _plane_codes, _softmax_step
 from .packed_kv import PackedKV
 
 __all__ = ["KERNEL_DEFAULTS", "PreparedRotation", "decode_attention", "decode_attention_ref", "num_splits_for", "prepare_rotation"]
 
-_LOG2E = 1.0 / math.log(2.0)
 Kernel = Literal["auto", "head", "chunk"]
 # Launch settings per kernel, the fastest timed on an H100 (benchmarks/bench_decode_attention.py --tune).
 KERNEL_DEFAULTS: dict[str, dict[str, int]] = {
@@ -193,14 +193,16 @@ def decode_attention_ref(
     v_bits: int,
     k_group_size: int,
     v_group_size: int,
+    softcap: float | None = None,
     compute_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Pure-torch reference of :func:`decode_attention` (arguments as there).
 
     Dequantize and unrotate the keys (``runtime.ops.dequantize_keys``), RoPE at each key's
     position (``runtime.ops.rope``), dequantize the values (``runtime.ops.dequantize_values``):
-    the same references the CPU runtime and ``rkv eval`` use; then ``repeat_kv``, softmax with
-    ``-inf`` for empty slots, matmul with the values; all in fp32.
+    the same references the CPU runtime and ``rkv eval`` use; then ``repeat_kv``, scores
+    ``sm_scale * q·k`` (soft-capped to ``softcap * tanh(scores / softcap)`` when ``softcap`` is
+    given), softmax with ``-inf`` for empty slots, matmul with the values; all in fp32.
     A sequence without any valid token gets zeros (the kernel does the same).
     ``compute_dtype`` (tests only) rounds the matmul operands to a lower precision, as the
     kernel does for fp16/bf16 queries, to measure the error a low-precision computation has.
@@ -229,6 +231,8 @@ def decode_attention_ref(
     k = k.repeat_interleave(rep, 1)  # repeat_kv: query head i reads KV head i // rep
     v = v.repeat_interleave(rep, 1)
     scores = mm(q.float()[:, :, None, :], k.transpose(-1, -2)).squeeze(2) * sm_scale  # [B, n_q, S]
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
     p = torch.softmax(scores, -1).nan_to_num(0.0)  # a row without any valid token: zeros
     out = mm(p[:, :, None, :], v).squeeze(2)
@@ -251,9 +255,10 @@ def _expand_groups(sz_row, tmask, onehot, NG: tl.constexpr, NG_PAD: tl.constexpr
 
 
 @triton.jit
-def _scores(k_lo, k_hi, p_t, valid, q_lo, q_hi, freq, rope_scaling, qk_scale,
-            PREC: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
-    """RoPE of pre-RoPE key halves ``[BLOCK_T, d/2]`` at ``p_t``, then scores ``[BLOCK_T, QP]`` (log2 units)."""
+def _scores(k_lo, k_hi, p_t, valid, q_lo, q_hi, freq, rope_scaling, qk_scale, cap_scale,
+            PREC: tl.constexpr, USE_LIBDEVICE: tl.constexpr, SOFTCAP: tl.constexpr):
+    """RoPE of pre-RoPE key halves ``[BLOCK_T, d/2]`` at ``p_t``, then logits ``[BLOCK_T, QP]`` (log2 units,
+    soft-capped with ``SOFTCAP``: :func:`~._chunk_parts._log2_logits`)."""
     cos, sin = _cos_sin(p_t.to(tl.float32)[:, None] * freq[None, :], USE_LIBDEVICE)
     cos = cos * rope_scaling
     sin = sin * rope_scaling
@@ -261,7 +266,7 @@ def _scores(k_lo, k_hi, p_t, valid, q_lo, q_hi, freq, rope_scaling, qk_scale,
     r_hi = (k_hi * cos + k_lo * sin).to(q_lo.dtype)
     s = tl.dot(r_lo, tl.trans(q_lo), input_precision=PREC)
     s = tl.dot(r_hi, tl.trans(q_hi), s, input_precision=PREC)
-    return tl.where(valid[:, None], s * qk_scale, float("-inf"))
+    return tl.where(valid[:, None], _log2_logits(s, qk_scale, cap_scale, SOFTCAP), float("-inf"))
 
 
 @triton.jit
@@ -279,12 +284,12 @@ def _decode_kernel(
     s_kcb, s_kch, s_kct, s_ksb, s_ksh, s_kst, s_kzb, s_kzh, s_kzt,
     s_vcb, s_vch, s_vct, s_vsb, s_vsh, s_vst, s_vzb, s_vzh, s_vzt,
     s_pb, s_fkb, s_fkh, s_fkt, s_fvb, s_fvh, s_fvt, s_fpb,
-    T, F, tokens_per_split, n_splits, n_parts, qk_scale, rope_scaling,
+    T, F, tokens_per_split, n_splits, n_parts, qk_scale, cap_scale, rope_scaling,
     D: tl.constexpr, G: tl.constexpr, REP: tl.constexpr, QP: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, NGK: tl.constexpr, NGK_PAD: tl.constexpr,
     GV: tl.constexpr, NGV: tl.constexpr, NGV_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr, HAS_FP: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
-    USE_LIBDEVICE: tl.constexpr, KRON: tl.constexpr,
+    USE_LIBDEVICE: tl.constexpr, KRON: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """Grid ``(B, n_kv, n_parts)``; writes fp32 partial outputs and log2-sum-exp per part.
 
@@ -414,7 +419,7 @@ def _decode_kernel(
                     k_lo = tl.dot(y, tl.load(rt), k_lo, input_precision=PREC)
                     k_hi = tl.dot(y, tl.load(rt + HALF), k_hi, input_precision=PREC)
         s = _scores(k_lo + mean_lo[None, :], k_hi + mean_hi[None, :], p_t, valid, q_lo, q_hi, freq,
-                    rope_scaling, qk_scale, PREC, USE_LIBDEVICE)
+                    rope_scaling, qk_scale, cap_scale, PREC, USE_LIBDEVICE, SOFTCAP)
         m_i, l_i, alpha, p = _softmax_step(s, m_i, l_i)
         p = p.to(dt)
         # values: plane j of the head's channels, dequantized, into accumulator j
@@ -450,7 +455,8 @@ def _decode_kernel(
             k_row = fk_base + ff[:, None] * s_fkt
             k_lo = tl.load(k_row + c[None, :], mask=fmask[:, None], other=0.0).to(tl.float32)
             k_hi = tl.load(k_row + HALF + c[None, :], mask=fmask[:, None], other=0.0).to(tl.float32)
-            s = _scores(k_lo, k_hi, p_t, valid, q_lo, q_hi, freq, rope_scaling, qk_scale, PREC, USE_LIBDEVICE)
+            s = _scores(k_lo, k_hi, p_t, valid, q_lo, q_hi, freq, rope_scaling, qk_scale, cap_scale, PREC,
+                        USE_LIBDEVICE, SOFTCAP)
             m_i, l_i, alpha, p = _softmax_step(s, m_i, l_i)
             p = p.to(dt)
             v_row = fv_base + ff[:, None] * s_fvt + 4 * ii[None, :]
@@ -657,6 +663,7 @@ def decode_attention(
     v_bits: int,
     k_group_size: int,
     v_group_size: int,
+    softcap: float | None = None,
     num_splits: int | None = None,
     block_t: int | None = None,
     num_warps: int | None = None,
@@ -676,6 +683,8 @@ def decode_attention(
             device) to skip the per-call preparation; k_mean: fp32 ``[n_kv*d]``; k_gid: int32 ``[n_hg, Gd]``.
         inv_freq: fp32 ``[d/2]``; attention_scaling: cos/sin factor; sm_scale: score factor.
         k_bits, v_bits: 2, 3 or 4; k_group_size, v_group_size: channels per group.
+        softcap: attention-logit soft cap (Gemma 2): logits ``softcap * tanh(sm_scale * q·k / softcap)``;
+            None: no cap.
         num_splits: context splits of the quantized tokens (None: about two programs per SM).
         block_t: tokens per inner step of the kernel (power of two >= 16).
         num_warps: warps per program of the main kernel.
@@ -703,7 +712,8 @@ def decode_attention(
         rotation = prep.rotation
     kw = dict(rotation=rotation, k_mean=k_mean, k_gid=k_gid, inv_freq=inv_freq,
               attention_scaling=attention_scaling, sm_scale=sm_scale, k_bits=k_bits, v_bits=v_bits,
-              k_group_size=k_group_size, v_group_size=v_group_size)
+              k_group_size=k_group_size, v_group_size=v_group_size, softcap=softcap)
+    qk_scale, cap_scale = logit_scales(sm_scale, softcap)  # refuses a cap <= 0 on every backend
     if not resolve_backend(backend, q):
         return decode_attention_ref(q, kv, **kw)
     k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, pos, fp_k, fp_v, fp_pos = kv
@@ -745,7 +755,7 @@ def decode_attention(
         raise ValueError(f"block_t must be a power of two >= 16, got {block_t}")
     has_fp = fp_k is not None
     residency_key = (kernel, dev, block_t, num_warps, num_stages, G, rep, d, k_bits, v_bits, n_gk, n_gv,
-                     q.dtype, has_fp, bool(factored))  # fmt: skip
+                     q.dtype, has_fp, bool(factored), softcap is not None)  # fmt: skip
     if num_splits is None:
         num_splits = num_splits_for(B, n_kv // G if kernel == "chunk" else n_kv, T, block_t, dev, resident_per_sm(residency_key))
     num_splits = min(max(num_splits, 1), triton.cdiv(T, block_t)) if T > 0 else 0
@@ -773,7 +783,8 @@ def decode_attention(
             qc, kv, a=prep.a, m=m, beta=beta, vcol=vcol, mean=mean, freq=freq, o_part=o_part, lse_part=lse_part,
             dims=dm, tokens_per_split=tokens_per_split, num_splits=num_splits, has_fp=has_fp,
             k_bits=k_bits, v_bits=v_bits, v_group_size=v_group_size,
-            qk_scale=sm_scale * _LOG2E, rope_scaling=float(attention_scaling), dot_dtype=dot_dtype,
+            qk_scale=qk_scale, cap_scale=cap_scale, softcap=softcap is not None,
+            rope_scaling=float(attention_scaling), dot_dtype=dot_dtype,
             precision=precision, use_libdevice=not triton_interpreting(),
             block_t=block_t, num_warps=num_warps, num_stages=num_stages,
         )
@@ -784,13 +795,13 @@ def decode_attention(
     with device_guard(qc):  # Triton launches on the current device
         compiled = _decode_kernel[(B, n_kv, n_parts)](
             qc, *kv[:7], prep.rtp, a, btp, mean, gidp, freq, *kv[7:], o_part, lse_part, *launch_strides(qc, kv),
-            T, F, tokens_per_split, num_splits, n_parts, sm_scale * _LOG2E, float(attention_scaling),
+            T, F, tokens_per_split, num_splits, n_parts, qk_scale, cap_scale, float(attention_scaling),
             D=d, G=G, REP=rep, QP=max(16, next_pow2(rep)),
             K_BITS=k_bits, V_BITS=v_bits, NGK=n_gk, NGK_PAD=max(16, next_pow2(n_gk)),
             GV=v_group_size, NGV=n_gv, NGV_PAD=max(16, next_pow2(n_gv)),
             BLOCK_T=block_t, HAS_FP=has_fp, DOT_DTYPE=tl.float16 if dot_dtype == torch.float16 else tl.float32,
             PREC=precision,
-            USE_LIBDEVICE=not triton_interpreting(), KRON=bool(factored),
+            USE_LIBDEVICE=not triton_interpreting(), KRON=bool(factored), SOFTCAP=softcap is not None,
             num_warps=num_warps, num_stages=num_stages,
         )
     record_residency(residency_key, compiled, dev)

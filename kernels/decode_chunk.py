@@ -37,7 +37,8 @@ import triton.language as tl
 from ._common import device_guard, next_pow2
 from .packed_kv import PackedKV
 from ._decode_parts import _slot_rope, _softmax_step
-from ._chunk_parts import _as_float, _as_words, _chunk_codes, _dequant_values, _fp_segment, _store_partial, launch_strides
+from ._chunk_parts import (_as_float, _as_words, _chunk_codes, _dequant_values, _fp_segment, _log2_logits, _store_partial,
+                           launch_strides)
 
 __all__ = ["chunk_kernel_supports", "code_column_factors", "keys_grouped_by_chunk", "launch_chunk_kernel"]
 
@@ -129,13 +130,15 @@ def _chunk_kernel(
     s_kcb, s_kch, s_kct, s_ksb, s_ksh, s_kst, s_kzb, s_kzh, s_kzt,
     s_vcb, s_vch, s_vct, s_vsb, s_vsh, s_vst, s_vzb, s_vzh, s_vzt,
     s_pb, s_fkb, s_fkh, s_fkt, s_fvb, s_fvh, s_fvt, s_fpb,
-    T, F, tokens_per_split, n_splits, n_parts, n_q, qk_scale, rope_scaling,
+    T, F, tokens_per_split, n_splits, n_parts, n_q, qk_scale, cap_scale, rope_scaling,
     D: tl.constexpr, G: tl.constexpr, REP: tl.constexpr, QP: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, GV: tl.constexpr, NGV: tl.constexpr,
     BLOCK_T: tl.constexpr, HAS_FP: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-    USE_LIBDEVICE: tl.constexpr,
+    USE_LIBDEVICE: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """Grid ``(B, n_hg, n_parts)``; writes fp32 partial outputs and log2-sum-exp per part.
+
+    Logits: :func:`~._chunk_parts._log2_logits` of the scores (``SOFTCAP``: Gemma 2's soft cap).
 
     ``m [d, d]`` (dot dtype): ``B^T`` with row ``i`` times ``2^-(K_BITS * (i mod 8/K_BITS))``;
     ``beta fp32 [d]``: ``1 B^T``; ``vcol fp32 [d]``: the value accumulator's column factors.
@@ -212,7 +215,7 @@ def _chunk_kernel(
             else:
                 ag = a3
             s += (sg * scale + rb * zero) * ag
-        s = tl.where(valid[:, None] & qmask[None, :], s * qk_scale, float("-inf"))
+        s = tl.where(valid[:, None] & qmask[None, :], _log2_logits(s, qk_scale, cap_scale, SOFTCAP), float("-inf"))
         m_i, l_i, alpha, p = _softmax_step(s, m_i, l_i)
         acct = acct * alpha[None, :]
         accz = accz * alpha
@@ -229,8 +232,8 @@ def _chunk_kernel(
         m_i, l_i, acc, accz = _fp_segment(
             fk_ptr + b * s_fkb + hg * G * s_fkh, fv_ptr + b * s_fvb + hg * G * s_fvh, fpos_ptr + b * s_fpb,
             s_fkh, s_fkt, s_fvh, s_fvt, tl.where(split == n_splits, F, 0), freq, rope_scaling,
-            qd_lo, qd_hi, qhead, qmask, qk_scale, m_i, l_i, acc, accz, 1.0,
-            D, G, QP, BLOCK_T, DT, PREC, USE_LIBDEVICE)
+            qd_lo, qd_hi, qhead, qmask, qk_scale, cap_scale, m_i, l_i, acc, accz, 1.0,
+            D, G, QP, BLOCK_T, DT, PREC, USE_LIBDEVICE, SOFTCAP)
 
     _store_partial(o_ptr, lse_ptr, acc + accz[:, None], m_i, l_i, (b * n_q + hg * G * REP + qi) * n_parts + split,
                    qmask, D)
@@ -256,6 +259,8 @@ def launch_chunk_kernel(
     v_bits: int,
     v_group_size: int,
     qk_scale: float,
+    cap_scale: float,
+    softcap: bool,
     rope_scaling: float,
     dot_dtype: torch.dtype,
     precision: str,
@@ -271,7 +276,8 @@ def launch_chunk_kernel(
 
     ``m``: ``B^T`` with rows times :func:`code_column_factors` of ``k_bits`` (dot dtype);
     ``beta``: fp32 ``1 B^T``; ``vcol``: :func:`code_column_factors` of ``v_bits`` when a head has
-    one value group, else ones.
+    one value group, else ones. ``qk_scale``, ``cap_scale``: :func:`~._chunk_parts.logit_scales`;
+    ``softcap``: whether the logits are soft-capped.
     """
     kv = kv._replace(k_codes=_as_words(kv.k_codes), v_codes=_as_words(kv.v_codes))
     k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, pos, fk, fv, fpos = kv
@@ -283,10 +289,10 @@ def launch_chunk_kernel(
             q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, pos,
             a, m, beta, mean, vcol, freq, fk, fv, fpos, o_part, lse_part,
             *launch_strides(q, kv),
-            T, F, tokens_per_split, num_splits, n_parts, n_q, qk_scale, rope_scaling,
+            T, F, tokens_per_split, num_splits, n_parts, n_q, qk_scale, cap_scale, rope_scaling,
             D=d, G=G, REP=rep, QP=max(16, next_pow2(G * rep)),
             K_BITS=k_bits, V_BITS=v_bits, GV=v_group_size, NGV=d // v_group_size,
             BLOCK_T=block_t, HAS_FP=has_fp, DT=tl.float16 if dot_dtype == torch.float16 else tl.float32,
-            PREC=precision, USE_LIBDEVICE=use_libdevice,
+            PREC=precision, USE_LIBDEVICE=use_libdevice, SOFTCAP=softcap,
             num_warps=num_warps, num_stages=num_stages,
         )

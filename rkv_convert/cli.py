@@ -139,7 +139,6 @@ def _check_calibration_inputs(model: str, out: Path, data: str, options, device:
     """Everything ``rkv calibrate`` can check without the weights; returns the model's config."""
     from .calibrate.search import PERM_STATISTICS
     from .calibration_data.sources import check_source
-    from .models.adapters import check_key_layout
     from .models.loading import load_config
     from .outdir import check_output_dir
 
@@ -156,7 +155,6 @@ def _check_calibration_inputs(model: str, out: Path, data: str, options, device:
         check_device(device)
     check_source(data)
     config = load_config(model, trust_remote_code)
-    check_key_layout(config, options.key_layout)
     check_length("--seqlen", options.seqlen, config)
     return config
 

@@ -27,10 +27,6 @@ LONGROPE = ("phi3_longrope", "phi4mini")
 LONGROPE_LIMIT = 256
 """``original_max_position_embeddings`` of the longrope rows (``max_position_embeddings`` is 512)."""
 
-SOFTCAPPED = ("gemma2",)
-"""Families with attention-logit soft-capping: the pre-RoPE key layout refuses them (folded only)."""
-PREROPE_FAMILIES = tuple(f for f in FAMILIES if f not in SOFTCAPPED)
-
 _MOE = dict(num_experts_per_tok=2, moe_intermediate_size=32)
 _EXTRA = {
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),

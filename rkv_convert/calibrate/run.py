@@ -23,7 +23,7 @@ from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from ..export.format import DEFAULT_KEY_LAYOUT, KEY_LAYOUTS, KeyLayout
-from ..models.adapters import attach, check_key_layout, head_dim, stock_attention, text_config
+from ..models.adapters import attach, head_dim, stock_attention, text_config
 from ..models.compat import check_transformers_version
 from ..quant.codec import folded_head_rotations, rotate_groups
 from ..quant.hadamard import hadamard_matrix
@@ -175,7 +175,6 @@ def calibrate(
 ) -> CalibrationArtifact:
     """Run the three passes over ``batches`` (``int64 [n, seqlen]``) and return the artifact."""
     check_transformers_version()
-    check_key_layout(model.config, options.key_layout)
     offloaded = [name for name, p in model.named_parameters() if p.is_meta]
     if offloaded:
         raise ValueError(

@@ -47,7 +47,6 @@ __all__ = [
     "attention_softcap",
     "attention_window",
     "check_contract",
-    "check_key_layout",
     "config_softcap",
     "decoder",
     "decoder_layers",
@@ -391,18 +390,6 @@ def attention_softcap(module: nn.Module) -> float | None:
 def config_softcap(config: object) -> float | None:
     """The attention-logit soft cap a model of ``config`` applies (``None``: none), from the config alone."""
     return _softcap(adapter_for(config), text_config(config))
-
-
-def check_key_layout(config: object, key_layout: str) -> None:
-    """Refuse the ``prerope`` key layout for a soft-capped family: its decode kernel applies no cap.
-
-    Reads the config alone, so ``rkv calibrate`` refuses before loading weights.
-    """
-    if key_layout == "prerope" and config_softcap(config) is not None:
-        raise UnsupportedModelError(
-            f"{getattr(config, 'model_type', '?')} caps its attention logits (soft-capping), which the prerope key "
-            "layout's decode kernel does not apply; use the folded key layout (--key-layout folded, the default)"
-        )
 
 
 def attention_window(module: nn.Module) -> int | None:

@@ -137,7 +137,7 @@ def rkv_attention(
         out = decode_folded(q_rot[:, :, 0], layer.packed_kv(), params, backend=layer.backend)
         layer.flush()
         return out.to(query.dtype).reshape(b, 1, -1)
-    if t == 1:  # decode (RkvCache.from_checkpoint refuses soft-capped models in this layout)
+    if t == 1:  # decode, pre-RoPE keys: the kernel dequantizes, unrotates and RoPEs each cached key
         inv_freq, rope_scaling = layer.rope_or_raise()
         layer.append(k_store, value, pos, valid, sinks)
         out = decode_attention(
@@ -145,7 +145,8 @@ def rkv_attention(
             rotation=codec.prepared_rotation(query.dtype), k_mean=codec.k_mean, k_gid=codec.k_gid,
             inv_freq=inv_freq, attention_scaling=rope_scaling, sm_scale=module.scaling,
             k_bits=codec.key_bits, v_bits=codec.value_bits,
-            k_group_size=codec.key_group_size, v_group_size=codec.value_group_size, backend=layer.backend,
+            k_group_size=codec.key_group_size, v_group_size=codec.value_group_size,
+            softcap=attention_softcap(module), backend=layer.backend,
         )  # fmt: skip
         layer.flush()
         return out.to(query.dtype).reshape(b, 1, -1)

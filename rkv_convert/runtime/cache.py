@@ -62,7 +62,7 @@ from ..kernels.decode_attention import PreparedRotation, prepare_rotation
 from ..kernels.decode_folded import FoldedParams
 from ..kernels.packed_kv import PackedKV
 from ..kernels.quantize_pack import group_ids_from_perm, quantize_pack
-from ..models.adapters import adapter_for, attention_modules, check_key_layout, decoder_layers, layer_rope
+from ..models.adapters import adapter_for, attention_modules, decoder_layers, layer_rope
 from ..quant.codec import folded_head_rotations
 from ..quant.packing import packed_width
 from .ops import fold_keys, mean_at
@@ -660,7 +660,6 @@ class RkvCache(Cache):
     ) -> "RkvCache":
         """A cache for ``model`` (whose RoPE table it copies) with ``checkpoint``'s calibration."""
         config = checkpoint.config
-        check_key_layout(model.config, config.key_layout)
         ropes = layer_rope(model)  # per layer: Gemma 3's sliding layers have their own base
         devices = _layer_devices(model, ropes[0][0].device)
         codecs = [

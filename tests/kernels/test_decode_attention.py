@@ -127,6 +127,25 @@ def test_wave_splits_minimise_block_steps(programs: int, n_blocks: int, slots: i
     assert num_splits_for(programs, 1, n_blocks * 16, 16, torch.device("cpu"), resident_per_sm=slots // 4) == even
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("kernel", ["head", "chunk"])
+def test_softcap_matches_reference(kernel: str, dtype: torch.dtype) -> None:
+    """Gemma 2's soft-capped logits (``cap * tanh(sm_scale * q·k / cap)``): both kernels against the reference,
+    with a cap small enough to bind (scores several times the cap), across two splits and the fp segment."""
+    c = make_case(dtype=dtype, B=2, n_kv=2, rep=2, d=64, T=50, F=3, g_k=64, g_v=32, permute=kernel == "head")
+    capped = Case(c.q, c.cache, {**c.kw, "softcap": 2.0})
+    plain = _call(decode_attention_ref, c.q.float(), c.cache, _f32(c))
+    assert (plain - _call(decode_attention_ref, c.q.float(), c.cache, _f32(capped))).abs().max() > 0.05  # the cap bites
+    _check(capped, _run(capped, kernel=kernel, num_splits=2, block_t=16))
+
+
+def test_softcap_must_be_positive() -> None:
+    c = make_case(B=1, n_kv=1, rep=1, d=64, T=8)
+    for backend in ("reference", "triton"):
+        with pytest.raises(ValueError, match="softcap must be positive"):
+            _call(decode_attention, on_device(c.q), on_device(c.cache), on_device({**c.kw, "softcap": 0.0}), backend=backend)
+
+
 def test_dense_rotation_path() -> None:
     """``factored=False``: the dense inverse rotation, even where a factorisation exists."""
     c = make_case(B=2, n_kv=2, rep=2, d=64, G=1, T=70, F=2, g_k=32)

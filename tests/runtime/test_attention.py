@@ -4,7 +4,7 @@ import pytest
 import torch
 from reference_handler import EvalReference
 from rkv_fixtures import make_checkpoint
-from tiny_models import PREROPE_FAMILIES, tiny_model
+from tiny_models import FAMILIES, tiny_model
 
 from rkv_convert.models.compat import cache_kwargs
 from rkv_convert.models.adapters import attach
@@ -46,7 +46,7 @@ def _run(model, handler, ids, mask, steps: int, cache=None, chunk: torch.Tensor 
     return torch.cat(logits, 1)
 
 
-@pytest.mark.parametrize("family", PREROPE_FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_prefill_is_the_stock_model(family: str) -> None:
     check_prefill_is_the_stock_model(tiny_model(family))
 

@@ -10,7 +10,7 @@ import torch
 from reference_handler import EvalReference
 from rkv_fixtures import decode_logits, make_checkpoint
 from test_attention import _prompt, _run, check_multi_token_step_against_reference
-from tiny_models import SOFTCAPPED, tiny_gemma3_multimodal, tiny_model
+from tiny_models import tiny_gemma3_multimodal, tiny_model
 
 from rkv_convert.runtime.attention import rkv_attention
 from rkv_convert.runtime.cache import CacheSettings, RkvCache
@@ -22,10 +22,7 @@ SHAPES["gemma2"] = [(64, 4, 4), (256, 4, 2)]
 SHAPES["gemma3"] = [(64, 4, 4), (256, 4, 1)]
 SETTINGS = CacheSettings(recent_window=4, flush_block=4, max_sinks=2)
 CASES = [(f, *shape) for f in NEW for shape in SHAPES[f]]
-
-
-def _layouts(family: str) -> list[str]:
-    return ["folded"] if family in SOFTCAPPED else ["folded", "prerope"]
+LAYOUTS = ("folded", "prerope")
 
 
 def _decode_matches_reference(model, label: str, layout: str) -> tuple[object, RkvCache, tuple[torch.Tensor, torch.Tensor]]:
@@ -42,7 +39,7 @@ def _decode_matches_reference(model, label: str, layout: str) -> tuple[object, R
 
 @pytest.mark.parametrize("family,head_dim,n_heads,n_kv", CASES)
 def test_decode_matches_evaluation_reference(family: str, head_dim: int, n_heads: int, n_kv: int) -> None:
-    for layout in _layouts(family):  # a fresh model per layout: make_checkpoint fuses the value rotation in place
+    for layout in LAYOUTS:  # a fresh model per layout: make_checkpoint fuses the value rotation in place
         model = tiny_model(family, head_dim=head_dim, n_heads=n_heads, n_kv=n_kv)
         _, cache, _ = _decode_matches_reference(model, f"{family} {layout}", layout)
         assert cache.layers[-1].n_quant > 0
@@ -58,7 +55,7 @@ def test_triton_interpreter_matches_reference_backend(family: str) -> None:
     """backend='auto' (Triton; the interpreter on CPU) gives the reference backend's logits."""
     head_dim, n_heads, n_kv = SHAPES[family][-1]
     layers = 2 if family.startswith("gemma") else 1  # Gemma: one sliding and one global layer
-    for layout in _layouts(family):
+    for layout in LAYOUTS:
         model = tiny_model(family, layers=layers, head_dim=head_dim, n_heads=n_heads, n_kv=n_kv)
         ckpt = make_checkpoint(model, bits=2, key_group_size=32, value_group_size=32, key_layout=layout)
         ids, mask = _prompt(t=10, pad=2)
@@ -67,18 +64,11 @@ def test_triton_interpreter_matches_reference_backend(family: str) -> None:
         torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3, msg=lambda m: f"{family} {layout}: {m}")
 
 
-def test_prerope_layout_refuses_soft_capped_models_naming_the_fix() -> None:
-    model = tiny_model("gemma2")
-    ckpt = make_checkpoint(model, bits=2, key_layout="prerope")
-    with pytest.raises(ValueError, match="gemma2 caps its attention logits.*--key-layout folded"):
-        RkvCache.from_checkpoint(ckpt, model)
-
-
 @pytest.mark.parametrize("family", ["gemma2", "gemma3", "mistral", "phi3"])
 def test_sliding_window_layers_attend_to_their_window_only(family: str) -> None:
     """A window of 6 tokens, a 21-token prompt and 8 decode steps, then a 5-token chunk: tokens that
     left a sliding layer's window are never attended again (decode, multi-token step, both layouts)."""
-    for layout in _layouts(family):
+    for layout in LAYOUTS:
         model = tiny_model(family, sliding_window=6)
         ckpt, _, (ids, mask) = _decode_matches_reference(model, f"{family} {layout}", layout)
         chunk = torch.randint(0, 128, (2, 5))
@@ -126,7 +116,7 @@ def test_triton_on_cuda_matches_reference_backend(family: str, dtype: torch.dtyp
     head_dim, n_heads, n_kv = SHAPES[family][-1]
     settings = CacheSettings(recent_window=8, flush_block=8, max_sinks=2)
     ids = torch.randint(0, 128, (3, 70), device="cuda")
-    for layout in _layouts(family):
+    for layout in LAYOUTS:
         model = tiny_model(family, head_dim=head_dim, n_heads=n_heads, n_kv=n_kv, sliding_window=24)
         ckpt = make_checkpoint(model, bits=2, key_group_size=32, value_group_size=32, key_layout=layout)
         model = model.to("cuda", dtype)
