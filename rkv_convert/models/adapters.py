@@ -337,13 +337,14 @@ def rope_limit(config: object) -> RopeLimit | None:
     """The most tokens one sequence may reach in rkv for a model whose RoPE changes with the length; ``None``: no such limit.
 
     ``longrope`` (Phi-3-*-128k, Phi-4-mini): ``original_max_position_embeddings``. transformers
-    switches the whole forward to the long factors once a position reaches it; the rkv cache keeps
+    switches the whole forward to the long factors once a sequence is longer; the rkv cache keeps
     keys rotated with the short factors (the folded layout's mean term uses one table per layer),
     so sequences stay within it. Read from the config alone (checks run before weights load).
     """
     cfg = text_config(config)
     limits = [
-        int(p.get("original_max_position_embeddings") or getattr(cfg, "original_max_position_embeddings"))
+        int(p.get("original_max_position_embeddings") or getattr(cfg, "original_max_position_embeddings", None)
+            or cfg.max_position_embeddings)  # transformers' own default when neither is given
         for p in _rope_parameter_sets(cfg)
         if p.get("rope_type") == "longrope"
     ]
