@@ -459,10 +459,10 @@ def _full_width_rope(
     cos_full = torch.cat([cos[..., :half], ones, cos[..., :half], ones], dim=-1)
     sin_full = torch.cat([sin[..., :half], ones * 0, sin[..., :half], ones * 0], dim=-1)
     query, key = query[..., perm], key[..., perm]
-    if scaling != 1.0:
-        unrotated = torch.ones(d, dtype=query.dtype, device=query.device)
+    if scaling != 1.0:  # in fp32: no rounded 1/scaling in a low-precision model
+        unrotated = torch.ones(d, dtype=torch.float32, device=query.device)
         unrotated[half : half + rest] = unrotated[d - rest :] = 1.0 / scaling
-        query, key = query * unrotated, key * unrotated
+        query, key = (query.float() * unrotated).to(query.dtype), (key.float() * unrotated).to(key.dtype)
     return query, key, cos_full, sin_full
 
 
