@@ -22,44 +22,43 @@ head ``i`` reads KV head ``i // rep``). Since ``RoPE_n(k_n) = y_n R_h^T + RoPE_n
     q · RoPE_n(mu)  = Σ_{i<d/2} A_i cos(n θ_i) + B_i sin(n θ_i)   (times attention_scaling),
     A_i = q_i mu_i + q_{i+d/2} mu_{i+d/2},   B_i = q_{i+d/2} mu_i - q_i mu_{i+d/2}.
 
-Every key transform moves to the query, once per program: ``q' = q R_h`` and ``A, B``. What is
-left per key is a plain dot with 2-bit codes plus the cos/sin dot of the mean term.
+Two launches (plus the split-K merge):
 
-Kernel (grid ``(B, n_kv, n_parts)``, one program per KV head, its ``rep`` query heads and one
-contiguous split of slots; split-K with a log-sum-exp merge, or one launch when there is a single
-part):
+1. **Mean bias** (grid ``(B, T / 64)``): ``bias[b, i, t] = q_i · RoPE_{pos[b,t]}(mu)`` for every
+   query head and slot, ``-inf`` for empty slots (``pos == -1``). The coefficients ``A, B`` are
+   formed in the kernel; cos/sin of each slot's own position (the fast hardware unit after a
+   Cody-Waite reduction) meet them in two dots. It reads the positions once for all heads and
+   writes ``4 n_q`` bytes per slot (the main kernel reads them back): about 10 % of the packed
+   bytes for MHA, more for GQA.
+2. **Attention** (grid ``(B, n_kv, n_parts)``, one program per KV head, its ``rep`` query heads
+   and one contiguous split of slots; split-K with a log-sum-exp merge, or one launch when there
+   is a single part). Per program, once: ``q' = q R_h`` (3xTF32 for 16-bit queries). Per block of
+   ``BLOCK_N`` slots:
 
-- **Codes as four planes.** Plane ``j`` of a packed byte tile ``[BLOCK_N, d/4]`` holds channels
-  ``4i + j`` (one shift per byte, no interleave); each plane meets the matching rows of ``q'`` in a
-  ``tl.dot``. On CUDA, 2-bit planes become fp16 ``4 + code`` directly by byte permutes (two
-  ``prmt`` per four codes, no conversion instruction); the bias ``4`` is folded into the zero term.
-- **Scales and zeros on score entries, not key elements.** The dot's columns are
-  ``(query row r, key group g)`` pairs: column ``(r, g)`` of ``q'`` keeps only group ``g``'s
-  channels, so one dot gives every group's partial dot ``q'_g · c_g``; then
-  ``score_r = Σ_g s_g (q'_g · c_g) + z_g Σ q'_g`` on ``[BLOCK_N, R, groups]`` entries.
-- **The mean term by angle addition.** For a block whose valid slots hold consecutive positions
-  ``n0 + k`` (true except where a block straddles a gap in positions; ``-1`` slots and left
-  padding do not break it), ``cos((n0+k)θ) = cos(n0θ)cos(kθ) - sin(n0θ)sin(kθ)``: the program's
-  constant ``[cos(kθ) | sin(kθ)]`` table (``[BLOCK_N, d]``, in registers) meets the coefficients
-  ``(A, B)`` rotated by ``n0θ`` (``d`` cos/sin per block, not per key) in one more dot into an
-  extra column slot of the same accumulator. Other blocks take the exact path: cos/sin of each
-  slot's own position (the fast hardware unit after a Cody-Waite reduction), as fp32 queries
-  always do. The angle-addition angle ``n0θ + kθ`` differs from ``fl(nθ)`` by fp32 rounding of
-  the position product (``~n 2^-24`` rad), the same size as that rounding in RoPE itself.
-- **Values:** the softmax weights times each value group's scale make the left operand
-  ``[(r, g), BLOCK_N]`` of a dot with each value plane; zeros become one running sum per ``(r, g)``.
-- Full-precision segment in its own part (the last program index), or inside the only split.
+   - **Codes as four planes.** Plane ``j`` of a packed byte tile ``[BLOCK_N, d/4]`` holds channels
+     ``4i + j`` (one shift per byte, no interleave); each plane meets the matching rows of ``q'`` in
+     a ``tl.dot``. On CUDA, 2-bit planes become fp16 ``4 + code`` directly by byte permutes (two
+     ``prmt`` per four codes, no conversion instruction); the bias ``4`` is folded into the zero term.
+   - **Scales and zeros on score entries, not key elements.** The dot's columns are
+     ``(query row r, key group g)`` pairs (zero-padded to the dot's minimum width of 16): column
+     ``(r, g)`` of ``q'`` keeps only group ``g``'s channels, so one dot gives every group's partial
+     dot ``q'_g · c_g``; then ``score_r = Σ_g s_g (q'_g · c_g) + z_g Σ q'_g + bias_r``.
+   - **Values:** the softmax weights times each value group's scale make the left operand
+     ``[(r, g), BLOCK_N]`` of a dot with each value plane; zeros become one running sum per ``(r, g)``.
+   - Every load of a block (codes, scales, zeros, bias) is issued ``num_stages - 1`` blocks ahead
+     (``cp.async`` into shared memory): scales and zeros are read as whole ``[BLOCK_N, groups]``
+     rows, which needs the slot stride of the scale tensors to be their group count.
+   - Full-precision segment in its own part (the last program index), or inside the only split.
 
 Dot operands are fp16 for fp16 queries and fp32 (IEEE) for fp32/bf16 queries, accumulation fp32
-everywhere; ``q'`` itself is computed in-kernel in fp32 (3xTF32 for 16-bit queries).
+everywhere.
 
-Measured status (H200, ``benchmarks/results/decode_folded.csv``): correct, but NOT at memory
-speed: 0.57-0.72x fp16 SDPA at >= 16k (about 400-520 GB/s, 9-12 % of the 2-bit byte floor).
-Every compiled variant sits at 255 registers per thread (two programs per SM: latency-bound);
-prefetching one block ahead spilled and was slower; the exact and angle-addition mean paths time
-the same, so the bottleneck is the code/score/value tile traffic, not the trig.
+Measured status (H200, ``benchmarks/results/decode_folded.csv``, ``docs/benchmarks.md``): faster
+than fp16 SDPA at long contexts for MHA (about 1.3-1.45x at >= 16k and batch >= 8), about 1.0x for
+GQA at 64k; far from the 2-bit byte floor (about 25 %): a 128-slot block issues about 1,190 SASS
+instructions per warp (a third of them unpacking codes into the MMA fragments).
 
-Dispatch (see :mod:`rkv_convert.kernels._common`): ``backend="auto"`` runs the kernel on CUDA
+Dispatch (see :mod:`rkv_convert.kernels._common`): ``backend="auto"`` runs the kernels on CUDA
 tensors or under ``TRITON_INTERPRET=1``, else :func:`decode_folded_ref`.
 """
 
@@ -85,9 +84,9 @@ from .decode_attention import _merge
 __all__ = ["FoldedParams", "FOLDED_DEFAULTS", "decode_folded", "decode_folded_ref", "folded_scores_ref"]
 
 _LOG2E = 1.0 / math.log(2.0)
-MeanTerm = Literal["auto", "angle", "exact"]
-# Launch settings: the best of benchmarks/bench_decode_folded.py --tune on an H200 (prefetch spilled).
-FOLDED_DEFAULTS: dict[str, int] = {"block_n": 128, "num_warps": 4, "num_stages": 1, "waves": 4, "prefetch": 0}
+# Launch settings: the best of benchmarks/bench_decode_folded.py --tune on an H200.
+FOLDED_DEFAULTS: dict[str, int] = {"block_n": 128, "num_warps": 4, "num_stages": 2, "waves": 8}
+_BIAS_BLOCK = 64
 
 
 @dataclass(frozen=True, eq=False)
@@ -145,14 +144,6 @@ class FoldedParams:
             self._on_device[device] = (rtp, self.mean.to(device=device, dtype=torch.float32).contiguous(),
                                        self.inv_freq.to(device=device, dtype=torch.float32).contiguous())
         return self._on_device[device]
-
-    def angle_table(self, device: torch.device, rows: int, dtype: torch.dtype) -> torch.Tensor:
-        """``[rows, d]``: ``cos(k θ_i)`` in columns ``i < d/2``, ``sin(k θ_i)`` after, for ``k < rows`` (cached)."""
-        key = ("angles", device, rows, dtype)
-        if key not in self._on_device:
-            ang = torch.arange(rows, dtype=torch.float64)[:, None] * self.inv_freq.double().cpu()[None, :]
-            self._on_device[key] = torch.cat([ang.cos(), ang.sin()], 1).to(device=device, dtype=dtype).contiguous()
-        return self._on_device[key]
 
     @property
     def value_bits(self) -> int:
@@ -300,27 +291,44 @@ def _log2_logits(s, qk_scale, cap_scale, SOFTCAP: tl.constexpr):
     return out
 
 
+
 @triton.jit
-def _load_planes(row, tmask, ii, PW: tl.constexpr, BITS: tl.constexpr, FAST: tl.constexpr):
-    """Byte tiles of one token row block: the raw uint8 low tile (FAST) or the int32 tiles of ``_byte_tiles``."""
+def _cols(x, N: tl.constexpr, P: tl.constexpr, U: tl.constexpr):
+    """``[N, P*U] -> [N, U]``: the used columns (pad index 0; the padded ones hold zeros)."""
+    if P > 1:
+        out = tl.sum(tl.reshape(x, (N, P, U)), 1)
+    else:
+        out = x
+    return out
+
+
+@triton.jit
+def _pad_cols(x, N: tl.constexpr, P: tl.constexpr, U: tl.constexpr):
+    """``[N, U] -> [N, P*U]`` with zeros in the padded columns."""
+    if P > 1:
+        pad = tl.arange(0, P)
+        out = tl.reshape(tl.where((pad == 0)[None, :, None], x[:, None, :], 0.0), (N, P * U))
+    else:
+        out = x
+    return out
+
+
+@triton.jit
+def _planes(row, tmask, ii, PW: tl.constexpr, BITS: tl.constexpr, FAST: tl.constexpr, DT: tl.constexpr):
+    """The four code planes ``DT [BLOCK_N, PW]`` of a slot block (FAST: fp16 ``4 + code`` by byte permutes)."""
     if FAST:
         raw = tl.load(row[:, None] + ii[None, :], mask=tmask[:, None], other=0)
-        lo = raw
-        hi = raw
+        p0 = _u2_plane_fp16(raw, 0)
+        p1 = _u2_plane_fp16(raw, 1)
+        p2 = _u2_plane_fp16(raw, 2)
+        p3 = _u2_plane_fp16(raw, 3)
     else:
         lo, hi = _byte_tiles(row, tmask, ii, 0, PW, BITS)
-    return lo, hi
-
-
-@triton.jit
-def _plane(row, tmask, ii, lo, hi, j: tl.constexpr, PW: tl.constexpr, BITS: tl.constexpr, FAST: tl.constexpr,
-           DT: tl.constexpr):
-    """Codes of channels ``4*ii + j`` as ``DT [BLOCK_N, PW]`` (FAST: fp16 ``4 + code``)."""
-    if FAST:
-        out = _u2_plane_fp16(lo, j)
-    else:
-        out = _plane_codes(row, tmask, ii, j, 0, PW, lo, hi, BITS).to(tl.float32).to(DT)
-    return out
+        p0 = _plane_codes(row, tmask, ii, 0, 0, PW, lo, hi, BITS).to(tl.float32).to(DT)
+        p1 = _plane_codes(row, tmask, ii, 1, 0, PW, lo, hi, BITS).to(tl.float32).to(DT)
+        p2 = _plane_codes(row, tmask, ii, 2, 0, PW, lo, hi, BITS).to(tl.float32).to(DT)
+        p3 = _plane_codes(row, tmask, ii, 3, 0, PW, lo, hi, BITS).to(tl.float32).to(DT)
+    return p0, p1, p2, p3
 
 
 @triton.jit
@@ -336,183 +344,83 @@ def _qstar(rot_base, ii, j: tl.constexpr, qexp_t, col_g, GK: tl.constexpr, PW: t
 
 
 @triton.jit
-def _store_plane(acc, zacc, inv_l, gv, ii, j: tl.constexpr, dst, rmask, R: tl.constexpr, NGVP: tl.constexpr,
-                 PW: tl.constexpr, GV: tl.constexpr):
-    """Channels ``4i + j`` of the normalised output: row ``(r, g(c))`` of plane accumulator ``j``."""
-    sel = (gv[:, None] == ((4 * ii + j) // GV)[None, :]).to(tl.float32)  # [NGVP, PW]
-    a3 = tl.reshape(acc, (R, NGVP, PW))
-    o = tl.sum(a3 * sel[None, :, :], 1) + tl.sum(zacc[:, :, None] * sel[None, :, :], 1)
-    o = o * inv_l[:, None]
-    tl.store(dst + (4 * ii + j)[None, :], o.to(dst.dtype.element_ty), mask=rmask[:, None])
-
-
-@triton.jit
-def _load_block(t0, t_stop, ptrs, ii, gk, gv, NG: tl.constexpr, NGV: tl.constexpr, PW: tl.constexpr,
-                K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_FAST: tl.constexpr, V_FAST: tl.constexpr,
-                BLOCK_N: tl.constexpr):
-    """Every load of one block, issued together: masks depend on the slot range only (never on the
-    positions), so no load waits for another; empty slots are zeroed by the caller."""
-    pos_row, kc_base, ks_base, kz_base, vc_base, vs_base, vz_base, s_kct, s_kst, s_vct, s_vst = ptrs
-    t = t0 + tl.arange(0, BLOCK_N)
-    tmask = t < t_stop
-    tt = t.to(tl.int64)
-    p_t = tl.load(pos_row + tt, mask=tmask, other=-1)
-    klo, khi = _load_planes(kc_base + tt * s_kct, tmask, ii, PW, K_BITS, K_FAST)
-    vlo, vhi = _load_planes(vc_base + tt * s_vct, tmask, ii, PW, V_BITS, V_FAST)
-    km = tmask[:, None] & (gk < NG)[None, :]
-    sk = tl.load(ks_base + tt[:, None] * s_kst + gk[None, :], mask=km, other=0.0)
-    zk = tl.load(kz_base + tt[:, None] * s_kst + gk[None, :], mask=km, other=0.0)
-    vm = tmask[:, None] & (gv < NGV)[None, :]
-    sv = tl.load(vs_base + tt[:, None] * s_vst + gv[None, :], mask=vm, other=0.0)
-    zv = tl.load(vz_base + tt[:, None] * s_vst + gv[None, :], mask=vm, other=0.0)
-    return p_t, klo, khi, sk, zk, vlo, vhi, sv, zv
-
-
-@triton.jit
-def _block(t0, t_stop, cur, state, consts, ptrs, ii, hh, rmask, gk, ANGLE: tl.constexpr,
-           R: tl.constexpr, NG: tl.constexpr, NGP: tl.constexpr, NGVP: tl.constexpr,
-           D: tl.constexpr, PW: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_FAST: tl.constexpr,
-           V_FAST: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-           USE_LIBDEVICE: tl.constexpr, SOFTCAP: tl.constexpr):
-    """One block of ``BLOCK_N`` quantized slots (loaded by :func:`_load_block`): scores, online softmax,
-    values. ``ANGLE``: the mean term by angle addition from the block's base position (valid positions
-    consecutive), else from each slot's own position."""
-    m_i, l_i, a0, a1, a2, a3, zacc = state
-    q0, q1, q2, q3, qsum3, coef_a, coef_b, tab_ptr, freq, qk_scale, cap_scale = consts
-    pos_row, kc_base, ks_base, kz_base, vc_base, vs_base, vz_base, s_kct, s_kst, s_vct, s_vst = ptrs
-    p_t, klo, khi, sk, zk, vlo, vhi, sv, zv = cur
-    H: tl.constexpr = D // 2
-    QCV: tl.constexpr = R * NGVP
-    KB: tl.constexpr = 4.0 if K_FAST else 0.0  # bias of the fast 2-bit planes (fp16 4 + code)
-    VB: tl.constexpr = 4.0 if V_FAST else 0.0
-    t = t0 + tl.arange(0, BLOCK_N)
-    tmask = t < t_stop
-    tt = t.to(tl.int64)
-    valid = tmask & (p_t >= 0)
-
-    # keys: one dot per plane into columns (r, g)
-    krow = kc_base + tt * s_kct
-    acc = tl.dot(_plane(krow, tmask, ii, klo, khi, 0, PW, K_BITS, K_FAST, DT), q0, input_precision=PREC)
-    acc = tl.dot(_plane(krow, tmask, ii, klo, khi, 1, PW, K_BITS, K_FAST, DT), q1, acc, input_precision=PREC)
-    acc = tl.dot(_plane(krow, tmask, ii, klo, khi, 2, PW, K_BITS, K_FAST, DT), q2, acc, input_precision=PREC)
-    acc = tl.dot(_plane(krow, tmask, ii, klo, khi, 3, PW, K_BITS, K_FAST, DT), q3, acc, input_precision=PREC)
-
-    # mean term into the slot-NG columns
-    if ANGLE:  # [cos(kθ) | sin(kθ)] rows of the block offsets k (a small table, cached on chip)
-        n0 = tl.max(tl.where(valid, p_t - (t - t0), 0), 0).to(tl.float32)
-        c0, s0 = _cos_sin(n0 * freq, USE_LIBDEVICE)
-        ca = coef_a * c0[:, None] + coef_b * s0[:, None]
-        cb = coef_b * c0[:, None] - coef_a * s0[:, None]
-        tab = tab_ptr + tl.arange(0, BLOCK_N)[:, None] * D + hh[None, :]
-        acc = tl.dot(tl.load(tab), ca.to(DT), acc, input_precision=PREC)
-        acc = tl.dot(tl.load(tab + H), cb.to(DT), acc, input_precision=PREC)
-    else:
-        cos_n, sin_n = _cos_sin(tl.maximum(p_t, 0).to(tl.float32)[:, None] * freq[None, :], USE_LIBDEVICE)
-        acc = tl.dot(cos_n.to(DT), coef_a.to(DT), acc, input_precision=PREC)
-        acc = tl.dot(sin_n.to(DT), coef_b.to(DT), acc, input_precision=PREC)
-
-    # scores: Σ_g s_g (q'_g·c_g) + (z_g - KB s_g) Σq'_g + mean (empty slots' scales may hold NaN)
-    sk = tl.where(valid[:, None], sk.to(tl.float32), 0.0)
-    zk = tl.where(valid[:, None], zk.to(tl.float32), 0.0)
-    wk = tl.where((gk == NG)[None, :], 1.0, sk)
-    acc3 = tl.reshape(acc, (BLOCK_N, R, NGP))
-    s = tl.sum(acc3 * wk[:, None, :] + (zk - KB * sk)[:, None, :] * qsum3[None, :, :], 2)  # [BLOCK_N, R]
-    s = tl.where(valid[:, None] & rmask[None, :], _log2_logits(s, qk_scale, cap_scale, SOFTCAP), float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 0))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[None, :])
-    l_i = l_i * alpha + tl.sum(p, 0)
-
-    # values: weights p * s_g as rows (r, g), zeros into zacc
-    sv = tl.where(valid[:, None], sv.to(tl.float32), 0.0)
-    zv = tl.where(valid[:, None], zv.to(tl.float32), 0.0)
-    zacc = zacc * alpha[:, None] + tl.sum(p[:, :, None] * (zv - VB * sv)[:, None, :], 0)
-    w_t = tl.trans(tl.reshape(p[:, :, None] * sv[:, None, :], (BLOCK_N, QCV)).to(DT))
-    alpha_c = tl.reshape(tl.broadcast_to(alpha[:, None], (R, NGVP)), (QCV,))[:, None]
-    vrow = vc_base + tt * s_vct
-    a0 = tl.dot(w_t, _plane(vrow, tmask, ii, vlo, vhi, 0, PW, V_BITS, V_FAST, DT), a0 * alpha_c, input_precision=PREC)
-    a1 = tl.dot(w_t, _plane(vrow, tmask, ii, vlo, vhi, 1, PW, V_BITS, V_FAST, DT), a1 * alpha_c, input_precision=PREC)
-    a2 = tl.dot(w_t, _plane(vrow, tmask, ii, vlo, vhi, 2, PW, V_BITS, V_FAST, DT), a2 * alpha_c, input_precision=PREC)
-    a3 = tl.dot(w_t, _plane(vrow, tmask, ii, vlo, vhi, 3, PW, V_BITS, V_FAST, DT), a3 * alpha_c, input_precision=PREC)
-    return m_new, l_i, a0, a1, a2, a3, zacc
-
-
-@triton.jit
-def _run_split(t_start, t_stop, state, consts, ptrs, ii, hh, rmask, gk, gv, ANGLE: tl.constexpr,
-               PREFETCH: tl.constexpr, R: tl.constexpr, NG: tl.constexpr, NGP: tl.constexpr, NGV: tl.constexpr,
-               NGVP: tl.constexpr, D: tl.constexpr, PW: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
-               K_FAST: tl.constexpr, V_FAST: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr,
-               PREC: tl.constexpr, USE_LIBDEVICE: tl.constexpr, SOFTCAP: tl.constexpr):
-    """The slots ``[t_start, t_stop)``, block by block; ``PREFETCH``: each block's loads are issued one
-    block ahead (while the previous block computes)."""
-    nxt = _load_block(t_start, t_stop, ptrs, ii, gk, gv, NG, NGV, PW, K_BITS, V_BITS, K_FAST, V_FAST, BLOCK_N)
-    for t0 in range(t_start, t_stop, BLOCK_N):
-        if PREFETCH:
-            cur = nxt
-            nxt = _load_block(t0 + BLOCK_N, t_stop, ptrs, ii, gk, gv, NG, NGV, PW, K_BITS, V_BITS, K_FAST, V_FAST,
-                              BLOCK_N)
-        else:
-            cur = _load_block(t0, t_stop, ptrs, ii, gk, gv, NG, NGV, PW, K_BITS, V_BITS, K_FAST, V_FAST, BLOCK_N)
-        state = _block(t0, t_stop, cur, state, consts, ptrs, ii, hh, rmask, gk, ANGLE, R, NG, NGP, NGVP, D, PW,
-                       K_BITS, V_BITS, K_FAST, V_FAST, BLOCK_N, DT, PREC, USE_LIBDEVICE, SOFTCAP)
-    return state
+def _mean_bias_kernel(
+    q_ptr, mean_ptr, freq_ptr, pos_ptr, bias_ptr, s_qb, s_qh, s_pb, s_bb, s_bh, T, rope_scaling,
+    N_Q: tl.constexpr, NQP: tl.constexpr, REP: tl.constexpr, H: tl.constexpr, BLOCK_T: tl.constexpr,
+    DT: tl.constexpr, PREC: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
+):
+    """Grid ``(B, T / BLOCK_T)``: ``bias[b, i, t] = q_i · RoPE_{pos[b, t]}(mu_{i // REP})`` (``-inf`` where ``pos < 0``)."""
+    b = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = t < T
+    p_t = tl.load(pos_ptr + b * s_pb + t, mask=tmask, other=-1)
+    hh = tl.arange(0, H)
+    qi = tl.arange(0, NQP)
+    qm = (qi < N_Q)[None, :]
+    q_row = q_ptr + b * s_qb + qi[None, :] * s_qh + hh[:, None]
+    q_lo = tl.load(q_row, mask=qm, other=0.0).to(tl.float32)  # [H, NQP]
+    q_hi = tl.load(q_row + H, mask=qm, other=0.0).to(tl.float32)
+    mu_row = mean_ptr + (qi // REP)[None, :] * (2 * H) + hh[:, None]
+    mu_lo = tl.load(mu_row, mask=qm, other=0.0)
+    mu_hi = tl.load(mu_row + H, mask=qm, other=0.0)
+    coef_a = (q_lo * mu_lo + q_hi * mu_hi) * rope_scaling
+    coef_b = (q_hi * mu_lo - q_lo * mu_hi) * rope_scaling
+    freq = tl.load(freq_ptr + hh)
+    c, s = _cos_sin(tl.maximum(p_t, 0).to(tl.float32)[:, None] * freq[None, :], USE_LIBDEVICE)
+    acc = tl.dot(c.to(DT), coef_a.to(DT), input_precision=PREC)
+    acc = tl.dot(s.to(DT), coef_b.to(DT), acc, input_precision=PREC)
+    acc = tl.where((p_t >= 0)[:, None], acc, float("-inf"))
+    tl.store(bias_ptr + b * s_bb + qi[None, :] * s_bh + t[:, None], acc, mask=tmask[:, None] & qm)
 
 
 @triton.jit
 def _folded_kernel(
-    q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, pos_ptr,
-    rot_ptr, mean_ptr, freq_ptr, tab_ptr, fk_ptr, fv_ptr, fpos_ptr, o_ptr, lse_ptr,
-    s_qb, s_qh, s_kcb, s_kch, s_kct, s_ksb, s_ksh, s_kst, s_vcb, s_vch, s_vct, s_vsb, s_vsh, s_vst,
-    s_pb, s_fb, s_fh, s_ft, s_fpb,
-    T, F, tokens_per_split, n_parts, n_q, qk_scale, cap_scale, rope_scaling,
+    q_ptr, rot_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, bias_ptr, fk_ptr, fv_ptr, fpos_ptr, o_ptr, lse_ptr,
+    s_qb, s_qh, s_kcb, s_kch, s_kct, s_ksb, s_ksh, s_vcb, s_vch, s_vct, s_vsb, s_vsh,
+    s_bb, s_bh, s_fb, s_fh, s_ft, s_fpb,
+    T, F, tokens_per_split, n_parts, n_q, qk_scale, cap_scale,
     D: tl.constexpr, REP: tl.constexpr, R: tl.constexpr,
-    NG: tl.constexpr, NGP: tl.constexpr, GK: tl.constexpr, NGV: tl.constexpr, NGVP: tl.constexpr, GV: tl.constexpr,
+    NG: tl.constexpr, GK: tl.constexpr, NGV: tl.constexpr, GV: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_FAST: tl.constexpr, V_FAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, HAS_FP: tl.constexpr, DIRECT: tl.constexpr,
-    ANGLE: tl.constexpr, PREFETCH: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, QPREC: tl.constexpr,
-    USE_LIBDEVICE: tl.constexpr, SOFTCAP: tl.constexpr,
+    DT: tl.constexpr, PREC: tl.constexpr, QPREC: tl.constexpr, SOFTCAP: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """Grid ``(B, n_kv, n_parts)``. ``DIRECT`` (one part): the normalised output in ``o_ptr [B, n_q, d]``;
     else fp32 partial outputs ``o_ptr [B, n_q, n_parts, d]`` and log2-sum-exp ``lse_ptr [B, n_q, n_parts]``."""
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     split = tl.program_id(2)
-    H: tl.constexpr = D // 2
     PW: tl.constexpr = D // 4
-    QC: tl.constexpr = R * NGP
-    QCV: tl.constexpr = R * NGVP
+    UK: tl.constexpr = R * NG  # used key columns (r, g)
+    UV: tl.constexpr = R * NGV  # used value rows (r, g)
+    QC: tl.constexpr = UK if UK >= 16 else 16
+    QCV: tl.constexpr = UV if UV >= 16 else 16
+    KP: tl.constexpr = QC // UK
+    VP: tl.constexpr = QCV // UV
+    KB: tl.constexpr = 4.0 if K_FAST else 0.0
+    VB: tl.constexpr = 4.0 if V_FAST else 0.0
 
     ii = tl.arange(0, PW)
     kk = tl.arange(0, D)
-    hh = tl.arange(0, H)
     rr = tl.arange(0, R)
     rmask = rr < REP
-    col = tl.arange(0, QC)
-    col_r = col // NGP
-    col_g = col % NGP
-    gk = tl.arange(0, NGP)
-    gv = tl.arange(0, NGVP)
+    col = tl.arange(0, QC)  # column (pad, r, g)
+    col_r = (col % UK) // NG
+    col_g = col % NG
+    gk = tl.arange(0, NG)
+    gv = tl.arange(0, NGV)
 
-    # ---- per program: q' = q R (key dot operands), the mean-term coefficients A, B ----
-    q_col = q_ptr + b * s_qb + (h * REP + col_r) * s_qh  # [QC]: column (r, g) reads query row r
-    qc_mask = (col_r < REP)[None, :]
-    qexp_t = tl.load(q_col[None, :] + kk[:, None], mask=qc_mask, other=0.0).to(tl.float32)  # [D, QC]
+    q_col = q_ptr + b * s_qb + (h * REP + col_r) * s_qh  # [QC]: column (pad, r, g) reads query row r
+    cmask = ((col < UK) & (col_r < REP))[None, :]
+    qexp_t = tl.load(q_col[None, :] + kk[:, None], mask=cmask, other=0.0).to(tl.float32)  # [D, QC]
     rot_base = rot_ptr + h * D * D + ii[:, None] * D + kk[None, :]  # plane-ordered R^T rows
     q0 = _qstar(rot_base, ii, 0, qexp_t, col_g, GK, PW, D, DT, QPREC)
     q1 = _qstar(rot_base, ii, 1, qexp_t, col_g, GK, PW, D, DT, QPREC)
     q2 = _qstar(rot_base, ii, 2, qexp_t, col_g, GK, PW, D, DT, QPREC)
     q3 = _qstar(rot_base, ii, 3, qexp_t, col_g, GK, PW, D, DT, QPREC)
     qsum = (tl.sum(q0.to(tl.float32), 0) + tl.sum(q1.to(tl.float32), 0)
-            + tl.sum(q2.to(tl.float32), 0) + tl.sum(q3.to(tl.float32), 0))  # [QC]: Σ_{c in g} q'_c (as rounded)
-    qsum3 = tl.reshape(qsum, (R, NGP))
-    q_lo = tl.load(q_col[None, :] + hh[:, None], mask=qc_mask, other=0.0).to(tl.float32)  # [H, QC]
-    q_hi = tl.load(q_col[None, :] + H + hh[:, None], mask=qc_mask, other=0.0).to(tl.float32)
-    mu_lo = tl.load(mean_ptr + h * D + hh)[:, None]
-    mu_hi = tl.load(mean_ptr + h * D + H + hh)[:, None]
-    slot = (col_g == NG)[None, :]  # the mean term's column of each query row
-    coef_a = tl.where(slot, (q_lo * mu_lo + q_hi * mu_hi) * rope_scaling, 0.0)  # [H, QC]
-    coef_b = tl.where(slot, (q_hi * mu_lo - q_lo * mu_hi) * rope_scaling, 0.0)
-    freq = tl.load(freq_ptr + hh)
+            + tl.sum(q2.to(tl.float32), 0) + tl.sum(q3.to(tl.float32), 0))
+    qsum3 = tl.reshape(_cols(qsum[None, :], 1, KP, UK), (R, NG))
 
     m_i = tl.full((R,), -1.0e30, tl.float32)
     l_i = tl.zeros((R,), tl.float32)
@@ -520,53 +428,68 @@ def _folded_kernel(
     a1 = tl.zeros((QCV, PW), tl.float32)
     a2 = tl.zeros((QCV, PW), tl.float32)
     a3 = tl.zeros((QCV, PW), tl.float32)
-    zacc = tl.zeros((R, NGVP), tl.float32)
+    zacc = tl.zeros((R, NGV), tl.float32)
 
     t_start = split * tokens_per_split
     t_stop = tl.minimum(T, t_start + tokens_per_split)
-    pos_row = pos_ptr + b * s_pb
     kc_base = kc_ptr + b * s_kcb + h * s_kch
     ks_base = ks_ptr + b * s_ksb + h * s_ksh
     kz_base = kz_ptr + b * s_ksb + h * s_ksh
     vc_base = vc_ptr + b * s_vcb + h * s_vch
     vs_base = vs_ptr + b * s_vsb + h * s_vsh
     vz_base = vz_ptr + b * s_vsb + h * s_vsh
-    state = (m_i, l_i, a0, a1, a2, a3, zacc)
-    consts = (q0, q1, q2, q3, qsum3, coef_a, coef_b, tab_ptr, freq, qk_scale, cap_scale)
-    ptrs = (pos_row, kc_base, ks_base, kz_base, vc_base, vs_base, vz_base, s_kct, s_kst, s_vct, s_vst)
-    exact = True
-    if ANGLE:  # angle addition when every block of the split holds consecutive valid positions
-        n_gap = 0
-        for t0 in range(t_start, t_stop, BLOCK_N):
-            t = t0 + tl.arange(0, BLOCK_N)
-            p_t = tl.load(pos_row + t.to(tl.int64), mask=t < t_stop, other=-1)
-            off = tl.where(p_t >= 0, p_t - (t - t0), -1)
-            n_gap += (tl.max(off, 0) > tl.min(tl.where(p_t >= 0, off, 2147483647), 0)).to(tl.int32)
-        exact = n_gap > 0
-    if exact:
-        state = _run_split(t_start, t_stop, state, consts, ptrs, ii, hh, rmask, gk, gv, False, PREFETCH, R, NG, NGP,
-                           NGV, NGVP, D, PW, K_BITS, V_BITS, K_FAST, V_FAST, BLOCK_N, DT, PREC, USE_LIBDEVICE,
-                           SOFTCAP)
-    else:
-        state = _run_split(t_start, t_stop, state, consts, ptrs, ii, hh, rmask, gk, gv, True, PREFETCH, R, NG, NGP,
-                           NGV, NGVP, D, PW, K_BITS, V_BITS, K_FAST, V_FAST, BLOCK_N, DT, PREC, USE_LIBDEVICE,
-                           SOFTCAP)
-    m_i, l_i, a0, a1, a2, a3, zacc = state
+    bias_base = bias_ptr + b * s_bb + (h * REP + rr)[None, :] * s_bh
+    for t0 in tl.range(t_start, t_stop, BLOCK_N, num_stages=NUM_STAGES):
+        t = t0 + tl.arange(0, BLOCK_N)
+        tmask = t < t_stop
+        tt = t.to(tl.int64)
+        bias = tl.load(bias_base + tt[:, None], mask=tmask[:, None] & rmask[None, :], other=float("-inf"))
+        kp0, kp1, kp2, kp3 = _planes(kc_base + tt * s_kct, tmask, ii, PW, K_BITS, K_FAST, DT)
+        sk = tl.load(ks_base + tt[:, None] * NG + gk[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
+        zk = tl.load(kz_base + tt[:, None] * NG + gk[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
+        acc = tl.dot(kp0, q0, input_precision=PREC)
+        acc = tl.dot(kp1, q1, acc, input_precision=PREC)
+        acc = tl.dot(kp2, q2, acc, input_precision=PREC)
+        acc = tl.dot(kp3, q3, acc, input_precision=PREC)
+        valid_e = bias > float("-inf")
+        valid = tl.max(bias, 1) > float("-inf")
+        sk = tl.where(valid[:, None], sk, 0.0)
+        zk = tl.where(valid[:, None], zk, 0.0)
+        acc3 = tl.reshape(_cols(acc, BLOCK_N, KP, UK), (BLOCK_N, R, NG))
+        s = tl.sum(acc3 * sk[:, None, :] + (zk - KB * sk)[:, None, :] * qsum3[None, :, :], 2)
+        s = tl.where(valid_e, _log2_logits(s + bias, qk_scale, cap_scale, SOFTCAP), float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 0))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[None, :])
+        l_i = l_i * alpha + tl.sum(p, 0)
+        m_i = m_new
+        sv = tl.load(vs_base + tt[:, None] * NGV + gv[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
+        zv = tl.load(vz_base + tt[:, None] * NGV + gv[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
+        sv = tl.where(valid[:, None], sv, 0.0)
+        zv = tl.where(valid[:, None], zv, 0.0)
+        zacc = zacc * alpha[:, None] + tl.sum(p[:, :, None] * (zv - VB * sv)[:, None, :], 0)
+        w = _pad_cols(tl.reshape(p[:, :, None] * sv[:, None, :], (BLOCK_N, UV)), BLOCK_N, VP, UV)
+        w_t = tl.trans(w.to(DT))
+        alpha_c = tl.reshape(tl.broadcast_to(alpha[None, :, None], (VP, R, NGV)), (QCV,))[:, None]
+        vp0, vp1, vp2, vp3 = _planes(vc_base + tt * s_vct, tmask, ii, PW, V_BITS, V_FAST, DT)
+        a0 = tl.dot(w_t, vp0, a0 * alpha_c, input_precision=PREC)
+        a1 = tl.dot(w_t, vp1, a1 * alpha_c, input_precision=PREC)
+        a2 = tl.dot(w_t, vp2, a2 * alpha_c, input_precision=PREC)
+        a3 = tl.dot(w_t, vp3, a3 * alpha_c, input_precision=PREC)
 
     if HAS_FP:  # the last part also attends to the full-precision segment (post-RoPE keys)
         f_stop = tl.where(split == n_parts - 1, F, 0)
-        qd_t = qexp_t.to(DT)
+        qd_t = tl.load(q_col[None, :] + kk[:, None], mask=cmask & (col_g == 0)[None, :], other=0.0).to(DT)
         fk_base = fk_ptr + b * s_fb + h * s_fh
         fv_base = fv_ptr + b * s_fb + h * s_fh
-        first = (gk == 0)[None, None, :]
         for f0 in range(0, f_stop, BLOCK_F):
             f = f0 + tl.arange(0, BLOCK_F)
             fmask = f < f_stop
             ff = f.to(tl.int64)
             fvalid = fmask & (tl.load(fpos_ptr + b * s_fpb + ff, mask=fmask, other=-1) >= 0)
             kf = tl.load(fk_base + ff[:, None] * s_ft + kk[None, :], mask=fvalid[:, None], other=0.0).to(DT)
-            sf3 = tl.reshape(tl.dot(kf, qd_t, input_precision=PREC), (BLOCK_F, R, NGP))
-            s = tl.sum(tl.where(first, sf3, 0.0), 2)
+            sf = _cols(tl.dot(kf, qd_t, input_precision=PREC), BLOCK_F, KP, UK)
+            s = tl.sum(tl.reshape(sf, (BLOCK_F, R, NG)), 2)  # only g = 0 holds the dot
             s = tl.where(fvalid[:, None] & rmask[None, :], _log2_logits(s, qk_scale, cap_scale, SOFTCAP), float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 0))
             alpha = tl.exp2(m_i - m_new)
@@ -574,8 +497,9 @@ def _folded_kernel(
             l_i = l_i * alpha + tl.sum(p, 0)
             m_i = m_new
             zacc = zacc * alpha[:, None]
-            w_t = tl.trans(tl.reshape(tl.broadcast_to(p[:, :, None], (BLOCK_F, R, NGVP)), (BLOCK_F, QCV)).to(DT))
-            alpha_c = tl.reshape(tl.broadcast_to(alpha[:, None], (R, NGVP)), (QCV,))[:, None]
+            w = _pad_cols(tl.reshape(tl.broadcast_to(p[:, :, None], (BLOCK_F, R, NGV)), (BLOCK_F, UV)), BLOCK_F, VP, UV)
+            w_t = tl.trans(w.to(DT))
+            alpha_c = tl.reshape(tl.broadcast_to(alpha[None, :, None], (VP, R, NGV)), (QCV,))[:, None]
             vf = tl.load(fv_base + ff[:, None] * s_ft + kk[None, :], mask=fvalid[:, None], other=0.0).to(DT)
             v_even, v_odd = tl.split(tl.reshape(vf, (BLOCK_F, PW, 2, 2)))  # channel 4i + 2u + w: split w
             v0, v2 = tl.split(v_even)  # then u
@@ -593,10 +517,22 @@ def _folded_kernel(
         row = (b * n_q + h * REP + rr) * n_parts + split
         dst = o_ptr + (row * D)[:, None]
         tl.store(lse_ptr + row, tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf")), mask=rmask)
-    _store_plane(a0, zacc, inv_l, gv, ii, 0, dst, rmask, R, NGVP, PW, GV)
-    _store_plane(a1, zacc, inv_l, gv, ii, 1, dst, rmask, R, NGVP, PW, GV)
-    _store_plane(a2, zacc, inv_l, gv, ii, 2, dst, rmask, R, NGVP, PW, GV)
-    _store_plane(a3, zacc, inv_l, gv, ii, 3, dst, rmask, R, NGVP, PW, GV)
+    _store_plane(a0, zacc, inv_l, gv, ii, 0, dst, rmask, R, NGV, VP, UV, PW, GV)
+    _store_plane(a1, zacc, inv_l, gv, ii, 1, dst, rmask, R, NGV, VP, UV, PW, GV)
+    _store_plane(a2, zacc, inv_l, gv, ii, 2, dst, rmask, R, NGV, VP, UV, PW, GV)
+    _store_plane(a3, zacc, inv_l, gv, ii, 3, dst, rmask, R, NGV, VP, UV, PW, GV)
+
+
+@triton.jit
+def _store_plane(acc, zacc, inv_l, gv, ii, j: tl.constexpr, dst, rmask, R: tl.constexpr, NGV: tl.constexpr,
+                 VP: tl.constexpr, UV: tl.constexpr, PW: tl.constexpr, GV: tl.constexpr):
+    """Channels ``4i + j`` of the normalised output: row ``(0, r, g(c))`` of plane accumulator ``j``."""
+    sel = (gv[:, None] == ((4 * ii + j) // GV)[None, :]).to(tl.float32)  # [NGV, PW]
+    used = tl.reshape(tl.trans(_cols(tl.trans(acc), PW, VP, UV)), (R, NGV, PW))
+    o = tl.sum(used * sel[None, :, :], 1) + tl.sum(zacc[:, :, None] * sel[None, :, :], 1)
+    o = o * inv_l[:, None]
+    tl.store(dst + (4 * ii + j)[None, :], o.to(dst.dtype.element_ty), mask=rmask[:, None])
+
 
 
 def _last_contig(t: torch.Tensor) -> torch.Tensor:
@@ -611,6 +547,14 @@ def _same_strides(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch
     return a, b
 
 
+def _group_rows(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A scale/zero pair with one stride set and whole ``[slots, groups]`` rows (slot stride = group count)."""
+    a, b = _same_strides(a, b)
+    if a.stride(-2) != a.shape[-1]:
+        a, b = a.contiguous(), b.contiguous()
+    return a, b
+
+
 def default_splits(programs: int, T: int, block_n: int, device: torch.device, waves: int) -> int:
     """Context splits so that ``programs * splits`` fills about ``waves`` programs per SM (at least one block each)."""
     n_blocks = triton.cdiv(T, block_n)
@@ -619,6 +563,20 @@ def default_splits(programs: int, T: int, block_n: int, device: torch.device, wa
     sms = sm_count(device) if device.type == "cuda" else 4
     splits = max(1, min(n_blocks, triton.cdiv(waves * sms, programs)))
     return triton.cdiv(n_blocks, triton.cdiv(n_blocks, splits))  # no empty split
+
+
+def _mean_bias(q: torch.Tensor, pos: torch.Tensor, params: FoldedParams, T: int, fp16: bool, interp: bool) -> torch.Tensor:
+    """``fp32 [B, n_q, T]``: ``q · RoPE_pos(mu)`` per query head and slot, ``-inf`` on empty slots (one launch)."""
+    B, n_q, d = q.shape
+    bias = torch.empty(B, n_q, T, device=q.device, dtype=torch.float32)
+    _, mean, freq = params.kernel_operands(q.device)
+    _mean_bias_kernel[(B, triton.cdiv(T, _BIAS_BLOCK))](
+        q, mean, freq, pos, bias, q.stride(0), q.stride(1), pos.stride(0), bias.stride(0), bias.stride(1), T,
+        float(params.attention_scaling), N_Q=n_q, NQP=max(16, next_pow2(n_q)), REP=n_q // params.n_kv, H=d // 2,
+        BLOCK_T=_BIAS_BLOCK, DT=tl.float16 if fp16 else tl.float32, PREC="tf32" if fp16 else "ieee",
+        USE_LIBDEVICE=not interp,
+    )  # fmt: skip
+    return bias
 
 
 def decode_folded(
@@ -631,9 +589,7 @@ def decode_folded(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
-    mean_term: MeanTerm = "auto",
     unpack: Literal["auto", "convert"] = "auto",
-    prefetch: bool | None = None,
     backend: Backend = "auto",
 ) -> torch.Tensor:
     """Attention of one new query token per sequence over a folded packed cache (module docstring).
@@ -647,13 +603,10 @@ def decode_folded(
         num_splits: context splits of the quantized slots (None: about ``waves`` programs per SM,
             ``FOLDED_DEFAULTS``). With one split the fp segment joins it and the output is written
             by the one launch; otherwise the fp segment is its own part and a merge kernel follows.
-        block_n: slots per inner step (power of two >= 16); num_warps, num_stages: launch settings.
-        mean_term: ``"angle"`` (angle addition per block of consecutive positions, exact per slot
-            elsewhere), ``"exact"`` (cos/sin per slot), ``"auto"``: angle for 16-bit queries,
-            exact for fp32 queries.
+        block_n: slots per inner step (power of two >= 16); num_warps, num_stages: launch settings
+            (``num_stages - 1`` blocks of loads in flight ahead of the one computed).
         unpack: ``"auto"``: 2-bit codes of fp16 calls become fp16 by byte permutes (inline PTX,
             CUDA only), other codes by integer-to-float conversion; ``"convert"``: always the latter.
-        prefetch: issue each block's loads one block ahead (None: ``FOLDED_DEFAULTS``).
         backend: ``"auto"``, ``"triton"`` or ``"reference"`` (see ``_common``).
 
     Returns:
@@ -669,8 +622,6 @@ def decode_folded(
         raise ValueError(f"queries must be fp16/bf16/fp32, got {q.dtype}")
     if unpack not in ("auto", "convert"):
         raise ValueError(f"unpack must be 'auto' or 'convert', got {unpack!r}")
-    if mean_term not in ("auto", "angle", "exact"):
-        raise ValueError(f"mean_term must be 'auto', 'angle' or 'exact', got {mean_term!r}")
     block_n = FOLDED_DEFAULTS["block_n"] if block_n is None else block_n
     num_warps = FOLDED_DEFAULTS["num_warps"] if num_warps is None else num_warps
     num_stages = FOLDED_DEFAULTS["num_stages"] if num_stages is None else num_stages
@@ -688,26 +639,18 @@ def decode_folded(
     interp = triton_interpreting()
     fp16 = q.dtype == torch.float16
     prmt = fp16 and not interp and unpack == "auto"  # inline PTX: not in the interpreter
-    dt = tl.float16 if fp16 else tl.float32
-    R = max(2, next_pow2(rep))
-    ng, ngv = d // params.g_k, d // params.g_v
-    ngp = max(next_pow2(ng + 1), 16 // R)  # key groups + the mean slot; R * ngp >= 16 (dot width)
-    ngvp = max(next_pow2(ngv), 16 // R)
-    f32 = dict(device=dev, dtype=torch.float32)
-    rot, mean, freq = params.kernel_operands(dev)
-    angle = mean_term == "angle" or (mean_term == "auto" and q.dtype != torch.float32)
-    tab = params.angle_table(dev, block_n, torch.float16 if fp16 else torch.float32) if angle else freq
-    prefetch = bool(FOLDED_DEFAULTS["prefetch"]) if prefetch is None else prefetch
+    R = next_pow2(rep)
     qc = _last_contig(q)
     kc, vc, pos = _last_contig(kv.k_codes), _last_contig(kv.v_codes), _last_contig(kv.pos)
-    ks, kz = _same_strides(kv.k_scale, kv.k_zero)
-    vs, vz = _same_strides(kv.v_scale, kv.v_zero)
+    ks, kz = _group_rows(kv.k_scale, kv.k_zero)
+    vs, vz = _group_rows(kv.v_scale, kv.v_zero)
     if has_fp:
         fk, fv = _same_strides(kv.fp_k, kv.fp_v)
         fpos = _last_contig(kv.fp_pos)
     else:
         fk = fv = qc.new_empty(1, 1, 1, d)
         fpos = pos.new_empty(1, 1)
+    f32 = dict(device=dev, dtype=torch.float32)
     if direct:
         o_part = torch.empty(B, n_q, d, device=dev, dtype=q.dtype)
         lse_part = o_part
@@ -718,18 +661,20 @@ def decode_folded(
         qk_scale, cap_scale = params.sm_scale * _LOG2E, 0.0
     else:
         qk_scale, cap_scale = params.sm_scale / params.softcap, params.softcap * _LOG2E
+    rot = params.kernel_operands(dev)[0]
     with device_guard(qc):  # Triton launches on the current device
+        bias = _mean_bias(qc, pos, params, T, fp16, interp) if T else o_part.new_empty(1, 1, 1, dtype=torch.float32)
         _folded_kernel[(B, n_kv, n_parts)](
-            qc, kc, ks, kz, vc, vs, vz, pos, rot, mean, freq, tab, fk, fv, fpos, o_part, lse_part,
-            qc.stride(0), qc.stride(1), *kc.stride()[:3], *ks.stride()[:3], *vc.stride()[:3], *vs.stride()[:3],
-            pos.stride(0), *fk.stride()[:3], fpos.stride(0),
-            T, F, tokens_per_split, n_parts, n_q, qk_scale, cap_scale, float(params.attention_scaling),
-            D=d, REP=rep, R=R, NG=ng, NGP=ngp, GK=params.g_k, NGV=ngv, NGVP=ngvp, GV=params.g_v,
+            qc, rot, kc, ks, kz, vc, vs, vz, bias, fk, fv, fpos, o_part, lse_part,
+            qc.stride(0), qc.stride(1), *kc.stride()[:3], *ks.stride()[:2], *vc.stride()[:3], *vs.stride()[:2],
+            bias.stride(0), bias.stride(1), *fk.stride()[:3], fpos.stride(0),
+            T, F, tokens_per_split, n_parts, n_q, qk_scale, cap_scale,
+            D=d, REP=rep, R=R, NG=d // params.g_k, GK=params.g_k, NGV=d // params.g_v, GV=params.g_v,
             K_BITS=params.bits, V_BITS=params.value_bits,
             K_FAST=params.bits == 2 and prmt, V_FAST=params.value_bits == 2 and prmt,
-            BLOCK_N=block_n, BLOCK_F=64, HAS_FP=has_fp, DIRECT=direct, ANGLE=angle, PREFETCH=prefetch,
-            DT=dt, PREC="ieee" if q.dtype == torch.float32 or not fp16 else "tf32",
+            BLOCK_N=block_n, BLOCK_F=64, HAS_FP=has_fp, DIRECT=direct,
+            DT=tl.float16 if fp16 else tl.float32, PREC="tf32" if fp16 else "ieee",
             QPREC="ieee" if q.dtype == torch.float32 or interp else "tf32x3",
-            USE_LIBDEVICE=not interp, SOFTCAP=params.softcap is not None, num_warps=num_warps, num_stages=num_stages,
+            SOFTCAP=params.softcap is not None, NUM_STAGES=num_stages, num_warps=num_warps,
         )  # fmt: skip
     return o_part if direct else _merge(o_part, lse_part, q.dtype)

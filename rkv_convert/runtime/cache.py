@@ -196,6 +196,13 @@ class LayerCodec:
 _STORAGE = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero", "pos", "fp_k", "fp_v", "fp_pos", "n_sinks")
 
 
+def _aligned(slots: int) -> int:
+    """Store capacity rounded up to 16 slots: the scale tensors' head and batch strides then divide by
+    16 elements, which lets the decode kernels load whole scale rows asynchronously (Triton specializes
+    on it)."""
+    return -(-slots // 16) * 16
+
+
 def _grow(t: torch.Tensor, used: int, capacity: int, dim: int, fill: int = 0) -> torch.Tensor:
     shape = list(t.shape)
     shape[dim] = capacity
@@ -251,7 +258,7 @@ class RkvCacheLayer(CacheLayerMixin):
         self.device, self.fp_dtype, self.batch = dev, dtype, b
         self.length = self.n_quant = self.n_window = self.reclaimed = 0
         n_hg, gd = c.num_head_groups, c.group_channels
-        cap = max(_MIN_CAPACITY, self.capacity_hint if whole_hint else self.store_hint())
+        cap = _aligned(max(_MIN_CAPACITY, self.capacity_hint if whole_hint else self.store_hint()))
         u8, f16 = torch.uint8, torch.float16
         self.k_codes = torch.zeros(b, n_hg, cap, packed_width(gd, c.key_bits), dtype=u8, device=dev)
         self.k_scale = torch.zeros(b, n_hg, cap, gd // c.key_group_size, dtype=f16, device=dev)
@@ -460,6 +467,7 @@ class RkvCacheLayer(CacheLayerMixin):
         new_cap = max(needed, 2 * cap)
         if needed <= self.capacity_hint:  # never past the reserved total while it suffices
             new_cap = min(new_cap, self.capacity_hint)
+        new_cap = _aligned(new_cap)
         n = self.n_quant
         for name in ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero"):
             setattr(self, name, _grow(getattr(self, name), n, new_cap, dim=2))
@@ -491,7 +499,7 @@ class RkvCacheLayer(CacheLayerMixin):
         if h == 0 or 2 * h < n:
             return
         live, cap = n - h, self.pos.shape[1]
-        target = max(_MIN_CAPACITY, self.store_hint(), 2 * live)
+        target = _aligned(max(_MIN_CAPACITY, self.store_hint(), 2 * live))
         new_cap = target if target < cap else cap  # a store grown by a long prompt shrinks back
         for name in ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero"):
             setattr(self, name, _grow(getattr(self, name).narrow(2, h, live), live, new_cap, dim=2))

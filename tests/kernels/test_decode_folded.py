@@ -147,20 +147,28 @@ def test_bf16_one_launch() -> None:
     _check(q, kv, params, _run(q, kv, params, block_n=32, num_splits=1))
 
 
-def test_split_count_and_mean_path_do_not_matter() -> None:
-    """Splits 1 (one launch), 2, 3, both mean-term paths and prefetch on/off agree; gap positions take the exact path per block."""
+def test_split_count_and_pipeline_depth_do_not_matter() -> None:
+    """Splits 1 (one launch), 2 and 3 and pipeline depths 1-3 agree; positions with a gap and a hole."""
     q, kv, params = make_case(B=1, n_kv=1, rep=2, d=64, T=90, F=3, g_k=32, gap=True)
-    outs = [_run(q, kv, params, block_n=16, num_splits=s, mean_term=m) for s in (1, 2, 3) for m in ("angle", "exact")]
-    outs.append(_run(q, kv, params, block_n=16, num_splits=2, prefetch=False))
+    outs = [_run(q, kv, params, block_n=16, num_splits=s, num_stages=n) for s in (1, 2, 3) for n in (1, 3)]
     for o in outs[1:]:
         torch.testing.assert_close(o, outs[0], atol=2e-5, rtol=1e-5)
     _check(q, kv, params, outs[0])
 
 
-def test_fp16_angle_path_at_large_positions() -> None:
-    """Angle addition from a base position near 20k (fp16 queries): still within the dtype's tolerance."""
+def test_fp16_mean_bias_at_large_positions() -> None:
+    """Mean bias at positions near 20k (fp16 queries: fp16 cos/sin operands): within the dtype's tolerance."""
     q, kv, params = make_case(B=2, n_kv=1, rep=4, d=64, T=40, F=2, g_k=64, dtype=torch.float16, pos0=20000)
-    _check(q, kv, params, _run(q, kv, params, block_n=32, mean_term="angle"))
+    _check(q, kv, params, _run(q, kv, params, block_n=32))
+
+
+def test_scale_rows_are_made_whole() -> None:
+    """Scale/zero tensors whose slot stride is not their group count (a channel slice) are copied, not misread."""
+    q, kv, params = make_case(B=2, n_kv=2, rep=1, d=64, T=20, F=0, g_k=32, g_v=32)
+    wide = kv._replace(k_scale=torch.cat([kv.k_scale, kv.k_scale], -1)[..., :2],
+                       k_zero=torch.cat([kv.k_zero, kv.k_zero], -1)[..., :2])
+    assert wide.k_scale.stride(-2) != wide.k_scale.shape[-1]
+    _check(q, kv, params, _run(q, wide, params, block_n=16))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -216,12 +224,12 @@ def test_folded_scores_equal_unfolded_attention_scores() -> None:
 
 
 def test_reference_backend_and_bad_options() -> None:
-    """backend='reference' is the reference; an unknown mean-term path is refused."""
+    """backend='reference' is the reference; an unknown unpack path is refused."""
     q, kv, params = make_case(B=1, n_kv=2, rep=2, d=64, T=12, bits=2, g_k=32)
     out = decode_folded(q, kv, params, backend="reference")
     torch.testing.assert_close(out, decode_folded_ref(q, kv, params), atol=0, rtol=0)
-    with pytest.raises(ValueError, match="mean_term"):
-        decode_folded(q, kv, params, backend="triton", mean_term="bogus")
+    with pytest.raises(ValueError, match="unpack"):
+        decode_folded(q, kv, params, backend="triton", unpack="bogus")
 
 
 GPU_CASES = {  # (case, dtype, one launch too): few compiled variants, so that -m gpu stays quick
