@@ -307,7 +307,6 @@ def _decode_kernel(
     HALF: tl.constexpr = D // 2
     PW: tl.constexpr = D // 4  # plane width
     K_LOB: tl.constexpr = 4 if K_BITS == 4 else 2  # bits per channel in the low plane bytes
-    V_LOB: tl.constexpr = 4 if V_BITS == 4 else 2
     dt: tl.constexpr = DOT_DTYPE
 
     qi = tl.arange(0, QP)

@@ -24,7 +24,7 @@ from rkv_convert.kernels.decode_attention import (
     prepare_rotation,
 )
 from rkv_convert.kernels._occupancy import wave_splits
-from rkv_convert.kernels.decode_chunk import chunk_kernel_supports, code_column_factors, keys_grouped_by_chunk
+from rkv_convert.kernels.decode_chunk import code_column_factors, keys_grouped_by_chunk
 from rkv_convert.kernels.quantize_pack import perm_from_group_ids
 from rkv_convert.quant.codec import rotate_groups
 from rkv_convert.quant.hadamard import hadamard_matrix
