@@ -103,13 +103,13 @@ def host_us(fn, n: int = 200) -> float:
 
 
 def _launch(cfg: str, B: int, n_kv: int, T: int) -> dict[str, object]:
-    """Keyword arguments of ``decode_folded`` from ``BLOCK-WARPS-STAGES-WAVES-PREFETCH[-MEAN[-UNPACK]]``."""
+    """Keyword arguments of ``decode_folded`` from ``BLOCK-WARPS-STAGES-WAVES[-UNPACK]``."""
     from rkv_convert.kernels.decode_folded import default_splits
 
-    block_n, warps, stages, waves, prefetch, *rest = cfg.split("-")
-    return dict(block_n=int(block_n), num_warps=int(warps), num_stages=int(stages), prefetch=prefetch == "1",
+    block_n, warps, stages, waves, *rest = cfg.split("-")
+    return dict(block_n=int(block_n), num_warps=int(warps), num_stages=int(stages),
                 num_splits=default_splits(B * n_kv, T, int(block_n), DEVICE, int(waves)),
-                mean_term=rest[0] if rest else "auto", unpack=rest[1] if len(rest) > 1 else "auto")
+                unpack=rest[0] if rest else "auto")
 
 
 def tune(args: argparse.Namespace) -> str:
@@ -207,7 +207,7 @@ def main() -> None:
     ap.add_argument("--key-group", type=int, default=64)
     ap.add_argument("--value-group", type=int, default=64)
     ap.add_argument("--tune", nargs="*", default=[],
-                    help="launch settings BLOCK-WARPS-STAGES-WAVES-PREFETCH[-MEAN[-UNPACK]]; the best one times the table")
+                    help="launch settings BLOCK-WARPS-STAGES-WAVES[-UNPACK]; the best one times the table")
     ap.add_argument("--tune-rows", nargs="*", default=[("llama2-7b", 8, 16384), ("llama3-8b", 8, 16384)],
                     type=lambda s: (s.split(":")[0], int(s.split(":")[1]), int(s.split(":")[2])),
                     help="rows to tune on, SHAPE:BATCH:CONTEXT")
@@ -216,7 +216,7 @@ def main() -> None:
     ap.add_argument("--markdown", default=None)
     args = ap.parse_args()
     d = FOLDED_DEFAULTS
-    launch = f"{d['block_n']}-{d['num_warps']}-{d['num_stages']}-{d['waves']}-{d['prefetch']}"
+    launch = f"{d['block_n']}-{d['num_warps']}-{d['num_stages']}-{d['waves']}"
     if args.tune:
         launch = tune(args)
     if args.no_table:

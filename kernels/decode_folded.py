@@ -32,7 +32,8 @@ Two launches (plus the split-K merge):
    bytes for MHA, more for GQA.
 2. **Attention** (grid ``(B, n_kv, n_parts)``, one program per KV head, its ``rep`` query heads
    and one contiguous split of slots; split-K with a log-sum-exp merge, or one launch when there
-   is a single part). Per program, once: ``q' = q R_h`` (3xTF32 for 16-bit queries). Per block of
+   is a single part). Per program, once: the rows of ``q' = q R_h`` (fp32, one batched matmul
+   before the launch). Per block of
    ``BLOCK_N`` slots:
 
    - **Codes as four planes.** Plane ``j`` of a packed byte tile ``[BLOCK_N, d/4]`` holds channels
@@ -53,10 +54,12 @@ Two launches (plus the split-K merge):
 Dot operands are fp16 for fp16 queries and fp32 (IEEE) for fp32/bf16 queries, accumulation fp32
 everywhere.
 
-Measured status (H200, ``benchmarks/results/decode_folded.csv``, ``docs/benchmarks.md``): faster
-than fp16 SDPA at long contexts for MHA (about 1.3-1.45x at >= 16k and batch >= 8), about 1.0x for
-GQA at 64k; far from the 2-bit byte floor (about 25 %): a 128-slot block issues about 1,190 SASS
-instructions per warp (a third of them unpacking codes into the MMA fragments).
+Measured status (H200, 2026-12-01, ``benchmarks/results/decode_folded.csv``, ``docs/benchmarks.md``):
+1.28-1.47x fp16 SDPA for MHA (llama2-7b shape) at >= 16k and batch >= 8, 0.99-1.03x for GQA
+(llama3-8b) at batch 32 and >= 16k, slower at short contexts and batch 1 (three launches and a
+matmul: about 430 us of host time per call). At best 25 % of the 2-bit byte floor: a 128-slot
+block issues about 1,190 SASS instructions per warp (146 registers), a third of them unpacking
+codes into the MMA fragments.
 
 Dispatch (see :mod:`rkv_convert.kernels._common`): ``backend="auto"`` runs the kernels on CUDA
 tensors or under ``TRITON_INTERPRET=1``, else :func:`decode_folded_ref`.
@@ -64,7 +67,6 @@ tensors or under ``TRITON_INTERPRET=1``, else :func:`decode_folded_ref`.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -75,6 +77,7 @@ import triton.language as tl
 from rkv_convert.quant.packing import packed_width
 from rkv_convert.runtime.ops import dequantize_values, rope
 
+from ._chunk_parts import _log2_logits, logit_scales
 from ._common import Backend, device_guard, next_pow2, resolve_backend, triton_interpreting
 from ._decode_parts import _byte_tiles, _cos_sin, _plane_codes
 from ._occupancy import sm_count
@@ -83,7 +86,6 @@ from .decode_attention import _merge
 
 __all__ = ["FoldedParams", "FOLDED_DEFAULTS", "decode_folded", "decode_folded_ref", "folded_scores_ref"]
 
-_LOG2E = 1.0 / math.log(2.0)
 # Launch settings: the best of benchmarks/bench_decode_folded.py --tune on an H200.
 FOLDED_DEFAULTS: dict[str, int] = {"block_n": 128, "num_warps": 4, "num_stages": 2, "waves": 8}
 _BIAS_BLOCK = 64
@@ -132,16 +134,17 @@ class FoldedParams:
             raise ValueError(f"group sizes {self.g_k}/{self.g_v} must divide the head dim {d}")
 
     def kernel_operands(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(rtp, mean, inv_freq)`` fp32 contiguous on ``device``, made once per device.
+        """``(r_planes, mean, inv_freq)`` fp32 contiguous on ``device``, made once per device.
 
-        ``rtp [n_kv, 4, d/4, d]``: ``R_h^T`` with its rows in plane order (row ``(j, i)`` = column
-        ``4i + j`` of ``R_h``), so that each plane's rows of ``q' = q R_h`` load as one tile.
+        ``r_planes [n_kv, d, d]``: ``R_h`` with its columns in plane order (column ``j*d/4 + i`` =
+        column ``4i + j`` of ``R_h``), so that ``q @ r_planes`` is ``q' = q R_h`` in plane order.
         """
         if device not in self._on_device:
             n_kv, d = self.n_kv, self.head_dim
-            rt = self.rotation.to(device=device, dtype=torch.float32).transpose(1, 2)
-            rtp = rt.reshape(n_kv, d // 4, 4, d).permute(0, 2, 1, 3).contiguous()
-            self._on_device[device] = (rtp, self.mean.to(device=device, dtype=torch.float32).contiguous(),
+            j, i = torch.meshgrid(torch.arange(4), torch.arange(d // 4), indexing="ij")
+            order = (4 * i + j).reshape(-1).to(device)
+            r_planes = self.rotation.to(device=device, dtype=torch.float32)[:, :, order].contiguous()
+            self._on_device[device] = (r_planes, self.mean.to(device=device, dtype=torch.float32).contiguous(),
                                        self.inv_freq.to(device=device, dtype=torch.float32).contiguous())
         return self._on_device[device]
 
@@ -281,18 +284,6 @@ def _u2_plane_fp16(b, J: tl.constexpr):
 
 
 @triton.jit
-def _log2_logits(s, qk_scale, cap_scale, SOFTCAP: tl.constexpr):
-    """Base-2 logits of unscaled scores: ``s * qk_scale`` (``sm_scale * log2 e``), or with a soft cap
-    ``cap_scale * tanh(s * qk_scale)`` (``qk_scale = sm_scale / cap``, ``cap_scale = cap * log2 e``)."""
-    if SOFTCAP:
-        out = cap_scale * (1.0 - 2.0 / (tl.exp(2.0 * s * qk_scale) + 1.0))  # tanh, saturating at +-1
-    else:
-        out = s * qk_scale
-    return out
-
-
-
-@triton.jit
 def _cols(x, N: tl.constexpr, P: tl.constexpr, U: tl.constexpr):
     """``[N, P*U] -> [N, U]``: the used columns (pad index 0; the padded ones hold zeros)."""
     if P > 1:
@@ -332,15 +323,11 @@ def _planes(row, tmask, ii, PW: tl.constexpr, BITS: tl.constexpr, FAST: tl.const
 
 
 @triton.jit
-def _qstar(rot_base, ii, j: tl.constexpr, qexp_t, col_g, GK: tl.constexpr, PW: tl.constexpr, D: tl.constexpr,
-           DT: tl.constexpr, QPREC: tl.constexpr):
-    """Rows ``4i + j`` of ``q' = q R`` as ``[PW, QC]``: column ``(r, g)`` keeps group ``g``'s channels only.
-
-    ``rot_base``: this head's plane-ordered ``R^T`` (row ``j*PW + i`` = column ``4i + j`` of ``R``).
-    """
-    qs = tl.dot(tl.load(rot_base + j * PW * D), qexp_t, input_precision=QPREC)
-    keep = ((4 * ii + j) // GK)[:, None] == col_g[None, :]
-    return tl.where(keep, qs, 0.0).to(DT)
+def _q_plane(qr_col, cmask, ii, col_g, j: tl.constexpr, PW: tl.constexpr, GK: tl.constexpr, DT: tl.constexpr):
+    """Rows ``4i + j`` of ``q'`` (plane-ordered fp32 rows ``qr_col``) as ``[PW, QC]``: column ``(pad, r, g)``
+    keeps group ``g``'s channels of query row ``r`` (zeros in padded columns)."""
+    keep = cmask & (((4 * ii + j) // GK)[:, None] == col_g[None, :])
+    return tl.load(qr_col[None, :] + j * PW + ii[:, None], mask=keep, other=0.0).to(DT)
 
 
 @triton.jit
@@ -375,7 +362,7 @@ def _mean_bias_kernel(
 
 @triton.jit
 def _folded_kernel(
-    q_ptr, rot_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, bias_ptr, fk_ptr, fv_ptr, fpos_ptr, o_ptr, lse_ptr,
+    q_ptr, qr_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, bias_ptr, fk_ptr, fv_ptr, fpos_ptr, o_ptr, lse_ptr,
     s_qb, s_qh, s_kcb, s_kch, s_kct, s_ksb, s_ksh, s_vcb, s_vch, s_vct, s_vsb, s_vsh,
     s_bb, s_bh, s_fb, s_fh, s_ft, s_fpb,
     T, F, tokens_per_split, n_parts, n_q, qk_scale, cap_scale,
@@ -383,7 +370,7 @@ def _folded_kernel(
     NG: tl.constexpr, GK: tl.constexpr, NGV: tl.constexpr, GV: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_FAST: tl.constexpr, V_FAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, HAS_FP: tl.constexpr, DIRECT: tl.constexpr,
-    DT: tl.constexpr, PREC: tl.constexpr, QPREC: tl.constexpr, SOFTCAP: tl.constexpr, NUM_STAGES: tl.constexpr,
+    DT: tl.constexpr, PREC: tl.constexpr, SOFTCAP: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """Grid ``(B, n_kv, n_parts)``. ``DIRECT`` (one part): the normalised output in ``o_ptr [B, n_q, d]``;
     else fp32 partial outputs ``o_ptr [B, n_q, n_parts, d]`` and log2-sum-exp ``lse_ptr [B, n_q, n_parts]``."""
@@ -411,13 +398,12 @@ def _folded_kernel(
     gv = tl.arange(0, NGV)
 
     q_col = q_ptr + b * s_qb + (h * REP + col_r) * s_qh  # [QC]: column (pad, r, g) reads query row r
+    qr_col = qr_ptr + b * s_qb + (h * REP + col_r) * s_qh  # the same rows of q' (plane order)
     cmask = ((col < UK) & (col_r < REP))[None, :]
-    qexp_t = tl.load(q_col[None, :] + kk[:, None], mask=cmask, other=0.0).to(tl.float32)  # [D, QC]
-    rot_base = rot_ptr + h * D * D + ii[:, None] * D + kk[None, :]  # plane-ordered R^T rows
-    q0 = _qstar(rot_base, ii, 0, qexp_t, col_g, GK, PW, D, DT, QPREC)
-    q1 = _qstar(rot_base, ii, 1, qexp_t, col_g, GK, PW, D, DT, QPREC)
-    q2 = _qstar(rot_base, ii, 2, qexp_t, col_g, GK, PW, D, DT, QPREC)
-    q3 = _qstar(rot_base, ii, 3, qexp_t, col_g, GK, PW, D, DT, QPREC)
+    q0 = _q_plane(qr_col, cmask, ii, col_g, 0, PW, GK, DT)
+    q1 = _q_plane(qr_col, cmask, ii, col_g, 1, PW, GK, DT)
+    q2 = _q_plane(qr_col, cmask, ii, col_g, 2, PW, GK, DT)
+    q3 = _q_plane(qr_col, cmask, ii, col_g, 3, PW, GK, DT)
     qsum = (tl.sum(q0.to(tl.float32), 0) + tl.sum(q1.to(tl.float32), 0)
             + tl.sum(q2.to(tl.float32), 0) + tl.sum(q3.to(tl.float32), 0))
     qsum3 = tl.reshape(_cols(qsum[None, :], 1, KP, UK), (R, NG))
@@ -640,7 +626,7 @@ def decode_folded(
     fp16 = q.dtype == torch.float16
     prmt = fp16 and not interp and unpack == "auto"  # inline PTX: not in the interpreter
     R = next_pow2(rep)
-    qc = _last_contig(q)
+    qc = q.contiguous()  # (q and q' = q R share one stride set)
     kc, vc, pos = _last_contig(kv.k_codes), _last_contig(kv.v_codes), _last_contig(kv.pos)
     ks, kz = _group_rows(kv.k_scale, kv.k_zero)
     vs, vz = _group_rows(kv.v_scale, kv.v_zero)
@@ -657,15 +643,13 @@ def decode_folded(
     else:
         o_part = torch.empty(B, n_q, n_parts, d, **f32)
         lse_part = torch.empty(B, n_q, n_parts, **f32)
-    if params.softcap is None:
-        qk_scale, cap_scale = params.sm_scale * _LOG2E, 0.0
-    else:
-        qk_scale, cap_scale = params.sm_scale / params.softcap, params.softcap * _LOG2E
-    rot = params.kernel_operands(dev)[0]
+    qk_scale, cap_scale = logit_scales(params.sm_scale, params.softcap)
+    r_planes = params.kernel_operands(dev)[0]
+    qr = torch.matmul(qc.float().view(B, n_kv, rep, d), r_planes[None]).view(B, n_q, d)  # q' = q R_h, fp32
     with device_guard(qc):  # Triton launches on the current device
         bias = _mean_bias(qc, pos, params, T, fp16, interp) if T else o_part.new_empty(1, 1, 1, dtype=torch.float32)
         _folded_kernel[(B, n_kv, n_parts)](
-            qc, rot, kc, ks, kz, vc, vs, vz, bias, fk, fv, fpos, o_part, lse_part,
+            qc, qr, kc, ks, kz, vc, vs, vz, bias, fk, fv, fpos, o_part, lse_part,
             qc.stride(0), qc.stride(1), *kc.stride()[:3], *ks.stride()[:2], *vc.stride()[:3], *vs.stride()[:2],
             bias.stride(0), bias.stride(1), *fk.stride()[:3], fpos.stride(0),
             T, F, tokens_per_split, n_parts, n_q, qk_scale, cap_scale,
@@ -674,7 +658,6 @@ def decode_folded(
             K_FAST=params.bits == 2 and prmt, V_FAST=params.value_bits == 2 and prmt,
             BLOCK_N=block_n, BLOCK_F=64, HAS_FP=has_fp, DIRECT=direct,
             DT=tl.float16 if fp16 else tl.float32, PREC="tf32" if fp16 else "ieee",
-            QPREC="ieee" if q.dtype == torch.float32 or interp else "tf32x3",
             SOFTCAP=params.softcap is not None, NUM_STAGES=num_stages, num_warps=num_warps,
         )  # fmt: skip
     return o_part if direct else _merge(o_part, lse_part, q.dtype)
