@@ -541,6 +541,18 @@ def _group_rows(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return a, b
 
 
+def _tiles(d: int, fp16: bool) -> dict[str, int]:
+    """Slots per block, pipeline depth and fp-segment block for a head dim and operand type.
+
+    Head dim 256 with fp32 operands needed 327,680 B of shared memory at the defaults on an H200
+    (limit 232,448); 32-slot blocks without pipelining compile to about 49 KB for sm_90, fp16 at
+    64-slot blocks to about 42 KB.
+    """
+    if d < 256:
+        return {"block_n": FOLDED_DEFAULTS["block_n"], "num_stages": FOLDED_DEFAULTS["num_stages"], "block_f": 64}
+    return {"block_n": 64, "num_stages": 2, "block_f": 32} if fp16 else {"block_n": 32, "num_stages": 1, "block_f": 32}
+
+
 def default_splits(programs: int, T: int, block_n: int, device: torch.device, waves: int) -> int:
     """Context splits so that ``programs * splits`` fills about ``waves`` programs per SM (at least one block each)."""
     n_blocks = triton.cdiv(T, block_n)
@@ -590,7 +602,8 @@ def decode_folded(
             ``FOLDED_DEFAULTS``). With one split the fp segment joins it and the output is written
             by the one launch; otherwise the fp segment is its own part and a merge kernel follows.
         block_n: slots per inner step (power of two >= 16); num_warps, num_stages: launch settings
-            (``num_stages - 1`` blocks of loads in flight ahead of the one computed).
+            (``num_stages - 1`` blocks of loads in flight ahead of the one computed). None: the
+            defaults, smaller for head dim 256 (``_tiles``: shared memory).
         unpack: ``"auto"``: 2-bit codes of fp16 calls become fp16 by byte permutes (inline PTX,
             CUDA only), other codes by integer-to-float conversion; ``"convert"``: always the latter.
         backend: ``"auto"``, ``"triton"`` or ``"reference"`` (see ``_common``).
@@ -608,9 +621,11 @@ def decode_folded(
         raise ValueError(f"queries must be fp16/bf16/fp32, got {q.dtype}")
     if unpack not in ("auto", "convert"):
         raise ValueError(f"unpack must be 'auto' or 'convert', got {unpack!r}")
-    block_n = FOLDED_DEFAULTS["block_n"] if block_n is None else block_n
+    fp16 = q.dtype == torch.float16
+    tiles = _tiles(d, fp16)
+    block_n = tiles["block_n"] if block_n is None else block_n
     num_warps = FOLDED_DEFAULTS["num_warps"] if num_warps is None else num_warps
-    num_stages = FOLDED_DEFAULTS["num_stages"] if num_stages is None else num_stages
+    num_stages = tiles["num_stages"] if num_stages is None else num_stages
     if block_n & (block_n - 1) or block_n < 16:
         raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
     dev = q.device
@@ -623,7 +638,6 @@ def decode_folded(
     direct = n_parts == 1
 
     interp = triton_interpreting()
-    fp16 = q.dtype == torch.float16
     prmt = fp16 and not interp and unpack == "auto"  # inline PTX: not in the interpreter
     R = next_pow2(rep)
     qc = q.contiguous()  # (q and q' = q R share one stride set)
@@ -656,7 +670,7 @@ def decode_folded(
             D=d, REP=rep, R=R, NG=d // params.g_k, GK=params.g_k, NGV=d // params.g_v, GV=params.g_v,
             K_BITS=params.bits, V_BITS=params.value_bits,
             K_FAST=params.bits == 2 and prmt, V_FAST=params.value_bits == 2 and prmt,
-            BLOCK_N=block_n, BLOCK_F=64, HAS_FP=has_fp, DIRECT=direct,
+            BLOCK_N=block_n, BLOCK_F=tiles["block_f"], HAS_FP=has_fp, DIRECT=direct,
             DT=tl.float16 if fp16 else tl.float32, PREC="tf32" if fp16 else "ieee",
             SOFTCAP=params.softcap is not None, NUM_STAGES=num_stages, num_warps=num_warps,
         )  # fmt: skip

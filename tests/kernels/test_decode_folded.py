@@ -131,6 +131,7 @@ CASES = {
     "mha-d64-g32-nofp": dict(B=2, n_kv=2, rep=1, d=64, T=50, F=0, g_k=32, g_v=32),
     "b3-gap": dict(B=2, n_kv=1, rep=2, d=64, T=60, F=3, bits=3, g_k=64, g_v=32, gap=True),
     "b4v2-nanholes": dict(B=2, n_kv=2, rep=2, d=64, T=40, F=2, bits=4, v_bits=2, g_k=32, g_v=64, nan_holes=True),
+    "gemma-d256-rep2": dict(B=2, n_kv=1, rep=2, d=256, T=40, F=3, g_k=32, g_v=32),  # the smaller tiles of d = 256
 }
 
 
@@ -139,6 +140,13 @@ CASES = {
 def test_kernel_matches_reference(name: str, dtype: torch.dtype) -> None:
     q, kv, params = make_case(dtype=dtype, **CASES[name])
     _check(q, kv, params, _run(q, kv, params, block_n=16, num_splits=2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_head_dim_256_default_tiles(dtype: torch.dtype) -> None:
+    """Head dim 256 at the launch defaults (smaller blocks, ``_tiles``), two splits and the fp segment."""
+    q, kv, params = make_case(dtype=dtype, **CASES["gemma-d256-rep2"])
+    _check(q, kv, params, _run(q, kv, params, num_splits=2))
 
 
 def test_bf16_one_launch() -> None:
