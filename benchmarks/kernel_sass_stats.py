@@ -1,11 +1,16 @@
-"""Instruction counts of the decode kernels, compiled for an H100 (sm_90) without a GPU.
+"""Instruction counts of the decode kernels, compiled for an H100/H200 (sm_90) without a GPU.
 
-Compiles ``_decode_kernel`` (``kernel="head"``) and
-``_chunk_kernel`` (``kernel="chunk"``) at the paper's shape (head groups of 4, d = 128, 2 bits, groups of 128, fp16, MHA) with Triton's own
-compiler and bundled ``cuobjdump``, and prints registers, stack (spills) and the most frequent
-SASS opcodes. Static counts, not a profile: they show what a kernel issues per loop iteration.
+Compiles the default layout's ``_folded_kernel`` (llama-2-7b and llama-3-8b head shapes, 2 bits,
+groups of 64, fp16) and the pre-RoPE ``_decode_kernel`` (``kernel="head"``) and ``_chunk_kernel``
+(``kernel="chunk"``) at the paper's shape (head groups of 4, d = 128, 2 bits, groups of 128, fp16,
+MHA) with Triton's own compiler and bundled ``cuobjdump``, and prints registers, stack (spills),
+shared memory, the instructions of the main loop's body and the most frequent SASS opcodes. Static
+counts, not a profile: they show what a kernel issues per loop iteration. Pointer and stride
+arguments are marked divisible by 16, as Triton specializes them at launch (the folded kernel's
+scale rows and the runtime's 16-slot capacities rely on it); counts differ somewhat between Triton
+releases (the GPU runs 3.6).
 
-    python benchmarks/kernel_sass_stats.py                     # both kernels, their default tiles
+    python benchmarks/kernel_sass_stats.py                     # all three kernels, their default tiles
     python benchmarks/kernel_sass_stats.py --no-fp-segment     # without the full-precision segment's loop
     python benchmarks/kernel_sass_stats.py --block-t 32 --num-warps 8
 """
@@ -30,15 +35,20 @@ from triton.compiler import ASTSource  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from kernels import decode_attention as head_module  # noqa: E402
 from kernels import decode_chunk as chunk_module  # noqa: E402
+from kernels import decode_folded as folded_module  # noqa: E402
+from kernels.decode_folded import FOLDED_DEFAULTS  # noqa: E402
 
 _POINTERS = {"kc_ptr": "*u8", "vc_ptr": "*u8", "kw_ptr": "*i32", "vw_ptr": "*i32", "pos_ptr": "*i32", "fpos_ptr": "*i32",
              "gidp_ptr": "*i32", "gid_ptr": "*i32", "a_ptr": "*fp32", "mean_ptr": "*fp32", "freq_ptr": "*fp32",
-             "o_ptr": "*fp32", "lse_ptr": "*fp32", "beta_ptr": "*fp32", "vcol_ptr": "*fp32"}  # fmt: skip
+             "o_ptr": "*fp32", "lse_ptr": "*fp32", "beta_ptr": "*fp32", "vcol_ptr": "*fp32",
+             "qr_ptr": "*fp32", "bias_ptr": "*fp32"}  # fmt: skip
 _FLOATS = {"qk_scale", "cap_scale", "rope_scaling"}
+_UNALIGNED = {"s_fpb", "s_pb"}  # position rows: any capacity
 
 
-def compile_sm90(fn: triton.JITFunction, constexprs: dict, num_warps: int, num_stages: int):
-    """Compile ``fn`` for sm_90 (fp16 for every pointer not listed above, int32 scalars)."""
+def compile_sm90(fn: triton.JITFunction, constexprs: dict, num_warps: int, num_stages: int, aligned: bool = False):
+    """Compile ``fn`` for sm_90 (fp16 for every pointer not listed above, int32 scalars); ``aligned``:
+    pointers and ``s_*`` strides divisible by 16, as Triton specializes them at launch."""
     names = fn.arg_names
     signature = {}
     for n in names:
@@ -48,8 +58,26 @@ def compile_sm90(fn: triton.JITFunction, constexprs: dict, num_warps: int, num_s
             signature[n] = _POINTERS.get(n, "*fp16")
         else:
             signature[n] = "fp32" if n in _FLOATS else "i32"
-    src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if aligned and n not in constexprs and (n.endswith("_ptr") or n.startswith("s_")) and n not in _UNALIGNED}
+    src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()},
+                    attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def loop_body(compiled) -> int:
+    """Instructions between the target and the source of the kernel's longest backward branch (its main loop)."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(compiled.asm["cubin"])
+    sass = subprocess.run([str(tool), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    os.unlink(f.name)
+    best = 0
+    for line in sass.splitlines():
+        m = re.match(r"\s*/\*([0-9a-f]+)\*/.*\bBRA\s+0x([0-9a-f]+)", line)
+        if m and int(m.group(2), 16) < int(m.group(1), 16):
+            best = max(best, (int(m.group(1), 16) - int(m.group(2), 16)) // 16 + 1)
+    return best
 
 
 def sass_stats(compiled) -> tuple[int, int, collections.Counter]:
@@ -85,7 +113,18 @@ def main() -> None:
                  dict(common, NGK_PAD=16, NGV_PAD=16, DOT_DTYPE=tl.float16, KRON=True)),
         "chunk": (chunk_module._chunk_kernel, {k: v for k, v in dict(common, DT=tl.float16).items() if k != "NGK"}),
     }  # fmt: skip
-    for name, (fn, cx) in kernels.items():
+    for shape, rep in (("llama2-7b", 1), ("llama3-8b", 4)):
+        cx = dict(D=128, REP=rep, R=rep, NG=2, GK=64, NGV=2, GV=64, K_BITS=2, V_BITS=2, K_FAST=True, V_FAST=True,
+                  BLOCK_N=args.block_t or FOLDED_DEFAULTS["block_n"], BLOCK_F=64, HAS_FP=args.fp_segment, DIRECT=False,
+                  DT=tl.float16, PREC="tf32", SOFTCAP=False, NUM_STAGES=FOLDED_DEFAULTS["num_stages"])  # fmt: skip
+        warps = args.num_warps or FOLDED_DEFAULTS["num_warps"]
+        c = compile_sm90(folded_module._folded_kernel, cx, warps, cx["NUM_STAGES"], aligned=True)
+        regs, stack, ops = sass_stats(c)
+        print(f"folded ({shape} heads): {cx['BLOCK_N']} slots x {warps} warps x {cx['NUM_STAGES']} stages: {regs} "
+              f"registers, {stack} B stack, {c.metadata.shared} B shared memory, main loop {loop_body(c)} "
+              f"instructions per warp per block")
+        print("  " + ", ".join(f"{op} {n}" for op, n in ops.most_common(args.top)))
+    for name, (fn, cx) in kernels.items():  # (not marked aligned: the figures in docs/benchmarks.md)
         dflt = head_module.KERNEL_DEFAULTS[name]
         block_t = args.block_t or dflt["block_t"]
         warps = args.num_warps or dflt["num_warps"]

@@ -58,8 +58,8 @@ Measured status (H200, 2026-12-01, ``benchmarks/results/decode_folded.csv``, ``d
 1.28-1.47x fp16 SDPA for MHA (llama2-7b shape) at >= 16k and batch >= 8, 0.99-1.03x for GQA
 (llama3-8b) at batch 32 and >= 16k, slower at short contexts and batch 1 (three launches and a
 matmul: about 430 us of host time per call). At best 25 % of the 2-bit byte floor: a 128-slot
-block issues about 1,190 SASS instructions per warp (146 registers), a third of them unpacking
-codes into the MMA fragments.
+block issues about 1,170 SASS instructions per warp (146 registers; ``benchmarks/kernel_sass_stats.py``),
+a third of them unpacking codes into the MMA fragments.
 
 Dispatch (see :mod:`rkv_convert.kernels._common`): ``backend="auto"`` runs the kernels on CUDA
 tensors or under ``TRITON_INTERPRET=1``, else :func:`decode_folded_ref`.
