@@ -18,6 +18,16 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture(scope="session")
+def pipeline_texts(tmp_path_factory) -> tuple:
+    """``(calibration, evaluation)`` text files for the CLI pipeline tests of tiny models."""
+    root = tmp_path_factory.mktemp("texts")
+    calib, evaltext = root / "calib.txt", root / "eval.txt"
+    calib.write_text("\n\n".join(f"The cache stores key {i} and value {i * 7} in two bits." for i in range(400)))
+    evaltext.write_text(" ".join(f"word{i % 37} follows word{(i * 5) % 37}." for i in range(600)))
+    return calib, evaltext
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

@@ -22,15 +22,6 @@ def _ok(result) -> None:
     assert result.exit_code == 0, result.output
 
 
-@pytest.fixture(scope="module")
-def texts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("texts")
-    calib, evaltext = root / "calib.txt", root / "eval.txt"
-    calib.write_text("\n\n".join(f"The cache stores key {i} and value {i * 7} in two bits." for i in range(400)))
-    evaltext.write_text(" ".join(f"word{i % 37} follows word{(i * 5) % 37}." for i in range(600)))
-    return calib, evaltext
-
-
 def _stock_perplexity(folder, text, length: int) -> float:
     # eager: transformers 5.17 loads Gemma 2 with SDPA, which drops the soft cap silently (5.24 refuses SDPA)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
@@ -42,8 +33,8 @@ def _stock_perplexity(folder, text, length: int) -> float:
 
 
 @pytest.mark.parametrize("family,layout", [(f, "folded") for f in FAMILIES] + [("gemma2", "prerope")])
-def test_calibrate_export_eval_run(tmp_path, texts, family: str, layout: str) -> None:
-    calib, evaltext = texts
+def test_calibrate_export_eval_run(tmp_path, pipeline_texts, family: str, layout: str) -> None:
+    calib, evaltext = pipeline_texts
     model = save_tiny_model(tmp_path / "model", family, n_kv=2)
     cal, ck = tmp_path / "cal", tmp_path / "ck"
     _ok(runner.invoke(app, ["calibrate", str(model), "--out", str(cal), "--data", str(calib), "--samples", "2",

@@ -27,15 +27,6 @@ def _refused(result, *parts: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def texts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("texts")
-    calib, evaltext = root / "calib.txt", root / "eval.txt"
-    calib.write_text("\n\n".join(f"The cache stores key {i} and value {i * 7} in two bits." for i in range(400)))
-    evaltext.write_text(" ".join(f"word{i % 37} follows word{(i * 5) % 37}." for i in range(600)))
-    return calib, evaltext
-
-
-@pytest.fixture(scope="module")
 def model_folder(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("phi3_longrope") / "model", "phi3_longrope", n_kv=2)
 
@@ -50,8 +41,8 @@ def _calibrate_export(model, calib, root, layout: str):
 
 
 @pytest.mark.parametrize("layout", ["folded", "prerope"])
-def test_calibrate_export_eval_run_within_the_limit(tmp_path, texts, model_folder, layout: str) -> None:
-    calib, evaltext = texts
+def test_calibrate_export_eval_run_within_the_limit(tmp_path, pipeline_texts, model_folder, layout: str) -> None:
+    calib, evaltext = pipeline_texts
     ck = _calibrate_export(model_folder, calib, tmp_path, layout)
     result = runner.invoke(app, ["eval", str(ck), "--text", str(evaltext), "--windows", "1", "--length", str(LONGROPE_LIMIT),
                                  "--schemes", "fp,rotatekv", "--bits", "2", "--device", "cpu", "--json"])  # fmt: skip
@@ -62,8 +53,8 @@ def test_calibrate_export_eval_run_within_the_limit(tmp_path, texts, model_folde
                             "--no-chat", "--device", "cpu"]))  # fmt: skip
 
 
-def test_everything_that_would_cross_the_limit_is_refused_in_one_line(tmp_path, texts, model_folder) -> None:
-    calib, evaltext = texts
+def test_everything_that_would_cross_the_limit_is_refused_in_one_line(tmp_path, pipeline_texts, model_folder) -> None:
+    calib, evaltext = pipeline_texts
     over = str(LONGROPE_LIMIT + 1)
     _refused(runner.invoke(app, ["calibrate", str(model_folder), "--out", str(tmp_path / "cal"), "--data", str(calib),
                                  "--seqlen", over, "--device", "cpu"]), f"--seqlen {over} is longer than {WHY}")  # fmt: skip
