@@ -3,28 +3,19 @@
 import csv
 import json
 
-from tiny_models import tiny_model, tiny_tokenizer
+from tiny_models import save_chat_model, save_tiny_model
 from typer.testing import CliRunner
 
 from rkv_convert.cli import app
 
 runner = CliRunner()
-TEMPLATE = ("{% for m in messages %}<eos>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-            "{% if add_generation_prompt %}<eos>assistant: {% endif %}")
-
-
 def _ok(result) -> None:
     assert result.exit_code == 0, result.output
 
 
-def test_eval_passkey(tmp_path) -> None:
-    folder = tmp_path / "model"
-    tiny_model("llama", n_kv=2).save_pretrained(folder)
-    tok = tiny_tokenizer()
-    tok.chat_template = TEMPLATE
-    tok.save_pretrained(folder)
-    text = tmp_path / "calib.txt"
-    text.write_text("\n\n".join(f"The cache stores key {i} and value {i * 7} in two bits." for i in range(400)))
+def test_eval_passkey(tmp_path, pipeline_texts) -> None:
+    folder = save_chat_model(tmp_path / "model")
+    text = pipeline_texts[0]
     cal, ck, out = tmp_path / "cal", tmp_path / "ck", tmp_path / "pk"
     _ok(runner.invoke(app, ["calibrate", str(folder), "--data", str(text), "--samples", "2", "--seqlen", "64",
                             "--device", "cpu", "--out", str(cal)]))  # fmt: skip
@@ -50,14 +41,9 @@ def test_eval_passkey(tmp_path) -> None:
     assert bad.exit_code == 2 and "--task perplexity needs --text" in " ".join(bad.output.split())
 
 
-def test_export_with_per_layer_widths_and_eval_as_exported(tmp_path) -> None:
-    folder = tmp_path / "model"
-    tiny_model("llama", n_kv=2).save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    text = tmp_path / "calib.txt"
-    text.write_text("\n\n".join(f"The cache stores key {i} and value {i * 7} in two bits." for i in range(400)))
-    evaltext = tmp_path / "eval.txt"
-    evaltext.write_text(" ".join(f"word{i % 37} follows word{(i * 5) % 37}." for i in range(600)))
+def test_export_with_per_layer_widths_and_eval_as_exported(tmp_path, pipeline_texts) -> None:
+    folder = save_tiny_model(tmp_path / "model", n_kv=2)
+    text, evaltext = pipeline_texts
     cal, ck = tmp_path / "cal", tmp_path / "ck"
     _ok(runner.invoke(app, ["calibrate", str(folder), "--data", str(text), "--samples", "2", "--seqlen", "64",
                             "--device", "cpu", "--out", str(cal)]))  # fmt: skip

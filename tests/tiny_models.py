@@ -124,6 +124,24 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
 
 
+CHAT_TEMPLATE = ("{% for m in messages %}<eos>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<eos>assistant: {% endif %}")
+
+
+def tiny_chat_tokenizer():
+    """:func:`tiny_tokenizer` with a minimal chat template (passkey tests)."""
+    tok = tiny_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def save_chat_model(folder, n_kv: int = 2):
+    """A tiny Llama folder whose tokenizer has the minimal chat template."""
+    tiny_model("llama", n_kv=n_kv).save_pretrained(folder)
+    tiny_chat_tokenizer().save_pretrained(folder)
+    return folder
+
+
 def save_tiny_model(folder, family: str = "llama", seed: int = 0, **kwargs):
     """A loadable model folder (config, safetensors weights, tokenizer) for CLI and export tests."""
     model = tiny_model(family, seed=seed, **kwargs)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from tiny_models import tiny_model, tiny_tokenizer
+from tiny_models import save_chat_model, tiny_chat_tokenizer, tiny_model
 from typer.testing import CliRunner
 
 from rkv_convert.calibrate.run import CalibrationOptions, calibrate
@@ -17,8 +17,6 @@ from rkv_convert.evaluate.passkey_store import PasskeySetup, load_results, save_
 from rkv_convert.export.fuse import fuse_value_rotation
 from rkv_convert.export.writer import checkpoint_from_artifact
 
-TEMPLATE = ("{% for m in messages %}<eos>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-            "{% if add_generation_prompt %}<eos>assistant: {% endif %}")
 FILLER = " ".join(f"The method number {i} returns a list of names." for i in range(300))
 runner = CliRunner()
 
@@ -48,8 +46,7 @@ def test_saved_results_load_back_and_another_setup_is_refused(tmp_path) -> None:
 
 
 def test_run_passkey_skips_what_is_done_and_reports_after_each_result() -> None:
-    tok = tiny_tokenizer()
-    tok.chat_template = TEMPLATE
+    tok = tiny_chat_tokenizer()
     source = tiny_model("llama", n_kv=2)
     artifact = calibrate(source, torch.randint(0, 128, (2, 64)), CalibrationOptions(num_samples=2, seqlen=64, batch_size=2))
     fuse_value_rotation(source, artifact.value_rotation)
@@ -68,14 +65,9 @@ def test_run_passkey_skips_what_is_done_and_reports_after_each_result() -> None:
     assert len(seen) == 1 and len(seen[0]) == 4  # one new result, reported with everything before it
 
 
-def test_cli_passkey_resumes_from_its_out_folder(tmp_path) -> None:
-    folder = tmp_path / "model"
-    tiny_model("llama", n_kv=2).save_pretrained(folder)
-    tok = tiny_tokenizer()
-    tok.chat_template = TEMPLATE
-    tok.save_pretrained(folder)
-    text = tmp_path / "calib.txt"
-    text.write_text("\n\n".join(f"The cache stores key {i} and value {i * 7} in two bits." for i in range(400)))
+def test_cli_passkey_resumes_from_its_out_folder(tmp_path, pipeline_texts) -> None:
+    folder = save_chat_model(tmp_path / "model")
+    text = pipeline_texts[0]
     cal, ck, out = tmp_path / "cal", tmp_path / "ck", tmp_path / "pk"
     for args in (["calibrate", str(folder), "--data", str(text), "--samples", "2", "--seqlen", "64", "--device", "cpu",
                   "--out", str(cal)],
