@@ -36,10 +36,16 @@ def calibrated_rkv(
     value_group: int, bits: int, permutation: str = "mean_abs", key_layout: str = DEFAULT_KEY_LAYOUT,
 ) -> tuple[RkvModel, CalibrationArtifact, float]:
     """Calibrate ``model`` on ``samples`` random windows of ``seqlen`` tokens, fuse its value rotation
-    and wrap it with the packed cache; returns the rkv model, the artifact and the calibration seconds."""
+    and wrap it with the packed cache; returns the rkv model, the artifact and the calibration seconds.
+
+    Key rotations stay Hadamard (``learn_rotation=False``): a learned rotation is just another
+    orthogonal matrix to the kernels, so speed and placement do not change, while learning one per
+    KV head costs about 1.2 s per head on this project's CPU (19 s more for 16 heads of 128) -- at
+    the LLaMA-2-7B shape's 1,024 heads, minutes even on a GPU, which kept the end-to-end and serving
+    benchmarks from printing anything within their H200 time limits."""
     options = CalibrationOptions(source="random-tokens", num_samples=samples, seqlen=seqlen,
                                  head_group_size=head_group, key_group_size=key_group, value_group_size=value_group,
-                                 perm_statistic=permutation, key_layout=key_layout)  # fmt: skip
+                                 perm_statistic=permutation, key_layout=key_layout, learn_rotation=False)  # fmt: skip
     batches = torch.randint(0, vocab, (samples, seqlen), generator=torch.Generator().manual_seed(0))
     if torch.cuda.is_available():
         torch.cuda.synchronize()
