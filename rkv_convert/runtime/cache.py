@@ -235,7 +235,6 @@ class RkvCacheLayer(CacheLayerMixin):
         self.capacity_hint = 0  # store slots to allocate up front (e.g. prompt + new tokens)
         self.is_row_view = False  # storage is rows of another layer's tensors (rows())
         self.window: int | None = None  # the layer's sliding window (None: global), caps the store's allocation
-        self.reclaim = True  # drop hidden store slots of a sliding layer (False: keep them, for comparisons)
         self.hides = False  # hide_before() was called: this layer is a sliding one
         self.reclaimed = 0  # store slots dropped by reclaiming (slots held = length - reclaimed)
 
@@ -476,7 +475,7 @@ class RkvCacheLayer(CacheLayerMixin):
     def store_hint(self) -> int:
         """Store slots to allocate up front: ``capacity_hint``, capped for a sliding layer at what
         reclaiming lets its store reach (the window's live slots, as many hidden ones, one flush)."""
-        if self.window is None or not self.reclaim:
+        if self.window is None:
             return self.capacity_hint
         s = self.settings
         return min(self.capacity_hint, 2 * (self.window + s.recent_window + s.flush_block) + s.flush_block)
@@ -493,7 +492,7 @@ class RkvCacheLayer(CacheLayerMixin):
     def _reclaim_hidden(self) -> None:
         """A sliding layer's store: move the live slots to the front once its hidden prefix is at
         least half of the used store (one copy of the used part; codes move, never re-quantized)."""
-        if not (self.hides and self.reclaim) or self.is_row_view:
+        if not self.hides or self.is_row_view:
             return
         n, h = self.n_quant, self.hidden_prefix()
         if h == 0 or 2 * h < n:

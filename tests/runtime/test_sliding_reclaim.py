@@ -8,6 +8,9 @@ global layer's grows with the sequence."""
 
 from __future__ import annotations
 
+import contextlib
+from unittest import mock
+
 import pytest
 import torch
 from rkv_fixtures import make_checkpoint
@@ -15,19 +18,23 @@ from test_attention import _prompt, _run
 from tiny_models import tiny_model
 
 from rkv_convert.runtime.attention import rkv_attention
-from rkv_convert.runtime.cache import CacheSettings, RkvCache
+from rkv_convert.runtime.cache import CacheSettings, RkvCache, RkvCacheLayer
 
 SETTINGS = CacheSettings(recent_window=4, flush_block=4, max_sinks=2)
 
 
 def _decode(model, ckpt, backend: str, reclaim: bool, steps: int) -> tuple[torch.Tensor, RkvCache]:
-    """Prefill a padded batch of 2 (21 tokens), then ``steps`` greedy steps: all logits and the cache."""
+    """Prefill a padded batch of 2 (21 tokens), then ``steps`` greedy steps: all logits and the cache.
+
+    ``reclaim=False``: the baseline that keeps every slot (no reclaiming, the whole reservation up front)."""
     cache = RkvCache.from_checkpoint(ckpt, model, SETTINGS, backend=backend).reserve(21 + steps + 1)
-    for layer in cache.layers:
-        layer.reclaim = reclaim
     torch.manual_seed(1)
     ids, mask = _prompt(pad=3)
-    logits = _run(model, rkv_attention, ids, mask, steps=steps, cache=cache)
+    with contextlib.ExitStack() as keep:
+        if not reclaim:
+            keep.enter_context(mock.patch.object(RkvCacheLayer, "_reclaim_hidden", lambda self: None))
+            keep.enter_context(mock.patch.object(RkvCacheLayer, "store_hint", lambda self: self.capacity_hint))
+        logits = _run(model, rkv_attention, ids, mask, steps=steps, cache=cache)
     return logits, cache
 
 
