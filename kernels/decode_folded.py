@@ -82,9 +82,9 @@ from ._common import Backend, device_guard, next_pow2, resolve_backend, triton_i
 from ._decode_parts import _byte_tiles, _cos_sin, _plane_codes
 from ._occupancy import sm_count
 from .packed_kv import PackedKV
-from .decode_attention import _merge
+from .decode_attention import _merge, _plane_order
 
-__all__ = ["FoldedParams", "FOLDED_DEFAULTS", "decode_folded", "decode_folded_ref", "folded_scores_ref"]
+__all__ = ["FoldedParams", "FOLDED_DEFAULTS", "decode_folded", "decode_folded_ref", "folded_scores_ref", "mean_scores_ref"]
 
 # Launch settings: the best of benchmarks/bench_decode_folded.py --tune on an H200.
 FOLDED_DEFAULTS: dict[str, int] = {"block_n": 128, "num_warps": 4, "num_stages": 2, "waves": 8}
@@ -140,9 +140,7 @@ class FoldedParams:
         column ``4i + j`` of ``R_h``), so that ``q @ r_planes`` is ``q' = q R_h`` in plane order.
         """
         if device not in self._on_device:
-            n_kv, d = self.n_kv, self.head_dim
-            j, i = torch.meshgrid(torch.arange(4), torch.arange(d // 4), indexing="ij")
-            order = (4 * i + j).reshape(-1).to(device)
+            order = _plane_order(self.head_dim, self.head_dim, device)
             r_planes = self.rotation.to(device=device, dtype=torch.float32)[:, :, order].contiguous()
             self._on_device[device] = (r_planes, self.mean.to(device=device, dtype=torch.float32).contiguous(),
                                        self.inv_freq.to(device=device, dtype=torch.float32).contiguous())
@@ -198,24 +196,35 @@ def _dims(q: torch.Tensor, kv: PackedKV, p: FoldedParams, n_tokens: int | None) 
     return dict(B=B, n_q=n_q, n_kv=n_kv, d=d, rep=n_q // n_kv, T=T, F=F)
 
 
+def mean_scores_ref(
+    q: torch.Tensor, pos: torch.Tensor, params: FoldedParams, compute_dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """The mean term ``q · RoPE_pos(mu_h)`` ``fp32 [B, n_q, T]`` (``pos [B, T]``, ``-1`` read as 0):
+    the reference of the mean-bias kernel. ``compute_dtype`` rounds the dot's operands."""
+    B, n_q, d = q.shape
+    n_kv, T = params.n_kv, pos.shape[1]
+    qf = q.float().reshape(B, n_kv, n_q // n_kv, d)
+    mu = params.mean.to(q.device, torch.float32)[None, :, None, :].expand(B, n_kv, T, d)
+    mu_rope = rope(mu, pos.clamp_min(0), params.inv_freq, params.attention_scaling)  # [B, n_kv, T, d]
+    cd = compute_dtype
+    return (qf.to(cd) @ mu_rope.to(cd).transpose(-1, -2)).float().reshape(B, n_q, T)
+
+
 def folded_scores_ref(
     q: torch.Tensor, y: torch.Tensor, pos: torch.Tensor, params: FoldedParams, compute_dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
     """Unscaled scores ``q · RoPE_pos(k)`` ``fp32 [B, n_q, T]`` from folded keys ``y [B, n_kv, T, d]``.
 
-    ``(q R_h) · y + q · RoPE_pos(mu_h)`` (module docstring); ``pos [B, T]``, ``-1`` read as 0.
-    ``compute_dtype`` rounds the operands of both dots (tests: the error a low-precision kernel may have).
+    ``(q R_h) · y + q · RoPE_pos(mu_h)`` (module docstring, :func:`mean_scores_ref`); ``pos [B, T]``,
+    ``-1`` read as 0. ``compute_dtype`` rounds the operands of both dots (tests: the error a
+    low-precision kernel may have).
     """
     B, n_q, d = q.shape
     n_kv = y.shape[1]
-    rep = n_q // n_kv
-    qf = q.float().reshape(B, n_kv, rep, d)
-    q_rot = qf @ params.rotation.to(q.device, torch.float32)[None]  # [B, n_kv, rep, d]
-    mu = params.mean.to(q.device, torch.float32)[None, :, None, :].expand(B, n_kv, y.shape[2], d)
-    mu_rope = rope(mu, pos.clamp_min(0), params.inv_freq, params.attention_scaling)  # [B, n_kv, T, d]
+    q_rot = q.float().reshape(B, n_kv, n_q // n_kv, d) @ params.rotation.to(q.device, torch.float32)[None]
     cd = compute_dtype
-    s = (q_rot.to(cd) @ y.to(cd).transpose(-1, -2)).float() + (qf.to(cd) @ mu_rope.to(cd).transpose(-1, -2)).float()
-    return s.reshape(B, n_q, -1)
+    s = (q_rot.to(cd) @ y.to(cd).transpose(-1, -2)).float().reshape(B, n_q, -1)
+    return s + mean_scores_ref(q, pos, params, cd)
 
 
 def decode_folded_ref(
@@ -518,7 +527,6 @@ def _store_plane(acc, zacc, inv_l, gv, ii, j: tl.constexpr, dst, rmask, R: tl.co
     o = tl.sum(used * sel[None, :, :], 1) + tl.sum(zacc[:, :, None] * sel[None, :, :], 1)
     o = o * inv_l[:, None]
     tl.store(dst + (4 * ii + j)[None, :], o.to(dst.dtype.element_ty), mask=rmask[:, None])
-
 
 
 def _last_contig(t: torch.Tensor) -> torch.Tensor:

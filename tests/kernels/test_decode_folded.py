@@ -15,11 +15,14 @@ import pytest
 import torch
 
 from _cache_factory import fold_keys_pre, quantize_folded
+from rkv_convert.kernels._common import triton_interpreting
 from rkv_convert.kernels.decode_folded import (
     FoldedParams,
+    _mean_bias,
     decode_folded,
     decode_folded_ref,
     folded_scores_ref,
+    mean_scores_ref,
 )
 from rkv_convert.kernels.packed_kv import PackedKV
 from rkv_convert.quant.hadamard import hadamard_matrix
@@ -147,6 +150,21 @@ def test_head_dim_256_default_tiles(dtype: torch.dtype) -> None:
     """Head dim 256 at the launch defaults (smaller blocks, ``_tiles``), two splits and the fp segment."""
     q, kv, params = make_case(dtype=dtype, **CASES["gemma-d256-rep2"])
     _check(q, kv, params, _run(q, kv, params, num_splits=2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_mean_bias_kernel_matches_reference(dtype: torch.dtype) -> None:
+    """The mean-bias kernel alone against :func:`mean_scores_ref`, ``-inf`` exactly on empty slots
+    (left padding, a hole), at positions near 20k where fp16 cos/sin operands round most."""
+    q, kv, params = make_case(dtype=dtype, B=2, n_kv=2, rep=3, d=64, T=70, att=1.3, pos0=20000)
+    T = kv.pos.shape[1]
+    got = _mean_bias(_dev(q), _dev(kv.pos), _dev(params), T, dtype == torch.float16, triton_interpreting()).cpu()
+    ref = mean_scores_ref(q.float(), kv.pos, params)
+    empty = (kv.pos < 0)[:, None, :].expand_as(ref)
+    assert empty.any() and bool(torch.isneginf(got[empty]).all()) and bool(torch.isfinite(got[~empty]).all())
+    err = (got[~empty] - ref[~empty]).abs().max().item()
+    low_err = (mean_scores_ref(q, kv.pos, params, dtype)[~empty] - ref[~empty]).abs().max().item()
+    assert err <= 2 * low_err + ATOL[dtype] * ref.abs().max().item(), (err, low_err)
 
 
 def test_bf16_one_launch() -> None:
