@@ -17,14 +17,9 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
+def workspace(tmp_path_factory, pipeline_texts):
     root = tmp_path_factory.mktemp("cli")
-    model = save_tiny_model(root / "model", "llama", n_kv=2)
-    text = root / "calib.txt"
-    text.write_text("\n\n".join(f"The cache stores key {i} and value {i * 7} in two bits." for i in range(400)))
-    evaltext = root / "eval.txt"
-    evaltext.write_text(" ".join(f"word{i % 37} follows word{(i * 5) % 37}." for i in range(600)))
-    return root, model, text, evaltext
+    return root, save_tiny_model(root / "model", "llama", n_kv=2), *pipeline_texts
 
 
 def _calibrate_args(model, out, text) -> list[str]:

@@ -14,12 +14,9 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
+def workspace(tmp_path_factory, pipeline_texts):
     root = tmp_path_factory.mktemp("errors")
-    model = save_tiny_model(root / "model", "llama", n_kv=2)
-    text = root / "calib.txt"
-    text.write_text("\n\n".join(f"The cache stores key {i} and value {i * 7} in two bits." for i in range(200)))
-    return root, model, text
+    return root, save_tiny_model(root / "model", "llama", n_kv=2), pipeline_texts[0]
 
 
 def _calibrate(workspace, monkeypatch, error: Exception):
