@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["TEMP_MARK", "atomic_dir", "check_output_dir", "remove_stale_temp_dirs", "stale_temp_dirs"]
+__all__ = ["TEMP_MARK", "atomic_dir", "atomic_write_text", "check_output_dir", "remove_stale_temp_dirs", "stale_temp_dirs"]
 
 TEMP_MARK = ".rkv-tmp-"
 _LEGACY_RANDOM = r"[a-z0-9_]{8}"  # tempfile.mkdtemp's name characters, used before TEMP_MARK existed
@@ -84,4 +84,16 @@ def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Replace the file ``path`` with ``text`` in one rename (a reader sees the old or the new file, never half)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise

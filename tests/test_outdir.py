@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from rkv_convert.outdir import atomic_dir, check_output_dir, remove_stale_temp_dirs
+from rkv_convert.outdir import atomic_dir, atomic_write_text, check_output_dir, remove_stale_temp_dirs
 
 
 def test_writes_through_a_named_temp_folder_and_renames(tmp_path) -> None:
@@ -57,3 +57,13 @@ def test_output_checks(tmp_path) -> None:
         check_output_dir(tmp_path / "ck", overwrite=False)
     check_output_dir(tmp_path / "ck", overwrite=True)
     check_output_dir(tmp_path / "new" / "ck", overwrite=False)
+
+
+def test_atomic_write_text_replaces_whole_or_not_at_all(tmp_path) -> None:
+    target = tmp_path / "results.json"
+    atomic_write_text(target, "old")
+    atomic_write_text(target, "new")
+    assert target.read_text() == "new"
+    with pytest.raises(TypeError):
+        atomic_write_text(target, None)  # a write that fails halfway: the old file stays, no temp is left
+    assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["results.json"]

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..export.format import RKV_TENSORS_FILE
+from ..outdir import atomic_write_text
 from .passkey import PasskeyOptions, PasskeyResult, passkey_csv
 
 __all__ = ["PasskeySetup", "RESULTS_JSON", "RESULTS_CSV", "load_results", "save_results", "checkpoint_digest"]
@@ -74,6 +74,4 @@ def save_results(out: str | Path, setup: PasskeySetup, results: list[PasskeyResu
     out.mkdir(parents=True, exist_ok=True)
     payload = json.dumps({"setup": setup.as_dict(), "results": [r.as_dict() for r in results]}, indent=2)
     for name, text in ((RESULTS_JSON, payload), (RESULTS_CSV, passkey_csv(results))):
-        tmp = out / f".{name}.tmp-{os.getpid()}"
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
+        atomic_write_text(out / name, text)
