@@ -203,7 +203,7 @@ class RowCache(RkvCache):
         cache = RkvCache([layer.codec for layer in self.layers], self.settings, self.inv_freq, self.attention_scaling,
                          self.backend)  # fmt: skip
         for mine, ours in zip(cache.layers, self.layers, strict=True):
-            mine.rope = ours.rope
+            mine.rope, mine.window = ours.rope, ours.window
         return cache.reserve(reserve_tokens)
 
     def store_slots(self) -> int:
