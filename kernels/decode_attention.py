@@ -100,7 +100,8 @@ from ._chunk_parts import _log2_logits, launch_strides, logit_scales
 from ._decode_parts import _NPLANES, _byte_tiles, _cos_sin, _plane_codes, _softmax_step
 from .packed_kv import PackedKV
 
-__all__ = ["KERNEL_DEFAULTS", "PreparedRotation", "decode_attention", "decode_attention_ref", "num_splits_for", "prepare_rotation"]
+__all__ = ["KERNEL_DEFAULTS", "PreparedRotation", "decode_attention", "decode_attention_ref", "head_kernel_supports",
+           "num_splits_for", "prepare_rotation"]
 
 Kernel = Literal["auto", "head", "chunk"]
 # Launch settings per kernel, the fastest timed on an H100 (benchmarks/bench_decode_attention.py --tune).
@@ -526,6 +527,19 @@ def _kron_factors(
     return (a, b) if err <= rtol * float(r.abs().max()) else None
 
 
+def head_kernel_supports(*, d: int, dot_dtype: torch.dtype, device: torch.device) -> str | None:
+    """None if the head kernel compiles for this head dim and dot operand type on ``device``, else why not.
+
+    Its rotation tiles live in shared memory. At head dim 256 with fp32 operands (fp32 and bf16
+    queries) they need 327,680 B on an H200, whose limit is 232,448 B; the interpreter has no limit.
+    """
+    if device.type == "cuda" and d >= 256 and dot_dtype == torch.float32:
+        return (f"head dim {d} with fp32 dot operands (float32 or bfloat16 queries) needs about 320 KB of shared "
+                f"memory on CUDA, more than a GPU has; run the model in float16, or calibrate the folded key "
+                f"layout (rkv calibrate's default)")
+    return None
+
+
 def _dot_dtype(dtype: torch.dtype) -> torch.dtype:
     """Dot operand dtype of the kernel for queries (or operands) of ``dtype``: fp16 or fp32."""
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -746,6 +760,8 @@ def decode_attention(
         if why_not is not None and kernel == "chunk":
             raise ValueError(f"kernel='chunk' does not cover this call: {why_not}; use kernel='head'")
         kernel = "chunk" if why_not is None else "head"
+    if kernel == "head" and (why_not := head_kernel_supports(d=d, dot_dtype=dot_dtype, device=dev)) is not None:
+        raise ValueError(f"the pre-RoPE decode kernel does not cover this call: {why_not}")
     dflt = KERNEL_DEFAULTS[kernel]
     block_t = dflt["block_t"] if block_t is None else block_t
     num_warps = dflt["num_warps"] if num_warps is None else num_warps

@@ -20,6 +20,7 @@ from rkv_convert.kernels.decode_attention import (
     _plane_order,
     decode_attention,
     decode_attention_ref,
+    head_kernel_supports,
     num_splits_for,
     prepare_rotation,
 )
@@ -144,6 +145,16 @@ def test_softcap_must_be_positive() -> None:
     for backend in ("reference", "triton"):
         with pytest.raises(ValueError, match="softcap must be positive"):
             _call(decode_attention, on_device(c.q), on_device(c.cache), on_device({**c.kw, "softcap": 0.0}), backend=backend)
+
+
+def test_head_kernel_refuses_fp32_tiles_beyond_shared_memory() -> None:
+    """Head dim 256 with fp32 dot operands overflows a GPU's shared memory (measured on an H200): refused with
+    the reason on CUDA, whatever the query dtype that leads there; fp16 operands and the interpreter run."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert "shared memory" in head_kernel_supports(d=256, dot_dtype=torch.float32, device=cuda)
+    assert head_kernel_supports(d=256, dot_dtype=torch.float16, device=cuda) is None
+    assert head_kernel_supports(d=128, dot_dtype=torch.float32, device=cuda) is None
+    assert head_kernel_supports(d=256, dot_dtype=torch.float32, device=cpu) is None
 
 
 def test_dense_rotation_path() -> None:

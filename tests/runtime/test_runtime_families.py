@@ -125,6 +125,10 @@ def test_triton_on_cuda_matches_reference_backend(family: str, dtype: torch.dtyp
             return decode_logits(model, RkvCache.from_checkpoint(ckpt, model, settings, backend=backend), ids, 12, feed)
 
         ref = logits("reference")
+        if layout == "prerope" and head_dim >= 256 and dtype != torch.float16:
+            with pytest.raises(ValueError, match="shared memory"):  # head_kernel_supports: refused, not run
+                logits("triton", feed=ref[:, :-1].argmax(-1))
+            continue
         got = logits("triton", feed=ref[:, :-1].argmax(-1))
         tol = 2e-3 if dtype == torch.float32 else 3e-2  # as test_runtime_folded.py's CUDA test
         torch.testing.assert_close(got, ref, rtol=tol, atol=tol, msg=lambda m: f"{family} {layout} {dtype}: {m}")
