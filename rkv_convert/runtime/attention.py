@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+from transformers.models.llama.modeling_llama import rotate_half
 
 from ..kernels.decode_attention import decode_attention
 from ..kernels.decode_folded import decode_folded
@@ -88,6 +88,29 @@ def stored_tokens(layer: RkvCacheLayer) -> tuple[torch.Tensor, torch.Tensor, tor
     return keys, values, pos
 
 
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x [B, H, T, d]`` RoPE'd with the model's ``cos, sin [B, T, d]``: the math of transformers'
+    ``apply_rotary_pos_emb`` op for op (bitwise the same), for one tensor where that function
+    always rotates two."""
+    return (x * cos.unsqueeze(1)) + (rotate_half(x) * sin.unsqueeze(1))
+
+
+def _rope_query_key(
+    query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``apply_rotary_pos_emb(query, key, cos, sin)`` as one :func:`_rope` over both, heads concatenated.
+
+    The same elementwise ops on the same values, so bitwise the same result, in six torch ops
+    instead of ten: every decode step of every layer runs it, and at small batches each op's
+    launch costs more host time than its GPU work. The query part is a view (not contiguous
+    for a batch above one).
+    """
+    if query.dtype != key.dtype:  # a concatenation would promote one of them
+        return _rope(query, cos, sin), _rope(key, cos, sin)
+    both = _rope(torch.cat([query, key], dim=1), cos, sin)
+    return both[:, : query.shape[1]], both[:, query.shape[1] :]
+
+
 def _hide_outside_window(window: int | None, layer: RkvCacheLayer, pos: torch.Tensor) -> None:
     """A sliding-window layer (``window`` tokens, the query's own included) never again attends to
     positions before ``first new position - window + 1``: they are hidden before the step."""
@@ -118,20 +141,23 @@ def rkv_attention(
     _hide_outside_window(window, layer, pos)
     valid = new_token_validity(attention_mask, b, t)
     codec = layer.codec
+    folded = codec.folded
     sinks = flag_sinks(layer_input, codec.sink_channels, codec.sink_threshold)
 
     cos, sin = position_embeddings
-    multi_token = layer.length > 0 and t > 1
-    k_post = apply_rotary_pos_emb(key, key, cos, sin)[1] if codec.folded or multi_token else None
-    k_store = k_post if codec.folded else key  # what the full-precision segment holds (the layout's key)
     if layer.length == 0:  # prefill: exactly the model's own attention, then store
+        k_store = _rope(key, cos, sin) if folded else key  # the fp segment's key
         out = stock_attention(module, query, key, value, position_embeddings, attention_mask, None, layer_input, **kwargs)
         layer.append(k_store, value, pos, valid, sinks)
         layer.flush()
         return out
 
-    q_rot = apply_rotary_pos_emb(query, query, cos, sin)[0]
-    if t == 1 and codec.folded:  # decode, folded keys: the query takes every key transform
+    if folded or t > 1:  # the query and the post-RoPE key
+        q_rot, k_post = _rope_query_key(query, key, cos, sin)
+    else:  # pre-RoPE decode: the query alone
+        q_rot, k_post = _rope(query, cos, sin), None
+    k_store = k_post if folded else key  # what the full-precision segment holds (the layout's key)
+    if t == 1 and folded:  # decode, folded keys: the query takes every key transform
         layer.append(k_store, value, pos, valid, sinks)
         params = codec.folded_params(*layer.rope_or_raise(), module.scaling, attention_softcap(module))
         out = decode_folded(q_rot[:, :, 0], layer.packed_kv(), params, backend=layer.backend)

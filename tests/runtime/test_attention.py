@@ -2,13 +2,14 @@
 
 import pytest
 import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from reference_handler import EvalReference
 from rkv_fixtures import make_checkpoint
 from tiny_models import FAMILIES, tiny_model
 
 from rkv_convert.models.compat import cache_kwargs
 from rkv_convert.models.adapters import attach
-from rkv_convert.runtime.attention import new_token_validity, rkv_attention
+from rkv_convert.runtime.attention import _rope, _rope_query_key, new_token_validity, rkv_attention
 from rkv_convert.runtime.cache import CacheSettings, RkvCache
 
 
@@ -193,3 +194,17 @@ def test_handler_refuses_a_foreign_cache_and_reads_masks() -> None:
     assert new_token_validity(float_mask, 2, 1).tolist() == [[True], [False]]
     assert new_token_validity(torch.tensor([[0, 1, 1]]), 1, 2).tolist() == [[True, True]]
     assert new_token_validity(None, 2, 3) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_rope_helpers_are_bitwise_transformers_rope(dtype: torch.dtype, batch: int) -> None:
+    """The handler's RoPE (one tensor, or query and key concatenated) is transformers' own, bit for bit."""
+    q = torch.randn(batch, 9, 2, 64).to(dtype)
+    k = torch.randn(batch, 3, 2, 64).to(dtype)
+    angles = torch.rand(batch, 2, 32) * 100
+    cos, sin = (torch.cat([f(angles)] * 2, -1).to(dtype) for f in (torch.cos, torch.sin))
+    q_ref, k_ref = apply_rotary_pos_emb(q, k, cos, sin)
+    q_rot, k_rot = _rope_query_key(q, k, cos, sin)
+    assert torch.equal(q_rot, q_ref) and torch.equal(k_rot, k_ref)
+    assert torch.equal(_rope(q, cos, sin), q_ref)
