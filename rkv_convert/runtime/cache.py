@@ -52,6 +52,7 @@ not hide: its peak is the prompt's store).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -201,6 +202,13 @@ def _aligned(slots: int) -> int:
     16 elements, which lets the decode kernels load whole scale rows asynchronously (Triton specializes
     on it)."""
     return -(-slots // 16) * 16
+
+
+@functools.lru_cache(maxsize=64)
+def _constant(value: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A 0-dim constant on ``device``, made once (read only): ``torch.where`` with a Python scalar
+    makes and fills a new device tensor on every call."""
+    return torch.tensor(value, dtype=dtype, device=device)
 
 
 def _grow(t: torch.Tensor, used: int, capacity: int, dim: int, fill: int = 0) -> torch.Tensor:
@@ -391,27 +399,37 @@ class RkvCacheLayer(CacheLayerMixin):
         pos = positions.to(self.device, torch.int32).expand(b, t)
         if valid is not None:
             valid = valid.to(self.device)
-            pos = torch.where(valid, pos, torch.full_like(pos, -1))
-            key = key * valid[:, None, :, None].to(key.dtype)  # padding may carry anything; store zeros
-            value = value * valid[:, None, :, None].to(value.dtype)
+            pos = torch.where(valid, pos, _constant(-1, pos.dtype, pos.device))
+            keep = valid[:, None, :, None].to(key.dtype)
+            key = key * keep  # padding may carry anything; store zeros
+            value = value * (keep if value.dtype == key.dtype else valid[:, None, :, None].to(value.dtype))
+        key, value = key.to(self.fp_dtype), value.to(self.fp_dtype)
         if sinks is not None and self.settings.max_sinks > 0:
             pos = self._take_sinks(key, value, pos, sinks.to(self.device) & (pos >= 0))
-        self._append_window(key.to(self.fp_dtype), value.to(self.fp_dtype), pos)
+        self._append_window(key, value, pos)
         self.length += t
 
     def _take_sinks(self, key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
-        """Copy flagged tokens into free sink slots; return ``pos`` with those tokens removed (-1)."""
-        rank = self.n_sinks[:, None] + flags.long().cumsum(1) - 1
-        take = flags & (rank < self.settings.max_sinks)
-        slot = torch.where(take, rank, torch.full_like(rank, self.scratch_slot))  # [B, T]
+        """Copy flagged tokens (``key``/``value`` in the segment's dtype) into free sink slots; return
+        ``pos`` with those tokens removed (-1).
+
+        Runs at every decode step of every layer, so it launches few ops (nine for one token): a
+        flagged token's rank among its sequence's sinks is its sink count plus the flagged tokens
+        before it (for one token, the count itself; unflagged tokens' ranks are never read), and
+        the scratch slot's position needs no reset, since only tokens not taken land there and
+        they write -1.
+        """
         b, n_kv, t, d = key.shape
+        rank = self.n_sinks[:, None] if t == 1 else flags.cumsum(1) + (self.n_sinks - 1)[:, None]
+        take = flags & (rank < self.settings.max_sinks)
+        slot = torch.where(take, rank, _constant(self.scratch_slot, torch.int64, rank.device))  # [B, T]
         index = slot[:, None, :, None].expand(b, n_kv, t, d)
-        self.fp_k.scatter_(2, index, key.to(self.fp_dtype))
-        self.fp_v.scatter_(2, index, value.to(self.fp_dtype))
-        self.fp_pos.scatter_(1, slot, torch.where(take, pos, torch.full_like(pos, -1)))
-        self.fp_pos[:, self.scratch_slot] = -1
-        self.n_sinks += take.sum(1)
-        return torch.where(take, torch.full_like(pos, -1), pos)
+        self.fp_k.scatter_(2, index, key)
+        self.fp_v.scatter_(2, index, value)
+        empty = _constant(-1, pos.dtype, pos.device)
+        self.fp_pos.scatter_(1, slot, torch.where(take, pos, empty))
+        self.n_sinks += take[:, 0] if t == 1 else take.sum(1)
+        return torch.where(take, empty, pos)
 
     def _append_window(self, key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor) -> None:
         s, w0, t = self.settings, self.window_start, key.shape[2]

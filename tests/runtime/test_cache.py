@@ -107,6 +107,29 @@ def test_sinks_take_free_slots_per_sequence_then_overflow_is_quantized() -> None
     assert layer.n_sinks.tolist() == [2, 2]
 
 
+def test_sinks_token_by_token_match_one_append() -> None:
+    """Decode appends one token at a time (the sink ranks then come from the counts alone): the same
+    sink slots, window, positions and counts as appending the tokens together, padding included."""
+    k, v = tokens(3, 12)
+    sinks = torch.zeros(3, 12, dtype=torch.bool)
+    sinks[0, [0, 3, 5, 9]] = True  # more candidates than slots
+    sinks[1, [7]] = True
+    sinks[2, [1, 2, 6]] = True
+    valid = torch.ones(3, 12, dtype=torch.bool)
+    valid[2, :2] = False  # left padding: flagged padding is never a sink
+    pos = (valid.long().cumsum(1) - 1).clamp_min(0)
+    together, one_by_one = make_layer(recent_window=16, flush_block=4, max_sinks=2), make_layer(16, 4, 2)
+    one_by_one.codec = together.codec
+    together.append(k, v, pos, valid=valid, sinks=sinks)
+    for i in range(12):
+        one_by_one.append(k[:, :, i : i + 1], v[:, :, i : i + 1], pos[:, i : i + 1], valid=valid[:, i : i + 1],
+                          sinks=sinks[:, i : i + 1])  # fmt: skip
+    assert together.n_sinks.tolist() == [2, 1, 2]
+    for name in ("fp_k", "fp_v", "fp_pos", "n_sinks"):
+        assert torch.equal(getattr(one_by_one, name), getattr(together, name)), name
+    assert together.fp_pos[:, together.scratch_slot].tolist() == [-1, -1, -1]
+
+
 def test_left_padding_gets_no_position_and_zeros() -> None:
     layer = make_layer(recent_window=2, flush_block=2, max_sinks=1)
     k, v = tokens(2, 10)
