@@ -67,8 +67,9 @@ tensors or under ``TRITON_INTERPRET=1``, else :func:`decode_folded_ref`.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import triton
@@ -150,6 +151,13 @@ class FoldedParams:
     def value_bits(self) -> int:
         return self.bits if self.v_bits is None else self.v_bits
 
+    @functools.cached_property
+    def row_widths(self) -> tuple[int, int, int, int]:
+        """Per slot and head: key code bytes, key groups, value code bytes, value groups (checked
+        against every call's cache, so computed once)."""
+        d = self.head_dim
+        return packed_width(d, self.bits), d // self.g_k, packed_width(d, self.value_bits), d // self.g_v
+
     @property
     def head_dim(self) -> int:
         return self.rotation.shape[-1]
@@ -159,7 +167,19 @@ class FoldedParams:
         return self.rotation.shape[0]
 
 
-def _dims(q: torch.Tensor, kv: PackedKV, p: FoldedParams, n_tokens: int | None) -> dict[str, int]:
+class _Dims(NamedTuple):
+    """The dimensions of one call (``T`` store slots read, ``F`` full-precision slots)."""
+
+    B: int
+    n_q: int
+    n_kv: int
+    d: int
+    rep: int
+    T: int
+    F: int
+
+
+def _dims(q: torch.Tensor, kv: PackedKV, p: FoldedParams, n_tokens: int | None) -> _Dims:
     """Validate shapes against the layout; return the dimensions."""
     if q.dim() != 3:
         raise ValueError(f"q must be [B, n_q, d], got {tuple(q.shape)}")
@@ -171,29 +191,30 @@ def _dims(q: torch.Tensor, kv: PackedKV, p: FoldedParams, n_tokens: int | None) 
     T = cap if n_tokens is None else int(n_tokens)
     if not 0 <= T <= max(cap, 0):
         raise ValueError(f"n_tokens={n_tokens} outside the cache's {cap} slots")
-    want = {
-        "k_codes": (kv.k_codes, (B, n_kv, cap, packed_width(d, p.bits)), torch.uint8),
-        "k_scale": (kv.k_scale, (B, n_kv, cap, d // p.g_k), torch.float16),
-        "k_zero": (kv.k_zero, (B, n_kv, cap, d // p.g_k), torch.float16),
-        "v_codes": (kv.v_codes, (B, n_kv, cap, packed_width(d, p.value_bits)), torch.uint8),
-        "v_scale": (kv.v_scale, (B, n_kv, cap, d // p.g_v), torch.float16),
-        "v_zero": (kv.v_zero, (B, n_kv, cap, d // p.g_v), torch.float16),
-        "pos": (kv.pos, (B, cap), torch.int32),
-    }
+    k_width, k_groups, v_width, v_groups = p.row_widths
+    u8, f16, i32 = torch.uint8, torch.float16, torch.int32
+    want = [
+        ("k_codes", kv.k_codes, (B, n_kv, cap, k_width), u8),
+        ("k_scale", kv.k_scale, (B, n_kv, cap, k_groups), f16),
+        ("k_zero", kv.k_zero, (B, n_kv, cap, k_groups), f16),
+        ("v_codes", kv.v_codes, (B, n_kv, cap, v_width), u8),
+        ("v_scale", kv.v_scale, (B, n_kv, cap, v_groups), f16),
+        ("v_zero", kv.v_zero, (B, n_kv, cap, v_groups), f16),
+        ("pos", kv.pos, (B, cap), i32),
+    ]
     F = 0
-    fp = (kv.fp_k, kv.fp_v, kv.fp_pos)
-    if any(t is not None for t in fp):
-        if any(t is None for t in fp):
+    if kv.fp_k is not None or kv.fp_v is not None or kv.fp_pos is not None:
+        if kv.fp_k is None or kv.fp_v is None or kv.fp_pos is None:
             raise ValueError("fp_k, fp_v and fp_pos go together")
         F = kv.fp_k.shape[2]
-        want.update(fp_k=(kv.fp_k, (B, n_kv, F, d), None), fp_v=(kv.fp_v, (B, n_kv, F, d), None),
-                    fp_pos=(kv.fp_pos, (B, F), torch.int32))  # fmt: skip
-    for name, (t, shape, dtype) in want.items():
-        if tuple(t.shape) != shape:
+        want += [("fp_k", kv.fp_k, (B, n_kv, F, d), None), ("fp_v", kv.fp_v, (B, n_kv, F, d), None),
+                 ("fp_pos", kv.fp_pos, (B, F), i32)]  # fmt: skip
+    for name, t, shape, dtype in want:
+        if t.shape != shape:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
         if dtype is not None and t.dtype != dtype:
             raise ValueError(f"{name} must be {dtype}, got {t.dtype}")
-    return dict(B=B, n_q=n_q, n_kv=n_kv, d=d, rep=n_q // n_kv, T=T, F=F)
+    return _Dims(B, n_q, n_kv, d, n_q // n_kv, T, F)
 
 
 def mean_scores_ref(
@@ -245,17 +266,17 @@ def decode_folded_ref(
         ``[B, n_q, d]`` in ``q.dtype``.
     """
     dm = _dims(q, kv, params, n_tokens)
-    B, n_q, d, rep, T = (dm[k] for k in ("B", "n_q", "d", "rep", "T"))
+    B, n_q, d, rep, T = dm.B, dm.n_q, dm.d, dm.rep, dm.T
     cd = compute_dtype
     if T:
         y = dequantize_values(kv.k_codes[:, :, :T], kv.k_scale[:, :, :T], kv.k_zero[:, :, :T], params.bits, d)
         v = dequantize_values(kv.v_codes[:, :, :T], kv.v_scale[:, :, :T], kv.v_zero[:, :, :T], params.value_bits, d)
     else:  # (the dequantizer cannot view an empty tensor with -1)
-        y = v = q.new_zeros(B, dm["n_kv"], 0, d, dtype=torch.float32)
+        y = v = q.new_zeros(B, dm.n_kv, 0, d, dtype=torch.float32)
     pos = kv.pos[:, :T]
     scores = folded_scores_ref(q, y, pos, params, cd)  # [B, n_q, T]
     valid = pos >= 0
-    if dm["F"]:
+    if dm.F:
         fk = kv.fp_k.float().repeat_interleave(rep, 1)  # [B, n_q, F, d]
         s_fp = (q.float()[:, :, None, :].to(cd) @ fk.to(cd).transpose(-1, -2)).float().squeeze(2)
         scores = torch.cat([scores, s_fp], -1)
@@ -529,6 +550,12 @@ def _store_plane(acc, zacc, inv_l, gv, ii, j: tl.constexpr, dst, rmask, R: tl.co
     tl.store(dst + (4 * ii + j)[None, :], o.to(dst.dtype.element_ty), mask=rmask[:, None])
 
 
+def _cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for host-side ints (``triton.cdiv`` is a constexpr function: several
+    microseconds per call from Python, and the launch path makes about eight such calls)."""
+    return -(-a // b)
+
+
 def _last_contig(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -563,12 +590,12 @@ def _tiles(d: int, fp16: bool) -> dict[str, int]:
 
 def default_splits(programs: int, T: int, block_n: int, device: torch.device, waves: int) -> int:
     """Context splits so that ``programs * splits`` fills about ``waves`` programs per SM (at least one block each)."""
-    n_blocks = triton.cdiv(T, block_n)
+    n_blocks = _cdiv(T, block_n)
     if n_blocks == 0:
         return 0
     sms = sm_count(device) if device.type == "cuda" else 4
-    splits = max(1, min(n_blocks, triton.cdiv(waves * sms, programs)))
-    return triton.cdiv(n_blocks, triton.cdiv(n_blocks, splits))  # no empty split
+    splits = max(1, min(n_blocks, _cdiv(waves * sms, programs)))
+    return _cdiv(n_blocks, _cdiv(n_blocks, splits))  # no empty split
 
 
 def _mean_bias(q: torch.Tensor, pos: torch.Tensor, params: FoldedParams, T: int, fp16: bool, interp: bool) -> torch.Tensor:
@@ -576,7 +603,7 @@ def _mean_bias(q: torch.Tensor, pos: torch.Tensor, params: FoldedParams, T: int,
     B, n_q, d = q.shape
     bias = torch.empty(B, n_q, T, device=q.device, dtype=torch.float32)
     _, mean, freq = params.kernel_operands(q.device)
-    _mean_bias_kernel[(B, triton.cdiv(T, _BIAS_BLOCK))](
+    _mean_bias_kernel[(B, _cdiv(T, _BIAS_BLOCK))](
         q, mean, freq, pos, bias, q.stride(0), q.stride(1), pos.stride(0), bias.stride(0), bias.stride(1), T,
         float(params.attention_scaling), N_Q=n_q, NQP=max(16, next_pow2(n_q)), REP=n_q // params.n_kv, H=d // 2,
         BLOCK_T=_BIAS_BLOCK, DT=tl.float16 if fp16 else tl.float32, PREC="tf32" if fp16 else "ieee",
@@ -621,8 +648,7 @@ def decode_folded(
     """
     if not resolve_backend(backend, q):
         return decode_folded_ref(q, kv, params, n_tokens=n_tokens)
-    dm = _dims(q, kv, params, n_tokens)
-    B, n_q, n_kv, d, rep, T, F = (dm[k] for k in ("B", "n_q", "n_kv", "d", "rep", "T", "F"))
+    B, n_q, n_kv, d, rep, T, F = _dims(q, kv, params, n_tokens)
     if d & (d - 1) or d < 64:
         raise ValueError(f"the Triton kernel needs a power-of-two head dim >= 64, got {d}")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -640,8 +666,8 @@ def decode_folded(
     has_fp = F > 0
     if num_splits is None:
         num_splits = default_splits(B * n_kv, T, block_n, dev, FOLDED_DEFAULTS["waves"])
-    num_splits = min(max(num_splits, 1), triton.cdiv(T, block_n)) if T > 0 else 0
-    tokens_per_split = triton.cdiv(triton.cdiv(T, block_n), num_splits) * block_n if num_splits else block_n
+    num_splits = min(max(num_splits, 1), _cdiv(T, block_n)) if T > 0 else 0
+    tokens_per_split = _cdiv(_cdiv(T, block_n), num_splits) * block_n if num_splits else block_n
     n_parts = max(num_splits, 1) if num_splits <= 1 else num_splits + int(has_fp)
     direct = n_parts == 1
 
