@@ -142,7 +142,8 @@ def rkv_attention(
     valid = new_token_validity(attention_mask, b, t)
     codec = layer.codec
     folded = codec.folded
-    sinks = flag_sinks(layer_input, codec.sink_channels, codec.sink_threshold)
+    # sink candidates (none when the layer keeps no sink slots: the append would ignore them)
+    sinks = flag_sinks(layer_input, codec.sink_channels, codec.sink_threshold) if layer.settings.max_sinks else None
 
     cos, sin = position_embeddings
     if layer.length == 0:  # prefill: exactly the model's own attention, then store
