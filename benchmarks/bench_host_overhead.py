@@ -56,7 +56,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 def _load_project() -> None:
     """Import transformers, triton and rkv, once ``TRITON_INTERPRET`` is decided (triton reads it at import)."""
     global LlamaForCausalLM, llama_config, append_csv, print_table, attach, hadamard_matrix, rkv_attention  # noqa: PLW0603
-    global CacheSettings, LayerCodec, RkvCache  # noqa: PLW0603
+    global CacheSettings, LayerCodec, RkvCache, cache_kwargs  # noqa: PLW0603
     from transformers import LlamaForCausalLM
 
     sys.path.insert(0, str(Path(__file__).parent))
@@ -66,6 +66,7 @@ def _load_project() -> None:
     import rkv_convert.kernels.decode_folded  # noqa: F401  (the modules whose launches are stubbed)
     import rkv_convert.kernels.quantize_pack  # noqa: F401
     from rkv_convert.models.adapters import attach
+    from rkv_convert.models.compat import cache_kwargs
     from rkv_convert.quant.hadamard import hadamard_matrix
     from rkv_convert.runtime.attention import rkv_attention
     from rkv_convert.runtime.cache import CacheSettings, LayerCodec, RkvCache
@@ -180,10 +181,10 @@ def capture_decode_call(model, cache: RkvCache, prompt: int) -> tuple[tuple, dic
         return rkv_attention(*args, **kwargs)
 
     with torch.no_grad(), attach(model, spy):
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+        out = model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         model(input_ids=token, attention_mask=torch.ones(1, prompt + 1, dtype=torch.long, device=dev),
-              position_ids=torch.tensor([[prompt]], device=dev), past_key_values=cache, use_cache=True)  # fmt: skip
+              position_ids=torch.tensor([[prompt]], device=dev), **cache_kwargs(model, cache), use_cache=True)  # fmt: skip
     return seen[0]
 
 
