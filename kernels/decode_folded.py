@@ -362,11 +362,12 @@ def _q_plane(qr_col, cmask, ii, col_g, j: tl.constexpr, PW: tl.constexpr, GK: tl
 
 @triton.jit
 def _mean_bias_kernel(
-    q_ptr, mean_ptr, freq_ptr, pos_ptr, bias_ptr, s_qb, s_qh, s_pb, s_bb, s_bh, T, rope_scaling,
+    q_ptr, mean_ptr, freq_ptr, pos_ptr, bias_ptr, s_qb, s_qh, s_pb, s_bb, s_bh, T, W, rope_scaling,
     N_Q: tl.constexpr, NQP: tl.constexpr, REP: tl.constexpr, H: tl.constexpr, BLOCK_T: tl.constexpr,
     DT: tl.constexpr, PREC: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
 ):
-    """Grid ``(B, T / BLOCK_T)``: ``bias[b, i, t] = q_i · RoPE_{pos[b, t]}(mu_{i // REP})`` (``-inf`` where ``pos < 0``)."""
+    """Grid ``(B, W / BLOCK_T)``: ``bias[b, i, t] = q_i · RoPE_{pos[b, t]}(mu_{i // REP})``, ``-inf`` where
+    ``pos < 0`` and for ``T <= t < W`` (the row's padding to whole slot blocks)."""
     b = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = t < T
@@ -387,7 +388,7 @@ def _mean_bias_kernel(
     acc = tl.dot(c.to(DT), coef_a.to(DT), input_precision=PREC)
     acc = tl.dot(s.to(DT), coef_b.to(DT), acc, input_precision=PREC)
     acc = tl.where((p_t >= 0)[:, None], acc, float("-inf"))
-    tl.store(bias_ptr + b * s_bb + qi[None, :] * s_bh + t[:, None], acc, mask=tmask[:, None] & qm)
+    tl.store(bias_ptr + b * s_bb + qi[None, :] * s_bh + t[:, None], acc, mask=(t < W)[:, None] & qm)
 
 
 @triton.jit
@@ -400,10 +401,15 @@ def _folded_kernel(
     NG: tl.constexpr, GK: tl.constexpr, NGV: tl.constexpr, GV: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_FAST: tl.constexpr, V_FAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, HAS_FP: tl.constexpr, DIRECT: tl.constexpr,
-    DT: tl.constexpr, PREC: tl.constexpr, SOFTCAP: tl.constexpr, NUM_STAGES: tl.constexpr,
+    DT: tl.constexpr, PREC: tl.constexpr, SOFTCAP: tl.constexpr, NUM_STAGES: tl.constexpr, MASKLESS: tl.constexpr,
 ):
     """Grid ``(B, n_kv, n_parts)``. ``DIRECT`` (one part): the normalised output in ``o_ptr [B, n_q, d]``;
-    else fp32 partial outputs ``o_ptr [B, n_q, n_parts, d]`` and log2-sum-exp ``lse_ptr [B, n_q, n_parts]``."""
+    else fp32 partial outputs ``o_ptr [B, n_q, n_parts, d]`` and log2-sum-exp ``lse_ptr [B, n_q, n_parts]``.
+
+    ``MASKLESS``: every block lies within the store's capacity and the bias row, so no load needs a
+    bounds mask and no scale a select: slots past ``T`` and empty slots are excluded by their
+    ``-inf`` bias alone, which needs their codes, scales and zeros finite (the cache zero-fills its
+    stores and writes only quantized values). Fewer instructions and registers in the main loop."""
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     split = tl.program_id(2)
@@ -457,8 +463,11 @@ def _folded_kernel(
     bias_base = bias_ptr + b * s_bb + (h * REP + rr)[None, :] * s_bh
     for t0 in tl.range(t_start, t_stop, BLOCK_N, num_stages=NUM_STAGES):
         t = t0 + tl.arange(0, BLOCK_N)
-        tmask = t < t_stop
         tt = t.to(tl.int64)
+        if MASKLESS:
+            tmask = tl.full((BLOCK_N,), 1, tl.int1)  # constant: the compiler drops the masks
+        else:
+            tmask = t < t_stop
         bias = tl.load(bias_base + tt[:, None], mask=tmask[:, None] & rmask[None, :], other=float("-inf"))
         kp0, kp1, kp2, kp3 = _planes(kc_base + tt * s_kct, tmask, ii, PW, K_BITS, K_FAST, DT)
         sk = tl.load(ks_base + tt[:, None] * NG + gk[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
@@ -467,13 +476,16 @@ def _folded_kernel(
         acc = tl.dot(kp1, q1, acc, input_precision=PREC)
         acc = tl.dot(kp2, q2, acc, input_precision=PREC)
         acc = tl.dot(kp3, q3, acc, input_precision=PREC)
-        valid_e = bias > float("-inf")
-        valid = tl.max(bias, 1) > float("-inf")
-        sk = tl.where(valid[:, None], sk, 0.0)
-        zk = tl.where(valid[:, None], zk, 0.0)
+        if not MASKLESS:  # slots past the split may hold anything: zero their scales
+            valid = tl.max(bias, 1) > float("-inf")
+            sk = tl.where(valid[:, None], sk, 0.0)
+            zk = tl.where(valid[:, None], zk, 0.0)
         acc3 = tl.reshape(_cols(acc, BLOCK_N, KP, UK), (BLOCK_N, R, NG))
         s = tl.sum(acc3 * sk[:, None, :] + (zk - KB * sk)[:, None, :] * qsum3[None, :, :], 2)
-        s = tl.where(valid_e, _log2_logits(s + bias, qk_scale, cap_scale, SOFTCAP), float("-inf"))
+        if MASKLESS and not SOFTCAP:  # a -inf bias keeps the logit -inf
+            s = _log2_logits(s + bias, qk_scale, cap_scale, SOFTCAP)
+        else:  # (the cap's tanh would make it finite)
+            s = tl.where(bias > float("-inf"), _log2_logits(s + bias, qk_scale, cap_scale, SOFTCAP), float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 0))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[None, :])
@@ -481,8 +493,9 @@ def _folded_kernel(
         m_i = m_new
         sv = tl.load(vs_base + tt[:, None] * NGV + gv[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
         zv = tl.load(vz_base + tt[:, None] * NGV + gv[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
-        sv = tl.where(valid[:, None], sv, 0.0)
-        zv = tl.where(valid[:, None], zv, 0.0)
+        if not MASKLESS:
+            sv = tl.where(valid[:, None], sv, 0.0)
+            zv = tl.where(valid[:, None], zv, 0.0)
         zacc = zacc * alpha[:, None] + tl.sum(p[:, :, None] * (zv - VB * sv)[:, None, :], 0)
         w = _pad_cols(tl.reshape(p[:, :, None] * sv[:, None, :], (BLOCK_N, UV)), BLOCK_N, VP, UV)
         w_t = tl.trans(w.to(DT))
@@ -598,13 +611,22 @@ def default_splits(programs: int, T: int, block_n: int, device: torch.device, wa
     return _cdiv(n_blocks, _cdiv(n_blocks, splits))  # no empty split
 
 
-def _mean_bias(q: torch.Tensor, pos: torch.Tensor, params: FoldedParams, T: int, fp16: bool, interp: bool) -> torch.Tensor:
-    """``fp32 [B, n_q, T]``: ``q · RoPE_pos(mu)`` per query head and slot, ``-inf`` on empty slots (one launch)."""
+def _whole_blocks(T: int, block_n: int, capacity: int) -> bool:
+    """True if the blocks covering slots ``[0, T)`` lie inside a store of ``capacity`` slots: the kernel
+    then reads them without bounds masks (``MASKLESS``; the runtime's stores are whole 128-slot blocks)."""
+    return _cdiv(T, block_n) * block_n <= capacity
+
+
+def _mean_bias(q: torch.Tensor, pos: torch.Tensor, params: FoldedParams, T: int, fp16: bool, interp: bool,
+               width: int | None = None) -> torch.Tensor:
+    """``fp32 [B, n_q, width]``: ``q · RoPE_pos(mu)`` per query head and slot for the first ``T`` slots,
+    ``-inf`` on empty slots and on ``[T, width)`` (``width``: default ``T``; one launch)."""
     B, n_q, d = q.shape
-    bias = torch.empty(B, n_q, T, device=q.device, dtype=torch.float32)
+    width = T if width is None else width
+    bias = torch.empty(B, n_q, width, device=q.device, dtype=torch.float32)
     _, mean, freq = params.kernel_operands(q.device)
-    _mean_bias_kernel[(B, _cdiv(T, _BIAS_BLOCK))](
-        q, mean, freq, pos, bias, q.stride(0), q.stride(1), pos.stride(0), bias.stride(0), bias.stride(1), T,
+    _mean_bias_kernel[(B, _cdiv(width, _BIAS_BLOCK))](
+        q, mean, freq, pos, bias, q.stride(0), q.stride(1), pos.stride(0), bias.stride(0), bias.stride(1), T, width,
         float(params.attention_scaling), N_Q=n_q, NQP=max(16, next_pow2(n_q)), REP=n_q // params.n_kv, H=d // 2,
         BLOCK_T=_BIAS_BLOCK, DT=tl.float16 if fp16 else tl.float32, PREC="tf32" if fp16 else "ieee",
         USE_LIBDEVICE=not interp,
@@ -674,6 +696,8 @@ def decode_folded(
     interp = triton_interpreting()
     prmt = fp16 and not interp and unpack == "auto"  # inline PTX: not in the interpreter
     R = next_pow2(rep)
+    maskless = _whole_blocks(T, block_n, kv.k_codes.shape[2])
+    padded = _cdiv(T, block_n) * block_n
     qc = q.contiguous()  # (q and q' = q R share one stride set)
     kc, vc, pos = _last_contig(kv.k_codes), _last_contig(kv.v_codes), _last_contig(kv.pos)
     ks, kz = _group_rows(kv.k_scale, kv.k_zero)
@@ -695,7 +719,8 @@ def decode_folded(
     r_planes = params.kernel_operands(dev)[0]
     qr = torch.matmul(qc.float().view(B, n_kv, rep, d), r_planes[None]).view(B, n_q, d)  # q' = q R_h, fp32
     with device_guard(qc):  # Triton launches on the current device
-        bias = _mean_bias(qc, pos, params, T, fp16, interp) if T else o_part.new_empty(1, 1, 1, dtype=torch.float32)
+        bias = (_mean_bias(qc, pos, params, T, fp16, interp, width=padded if maskless else T) if T
+                else o_part.new_empty(1, 1, 1, dtype=torch.float32))
         _folded_kernel[(B, n_kv, n_parts)](
             qc, qr, kc, ks, kz, vc, vs, vz, bias, fk, fv, fpos, o_part, lse_part,
             qc.stride(0), qc.stride(1), *kc.stride()[:3], *ks.stride()[:2], *vc.stride()[:3], *vs.stride()[:2],
@@ -706,6 +731,6 @@ def decode_folded(
             K_FAST=params.bits == 2 and prmt, V_FAST=params.value_bits == 2 and prmt,
             BLOCK_N=block_n, BLOCK_F=tiles["block_f"], HAS_FP=has_fp, DIRECT=direct,
             DT=tl.float16 if fp16 else tl.float32, PREC="tf32" if fp16 else "ieee",
-            SOFTCAP=params.softcap is not None, NUM_STAGES=num_stages, num_warps=num_warps,
+            SOFTCAP=params.softcap is not None, NUM_STAGES=num_stages, MASKLESS=maskless, num_warps=num_warps,
         )  # fmt: skip
     return o_part if direct else _merge(o_part, lse_part, q.dtype)

@@ -68,7 +68,7 @@ from ..quant.codec import folded_head_rotations
 from ..quant.packing import packed_width
 from .ops import fold_keys, mean_at
 
-__all__ = ["CacheSettings", "LayerCodec", "RkvCacheLayer", "RkvCache"]
+__all__ = ["CacheSettings", "LayerCodec", "RkvCacheLayer", "RkvCache", "store_capacity"]
 
 _MIN_CAPACITY = 64
 
@@ -197,11 +197,15 @@ class LayerCodec:
 _STORAGE = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero", "pos", "fp_k", "fp_v", "fp_pos", "n_sinks")
 
 
-def _aligned(slots: int) -> int:
-    """Store capacity rounded up to 16 slots: the scale tensors' head and batch strides then divide by
-    16 elements, which lets the decode kernels load whole scale rows asynchronously (Triton specializes
-    on it)."""
-    return -(-slots // 16) * 16
+_STORE_ALIGN = 128  # the folded decode kernel's largest slot block (kernels.decode_folded.FOLDED_DEFAULTS)
+
+
+def store_capacity(slots: int) -> int:
+    """Store capacity rounded up to whole blocks of 128 slots: the folded decode kernel then reads
+    whole blocks without bounds masks (``MASKLESS``), and the scale tensors' head and batch strides
+    divide by 16 elements, which lets it load whole scale rows asynchronously (Triton specializes on
+    it)."""
+    return -(-slots // _STORE_ALIGN) * _STORE_ALIGN
 
 
 @functools.lru_cache(maxsize=64)
@@ -265,7 +269,7 @@ class RkvCacheLayer(CacheLayerMixin):
         self.device, self.fp_dtype, self.batch = dev, dtype, b
         self.length = self.n_quant = self.n_window = self.reclaimed = 0
         n_hg, gd = c.num_head_groups, c.group_channels
-        cap = _aligned(max(_MIN_CAPACITY, self.capacity_hint if whole_hint else self.store_hint()))
+        cap = store_capacity(max(_MIN_CAPACITY, self.capacity_hint if whole_hint else self.store_hint()))
         u8, f16 = torch.uint8, torch.float16
         self.k_codes = torch.zeros(b, n_hg, cap, packed_width(gd, c.key_bits), dtype=u8, device=dev)
         self.k_scale = torch.zeros(b, n_hg, cap, gd // c.key_group_size, dtype=f16, device=dev)
@@ -484,7 +488,7 @@ class RkvCacheLayer(CacheLayerMixin):
         new_cap = max(needed, 2 * cap)
         if needed <= self.capacity_hint:  # never past the reserved total while it suffices
             new_cap = min(new_cap, self.capacity_hint)
-        new_cap = _aligned(new_cap)
+        new_cap = store_capacity(new_cap)
         n = self.n_quant
         for name in ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero"):
             setattr(self, name, _grow(getattr(self, name), n, new_cap, dim=2))
@@ -516,7 +520,7 @@ class RkvCacheLayer(CacheLayerMixin):
         if h == 0 or 2 * h < n:
             return
         live, cap = n - h, self.pos.shape[1]
-        target = _aligned(max(_MIN_CAPACITY, self.store_hint(), 2 * live))
+        target = store_capacity(max(_MIN_CAPACITY, self.store_hint(), 2 * live))
         new_cap = target if target < cap else cap  # a store grown by a long prompt shrinks back
         for name in ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero"):
             setattr(self, name, _grow(getattr(self, name).narrow(2, h, live), live, new_cap, dim=2))

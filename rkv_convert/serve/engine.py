@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 
 from ..models.compat import CacheDisengagedError
+from ..runtime.cache import store_capacity
 from ..runtime.generate import RkvModel, ensure_cache_engaged, sample_next
 from .requests import GenerationRequest
 from .row_cache import RowCache, row_bytes
@@ -159,7 +160,8 @@ class Engine:
         return self.cache_bytes_for(self.cache.store_slots())
 
     def cache_bytes_for(self, slots: int) -> int:
-        return self.max_batch * (self._row_fixed + self._row_per_slot * slots)
+        """Bytes of ``max_batch`` rows whose store holds ``slots`` (allocated in whole blocks, as the cache does)."""
+        return self.max_batch * (self._row_fixed + self._row_per_slot * store_capacity(slots))
 
     # ----- the loop --------------------------------------------------------------------------
     def step(self) -> None:

@@ -19,6 +19,7 @@ from rkv_convert.kernels._common import triton_interpreting
 from rkv_convert.kernels.decode_folded import (
     FoldedParams,
     _mean_bias,
+    _whole_blocks,
     decode_folded,
     decode_folded_ref,
     folded_scores_ref,
@@ -229,6 +230,20 @@ def test_n_tokens_and_strided_views() -> None:
     _check(q, kv, params, _run(q, views, params, n_tokens=33, block_n=16, num_splits=2), n_tokens=33)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_whole_blocks_read_unmasked_match_masked_and_reference(dtype: torch.dtype) -> None:
+    """A store whose capacity holds whole blocks (``MASKLESS``: no bounds masks; slots past ``n_tokens``
+    and holes hold real, finite codes and scales, excluded by their ``-inf`` bias alone) gives the
+    reference's output, and the masked launch's (a view one block short of whole)."""
+    q, kv, params = make_case(dtype=dtype, B=2, n_kv=2, rep=3, d=64, T=37, F=3, g_k=32, g_v=64, spare=11, gap=True)
+    assert _whole_blocks(37, 16, kv.k_codes.shape[2]) and not _whole_blocks(37, 16, 40)
+    assert bool(kv.k_scale[:, :, 37:].abs().gt(0).any())  # the spare slots are not zeros
+    unmasked = _run(q, kv, params, n_tokens=37, block_n=16, num_splits=2)
+    masked = _run(q, kv.truncated(40), params, n_tokens=37, block_n=16, num_splits=2)
+    _check(q, kv, params, unmasked, n_tokens=37)
+    torch.testing.assert_close(unmasked, masked, atol=ATOL[dtype], rtol=0)
+
+
 def test_fp_segment_only() -> None:
     q, kv, params = make_case(B=2, n_kv=2, rep=2, d=64, T=0, F=6, g_k=64, g_v=64)
     _check(q, kv, params, _run(q, kv, params))
@@ -259,10 +274,11 @@ def test_reference_backend_and_bad_options() -> None:
 
 
 GPU_CASES = {  # (case, dtype, one launch too): few compiled variants, so that -m gpu stays quick
-    "llama3-like-fp16": (dict(B=2, n_kv=8, rep=4, d=128, T=3000, F=137, g_k=64, g_v=64, pos0=25000), torch.float16, True),
+    "llama3-like-fp16": (dict(B=2, n_kv=8, rep=4, d=128, T=3000, F=137, g_k=64, g_v=64, pos0=25000, spare=72),
+                         torch.float16, True),  # spare: whole 128-slot blocks (unmasked), as the runtime's stores
     "llama2-like-bf16": (dict(B=3, n_kv=4, rep=1, d=128, T=2500, F=137, g_k=64, g_v=64), torch.bfloat16, False),
     "llama2-like-fp16-g32": (dict(B=3, n_kv=4, rep=1, d=128, T=2500, F=137, g_k=32, g_v=128), torch.float16, False),
-    "smollm2-gap-b3-fp32": (dict(B=2, n_kv=3, rep=3, d=64, T=700, F=20, bits=3, g_k=32, g_v=64, gap=True),
+    "smollm2-gap-b3-fp32": (dict(B=2, n_kv=3, rep=3, d=64, T=700, F=20, bits=3, g_k=32, g_v=64, gap=True, spare=68),
                             torch.float32, False),
 }
 

@@ -18,7 +18,7 @@ from test_attention import _prompt, _run
 from tiny_models import tiny_model
 
 from rkv_convert.runtime.attention import rkv_attention
-from rkv_convert.runtime.cache import CacheSettings, RkvCache, RkvCacheLayer
+from rkv_convert.runtime.cache import _MIN_CAPACITY, CacheSettings, RkvCache, RkvCacheLayer, store_capacity
 
 SETTINGS = CacheSettings(recent_window=4, flush_block=4, max_sinks=2)
 
@@ -55,7 +55,7 @@ def _check(family: str, layout: str, backend: str, window: int, steps: int) -> N
         layer, other = cache.layers[i], cache_kept.layers[i]
         assert layer.reclaimed > 0 and other.reclaimed == 0
         assert layer.n_quant <= bound < other.n_quant, (layer.n_quant, other.n_quant)
-        assert layer.pos.shape[1] <= max(64, bound), layer.pos.shape  # allocated store slots
+        assert layer.pos.shape[1] <= store_capacity(max(_MIN_CAPACITY, bound)), layer.pos.shape  # allocated store slots
         assert layer.bytes_used() < other.bytes_used()
         r, n = layer.reclaimed, layer.n_quant  # the live entries, byte for byte where the kept run has them
         for name in ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero"):
@@ -70,7 +70,7 @@ def _check(family: str, layout: str, backend: str, window: int, steps: int) -> N
         assert layer.reclaimed == 0 and layer.n_quant == other.n_quant > bound
         assert layer.bytes_used() == other.bytes_used()
     assert cache.bytes_used() < cache_kept.bytes_used()
-    if max(cache_kept.layers[i].pos.shape[1] for i in sliding) > 64:  # past the minimum allocation
+    if max(cache_kept.layers[i].pos.shape[1] for i in sliding) > store_capacity(_MIN_CAPACITY):  # past the minimum allocation
         assert cache.bytes_allocated() < cache_kept.bytes_allocated()
 
 
@@ -113,7 +113,7 @@ def test_a_store_grown_by_a_long_prompt_shrinks_back() -> None:
         after_prefill = layer.pos.shape[1]
         for _ in range(12):
             out = model(out.logits[:, -1:].argmax(-1), use_cache=True, **cache_kwargs(model, cache))
-    assert after_prefill >= 290 and layer.pos.shape[1] == max(64, layer.store_hint()) < after_prefill
+    assert after_prefill >= 290 and layer.pos.shape[1] == store_capacity(max(_MIN_CAPACITY, layer.store_hint())) < after_prefill
     assert layer.reclaimed > 250 and layer.n_quant < 2 * 16
 
 

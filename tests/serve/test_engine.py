@@ -38,8 +38,8 @@ def _requests(n: int, seed: int = 1) -> list[GenerationRequest]:
     return out
 
 
-def _engine(rkv: RkvModel, max_batch: int | None = 4, budget: int = 2**30) -> Engine:
-    return Engine(rkv, EngineConfig(max_len=128, budget_bytes=budget, max_batch=max_batch))
+def _engine(rkv: RkvModel, max_batch: int | None = 4, budget: int = 2**30, max_len: int = 128) -> Engine:
+    return Engine(rkv, EngineConfig(max_len=max_len, budget_bytes=budget, max_batch=max_batch))
 
 
 def _collect(engine: Engine, requests, arrivals: dict[int, int] | None = None) -> dict[str, list[int]]:
@@ -119,15 +119,15 @@ def test_admission_by_budget_and_rows() -> None:
     assert engine.max_batch == 3  # rows from the budget at the longest request
     with pytest.raises(ValueError, match="needs .* MiB of cache"):
         _engine(rkv, max_batch=None, budget=per_row // 2)
-    rows8 = _engine(rkv, max_batch=8).cache_bytes_for(64)
-    crowded = _engine(rkv, max_batch=8, budget=rows8)  # --max-batch 8 holds short requests only
+    rows8 = _engine(rkv, max_batch=8).cache_bytes_for(64)  # one 128-slot block per row
+    crowded = _engine(rkv, max_batch=8, budget=rows8, max_len=256)  # --max-batch 8 holds short requests only
     short = [GenerationRequest(f"s{i}", (5, 6, 7), max_tokens=20, sampling=GREEDY) for i in range(8)]
     for r in short:
         crowded.submit(r, lambda e: None)
     crowded.step()
     assert crowded.active == 8 and crowded.cache_bytes() <= rows8
     with pytest.raises(ValueError, match="cache slots in each of 8 rows"):
-        crowded.submit(GenerationRequest("long", (5, 6, 7), max_tokens=120, sampling=GREEDY), lambda e: None)
+        crowded.submit(GenerationRequest("long", (5, 6, 7), max_tokens=200, sampling=GREEDY), lambda e: None)  # two blocks
 
 
 def test_cancel_frees_the_row() -> None:
