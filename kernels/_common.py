@@ -20,7 +20,8 @@ from typing import Literal
 
 import torch
 
-__all__ = ["Backend", "triton_interpreting", "use_triton", "resolve_backend", "next_pow2", "device_guard"]
+__all__ = ["Backend", "triton_interpreting", "use_triton", "resolve_backend", "next_pow2", "cdiv", "split_slots",
+           "device_guard"]
 
 Backend = Literal["auto", "triton", "reference"]
 
@@ -54,6 +55,20 @@ def resolve_backend(backend: Backend, t: torch.Tensor) -> bool:
 def next_pow2(n: int) -> int:
     """Smallest power of two >= ``n`` (1 for n <= 1)."""
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for host-side ints (``triton.cdiv`` is a constexpr function: several
+    microseconds per call from Python, and a decode launch path makes several such calls)."""
+    return -(-a // b)
+
+
+def split_slots(T: int, block: int, num_splits: int) -> tuple[int, int]:
+    """``(splits, slots per split)`` of ``T`` slots read in blocks of ``block``: ``num_splits`` clamped
+    to ``[1, blocks]`` (0 when there are no slots), each split a whole number of blocks."""
+    n_blocks = cdiv(T, block)
+    splits = min(max(num_splits, 1), n_blocks) if T > 0 else 0
+    return splits, (cdiv(n_blocks, splits) * block if splits else block)
 
 
 def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:

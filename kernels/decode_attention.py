@@ -93,7 +93,7 @@ import triton.language as tl
 from rkv_convert.quant.packing import packed_width
 from rkv_convert.runtime.ops import dequantize_keys, dequantize_values, rope
 
-from ._common import Backend, device_guard, next_pow2, resolve_backend, triton_interpreting
+from ._common import Backend, cdiv, device_guard, next_pow2, resolve_backend, split_slots, triton_interpreting
 from ._occupancy import record_residency, resident_per_sm, sm_count, wave_splits
 from .decode_chunk import chunk_kernel_supports, code_column_factors, keys_grouped_by_chunk, launch_chunk_kernel
 from ._chunk_parts import _log2_logits, launch_strides, logit_scales
@@ -651,15 +651,15 @@ def num_splits_for(
     that fills whole waves (:func:`~._occupancy.wave_splits`). Without (before a configuration's
     first launch): about two programs per SM.
     """
-    n_blocks = triton.cdiv(T, block_t)
+    n_blocks = cdiv(T, block_t)
     if n_blocks == 0:
         return 0
     sms = sm_count(device) if device.type == "cuda" else 4
     if resident_per_sm is not None:
         splits = wave_splits(batch * n_kv, n_blocks, resident_per_sm * sms)
     else:
-        splits = max(1, min(n_blocks, triton.cdiv(2 * sms, batch * n_kv)))
-    return triton.cdiv(n_blocks, triton.cdiv(n_blocks, splits))  # no empty splits
+        splits = max(1, min(n_blocks, cdiv(2 * sms, batch * n_kv)))
+    return cdiv(n_blocks, cdiv(n_blocks, splits))  # no empty splits
 
 
 def decode_attention(
@@ -773,8 +773,7 @@ def decode_attention(
                      q.dtype, has_fp, bool(factored), softcap is not None)  # fmt: skip
     if num_splits is None:
         num_splits = num_splits_for(B, n_kv // G if kernel == "chunk" else n_kv, T, block_t, dev, resident_per_sm(residency_key))
-    num_splits = min(max(num_splits, 1), triton.cdiv(T, block_t)) if T > 0 else 0
-    tokens_per_split = triton.cdiv(triton.cdiv(T, block_t), num_splits) * block_t if num_splits else block_t
+    num_splits, tokens_per_split = split_slots(T, block_t, num_splits)
     n_parts = num_splits + int(has_fp)
     if n_parts == 0:
         raise ValueError("nothing to attend to: no quantized tokens and no fp segment")

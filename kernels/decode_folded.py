@@ -79,7 +79,7 @@ from rkv_convert.quant.packing import packed_width
 from rkv_convert.runtime.ops import dequantize_values, rope
 
 from ._chunk_parts import _log2_logits, logit_scales
-from ._common import Backend, device_guard, next_pow2, resolve_backend, triton_interpreting
+from ._common import Backend, cdiv, device_guard, next_pow2, resolve_backend, split_slots, triton_interpreting
 from ._decode_parts import _byte_tiles, _cos_sin, _plane_codes
 from ._occupancy import sm_count
 from .packed_kv import PackedKV
@@ -266,7 +266,7 @@ def decode_folded_ref(
         ``[B, n_q, d]`` in ``q.dtype``.
     """
     dm = _dims(q, kv, params, n_tokens)
-    B, n_q, d, rep, T = dm.B, dm.n_q, dm.d, dm.rep, dm.T
+    B, d, rep, T = dm.B, dm.d, dm.rep, dm.T
     cd = compute_dtype
     if T:
         y = dequantize_values(kv.k_codes[:, :, :T], kv.k_scale[:, :, :T], kv.k_zero[:, :, :T], params.bits, d)
@@ -563,12 +563,6 @@ def _store_plane(acc, zacc, inv_l, gv, ii, j: tl.constexpr, dst, rmask, R: tl.co
     tl.store(dst + (4 * ii + j)[None, :], o.to(dst.dtype.element_ty), mask=rmask[:, None])
 
 
-def _cdiv(a: int, b: int) -> int:
-    """``ceil(a / b)`` for host-side ints (``triton.cdiv`` is a constexpr function: several
-    microseconds per call from Python, and the launch path makes about eight such calls)."""
-    return -(-a // b)
-
-
 def _last_contig(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -603,18 +597,18 @@ def _tiles(d: int, fp16: bool) -> dict[str, int]:
 
 def default_splits(programs: int, T: int, block_n: int, device: torch.device, waves: int) -> int:
     """Context splits so that ``programs * splits`` fills about ``waves`` programs per SM (at least one block each)."""
-    n_blocks = _cdiv(T, block_n)
+    n_blocks = cdiv(T, block_n)
     if n_blocks == 0:
         return 0
     sms = sm_count(device) if device.type == "cuda" else 4
-    splits = max(1, min(n_blocks, _cdiv(waves * sms, programs)))
-    return _cdiv(n_blocks, _cdiv(n_blocks, splits))  # no empty split
+    splits = max(1, min(n_blocks, cdiv(waves * sms, programs)))
+    return cdiv(n_blocks, cdiv(n_blocks, splits))  # no empty split
 
 
 def _whole_blocks(T: int, block_n: int, capacity: int) -> bool:
     """True if the blocks covering slots ``[0, T)`` lie inside a store of ``capacity`` slots: the kernel
     then reads them without bounds masks (``MASKLESS``; the runtime's stores are whole 128-slot blocks)."""
-    return _cdiv(T, block_n) * block_n <= capacity
+    return cdiv(T, block_n) * block_n <= capacity
 
 
 def _mean_bias(q: torch.Tensor, pos: torch.Tensor, params: FoldedParams, T: int, fp16: bool, interp: bool,
@@ -625,7 +619,7 @@ def _mean_bias(q: torch.Tensor, pos: torch.Tensor, params: FoldedParams, T: int,
     width = T if width is None else width
     bias = torch.empty(B, n_q, width, device=q.device, dtype=torch.float32)
     _, mean, freq = params.kernel_operands(q.device)
-    _mean_bias_kernel[(B, _cdiv(width, _BIAS_BLOCK))](
+    _mean_bias_kernel[(B, cdiv(width, _BIAS_BLOCK))](
         q, mean, freq, pos, bias, q.stride(0), q.stride(1), pos.stride(0), bias.stride(0), bias.stride(1), T, width,
         float(params.attention_scaling), N_Q=n_q, NQP=max(16, next_pow2(n_q)), REP=n_q // params.n_kv, H=d // 2,
         BLOCK_T=_BIAS_BLOCK, DT=tl.float16 if fp16 else tl.float32, PREC="tf32" if fp16 else "ieee",
@@ -688,8 +682,7 @@ def decode_folded(
     has_fp = F > 0
     if num_splits is None:
         num_splits = default_splits(B * n_kv, T, block_n, dev, FOLDED_DEFAULTS["waves"])
-    num_splits = min(max(num_splits, 1), _cdiv(T, block_n)) if T > 0 else 0
-    tokens_per_split = _cdiv(_cdiv(T, block_n), num_splits) * block_n if num_splits else block_n
+    num_splits, tokens_per_split = split_slots(T, block_n, num_splits)
     n_parts = max(num_splits, 1) if num_splits <= 1 else num_splits + int(has_fp)
     direct = n_parts == 1
 
@@ -697,7 +690,7 @@ def decode_folded(
     prmt = fp16 and not interp and unpack == "auto"  # inline PTX: not in the interpreter
     R = next_pow2(rep)
     maskless = _whole_blocks(T, block_n, kv.k_codes.shape[2])
-    padded = _cdiv(T, block_n) * block_n
+    padded = cdiv(T, block_n) * block_n
     qc = q.contiguous()  # (q and q' = q R share one stride set)
     kc, vc, pos = _last_contig(kv.k_codes), _last_contig(kv.v_codes), _last_contig(kv.pos)
     ks, kz = _group_rows(kv.k_scale, kv.k_zero)

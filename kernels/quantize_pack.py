@@ -42,7 +42,7 @@ from triton.language.extra import libdevice
 from rkv_convert.quant.packing import pack_codes, packed_width
 from rkv_convert.quant.quantizer import SCALE_FLOOR, levels, quantize
 
-from ._common import Backend, device_guard, next_pow2, resolve_backend, triton_interpreting
+from ._common import Backend, cdiv, device_guard, next_pow2, resolve_backend, triton_interpreting
 
 __all__ = ["quantize_pack", "quantize_pack_ref", "group_ids_from_perm", "perm_from_group_ids"]
 
@@ -311,7 +311,7 @@ def quantize_pack(
     mu = mean.to(device=dev, dtype=torch.float32).contiguous() if mean is not None else xc
     g = gid.to(device=dev, dtype=torch.int32).contiguous() if gid is not None else xc
     block_r = 16
-    grid = (n_blocks, triton.cdiv(m, block_r))
+    grid = (n_blocks, cdiv(m, block_r))
     with device_guard(x):  # Triton launches on the current device
         _quantize_pack_kernel[grid](
             xc, rot, mu, g, codes, scale, zero,
