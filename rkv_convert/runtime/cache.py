@@ -70,7 +70,8 @@ from .ops import fold_keys, mean_at
 
 __all__ = ["CacheSettings", "LayerCodec", "RkvCacheLayer", "RkvCache", "store_capacity"]
 
-_MIN_CAPACITY = 64
+_STORE_ALIGN = 128  # store slots come in whole blocks of the folded decode kernel's largest slot block
+_MIN_CAPACITY = _STORE_ALIGN  # an empty store still gets one block
 
 
 @dataclass(frozen=True)
@@ -195,9 +196,6 @@ class LayerCodec:
 
 
 _STORAGE = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero", "pos", "fp_k", "fp_v", "fp_pos", "n_sinks")
-
-
-_STORE_ALIGN = 128  # the folded decode kernel's largest slot block (kernels.decode_folded.FOLDED_DEFAULTS)
 
 
 def store_capacity(slots: int) -> int:
