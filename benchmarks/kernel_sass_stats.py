@@ -7,7 +7,7 @@ MHA) with Triton's own compiler and bundled ``cuobjdump``, and prints registers,
 shared memory, the instructions of the main loop's body and the most frequent SASS opcodes. Static
 counts, not a profile: they show what a kernel issues per loop iteration. Pointer and stride
 arguments are marked divisible by 16, as Triton specializes them at launch (the folded kernel's
-scale rows and the runtime's 16-slot capacities rely on it); counts differ somewhat between Triton
+scale rows and the runtime's whole-block capacities rely on it); counts differ somewhat between Triton
 releases (the GPU runs 3.6).
 
     python benchmarks/kernel_sass_stats.py                     # all three kernels, their default tiles
@@ -65,13 +65,19 @@ def compile_sm90(fn: triton.JITFunction, constexprs: dict, num_warps: int, num_s
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages})
 
 
-def loop_body(compiled) -> int:
-    """Instructions between the target and the source of the kernel's longest backward branch (its main loop)."""
+def _cuobjdump(compiled, flag: str) -> str:
+    """``cuobjdump FLAG`` of a compiled kernel's cubin (Triton's bundled copy)."""
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(compiled.asm["cubin"])
-    sass = subprocess.run([str(tool), "-sass", f.name], capture_output=True, text=True, check=True).stdout
-    os.unlink(f.name)
+    try:
+        return subprocess.run([str(tool), flag, f.name], capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(f.name)
+
+
+def loop_body(sass: str) -> int:
+    """Instructions between the target and the source of the longest backward branch of ``sass`` (the main loop)."""
     best = 0
     for line in sass.splitlines():
         m = re.match(r"\s*/\*([0-9a-f]+)\*/.*\bBRA\s+0x([0-9a-f]+)", line)
@@ -80,14 +86,10 @@ def loop_body(compiled) -> int:
     return best
 
 
-def sass_stats(compiled) -> tuple[int, int, collections.Counter]:
-    """Registers, stack bytes and an opcode histogram of a compiled kernel's SASS."""
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(compiled.asm["cubin"])
-    usage = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-    sass = subprocess.run([str(tool), "-sass", f.name], capture_output=True, text=True, check=True).stdout
-    os.unlink(f.name)
+def sass_stats(compiled) -> tuple[int, int, collections.Counter, str]:
+    """Registers, stack bytes, an opcode histogram and the SASS text of a compiled kernel."""
+    usage = _cuobjdump(compiled, "-res-usage")
+    sass = _cuobjdump(compiled, "-sass")
     ops: collections.Counter = collections.Counter()
     for line in sass.splitlines():
         m = re.match(r"\s*/\*[0-9a-f]+\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_]+)", line)
@@ -95,7 +97,7 @@ def sass_stats(compiled) -> tuple[int, int, collections.Counter]:
             ops[m.group(2)] += 1
     regs = int(re.search(r"REG:(\d+)", usage).group(1))
     stack = int(re.search(r"STACK:(\d+)", usage).group(1))
-    return regs, stack, ops
+    return regs, stack, ops, sass
 
 
 def main() -> None:
@@ -120,16 +122,16 @@ def main() -> None:
                   MASKLESS=True)  # fmt: skip
         warps = args.num_warps or FOLDED_DEFAULTS["num_warps"]
         c = compile_sm90(folded_module._folded_kernel, cx, warps, cx["NUM_STAGES"], aligned=True)
-        regs, stack, ops = sass_stats(c)
+        regs, stack, ops, sass = sass_stats(c)
         print(f"folded ({shape} heads): {cx['BLOCK_N']} slots x {warps} warps x {cx['NUM_STAGES']} stages: {regs} "
-              f"registers, {stack} B stack, {c.metadata.shared} B shared memory, main loop {loop_body(c)} "
+              f"registers, {stack} B stack, {c.metadata.shared} B shared memory, main loop {loop_body(sass)} "
               f"instructions per warp per block")
         print("  " + ", ".join(f"{op} {n}" for op, n in ops.most_common(args.top)))
     for name, (fn, cx) in kernels.items():  # (not marked aligned: the figures in docs/benchmarks.md)
         dflt = head_module.KERNEL_DEFAULTS[name]
         block_t = args.block_t or dflt["block_t"]
         warps = args.num_warps or dflt["num_warps"]
-        regs, stack, ops = sass_stats(compile_sm90(fn, dict(cx, BLOCK_T=block_t), warps, dflt["num_stages"]))
+        regs, stack, ops, _ = sass_stats(compile_sm90(fn, dict(cx, BLOCK_T=block_t), warps, dflt["num_stages"]))
         heads = 1 if name == "head" else cx["G"]
         total = sum(ops.values())
         print(f"{name}: {block_t} tokens x {warps} warps, {heads} head(s) per program: {regs} registers, "
