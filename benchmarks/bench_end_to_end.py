@@ -8,7 +8,9 @@ wall time row), its value rotation fused, and then:
 
 - **equal batch**: peak GPU memory (weights included, and without them), prefill and decode
   tokens/s of fp16 ``model.generate`` (transformers' ``DynamicCache``, SDPA) and of rkv
-  (``stream_generate``: packed cache, Triton kernels) at the same batch;
+  (``stream_generate``: packed cache, Triton kernels, decode steps replayed from a CUDA graph;
+  ``decode_tok_s`` counts every step, the first one's compilation and capture included,
+  ``steady_decode_tok_s`` all but the first) at the same batch;
 - **largest batch**: for each, the largest batch whose job fits in GPU memory (a first guess
   from a linear fit of peak memory over two batches, then up by 25 % steps until a job runs out
   of memory, then bisection), and the decode tokens/s there. rkv sizes its cache for the whole job at prefill, so its peak is reached
@@ -111,6 +113,7 @@ def run_rkv(
     finally:
         rkv.last_cache = None
     return {"prefill_tok_s": stats.prefill_tokens_per_second, "decode_tok_s": stats.decode_tokens_per_second,
+            "steady_decode_tok_s": stats.steady_decode_tokens_per_second, "decode_path": stats.decode_path,
             "peak_bytes": peak, "kv_bytes": stats.kv_bytes, "bits_per_elem": stats.bits_per_element}  # fmt: skip
 
 
@@ -158,7 +161,8 @@ def _row(base: dict, impl: str, case: str, batch: int, result: dict | None, weig
     if result is None:
         return {**base, "impl": impl, "case": case, "batch": batch, "note": "out of memory"}
     return {**base, "impl": impl, "case": case, "batch": batch, "prefill_tok_s": result["prefill_tok_s"],
-            "decode_tok_s": result["decode_tok_s"], "peak_GiB": result["peak_bytes"] / 2**30,
+            "decode_tok_s": result["decode_tok_s"], "steady_decode_tok_s": result.get("steady_decode_tok_s", ""),
+            "decode_path": result.get("decode_path", ""), "peak_GiB": result["peak_bytes"] / 2**30,
             "peak_minus_weights_GiB": (result["peak_bytes"] - weights) / 2**30,
             "bits_per_elem": result.get("bits_per_elem", 16.0)}  # fmt: skip
 
@@ -241,7 +245,7 @@ def main() -> None:
         args.markdown.write_text(markdown_table(rows, _COLUMNS))
 
 
-_COLUMNS = ["impl", "case", "batch", "prefill_tok_s", "decode_tok_s", "peak_GiB", "peak_minus_weights_GiB",
+_COLUMNS = ["impl", "case", "batch", "prefill_tok_s", "decode_tok_s", "steady_decode_tok_s", "decode_path", "peak_GiB", "peak_minus_weights_GiB",
             "bits_per_elem", "note", "model", "prompt", "new", "bits", "weights_GiB", "key_layout", "permutation"]  # fmt: skip
 
 if __name__ == "__main__":

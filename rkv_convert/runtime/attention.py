@@ -10,7 +10,8 @@ Three paths, chosen per call:
 - **decode** (one new token per sequence): the token is appended to the cache's full-precision
   segment, then the layout's decode kernel reads the packed store and the full-precision segment
   (``decode_attention`` for ``prerope``, ``decode_folded`` for ``folded``; Triton on CUDA, the
-  pure-torch reference on CPU), then the window is flushed;
+  pure-torch reference on CPU), then the window is flushed (for a static cache layer, the fixed-shape
+  steps a CUDA graph replays, the caller flushes: ``runtime.decode_graph``);
 - **multi-token step after prefill** (chunked prefill, speculative verification): a simple,
   correct path: the packed store is dequantized to post-RoPE keys with the layout's reference
   math (``runtime.ops``), the new tokens are appended in full precision, and attention runs in
@@ -118,6 +119,13 @@ def _hide_outside_window(window: int | None, layer: RkvCacheLayer, pos: torch.Te
         layer.hide_before(pos[:, 0] - window + 1)
 
 
+def _flush_unless_static(layer: RkvCacheLayer) -> None:
+    """A decode step's window flush; a static layer's caller flushes between steps (a captured
+    graph cannot hold a step whose work depends on a host counter)."""
+    if not layer.static:
+        layer.flush()
+
+
 def rkv_attention(
     module: nn.Module,
     query: torch.Tensor,
@@ -162,7 +170,7 @@ def rkv_attention(
         layer.append(k_store, value, pos, valid, sinks)
         params = codec.folded_params(*layer.rope_or_raise(), module.scaling, attention_softcap(module))
         out = decode_folded(q_rot[:, :, 0], layer.packed_kv(), params, backend=layer.backend)
-        layer.flush()
+        _flush_unless_static(layer)
         return out.to(query.dtype).reshape(b, 1, -1)
     if t == 1:  # decode, pre-RoPE keys: the kernel dequantizes, unrotates and RoPEs each cached key
         inv_freq, rope_scaling = layer.rope_or_raise()
@@ -175,7 +183,7 @@ def rkv_attention(
             k_group_size=codec.key_group_size, v_group_size=codec.value_group_size,
             softcap=attention_softcap(module), backend=layer.backend,
         )  # fmt: skip
-        layer.flush()
+        _flush_unless_static(layer)
         return out.to(query.dtype).reshape(b, 1, -1)
 
     # multi-token step after prefill: attend over (dequantized cache + new tokens), then store

@@ -209,8 +209,9 @@ def store_capacity(slots: int) -> int:
 @functools.lru_cache(maxsize=64)
 def _constant(value: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A 0-dim constant on ``device``, made once (read only): ``torch.where`` with a Python scalar
-    makes and fills a new device tensor on every call."""
-    return torch.tensor(value, dtype=dtype, device=device)
+    makes and fills a new device tensor on every call. Filled on the device (no host copy), so it
+    can first be made while a CUDA graph is being captured."""
+    return torch.full((), value, dtype=dtype, device=device)
 
 
 def _grow(t: torch.Tensor, used: int, capacity: int, dim: int, fill: int = 0) -> torch.Tensor:
@@ -247,6 +248,9 @@ class RkvCacheLayer(CacheLayerMixin):
         self.window: int | None = None  # the layer's sliding window (None: global), caps the store's allocation
         self.hides = False  # hide_before() was called: this layer is a sliding one
         self.reclaimed = 0  # store slots dropped by reclaiming (slots held = length - reclaimed)
+        self.static = False  # fixed-shape decode steps (set_static): what a captured CUDA graph replays
+        self.window_slot: torch.Tensor | None = None  # static: int64 [1], the window slot the next token takes
+        self.storage_version = 0  # bumped whenever the storage tensors are replaced (a captured graph is then stale)
 
     # ----- transformers contract ------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor | None = None) -> None:
@@ -283,6 +287,8 @@ class RkvCacheLayer(CacheLayerMixin):
         self.fp_pos = torch.full((b, fp_slots), -1, dtype=torch.int32, device=dev)
         self.n_sinks = torch.zeros(b, dtype=torch.int64, device=dev)
         self.is_initialized = True
+        self.static, self.window_slot = False, None
+        self.storage_version += 1
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object):
         raise TypeError(
@@ -309,6 +315,8 @@ class RkvCacheLayer(CacheLayerMixin):
         for name in _STORAGE:
             self.__dict__.pop(name, None)
         self.is_initialized = False
+        self.static, self.window_slot = False, None
+        self.storage_version += 1
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("an rkv cache is append-only; cropping (assisted decoding) is not supported")
@@ -320,6 +328,7 @@ class RkvCacheLayer(CacheLayerMixin):
         for name in _STORAGE:
             setattr(self, name, getattr(self, name).index_select(0, index).contiguous())
         self.batch = int(index.numel())
+        self.storage_version += 1
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._select_batch(beam_idx)
@@ -436,6 +445,9 @@ class RkvCacheLayer(CacheLayerMixin):
     def _append_window(self, key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor) -> None:
         s, w0, t = self.settings, self.window_start, key.shape[2]
         capacity = s.recent_window + s.flush_block
+        if self.static:
+            self._append_window_static(key, value, pos, capacity)
+            return
         if self.n_window + t <= capacity:
             lo = w0 + self.n_window
             self.fp_k[:, :, lo : lo + t] = key
@@ -458,6 +470,39 @@ class RkvCacheLayer(CacheLayerMixin):
         self.fp_pos[:, w0 + keep :] = -1
         self.n_window = keep
 
+    def _append_window_static(self, key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor, capacity: int) -> None:
+        """One token into the window slot the device-side ``window_slot`` names, which then moves on:
+        no host value decides where it lands, so a captured graph replays it at every step."""
+        if key.shape[2] != 1:
+            raise ValueError(f"a static cache layer takes one token per step, got {key.shape[2]}")
+        if self.n_window + 1 > capacity:
+            raise RuntimeError("the static window is full: flush() must run between steps")
+        self.fp_k.index_copy_(2, self.window_slot, key)
+        self.fp_v.index_copy_(2, self.window_slot, value)
+        self.fp_pos.index_copy_(1, self.window_slot, pos)
+        self.window_slot += 1
+        self.n_window += 1
+
+    def set_static(self, on: bool = True) -> None:
+        """Fixed-shape decode steps (one token each, for CUDA-graph capture): the kernels read the
+        whole store and the whole full-precision segment (empty slots have position -1), the token
+        lands in the window slot ``window_slot`` names, and the caller runs :meth:`flush` between
+        steps (the attention handler does not). Needs an allocated layer."""
+        if not self.is_initialized:
+            raise ValueError("set_static() needs an allocated layer")
+        self.static = on
+        self.window_slot = torch.tensor([self.window_start + self.n_window], dtype=torch.int64, device=self.device) if on else None
+
+    def needs_flush(self) -> bool:
+        """True when the window holds ``recent_window + flush_block`` tokens (:meth:`flush` would quantize)."""
+        s = self.settings
+        return self.is_initialized and self.n_window >= s.recent_window + s.flush_block
+
+    def advance(self) -> None:
+        """Record one token appended by a replayed static step (the graph moved ``window_slot`` itself)."""
+        self.length += 1
+        self.n_window += 1
+
     def flush(self) -> int:
         """Quantize the window's oldest whole blocks while it holds ``recent_window + flush_block`` tokens.
 
@@ -475,6 +520,8 @@ class RkvCacheLayer(CacheLayerMixin):
         self.fp_pos[:, w0 : w0 + keep] = self.fp_pos[:, hi : hi + keep].clone()
         self.fp_pos[:, w0 + keep :] = -1
         self.n_window = keep
+        if self.static:
+            self.window_slot.fill_(w0 + keep)
         return n_flush
 
     def _reserve(self, needed: int) -> None:
@@ -491,6 +538,7 @@ class RkvCacheLayer(CacheLayerMixin):
         for name in ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero"):
             setattr(self, name, _grow(getattr(self, name), n, new_cap, dim=2))
         self.pos = _grow(self.pos, n, new_cap, dim=1, fill=-1)
+        self.storage_version += 1
 
     def store_hint(self) -> int:
         """Store slots to allocate up front: ``capacity_hint``, capped for a sliding layer at what
@@ -523,6 +571,7 @@ class RkvCacheLayer(CacheLayerMixin):
         for name in ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero"):
             setattr(self, name, _grow(getattr(self, name).narrow(2, h, live), live, new_cap, dim=2))
         self.pos = _grow(self.pos.narrow(1, h, live), live, new_cap, dim=1, fill=-1)
+        self.storage_version += 1
         self.n_quant = live
         self.reclaimed += h
 
@@ -573,8 +622,8 @@ class RkvCacheLayer(CacheLayerMixin):
 
     # ----- views for attention -----------------------------------------------------------
     def quantized(self) -> dict[str, torch.Tensor]:
-        """The used part of the quantized store (views, no copies)."""
-        n = self.n_quant
+        """The used part of the quantized store (views, no copies); a static layer: all of it."""
+        n = self.pos.shape[1] if self.static else self.n_quant
         return {
             "k_codes": self.k_codes[:, :, :n],
             "k_scale": self.k_scale[:, :, :n],
@@ -586,8 +635,8 @@ class RkvCacheLayer(CacheLayerMixin):
         }
 
     def full_precision(self) -> dict[str, torch.Tensor]:
-        """Sinks, scratch slot and the used window (views)."""
-        hi = self.window_start + self.n_window
+        """Sinks, scratch slot and the used window (views); a static layer: the whole segment."""
+        hi = self.fp_pos.shape[1] if self.static else self.window_start + self.n_window
         return {"fp_k": self.fp_k[:, :, :hi], "fp_v": self.fp_v[:, :, :hi], "fp_pos": self.fp_pos[:, :hi]}
 
     def packed_kv(self) -> PackedKV:

@@ -56,7 +56,9 @@ def summary_table(stats: GenerationStats, config: RkvConfig) -> Table:
     table.add_row("prefill", f"{stats.prefill_tokens_per_second:,.1f} tok/s ({stats.prefill_seconds * 1e3:.1f} ms)")
     table.add_row("new tokens", str(stats.new_tokens))
     table.add_row("decode", f"{stats.steady_decode_tokens_per_second:,.1f} tok/s ({stats.decode_seconds * 1e3:.1f} ms in all)")
-    table.add_row("first decode step", f"{stats.first_decode_seconds * 1e3:.1f} ms (on CUDA it includes compiling the Triton kernels)")
+    table.add_row("first decode step", f"{stats.first_decode_seconds * 1e3:.1f} ms (on CUDA it includes compiling the "
+                  "Triton kernels and capturing the step)")
+    table.add_row("decode path", stats.decode_path)
     table.add_row("KV cache used", _mib(stats.kv_bytes))
     table.add_row("fp16 cache, same tokens", _mib(stats.fp16_equivalent_bytes))
     table.add_row("compression", f"{stats.compression:.2f}x")
@@ -92,6 +94,9 @@ def run_command(
                              "a re-run skips the ids already there"),
     max_batch: int = typer.Option(None, "--max-batch", help="batch job: most sequences at once (default: as many as the "
                                   "cache budget holds at the longest request)"),
+    cuda_graph: bool = typer.Option(None, "--cuda-graph/--no-cuda-graph", help="replay decode steps from a captured "
+                                    "CUDA graph (default: wherever it can be captured; --cuda-graph fails where it "
+                                    "cannot)"),
     cache_memory: float = typer.Option(None, "--cache-memory", help="batch job: KV cache budget in GiB (default: 85% "
                                        "of free GPU memory on CUDA, 2 GiB on CPU)"),
 ) -> None:
@@ -108,6 +113,8 @@ def run_command(
     try:
         if (prompts is None) != (out is None):
             raise InputError("--prompts and --out go together: pass both for a batch job")
+        if prompts is not None and cuda_graph:
+            raise InputError("--cuda-graph is for one prompt; a batch job (--prompts) runs its decode steps eagerly")
         if prompts is not None and not prompts.is_file():
             raise InputError(f"--prompts {prompts}: no such file")
         if not prompt.strip():
@@ -136,7 +143,7 @@ def run_command(
     stats = GenerationStats()
     try:
         check_prompt_fits(ids.shape[1], max_new_tokens, rkv_model.model.config)
-        _stream(rkv_model, ids, max_new_tokens, sampling, stats)
+        _stream(rkv_model, ids, max_new_tokens, sampling, stats, cuda_graph)
     except (ValueError, *LIBRARY_ERRORS) as err:
         _fail(console, str(err))
     if stats.kv_bytes == 0:
@@ -151,14 +158,16 @@ def _fail(console: Console, message: str) -> None:
     fail(console, message, code=1)
 
 
-def _stream(rkv_model, ids: torch.Tensor, max_new_tokens: int, sampling: SamplingOptions, stats: GenerationStats) -> None:
+def _stream(rkv_model, ids: torch.Tensor, max_new_tokens: int, sampling: SamplingOptions, stats: GenerationStats,
+            cuda_graph: bool | None = None) -> None:  # fmt: skip
     """Generate, writing the text to stdout as it arrives (whole characters only)."""
     tokenizer = rkv_model.tokenizer
     generated: list[int] = []
     printed = ""
     try:
         for token in stream_generate(rkv_model, ids, max_new_tokens=max_new_tokens, sampling=sampling,
-                                     eos_token_ids=_eos_ids(tokenizer, rkv_model.model), stats=stats):  # fmt: skip
+                                     eos_token_ids=_eos_ids(tokenizer, rkv_model.model), stats=stats,
+                                     cuda_graph=cuda_graph):  # fmt: skip
             generated.append(int(token[0]))
             text = tokenizer.decode(generated, skip_special_tokens=True)
             if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character

@@ -16,22 +16,44 @@ instead of producing text from an attention that saw no cache.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
 import transformers
+import transformers.modeling_outputs
 
 from ..export.format import Checkpoint
 from ..models.adapters import adapter_for, attach, head_dim, text_config
 from ..models.compat import CacheDisengagedError, cache_argument, check_transformers_version, supported_range_text
 from .attention import rkv_attention
 from .cache import CacheSettings, RkvCache
+from .decode_graph import DecodeGraph, decode_graph_supports
 
 __all__ = ["RkvModel", "SamplingOptions", "GenerationStats", "ensure_cache_engaged", "stream_generate", "sample_next"]
+
+_GRAPH_BLOCKERS = ("output_attentions", "output_hidden_states", "output_scores", "output_logits")
+
+
+def decode_runner(model: nn.Module, cache: RkvCache, cache_argument: str, cuda_graph: bool | None,
+                  forward: Callable[..., object] | None = None) -> tuple[DecodeGraph | None, str]:  # fmt: skip
+    """The decode-step runner for a prefilled ``cache`` and the path it takes, in words (``forward``: see :class:`DecodeGraph`).
+
+    ``cuda_graph``: ``None`` captures where :func:`decode_graph_supports` allows it and says why
+    not otherwise; ``True`` requires it (``ValueError`` with the reason); ``False`` runs eagerly.
+    """
+    if cuda_graph is False:
+        return None, "eager (CUDA graphs off)"
+    reason = decode_graph_supports(cache, model)
+    if reason is None:
+        return DecodeGraph(model, cache, cache_argument, forward=forward), "CUDA graph"
+    if cuda_graph:
+        raise ValueError(f"cannot capture the decode step in a CUDA graph: {reason}")
+    return None, f"eager ({reason})"
 
 
 def ensure_cache_engaged(cache: RkvCache, expected_tokens: int, when: str) -> None:
@@ -56,6 +78,7 @@ class RkvModel:
         tokenizer: object | None = None,
         settings: CacheSettings | None = None,
         backend: str = "auto",
+        cuda_graph: bool | None = None,
     ) -> None:
         check_transformers_version()
         adapter_for(model.config)
@@ -71,6 +94,8 @@ class RkvModel:
         self.tokenizer = tokenizer
         self.settings = settings or CacheSettings.from_config(rkv)
         self.backend = backend
+        self.cuda_graph = cuda_graph  # decode steps of generate(): see decode_runner
+        self.last_decode_path = ""  # how the last generate() ran its decode steps, in words
         self.last_cache: RkvCache | None = None
         self.cache_argument = cache_argument(type(model).forward)  # "cache" from transformers 5.24 on
 
@@ -116,13 +141,57 @@ class RkvModel:
         """
         if "cache_implementation" in kwargs:
             raise ValueError("RkvModel.generate always uses the rkv cache; drop cache_implementation")
-        cache = cache if cache is not None else self.new_cache()
-        with self.attached():
+        if cache is None:
+            gen = kwargs.get("generation_config")
+            new = kwargs.get("max_new_tokens", getattr(gen, "max_new_tokens", None) or getattr(self.model.generation_config, "max_new_tokens", None))
+            cache = self.new_cache(reserve_tokens=input_ids.shape[1] + new if new else 0)
+        cuda_graph = self.cuda_graph
+        blockers = [k for k in _GRAPH_BLOCKERS if kwargs.get(k)]
+        if blockers and cuda_graph:
+            raise ValueError(f"CUDA-graph decode steps return logits only; drop {', '.join(blockers)} or pass cuda_graph=False")
+        with self.attached(), _graph_steps(self, cache, False if blockers else cuda_graph):
             out = self.model.generate(input_ids, **{self.cache_argument: cache}, **kwargs)
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
         ensure_cache_engaged(cache, sequences.shape[1] - 1, "during generate")
         self.last_cache = cache
         return out
+
+
+@contextlib.contextmanager
+def _graph_steps(rkv: RkvModel, cache: RkvCache, cuda_graph: bool | None) -> Iterator[None]:
+    """While open, the decode calls ``generate`` makes to ``rkv.model`` (one token per sequence,
+    after prefill) go through :func:`decode_runner`'s runner; prefill runs the model's own forward."""
+    model, original = rkv.model, rkv.model.forward
+    state: dict[str, DecodeGraph | None] = {}
+    rkv.last_decode_path = "no decode step"
+
+    def forward(*args: object, **kwargs: object) -> object:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        decode = isinstance(ids, torch.Tensor) and ids.shape[1] == 1 and cache.lengths()[0] > 0
+        if not decode or kwargs.get("inputs_embeds") is not None:
+            return original(*args, **kwargs)
+        if "runner" not in state:
+            state["runner"], rkv.last_decode_path = decode_runner(model, cache, rkv.cache_argument, cuda_graph, original)
+        runner = state["runner"]
+        if runner is None:
+            return original(*args, **kwargs)
+        positions = kwargs.get("position_ids")
+        if positions is None:  # what the model itself would use: the cache length, every row
+            positions = torch.full_like(ids, cache.get_seq_length())
+        logits = runner.step(ids, positions.to(ids.device))
+        return transformers.modeling_outputs.CausalLMOutputWithPast(logits=logits[:, None].clone(), past_key_values=cache)
+
+    own = model.__dict__.get("forward")  # an instance forward (accelerate's hooks) is put back as it was
+    model.forward = functools.wraps(original)(forward)
+    try:
+        yield
+    finally:
+        if own is None:
+            del model.forward
+        else:
+            model.forward = own
+        if state.get("runner") is not None:
+            state["runner"].close()
 
 
 @dataclass(frozen=True)
@@ -171,6 +240,7 @@ class GenerationStats:
     fp16_equivalent_bytes: int = 0
     bits_per_element: float = 0.0
     sinks_per_layer: list[float] = field(default_factory=list)
+    decode_path: str = ""  # "CUDA graph" or "eager (why)": decode_runner
 
     @property
     def prefill_tokens_per_second(self) -> float:
@@ -209,6 +279,7 @@ def stream_generate(
     eos_token_ids: list[int] | tuple[int, ...] = (),
     stats: GenerationStats | None = None,
     prefill_batch: int | None = None,
+    cuda_graph: bool | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token ``int64 [B]`` of every sequence, step by step, until all hit EOS.
 
@@ -217,7 +288,8 @@ def stream_generate(
     when given, is filled in as the loop runs (final after the generator is exhausted).
     The cache is sized once for prompt + ``max_new_tokens``. ``prefill_batch`` prefills at most
     that many sequences per forward (bounds the prefill's activation memory for large batches;
-    the result is the same as one forward).
+    the result is the same as one forward). ``cuda_graph``: how decode steps run
+    (:func:`decode_runner`; ``stats.decode_path`` says which path ran).
     """
     stats = stats if stats is not None else GenerationStats()
     device = rkv_model.device
@@ -243,26 +315,34 @@ def stream_generate(
         token = sample_next(logits.to(device), sampling, generator)
         _sync(device)
         stats.prefill_seconds = time.perf_counter() - start
-        for step in range(max_new_tokens):
-            token = torch.where(finished, eos[0].clamp_min(0), token)
-            stats.new_tokens = step + 1
-            _fill_cache_stats(stats, cache)
-            yield token
-            finished |= torch.isin(token, eos)
-            if step + 1 == max_new_tokens or bool(finished.all()):
-                break
-            start = time.perf_counter()
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            out = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                        use_cache=True, **{rkv_model.cache_argument: cache})  # fmt: skip
-            ensure_cache_engaged(cache, t + step + 1, f"at decode step {step + 1}")
-            next_pos = next_pos + 1
-            token = sample_next(out.logits[:, -1].to(device), sampling, generator)  # lm_head may sit on another GPU
-            _sync(device)
-            elapsed = time.perf_counter() - start
-            stats.decode_seconds += elapsed
-            if step == 0:
-                stats.first_decode_seconds = elapsed
+        runner, stats.decode_path = decode_runner(model, cache, rkv_model.cache_argument, cuda_graph)
+        try:
+            for step in range(max_new_tokens):
+                token = torch.where(finished, eos[0].clamp_min(0), token)
+                stats.new_tokens = step + 1
+                _fill_cache_stats(stats, cache)
+                yield token
+                finished |= torch.isin(token, eos)
+                if step + 1 == max_new_tokens or bool(finished.all()):
+                    break
+                start = time.perf_counter()
+                if runner is not None:  # decode tokens are never padding: no mask
+                    logits = runner.step(token[:, None], next_pos[:, None])
+                else:
+                    mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                    logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                                   use_cache=True, **{rkv_model.cache_argument: cache}).logits[:, -1]  # fmt: skip
+                ensure_cache_engaged(cache, t + step + 1, f"at decode step {step + 1}")
+                next_pos = next_pos + 1
+                token = sample_next(logits.to(device), sampling, generator)  # lm_head may sit on another GPU
+                _sync(device)
+                elapsed = time.perf_counter() - start
+                stats.decode_seconds += elapsed
+                if step == 0:
+                    stats.first_decode_seconds = elapsed
+        finally:
+            if runner is not None:
+                runner.close()
     _fill_cache_stats(stats, cache)
     stats.sinks_per_layer = [float(layer.sink_counts().float().mean()) for layer in cache.layers if layer.is_initialized]
 

@@ -118,3 +118,19 @@ def test_summary_reports_per_layer_widths() -> None:
     console.print(summary_table(GenerationStats(), cfg))
     text = console.export_text()
     assert "K 3.50, V 4.00 (per-layer widths, groups 32/32)" in text, text
+
+
+def test_cuda_graph_that_cannot_be_captured_is_refused(folder) -> None:
+    """``--cuda-graph`` insists: on CPU the run stops with the reason instead of decoding eagerly."""
+    result = _run(str(folder), "-p", "hello", "-n", "4", "--greedy", "--no-chat", "--device", "cpu", "--cuda-graph")
+    _one_line_error(result, "cannot capture the decode step in a CUDA graph: CUDA graphs need every layer on one CUDA device")
+    jobs = folder.parent / "jobs.jsonl"
+    jobs.write_text('{"id": "a", "prompt": "hi"}\n')
+    result = _run(str(folder), "--prompts", str(jobs), "--out", str(folder.parent / "o.jsonl"), "--device", "cpu", "--cuda-graph")
+    _one_line_error(result, "--cuda-graph is for one prompt")
+
+
+def test_summary_names_the_decode_path(folder) -> None:
+    result = _run(str(folder), "-p", "hello", "-n", "4", "--greedy", "--no-chat", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "decode path" in result.output and "eager (CUDA graphs need every layer" in " ".join(result.output.split())
