@@ -250,6 +250,7 @@ class RkvCacheLayer(CacheLayerMixin):
         self.reclaimed = 0  # store slots dropped by reclaiming (slots held = length - reclaimed)
         self.static = False  # fixed-shape decode steps (set_static): what a captured CUDA graph replays
         self.window_slot: torch.Tensor | None = None  # static: int64 [1], the window slot the next token takes
+        self.static_slots = 0  # static: store slots the kernels read (set_static)
         self.storage_version = 0  # bumped whenever the storage tensors are replaced (a captured graph is then stale)
 
     # ----- transformers contract ------------------------------------------------------------
@@ -483,15 +484,24 @@ class RkvCacheLayer(CacheLayerMixin):
         self.window_slot += 1
         self.n_window += 1
 
-    def set_static(self, on: bool = True) -> None:
+    def set_static(self, on: bool = True, slots: int | None = None) -> None:
         """Fixed-shape decode steps (one token each, for CUDA-graph capture): the kernels read the
-        whole store and the whole full-precision segment (empty slots have position -1), the token
-        lands in the window slot ``window_slot`` names, and the caller runs :meth:`flush` between
-        steps (the attention handler does not). Needs an allocated layer."""
+        first ``slots`` store slots (default: all; whole 128-slot blocks, at least the used ones)
+        and the whole full-precision segment (empty slots have position -1), the token lands in
+        the window slot ``window_slot`` names, and the caller runs :meth:`flush` between steps (the
+        attention handler does not). Needs an allocated layer; calling it again keeps ``window_slot``."""
         if not self.is_initialized:
             raise ValueError("set_static() needs an allocated layer")
-        self.static = on
-        self.window_slot = torch.tensor([self.window_start + self.n_window], dtype=torch.int64, device=self.device) if on else None
+        cap = self.pos.shape[1]
+        slots = cap if slots is None else slots
+        if on and not (self.n_quant <= slots <= cap and slots % _STORE_ALIGN == 0):
+            raise ValueError(f"static store view of {slots} slots: needs whole {_STORE_ALIGN}-slot blocks from the "
+                             f"{self.n_quant} used to the {cap} allocated")  # fmt: skip
+        self.static, self.static_slots = on, slots if on else 0
+        if not on:
+            self.window_slot = None
+        elif self.window_slot is None:
+            self.window_slot = torch.tensor([self.window_start + self.n_window], dtype=torch.int64, device=self.device)
 
     def needs_flush(self) -> bool:
         """True when the window holds ``recent_window + flush_block`` tokens (:meth:`flush` would quantize)."""
@@ -622,8 +632,13 @@ class RkvCacheLayer(CacheLayerMixin):
 
     # ----- views for attention -----------------------------------------------------------
     def quantized(self) -> dict[str, torch.Tensor]:
-        """The used part of the quantized store (views, no copies); a static layer: all of it."""
-        n = self.pos.shape[1] if self.static else self.n_quant
+        """The used part of the quantized store (views, no copies); a static layer: its ``static_slots``."""
+        n = self.n_quant
+        if self.static:
+            if n > self.static_slots:
+                raise RuntimeError(f"the static store view ({self.static_slots} slots) no longer covers the "
+                                   f"{n} used ones: set_static(slots=) again before the step")  # fmt: skip
+            n = self.static_slots
         return {
             "k_codes": self.k_codes[:, :, :n],
             "k_scale": self.k_scale[:, :, :n],

@@ -9,8 +9,12 @@ what the captured Python did: it counts the token in every layer and flushes ful
 (eagerly, every ``flush_block`` steps). A replayed step reads the inputs it was captured with
 (``input_ids``, ``position_ids``), so the runner copies each step's tokens into them.
 
-A graph is recaptured when any layer's storage tensors are replaced (the store grew past its
-reservation, the batch was reordered): ``RkvCacheLayer.storage_version``. What cannot be captured
+The kernels of a static step read a fixed prefix of the store: the used slots plus about
+``lookahead`` more, in whole 128-slot blocks (empty slots have position -1 and weigh nothing). Once
+the flushed slots outgrow it, the prefix is extended and the step recaptured (every ``lookahead``
+tokens): a short generation in a large reservation does not read the whole reservation every
+step. A graph is also recaptured when any layer's storage tensors are replaced (the store grew
+past its reservation, the batch was reordered): ``RkvCacheLayer.storage_version``. What cannot be captured
 is refused up front, with the reason (:func:`decode_graph_supports`).
 """
 
@@ -23,7 +27,7 @@ from torch import nn
 
 from ..kernels._common import resolve_backend
 from ..models.adapters import rope_limit
-from .cache import RkvCache
+from .cache import RkvCache, store_capacity
 
 __all__ = ["DecodeGraph", "decode_graph_supports"]
 
@@ -55,7 +59,7 @@ class DecodeGraph:
     """
 
     def __init__(self, model: nn.Module, cache: RkvCache, cache_argument: str, capture: bool = True,
-                 forward: Callable[..., object] | None = None) -> None:  # fmt: skip
+                 forward: Callable[..., object] | None = None, lookahead: int = 512) -> None:  # fmt: skip
         if capture:
             reason = decode_graph_supports(cache, model)
             if reason is not None:
@@ -64,13 +68,25 @@ class DecodeGraph:
         self._call = forward if forward is not None else model
         self.graph: torch.cuda.CUDAGraph | None = None
         self.replays = 0  # steps replayed from a graph
-        self.captures = 0  # graphs captured (one, plus one per storage replacement)
+        self.captures = 0  # graphs captured (one, plus one per store-view extension or storage replacement)
         self._versions: tuple[int, ...] = ()
         self._ids: torch.Tensor | None = None
         self._positions: torch.Tensor | None = None
         self._logits: torch.Tensor | None = None
-        for layer in cache.layers:
-            layer.set_static(True)
+        self.lookahead = lookahead
+        self.slots = -1  # store slots the static steps read (_cover)
+        self._cover()
+
+    def _cover(self) -> bool:
+        """Extend every layer's static store view once the used slots outgrow it; True if it changed."""
+        if all(0 <= layer.n_quant <= self.slots <= layer.pos.shape[1] for layer in self.cache.layers):
+            return False
+        used = max(layer.n_quant for layer in self.cache.layers)
+        cap = min(layer.pos.shape[1] for layer in self.cache.layers)
+        self.slots = min(cap, store_capacity(used + self.lookahead))
+        for layer in self.cache.layers:
+            layer.set_static(True, self.slots)
+        return True
 
     def close(self) -> None:
         """Release the graph and return the cache to plain (dynamic) steps."""
@@ -89,6 +105,7 @@ class DecodeGraph:
                 layer.flush()
 
     def _current(self) -> bool:
+        """A graph exists and every layer still has the storage tensors it was captured with."""
         return self.graph is not None and self._versions == tuple(layer.storage_version for layer in self.cache.layers)
 
     def step(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
@@ -98,11 +115,12 @@ class DecodeGraph:
         """
         if input_ids.shape[1] != 1:
             raise ValueError(f"a decode step takes one token per sequence, got {input_ids.shape[1]}")
+        changed = self._cover()
         if not self.capture:
             logits = self._forward(input_ids, position_ids)
             self._after_step()
             return logits
-        if self._current():
+        if self._current() and not changed:
             self._ids.copy_(input_ids)
             self._positions.copy_(position_ids)
             self.graph.replay()
@@ -118,6 +136,7 @@ class DecodeGraph:
 
     def _capture(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> None:
         """Record one step without running it: the host counters the captured Python moved are restored."""
+        self._cover()  # the eager step's flush may have outgrown the view
         counts = [(layer.length, layer.n_window) for layer in self.cache.layers]
         if any(layer.needs_flush() for layer in self.cache.layers):
             raise RuntimeError("capture with a full window")  # _after_step flushed: unreachable

@@ -27,16 +27,20 @@ def _rkv(layout: str, dtype: torch.dtype = torch.float32) -> RkvModel:
     return RkvModel(model.to(dtype), ckpt, backend="reference")
 
 
-def _static_logits(rkv: RkvModel, ids: torch.Tensor, feed: torch.Tensor) -> tuple[torch.Tensor, RkvCache]:
-    """Prefill ``ids``, then one static step per column of ``feed``: fp32 logits ``[B, steps + 1, V]``."""
-    cache = rkv.new_cache(reserve_tokens=ids.shape[1] + feed.shape[1])
+def _static_logits(rkv: RkvModel, ids: torch.Tensor, feed: torch.Tensor, reserve: int,
+                   views: list[int] | None = None) -> tuple[torch.Tensor, RkvCache]:  # fmt: skip
+    """Prefill ``ids``, then one static step per column of ``feed``: fp32 logits ``[B, steps + 1, V]``
+    (``views`` collects the store slots each step's kernels read)."""
+    cache = rkv.new_cache(reserve_tokens=reserve)
     with rkv.attached() as model:
         out = model(input_ids=ids, use_cache=True, **cache_kwargs(model, cache))
         logits = [out.logits[:, -1]]
-        runner = DecodeGraph(model, cache, rkv.cache_argument, capture=False)
+        runner = DecodeGraph(model, cache, rkv.cache_argument, capture=False, lookahead=1)
         pos = torch.full((ids.shape[0], 1), ids.shape[1])
         for j in range(feed.shape[1]):
             logits.append(runner.step(feed[:, j : j + 1], pos + j).clone())
+            if views is not None:
+                views.append(cache.layers[0].static_slots)  # what this step's kernels read
         runner.close()
     return torch.stack(logits, 1).float(), cache
 
@@ -56,7 +60,7 @@ def test_static_steps_match_plain_steps(layout) -> None:
     rkv = _rkv(layout)
     ids = torch.randint(3, 120, (2, 21))
     feed = torch.randint(3, 120, (2, 23))  # 23 steps: five flushes of 4 tokens into the store
-    got, static = _static_logits(rkv, ids, feed)
+    got, static = _static_logits(rkv, ids, feed, reserve=ids.shape[1] + feed.shape[1])
     want, plain = _plain_logits(rkv, ids, feed)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     for a, b in zip(static.layers, plain.layers):
@@ -65,6 +69,23 @@ def test_static_steps_match_plain_steps(layout) -> None:
         for name, t in b.quantized().items():
             assert torch.equal(a.quantized()[name], t), name
         assert torch.equal(a.n_sinks, b.n_sinks)
+
+
+def test_static_store_view_grows_in_whole_blocks_as_the_store_fills() -> None:
+    """The kernels read the used store slots rounded up to whole blocks, not the whole reservation;
+    the view moves on a block once the flushed slots outgrow it."""
+    rkv = _rkv("folded")
+    ids = torch.randint(3, 120, (1, 110))
+    feed = torch.randint(3, 120, (1, 40))
+    views: list[int] = []
+    got, cache = _static_logits(rkv, ids, feed, reserve=1000, views=views)
+    want, _ = _plain_logits(rkv, ids, feed)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert cache.layers[0].pos.shape[1] == 1024 and views[0] == 128 and views[-1] == 256
+    assert views == sorted(views) and set(views) == {128, 256}
+    layer = cache.layers[0]
+    with pytest.raises(ValueError, match="whole 128-slot blocks"):
+        layer.set_static(True, 100)
 
 
 def test_static_layer_writes_the_device_chosen_slot() -> None:
