@@ -36,7 +36,17 @@ from .decode_graph import DecodeGraph, decode_graph_supports
 
 __all__ = ["RkvModel", "SamplingOptions", "GenerationStats", "ensure_cache_engaged", "stream_generate", "sample_next"]
 
-_GRAPH_BLOCKERS = ("output_attentions", "output_hidden_states", "output_scores", "output_logits")
+_OUTPUT_FLAGS = ("output_attentions", "output_hidden_states", "output_scores", "output_logits")
+
+
+def _graph_blocker(kwargs: dict, generation_config: object) -> str | None:
+    """Why a ``generate`` call with ``kwargs`` cannot replay its decode steps from a graph (``None``: it can)."""
+    flags = [k for k in _OUTPUT_FLAGS if kwargs.get(k, getattr(generation_config, k, False))]
+    if flags:
+        return f"a replayed step returns logits only ({', '.join(flags)} asked)"
+    if (kwargs.get("num_beams") or getattr(generation_config, "num_beams", 1) or 1) > 1:
+        return "beam search reorders the cache every step"
+    return None
 
 
 def decode_runner(model: nn.Module, cache: RkvCache, cache_argument: str, cuda_graph: bool | None,
@@ -136,20 +146,21 @@ class RkvModel:
     def generate(self, input_ids: torch.Tensor, cache: RkvCache | None = None, **kwargs: object):
         """transformers' ``generate`` with the rkv cache (``cache_implementation`` cannot be combined).
 
-        Returns nothing unless the cache received every token fed to the model: the prompt and
+        Decode steps replay a captured CUDA graph where they can (``cuda_graph`` of the constructor,
+        :func:`decode_runner`); ``last_decode_path`` says which path ran and, if eager, why. Without
+        ``cache``, the cache is sized for prompt + ``max_new_tokens``. Returns nothing unless the cache received every token fed to the model: the prompt and
         each generated token but the last.
         """
         if "cache_implementation" in kwargs:
             raise ValueError("RkvModel.generate always uses the rkv cache; drop cache_implementation")
-        if cache is None:
-            gen = kwargs.get("generation_config")
-            new = kwargs.get("max_new_tokens", getattr(gen, "max_new_tokens", None) or getattr(self.model.generation_config, "max_new_tokens", None))
+        gen = kwargs.get("generation_config") or self.model.generation_config
+        if cache is None:  # sized for the whole job when its length is known: no store growth on the way
+            new = kwargs.get("max_new_tokens", getattr(gen, "max_new_tokens", None))
             cache = self.new_cache(reserve_tokens=input_ids.shape[1] + new if new else 0)
-        cuda_graph = self.cuda_graph
-        blockers = [k for k in _GRAPH_BLOCKERS if kwargs.get(k)]
-        if blockers and cuda_graph:
-            raise ValueError(f"CUDA-graph decode steps return logits only; drop {', '.join(blockers)} or pass cuda_graph=False")
-        with self.attached(), _graph_steps(self, cache, False if blockers else cuda_graph):
+        blocker = _graph_blocker(kwargs, gen)
+        if blocker and self.cuda_graph:
+            raise ValueError(f"cannot capture the decode step in a CUDA graph: {blocker}; pass cuda_graph=False")
+        with self.attached(), _graph_steps(self, cache, self.cuda_graph, blocker):
             out = self.model.generate(input_ids, **{self.cache_argument: cache}, **kwargs)
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
         ensure_cache_engaged(cache, sequences.shape[1] - 1, "during generate")
@@ -158,9 +169,10 @@ class RkvModel:
 
 
 @contextlib.contextmanager
-def _graph_steps(rkv: RkvModel, cache: RkvCache, cuda_graph: bool | None) -> Iterator[None]:
+def _graph_steps(rkv: RkvModel, cache: RkvCache, cuda_graph: bool | None, blocker: str | None) -> Iterator[None]:
     """While open, the decode calls ``generate`` makes to ``rkv.model`` (one token per sequence,
-    after prefill) go through :func:`decode_runner`'s runner; prefill runs the model's own forward."""
+    after prefill) go through :func:`decode_runner`'s runner (none while ``blocker`` names a reason);
+    prefill runs the model's own forward."""
     model, original = rkv.model, rkv.model.forward
     state: dict[str, DecodeGraph | None] = {}
     rkv.last_decode_path = "no decode step"
@@ -170,7 +182,9 @@ def _graph_steps(rkv: RkvModel, cache: RkvCache, cuda_graph: bool | None) -> Ite
         decode = isinstance(ids, torch.Tensor) and ids.shape[1] == 1 and cache.lengths()[0] > 0
         if not decode or kwargs.get("inputs_embeds") is not None:
             return original(*args, **kwargs)
-        if "runner" not in state:
+        if "runner" not in state and blocker:
+            state["runner"], rkv.last_decode_path = None, f"eager ({blocker})"
+        elif "runner" not in state:
             state["runner"], rkv.last_decode_path = decode_runner(model, cache, rkv.cache_argument, cuda_graph, original)
         runner = state["runner"]
         if runner is None:

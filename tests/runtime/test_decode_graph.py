@@ -161,3 +161,18 @@ def test_generate_and_stream_route_decode_steps_through_the_runner(monkeypatch) 
     assert torch.equal(got_stream, want_stream)
     assert torch.equal(got_gen, want_gen)
     assert all(not layer.static for layer in rkv.last_cache.layers)
+
+
+def test_generate_calls_a_graph_cannot_serve_decode_eagerly_and_say_why(monkeypatch) -> None:
+    rkv = _rkv("folded")
+    ids = torch.randint(3, 120, (1, 15))
+    monkeypatch.setattr(generate_module, "decode_graph_supports", lambda cache, model: None)
+    monkeypatch.setattr(generate_module, "DecodeGraph", functools.partial(DecodeGraph, capture=False))
+    out = rkv.generate(ids, max_new_tokens=6, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    assert rkv.last_decode_path == "eager (a replayed step returns logits only (output_scores asked))"
+    assert len(out.scores) == 6
+    rkv.generate(ids, max_new_tokens=6, do_sample=False, num_beams=2)
+    assert rkv.last_decode_path == "eager (beam search reorders the cache every step)"
+    rkv.cuda_graph = True
+    with pytest.raises(ValueError, match="beam search"):
+        rkv.generate(ids, max_new_tokens=6, do_sample=False, num_beams=2)
