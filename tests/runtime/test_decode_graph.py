@@ -88,12 +88,17 @@ def test_static_store_view_grows_in_whole_blocks_as_the_store_fills() -> None:
         layer.set_static(True, 100)
 
 
-def test_static_layer_writes_the_device_chosen_slot() -> None:
-    rkv = _rkv("folded")
-    cache = rkv.new_cache(reserve_tokens=40)
+def _static_layer():
+    """Layer 0 of an allocated, empty batch-1 cache (window 6, flush block 4), in static mode."""
+    cache = _rkv("folded").new_cache(reserve_tokens=40)
     cache.allocate(1, torch.float32)
     layer = cache.layers[0]
     layer.set_static(True)
+    return layer
+
+
+def test_static_layer_writes_the_device_chosen_slot() -> None:
+    layer = _static_layer()
     assert int(layer.window_slot) == layer.window_start
     full = layer.full_precision()["fp_pos"].shape[1]
     assert full == layer.fp_pos.shape[1] and layer.quantized()["pos"].shape[1] == layer.pos.shape[1]
@@ -107,11 +112,7 @@ def test_static_layer_writes_the_device_chosen_slot() -> None:
 
 
 def test_static_window_refuses_a_missed_flush() -> None:
-    rkv = _rkv("folded")
-    cache = rkv.new_cache(reserve_tokens=40)
-    cache.allocate(1, torch.float32)
-    layer = cache.layers[0]
-    layer.set_static(True)
+    layer = _static_layer()
     for i in range(10):  # recent_window 6 + flush_block 4
         layer.append(torch.randn(1, 2, 1, 64), torch.randn(1, 2, 1, 64), torch.tensor([[i]]))
     assert layer.needs_flush()
