@@ -299,7 +299,8 @@ def stream_generate(
 
     Left-padded batches: pass the 2D ``attention_mask`` (1 = real token). Finished sequences keep
     receiving their EOS token (not yielded differently: callers stop reading them). ``stats``,
-    when given, is filled in as the loop runs (final after the generator is exhausted).
+    when given: token counts and timings as the loop runs, cache sizes once it ends (exhausted or
+    closed early; measuring them every step cost host time).
     The cache is sized once for prompt + ``max_new_tokens``. ``prefill_batch`` prefills at most
     that many sequences per forward (bounds the prefill's activation memory for large batches;
     the result is the same as one forward). ``cuda_graph``: how decode steps run
@@ -334,7 +335,6 @@ def stream_generate(
             for step in range(max_new_tokens):
                 token = torch.where(finished, eos[0].clamp_min(0), token)
                 stats.new_tokens = step + 1
-                _fill_cache_stats(stats, cache)
                 yield token
                 finished |= torch.isin(token, eos)
                 if step + 1 == max_new_tokens or bool(finished.all()):
@@ -354,11 +354,12 @@ def stream_generate(
                 stats.decode_seconds += elapsed
                 if step == 0:
                     stats.first_decode_seconds = elapsed
-        finally:
+        finally:  # also when the caller stops early (the generator is closed at a yield)
             if runner is not None:
                 runner.close()
-    _fill_cache_stats(stats, cache)
-    stats.sinks_per_layer = [float(layer.sink_counts().float().mean()) for layer in cache.layers if layer.is_initialized]
+            _fill_cache_stats(stats, cache)
+            stats.sinks_per_layer = [float(layer.sink_counts().float().mean()) for layer in cache.layers
+                                     if layer.is_initialized]  # fmt: skip
 
 
 def _prefill(

@@ -177,3 +177,16 @@ def test_generate_calls_a_graph_cannot_serve_decode_eagerly_and_say_why(monkeypa
     rkv.cuda_graph = True
     with pytest.raises(ValueError, match="beam search"):
         rkv.generate(ids, max_new_tokens=6, do_sample=False, num_beams=2)
+
+
+def test_stream_stats_hold_cache_sizes_after_an_early_close() -> None:
+    rkv = _rkv("folded")
+    stats = generate_module.GenerationStats()
+    gen = stream_generate(rkv, torch.randint(3, 120, (2, 20)), max_new_tokens=30, sampling=SamplingOptions(0.0), stats=stats)
+    for i, _ in enumerate(gen):
+        if i == 14:
+            break
+    assert stats.kv_bytes == 0  # measured when the loop ends, not every step
+    gen.close()
+    assert stats.new_tokens == 15 and stats.kv_bytes == rkv.last_cache.bytes_used() > 0
+    assert stats.fp16_equivalent_bytes == rkv.last_cache.fp16_equivalent_bytes() and len(stats.sinks_per_layer) == 2
