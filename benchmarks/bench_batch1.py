@@ -59,11 +59,10 @@ def main() -> None:
     kw = dict(max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False)
     greedy = SamplingOptions(temperature=0.0)
 
-    def generate(graph: bool) -> Callable[[], object]:
-        def fn() -> None:
-            rkv.cuda_graph = graph
-            rkv.generate(ids, **kw)
-        return fn
+    def generate(graph: bool) -> None:
+        rkv.cuda_graph = graph
+        rkv.generate(ids, **kw)
+        paths.add(rkv.last_decode_path)
 
     def stream(graph: bool) -> None:
         stats = GenerationStats()
@@ -74,15 +73,15 @@ def main() -> None:
     paths: set[str] = set()
     t_fp = _seconds(lambda: rkv.model.generate(ids, **kw), args.repeats)
     timed = {
-        "RkvModel.generate, CUDA graph": _seconds(generate(True), args.repeats),
-        "RkvModel.generate, eager": _seconds(generate(False), args.repeats),
+        "RkvModel.generate, CUDA graph": _seconds(lambda: generate(True), args.repeats),
+        "RkvModel.generate, eager": _seconds(lambda: generate(False), args.repeats),
         "stream_generate (rkv run), CUDA graph": _seconds(lambda: stream(True), args.repeats),
         "stream_generate (rkv run), eager": _seconds(lambda: stream(False), args.repeats),
     }
     rows = [{"checkpoint": str(args.checkpoint), "path": path, "prompt_tokens": ids.shape[1], "new": args.new,
              "rkv_tok_s": args.new / t, "fp16_tok_s": args.new / t_fp, "ratio": t_fp / t}
             for path, t in timed.items()]  # fmt: skip
-    print(f"stream_generate decode paths: {sorted(paths)}")
+    print(f"decode paths: {sorted(paths)}")
     print_table("batch 1: rkv (packed cache) vs fp16 generate, same weights", rows)
     if args.csv is not None:
         for row in rows:

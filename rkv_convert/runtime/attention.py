@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.models.llama.modeling_llama import rotate_half
 
 from ..kernels.decode_attention import decode_attention
 from ..kernels.decode_folded import decode_folded
 from ..models.adapters import attention_softcap, attention_window, stock_attention
 from .cache import RkvCache, RkvCacheLayer
-from .ops import attend_reference, dequantize_folded_keys, dequantize_keys, dequantize_values, rope
+from .ops import attend_reference, dequantize_folded_keys, dequantize_keys, dequantize_values, rope, rotate_half
 from .sinks import flag_sinks
 
 __all__ = ["rkv_attention", "new_token_validity", "stored_tokens"]

@@ -248,8 +248,7 @@ class RkvCacheLayer(CacheLayerMixin):
         self.window: int | None = None  # the layer's sliding window (None: global), caps the store's allocation
         self.hides = False  # hide_before() was called: this layer is a sliding one
         self.reclaimed = 0  # store slots dropped by reclaiming (slots held = length - reclaimed)
-        self.static = False  # fixed-shape decode steps (set_static): what a captured CUDA graph replays
-        self.window_slot: torch.Tensor | None = None  # static: int64 [1], the window slot the next token takes
+        self.window_slot: torch.Tensor | None = None  # static (set_static): int64 [1], the window slot the next token takes
         self.static_slots = 0  # static: store slots the kernels read (set_static)
         self.storage_version = 0  # bumped whenever the storage tensors are replaced (a captured graph is then stale)
 
@@ -288,7 +287,7 @@ class RkvCacheLayer(CacheLayerMixin):
         self.fp_pos = torch.full((b, fp_slots), -1, dtype=torch.int32, device=dev)
         self.n_sinks = torch.zeros(b, dtype=torch.int64, device=dev)
         self.is_initialized = True
-        self.static, self.window_slot = False, None
+        self.window_slot = None
         self.storage_version += 1
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object):
@@ -316,7 +315,7 @@ class RkvCacheLayer(CacheLayerMixin):
         for name in _STORAGE:
             self.__dict__.pop(name, None)
         self.is_initialized = False
-        self.static, self.window_slot = False, None
+        self.window_slot = None
         self.storage_version += 1
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -497,11 +496,16 @@ class RkvCacheLayer(CacheLayerMixin):
         if on and not (self.n_quant <= slots <= cap and slots % _STORE_ALIGN == 0):
             raise ValueError(f"static store view of {slots} slots: needs whole {_STORE_ALIGN}-slot blocks from the "
                              f"{self.n_quant} used to the {cap} allocated")  # fmt: skip
-        self.static, self.static_slots = on, slots if on else 0
+        self.static_slots = slots if on else 0
         if not on:
             self.window_slot = None
         elif self.window_slot is None:
             self.window_slot = torch.tensor([self.window_start + self.n_window], dtype=torch.int64, device=self.device)
+
+    @property
+    def static(self) -> bool:
+        """Fixed-shape decode steps are on (:meth:`set_static`): what a captured CUDA graph replays."""
+        return self.window_slot is not None
 
     def needs_flush(self) -> bool:
         """True when the window holds ``recent_window + flush_block`` tokens (:meth:`flush` would quantize)."""
@@ -519,7 +523,7 @@ class RkvCacheLayer(CacheLayerMixin):
         Returns the number of tokens moved to the quantized store.
         """
         s, w0 = self.settings, self.window_start
-        if not self.is_initialized or self.n_window < s.recent_window + s.flush_block:
+        if not self.needs_flush():
             return 0
         n_flush = (self.n_window - s.recent_window) // s.flush_block * s.flush_block
         hi = w0 + n_flush

@@ -100,9 +100,14 @@ class DecodeGraph:
         return out.logits[:, -1]
 
     def _after_step(self) -> None:
+        """Flush full windows; a flush that outgrows the store view extends it and retires the graph."""
+        flushed = False
         for layer in self.cache.layers:
             if layer.needs_flush():
                 layer.flush()
+                flushed = True
+        if flushed and self._cover():
+            self.graph = None
 
     def _current(self) -> bool:
         """A graph exists and every layer still has the storage tensors it was captured with."""
@@ -115,12 +120,11 @@ class DecodeGraph:
         """
         if input_ids.shape[1] != 1:
             raise ValueError(f"a decode step takes one token per sequence, got {input_ids.shape[1]}")
-        changed = self._cover()
         if not self.capture:
             logits = self._forward(input_ids, position_ids)
             self._after_step()
             return logits
-        if self._current() and not changed:
+        if self._current():
             self._ids.copy_(input_ids)
             self._positions.copy_(position_ids)
             self.graph.replay()
@@ -136,10 +140,7 @@ class DecodeGraph:
 
     def _capture(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> None:
         """Record one step without running it: the host counters the captured Python moved are restored."""
-        self._cover()  # the eager step's flush may have outgrown the view
         counts = [(layer.length, layer.n_window) for layer in self.cache.layers]
-        if any(layer.needs_flush() for layer in self.cache.layers):
-            raise RuntimeError("capture with a full window")  # _after_step flushed: unreachable
         self._ids, self._positions = input_ids.clone(), position_ids.clone()
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize()

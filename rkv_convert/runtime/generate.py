@@ -50,15 +50,17 @@ def _graph_blocker(kwargs: dict, generation_config: object) -> str | None:
 
 
 def decode_runner(model: nn.Module, cache: RkvCache, cache_argument: str, cuda_graph: bool | None,
-                  forward: Callable[..., object] | None = None) -> tuple[DecodeGraph | None, str]:  # fmt: skip
+                  forward: Callable[..., object] | None = None, blocker: str | None = None,
+                  ) -> tuple[DecodeGraph | None, str]:  # fmt: skip
     """The decode-step runner for a prefilled ``cache`` and the path it takes, in words (``forward``: see :class:`DecodeGraph`).
 
-    ``cuda_graph``: ``None`` captures where :func:`decode_graph_supports` allows it and says why
-    not otherwise; ``True`` requires it (``ValueError`` with the reason); ``False`` runs eagerly.
+    ``cuda_graph``: ``None`` captures where :func:`decode_graph_supports` allows it (and the
+    caller's ``blocker`` names no reason against it) and says why not otherwise; ``True``
+    requires it (``ValueError`` with the reason); ``False`` runs eagerly.
     """
-    if cuda_graph is False:
+    if cuda_graph is False and not blocker:
         return None, "eager (CUDA graphs off)"
-    reason = decode_graph_supports(cache, model)
+    reason = blocker or decode_graph_supports(cache, model)
     if reason is None:
         return DecodeGraph(model, cache, cache_argument, forward=forward), "CUDA graph"
     if cuda_graph:
@@ -148,8 +150,8 @@ class RkvModel:
 
         Decode steps replay a captured CUDA graph where they can (``cuda_graph`` of the constructor,
         :func:`decode_runner`); ``last_decode_path`` says which path ran and, if eager, why. Without
-        ``cache``, the cache is sized for prompt + ``max_new_tokens``. Returns nothing unless the cache received every token fed to the model: the prompt and
-        each generated token but the last.
+        ``cache``, the cache is sized for prompt + ``max_new_tokens``. Returns nothing unless the
+        cache received every token fed to the model: the prompt and each generated token but the last.
         """
         if "cache_implementation" in kwargs:
             raise ValueError("RkvModel.generate always uses the rkv cache; drop cache_implementation")
@@ -179,13 +181,12 @@ def _graph_steps(rkv: RkvModel, cache: RkvCache, cuda_graph: bool | None, blocke
 
     def forward(*args: object, **kwargs: object) -> object:
         ids = kwargs.get("input_ids", args[0] if args else None)
-        decode = isinstance(ids, torch.Tensor) and ids.shape[1] == 1 and cache.lengths()[0] > 0
+        decode = isinstance(ids, torch.Tensor) and ids.shape[1] == 1 and cache.get_seq_length() > 0
         if not decode or kwargs.get("inputs_embeds") is not None:
             return original(*args, **kwargs)
-        if "runner" not in state and blocker:
-            state["runner"], rkv.last_decode_path = None, f"eager ({blocker})"
-        elif "runner" not in state:
-            state["runner"], rkv.last_decode_path = decode_runner(model, cache, rkv.cache_argument, cuda_graph, original)
+        if "runner" not in state:
+            state["runner"], rkv.last_decode_path = decode_runner(model, cache, rkv.cache_argument, cuda_graph,
+                                                                  original, blocker)  # fmt: skip
         runner = state["runner"]
         if runner is None:
             return original(*args, **kwargs)
