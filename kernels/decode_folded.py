@@ -147,6 +147,16 @@ class FoldedParams:
                                        self.inv_freq.to(device=device, dtype=torch.float32).contiguous())
         return self._on_device[device]
 
+    def encode_operands(self, device: torch.device, dot_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(rotation, mean, inv_freq)`` contiguous on ``device`` for the cache writes
+        (:mod:`.encode_folded`): ``R_h`` in the dot's operand dtype, the others fp32; made once."""
+        key = (device, dot_dtype)
+        if key not in self._on_device:
+            self._on_device[key] = (self.rotation.to(device=device, dtype=dot_dtype).contiguous(),
+                                    self.mean.to(device=device, dtype=torch.float32).contiguous(),
+                                    self.inv_freq.to(device=device, dtype=torch.float32).contiguous())
+        return self._on_device[key]
+
     @property
     def value_bits(self) -> int:
         return self.bits if self.v_bits is None else self.v_bits

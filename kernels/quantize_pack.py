@@ -13,8 +13,8 @@ Per row (semantics of :func:`rkv_convert.quant.quantizer.quantize`, bit for bit)
    calibrated permutation: group ``j`` = channels ``perm[j*g:(j+1)*g]``). Without ``gid`` the
    groups are consecutive channels (values);
 4. ``hi = clip*max``, ``lo = clip*min`` over the group, ``scale = fp16(max((hi-lo)/L, 2^-14))``,
-   ``zero = fp16(lo)``, ``code = clamp(round_half_even((y - zero)/scale), 0, L)``,
-   ``L = 2**bits - 1``, with IEEE division;
+   ``zero = fp16(lo)``, ``code = clamp(round_half_even((y - zero) * (1/scale)), 0, L)``,
+   ``L = 2**bits - 1``, with IEEE division for the per-group ``(hi-lo)/L`` and ``1/scale``;
 5. codes are packed in *rotated channel order* (never permuted) with
    :func:`rkv_convert.quant.packing.pack_codes` layouts (``U2_LSB4``, ``U3_PLANES``, ``U4_LSB2``).
 
@@ -180,6 +180,60 @@ def _load_rows(
 
 
 @triton.jit
+def _scale_zero(mn, mx, clip, scale_floor, LEVELS: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
+    """fp16 ``(scale, zero)`` of groups with minimum ``mn`` and maximum ``mx`` (module docstring, step 4)."""
+    if USE_LIBDEVICE:  # explicit IEEE ops: the compiler must not fuse clip*max - clip*min into an FMA
+        hi = libdevice.mul_rn(mx, clip)
+        lo = libdevice.mul_rn(mn, clip)
+        width = libdevice.sub_rn(hi, lo)
+    else:  # the interpreter (numpy) rounds every op
+        hi = mx * clip
+        lo = mn * clip
+        width = hi - lo
+    scale16 = tl.maximum(tl.math.div_rn(width, LEVELS * 1.0), scale_floor).to(tl.float16, fp_downcast_rounding="rtne")
+    return scale16, lo.to(tl.float16, fp_downcast_rounding="rtne")
+
+
+@triton.jit
+def _codes(y, inv_scale, zero, LEVELS: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
+    """int32 codes of fp32 ``y`` with its channels' fp32 ``1/scale`` and ``zero`` (round half to even)."""
+    v = (y - zero) * inv_scale
+    if USE_LIBDEVICE:  # one F2I.U32.RN (torch.round's rule; a negative value saturates to 0), then the top clamp
+        return tl.minimum(libdevice.float2uint_rn(v), LEVELS).to(tl.int32)
+    v = tl.minimum(tl.maximum(v, 0.0), LEVELS * 1.0)
+    # fp32 (v + 2**23) - 2**23 rounds half to even for 0 <= v < 2**23 (the interpreter: numpy rounds every op)
+    return ((v + 8388608.0) - 8388608.0).to(tl.int32)
+
+
+@triton.jit
+def _reciprocal(scale):
+    """IEEE ``1/scale`` of fp32 ``scale`` (per group, as the reference's ``1.0 / scale``)."""
+    return tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
+
+
+@triton.jit
+def _store_packed(codes_ptr, c_off, rmask, codes, col0, R: tl.constexpr, C: tl.constexpr, W: tl.constexpr,
+                  BITS: tl.constexpr):
+    """Pack ``codes int32 [R, C]`` (channels ``col0 .. col0+C`` of ``W``-channel rows) into the rows'
+    bytes at ``codes_ptr + c_off [R]`` (``pack_codes`` layouts)."""
+    if BITS == 4:
+        c2 = tl.reshape(codes, (R, C // 2, 2))
+        packed = tl.sum(c2 << (tl.arange(0, 2) * 4)[None, None, :], axis=2)
+        bcols = col0 // 2 + tl.arange(0, C // 2)
+        tl.store(codes_ptr + c_off[:, None] + bcols[None, :], packed.to(tl.uint8), mask=rmask[:, None])
+    else:
+        c4 = tl.reshape(codes & 3, (R, C // 4, 4))
+        packed = tl.sum(c4 << (tl.arange(0, 4) * 2)[None, None, :], axis=2)
+        bcols = col0 // 4 + tl.arange(0, C // 4)
+        tl.store(codes_ptr + c_off[:, None] + bcols[None, :], packed.to(tl.uint8), mask=rmask[:, None])
+        if BITS == 3:
+            high = tl.reshape(codes >> 2, (R, C // 8, 8))
+            packed_hi = tl.sum(high << tl.arange(0, 8)[None, None, :], axis=2)
+            hcols = W // 4 + col0 // 8 + tl.arange(0, C // 8)
+            tl.store(codes_ptr + c_off[:, None] + hcols[None, :], packed_hi.to(tl.uint8), mask=rmask[:, None])
+
+
+@triton.jit
 def _quantize_pack_kernel(
     x_ptr, rot_ptr, mean_ptr, gid_ptr, codes_ptr, scale_ptr, zero_ptr,
     M, n_blocks, clip, scale_floor,
@@ -209,21 +263,12 @@ def _quantize_pack_kernel(
         y3 = y[:, :, None]
         mx = tl.maximum(mx, tl.max(tl.where(sel, y3, float("-inf")), axis=1))
         mn = tl.minimum(mn, tl.min(tl.where(sel, y3, float("inf")), axis=1))
-    if USE_LIBDEVICE:  # explicit IEEE ops: the compiler must not fuse clip*max - clip*min into an FMA
-        hi = libdevice.mul_rn(mx, clip)
-        lo = libdevice.mul_rn(mn, clip)
-        width = libdevice.sub_rn(hi, lo)
-    else:  # the interpreter (numpy) rounds every op
-        hi = mx * clip
-        lo = mn * clip
-        width = hi - lo
-    scale16 = tl.maximum(tl.math.div_rn(width, LEVELS * 1.0), scale_floor).to(tl.float16, fp_downcast_rounding="rtne")
-    zero16 = lo.to(tl.float16, fp_downcast_rounding="rtne")
+    scale16, zero16 = _scale_zero(mn, mx, clip, scale_floor, LEVELS, USE_LIBDEVICE)
     sz_off = row[:, None] * NG + grp[None, :]
     sz_mask = rmask[:, None] & (grp[None, :] < NG)
     tl.store(scale_ptr + sz_off, scale16, mask=sz_mask)
     tl.store(zero_ptr + sz_off, zero16, mask=sz_mask)
-    scale = scale16.to(tl.float32)
+    inv_scale = _reciprocal(scale16.to(tl.float32))
     zero = zero16.to(tl.float32)
 
     # Pass 2: codes from the fp16-rounded scale and zero, packed in rotated channel order.
@@ -235,28 +280,10 @@ def _quantize_pack_kernel(
         else:
             g = (oc * BLOCK_C + cols) // GS
         sel = (g[:, None] == grp[None, :])[None, :, :]
-        s_c = tl.sum(tl.where(sel, scale[:, None, :], 0.0), axis=2)
+        s_c = tl.sum(tl.where(sel, inv_scale[:, None, :], 0.0), axis=2)
         z_c = tl.sum(tl.where(sel, zero[:, None, :], 0.0), axis=2)
-        v = tl.math.div_rn(y - z_c, s_c)
-        v = tl.minimum(tl.maximum(v, 0.0), LEVELS * 1.0)
-        # fp32 (v + 2**23) - 2**23 rounds half to even for 0 <= v < 2**23: torch.round's rule.
-        codes = ((v + 8388608.0) - 8388608.0).to(tl.int32)
-        if BITS == 4:
-            c2 = tl.reshape(codes, (BLOCK_R, BLOCK_C // 2, 2))
-            packed = tl.sum(c2 << (tl.arange(0, 2) * 4)[None, None, :], axis=2)
-            bcols = oc * (BLOCK_C // 2) + tl.arange(0, BLOCK_C // 2)
-            tl.store(codes_ptr + c_off[:, None] + bcols[None, :], packed.to(tl.uint8), mask=rmask[:, None])
-        else:
-            low = codes & 3
-            c4 = tl.reshape(low, (BLOCK_R, BLOCK_C // 4, 4))
-            packed = tl.sum(c4 << (tl.arange(0, 4) * 2)[None, None, :], axis=2)
-            bcols = oc * (BLOCK_C // 4) + tl.arange(0, BLOCK_C // 4)
-            tl.store(codes_ptr + c_off[:, None] + bcols[None, :], packed.to(tl.uint8), mask=rmask[:, None])
-            if BITS == 3:
-                high = tl.reshape(codes >> 2, (BLOCK_R, BLOCK_C // 8, 8))
-                packed_hi = tl.sum(high << tl.arange(0, 8)[None, None, :], axis=2)
-                hcols = W // 4 + oc * (BLOCK_C // 8) + tl.arange(0, BLOCK_C // 8)
-                tl.store(codes_ptr + c_off[:, None] + hcols[None, :], packed_hi.to(tl.uint8), mask=rmask[:, None])
+        codes = _codes(y, s_c, z_c, LEVELS, USE_LIBDEVICE)
+        _store_packed(codes_ptr, c_off, rmask, codes, oc * BLOCK_C, BLOCK_R, BLOCK_C, W, BITS)
 
 
 def _block_c(width: int) -> int:

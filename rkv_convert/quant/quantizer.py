@@ -6,8 +6,9 @@ channels ``perm[j*g:(j+1)*g]`` while codes stay in the input's channel order, so
 permutation never moves data (design notes §2).
 
 Per group: ``hi = clip*max``, ``lo = clip*min``, ``scale = (hi-lo)/(2**bits-1)`` and
-``zero = lo``, both stored as fp16; ``code = clamp(round((x - zero)/scale), 0, 2**bits-1)``
-computed from the fp16-rounded scale and zero; ``x̂ = code*scale + zero``.
+``zero = lo``, both stored as fp16; ``code = clamp(round((x - zero) * (1/scale)), 0, 2**bits-1)``
+computed from the fp16-rounded scale and zero (one fp32 reciprocal per group, so a kernel
+multiplies each channel instead of dividing it, bit for bit the same); ``x̂ = code*scale + zero``.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def quantize(
     lo = grouped.amin(-1) * clip
     scale = ((hi - lo) / levels(bits)).clamp_min(SCALE_FLOOR).to(torch.float16)
     zero = lo.to(torch.float16)
-    codes = ((grouped - zero.float().unsqueeze(-1)) / scale.float().unsqueeze(-1)).round()
+    codes = ((grouped - zero.float().unsqueeze(-1)) * (1.0 / scale.float()).unsqueeze(-1)).round()
     codes = codes.clamp_(0, levels(bits)).to(torch.uint8).reshape(xf.shape)
     if perm is not None:
         codes = codes.index_select(-1, torch.argsort(perm))

@@ -61,12 +61,12 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from ..export.format import Checkpoint, KeyLayout, LayerTensors, RkvConfig
 from ..kernels.decode_attention import PreparedRotation, prepare_rotation
 from ..kernels.decode_folded import FoldedParams
+from ..kernels.encode_folded import encode_folded
 from ..kernels.packed_kv import PackedKV
 from ..kernels.quantize_pack import group_ids_from_perm, quantize_pack
 from ..models.adapters import adapter_for, attention_modules, decoder_layers, layer_rope
 from ..quant.codec import folded_head_rotations
 from ..quant.packing import packed_width
-from .ops import fold_keys, mean_at
 
 __all__ = ["CacheSettings", "LayerCodec", "RkvCacheLayer", "RkvCache", "store_capacity"]
 
@@ -597,12 +597,21 @@ class RkvCacheLayer(CacheLayerMixin):
         self._reclaim_hidden()
         self._reserve(self.n_quant + n)
         lo, hi = self.n_quant, self.n_quant + n
-        for name, t in self.encode(key, value, pos).items():
-            if name == "pos":
-                self.pos[:, lo:hi] = t
-            else:
-                getattr(self, name)[:, :, lo:hi] = t
+        if self.codec.folded:  # the kernel writes the store's own slots
+            out = PackedKV(*(getattr(self, name)[:, :, lo:hi] for name in PackedKV._fields[:6]), self.pos[:, lo:hi])
+            self._encode_folded(key, value, pos, out)
+        else:
+            for name, t in self.encode(key, value, pos).items():
+                if name == "pos":
+                    self.pos[:, lo:hi] = t
+                else:
+                    getattr(self, name)[:, :, lo:hi] = t
         self.n_quant = hi
+
+    def _encode_folded(self, key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor, out: PackedKV | None = None) -> PackedKV:
+        inv_freq, scaling = self.rope_or_raise()
+        params = self.codec.folded_params(inv_freq, scaling, sm_scale=1.0)  # encoding reads no score factor
+        return encode_folded(key, value, pos, params, self.codec.key_clip, self.codec.value_clip, out, backend=self.backend)
 
     def encode(self, key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor) -> dict[str, torch.Tensor]:
         """The store entries of ``[B, n_kv, n, d]`` tokens at ``pos [B, n]`` (codes, scales, zeros, pos; nothing written).
@@ -611,22 +620,17 @@ class RkvCacheLayer(CacheLayerMixin):
         """
         c = self.codec
         b, n_kv, n, d = key.shape
-        if c.folded:  # y = (k_post - RoPE_n(mu)) @ R_h, then the values' consecutive-group encoder
-            inv_freq, scaling = self.rope_or_raise()
-            y = fold_keys(key, mean_at(c.head_mean, pos, inv_freq, scaling), c.head_rotation)
-            k_codes, k_scale, k_zero = (
-                t.transpose(1, 2)
-                for t in quantize_pack(y.transpose(1, 2), c.key_bits, c.key_group_size, c.key_clip, backend=self.backend)
+        if c.folded:  # y = (k_post - RoPE_n(mu)) @ R_h, groups of consecutive channels (kernels.encode_folded)
+            rows = self._encode_folded(key, value, pos)
+            return {name: getattr(rows, name) for name in PackedKV._fields[:7]}
+        rows = key.transpose(1, 2).reshape(b, n, c.num_head_groups, c.group_channels)
+        k_codes, k_scale, k_zero = (
+            t.transpose(1, 2)
+            for t in quantize_pack(
+                rows, c.key_bits, c.key_group_size, c.key_clip,
+                rotation=c.rotation, mean=c.k_mean, gid=c.k_gid, backend=self.backend,
             )
-        else:
-            rows = key.transpose(1, 2).reshape(b, n, c.num_head_groups, c.group_channels)
-            k_codes, k_scale, k_zero = (
-                t.transpose(1, 2)
-                for t in quantize_pack(
-                    rows, c.key_bits, c.key_group_size, c.key_clip,
-                    rotation=c.rotation, mean=c.k_mean, gid=c.k_gid, backend=self.backend,
-                )
-            )
+        )
         v_codes, v_scale, v_zero = (
             t.transpose(1, 2)
             for t in quantize_pack(value.transpose(1, 2), c.value_bits, c.value_group_size, c.value_clip, backend=self.backend)

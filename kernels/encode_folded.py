@@ -1,0 +1,232 @@
+"""Cache writes of the *query-folded* layout: RoPE'd mean, centre, rotate, quantize and pack keys
+and values of many tokens in one launch, straight into the store.
+
+For each token ``n`` (position ``p = max(pos, 0)``) of KV head ``h`` (layout:
+:mod:`rkv_convert.kernels.decode_folded`):
+
+- keys: ``y = (k_post - RoPE_p(mu_h)) @ R_h`` (:func:`rkv_convert.runtime.ops.fold_keys` of
+  :func:`~rkv_convert.runtime.ops.mean_at`), then the quantizer of
+  :mod:`rkv_convert.kernels.quantize_pack` over groups of ``g_k`` consecutive channels of ``y``;
+- values: the same quantizer over groups of ``g_v`` consecutive channels.
+
+Outputs are the store's own rows (``[B, n_kv, n, width]``, any leading strides), so the cache
+passes views of its slots and nothing is copied afterwards.
+
+One program per ``(BLOCK_T tokens, KV head, sequence)``. ``RoPE_p(mu)`` is formed in registers
+(cos/sin of ``p * inv_freq`` by the fast unit after a Cody-Waite reduction) and subtracted; the
+rotation is two tensor-core dots over the halves of the head (``rotate_half`` pairs channel ``i``
+with ``i + d/2``). Dot operands are fp16 for fp16 keys, tf32 for bf16 keys and IEEE fp32 for fp32
+keys (an fp32 model keeps fp32 rounding), accumulation fp32. (Folding the mean term into two more
+dots, ``cos_p @ P + sin_p @ Q``, was measured slower on the H200: 30 % against 47 % of the copy rate.)
+
+Exactness against :func:`encode_folded_ref`: values bit for bit (the quantizer's IEEE rules); keys
+up to the dot's rounding, which moves a code by one step where ``y`` sits on a rounding boundary
+(as :func:`~rkv_convert.kernels.quantize_pack.quantize_pack` with a rotation). ``BLOCK_T`` is fixed
+per head dim and dtype, so a token encodes the same whichever batch or block it comes in.
+
+Dispatch (see :mod:`rkv_convert.kernels._common`): ``backend="auto"`` runs the kernel on CUDA
+tensors or under ``TRITON_INTERPRET=1``, else :func:`encode_folded_ref`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from rkv_convert.quant.quantizer import SCALE_FLOOR
+from rkv_convert.runtime.ops import fold_keys, mean_at
+
+from ._common import Backend, cdiv, device_guard, resolve_backend, triton_interpreting
+from ._decode_parts import _cos_sin
+from .decode_folded import FoldedParams
+from .packed_kv import PackedKV
+from .quantize_pack import _codes, _reciprocal, _scale_zero, _store_packed, quantize_pack_ref
+
+__all__ = ["encode_folded", "encode_folded_ref", "encode_folded_supports"]
+
+# Launch settings: tokens per program and warps (the best of benchmarks/bench_cache_writes.py --tune on an H200).
+ENCODE_DEFAULTS: dict[str, int] = {"block_t": 64, "num_warps": 4}
+
+
+def encode_folded_supports(head_dim: int) -> str | None:
+    """None when the kernel can encode heads of ``head_dim`` channels, else the reason it cannot."""
+    if head_dim & (head_dim - 1) or head_dim < 32:
+        return f"the Triton encoder needs a power-of-two head dim >= 32, got {head_dim}"
+    return None
+
+
+def _empty_rows(key: torch.Tensor, p: FoldedParams) -> PackedKV:
+    """Store rows for ``key [B, n_kv, n, d]``'s tokens (the layout of :class:`PackedKV`)."""
+    b, n_kv, n, d = key.shape
+    k_width, k_groups, v_width, v_groups = p.row_widths
+    u8 = dict(dtype=torch.uint8, device=key.device)
+    f16 = dict(dtype=torch.float16, device=key.device)
+    return PackedKV(torch.empty(b, n_kv, n, k_width, **u8), torch.empty(b, n_kv, n, k_groups, **f16),
+                    torch.empty(b, n_kv, n, k_groups, **f16), torch.empty(b, n_kv, n, v_width, **u8),
+                    torch.empty(b, n_kv, n, v_groups, **f16), torch.empty(b, n_kv, n, v_groups, **f16),
+                    torch.empty(b, n, dtype=torch.int32, device=key.device))  # fmt: skip
+
+
+def _check(key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor, p: FoldedParams, out: PackedKV | None) -> None:
+    if key.dim() != 4 or key.shape != value.shape:
+        raise ValueError(f"key and value must both be [B, n_kv, n, d], got {tuple(key.shape)} and {tuple(value.shape)}")
+    b, n_kv, n, d = key.shape
+    if (n_kv, d) != (p.n_kv, p.head_dim):
+        raise ValueError(f"key {tuple(key.shape)} does not fit {p.n_kv} KV heads of {p.head_dim}")
+    if tuple(pos.shape) != (b, n):
+        raise ValueError(f"pos must be [{b}, {n}], got {tuple(pos.shape)}")
+    if out is not None:
+        want = _empty_rows(key[:, :, :0], p)
+        for name, got, w in zip(PackedKV._fields, out[:7], want):
+            shape = (b, n) if name == "pos" else (b, n_kv, n, w.shape[-1])
+            if got is None or tuple(got.shape) != shape or got.dtype != w.dtype:
+                raise ValueError(f"out.{name} must be {w.dtype} {list(shape)}, got "
+                                 f"{None if got is None else (got.dtype, list(got.shape))}")  # fmt: skip
+
+
+def encode_folded_ref(key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor, params: FoldedParams,
+                      k_clip: float, v_clip: float, out: PackedKV | None = None) -> PackedKV:  # fmt: skip
+    """Pure-torch reference of :func:`encode_folded`: ``fold_keys`` of ``mean_at``, then ``quantize_pack_ref``."""
+    _check(key, value, pos, params, out)
+    p = params
+    y = fold_keys(key, mean_at(p.mean, pos, p.inv_freq, p.attention_scaling), p.rotation)
+    k_rows = (t.transpose(1, 2) for t in quantize_pack_ref(y.transpose(1, 2), p.bits, p.g_k, k_clip))
+    v_rows = (t.transpose(1, 2) for t in quantize_pack_ref(value.transpose(1, 2), p.value_bits, p.g_v, v_clip))
+    rows = PackedKV(*k_rows, *v_rows, pos.to(torch.int32))
+    if out is None:
+        return rows
+    for dst, src in zip(out[:7], rows):
+        dst.copy_(src)
+    return out
+
+
+@triton.jit
+def _quantize_rows(x, codes_ptr, c_row, sz_row, scale_ptr, zero_ptr, tmask, clip, scale_floor,
+                   BLOCK_T: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr,
+                   USE_LIBDEVICE: tl.constexpr):  # fmt: skip
+    """Quantize fp32 rows ``x [BLOCK_T, D]`` in groups of ``GS`` consecutive channels; store codes, scales, zeros."""
+    NG: tl.constexpr = D // GS
+    LEVELS: tl.constexpr = (1 << BITS) - 1
+    x3 = tl.reshape(x, (BLOCK_T, NG, GS))
+    scale16, zero16 = _scale_zero(tl.min(x3, axis=2), tl.max(x3, axis=2), clip, scale_floor, LEVELS, USE_LIBDEVICE)
+    g = tl.arange(0, NG)
+    tl.store(scale_ptr + sz_row[:, None] + g[None, :], scale16, mask=tmask[:, None])
+    tl.store(zero_ptr + sz_row[:, None] + g[None, :], zero16, mask=tmask[:, None])
+    codes = _codes(x3, _reciprocal(scale16.to(tl.float32))[:, :, None], zero16.to(tl.float32)[:, :, None], LEVELS,
+                   USE_LIBDEVICE)
+    _store_packed(codes_ptr, c_row, tmask, tl.reshape(codes, (BLOCK_T, D)), 0, BLOCK_T, D, D, BITS)
+
+
+@triton.jit
+def _encode_folded_kernel(
+    k_ptr, v_ptr, pos_ptr, rot_ptr, mean_ptr, freq_ptr,
+    kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr,
+    n, rope_scaling, k_clip, v_clip, scale_floor,
+    s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_pb,
+    s_kcb, s_kch, s_kct, s_ksb, s_ksh, s_kst, s_vcb, s_vch, s_vct, s_vsb, s_vsh, s_vst,
+    D: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr, GK: tl.constexpr, GV: tl.constexpr,
+    BLOCK_T: tl.constexpr, DOT_F16: tl.constexpr, PREC: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
+):
+    """Grid ``(cdiv(n, BLOCK_T), n_kv, B)``; ``PREC`` the fp32 dots' precision when not ``DOT_F16``."""
+    H: tl.constexpr = D // 2
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    tmask = t < n
+    i = tl.arange(0, H)
+    j = tl.arange(0, D)
+
+    # RoPE_p(mu) = mu * cos + rotate_half(mu) * sin, one half of the head at a time.
+    p = tl.maximum(tl.load(pos_ptr + b * s_pb + t, mask=tmask, other=0), 0)
+    cos, sin = _cos_sin(p.to(tl.float32)[:, None] * tl.load(freq_ptr + i)[None, :], USE_LIBDEVICE)
+    mu_lo = tl.load(mean_ptr + h * D + i)[None, :] * rope_scaling  # the scaling on [d/2] means, not [T, d/2] cos/sin
+    mu_hi = tl.load(mean_ptr + h * D + H + i)[None, :] * rope_scaling
+    k_row = k_ptr + b * s_kb + h * s_kh + t * s_kt
+    k_lo = tl.load(k_row[:, None] + i[None, :], mask=tmask[:, None], other=0.0).to(tl.float32) - (mu_lo * cos - mu_hi * sin)
+    k_hi = tl.load(k_row[:, None] + H + i[None, :], mask=tmask[:, None], other=0.0).to(tl.float32) - (mu_hi * cos + mu_lo * sin)
+    r_lo = tl.load(rot_ptr + h * D * D + i[:, None] * D + j[None, :])
+    r_hi = tl.load(rot_ptr + h * D * D + (H + i)[:, None] * D + j[None, :])
+    if DOT_F16:
+        y = tl.dot(k_lo.to(tl.float16), r_lo)
+        y = tl.dot(k_hi.to(tl.float16), r_hi, y)
+    else:
+        y = tl.dot(k_lo, r_lo, input_precision=PREC)
+        y = tl.dot(k_hi, r_hi, y, input_precision=PREC)
+    _quantize_rows(y, kc_ptr, b * s_kcb + h * s_kch + t * s_kct, b * s_ksb + h * s_ksh + t * s_kst, ks_ptr, kz_ptr,
+                   tmask, k_clip, scale_floor, BLOCK_T, D, K_BITS, GK, USE_LIBDEVICE)  # fmt: skip
+    v = tl.load(v_ptr + b * s_vb + h * s_vh + t[:, None] * s_vt + j[None, :], mask=tmask[:, None], other=0.0)
+    _quantize_rows(v.to(tl.float32), vc_ptr, b * s_vcb + h * s_vch + t * s_vct, b * s_vsb + h * s_vsh + t * s_vst,
+                   vs_ptr, vz_ptr, tmask, v_clip, scale_floor, BLOCK_T, D, V_BITS, GV, USE_LIBDEVICE)  # fmt: skip
+
+
+def _rows_strides(t: torch.Tensor, name: str) -> tuple[int, int, int]:
+    if t.stride(-1) != 1:
+        raise ValueError(f"{name} needs a contiguous last dimension, got strides {t.stride()}")
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def encode_folded(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    pos: torch.Tensor,
+    params: FoldedParams,
+    k_clip: float,
+    v_clip: float,
+    out: PackedKV | None = None,
+    *,
+    block_t: int | None = None,
+    num_warps: int | None = None,
+    backend: Backend = "auto",
+) -> PackedKV:
+    """Encode ``n`` tokens for the folded store (module docstring).
+
+    Args:
+        key: ``[B, n_kv, n, d]`` post-RoPE keys, fp16/bf16/fp32 (any strides, last dim contiguous).
+        value: ``[B, n_kv, n, d]`` values (same).
+        pos: int ``[B, n]`` RoPE positions (``-1``, padding, encodes at position 0).
+        params: the layer's :class:`FoldedParams` (bits, groups, ``R_h``, ``mu_h``, RoPE).
+        k_clip, v_clip: clip ratios of the key and value quantizers.
+        out: store rows to write (a :class:`PackedKV` of ``n``-slot views, ``fp_*`` unused); None: new tensors.
+        block_t, num_warps: launch settings (None: ``ENCODE_DEFAULTS``; a benchmark's knob).
+        backend: ``"auto"``, ``"triton"`` or ``"reference"`` (see ``_common``).
+
+    Returns:
+        ``out`` (or the new rows) with the codes, scales, zeros and ``pos``.
+    """
+    if not resolve_backend(backend, key):
+        return encode_folded_ref(key, value, pos, params, k_clip, v_clip, out)
+    _check(key, value, pos, params, out)
+    reason = encode_folded_supports(params.head_dim)
+    if reason:
+        raise ValueError(reason)
+    if key.dtype not in (torch.float16, torch.bfloat16, torch.float32) or value.dtype != key.dtype:
+        raise ValueError(f"key and value must share one of fp16/bf16/fp32, got {key.dtype} and {value.dtype}")
+    b, n_kv, n, d = key.shape
+    rows = _empty_rows(key, params) if out is None else out
+    pos_i32 = pos.to(device=key.device, dtype=torch.int32)
+    rows.pos.copy_(pos_i32)
+    if b * n == 0:
+        return rows
+    block_t = ENCODE_DEFAULTS["block_t"] if block_t is None else block_t
+    num_warps = ENCODE_DEFAULTS["num_warps"] if num_warps is None else num_warps
+    dot_f16 = key.dtype == torch.float16
+    interp = triton_interpreting()
+    rotation, mean, inv_freq = params.encode_operands(key.device, torch.float16 if dot_f16 else torch.float32)
+    pos_c = pos_i32.contiguous()
+    for a, c in ((rows.k_scale, rows.k_zero), (rows.v_scale, rows.v_zero)):
+        if a.stride() != c.stride():
+            raise ValueError(f"scales and zeros must share strides, got {a.stride()} and {c.stride()}")
+    with device_guard(key):  # Triton launches on the current device
+        _encode_folded_kernel[(cdiv(n, block_t), n_kv, b)](
+            key, value, pos_c, rotation, mean, inv_freq, *rows[:6],
+            n, float(params.attention_scaling), float(k_clip), float(v_clip), SCALE_FLOOR,
+            *_rows_strides(key, "key"), *_rows_strides(value, "value"), pos_c.stride(0),
+            *_rows_strides(rows.k_codes, "k_codes"), *_rows_strides(rows.k_scale, "k_scale"),
+            *_rows_strides(rows.v_codes, "v_codes"), *_rows_strides(rows.v_scale, "v_scale"),
+            D=d, K_BITS=params.bits, V_BITS=params.value_bits, GK=params.g_k, GV=params.g_v,
+            BLOCK_T=block_t, DOT_F16=dot_f16, PREC="tf32" if key.dtype == torch.bfloat16 and not interp else "ieee",
+            USE_LIBDEVICE=not interp, num_warps=num_warps,
+        )  # fmt: skip
+    return rows
+
