@@ -147,13 +147,17 @@ class FoldedParams:
                                        self.inv_freq.to(device=device, dtype=torch.float32).contiguous())
         return self._on_device[device]
 
-    def encode_operands(self, device: torch.device, dot_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(rotation, mean, inv_freq)`` contiguous on ``device`` for the cache writes
-        (:mod:`.encode_folded`): ``R_h`` in the dot's operand dtype, the others fp32; made once."""
-        key = (device, dot_dtype)
+    def encode_operands(self, device: torch.device, split: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(rotation, mean, inv_freq)`` contiguous on ``device`` for the cache writes (:mod:`.encode_folded`),
+        made once. ``rotation``: ``split``: fp16 ``[n_kv, 2d, d]`` = ``[R_hi; R_lo]`` per head (``R_h = R_hi +
+        R_lo`` to about 2**-22); else fp32 ``[n_kv, d, d]``. The others fp32."""
+        key = ("encode", device, split)
         if key not in self._on_device:
-            self._on_device[key] = (self.rotation.to(device=device, dtype=dot_dtype).contiguous(),
-                                    self.mean.to(device=device, dtype=torch.float32).contiguous(),
+            r = self.rotation.to(device=device, dtype=torch.float32)
+            if split:
+                r_hi = r.to(torch.float16)
+                r = torch.cat([r_hi, (r - r_hi.float()).to(torch.float16)], dim=1)
+            self._on_device[key] = (r.contiguous(), self.mean.to(device=device, dtype=torch.float32).contiguous(),
                                     self.inv_freq.to(device=device, dtype=torch.float32).contiguous())
         return self._on_device[key]
 

@@ -63,8 +63,8 @@ def _sqnr(x: torch.Tensor, y: torch.Tensor) -> float:
 @pytest.mark.parametrize("d,g_k,g_v", [(64, 32, 64), (128, 64, 32), (128, 128, 128)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_matches_reference(bits: int, v_bits: int, d: int, g_k: int, g_v: int, dtype: torch.dtype) -> None:
-    """Values bit for bit; keys up to the dot's rounding: codes move by at most one step in at most
-    1 % of channels, scales and zeros within 1 %, and the same quantization error as the reference."""
+    """Values bit for bit; keys up to fp32 rounding (the kernel's split fp16 dots): codes move by at most
+    one step in at most 0.1 % of channels, scales and zeros within 1 %, the reference's quantization error."""
     B, n_kv, n = 2, 2, 70  # 70 tokens: one full block of 64 and a partial one
     p = _params(n_kv, d, bits, v_bits, g_k, g_v)
     key, value, pos = _tokens(B, n_kv, n, d, p, dtype)
@@ -77,7 +77,7 @@ def test_matches_reference(bits: int, v_bits: int, d: int, g_k: int, g_v: int, d
     diff = (unpack_codes(got.k_codes, bits, d).int() - unpack_codes(want.k_codes, bits, d).int()).abs()
     print(f"\n[{os.environ.get('PYTEST_CURRENT_TEST', '?').split(' ')[0]}] key codes off by one: "
           f"{diff.float().mean().item():.2e}")
-    assert diff.max() <= 1 and diff.float().mean() <= 0.01
+    assert diff.max() <= 1 and diff.float().mean() <= 0.001
     torch.testing.assert_close(got.k_scale.float(), want.k_scale.float(), rtol=1e-2, atol=1e-3)
     torch.testing.assert_close(got.k_zero.float(), want.k_zero.float(), rtol=1e-2, atol=1e-2)
     y = fold_keys(key, mean_at(p.mean, pos, p.inv_freq, p.attention_scaling), p.rotation)
@@ -150,7 +150,7 @@ def test_gpu_prefill_sized_block(dtype: torch.dtype) -> None:
     for name in ("v_codes", "v_scale", "v_zero", "pos"):
         assert torch.equal(getattr(got, name), getattr(want, name)), name
     diff = (unpack_codes(got.k_codes, 2, d).int() - unpack_codes(want.k_codes, 2, d).int()).abs()
-    assert diff.max() <= 1 and diff.float().mean() <= 0.01
+    assert diff.max() <= 1 and diff.float().mean() <= 0.001
     y = fold_keys(key, mean_at(p.mean, pos, p.inv_freq, p.attention_scaling), p.rotation)
     dg, dw = (_dequant(r.k_codes, r.k_scale, r.k_zero, 2, d, 32) for r in (got, want))
     assert abs(_sqnr(y, dg) - _sqnr(y, dw)) < 0.2
