@@ -14,6 +14,8 @@ mkdir -p "$OUT"
 # the pre-RoPE layout's kernels (head, chunk) at their tuned launch settings (KERNEL_DEFAULTS), long contexts
 "$PY" benchmarks/bench_decode_attention.py --contexts 4096 16384 65536 \
     --csv "$OUT/decode_attention.csv" --markdown "$OUT/decode_attention.md"
+# cache writes: the default layout's fused encoder against the copy rate; the pre-RoPE layout's encoder
+"$PY" benchmarks/bench_cache_writes.py --csv "$OUT/cache_writes.csv" --markdown "$OUT/cache_writes.md"
 "$PY" benchmarks/bench_quantize_pack.py --csv "$OUT/quantize_pack.csv" --markdown "$OUT/quantize_pack.md"
 # largest batches: at most three jobs per implementation from the memory model
 "$PY" benchmarks/bench_end_to_end.py --largest-timed-tokens 17 --max-tries 3 \

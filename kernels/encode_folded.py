@@ -79,12 +79,15 @@ def _check(key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor, p: FoldedP
     if tuple(pos.shape) != (b, n):
         raise ValueError(f"pos must be [{b}, {n}], got {tuple(pos.shape)}")
     if out is not None:
-        want = _empty_rows(key[:, :, :0], p)
-        for name, got, w in zip(PackedKV._fields, out[:7], want):
-            shape = (b, n) if name == "pos" else (b, n_kv, n, w.shape[-1])
-            if got is None or tuple(got.shape) != shape or got.dtype != w.dtype:
-                raise ValueError(f"out.{name} must be {w.dtype} {list(shape)}, got "
+        k_width, k_groups, v_width, v_groups = p.row_widths
+        u8, f16 = torch.uint8, torch.float16
+        want = ((k_width, u8), (k_groups, f16), (k_groups, f16), (v_width, u8), (v_groups, f16), (v_groups, f16))
+        for name, got, (width, dtype) in zip(PackedKV._fields, out[:6], want):
+            if got is None or got.shape != (b, n_kv, n, width) or got.dtype != dtype:
+                raise ValueError(f"out.{name} must be {dtype} {[b, n_kv, n, width]}, got "
                                  f"{None if got is None else (got.dtype, list(got.shape))}")  # fmt: skip
+        if out.pos is None or out.pos.shape != (b, n) or out.pos.dtype != torch.int32:
+            raise ValueError(f"out.pos must be int32 {[b, n]}, got {None if out.pos is None else (out.pos.dtype, list(out.pos.shape))}")
 
 
 def encode_folded_ref(key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor, params: FoldedParams,
