@@ -18,13 +18,15 @@ rotation is two tensor-core dots over the halves of the head (``rotate_half`` pa
 with ``i + d/2``). fp16 and bf16 keys: each dot takes fp16 operands split in two (``x = x_hi + x_lo``,
 ``R = R_hi + R_lo``, three products), about fp32 accuracy at tensor-core speed (an fp16 dot alone
 moved about 0.1 % of codes, enough to shift a model's logits past its fp16 tolerance); the centred
-keys must stay inside the fp16 range. fp32 keys: IEEE fp32 dots. (Folding the mean term into two more
-dots, ``cos_p @ P + sin_p @ Q``, was measured slower on the H200: 30 % against 47 % of the copy rate.)
+keys must stay inside the fp16 range (``|k - RoPE(mu)| < 65504``; real keys are orders of magnitude
+smaller). fp32 keys: IEEE fp32 dots. (With single fp16 dots, folding the mean term into two more dots,
+``cos_p @ P + sin_p @ Q``, was measured slower on the H200: 30 % against 47 % of the copy rate.)
 
 Exactness against :func:`encode_folded_ref`: values bit for bit (the quantizer's IEEE rules); keys
-up to the dot's rounding, which moves a code by one step where ``y`` sits on a rounding boundary
-(as :func:`~rkv_convert.kernels.quantize_pack.quantize_pack` with a rotation). ``BLOCK_T`` is fixed
-per head dim and dtype, so a token encodes the same whichever batch or block it comes in.
+up to fp32 rounding, which moves a code by one step where ``y`` sits on a rounding boundary (as
+:func:`~rkv_convert.kernels.quantize_pack.quantize_pack` with a rotation). Every token's arithmetic is
+its own (the dots' reduction order is fixed by the compiled kernel), so a token encodes the same
+whichever batch or block it comes in; the runtime always launches with ``ENCODE_DEFAULTS``.
 
 Dispatch (see :mod:`rkv_convert.kernels._common`): ``backend="auto"`` runs the kernel on CUDA
 tensors or under ``TRITON_INTERPRET=1``, else :func:`encode_folded_ref`.
@@ -110,7 +112,7 @@ def encode_folded_ref(key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor,
 def _quantize_rows(x, codes_ptr, c_row, sz_row, scale_ptr, zero_ptr, tmask, clip, scale_floor,
                    BLOCK_T: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr,
                    USE_LIBDEVICE: tl.constexpr):  # fmt: skip
-    """Quantize fp32 rows ``x [BLOCK_T, D]`` in groups of ``GS`` consecutive channels; store codes, scales, zeros."""
+    """Quantize fp32 rows ``x [BLOCK_T, D]`` (tokens ``tmask``) in groups of ``GS`` consecutive channels; store codes, scales, zeros."""
     NG: tl.constexpr = D // GS
     LEVELS: tl.constexpr = (1 << BITS) - 1
     x3 = tl.reshape(x, (BLOCK_T, NG, GS))
