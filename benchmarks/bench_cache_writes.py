@@ -26,12 +26,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _timing import DEVICE, append_csv, bench_ms, copy_bandwidth_gbs, markdown_table, print_table  # noqa: E402
 
-from rkv_convert.kernels.decode_folded import FoldedParams  # noqa: E402
+from rkv_convert.kernels.folded_params import FoldedParams  # noqa: E402
 from rkv_convert.kernels.encode_folded import ENCODE_DEFAULTS, encode_folded  # noqa: E402
 from rkv_convert.kernels.packed_kv import PackedKV  # noqa: E402
 from rkv_convert.kernels.quantize_pack import quantize_pack  # noqa: E402
 from rkv_convert.quant.hadamard import hadamard_matrix  # noqa: E402
-from rkv_convert.quant.packing import packed_width  # noqa: E402
 from rkv_convert.runtime.ops import fold_keys, mean_at  # noqa: E402
 
 SHAPES = {"llama2-7b": (32, 128), "llama3-8b": (8, 128), "smollm2": (3, 64)}  # KV heads, head dim
@@ -97,7 +96,6 @@ def run(args: argparse.Namespace, copy_gbs: float) -> list[dict[str, object]]:
                 if args.csv:
                     append_csv(args.csv, {**row, "copy_GBs": copy_gbs,
                                           "timing": "do_bench" if DEVICE.type == "cuda" else "cpu-smoke"})
-            del store, key, value
     return rows
 
 

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from _timing import DEVICE, append_csv, bench_ms, copy_bandwidth_gbs, markdown_table, print_table  # noqa: E402
 
-from rkv_convert.kernels.decode_folded import FOLDED_DEFAULTS, FoldedParams, decode_folded  # noqa: E402
+from rkv_convert.kernels.decode_folded import FOLDED_DEFAULTS, decode_folded  # noqa: E402
+from rkv_convert.kernels.folded_params import FoldedParams  # noqa: E402
 from rkv_convert.kernels.packed_kv import PackedKV  # noqa: E402
 from rkv_convert.quant.hadamard import hadamard_matrix  # noqa: E402
 

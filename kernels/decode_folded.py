@@ -67,118 +67,27 @@ tensors or under ``TRITON_INTERPRET=1``, else :func:`decode_folded_ref`.
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from rkv_convert.quant.packing import packed_width
 from rkv_convert.runtime.ops import dequantize_values, rope
 
 from ._chunk_parts import _log2_logits, logit_scales
 from ._common import Backend, cdiv, device_guard, next_pow2, resolve_backend, split_slots, triton_interpreting
 from ._decode_parts import _byte_tiles, _cos_sin, _plane_codes
 from ._occupancy import sm_count
+from .folded_params import FoldedParams
 from .packed_kv import PackedKV
-from .decode_attention import _merge, _plane_order
+from .decode_attention import _merge
 
-__all__ = ["FoldedParams", "FOLDED_DEFAULTS", "decode_folded", "decode_folded_ref", "folded_scores_ref", "mean_scores_ref"]
+__all__ = ["FOLDED_DEFAULTS", "decode_folded", "decode_folded_ref", "folded_scores_ref", "mean_scores_ref"]
 
 # Launch settings: the best of benchmarks/bench_decode_folded.py --tune on an H200.
 FOLDED_DEFAULTS: dict[str, int] = {"block_n": 128, "num_warps": 4, "num_stages": 2, "waves": 8}
 _BIAS_BLOCK = 64
-
-
-@dataclass(frozen=True, eq=False)
-class FoldedParams:
-    """Per-layer constants of the folded layout.
-
-    Attributes:
-        rotation: fp32 ``[n_kv, d, d]``, orthonormal ``R_h`` (keys stored as ``RoPE(k - mu) @ R_h``).
-        mean: fp32 ``[n_kv, d]``, calibrated pre-RoPE key mean ``mu_h``.
-        inv_freq: fp32 ``[d/2]``; attention_scaling: RoPE's cos/sin factor; sm_scale: score factor.
-        bits: key code bits (2, 3 or 4); v_bits: value code bits (None: same as ``bits``).
-        g_k, g_v: channels per key / value quantization group (dividing ``d``).
-        softcap: attention-logit soft cap (Gemma 2): logits ``softcap * tanh(sm_scale * s / softcap)``;
-            None: plain ``sm_scale * s``.
-    """
-
-    rotation: torch.Tensor
-    mean: torch.Tensor
-    inv_freq: torch.Tensor
-    attention_scaling: float
-    sm_scale: float
-    bits: int
-    g_k: int
-    g_v: int
-    v_bits: int | None = None
-    softcap: float | None = None
-    _on_device: dict = field(default_factory=dict, repr=False)
-
-    def __post_init__(self) -> None:
-        if self.rotation.dim() != 3 or self.rotation.shape[1] != self.rotation.shape[2]:
-            raise ValueError(f"rotation must be [n_kv, d, d], got {tuple(self.rotation.shape)}")
-        n_kv, d = self.rotation.shape[:2]
-        if tuple(self.mean.shape) != (n_kv, d):
-            raise ValueError(f"mean must be [{n_kv}, {d}], got {tuple(self.mean.shape)}")
-        if tuple(self.inv_freq.shape) != (d // 2,) or d % 2:
-            raise ValueError(f"inv_freq must be [{d // 2}] for an even head dim, got {tuple(self.inv_freq.shape)}")
-        for name, b in (("bits", self.bits), ("v_bits", self.value_bits)):
-            if b not in (2, 3, 4):
-                raise ValueError(f"{name} must be 2, 3 or 4, got {b}")
-        if self.softcap is not None and not self.softcap > 0:
-            raise ValueError(f"softcap must be positive or None, got {self.softcap}")
-        if self.g_k <= 0 or d % self.g_k or self.g_v <= 0 or d % self.g_v:
-            raise ValueError(f"group sizes {self.g_k}/{self.g_v} must divide the head dim {d}")
-
-    def kernel_operands(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(r_planes, mean, inv_freq)`` fp32 contiguous on ``device``, made once per device.
-
-        ``r_planes [n_kv, d, d]``: ``R_h`` with its columns in plane order (column ``j*d/4 + i`` =
-        column ``4i + j`` of ``R_h``), so that ``q @ r_planes`` is ``q' = q R_h`` in plane order.
-        """
-        if device not in self._on_device:
-            order = _plane_order(self.head_dim, self.head_dim, device)
-            r_planes = self.rotation.to(device=device, dtype=torch.float32)[:, :, order].contiguous()
-            self._on_device[device] = (r_planes, self.mean.to(device=device, dtype=torch.float32).contiguous(),
-                                       self.inv_freq.to(device=device, dtype=torch.float32).contiguous())
-        return self._on_device[device]
-
-    def encode_operands(self, device: torch.device, split: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(rotation, mean, inv_freq)`` contiguous on ``device`` for the cache writes (:mod:`.encode_folded`),
-        made once. ``rotation``: ``split``: fp16 ``[n_kv, 2d, d]`` = ``[R_hi; R_lo]`` per head (``R_h = R_hi +
-        R_lo`` to about 2**-22); else fp32 ``[n_kv, d, d]``. The others fp32."""
-        key = ("encode", device, split)
-        if key not in self._on_device:
-            r = self.rotation.to(device=device, dtype=torch.float32)
-            if split:
-                r_hi = r.to(torch.float16)
-                r = torch.cat([r_hi, (r - r_hi.float()).to(torch.float16)], dim=1)
-            self._on_device[key] = (r.contiguous(), self.mean.to(device=device, dtype=torch.float32).contiguous(),
-                                    self.inv_freq.to(device=device, dtype=torch.float32).contiguous())
-        return self._on_device[key]
-
-    @property
-    def value_bits(self) -> int:
-        return self.bits if self.v_bits is None else self.v_bits
-
-    @functools.cached_property
-    def row_widths(self) -> tuple[int, int, int, int]:
-        """Per slot and head: key code bytes, key groups, value code bytes, value groups (checked
-        against every call's cache, so computed once)."""
-        d = self.head_dim
-        return packed_width(d, self.bits), d // self.g_k, packed_width(d, self.value_bits), d // self.g_v
-
-    @property
-    def head_dim(self) -> int:
-        return self.rotation.shape[-1]
-
-    @property
-    def n_kv(self) -> int:
-        return self.rotation.shape[0]
 
 
 class _Dims(NamedTuple):

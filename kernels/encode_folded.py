@@ -43,7 +43,7 @@ from rkv_convert.runtime.ops import fold_keys, mean_at
 
 from ._common import Backend, cdiv, device_guard, resolve_backend, triton_interpreting
 from ._decode_parts import _cos_sin
-from .decode_folded import FoldedParams
+from .folded_params import FoldedParams
 from .packed_kv import PackedKV
 from .quantize_pack import _codes, _reciprocal, _scale_zero, _store_packed, quantize_pack_ref
 

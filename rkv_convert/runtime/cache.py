@@ -60,7 +60,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..export.format import Checkpoint, KeyLayout, LayerTensors, RkvConfig
 from ..kernels.decode_attention import PreparedRotation, prepare_rotation
-from ..kernels.decode_folded import FoldedParams
+from ..kernels.folded_params import FoldedParams
 from ..kernels.encode_folded import encode_folded
 from ..kernels.packed_kv import PackedKV
 from ..kernels.quantize_pack import group_ids_from_perm, quantize_pack

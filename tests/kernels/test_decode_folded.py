@@ -17,7 +17,6 @@ import torch
 from _cache_factory import fold_keys_pre, quantize_folded
 from rkv_convert.kernels._common import triton_interpreting
 from rkv_convert.kernels.decode_folded import (
-    FoldedParams,
     _mean_bias,
     _whole_blocks,
     decode_folded,
@@ -25,6 +24,7 @@ from rkv_convert.kernels.decode_folded import (
     folded_scores_ref,
     mean_scores_ref,
 )
+from rkv_convert.kernels.folded_params import FoldedParams
 from rkv_convert.kernels.packed_kv import PackedKV
 from rkv_convert.quant.hadamard import hadamard_matrix
 from rkv_convert.quant.packing import pack_codes

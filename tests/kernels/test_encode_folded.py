@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from rkv_convert.kernels.decode_folded import FoldedParams
+from rkv_convert.kernels.folded_params import FoldedParams
 from rkv_convert.kernels.encode_folded import encode_folded, encode_folded_ref, encode_folded_supports
 from rkv_convert.kernels.packed_kv import PackedKV
 from rkv_convert.quant.hadamard import hadamard_matrix
