@@ -26,7 +26,7 @@ Exactness against :func:`encode_folded_ref`: values bit for bit (the quantizer's
 up to fp32 rounding, which moves a code by one step where ``y`` sits on a rounding boundary (as
 :func:`~rkv_convert.kernels.quantize_pack.quantize_pack` with a rotation). Every token's arithmetic is
 its own (the dots' reduction order is fixed by the compiled kernel), so a token encodes the same
-whichever batch or block it comes in; the runtime always launches with ``ENCODE_DEFAULTS``.
+whichever batch or block it comes in; the runtime's tiles depend on the head dim alone.
 
 Dispatch (see :mod:`rkv_convert.kernels._common`): ``backend="auto"`` runs the kernel on CUDA
 tensors or under ``TRITON_INTERPRET=1``, else :func:`encode_folded_ref`.
@@ -49,8 +49,13 @@ from .quantize_pack import _codes, _reciprocal, _scale_zero, _store_packed, quan
 
 __all__ = ["encode_folded", "encode_folded_ref", "encode_folded_supports"]
 
-# Launch settings: tokens per program and warps (the best of benchmarks/bench_cache_writes.py --tune on an H200).
+# Launch settings: tokens per program and warps (the best of benchmarks/bench_cache_writes.py --tune on an H200,
+# head dim 128). Head dim 256 takes 8 warps: with 4 its program spills 1.3 KB of registers (sm_90 compile).
 ENCODE_DEFAULTS: dict[str, int] = {"block_t": 64, "num_warps": 4}
+
+
+def _warps(head_dim: int) -> int:
+    return 8 if head_dim >= 256 else ENCODE_DEFAULTS["num_warps"]
 
 
 def encode_folded_supports(head_dim: int) -> str | None:
@@ -205,7 +210,7 @@ def encode_folded(
         params: the layer's :class:`FoldedParams` (bits, groups, ``R_h``, ``mu_h``, RoPE).
         k_clip, v_clip: clip ratios of the key and value quantizers.
         out: store rows to write (a :class:`PackedKV` of ``n``-slot views, ``fp_*`` unused); None: new tensors.
-        block_t, num_warps: launch settings (None: ``ENCODE_DEFAULTS``; a benchmark's knob).
+        block_t, num_warps: launch settings (None: ``ENCODE_DEFAULTS``, 8 warps at head dim 256; a benchmark's knob).
         backend: ``"auto"``, ``"triton"`` or ``"reference"`` (see ``_common``).
 
     Returns:
@@ -226,7 +231,7 @@ def encode_folded(
     if b * n == 0:
         return rows
     block_t = ENCODE_DEFAULTS["block_t"] if block_t is None else block_t
-    num_warps = ENCODE_DEFAULTS["num_warps"] if num_warps is None else num_warps
+    num_warps = _warps(d) if num_warps is None else num_warps
     split = key.dtype != torch.float32
     rotation, mean, inv_freq = params.encode_operands(key.device, split)
     pos_c = pos_i32.contiguous()
