@@ -60,7 +60,7 @@ def _sqnr(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("bits,v_bits", [(2, 2), (3, 2), (4, 3)])
-@pytest.mark.parametrize("d,g_k,g_v", [(64, 32, 64), (128, 64, 32), (128, 128, 128)])
+@pytest.mark.parametrize("d,g_k,g_v", [(64, 32, 64), (128, 64, 32), (128, 128, 128), (256, 64, 256)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_matches_reference(bits: int, v_bits: int, d: int, g_k: int, g_v: int, dtype: torch.dtype) -> None:
     """Values bit for bit; keys up to fp32 rounding (the kernel's split fp16 dots): codes move by at most
@@ -139,10 +139,12 @@ def test_checks_and_dispatch() -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_gpu_prefill_sized_block(dtype: torch.dtype) -> None:
-    """A prefill-sized write (4 sequences x 1,000 tokens, 8 KV heads of 128) on the GPU against the CPU reference."""
-    B, n_kv, n, d = 4, 8, 1000, 128
+@pytest.mark.parametrize("dtype,n_kv,d", [(torch.float16, 8, 128), (torch.bfloat16, 8, 128), (torch.float32, 8, 128),
+                                          (torch.bfloat16, 2, 256)])
+def test_gpu_prefill_sized_block(dtype: torch.dtype, n_kv: int, d: int) -> None:
+    """A prefill-sized write (4 sequences x 1,000 tokens) on the GPU against the CPU reference: every dot form
+    (split fp16 for fp16/bf16, IEEE fp32) and Gemma's head dim 256 (8 warps)."""
+    B, n = 4, 1000
     p = _params(n_kv, d, 2, 2, 32, 128)
     key, value, pos = _tokens(B, n_kv, n, d, p, dtype)
     got = _kernel(key, value, pos, p)
