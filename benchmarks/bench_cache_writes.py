@@ -44,15 +44,6 @@ def make_params(n_kv: int, d: int, bits: int, g_k: int, g_v: int) -> FoldedParam
                         attention_scaling=1.0, sm_scale=d**-0.5, bits=bits, g_k=g_k, g_v=g_v)  # fmt: skip
 
 
-def make_store(B: int, n_kv: int, cap: int, p: FoldedParams) -> PackedKV:
-    kw, kg, vw, vg = p.row_widths
-    u8, f16 = dict(dtype=torch.uint8, device=DEVICE), dict(dtype=torch.float16, device=DEVICE)
-    return PackedKV(torch.empty(B, n_kv, cap, kw, **u8), torch.empty(B, n_kv, cap, kg, **f16),
-                    torch.empty(B, n_kv, cap, kg, **f16), torch.empty(B, n_kv, cap, vw, **u8),
-                    torch.empty(B, n_kv, cap, vg, **f16), torch.empty(B, n_kv, cap, vg, **f16),
-                    torch.empty(B, cap, dtype=torch.int32, device=DEVICE))  # fmt: skip
-
-
 def composed_write(key, value, pos, p: FoldedParams, store: PackedKV, lo: int) -> None:
     """The write path before the fused kernel (torch fold, then the generic encoder, then copies)."""
     n = key.shape[2]
@@ -77,7 +68,7 @@ def run(args: argparse.Namespace, copy_gbs: float) -> list[dict[str, object]]:
         p = make_params(n_kv, d, args.bits, args.key_group, args.value_group)
         for B, n in args.rows:
             lo = 128  # write past the first block, as a flush does
-            store = make_store(B, n_kv, lo + n, p)
+            store = p.empty_rows(B, lo + n, DEVICE)
             key = torch.randn(B, n_kv, n, d, device=DEVICE, dtype=torch.float16) + 0.3
             value = torch.randn(B, n_kv, n, d, device=DEVICE, dtype=torch.float16)
             pos = (torch.arange(n, device=DEVICE, dtype=torch.int32) + lo).expand(B, n).contiguous()

@@ -65,18 +65,6 @@ def encode_folded_supports(head_dim: int) -> str | None:
     return None
 
 
-def _empty_rows(key: torch.Tensor, p: FoldedParams) -> PackedKV:
-    """Store rows for ``key [B, n_kv, n, d]``'s tokens (the layout of :class:`PackedKV`)."""
-    b, n_kv, n, d = key.shape
-    k_width, k_groups, v_width, v_groups = p.row_widths
-    u8 = dict(dtype=torch.uint8, device=key.device)
-    f16 = dict(dtype=torch.float16, device=key.device)
-    return PackedKV(torch.empty(b, n_kv, n, k_width, **u8), torch.empty(b, n_kv, n, k_groups, **f16),
-                    torch.empty(b, n_kv, n, k_groups, **f16), torch.empty(b, n_kv, n, v_width, **u8),
-                    torch.empty(b, n_kv, n, v_groups, **f16), torch.empty(b, n_kv, n, v_groups, **f16),
-                    torch.empty(b, n, dtype=torch.int32, device=key.device))  # fmt: skip
-
-
 def _check(key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor, p: FoldedParams, out: PackedKV | None) -> None:
     if key.dim() != 4 or key.shape != value.shape:
         raise ValueError(f"key and value must both be [B, n_kv, n, d], got {tuple(key.shape)} and {tuple(value.shape)}")
@@ -225,24 +213,43 @@ def encode_folded(
     if key.dtype not in (torch.float16, torch.bfloat16, torch.float32) or value.dtype != key.dtype:
         raise ValueError(f"key and value must share one of fp16/bf16/fp32, got {key.dtype} and {value.dtype}")
     b, n_kv, n, d = key.shape
-    rows = _empty_rows(key, params) if out is None else out
-    pos_i32 = pos.to(device=key.device, dtype=torch.int32)
-    rows.pos.copy_(pos_i32)
+    rows = params.empty_rows(b, n, key.device) if out is None else out
+    # every stride checked before anything is written
+    strides = (*_rows_strides(key, "key"), *_rows_strides(value, "value"), _rows_strides(rows.pos[None], "out.pos")[1],
+               *_rows_strides(rows.k_codes, "k_codes"), *_rows_strides(rows.k_scale, "k_scale"),
+               *_rows_strides(rows.v_codes, "v_codes"), *_rows_strides(rows.v_scale, "v_scale"))  # fmt: skip
+    for a, c in ((rows.k_scale, rows.k_zero), (rows.v_scale, rows.v_zero)):
+        if a.stride() != c.stride():
+            raise ValueError(f"scales and zeros must share strides, got {a.stride()} and {c.stride()}")
+    rows.pos.copy_(pos)  # the kernel reads the positions back from here
     if b * n == 0:
         return rows
     block_t = ENCODE_DEFAULTS["block_t"] if block_t is None else block_t
     num_warps = _warps(d) if num_warps is None else num_warps
     split = key.dtype != torch.float32
     rotation, mean, inv_freq = params.encode_operands(key.device, split)
-    pos_c = pos_i32.contiguous()
+    with device_guard(key):  # Triton launches on the current device
+        _encode_folded_kernel[(cdiv(n, block_t), n_kv, b)](
+            key, value, rows.pos, rotation, mean, inv_freq, *rows[:6],
+            n, float(params.attention_scaling), float(k_clip), float(v_clip), SCALE_FLOOR, *strides,
+            D=d, K_BITS=params.bits, V_BITS=params.value_bits, GK=params.g_k, GV=params.g_v,
+            BLOCK_T=block_t, SPLIT=split, USE_LIBDEVICE=not triton_interpreting(), num_warps=num_warps,
+        )  # fmt: skip
+    return rows
+    block_t = ENCODE_DEFAULTS["block_t"] if block_t is None else block_t
+    num_warps = _warps(d) if num_warps is None else num_warps
+    split = key.dtype != torch.float32
+    rotation, mean, inv_freq = params.encode_operands(key.device, split)
+    if rows.pos.stride(-1) != 1:
+        raise ValueError(f"out.pos needs a contiguous last dimension, got strides {rows.pos.stride()}")
     for a, c in ((rows.k_scale, rows.k_zero), (rows.v_scale, rows.v_zero)):
         if a.stride() != c.stride():
             raise ValueError(f"scales and zeros must share strides, got {a.stride()} and {c.stride()}")
     with device_guard(key):  # Triton launches on the current device
         _encode_folded_kernel[(cdiv(n, block_t), n_kv, b)](
-            key, value, pos_c, rotation, mean, inv_freq, *rows[:6],
+            key, value, rows.pos, rotation, mean, inv_freq, *rows[:6],
             n, float(params.attention_scaling), float(k_clip), float(v_clip), SCALE_FLOOR,
-            *_rows_strides(key, "key"), *_rows_strides(value, "value"), pos_c.stride(0),
+            *_rows_strides(key, "key"), *_rows_strides(value, "value"), rows.pos.stride(0),
             *_rows_strides(rows.k_codes, "k_codes"), *_rows_strides(rows.k_scale, "k_scale"),
             *_rows_strides(rows.v_codes, "v_codes"), *_rows_strides(rows.v_scale, "v_scale"),
             D=d, K_BITS=params.bits, V_BITS=params.value_bits, GK=params.g_k, GV=params.g_v,

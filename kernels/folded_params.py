@@ -10,6 +10,7 @@ import torch
 from rkv_convert.quant.packing import packed_width
 
 from .decode_attention import _plane_order
+from .packed_kv import PackedKV
 
 __all__ = ["FoldedParams"]
 
@@ -82,6 +83,22 @@ class FoldedParams:
             self._on_device[key] = (r.contiguous(), self.mean.to(device=device, dtype=torch.float32).contiguous(),
                                     self.inv_freq.to(device=device, dtype=torch.float32).contiguous())
         return self._on_device[key]
+
+    def to(self, device: torch.device | str) -> "FoldedParams":
+        """The same constants with their tensors on ``device``."""
+        return FoldedParams(self.rotation.to(device), self.mean.to(device), self.inv_freq.to(device),
+                            self.attention_scaling, self.sm_scale, self.bits, self.g_k, self.g_v, self.v_bits,
+                            self.softcap)  # fmt: skip
+
+    def empty_rows(self, batch: int, slots: int, device: torch.device | str) -> PackedKV:
+        """Uninitialised store tensors of ``slots`` slots in the layout these constants describe (no fp segment)."""
+        k_width, k_groups, v_width, v_groups = self.row_widths
+        lead = (batch, self.n_kv, slots)
+        u8, f16 = dict(dtype=torch.uint8, device=device), dict(dtype=torch.float16, device=device)
+        return PackedKV(torch.empty(*lead, k_width, **u8), torch.empty(*lead, k_groups, **f16),
+                        torch.empty(*lead, k_groups, **f16), torch.empty(*lead, v_width, **u8),
+                        torch.empty(*lead, v_groups, **f16), torch.empty(*lead, v_groups, **f16),
+                        torch.empty(batch, slots, dtype=torch.int32, device=device))  # fmt: skip
 
     @property
     def value_bits(self) -> int:

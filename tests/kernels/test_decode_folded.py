@@ -95,14 +95,7 @@ def make_case(*, B: int = 2, n_kv: int = 2, rep: int = 1, d: int = 64, T: int = 
 
 
 def _dev(x):
-    if isinstance(x, torch.Tensor):
-        return x.to(DEV)
-    if isinstance(x, PackedKV):
-        return x.to(DEV)
-    if isinstance(x, FoldedParams):
-        return FoldedParams(x.rotation.to(DEV), x.mean.to(DEV), x.inv_freq.to(DEV), x.attention_scaling, x.sm_scale,
-                            x.bits, x.g_k, x.g_v, x.v_bits, x.softcap)
-    return x
+    return x.to(DEV) if isinstance(x, (torch.Tensor, PackedKV, FoldedParams)) else x
 
 
 def _run(q, kv, params, **kw) -> torch.Tensor:

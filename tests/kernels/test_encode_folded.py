@@ -28,11 +28,6 @@ def _params(n_kv: int, d: int, bits: int, v_bits: int, g_k: int, g_v: int) -> Fo
                         attention_scaling=1.2, sm_scale=d**-0.5, bits=bits, g_k=g_k, g_v=g_v, v_bits=v_bits)
 
 
-def _params_on(p: FoldedParams, device: torch.device) -> FoldedParams:
-    return FoldedParams(p.rotation.to(device), p.mean.to(device), p.inv_freq.to(device), p.attention_scaling,
-                        p.sm_scale, p.bits, p.g_k, p.g_v, p.v_bits)
-
-
 def _tokens(B: int, n_kv: int, n: int, d: int, p: FoldedParams, dtype: torch.dtype):
     """Post-RoPE keys (realistic pre-RoPE keys RoPE'd at their positions), values and positions (some -1)."""
     pos = (torch.arange(n, dtype=torch.int32) + torch.randint(0, 5000, (B, 1), dtype=torch.int32))
@@ -45,7 +40,7 @@ def _tokens(B: int, n_kv: int, n: int, d: int, p: FoldedParams, dtype: torch.dty
 
 def _kernel(key, value, pos, p, out=None, **kw) -> PackedKV:
     dev = DEVICE
-    rows = encode_folded(key.to(dev), value.to(dev), pos.to(dev), _params_on(p, dev), *CLIPS,
+    rows = encode_folded(key.to(dev), value.to(dev), pos.to(dev), p.to(dev), *CLIPS,
                          out=out, backend="triton", **kw)  # fmt: skip
     return PackedKV(*on_cpu(tuple(rows[:7])))
 
