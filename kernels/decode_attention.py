@@ -277,7 +277,7 @@ def _pv(p, v, valid, acc, alpha, PREC: tl.constexpr):
     return tl.dot(tl.trans(p), v, acc * alpha[:, None], input_precision=PREC)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "F", "n_splits", "n_parts"])  # lengths: one compile for all
 def _decode_kernel(
     q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, pos_ptr,
     rtp_ptr, a_ptr, btp_ptr, mean_ptr, gidp_ptr, freq_ptr, fk_ptr, fv_ptr, fpos_ptr, o_ptr, lse_ptr,
@@ -476,7 +476,7 @@ def _decode_kernel(
     tl.store(o_row + 3, acc3 * inv_l[:, None], mask=qmask[:, None])
     tl.store(lse_ptr + row, lse, mask=qmask)
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_parts"])  # lengths: one compile for all
 def _merge_kernel(o_ptr, lse_ptr, out_ptr, n_parts, D: tl.constexpr, P_PAD: tl.constexpr):
     """Log-sum-exp merge of ``n_parts`` partial outputs of one (batch, query head)."""
     row = tl.program_id(0).to(tl.int64)

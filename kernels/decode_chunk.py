@@ -122,7 +122,7 @@ def _head_values_t(vrow, tmask, valid, ph, vs_row, vz_row, acct, accz,
     return acct, accz
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "F", "n_splits", "n_parts"])  # lengths: one compile for all
 def _chunk_kernel(
     q_ptr, kw_ptr, ks_ptr, kz_ptr, vw_ptr, vs_ptr, vz_ptr, pos_ptr,
     a_ptr, m_ptr, beta_ptr, mean_ptr, vcol_ptr, freq_ptr, fk_ptr, fv_ptr, fpos_ptr, o_ptr, lse_ptr,

@@ -283,7 +283,7 @@ def _q_plane(qr_col, cmask, ii, col_g, j: tl.constexpr, PW: tl.constexpr, GK: tl
     return tl.load(qr_col[None, :] + j * PW + ii[:, None], mask=keep, other=0.0).to(DT)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])  # lengths: one compile for all
 def _mean_bias_kernel(
     q_ptr, mean_ptr, freq_ptr, pos_ptr, bias_ptr, s_qb, s_qh, s_pb, s_bb, s_bh, T, W, rope_scaling,
     N_Q: tl.constexpr, NQP: tl.constexpr, REP: tl.constexpr, H: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -314,7 +314,7 @@ def _mean_bias_kernel(
     tl.store(bias_ptr + b * s_bb + qi[None, :] * s_bh + t[:, None], acc, mask=(t < W)[:, None] & qm)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "F", "n_parts"])  # lengths: one compile for all
 def _folded_kernel(
     q_ptr, qr_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, bias_ptr, fk_ptr, fv_ptr, fpos_ptr, o_ptr, lse_ptr,
     s_qb, s_qh, s_kcb, s_kch, s_kct, s_ksb, s_ksh, s_vcb, s_vch, s_vct, s_vsb, s_vsh,
@@ -537,7 +537,8 @@ def _whole_blocks(T: int, block_n: int, capacity: int) -> bool:
 def _mean_bias(q: torch.Tensor, pos: torch.Tensor, params: FoldedParams, T: int, fp16: bool, interp: bool,
                width: int | None = None) -> torch.Tensor:
     """``fp32 [B, n_q, width]``: ``q · RoPE_pos(mu)`` per query head and slot for the first ``T`` slots,
-    ``-inf`` on empty slots and on ``[T, width)`` (``width``: default ``T``; one launch)."""
+    ``-inf`` on empty slots and on ``[T, width)`` (``width``: default ``T``; one launch). The main kernel
+    pads ``width`` to a multiple of 16: row strides stay 16-aligned, so one compile serves every ``T``."""
     B, n_q, d = q.shape
     width = T if width is None else width
     bias = torch.empty(B, n_q, width, device=q.device, dtype=torch.float32)
@@ -635,7 +636,7 @@ def decode_folded(
     r_planes = params.kernel_operands(dev)[0]
     qr = torch.matmul(qc.float().view(B, n_kv, rep, d), r_planes[None]).view(B, n_q, d)  # q' = q R_h, fp32
     with device_guard(qc):  # Triton launches on the current device
-        bias = (_mean_bias(qc, pos, params, T, fp16, interp, width=padded if maskless else T) if T
+        bias = (_mean_bias(qc, pos, params, T, fp16, interp, width=padded if maskless else cdiv(T, 16) * 16) if T
                 else o_part.new_empty(1, 1, 1, dtype=torch.float32))
         _folded_kernel[(B, n_kv, n_parts)](
             qc, qr, kc, ks, kz, vc, vs, vz, bias, fk, fv, fpos, o_part, lse_part,

@@ -233,7 +233,7 @@ def _store_packed(codes_ptr, c_off, rmask, codes, col0, R: tl.constexpr, C: tl.c
             tl.store(codes_ptr + c_off[:, None] + hcols[None, :], packed_hi.to(tl.uint8), mask=rmask[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "n_blocks"])  # lengths: one compile for all
 def _quantize_pack_kernel(
     x_ptr, rot_ptr, mean_ptr, gid_ptr, codes_ptr, scale_ptr, zero_ptr,
     M, n_blocks, clip, scale_floor,
