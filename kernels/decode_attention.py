@@ -109,6 +109,10 @@ KERNEL_DEFAULTS: dict[str, dict[str, int]] = {
     "head": {"block_t": 32, "num_warps": 4, "num_stages": 1},
     "chunk": {"block_t": 64, "num_warps": 4, "num_stages": 1},
 }
+# fp32 queries (IEEE fp32 dots, unrolled into FMAs): the chunk kernel's 64-token steps took about 2 minutes to
+# compile on the H200's host; 16-token steps compile in 12 s against 39 s at 32 (sm_90, offline, this project's
+# 2-core host). fp32 decode is a reference-grade path: its speed was not timed.
+IEEE_CHUNK_BLOCK_T = 16
 
 
 def _dims(
@@ -699,7 +703,8 @@ def decode_attention(
         softcap: attention-logit soft cap (Gemma 2): logits ``softcap * tanh(sm_scale * q·k / softcap)``;
             None: no cap.
         num_splits: context splits of the quantized tokens (None: about two programs per SM).
-        block_t: tokens per inner step of the kernel (power of two >= 16).
+        block_t: tokens per inner step of the kernel (power of two >= 16; None: ``KERNEL_DEFAULTS``, and
+            ``IEEE_CHUNK_BLOCK_T`` for the chunk kernel with fp32 queries).
         num_warps: warps per program of the main kernel.
         num_stages: software-pipelining stages of its token loop.
             None takes each kernel's defaults (``KERNEL_DEFAULTS``: the fastest configuration
@@ -763,7 +768,8 @@ def decode_attention(
     if kernel == "head" and (why_not := head_kernel_supports(d=d, dot_dtype=dot_dtype, device=dev)) is not None:
         raise ValueError(f"the pre-RoPE decode kernel does not cover this call: {why_not}")
     dflt = KERNEL_DEFAULTS[kernel]
-    block_t = dflt["block_t"] if block_t is None else block_t
+    if block_t is None:
+        block_t = IEEE_CHUNK_BLOCK_T if kernel == "chunk" and q.dtype == torch.float32 else dflt["block_t"]
     num_warps = dflt["num_warps"] if num_warps is None else num_warps
     num_stages = dflt["num_stages"] if num_stages is None else num_stages
     if block_t & (block_t - 1) or block_t < 16:

@@ -26,7 +26,7 @@ Exactness against :func:`encode_folded_ref`: values bit for bit (the quantizer's
 up to fp32 rounding, which moves a code by one step where ``y`` sits on a rounding boundary (as
 :func:`~rkv_convert.kernels.quantize_pack.quantize_pack` with a rotation). Every token's arithmetic is
 its own (the dots' reduction order is fixed by the compiled kernel), so a token encodes the same
-whichever batch or block it comes in; the runtime's tiles depend on the head dim alone.
+whichever batch or block it comes in; the runtime's tiles depend on the head dim and key dtype alone.
 
 Dispatch (see :mod:`rkv_convert.kernels._common`): ``backend="auto"`` runs the kernel on CUDA
 tensors or under ``TRITON_INTERPRET=1``, else :func:`encode_folded_ref`.
@@ -203,7 +203,8 @@ def encode_folded(
         params: the layer's :class:`FoldedParams` (bits, groups, ``R_h``, ``mu_h``, RoPE).
         k_clip, v_clip: clip ratios of the key and value quantizers.
         out: store rows to write (a :class:`PackedKV` of ``n``-slot views, ``fp_*`` unused); None: new tensors.
-        block_t, num_warps: launch settings (None: ``ENCODE_DEFAULTS``, 8 warps at head dim 256; a benchmark's knob).
+        block_t, num_warps: launch settings (None: ``ENCODE_DEFAULTS``, 8 warps at head dim 256, 32 tokens for
+            fp32 keys at head dim 256; a benchmark's knob).
             The register cap of ``ENCODE_DEFAULTS`` applies below head dim 256.
         backend: ``"auto"``, ``"triton"`` or ``"reference"`` (see ``_common``).
 
@@ -230,8 +231,9 @@ def encode_folded(
     rows.pos.copy_(pos)  # the kernel reads the positions back from here
     if b * n == 0:
         return rows
-    block_t = ENCODE_DEFAULTS["block_t"] if block_t is None else block_t
     split = key.dtype != torch.float32
+    if block_t is None:  # fp32 at head dim 256: IEEE dots of 64 tokens took 42 s to compile (sm_90, offline), 32 take 9 s
+        block_t = ENCODE_DEFAULTS["block_t"] if split or d < 256 else 32
     rotation, mean, inv_freq = params.encode_operands(key.device, split)
     with device_guard(key):  # Triton launches on the current device
         _encode_folded_kernel[(cdiv(n, block_t), n_kv, b)](
