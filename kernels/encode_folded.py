@@ -50,7 +50,7 @@ from .quantize_pack import _codes, _reciprocal, _scale_zero, _store_packed, quan
 __all__ = ["encode_folded", "encode_folded_ref", "encode_folded_supports"]
 
 # Launch settings: tokens per program and warps (the best of benchmarks/bench_cache_writes.py --tune on an H200,
-# head dim 128), and a register cap: 168 instead of the 182 the compiler picks lets a fourth 4-warp program fit
+# head dim 128), and a register cap: 168 instead of the 182 the compiler picks lets a third 4-warp program fit
 # an SM (65,536 registers), 26.6 -> 33.9 % of the copy rate on the H200 at llama2-7b 16 x 4,096, same bytes out.
 # Head dim 256 takes 8 warps and no cap: with 4 warps its program spills 1.3 KB of registers (sm_90 compile).
 ENCODE_DEFAULTS: dict[str, int] = {"block_t": 64, "num_warps": 4, "maxnreg": 168}
