@@ -565,7 +565,6 @@ class PreparedRotation:
         rtp: ``[Gd, Gd]`` in ``dot_dtype``, ``R^T`` with rows in plane order (dense path).
         a: fp32 ``[G, G]``, the factor ``A`` (None when not factored).
         btp: ``[d, d]`` in ``dot_dtype``, ``B^T`` with rows in plane order (None when not factored).
-        bt: ``[d, d]`` in ``dot_dtype``, ``B^T`` in channel order (the group kernel; None when not factored).
         bt32: fp32 ``B^T`` (the chunk kernel's operands; None when not factored).
         k_gid: the key group ids this rotation was prepared with (None: not given), and
         keys_by_chunk: whether they group each rotated chunk of ``d`` channels alone (the chunk
@@ -579,7 +578,6 @@ class PreparedRotation:
     rtp: torch.Tensor
     a: torch.Tensor | None
     btp: torch.Tensor | None
-    bt: torch.Tensor | None = None
     bt32: torch.Tensor | None = None
     k_gid: torch.Tensor | None = None
     keys_by_chunk: bool | None = None
@@ -635,15 +633,14 @@ def prepare_rotation(
     r32 = rotation.detach().to(torch.float32).contiguous()
     rtp = r32.T.index_select(0, _plane_order(gd, d, dev)).to(dt).contiguous()
     ab = _kron_factors(r32, d) if d % _NPLANES == 0 else None
-    a = btp = bt = bt32 = None
+    a = btp = bt32 = None
     if ab is not None:
         a = ab[0].to(torch.float32).contiguous()
         bt32 = ab[1].T.to(torch.float32).contiguous()
-        bt = bt32.to(dt)
-        btp = bt.index_select(0, _plane_order(d, d, dev)).contiguous()
+        btp = bt32.to(dt).index_select(0, _plane_order(d, d, dev)).contiguous()
     by_chunk = None if k_gid is None else keys_grouped_by_chunk(k_gid, d)
     return PreparedRotation(rotation=r32, head_dim=d, dot_dtype=dt, factored=ab is not None, rtp=rtp, a=a, btp=btp,
-                            bt=bt, bt32=bt32, k_gid=k_gid, keys_by_chunk=by_chunk)  # fmt: skip
+                            bt32=bt32, k_gid=k_gid, keys_by_chunk=by_chunk)  # fmt: skip
 
 
 def num_splits_for(
