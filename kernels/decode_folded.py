@@ -635,8 +635,8 @@ def decode_folded(
         o_part = torch.empty(B, n_q, n_parts, d, **f32)
         lse_part = torch.empty(B, n_q, n_parts, **f32)
     qk_scale, cap_scale = logit_scales(params.sm_scale, params.softcap)
-    at_defaults = (block_n, num_warps, num_stages) == tuple(FOLDED_DEFAULTS[k] for k in ("block_n", "num_warps", "num_stages"))
-    cap = {"maxnreg": FOLDED_DEFAULTS["maxnreg"]} if fp16 and at_defaults else {}
+    defaults = tuple(FOLDED_DEFAULTS[k] for k in ("block_n", "num_warps", "num_stages"))
+    cap = {"maxnreg": FOLDED_DEFAULTS["maxnreg"]} if fp16 and (block_n, num_warps, num_stages) == defaults else {}
     r_planes = params.kernel_operands(dev)[0]
     qr = torch.matmul(qc.float().view(B, n_kv, rep, d), r_planes[None]).view(B, n_q, d)  # q' = q R_h, fp32
     with device_guard(qc):  # Triton launches on the current device

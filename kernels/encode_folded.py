@@ -56,11 +56,17 @@ __all__ = ["encode_folded", "encode_folded_ref", "encode_folded_supports"]
 ENCODE_DEFAULTS: dict[str, int] = {"block_t": 64, "num_warps": 4, "maxnreg": 168}
 
 
-def _launch(head_dim: int, num_warps: int | None) -> dict[str, int]:
-    if head_dim >= 256:
-        return {"num_warps": 8 if num_warps is None else num_warps}
-    return {"num_warps": ENCODE_DEFAULTS["num_warps"] if num_warps is None else num_warps,
-            "maxnreg": ENCODE_DEFAULTS["maxnreg"]}  # fmt: skip
+def _launch(head_dim: int, split: bool, block_t: int | None, num_warps: int | None) -> tuple[int, dict[str, int]]:
+    """``(block_t, launch options)``: ``ENCODE_DEFAULTS`` below head dim 256; at 256, 8 warps and no register
+    cap, and 32-token tiles for fp32 keys (IEEE dots of 64 tokens took 42 s to compile for sm_90, 32 take 9 s)."""
+    if head_dim < 256:
+        default_t, options = ENCODE_DEFAULTS["block_t"], {"num_warps": ENCODE_DEFAULTS["num_warps"],
+                                                          "maxnreg": ENCODE_DEFAULTS["maxnreg"]}  # fmt: skip
+    else:
+        default_t, options = (ENCODE_DEFAULTS["block_t"] if split else 32), {"num_warps": 8}
+    if num_warps is not None:
+        options["num_warps"] = num_warps
+    return default_t if block_t is None else block_t, options
 
 
 def encode_folded_supports(head_dim: int) -> str | None:
@@ -232,15 +238,14 @@ def encode_folded(
     if b * n == 0:
         return rows
     split = key.dtype != torch.float32
-    if block_t is None:  # fp32 at head dim 256: IEEE dots of 64 tokens took 42 s to compile (sm_90, offline), 32 take 9 s
-        block_t = ENCODE_DEFAULTS["block_t"] if split or d < 256 else 32
+    block_t, launch = _launch(d, split, block_t, num_warps)
     rotation, mean, inv_freq = params.encode_operands(key.device, split)
     with device_guard(key):  # Triton launches on the current device
         _encode_folded_kernel[(cdiv(n, block_t), n_kv, b)](
             key, value, rows.pos, rotation, mean, inv_freq, *rows[:6],
             n, float(params.attention_scaling), float(k_clip), float(v_clip), SCALE_FLOOR, *strides,
             D=d, K_BITS=params.bits, V_BITS=params.value_bits, GK=params.g_k, GV=params.g_v,
-            BLOCK_T=block_t, SPLIT=split, USE_LIBDEVICE=not triton_interpreting(), **_launch(d, num_warps),
+            BLOCK_T=block_t, SPLIT=split, USE_LIBDEVICE=not triton_interpreting(), **launch,
         )  # fmt: skip
     return rows
 
