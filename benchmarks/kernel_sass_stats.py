@@ -116,7 +116,7 @@ def main() -> None:
         "chunk": (chunk_module._chunk_kernel, {k: v for k, v in dict(common, DT=tl.float16).items() if k != "NGK"}),
     }  # fmt: skip
     for shape, rep in (("llama2-7b", 1), ("llama3-8b", 4)):
-        cx = dict(D=128, REP=rep, R=rep, NG=2, GK=64, NGV=2, GV=64, K_BITS=2, V_BITS=2, K_FAST=True, V_FAST=True,
+        cx = dict(D=128, REP=rep, R=rep, NG=2, GK=64, NGV=2, GV=64, K_BITS=2, V_BITS=2, K_I8=True, K_FAST=True, V_FAST=True,
                   BLOCK_N=args.block_t or FOLDED_DEFAULTS["block_n"], BLOCK_F=64, HAS_FP=args.fp_segment, DIRECT=False,
                   DT=tl.float16, PREC="tf32", SOFTCAP=False, NUM_STAGES=FOLDED_DEFAULTS["num_stages"],
                   MASKLESS=True)  # fmt: skip

@@ -38,28 +38,34 @@ Two launches (plus the split-K merge):
 
    - **Codes as four planes.** Plane ``j`` of a packed byte tile ``[BLOCK_N, d/4]`` holds channels
      ``4i + j`` (one shift per byte, no interleave); each plane meets the matching rows of ``q'`` in
-     a ``tl.dot``. On CUDA, 2-bit planes become fp16 ``4 + code`` directly by byte permutes (two
-     ``prmt`` per four codes, no conversion instruction); the bias ``4`` is folded into the zero term.
+     a ``tl.dot``.
+   - **Integer key dots** (fp16 queries, head dim >= 128: :func:`int8_key_dots`). The codes are
+     integers, so the key dots are int8 x int8 -> int32, exact: each column ``(r, g)`` of ``q'`` is
+     rounded once per program to ``step * round(q' / step)``, ``step = max|q'| / 127``
+     (:func:`round_query_int8`; the reference does the same for these calls). On CUDA a 2-bit plane
+     is one shift and one mask per four codes. The rounding adds about 1.4 % of the score error that
+     2-bit keys already make (``test_int8_query_costs_little_next_to_two_bit_keys``); it cut the main
+     loop from 1,058 to 870 SASS instructions per warp and block (llama2-7b heads) and ran 1.07x-1.18x
+     faster at >= 16k tokens on an H200. Other calls use fp16 (fp32 for fp32/bf16 queries) key dots.
    - **Scales and zeros on score entries, not key elements.** The dot's columns are
      ``(query row r, key group g)`` pairs (zero-padded to the dot's minimum width of 16): column
      ``(r, g)`` of ``q'`` keeps only group ``g``'s channels, so one dot gives every group's partial
      dot ``q'_g · c_g``; then ``score_r = Σ_g s_g (q'_g · c_g) + z_g Σ q'_g + bias_r``.
    - **Values:** the softmax weights times each value group's scale make the left operand
      ``[(r, g), BLOCK_N]`` of a dot with each value plane; zeros become one running sum per ``(r, g)``.
+     On CUDA, 2-bit value planes become fp16 ``4 + code`` directly by byte permutes (two ``prmt`` per
+     four codes, no conversion instruction); the bias ``4`` is folded into the zero term.
    - Every load of a block (codes, scales, zeros, bias) is issued ``num_stages - 1`` blocks ahead
      (``cp.async`` into shared memory): scales and zeros are read as whole ``[BLOCK_N, groups]``
      rows, which needs the slot stride of the scale tensors to be their group count.
    - Full-precision segment in its own part (the last program index), or inside the only split.
 
-Dot operands are fp16 for fp16 queries and fp32 (IEEE) for fp32/bf16 queries, accumulation fp32
+Other dot operands are fp16 for fp16 queries and fp32 (IEEE) for fp32/bf16 queries, accumulation fp32
 everywhere.
 
-Measured status (H200, 2026-12-01, ``benchmarks/results/decode_folded.csv``, ``docs/benchmarks.md``):
-1.28-1.47x fp16 SDPA for MHA (llama2-7b shape) at >= 16k and batch >= 8, 0.99-1.03x for GQA
-(llama3-8b) at batch 32 and >= 16k, slower at short contexts and batch 1 (three launches and a
-matmul: about 430 us of host time per call). At best 25 % of the 2-bit byte floor: a 128-slot
-block issues about 1,170 SASS instructions per warp (146 registers; ``benchmarks/kernel_sass_stats.py``),
-a third of them unpacking codes into the MMA fragments.
+Measured status: ``docs/benchmarks.md`` (the latest H200 run; CUDA-graph replay against fp16 SDPA).
+Still instruction-bound, not byte-bound: the value planes' byte gathers and conversions and the
+per-block score assembly dominate the 870 instructions per warp and block (``benchmarks/kernel_sass_stats.py``).
 
 Dispatch (see :mod:`rkv_convert.kernels._common`): ``backend="auto"`` runs the kernels on CUDA
 tensors or under ``TRITON_INTERPRET=1``, else :func:`decode_folded_ref`.
@@ -83,7 +89,8 @@ from .folded_params import FoldedParams
 from .packed_kv import PackedKV
 from .decode_attention import _merge
 
-__all__ = ["FOLDED_DEFAULTS", "decode_folded", "decode_folded_ref", "folded_scores_ref", "mean_scores_ref"]
+__all__ = ["FOLDED_DEFAULTS", "decode_folded", "decode_folded_ref", "folded_scores_ref", "int8_key_dots",
+           "mean_scores_ref", "round_query_int8"]
 
 # Launch settings: the best of benchmarks/bench_decode_folded.py --tune on an H200. ``maxnreg``: a register
 # cap for fp16 queries at these tiles (the compiler picks 142-150): four programs per SM instead of three,
@@ -156,20 +163,43 @@ def mean_scores_ref(
     return (qf.to(cd) @ mu_rope.to(cd).transpose(-1, -2)).float().reshape(B, n_q, T)
 
 
+def int8_key_dots(q_dtype: torch.dtype, head_dim: int) -> bool:
+    """True if the kernel takes integer key dots (``q R_h`` rounded to 8 bits, :func:`round_query_int8`):
+    fp16 queries at head dims >= 128 (an 8-bit dot needs 32 channels per code plane)."""
+    return q_dtype == torch.float16 and head_dim >= 128
+
+
+def round_query_int8(q_rot: torch.Tensor, group: int) -> torch.Tensor:
+    """``q' = q R_h`` as the kernel's integer key dots see it (fp16 queries): per query row and key
+    group of ``group`` channels, ``step * round(q' / step)`` with ``step = max|q'| / 127``
+    (round half up)."""
+    shape = q_rot.shape
+    g = q_rot.float().reshape(*shape[:-1], shape[-1] // group, group)
+    amax = g.abs().amax(-1, keepdim=True)
+    amax = torch.where(amax > 0, amax, torch.ones_like(amax))
+    return (torch.floor(g * (127.0 / amax) + 0.5) * (amax / 127.0)).reshape(shape)
+
+
 def folded_scores_ref(
-    q: torch.Tensor, y: torch.Tensor, pos: torch.Tensor, params: FoldedParams, compute_dtype: torch.dtype = torch.float32
+    q: torch.Tensor, y: torch.Tensor, pos: torch.Tensor, params: FoldedParams, compute_dtype: torch.dtype = torch.float32,
+    query_int8: bool = False,
 ) -> torch.Tensor:
     """Unscaled scores ``q · RoPE_pos(k)`` ``fp32 [B, n_q, T]`` from folded keys ``y [B, n_kv, T, d]``.
 
     ``(q R_h) · y + q · RoPE_pos(mu_h)`` (module docstring, :func:`mean_scores_ref`); ``pos [B, T]``,
-    ``-1`` read as 0. ``compute_dtype`` rounds the operands of both dots (tests: the error a
-    low-precision kernel may have).
+    ``-1`` read as 0. ``compute_dtype`` rounds the operands of both dots and ``query_int8`` rounds
+    ``q R_h`` to 8 bits per key group (:func:`round_query_int8`; tests: the error a low-precision
+    kernel may have).
     """
     B, n_q, d = q.shape
     n_kv = y.shape[1]
     q_rot = q.float().reshape(B, n_kv, n_q // n_kv, d) @ params.rotation.to(q.device, torch.float32)[None]
     cd = compute_dtype
-    s = (q_rot.to(cd) @ y.to(cd).transpose(-1, -2)).float().reshape(B, n_q, -1)
+    if query_int8:  # the codes are integers: the kernel's dot is exact, only q' is rounded
+        q_rot, cd_keys = round_query_int8(q_rot, params.g_k), torch.float32
+    else:
+        cd_keys = cd
+    s = (q_rot.to(cd_keys) @ y.to(cd_keys).transpose(-1, -2)).float().reshape(B, n_q, -1)
     return s + mean_scores_ref(q, pos, params, cd)
 
 
@@ -180,12 +210,15 @@ def decode_folded_ref(
     *,
     n_tokens: int | None = None,
     compute_dtype: torch.dtype = torch.float32,
+    query_int8: bool | None = None,
 ) -> torch.Tensor:
     """Pure-torch reference of :func:`decode_folded` (arguments as there), fp32 math.
 
     Dequantize (``runtime.ops.dequantize_values``, consecutive groups, for keys and values), fold
     (:func:`folded_scores_ref`), attend over valid slots and the fp segment. A sequence without
-    any valid token gets zeros. ``compute_dtype`` (tests only) rounds every matmul's operands.
+    any valid token gets zeros. ``compute_dtype`` (tests only) rounds every matmul's operands;
+    ``query_int8`` rounds ``q R_h`` to 8 bits as the kernel does (None: where the kernel does,
+    :func:`int8_key_dots`), so that ``backend="reference"`` computes the kernel's math.
 
     Returns:
         ``[B, n_q, d]`` in ``q.dtype``.
@@ -193,13 +226,15 @@ def decode_folded_ref(
     dm = _dims(q, kv, params, n_tokens)
     B, d, rep, T = dm.B, dm.d, dm.rep, dm.T
     cd = compute_dtype
+    if query_int8 is None:
+        query_int8 = int8_key_dots(q.dtype, d)
     if T:
         y = dequantize_values(kv.k_codes[:, :, :T], kv.k_scale[:, :, :T], kv.k_zero[:, :, :T], params.bits, d)
         v = dequantize_values(kv.v_codes[:, :, :T], kv.v_scale[:, :, :T], kv.v_zero[:, :, :T], params.value_bits, d)
     else:  # (the dequantizer cannot view an empty tensor with -1)
         y = v = q.new_zeros(B, dm.n_kv, 0, d, dtype=torch.float32)
     pos = kv.pos[:, :T]
-    scores = folded_scores_ref(q, y, pos, params, cd)  # [B, n_q, T]
+    scores = folded_scores_ref(q, y, pos, params, cd, query_int8)  # [B, n_q, T]
     valid = pos >= 0
     if dm.F:
         fk = kv.fp_k.float().repeat_interleave(rep, 1)  # [B, n_q, F, d]
@@ -239,6 +274,20 @@ def _u2_plane_fp16(b, J: tl.constexpr):
 
 
 @triton.jit
+def _u2_plane_i8(b, J: tl.constexpr):
+    """int8 ``(b >> 2J) & 3`` of a uint8 tile, four codes per register (one shift and one mask)."""
+    if J == 0:
+        asm: tl.constexpr = "and.b32 $0, $1, 0x03030303;"
+    elif J == 1:
+        asm: tl.constexpr = "{.reg .b32 t; shr.b32 t, $1, 2; and.b32 $0, t, 0x03030303;}"
+    elif J == 2:
+        asm: tl.constexpr = "{.reg .b32 t; shr.b32 t, $1, 4; and.b32 $0, t, 0x03030303;}"
+    else:
+        asm: tl.constexpr = "{.reg .b32 t; shr.b32 t, $1, 6; and.b32 $0, t, 0x03030303;}"
+    return tl.inline_asm_elementwise(asm, "=r,r", [b], dtype=tl.int8, is_pure=True, pack=4)
+
+
+@triton.jit
 def _cols(x, N: tl.constexpr, P: tl.constexpr, U: tl.constexpr):
     """``[N, P*U] -> [N, U]``: the used columns (pad index 0; the padded ones hold zeros)."""
     if P > 1:
@@ -274,6 +323,24 @@ def _planes(row, tmask, ii, PW: tl.constexpr, BITS: tl.constexpr, FAST: tl.const
         p1 = _plane_codes(row, tmask, ii, 1, 0, PW, lo, hi, BITS).to(tl.float32).to(DT)
         p2 = _plane_codes(row, tmask, ii, 2, 0, PW, lo, hi, BITS).to(tl.float32).to(DT)
         p3 = _plane_codes(row, tmask, ii, 3, 0, PW, lo, hi, BITS).to(tl.float32).to(DT)
+    return p0, p1, p2, p3
+
+
+@triton.jit
+def _planes_i8(row, tmask, ii, PW: tl.constexpr, BITS: tl.constexpr, FAST: tl.constexpr):
+    """The four code planes ``int8 [BLOCK_N, PW]`` of a slot block (FAST: 2-bit codes by shift and mask)."""
+    if FAST:
+        raw = tl.load(row[:, None] + ii[None, :], mask=tmask[:, None], other=0)
+        p0 = _u2_plane_i8(raw, 0)
+        p1 = _u2_plane_i8(raw, 1)
+        p2 = _u2_plane_i8(raw, 2)
+        p3 = _u2_plane_i8(raw, 3)
+    else:
+        lo, hi = _byte_tiles(row, tmask, ii, 0, PW, BITS)
+        p0 = _plane_codes(row, tmask, ii, 0, 0, PW, lo, hi, BITS).to(tl.int8)
+        p1 = _plane_codes(row, tmask, ii, 1, 0, PW, lo, hi, BITS).to(tl.int8)
+        p2 = _plane_codes(row, tmask, ii, 2, 0, PW, lo, hi, BITS).to(tl.int8)
+        p3 = _plane_codes(row, tmask, ii, 3, 0, PW, lo, hi, BITS).to(tl.int8)
     return p0, p1, p2, p3
 
 
@@ -324,7 +391,7 @@ def _folded_kernel(
     T, F, tokens_per_split, n_parts, n_q, qk_scale, cap_scale,
     D: tl.constexpr, REP: tl.constexpr, R: tl.constexpr,
     NG: tl.constexpr, GK: tl.constexpr, NGV: tl.constexpr, GV: tl.constexpr,
-    K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_FAST: tl.constexpr, V_FAST: tl.constexpr,
+    K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_I8: tl.constexpr, K_FAST: tl.constexpr, V_FAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, HAS_FP: tl.constexpr, DIRECT: tl.constexpr,
     DT: tl.constexpr, PREC: tl.constexpr, SOFTCAP: tl.constexpr, NUM_STAGES: tl.constexpr, MASKLESS: tl.constexpr,
 ):
@@ -345,7 +412,6 @@ def _folded_kernel(
     QCV: tl.constexpr = UV if UV >= 16 else 16
     KP: tl.constexpr = QC // UK
     VP: tl.constexpr = QCV // UV
-    KB: tl.constexpr = 4.0 if K_FAST else 0.0
     VB: tl.constexpr = 4.0 if V_FAST else 0.0
 
     ii = tl.arange(0, PW)
@@ -361,12 +427,25 @@ def _folded_kernel(
     q_col = q_ptr + b * s_qb + (h * REP + col_r) * s_qh  # [QC]: column (pad, r, g) reads query row r
     qr_col = qr_ptr + b * s_qb + (h * REP + col_r) * s_qh  # the same rows of q' (plane order)
     cmask = ((col < UK) & (col_r < REP))[None, :]
-    q0 = _q_plane(qr_col, cmask, ii, col_g, 0, PW, GK, DT)
-    q1 = _q_plane(qr_col, cmask, ii, col_g, 1, PW, GK, DT)
-    q2 = _q_plane(qr_col, cmask, ii, col_g, 2, PW, GK, DT)
-    q3 = _q_plane(qr_col, cmask, ii, col_g, 3, PW, GK, DT)
-    qsum = (tl.sum(q0.to(tl.float32), 0) + tl.sum(q1.to(tl.float32), 0)
-            + tl.sum(q2.to(tl.float32), 0) + tl.sum(q3.to(tl.float32), 0))
+    q0 = _q_plane(qr_col, cmask, ii, col_g, 0, PW, GK, tl.float32)
+    q1 = _q_plane(qr_col, cmask, ii, col_g, 1, PW, GK, tl.float32)
+    q2 = _q_plane(qr_col, cmask, ii, col_g, 2, PW, GK, tl.float32)
+    q3 = _q_plane(qr_col, cmask, ii, col_g, 3, PW, GK, tl.float32)
+    if K_I8:  # q' in 8 bits per column (r, g): round(q' * 127 / max|q'|), the scale applied to the dot
+        amax = tl.maximum(tl.maximum(tl.max(tl.abs(q0), 0), tl.max(tl.abs(q1), 0)),
+                          tl.maximum(tl.max(tl.abs(q2), 0), tl.max(tl.abs(q3), 0)))
+        q_step = tl.where(amax > 0.0, amax, 1.0) / 127.0
+        q_inv = 127.0 / tl.where(amax > 0.0, amax, 1.0)
+        q0 = tl.floor(q0 * q_inv[None, :] + 0.5)
+        q1 = tl.floor(q1 * q_inv[None, :] + 0.5)
+        q2 = tl.floor(q2 * q_inv[None, :] + 0.5)
+        q3 = tl.floor(q3 * q_inv[None, :] + 0.5)
+        qsum = (tl.sum(q0, 0) + tl.sum(q1, 0) + tl.sum(q2, 0) + tl.sum(q3, 0)) * q_step
+        q0, q1, q2, q3 = q0.to(tl.int8), q1.to(tl.int8), q2.to(tl.int8), q3.to(tl.int8)
+    else:
+        q0, q1, q2, q3 = q0.to(DT), q1.to(DT), q2.to(DT), q3.to(DT)
+        qsum = (tl.sum(q0.to(tl.float32), 0) + tl.sum(q1.to(tl.float32), 0)
+                + tl.sum(q2.to(tl.float32), 0) + tl.sum(q3.to(tl.float32), 0))
     qsum3 = tl.reshape(_cols(qsum[None, :], 1, KP, UK), (R, NG))
 
     m_i = tl.full((R,), -1.0e30, tl.float32)
@@ -394,19 +473,29 @@ def _folded_kernel(
         else:
             tmask = t < t_stop
         bias = tl.load(bias_base + tt[:, None], mask=tmask[:, None] & rmask[None, :], other=float("-inf"))
-        kp0, kp1, kp2, kp3 = _planes(kc_base + tt * s_kct, tmask, ii, PW, K_BITS, K_FAST, DT)
+        if K_I8:
+            kp0, kp1, kp2, kp3 = _planes_i8(kc_base + tt * s_kct, tmask, ii, PW, K_BITS, K_FAST)
+        else:
+            kp0, kp1, kp2, kp3 = _planes(kc_base + tt * s_kct, tmask, ii, PW, K_BITS, False, DT)
         sk = tl.load(ks_base + tt[:, None] * NG + gk[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
         zk = tl.load(kz_base + tt[:, None] * NG + gk[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
-        acc = tl.dot(kp0, q0, input_precision=PREC)
-        acc = tl.dot(kp1, q1, acc, input_precision=PREC)
-        acc = tl.dot(kp2, q2, acc, input_precision=PREC)
-        acc = tl.dot(kp3, q3, acc, input_precision=PREC)
+        if K_I8:  # exact integer dots
+            iacc = tl.dot(kp0, q0, out_dtype=tl.int32)
+            iacc = tl.dot(kp1, q1, iacc, out_dtype=tl.int32)
+            iacc = tl.dot(kp2, q2, iacc, out_dtype=tl.int32)
+            iacc = tl.dot(kp3, q3, iacc, out_dtype=tl.int32)
+            acc = iacc.to(tl.float32) * q_step[None, :]
+        else:
+            acc = tl.dot(kp0, q0, input_precision=PREC)
+            acc = tl.dot(kp1, q1, acc, input_precision=PREC)
+            acc = tl.dot(kp2, q2, acc, input_precision=PREC)
+            acc = tl.dot(kp3, q3, acc, input_precision=PREC)
         if not MASKLESS:  # slots past the split may hold anything: zero their scales
             valid = tl.max(bias, 1) > float("-inf")
             sk = tl.where(valid[:, None], sk, 0.0)
             zk = tl.where(valid[:, None], zk, 0.0)
         acc3 = tl.reshape(_cols(acc, BLOCK_N, KP, UK), (BLOCK_N, R, NG))
-        s = tl.sum(acc3 * sk[:, None, :] + (zk - KB * sk)[:, None, :] * qsum3[None, :, :], 2)
+        s = tl.sum(acc3 * sk[:, None, :] + zk[:, None, :] * qsum3[None, :, :], 2)
         if MASKLESS and not SOFTCAP:  # a -inf bias keeps the logit -inf
             s = _log2_logits(s + bias, qk_scale, cap_scale, SOFTCAP)
         else:  # (the cap's tanh would make it finite)
@@ -581,8 +670,9 @@ def decode_folded(
         block_n: slots per inner step (power of two >= 16); num_warps, num_stages: launch settings
             (``num_stages - 1`` blocks of loads in flight ahead of the one computed). None: the
             defaults, smaller for head dim 256 (``_tiles``: shared memory).
-        unpack: ``"auto"``: 2-bit codes of fp16 calls become fp16 by byte permutes (inline PTX,
-            CUDA only), other codes by integer-to-float conversion; ``"convert"``: always the latter.
+        unpack: ``"auto"``: 2-bit codes of fp16 calls are unpacked by inline PTX (CUDA only: keys
+            by shift and mask into int8, values by byte permutes into fp16), other codes by integer
+            conversion; ``"convert"``: always the latter (the same dots and results).
         backend: ``"auto"``, ``"triton"`` or ``"reference"`` (see ``_common``).
 
     Returns:
@@ -649,7 +739,7 @@ def decode_folded(
             T, F, tokens_per_split, n_parts, n_q, qk_scale, cap_scale,
             D=d, REP=rep, R=R, NG=d // params.g_k, GK=params.g_k, NGV=d // params.g_v, GV=params.g_v,
             K_BITS=params.bits, V_BITS=params.value_bits,
-            K_FAST=params.bits == 2 and prmt, V_FAST=params.value_bits == 2 and prmt,
+            K_I8=int8_key_dots(q.dtype, d), K_FAST=params.bits == 2 and prmt, V_FAST=params.value_bits == 2 and prmt,
             BLOCK_N=block_n, BLOCK_F=tiles["block_f"], HAS_FP=has_fp, DIRECT=direct,
             DT=tl.float16 if fp16 else tl.float32, PREC="tf32" if fp16 else "ieee",
             SOFTCAP=params.softcap is not None, NUM_STAGES=num_stages, MASKLESS=maskless, num_warps=num_warps,

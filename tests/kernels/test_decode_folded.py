@@ -23,12 +23,13 @@ from rkv_convert.kernels.decode_folded import (
     decode_folded_ref,
     folded_scores_ref,
     mean_scores_ref,
+    round_query_int8,
 )
 from rkv_convert.kernels.folded_params import FoldedParams
 from rkv_convert.kernels.packed_kv import PackedKV
 from rkv_convert.quant.hadamard import hadamard_matrix
 from rkv_convert.quant.packing import pack_codes
-from rkv_convert.quant.quantizer import quantize
+from rkv_convert.quant.quantizer import fake_quantize, quantize
 from rkv_convert.runtime.ops import rope
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -109,7 +110,7 @@ def _f32(kv: PackedKV) -> PackedKV:
 def _check(q, kv, params, out, n_tokens=None) -> float:
     dtype = q.dtype
     assert out.dtype == dtype and out.shape == q.shape
-    ref = decode_folded_ref(_dev(q.float()), _dev(_f32(kv)), _dev(params), n_tokens=n_tokens).cpu()
+    ref = decode_folded_ref(_dev(q.float()), _dev(_f32(kv)), _dev(params), n_tokens=n_tokens, query_int8=False).cpu()
     err = (out.float() - ref).abs().max().item()
     low_err = 0.0
     if dtype != torch.float32:
@@ -255,6 +256,37 @@ def test_folded_scores_equal_unfolded_attention_scores() -> None:
     direct = torch.einsum("bhd,bhtd->bht", q, keys)
     torch.testing.assert_close(folded, direct, atol=1e-3, rtol=1e-5)
     assert direct.abs().max() > 100  # the mean term is a large share of the score
+
+
+def test_int8_query_costs_little_next_to_two_bit_keys() -> None:
+    """fp16 kernels round ``q R_h`` to 8 bits per key group (integer key dots): on real-shaped data the
+    score error this adds is under 3 % of what 2-bit keys already cost, and it is not zero (the
+    rounding is applied)."""
+    torch.manual_seed(3)
+    B, n_kv, rep, d, T = 2, 2, 4, 128, 256
+    _, kv, params = make_case(B=B, n_kv=n_kv, rep=rep, d=d, T=T, g_k=64)
+    q = torch.randn(B, n_kv * rep, d) * torch.linspace(0.2, 3.0, d)  # uneven channel scales, as real queries
+    y = torch.randn(B, n_kv, T, d) * torch.linspace(3.0, 0.3, d)
+    pos = torch.arange(T, dtype=torch.int32).expand(B, T)
+    y2 = fake_quantize(y, 2, 64)
+    exact = folded_scores_ref(q, y, pos, params)
+    keys_err = (folded_scores_ref(q, y2, pos, params) - exact).pow(2).mean().sqrt()
+    both_err = (folded_scores_ref(q, y2, pos, params, query_int8=True) - exact).pow(2).mean().sqrt()
+    query_err = (folded_scores_ref(q, y2, pos, params, query_int8=True) - folded_scores_ref(q, y2, pos, params)).pow(2).mean().sqrt()
+    assert 0 < query_err < 0.03 * keys_err, (query_err, keys_err)
+    assert both_err < 1.001 * keys_err
+
+
+def test_round_query_int8_steps() -> None:
+    """Each key group's largest entry maps to +-127 steps exactly; all-zero groups stay zero."""
+    x = torch.randn(3, 128)
+    x[1, 64:] = 0.0
+    r = round_query_int8(x, 64).reshape(3, 2, 64)
+    step = x.reshape(3, 2, 64).abs().amax(-1, keepdim=True) / 127
+    steps = r / torch.where(step > 0, step, torch.ones_like(step))
+    torch.testing.assert_close(steps, steps.round(), atol=1e-3, rtol=0)
+    assert steps.abs().amax() <= 127.001 and bool((r[1, 1] == 0).all())
+    assert (r - x.reshape(3, 2, 64)).abs().le(step / 2 + 1e-6).all()
 
 
 def test_reference_backend_and_bad_options() -> None:
