@@ -90,7 +90,7 @@ from .packed_kv import PackedKV
 from .decode_attention import _merge
 
 __all__ = ["FOLDED_DEFAULTS", "decode_folded", "decode_folded_ref", "folded_scores_ref", "int8_key_dots",
-           "mean_scores_ref", "round_query_int8"]
+           "mean_scores_ref", "rotate_queries", "round_query_int8"]
 
 # Launch settings: the best of benchmarks/bench_decode_folded.py --tune on an H200. ``maxnreg``: a register
 # cap for fp16 queries at these tiles (the compiler picks 142-150): four programs per SM instead of three,
@@ -163,6 +163,17 @@ def mean_scores_ref(
     return (qf.to(cd) @ mu_rope.to(cd).transpose(-1, -2)).float().reshape(B, n_q, T)
 
 
+def rotate_queries(q: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """``q' = q R_h`` fp32 ``[B, n_q, d]`` (query head ``i`` by its KV head's ``R_h``, ``rotation [n_kv, d, d]``).
+
+    One batched product per KV head: a broadcast ``matmul`` would first copy ``R`` once per sequence
+    (``B * n_kv * d * d`` floats, 67 MB per layer at batch 32 of the LLaMA-2-7B shape)."""
+    B, n_q, d = q.shape
+    n_kv = rotation.shape[0]
+    qf = q.float().reshape(B, n_kv, n_q // n_kv, d)
+    return torch.einsum("bhrd,hde->bhre", qf, rotation.to(q.device, torch.float32)).reshape(B, n_q, d)
+
+
 def int8_key_dots(q_dtype: torch.dtype, head_dim: int) -> bool:
     """True if the kernel takes integer key dots (``q R_h`` rounded to 8 bits, :func:`round_query_int8`):
     fp16 queries at head dims >= 128 (an 8-bit dot needs 32 channels per code plane)."""
@@ -193,7 +204,7 @@ def folded_scores_ref(
     """
     B, n_q, d = q.shape
     n_kv = y.shape[1]
-    q_rot = q.float().reshape(B, n_kv, n_q // n_kv, d) @ params.rotation.to(q.device, torch.float32)[None]
+    q_rot = rotate_queries(q, params.rotation).reshape(B, n_kv, n_q // n_kv, d)
     cd = compute_dtype
     if query_int8:  # the codes are integers: the kernel's dot is exact, only q' is rounded
         q_rot, cd_keys = round_query_int8(q_rot, params.g_k), torch.float32
@@ -728,7 +739,7 @@ def decode_folded(
     defaults = tuple(FOLDED_DEFAULTS[k] for k in ("block_n", "num_warps", "num_stages"))
     cap = {"maxnreg": FOLDED_DEFAULTS["maxnreg"]} if fp16 and (block_n, num_warps, num_stages) == defaults else {}
     r_planes = params.kernel_operands(dev)[0]
-    qr = torch.matmul(qc.float().view(B, n_kv, rep, d), r_planes[None]).view(B, n_q, d)  # q' = q R_h, fp32
+    qr = rotate_queries(qc, r_planes).contiguous()  # q' = q R_h in plane order, fp32 (q's strides)
     with device_guard(qc):  # Triton launches on the current device
         bias = (_mean_bias(qc, pos, params, T, fp16, interp, width=padded if maskless else cdiv(T, 16) * 16) if T
                 else o_part.new_empty(1, 1, 1, dtype=torch.float32))
