@@ -130,6 +130,9 @@ CASES = {
     "b3-gap": dict(B=2, n_kv=1, rep=2, d=64, T=60, F=3, bits=3, g_k=64, g_v=32, gap=True),
     "b4v2-nanholes": dict(B=2, n_kv=2, rep=2, d=64, T=40, F=2, bits=4, v_bits=2, g_k=32, g_v=64, nan_holes=True),
     "gemma-d256-rep2": dict(B=2, n_kv=1, rep=2, d=256, T=40, F=3, g_k=32, g_v=32),  # the smaller tiles of d = 256
+    # head dim 128 at 3 and 4 bits: fp16 takes the integer key dots with codes unpacked by conversion
+    "d128-b3": dict(B=2, n_kv=1, rep=2, d=128, T=40, F=2, bits=3, g_k=64, g_v=64),
+    "d128-b4v3-g32": dict(B=1, n_kv=2, rep=1, d=128, T=35, F=2, bits=4, v_bits=3, g_k=32, g_v=64),
 }
 
 
@@ -316,3 +319,15 @@ def test_gpu_kernel(name: str) -> None:
     _check(q, kv, params, _run(q, kv, params))
     if one_launch:
         _check(q, kv, params, _run(q, kv, params, num_splits=1))
+
+
+def test_fp16_kernel_computes_the_int8_query_reference() -> None:
+    """At head dim 128 with fp16 queries the kernel's key dots take ``q R_h`` in 8 bits: it is much
+    closer to the reference that rounds the same way than to the one that does not."""
+    torch.manual_seed(0)
+    q, kv, params = make_case(dtype=torch.float16, **CASES["gqa4-d128-g64-fp"])
+    out = _run(q, kv, params, block_n=16, num_splits=2).float()
+    as_kernel = decode_folded_ref(_dev(q.float()), _dev(_f32(kv)), _dev(params), query_int8=True).cpu()
+    unrounded = decode_folded_ref(_dev(q.float()), _dev(_f32(kv)), _dev(params), query_int8=False).cpu()
+    near, far = (out - as_kernel).abs().max().item(), (out - unrounded).abs().max().item()
+    assert near < 0.25 * far, (near, far)
