@@ -321,38 +321,32 @@ def _pad_cols(x, N: tl.constexpr, P: tl.constexpr, U: tl.constexpr):
 
 @triton.jit
 def _planes(row, tmask, ii, PW: tl.constexpr, BITS: tl.constexpr, FAST: tl.constexpr, DT: tl.constexpr):
-    """The four code planes ``DT [BLOCK_N, PW]`` of a slot block (FAST: fp16 ``4 + code`` by byte permutes)."""
+    """The four code planes ``DT [BLOCK_N, PW]`` of a slot block: int8 ``DT``, the codes (FAST: 2-bit
+    codes by shift and mask); else the codes as ``DT`` (FAST: fp16 ``4 + code`` by byte permutes)."""
     if FAST:
         raw = tl.load(row[:, None] + ii[None, :], mask=tmask[:, None], other=0)
-        p0 = _u2_plane_fp16(raw, 0)
-        p1 = _u2_plane_fp16(raw, 1)
-        p2 = _u2_plane_fp16(raw, 2)
-        p3 = _u2_plane_fp16(raw, 3)
+        if DT == tl.int8:
+            p0, p1, p2, p3 = _u2_plane_i8(raw, 0), _u2_plane_i8(raw, 1), _u2_plane_i8(raw, 2), _u2_plane_i8(raw, 3)
+        else:
+            p0, p1, p2 = _u2_plane_fp16(raw, 0), _u2_plane_fp16(raw, 1), _u2_plane_fp16(raw, 2)
+            p3 = _u2_plane_fp16(raw, 3)
     else:
         lo, hi = _byte_tiles(row, tmask, ii, 0, PW, BITS)
-        p0 = _plane_codes(row, tmask, ii, 0, 0, PW, lo, hi, BITS).to(tl.float32).to(DT)
-        p1 = _plane_codes(row, tmask, ii, 1, 0, PW, lo, hi, BITS).to(tl.float32).to(DT)
-        p2 = _plane_codes(row, tmask, ii, 2, 0, PW, lo, hi, BITS).to(tl.float32).to(DT)
-        p3 = _plane_codes(row, tmask, ii, 3, 0, PW, lo, hi, BITS).to(tl.float32).to(DT)
+        p0 = _codes_as(_plane_codes(row, tmask, ii, 0, 0, PW, lo, hi, BITS), DT)
+        p1 = _codes_as(_plane_codes(row, tmask, ii, 1, 0, PW, lo, hi, BITS), DT)
+        p2 = _codes_as(_plane_codes(row, tmask, ii, 2, 0, PW, lo, hi, BITS), DT)
+        p3 = _codes_as(_plane_codes(row, tmask, ii, 3, 0, PW, lo, hi, BITS), DT)
     return p0, p1, p2, p3
 
 
 @triton.jit
-def _planes_i8(row, tmask, ii, PW: tl.constexpr, BITS: tl.constexpr, FAST: tl.constexpr):
-    """The four code planes ``int8 [BLOCK_N, PW]`` of a slot block (FAST: 2-bit codes by shift and mask)."""
-    if FAST:
-        raw = tl.load(row[:, None] + ii[None, :], mask=tmask[:, None], other=0)
-        p0 = _u2_plane_i8(raw, 0)
-        p1 = _u2_plane_i8(raw, 1)
-        p2 = _u2_plane_i8(raw, 2)
-        p3 = _u2_plane_i8(raw, 3)
+def _codes_as(codes, DT: tl.constexpr):
+    """Integer codes as dot operands of type ``DT``."""
+    if DT == tl.int8:
+        out = codes.to(tl.int8)
     else:
-        lo, hi = _byte_tiles(row, tmask, ii, 0, PW, BITS)
-        p0 = _plane_codes(row, tmask, ii, 0, 0, PW, lo, hi, BITS).to(tl.int8)
-        p1 = _plane_codes(row, tmask, ii, 1, 0, PW, lo, hi, BITS).to(tl.int8)
-        p2 = _plane_codes(row, tmask, ii, 2, 0, PW, lo, hi, BITS).to(tl.int8)
-        p3 = _plane_codes(row, tmask, ii, 3, 0, PW, lo, hi, BITS).to(tl.int8)
-    return p0, p1, p2, p3
+        out = codes.to(tl.float32).to(DT)
+    return out
 
 
 @triton.jit
@@ -423,6 +417,7 @@ def _folded_kernel(
     QCV: tl.constexpr = UV if UV >= 16 else 16
     KP: tl.constexpr = QC // UK
     VP: tl.constexpr = QCV // UV
+    KB: tl.constexpr = 4.0 if (K_FAST and not K_I8) else 0.0  # fp16 codes by byte permutes hold 4 + code
     VB: tl.constexpr = 4.0 if V_FAST else 0.0
 
     ii = tl.arange(0, PW)
@@ -484,10 +479,7 @@ def _folded_kernel(
         else:
             tmask = t < t_stop
         bias = tl.load(bias_base + tt[:, None], mask=tmask[:, None] & rmask[None, :], other=float("-inf"))
-        if K_I8:
-            kp0, kp1, kp2, kp3 = _planes_i8(kc_base + tt * s_kct, tmask, ii, PW, K_BITS, K_FAST)
-        else:
-            kp0, kp1, kp2, kp3 = _planes(kc_base + tt * s_kct, tmask, ii, PW, K_BITS, False, DT)
+        kp0, kp1, kp2, kp3 = _planes(kc_base + tt * s_kct, tmask, ii, PW, K_BITS, K_FAST, tl.int8 if K_I8 else DT)
         sk = tl.load(ks_base + tt[:, None] * NG + gk[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
         zk = tl.load(kz_base + tt[:, None] * NG + gk[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
         if K_I8:  # exact integer dots
@@ -506,6 +498,8 @@ def _folded_kernel(
             sk = tl.where(valid[:, None], sk, 0.0)
             zk = tl.where(valid[:, None], zk, 0.0)
         acc3 = tl.reshape(_cols(acc, BLOCK_N, KP, UK), (BLOCK_N, R, NG))
+        if KB != 0.0:
+            zk = zk - KB * sk
         s = tl.sum(acc3 * sk[:, None, :] + zk[:, None, :] * qsum3[None, :, :], 2)
         if MASKLESS and not SOFTCAP:  # a -inf bias keeps the logit -inf
             s = _log2_logits(s + bias, qk_scale, cap_scale, SOFTCAP)
