@@ -328,8 +328,8 @@ def _planes(row, tmask, ii, PW: tl.constexpr, BITS: tl.constexpr, FAST: tl.const
         if DT == tl.int8:
             p0, p1, p2, p3 = _u2_plane_i8(raw, 0), _u2_plane_i8(raw, 1), _u2_plane_i8(raw, 2), _u2_plane_i8(raw, 3)
         else:
-            p0, p1, p2 = _u2_plane_fp16(raw, 0), _u2_plane_fp16(raw, 1), _u2_plane_fp16(raw, 2)
-            p3 = _u2_plane_fp16(raw, 3)
+            p0, p1 = _u2_plane_fp16(raw, 0), _u2_plane_fp16(raw, 1)
+            p2, p3 = _u2_plane_fp16(raw, 2), _u2_plane_fp16(raw, 3)
     else:
         lo, hi = _byte_tiles(row, tmask, ii, 0, PW, BITS)
         p0 = _codes_as(_plane_codes(row, tmask, ii, 0, 0, PW, lo, hi, BITS), DT)
@@ -440,8 +440,9 @@ def _folded_kernel(
     if K_I8:  # q' in 8 bits per column (r, g): round(q' * 127 / max|q'|), the scale applied to the dot
         amax = tl.maximum(tl.maximum(tl.max(tl.abs(q0), 0), tl.max(tl.abs(q1), 0)),
                           tl.maximum(tl.max(tl.abs(q2), 0), tl.max(tl.abs(q3), 0)))
-        q_step = tl.where(amax > 0.0, amax, 1.0) / 127.0
-        q_inv = 127.0 / tl.where(amax > 0.0, amax, 1.0)
+        amax = tl.where(amax > 0.0, amax, 1.0)  # an all-zero column stays zero
+        q_step = amax / 127.0
+        q_inv = 127.0 / amax
         q0 = tl.floor(q0 * q_inv[None, :] + 0.5)
         q1 = tl.floor(q1 * q_inv[None, :] + 0.5)
         q2 = tl.floor(q2 * q_inv[None, :] + 0.5)
