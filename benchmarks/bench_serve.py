@@ -113,9 +113,10 @@ def _serve(args, port: int) -> None:
     rkv = _rkv_model(args)
     options = ServerOptions(max_batch=args.max_batch, cache_memory_gib=args.cache_memory, max_queue=args.max_queue,
                             max_model_len=args.prompt + args.new, default_max_tokens=args.new, model_name=MODEL_NAME,
-                            prefill_tokens_per_step=args.prefill_tokens)  # fmt: skip
+                            prefill_tokens_per_step=args.prefill_tokens, cuda_graph=args.cuda_graph)  # fmt: skip
     app, worker = build_server(rkv, options)
-    print(f"server: {worker.engine.max_batch} rows, queue {args.max_queue}", flush=True)
+    print(f"server: {worker.engine.max_batch} rows, queue {args.max_queue}, decode steps: {worker.engine.decode_path}",
+          flush=True)  # fmt: skip
     signal.signal(signal.SIGTERM, lambda *_: None)  # uvicorn drains, then re-raises it: end cleanly
     try:
         uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")).run()
@@ -294,14 +295,15 @@ def serve_load(args) -> dict[str, object]:
 
         warm = {"model": MODEL_NAME, "prompt": prompts[0][: min(256, args.prompt)], "max_tokens": 8, "temperature": 0}
         httpx.post(f"{url}/v1/completions", json=warm, timeout=600).raise_for_status()  # compiles the kernels, untimed
-        before = httpx.get(f"{url}/health", timeout=30).json()["stats"]
+        health = httpx.get(f"{url}/health", timeout=30).json()
+        before = health["stats"]
         records, wall = asyncio.run(_load(url, prompts, args))
         row = summarize(records, wall)
         after = httpx.get(f"{url}/health", timeout=30).json()["stats"]  # the engine's own timing, this load only
         d = {k: after[k] - before[k] for k in ("decode_tokens", "decode_seconds", "decode_steps", "prefill_seconds")}
         row.update(server_rows=d["decode_tokens"] / max(d["decode_steps"], 1),
                    server_decode_tok_s=d["decode_tokens"] / d["decode_seconds"] if d["decode_seconds"] else 0.0,
-                   server_prefill_share=d["prefill_seconds"] / wall)  # fmt: skip
+                   server_prefill_share=d["prefill_seconds"] / wall, decode_path=health["decode_path"])  # fmt: skip
         if args.check_alone:
             row["alone_mismatches"] = sum(alone[r.index % args.distinct] != r.text for r in records if r.ok)
         return row
@@ -328,6 +330,8 @@ def main() -> None:
     p.add_argument("--cache-memory", type=float, default=None, help="server cache budget in GiB")
     p.add_argument("--prefill-tokens", type=int, default=8192, help="server: prompt tokens prefilled per engine step")
     p.add_argument("--hf-batch", type=int, default=None, help="fp16 batch (default: the largest that fits)")
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="server: decode steps from CUDA graphs (default: where they can be captured)")
     p.add_argument("--check-alone", action="store_true", help="compare each accepted text with the prompt served alone")
     p.add_argument("--startup-timeout", type=float, default=600.0)
     p.add_argument("--csv", type=Path, default=None)
@@ -357,7 +361,7 @@ def main() -> None:
 
 _COLUMNS = ["model", "prompt", "new", "clients", "max_batch", "max_queue", "requests", "completed", "rejected_429_503",
             "failed", "alone_mismatches", "wall_s", "req_s", "tok_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms",
-            "itl_p99_ms", "server_rows", "server_decode_tok_s", "server_prefill_share", "hf_batch", "hf_tok_s",
+            "itl_p99_ms", "server_rows", "server_decode_tok_s", "server_prefill_share", "decode_path", "hf_batch", "hf_tok_s",
             "hf_decode_tok_s", "hf_peak_GiB", "ratio_tok_s", "ratio_decode_tok_s", "tokens", "failures"]  # fmt: skip
 
 if __name__ == "__main__":

@@ -94,9 +94,9 @@ def run_command(
                              "a re-run skips the ids already there"),
     max_batch: int = typer.Option(None, "--max-batch", help="batch job: most sequences at once (default: as many as the "
                                   "cache budget holds at the longest request)"),
-    cuda_graph: bool = typer.Option(None, "--cuda-graph/--no-cuda-graph", help="replay decode steps from a captured "
-                                    "CUDA graph (default: wherever it can be captured; --cuda-graph fails where it "
-                                    "cannot)"),
+    cuda_graph: bool = typer.Option(None, "--cuda-graph/--no-cuda-graph", help="replay decode steps from captured "
+                                    "CUDA graphs (a batch job: one per bucket of rows; default: wherever they can be "
+                                    "captured; --cuda-graph fails where they cannot)"),
     cache_memory: float = typer.Option(None, "--cache-memory", help="batch job: KV cache budget in GiB (default: 85% "
                                        "of free GPU memory on CUDA, 2 GiB on CPU)"),
 ) -> None:
@@ -113,8 +113,6 @@ def run_command(
     try:
         if (prompts is None) != (out is None):
             raise InputError("--prompts and --out go together: pass both for a batch job")
-        if prompts is not None and cuda_graph:
-            raise InputError("--cuda-graph is for one prompt; a batch job (--prompts) runs its decode steps eagerly")
         if prompts is not None and not prompts.is_file():
             raise InputError(f"--prompts {prompts}: no such file")
         if not prompt.strip():
@@ -133,7 +131,7 @@ def run_command(
     if prompts is not None:
         try:
             summary = batch_job(rkv_model, prompts, out, sampling, max_new_tokens, _eos_ids(tokenizer, rkv_model.model),
-                                max_batch, cache_memory, console)  # fmt: skip
+                                max_batch, cache_memory, console, cuda_graph)  # fmt: skip
         except (InputError, ValueError, OSError, *LIBRARY_ERRORS) as err:
             _fail(console, str(err))
         if summary.failed:

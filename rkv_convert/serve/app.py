@@ -97,7 +97,7 @@ def create_app(rkv_model: RkvModel, worker: EngineWorker, model_name: str, limit
         engine = worker.engine
         body = {"status": "ok" if worker.available else "unavailable", "active": engine.active, "waiting": worker.waiting,
                 "max_batch": engine.max_batch, "cache_bytes_allocated": engine.cache_bytes(),
-                "stats": engine.stats.as_dict()}  # fmt: skip
+                "decode_path": engine.decode_path, "stats": engine.stats.as_dict()}  # fmt: skip
         if worker.failure:
             body["error"] = worker.failure
         return JSONResponse(body, status_code=200 if worker.available else 503)

@@ -24,7 +24,7 @@ from ..runtime.generate import RkvModel, SamplingOptions
 from .engine import Engine, EngineConfig, TokenEvent
 from .requests import GenerationRequest, Limits, RequestError, parse_request
 
-__all__ = ["JobSummary", "read_done_ids", "read_requests", "run_job"]
+__all__ = ["JobSummary", "read_done_ids", "read_requests", "job_engine", "run_job"]
 
 
 @dataclass
@@ -100,14 +100,23 @@ def read_requests(path: Path, tokenizer, limits: Limits, done: set[str], summary
     return requests
 
 
-def run_job(rkv_model: RkvModel, requests: list[GenerationRequest], out: TextIO, summary: JobSummary, budget_bytes: int,
-            max_batch: int | None = None, on_step: Callable[[Engine], None] | None = None) -> Engine | None:  # fmt: skip
-    """Run ``requests``, writing each output line to ``out`` as its request finishes."""
+def job_engine(rkv_model: RkvModel, requests: list[GenerationRequest], budget_bytes: int, max_batch: int | None = None,
+               cuda_graph: bool | None = None) -> Engine | None:  # fmt: skip
+    """The engine for ``requests`` (None when there are none): rows for the longest one; ``cuda_graph``:
+    :class:`EngineConfig`. Built before the output file is opened, so a refusal writes nothing."""
     if not requests:
         return None
-    tokenizer = rkv_model.tokenizer
-    config = EngineConfig(max_len=max(r.total_tokens for r in requests), budget_bytes=budget_bytes, max_batch=max_batch)
-    engine = Engine(rkv_model, config)
+    config = EngineConfig(max_len=max(r.total_tokens for r in requests), budget_bytes=budget_bytes, max_batch=max_batch,
+                          cuda_graph=cuda_graph)  # fmt: skip
+    return Engine(rkv_model, config)
+
+
+def run_job(engine: Engine | None, requests: list[GenerationRequest], out: TextIO, summary: JobSummary,
+            on_step: Callable[[Engine], None] | None = None) -> None:  # fmt: skip
+    """Run ``requests`` on ``engine``, writing each output line to ``out`` as its request finishes."""
+    if engine is None:
+        return
+    tokenizer = engine.model.tokenizer
     tokens: dict[str, list[int]] = {r.id: [] for r in requests}
     prompt_len = {r.id: len(r.prompt_ids) for r in requests}
 
@@ -141,4 +150,3 @@ def run_job(rkv_model: RkvModel, requests: list[GenerationRequest], out: TextIO,
         summary.seconds = time.perf_counter() - start
         if on_step is not None:
             on_step(engine)
-    return engine

@@ -13,6 +13,11 @@ other rows change is only the batch shape (more rows, and the longest row's slot
 extra slots have position -1): exact arithmetic gives the same logits; floating-point reductions of
 other lengths may differ in the last bits (see docs/serving.md).
 
+**Decode path.** On CUDA the decode steps replay CUDA graphs, one per bucket of rows
+(:mod:`.row_graph`: the active rows padded to a bucket, static shapes), where the model and cache
+allow it; ``EngineConfig.cuda_graph`` forces it on (refused with the reason where it cannot run) or
+off. :attr:`Engine.decode_path` says which path runs and, if eager, why.
+
 The engine is single-threaded; :mod:`.worker` runs it in a thread for the HTTP server.
 """
 
@@ -30,6 +35,7 @@ from ..runtime.cache import store_capacity
 from ..runtime.generate import RkvModel, ensure_cache_engaged, sample_next
 from .requests import GenerationRequest
 from .row_cache import RowCache, row_bytes
+from .row_graph import RowDecodeGraph, row_graph_supports
 
 __all__ = ["EngineConfig", "TokenEvent", "Engine", "default_budget", "bytes_per_row"]
 
@@ -54,6 +60,7 @@ class EngineConfig:
     budget_bytes: int  # cache memory the engine may allocate
     max_batch: int | None = None
     prefill_tokens_per_step: int = 8192  # prompt tokens prefilled per step (at least one request) before decoding the rest
+    cuda_graph: bool | None = None  # decode steps from CUDA graphs: None where supported, True required, False off
 
 
 @dataclass
@@ -127,6 +134,19 @@ class Engine:
         self.waiting: deque[_Sequence] = deque()
         self.stats = EngineStats()
         self.device = rkv_model.device
+        self.graph, self.decode_path = self._decode_runner(config.cuda_graph)
+
+    def _decode_runner(self, cuda_graph: bool | None) -> tuple[RowDecodeGraph | None, str]:
+        """The CUDA-graph runner of the decode steps (or None) and the path in words."""
+        if cuda_graph is False:
+            return None, "eager (CUDA graphs off)"
+        reason = row_graph_supports(self.cache, self.model.model)
+        if reason is None:
+            return RowDecodeGraph(self.model.model, self.cache, self.model.cache_argument), "CUDA graph"
+        if cuda_graph:
+            raise ValueError(f"cannot capture the engine's decode step in a CUDA graph: {reason}; "
+                             "run without --cuda-graph (eager steps)")  # fmt: skip
+        return None, f"eager ({reason})"
 
     # ----- requests --------------------------------------------------------------------------
     def submit(self, request: GenerationRequest, emit: Callable[[TokenEvent], None]) -> None:
@@ -247,18 +267,9 @@ class Engine:
 
     @torch.no_grad()
     def _decode(self) -> None:
-        rkv, a, start = self.model, len(self.rows), time.perf_counter()
-        tokens = torch.tensor([[s.last_token] for s in self.rows], dtype=torch.long, device=self.device)
-        positions = torch.tensor([[s.next_pos] for s in self.rows], dtype=torch.long, device=self.device)
-        self.cache.begin_step()
-        with rkv.attached() as model:
-            out = model(input_ids=tokens, position_ids=positions, use_cache=True, **{rkv.cache_argument: self.cache})
-        written = self.cache.layers_written()
-        if any(n != 1 for n in written):
-            raise CacheDisengagedError(f"the rkv row cache did not receive the decode step: layers appended {sorted(set(written))} "
-                                       "tokens instead of 1; the model's attention bypassed rkv")  # fmt: skip
+        a, start = len(self.rows), time.perf_counter()
+        logits = self._decode_logits(self.graph) if self.graph is not None else self._decode_logits_eager()
         self.cache.end_step()
-        logits = out.logits[:, -1].to(self.device)
         greedy = [r for r in range(a) if self.rows[r].request.sampling.greedy]
         picked: dict[int, int] = {}
         if greedy:  # one argmax and one device-to-host copy for all greedy rows
@@ -273,6 +284,40 @@ class Engine:
         self.stats.decode_seconds += time.perf_counter() - start
         for r in reversed(range(a)):  # releases move the last row down: go from the top
             self._accept(r, picked[r])
+
+    def _decode_logits_eager(self) -> torch.Tensor:
+        """One plain decode forward over the active rows; their logits ``[active, vocab]``."""
+        rkv = self.model
+        tokens = torch.tensor([[s.last_token] for s in self.rows], dtype=torch.long, device=self.device)
+        positions = torch.tensor([[s.next_pos] for s in self.rows], dtype=torch.long, device=self.device)
+        self.cache.begin_step()
+        with rkv.attached() as model:
+            out = model(input_ids=tokens, position_ids=positions, use_cache=True, **{rkv.cache_argument: self.cache})
+        self._check_written()
+        return out.logits[:, -1].to(self.device)
+
+    def _decode_logits(self, runner: RowDecodeGraph) -> torch.Tensor:
+        """One static decode step over the active rows padded to their bucket (replayed where captured);
+        the active rows' logits ``[active, vocab]``. Padding rows feed token 0 at position 0."""
+        a = len(self.rows)
+        bound = runner.bound(a)
+        host = torch.zeros(2, bound, 1, dtype=torch.long)
+        host[0, :a, 0] = torch.tensor([s.last_token for s in self.rows])
+        host[1, :a, 0] = torch.tensor([s.next_pos for s in self.rows])
+        inputs = host.to(self.device)
+        self.cache.begin_step(bound=bound)
+        with self.model.attached():
+            logits, replayed = runner.step(inputs[0], inputs[1])
+        if not replayed:
+            self._check_written()
+        self.cache.flush()
+        return logits[:a].to(self.device)
+
+    def _check_written(self) -> None:
+        written = self.cache.layers_written()
+        if any(n != 1 for n in written):
+            raise CacheDisengagedError(f"the rkv row cache did not receive the decode step: layers appended {sorted(set(written))} "
+                                       "tokens instead of 1; the model's attention bypassed rkv")  # fmt: skip
 
     def _accept(self, row: int, token_id: int) -> None:
         """Record ``row``'s new token, emit it, and free the row when the request is done."""

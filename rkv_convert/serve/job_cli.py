@@ -13,7 +13,7 @@ from rich.table import Table
 
 from ..cli_checks import InputError, context_length
 from ..runtime.generate import RkvModel, SamplingOptions
-from .batch_job import JobSummary, read_done_ids, read_requests, run_job
+from .batch_job import JobSummary, job_engine, read_done_ids, read_requests, run_job
 from .engine import Engine, default_budget
 from .requests import Limits
 
@@ -25,7 +25,8 @@ def _mib(n: float) -> str:
 
 
 def batch_job(rkv_model: RkvModel, prompts: Path, out: Path, defaults: SamplingOptions, max_new_tokens: int,
-              eos_ids: list[int], max_batch: int | None, cache_memory_gib: float | None, console: Console) -> JobSummary:  # fmt: skip
+              eos_ids: list[int], max_batch: int | None, cache_memory_gib: float | None, console: Console,
+              cuda_graph: bool | None = None) -> JobSummary:  # fmt: skip
     """Run every request of ``prompts`` not yet in ``out``; returns the summary (also printed)."""
     if not prompts.is_file():
         raise InputError(f"--prompts {prompts}: no such file")
@@ -47,6 +48,7 @@ def batch_job(rkv_model: RkvModel, prompts: Path, out: Path, defaults: SamplingO
         console.print(f"[yellow]{out}: its last line was cut short (a killed run); dropped, that request runs again[/]")
     cpu_bytes = int((cache_memory_gib if cache_memory_gib is not None else 2.0) * 2**30)
     budget = cpu_bytes if cache_memory_gib is not None else default_budget(rkv_model.device, cpu_bytes)
+    engine = job_engine(rkv_model, requests, budget, max_batch, cuda_graph)
     out.parent.mkdir(parents=True, exist_ok=True)
     columns = (TextColumn("[bold]requests"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[speed]}"), TextColumn("{task.fields[cache]}"))  # fmt: skip
@@ -59,7 +61,7 @@ def batch_job(rkv_model: RkvModel, prompts: Path, out: Path, defaults: SamplingO
                             cache=f"cache {_mib(engine.cache.bytes_used())} used / {_mib(engine.cache_bytes())} allocated, "
                                   f"{engine.active} rows")  # fmt: skip
 
-        engine = run_job(rkv_model, requests, sink, summary, budget, max_batch, on_step)
+        run_job(engine, requests, sink, summary, on_step)
         progress.update(task, completed=summary.completed + summary.failed)
     console.print(job_table(summary, engine, out))
     return summary
@@ -79,6 +81,7 @@ def job_table(summary: JobSummary, engine: Engine | None, out: Path) -> Table:
     table.add_row("generation", f"{summary.tokens_per_second:,.1f} tok/s over {summary.seconds:.1f} s")
     if engine is not None:
         table.add_row("rows (max batch)", str(engine.max_batch))
+        table.add_row("decode steps", engine.decode_path)
         table.add_row("cache allocated", _mib(engine.cache_bytes()))
     table.add_row("output", str(out))
     return table

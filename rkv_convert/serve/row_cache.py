@@ -21,6 +21,16 @@ exactly the counts of that request run alone through :func:`~rkv_convert.runtime
 
 All layers share one schedule (:class:`RowState`): the engine calls :meth:`RowCache.begin_step`
 before a decode forward and :meth:`RowCache.end_step` after it.
+
+**Static steps** (``begin_step(bound=...)``, what :mod:`.row_graph` captures in a CUDA graph): the
+forward runs over ``bound >= active`` rows, a bucket, so that one graph serves every active count up
+to it. Rows ``active .. bound-1`` are padding: empty rows (every position -1) whose token lands in
+the scratch slot and is never kept (a row is overwritten whole when a request is loaded into it).
+Each row's window slot comes from a persistent device buffer (``RowState.slot_buf``), the kernels
+read the whole allocated store (whole 128-slot blocks; slots past a row's own have position -1) and
+the whole full-precision segment, and :meth:`RowCache.flush` quantizes full windows after the
+forward instead of inside it. Every storage tensor keeps its address until the store grows
+(``RowState.version`` counts the growths: a graph captured before one is stale).
 """
 
 from __future__ import annotations
@@ -29,7 +39,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..runtime.cache import _STORAGE, CacheSettings, LayerCodec, RkvCache, RkvCacheLayer, _grow
+from ..runtime.cache import _STORAGE, CacheSettings, LayerCodec, RkvCache, RkvCacheLayer, _grow, store_capacity
 
 __all__ = ["RowState", "RowCache", "RowCacheLayer", "row_bytes"]
 
@@ -44,7 +54,11 @@ class RowState:
     n_window: list[int]
     length: list[int]  # slots each row has received (its tokens so far)
     active: int = 0
-    window_slot: torch.Tensor | None = None  # int64 [active]: where this step's token goes in the fp segment
+    bound: int = 0  # rows this step's forward runs over: ``active``, or a static step's bucket (padding rows past active)
+    static: bool = False  # this step is static (fixed shapes, see the module docstring)
+    version: int = 0  # bumped when the store's tensors are replaced (grown)
+    slot_buf: torch.Tensor | None = None  # int64 [rows], persistent: static steps' window slots
+    window_slot: torch.Tensor | None = None  # int64 [bound]: where this step's token goes in the fp segment
     flushing: list[int] = field(default_factory=list)  # rows whose window flushes at the end of this step
     flush_rows: torch.Tensor | None = None  # int64 [k]: the flushing rows
     flush_slots: torch.Tensor | None = None  # int64 [k, flush_block]: the store slots each one's block goes to
@@ -66,28 +80,35 @@ class RowCacheLayer(RkvCacheLayer):
         self.base = {name: getattr(self, name) for name in _STORAGE}
         self.bind(0)
 
-    def bind(self, active: int) -> None:
-        """Point the storage attributes at rows ``0 .. active-1`` (views) for the next forward."""
+    def bind(self, rows: int) -> None:
+        """Point the storage attributes at rows ``0 .. rows-1`` (views) for the next forward."""
         st = self.state
         for name, t in self.base.items():
-            setattr(self, name, t[:active])
-        self.batch = active
-        self.n_quant = max(st.n_quant[:active], default=0)
-        self.n_window = max(st.n_window[:active], default=0)
-        self.length = max(st.length[:active], default=0)
+            setattr(self, name, t[:rows])
+        self.batch = rows
+        self.n_quant = max(st.n_quant[:rows], default=0)
+        self.n_window = max(st.n_window[:rows], default=0)
+        self.length = max(st.length[:rows], default=0)
+        self.static_slots = self.store_slots() if st.static else 0
+
+    @property
+    def static(self) -> bool:
+        """This step is static (:meth:`RowCache.begin_step` with a bound): the caller flushes."""
+        return self.state.static
 
     def store_slots(self) -> int:
         return self.base["pos"].shape[1]
 
-    def grow_slots(self, slots: int) -> None:
-        """Make every row's store hold ``slots`` slots (copies the used part)."""
+    def grow_slots(self, slots: int) -> bool:
+        """Make every row's store hold ``slots`` slots, in whole blocks (copies the used part); True if it grew."""
         cap = self.store_slots()
         if slots <= cap:
-            return
-        used = max(self.state.n_quant, default=0)
+            return False
+        used, slots = max(self.state.n_quant, default=0), store_capacity(slots)
         for name in _STORE:
             self.base[name] = _grow(self.base[name], used, slots, dim=2)
         self.base["pos"] = _grow(self.base["pos"], used, slots, dim=1, fill=-1)
+        return True
 
     # ----- rows ------------------------------------------------------------------------------
     def load_row(self, row: int, single: RkvCacheLayer) -> None:
@@ -119,10 +140,11 @@ class RowCacheLayer(RkvCacheLayer):
     # ----- the decode step -------------------------------------------------------------------
     def append(self, key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor,
                valid: torch.Tensor | None = None, sinks: torch.Tensor | None = None) -> None:  # fmt: skip
-        """Write one token per active row at that row's own window slot (sinks to its sink slots)."""
+        """Write one token per bound row at that row's own window slot (sinks to its sink slots; a
+        padding row's token to the scratch slot)."""
         a, n_kv, t, d = key.shape
-        if t != 1 or a != self.state.active:
-            raise ValueError(f"a row cache takes one token for each of its {self.state.active} active rows, "
+        if t != 1 or a != self.state.bound:
+            raise ValueError(f"a row cache takes one token for each of the {self.state.bound} rows of the step, "
                              f"got {a} rows of {t}; prefill requests alone and load_row() them")  # fmt: skip
         pos = positions.to(self.device, torch.int32).expand(a, 1)
         if valid is not None:
@@ -135,7 +157,7 @@ class RowCacheLayer(RkvCacheLayer):
         self.fp_k.scatter_(2, index, key)
         self.fp_v.scatter_(2, index, value)
         self.fp_pos.scatter_(1, slot[:, None], pos)
-        self.n_window = max(self.state.n_window[:a]) + 1  # the attention reads the longest row's window
+        self.n_window = max(self.state.n_window[:a]) + 1  # eager steps read the longest row's window
         self.length += 1
 
     def flush(self) -> int:
@@ -187,9 +209,14 @@ class RowCache(RkvCache):
                          base.backend)  # fmt: skip
         self.state = RowState([0] * rows, [0] * rows, [0] * rows)
         self.layers = [RowCacheLayer(layer.codec, self.settings, self.backend, layer.rope, self.state) for layer in base.layers]
+        for mine, theirs in zip(self.layers, base.layers, strict=True):
+            mine.window = theirs.window  # a sliding layer (the decode-graph check and single() read it)
         self.rows, self.dtype = rows, dtype
         for layer in self.layers:
             layer.allocate_rows(rows, slots, dtype)
+        device = self.layers[0].codec.device
+        self.state.slot_buf = torch.zeros(rows, dtype=torch.int64, device=device)
+        self._slot_host = torch.zeros(rows, dtype=torch.int64, pin_memory=device.type == "cuda")
 
     @property
     def active(self) -> int:
@@ -210,8 +237,9 @@ class RowCache(RkvCache):
         return self.layers[0].store_slots()
 
     def grow_slots(self, slots: int) -> None:
-        for layer in self.layers:
-            layer.grow_slots(slots)
+        grew = [layer.grow_slots(slots) for layer in self.layers]
+        if any(grew):
+            self.state.version += 1
 
     def load_row(self, row: int, single: RkvCache) -> None:
         """Copy a prefilled batch-1 cache into ``row`` (which becomes active if it is the next free one)."""
@@ -245,15 +273,29 @@ class RowCache(RkvCache):
         st.active = last
         return last if row != last else None
 
-    def begin_step(self) -> None:
-        """Before a decode forward: each active row's window slot, which rows flush, views of the active rows."""
+    def begin_step(self, bound: int | None = None) -> None:
+        """Before a decode forward: each row's window slot, which rows flush, views of the step's rows.
+
+        ``bound`` (at least ``active``, at most ``rows``) makes the step static over that many rows
+        (module docstring); ``None`` runs the active rows with their used slots."""
         st, s = self.state, self.settings
         a = st.active
+        if bound is not None and not a <= bound <= self.rows:
+            raise ValueError(f"a static step runs {a} active rows in a bound of {a} to {self.rows} rows, got {bound}")
         need = max((st.n_quant[r] + s.flush_block for r in range(a)), default=0)
         self.grow_slots(need)
-        w0 = self.layers[0].window_start
-        st.window_slot = torch.tensor([w0 + st.n_window[r] for r in range(a)], dtype=torch.int64,
-                                      device=self.layers[0].codec.device)  # fmt: skip
+        first = self.layers[0]
+        w0, device = first.window_start, first.codec.device
+        slots = [w0 + st.n_window[r] for r in range(a)]
+        st.static, st.bound = bound is not None, a if bound is None else bound
+        if st.static:
+            host = self._slot_host
+            host[:a] = torch.tensor(slots, dtype=torch.int64)
+            host[a : st.bound] = first.scratch_slot  # padding rows write where nothing is kept
+            st.slot_buf[: st.bound].copy_(host[: st.bound], non_blocking=True)
+            st.window_slot = st.slot_buf[: st.bound]
+        else:
+            st.window_slot = torch.tensor(slots, dtype=torch.int64, device=device)
         st.flushing = [r for r in range(a) if st.n_window[r] + 1 >= s.recent_window + s.flush_block]
         if any(st.n_window[r] + 1 != s.recent_window + s.flush_block for r in st.flushing):
             raise RuntimeError("a row's window outgrew recent_window + flush_block: its schedule was broken")
@@ -262,7 +304,13 @@ class RowCache(RkvCache):
         st.flush_slots = torch.tensor([[st.n_quant[r] + j for j in range(s.flush_block)] for r in st.flushing],
                                       dtype=torch.int64, device=device).reshape(-1, s.flush_block)  # fmt: skip
         for layer in self.layers:
-            layer.bind(a)
+            layer.bind(st.bound)
+
+    def flush(self) -> None:
+        """After a static step's forward: quantize the full windows (the attention handler did not)."""
+        if self.state.static:
+            for layer in self.layers:
+                layer.flush()
 
     def end_step(self) -> None:
         """After a decode forward: every active row received one token; flushed rows moved a block to the store."""
@@ -274,6 +322,7 @@ class RowCache(RkvCache):
             st.n_window[r] -= fb
             st.n_quant[r] += fb
         st.flushing = []
+        st.static = False
 
     def layers_written(self) -> list[int]:
         """Per layer, how many tokens its last forward appended beyond the rows' counts (1 when it wrote the step)."""

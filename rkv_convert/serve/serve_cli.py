@@ -42,6 +42,7 @@ class ServerOptions:
     model_name: str = "rkv"
     api_key: str | None = None
     prefill_tokens_per_step: int = 8192
+    cuda_graph: bool | None = None  # decode steps from CUDA graphs (EngineConfig.cuda_graph)
 
 
 def eos_ids(rkv_model: RkvModel) -> tuple[int, ...]:
@@ -62,7 +63,8 @@ def build_server(rkv_model: RkvModel, options: ServerOptions):
     cpu_bytes = int((options.cache_memory_gib if options.cache_memory_gib is not None else 2.0) * 2**30)
     budget = cpu_bytes if options.cache_memory_gib is not None else default_budget(rkv_model.device, cpu_bytes)
     engine = Engine(rkv_model, EngineConfig(max_len=max_len, budget_bytes=budget, max_batch=options.max_batch,
-                                            prefill_tokens_per_step=options.prefill_tokens_per_step))  # fmt: skip
+                                            prefill_tokens_per_step=options.prefill_tokens_per_step,
+                                            cuda_graph=options.cuda_graph))  # fmt: skip
     limits = Limits(context=max_len, max_tokens=max_len, default_max_tokens=options.default_max_tokens)
     worker = EngineWorker(engine, options.max_queue).start()
     app = create_app(rkv_model, worker, options.model_name, limits, eos_ids(rkv_model), options.api_key)
@@ -85,6 +87,9 @@ def serve_command(
     model_name: str = typer.Option(None, "--model-name", help="the id clients pass as `model` (default: the folder name)"),
     prefill_tokens: int = typer.Option(8192, "--prefill-tokens", min=1, help="prompt tokens prefilled per engine step "
                                        "(at least one request) between decode steps"),
+    cuda_graph: bool = typer.Option(None, "--cuda-graph/--no-cuda-graph", help="replay decode steps from CUDA graphs, "
+                                    "one per bucket of rows (default: wherever they can be captured; --cuda-graph "
+                                    "fails where they cannot)"),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N"),
     dtype: str = typer.Option("auto", help="auto (fp16 on CUDA, fp32 on CPU), float32, float16 or bfloat16"),
 ) -> None:
@@ -96,7 +101,7 @@ def serve_command(
             raise InputError(f"{checkpoint}: not a checkpoint folder (run `rkv export` first)")
         rkv_model = load(checkpoint, device=device, dtype=dtype)
         options = ServerOptions(max_batch, cache_memory, max_queue, max_model_len, default_max_tokens,
-                                model_name or checkpoint.resolve().name, api_key, prefill_tokens)  # fmt: skip
+                                model_name or checkpoint.resolve().name, api_key, prefill_tokens, cuda_graph)  # fmt: skip
         app, worker = build_server(rkv_model, options)
     except (InputError, *LIBRARY_ERRORS) as err:
         fail(console, err, code=1)
@@ -107,7 +112,7 @@ def serve_command(
                       "this port can use the model[/]")  # fmt: skip
     engine = worker.engine
     console.print(f"rkv serve: model {options.model_name!r}, {engine.max_batch} rows, queue {max_queue}, "
-                  f"http://{host}:{port}/v1")  # fmt: skip
+                  f"decode steps: {engine.decode_path}, http://{host}:{port}/v1")  # fmt: skip
     # uvicorn drains on SIGTERM, then raises the signal again for the handler it found: make that one
     # a no-op, so that the drained server ends through worker.stop() with exit code 0
     signal.signal(signal.SIGTERM, lambda signum, frame: None)

@@ -127,7 +127,8 @@ def test_cuda_graph_that_cannot_be_captured_is_refused(folder) -> None:
     jobs = folder.parent / "jobs.jsonl"
     jobs.write_text('{"id": "a", "prompt": "hi"}\n')
     result = _run(str(folder), "--prompts", str(jobs), "--out", str(folder.parent / "o.jsonl"), "--device", "cpu", "--cuda-graph")
-    _one_line_error(result, "--cuda-graph is for one prompt")
+    _one_line_error(result, "cannot capture the engine's decode step in a CUDA graph: CUDA graphs need every layer")
+    assert not (folder.parent / "o.jsonl").exists()  # refused before the output was opened
 
 
 def test_summary_names_the_decode_path(folder) -> None:

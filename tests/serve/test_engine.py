@@ -16,6 +16,7 @@ from rkv_convert.runtime.cache import CacheSettings
 from rkv_convert.runtime.generate import RkvModel, SamplingOptions, stream_generate
 from rkv_convert.serve.engine import Engine, EngineConfig
 from rkv_convert.serve.requests import GenerationRequest
+from rkv_convert.serve.row_graph import RowDecodeGraph, bucket_for, buckets
 
 GREEDY = SamplingOptions(temperature=0.0)
 SETTINGS = CacheSettings(recent_window=4, flush_block=4, max_sinks=2)  # a flush every 4 tokens
@@ -187,5 +188,57 @@ def test_single_cache_is_the_models_own() -> None:
     mine, theirs = _engine(rkv).cache.single(16), rkv.new_cache(16)
     for a, b in zip(mine.layers, theirs.layers, strict=True):
         assert type(a) is type(b) and a.settings == b.settings and a.backend == b.backend and a.capacity_hint == b.capacity_hint
+        assert a.window == b.window
         assert torch.equal(a.rope[0], b.rope[0]) and a.rope[1] == b.rope[1]
         assert all(torch.equal(getattr(a.codec, f), getattr(b.codec, f)) for f in ("k_mean", "rotation", "k_gid", "head_rotation"))
+
+
+@pytest.mark.parametrize("key_layout", ["folded", "prerope"])
+def test_static_bucketed_steps_equal_plain_steps(key_layout: str) -> None:
+    """The CUDA-graph path's steps run eagerly: active rows padded to a bucket, the whole store and
+    fp segment read, window slots from the persistent buffer, flushes after the forward."""
+    rkv = _rkv(key_layout)
+    requests = _requests(7, seed=17)
+    arrivals = {0: 0, 1: 0, 2: 3, 3: 5, 4: 6, 5: 11, 6: 17}
+    plain = _collect(_engine(rkv, max_batch=10), requests, arrivals)
+    engine = _engine(rkv, max_batch=10)
+    assert engine.graph is None and engine.decode_path.startswith("eager (")  # CPU: no graphs, and it says why
+    engine.graph = RowDecodeGraph(rkv.model, engine.cache, rkv.cache_argument, capture=False)
+    bounds = []
+    original = engine.cache.begin_step
+
+    def begin_step(bound=None):
+        bounds.append((engine.cache.active, bound))
+        original(bound)
+
+    engine.cache.begin_step = begin_step
+    assert _collect(engine, requests, arrivals) == plain
+    assert engine.graph.eager_steps == len(bounds) > 20
+    assert all(b == 8 for a, b in bounds if a <= 8) and any(a < 8 for a, _ in bounds)  # padding rows ran
+    assert engine.stats.decode_tokens == sum(a for a, _ in bounds)  # padding rows emit nothing
+    assert engine.cache.active == 0
+
+
+def test_static_step_bound_is_checked() -> None:
+    rkv = _rkv("folded")
+    engine = _engine(rkv, max_batch=4)
+    engine.submit(_requests(1)[0], lambda e: None)
+    engine.step()
+    with pytest.raises(ValueError, match="bound of 1 to 4 rows, got 5"):
+        engine.cache.begin_step(bound=5)
+
+
+def test_buckets() -> None:
+    assert buckets(256)[:9] == [8, 16, 24, 32, 40, 48, 56, 64, 80] and buckets(256)[-2:] == [240, 256]
+    assert buckets(5) == [5] and buckets(70) == [8, 16, 24, 32, 40, 48, 56, 64, 70]
+    assert bucket_for(1, buckets(256)) == 8 and bucket_for(65, buckets(256)) == 80 and bucket_for(256, buckets(256)) == 256
+    with pytest.raises(ValueError, match="exceed the largest bucket"):
+        bucket_for(6, buckets(5))
+
+
+def test_engine_refuses_required_cuda_graph_on_cpu() -> None:
+    rkv = _rkv("folded")
+    with pytest.raises(ValueError, match="cannot capture the engine's decode step in a CUDA graph: CUDA graphs need"):
+        Engine(rkv, EngineConfig(max_len=64, budget_bytes=2**30, max_batch=2, cuda_graph=True))
+    assert Engine(rkv, EngineConfig(max_len=64, budget_bytes=2**30, max_batch=2, cuda_graph=False)).decode_path == \
+        "eager (CUDA graphs off)"
