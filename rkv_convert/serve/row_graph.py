@@ -11,7 +11,8 @@ A bucket is captured at its second step (the first runs eagerly and compiles the
 shapes) and replayed from then on. Every graph reads the cache's storage tensors at the addresses
 they had when it was captured: when the store grows (``RowState.version``), all graphs are dropped
 and recaptured as their buckets come back. The graphs share one memory pool (they never run at the
-same time). What cannot be captured is refused up front, with the reason (:func:`row_graph_supports`).
+same time; a new pool after a drop). What cannot be captured is refused up front, with the reason
+(:func:`row_graph_supports`).
 """
 
 from __future__ import annotations
@@ -96,8 +97,7 @@ class RowDecodeGraph:
         if not st.static or ids.shape[0] != st.bound:
             raise RuntimeError(f"a static step of {ids.shape[0]} rows needs begin_step(bound={ids.shape[0]}) first")
         if st.version != self._version:
-            self.graphs.clear()
-            self._seen.clear()
+            self._drop_graphs()
             self._version = st.version
         bound = st.bound
         if self.capture and bound not in self.graphs and bound in self._seen:
@@ -112,6 +112,14 @@ class RowDecodeGraph:
         self._seen.add(bound)
         self.eager_steps += 1
         return self._forward(ids, positions), False
+
+    def _drop_graphs(self) -> None:
+        """Forget every graph (the storage moved). Their pool goes with them: PyTorch frees a pool
+        whose last graph is gone, and a capture into a freed pool's handle fails, so take a new one."""
+        self.graphs.clear()
+        self._seen.clear()
+        if self.capture:
+            self._pool = torch.cuda.graph_pool_handle()
 
     def _capture(self, bound: int, ids: torch.Tensor) -> None:
         """Record one step of ``bound`` rows without running it (host counters the Python moved are restored by
