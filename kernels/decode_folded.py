@@ -164,14 +164,26 @@ def mean_scores_ref(
 
 
 def rotate_queries(q: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """``q' = q R_h`` fp32 ``[B, n_q, d]`` (query head ``i`` by its KV head's ``R_h``, ``rotation [n_kv, d, d]``).
+    """``q' = q R_h`` as ``[B, n_kv, rep, d]`` (query head ``h*rep + r`` by its KV head's ``R_h``,
+    ``rotation [n_kv, d, d]``): a view of one batched product ``[n_kv, B*rep, d]``, which the kernel
+    reads through its strides.
 
-    One batched product per KV head: a broadcast ``matmul`` would first copy ``R`` once per sequence
-    (``B * n_kv * d * d`` floats, 67 MB per layer at batch 32 of the LLaMA-2-7B shape)."""
+    fp16 queries: ``R_h`` rounded to fp16, products summed in fp32, ``q'`` rounded to fp16 (what the
+    kernel's dots take: its fp16 key dots round ``q'`` to fp16, its integer dots to 8 bits); other
+    dtypes in fp32. The product runs per KV head over a strided view of ``q``: no copy of ``q`` where
+    ``B`` or ``rep`` is 1, and never one of ``R`` per sequence (a broadcast ``matmul`` would copy ``R``
+    ``B`` times, 67 MB per layer at batch 32 of the LLaMA-2-7B shape)."""
     B, n_q, d = q.shape
     n_kv = rotation.shape[0]
-    qf = q.float().reshape(B, n_kv, n_q // n_kv, d)
-    return torch.einsum("bhrd,hde->bhre", qf, rotation.to(q.device, torch.float32)).reshape(B, n_q, d)
+    rep = n_q // n_kv
+    a = q.reshape(B, n_kv, rep, d).transpose(0, 1).reshape(n_kv, B * rep, d)  # a view unless B > 1 and rep > 1
+    if q.dtype != torch.float16:
+        out = torch.bmm(a.float(), rotation.to(q.device, torch.float32))
+    elif q.is_cuda:  # cuBLAS: fp16 operands, fp32 accumulation, fp16 result
+        out = torch.bmm(a, rotation.to(q.device, torch.float16))
+    else:
+        out = torch.bmm(a.float(), rotation.to(q.device, torch.float16).float()).half()
+    return out.view(n_kv, B, rep, d).transpose(0, 1)
 
 
 def int8_key_dots(q_dtype: torch.dtype, head_dim: int) -> bool:
@@ -204,7 +216,7 @@ def folded_scores_ref(
     """
     B, n_q, d = q.shape
     n_kv = y.shape[1]
-    q_rot = rotate_queries(q, params.rotation).reshape(B, n_kv, n_q // n_kv, d)
+    q_rot = rotate_queries(q, params.rotation).float()
     cd = compute_dtype
     if query_int8:  # the codes are integers: the kernel's dot is exact, only q' is rounded
         q_rot, cd_keys = round_query_int8(q_rot, params.g_k), torch.float32
@@ -351,7 +363,7 @@ def _codes_as(codes, DT: tl.constexpr):
 
 @triton.jit
 def _q_plane(qr_col, cmask, ii, col_g, j: tl.constexpr, PW: tl.constexpr, GK: tl.constexpr, DT: tl.constexpr):
-    """Rows ``4i + j`` of ``q'`` (plane-ordered fp32 rows ``qr_col``) as ``[PW, QC]``: column ``(pad, r, g)``
+    """Rows ``4i + j`` of ``q'`` (plane-ordered rows ``qr_col``) as ``[PW, QC]``: column ``(pad, r, g)``
     keeps group ``g``'s channels of query row ``r`` (zeros in padded columns)."""
     keep = cmask & (((4 * ii + j) // GK)[:, None] == col_g[None, :])
     return tl.load(qr_col[None, :] + j * PW + ii[:, None], mask=keep, other=0.0).to(DT)
@@ -391,7 +403,7 @@ def _mean_bias_kernel(
 @triton.jit(do_not_specialize=["T", "F", "n_parts"])  # lengths: one compile for all
 def _folded_kernel(
     q_ptr, qr_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, bias_ptr, fk_ptr, fv_ptr, fpos_ptr, o_ptr, lse_ptr,
-    s_qb, s_qh, s_kcb, s_kch, s_kct, s_ksb, s_ksh, s_vcb, s_vch, s_vct, s_vsb, s_vsh,
+    s_qb, s_qh, s_rb, s_rh, s_rr, s_kcb, s_kch, s_kct, s_ksb, s_ksh, s_vcb, s_vch, s_vct, s_vsb, s_vsh,
     s_bb, s_bh, s_fb, s_fh, s_ft, s_fpb,
     T, F, tokens_per_split, n_parts, n_q, qk_scale, cap_scale,
     D: tl.constexpr, REP: tl.constexpr, R: tl.constexpr,
@@ -431,7 +443,7 @@ def _folded_kernel(
     gv = tl.arange(0, NGV)
 
     q_col = q_ptr + b * s_qb + (h * REP + col_r) * s_qh  # [QC]: column (pad, r, g) reads query row r
-    qr_col = qr_ptr + b * s_qb + (h * REP + col_r) * s_qh  # the same rows of q' (plane order)
+    qr_col = qr_ptr + b * s_rb + h * s_rh + col_r * s_rr  # the same rows of q' (plane order, [B, n_kv, rep, d])
     cmask = ((col < UK) & (col_r < REP))[None, :]
     q0 = _q_plane(qr_col, cmask, ii, col_g, 0, PW, GK, tl.float32)
     q1 = _q_plane(qr_col, cmask, ii, col_g, 1, PW, GK, tl.float32)
@@ -713,7 +725,7 @@ def decode_folded(
     R = next_pow2(rep)
     maskless = _whole_blocks(T, block_n, kv.k_codes.shape[2])
     padded = cdiv(T, block_n) * block_n
-    qc = q.contiguous()  # (q and q' = q R share one stride set)
+    qc = q if q.stride(-1) == 1 else q.contiguous()  # rows at any stride
     kc, vc, pos = _last_contig(kv.k_codes), _last_contig(kv.v_codes), _last_contig(kv.pos)
     ks, kz = _group_rows(kv.k_scale, kv.k_zero)
     vs, vz = _group_rows(kv.v_scale, kv.v_zero)
@@ -733,14 +745,13 @@ def decode_folded(
     qk_scale, cap_scale = logit_scales(params.sm_scale, params.softcap)
     defaults = tuple(FOLDED_DEFAULTS[k] for k in ("block_n", "num_warps", "num_stages"))
     cap = {"maxnreg": FOLDED_DEFAULTS["maxnreg"]} if fp16 and (block_n, num_warps, num_stages) == defaults else {}
-    r_planes = params.kernel_operands(dev)[0]
-    qr = rotate_queries(qc, r_planes).contiguous()  # q' = q R_h in plane order, fp32 (q's strides)
+    qr = rotate_queries(qc, params.rotation_planes(dev, q.dtype))  # q' = q R_h in plane order, [B, n_kv, rep, d]
     with device_guard(qc):  # Triton launches on the current device
         bias = (_mean_bias(qc, pos, params, T, fp16, interp, width=padded if maskless else cdiv(T, 16) * 16) if T
                 else o_part.new_empty(1, 1, 1, dtype=torch.float32))
         _folded_kernel[(B, n_kv, n_parts)](
             qc, qr, kc, ks, kz, vc, vs, vz, bias, fk, fv, fpos, o_part, lse_part,
-            qc.stride(0), qc.stride(1), *kc.stride()[:3], *ks.stride()[:2], *vc.stride()[:3], *vs.stride()[:2],
+            qc.stride(0), qc.stride(1), *qr.stride()[:3], *kc.stride()[:3], *ks.stride()[:2], *vc.stride()[:3], *vs.stride()[:2],
             bias.stride(0), bias.stride(1), *fk.stride()[:3], fpos.stride(0),
             T, F, tokens_per_split, n_parts, n_q, qk_scale, cap_scale,
             D=d, REP=rep, R=R, NG=d // params.g_k, GK=params.g_k, NGV=d // params.g_v, GV=params.g_v,

@@ -70,6 +70,17 @@ class FoldedParams:
                                        self.inv_freq.to(device=device, dtype=torch.float32).contiguous())
         return self._on_device[device]
 
+    def rotation_planes(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """``r_planes`` of :meth:`kernel_operands` in the dtype :func:`~.decode_folded.rotate_queries` multiplies
+        ``dtype`` queries with (fp16 for fp16, else fp32), made once per device and dtype."""
+        r_planes = self.kernel_operands(device)[0]
+        if dtype != torch.float16:
+            return r_planes
+        key = ("planes", device, torch.float16)
+        if key not in self._on_device:
+            self._on_device[key] = r_planes.to(torch.float16)
+        return self._on_device[key]
+
     def encode_operands(self, device: torch.device, split: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(rotation, mean, inv_freq)`` contiguous on ``device`` for the cache writes (:mod:`.encode_folded`),
         made once. ``rotation``: ``split``: fp16 ``[n_kv, 2d, d]`` = ``[R_hi; R_lo]`` per head (``R_h = R_hi +

@@ -327,7 +327,7 @@ def test_fp16_kernel_computes_the_int8_query_reference() -> None:
     torch.manual_seed(0)
     q, kv, params = make_case(dtype=torch.float16, **CASES["gqa4-d128-g64-fp"])
     out = _run(q, kv, params, block_n=16, num_splits=2).float()
-    as_kernel = decode_folded_ref(_dev(q.float()), _dev(_f32(kv)), _dev(params), query_int8=True).cpu()
+    as_kernel = decode_folded_ref(_dev(q), _dev(_f32(kv)), _dev(params), query_int8=True).float().cpu()
     unrounded = decode_folded_ref(_dev(q.float()), _dev(_f32(kv)), _dev(params), query_int8=False).cpu()
     near, far = (out - as_kernel).abs().max().item(), (out - unrounded).abs().max().item()
     assert near < 0.25 * far, (near, far)
