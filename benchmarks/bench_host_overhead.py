@@ -10,7 +10,7 @@ passes at a decode step.
 
 ``--device cpu`` (default): **Python/host work only**, not the GPU, and not Triton's own launch
 cost (argument binding, specialization keys, the driver call: tens of microseconds per launch on
-a GPU host). Every Triton kernel the path launches (``_mean_bias_kernel``, ``_folded_kernel``,
+a GPU host). Every Triton kernel the path launches (``_query_prep_kernel``, ``_folded_kernel``,
 ``_merge_kernel``, ``_quantize_pack_kernel``) is replaced at its launch site by a stub that only
 counts the launch; outputs are left uninitialised. ``TRITON_INTERPRET=1`` is set before
 ``triton`` is imported so that ``backend="auto"`` takes the Triton path on the CPU as it does on
@@ -75,7 +75,7 @@ def _load_project() -> None:
 # SmolLM2-135M: hidden 576, 9 query / 3 KV heads of 64 (one layer of its 30)
 SHAPE = dict(hidden=576, intermediate=1536, heads=9, kv_heads=3, vocab=1024)
 _LAUNCHES = {  # module -> kernels launched from it on the folded decode path
-    "rkv_convert.kernels.decode_folded": ("_mean_bias_kernel", "_folded_kernel"),
+    "rkv_convert.kernels.decode_folded": ("_query_prep_kernel", "_folded_kernel"),
     "rkv_convert.kernels.decode_attention": ("_merge_kernel",),
     "rkv_convert.kernels.quantize_pack": ("_quantize_pack_kernel",),
 }

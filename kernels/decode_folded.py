@@ -24,16 +24,18 @@ head ``i`` reads KV head ``i // rep``). Since ``RoPE_n(k_n) = y_n R_h^T + RoPE_n
 
 Two launches (plus the split-K merge):
 
-1. **Mean bias** (grid ``(B, T / 64)``): ``bias[b, i, t] = q_i · RoPE_{pos[b,t]}(mu)`` for every
-   query head and slot, ``-inf`` for empty slots (``pos == -1``). The coefficients ``A, B`` are
+1. **Query prep** (grid ``(B, T / 64 + n_kv)``). The first ``T / 64`` programs write the mean bias
+   ``bias[b, i, t] = q_i · RoPE_{pos[b,t]}(mu)`` for every query head and slot, ``-inf`` for empty
+   slots (``pos == -1``). The coefficients ``A, B`` are
    formed in the kernel; cos/sin of each slot's own position (the fast hardware unit after a
    Cody-Waite reduction) meet them in two dots. It reads the positions once for all heads and
    writes ``4 n_q`` bytes per slot (the main kernel reads them back): about 10 % of the packed
-   bytes for MHA, more for GQA.
+   bytes for MHA, more for GQA. The last ``n_kv`` programs write ``q' = q R_h`` for their KV head's
+   query rows (fp16 operands and result for fp16 queries, fp32 sums; else fp32;
+   :func:`rotate_queries` is the reference), so that the attention launch needs no other op before it.
 2. **Attention** (grid ``(B, n_kv, n_parts)``, one program per KV head, its ``rep`` query heads
    and one contiguous split of slots; split-K with a log-sum-exp merge, or one launch when there
-   is a single part). Per program, once: the rows of ``q' = q R_h`` (fp32, one batched matmul
-   before the launch). Per block of
+   is a single part). Per program, once: its rows of ``q'`` (from the prep launch). Per block of
    ``BLOCK_N`` slots:
 
    - **Codes as four planes.** Plane ``j`` of a packed byte tile ``[BLOCK_N, d/4]`` holds channels
@@ -165,14 +167,13 @@ def mean_scores_ref(
 
 def rotate_queries(q: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     """``q' = q R_h`` as ``[B, n_kv, rep, d]`` (query head ``h*rep + r`` by its KV head's ``R_h``,
-    ``rotation [n_kv, d, d]``): a view of one batched product ``[n_kv, B*rep, d]``, which the kernel
-    reads through its strides.
+    ``rotation [n_kv, d, d]``): the reference of the kernel's rotation (``_rotate_block``, in the launch
+    that writes the mean bias).
 
     fp16 queries: ``R_h`` rounded to fp16, products summed in fp32, ``q'`` rounded to fp16 (what the
     kernel's dots take: its fp16 key dots round ``q'`` to fp16, its integer dots to 8 bits); other
-    dtypes in fp32. The product runs per KV head over a strided view of ``q``: no copy of ``q`` where
-    ``B`` or ``rep`` is 1, and never one of ``R`` per sequence (a broadcast ``matmul`` would copy ``R``
-    ``B`` times, 67 MB per layer at batch 32 of the LLaMA-2-7B shape)."""
+    dtypes in fp32. One batched product per KV head (a broadcast ``matmul`` would copy ``R`` once per
+    sequence)."""
     B, n_q, d = q.shape
     n_kv = rotation.shape[0]
     rep = n_q // n_kv
@@ -369,16 +370,13 @@ def _q_plane(qr_col, cmask, ii, col_g, j: tl.constexpr, PW: tl.constexpr, GK: tl
     return tl.load(qr_col[None, :] + j * PW + ii[:, None], mask=keep, other=0.0).to(DT)
 
 
-@triton.jit(do_not_specialize=["T"])  # lengths: one compile for all
-def _mean_bias_kernel(
-    q_ptr, mean_ptr, freq_ptr, pos_ptr, bias_ptr, s_qb, s_qh, s_pb, s_bb, s_bh, T, W, rope_scaling,
-    N_Q: tl.constexpr, NQP: tl.constexpr, REP: tl.constexpr, H: tl.constexpr, BLOCK_T: tl.constexpr,
-    DT: tl.constexpr, PREC: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
-):
-    """Grid ``(B, W / BLOCK_T)``: ``bias[b, i, t] = q_i · RoPE_{pos[b, t]}(mu_{i // REP})``, ``-inf`` where
+@triton.jit
+def _bias_block(q_ptr, mean_ptr, freq_ptr, pos_ptr, bias_ptr, s_qb, s_qh, s_pb, s_bb, s_bh, T, W, rope_scaling, b, blk,
+                N_Q: tl.constexpr, NQP: tl.constexpr, REP: tl.constexpr, H: tl.constexpr, BLOCK_T: tl.constexpr,
+                DT: tl.constexpr, PREC: tl.constexpr, USE_LIBDEVICE: tl.constexpr):  # fmt: skip
+    """Slots ``blk*BLOCK_T ..`` of ``bias[b, i, t] = q_i · RoPE_{pos[b, t]}(mu_{i // REP})``, ``-inf`` where
     ``pos < 0`` and for ``T <= t < W`` (the row's padding to whole slot blocks)."""
-    b = tl.program_id(0).to(tl.int64)
-    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t = blk * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = t < T
     p_t = tl.load(pos_ptr + b * s_pb + t, mask=tmask, other=-1)
     hh = tl.arange(0, H)
@@ -398,6 +396,44 @@ def _mean_bias_kernel(
     acc = tl.dot(s.to(DT), coef_b.to(DT), acc, input_precision=PREC)
     acc = tl.where((p_t >= 0)[:, None], acc, float("-inf"))
     tl.store(bias_ptr + b * s_bb + qi[None, :] * s_bh + t[:, None], acc, mask=(t < W)[:, None] & qm)
+
+
+@triton.jit
+def _rotate_block(q_ptr, rot_ptr, qr_ptr, s_qb, s_qh, s_rb, s_rh, s_rr, b, h,
+                  D: tl.constexpr, REP: tl.constexpr, RP: tl.constexpr, BE: tl.constexpr, RDT: tl.constexpr,
+                  RPREC: tl.constexpr):  # fmt: skip
+    """``q' = q R_h`` for the ``REP`` query rows of KV head ``h``: :func:`rotate_queries`'s math (``RDT``
+    operands, fp32 sums, stored in ``qr``'s dtype), ``BE`` output channels per dot."""
+    rows = tl.arange(0, RP)
+    rmask = (rows < REP)[:, None]
+    kk = tl.arange(0, D)
+    qv = tl.load(q_ptr + b * s_qb + (h * REP + rows)[:, None] * s_qh + kk[None, :], mask=rmask, other=0.0).to(RDT)
+    for e0 in tl.static_range(0, D, BE):
+        ee = e0 + tl.arange(0, BE)
+        r = tl.load(rot_ptr + h * D * D + kk[:, None] * D + ee[None, :]).to(RDT)
+        acc = tl.dot(qv, r, input_precision=RPREC)
+        dst = qr_ptr + b * s_rb + h * s_rh + rows[:, None] * s_rr + ee[None, :]
+        tl.store(dst, acc, mask=rmask)  # cast to qr's dtype
+
+
+@triton.jit(do_not_specialize=["T", "NB"])  # lengths: one compile for all
+def _query_prep_kernel(
+    q_ptr, mean_ptr, freq_ptr, pos_ptr, bias_ptr, rot_ptr, qr_ptr, s_qb, s_qh, s_pb, s_bb, s_bh, s_rb, s_rh, s_rr,
+    T, W, NB, rope_scaling,
+    N_Q: tl.constexpr, NQP: tl.constexpr, REP: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr,
+    DT: tl.constexpr, PREC: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
+    RP: tl.constexpr, BE: tl.constexpr, RDT: tl.constexpr, RPREC: tl.constexpr,
+):
+    """Grid ``(B, NB + n_kv)``: programs ``0 .. NB-1`` write the mean bias of their ``BLOCK_T`` slots
+    (:func:`_bias_block`), program ``NB + h`` the rotated queries of KV head ``h`` (:func:`_rotate_block`):
+    what the attention kernel reads, in one launch."""
+    b = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(1)
+    if pid < NB:
+        _bias_block(q_ptr, mean_ptr, freq_ptr, pos_ptr, bias_ptr, s_qb, s_qh, s_pb, s_bb, s_bh, T, W, rope_scaling, b, pid,
+                    N_Q, NQP, REP, D // 2, BLOCK_T, DT, PREC, USE_LIBDEVICE)  # fmt: skip
+    else:
+        _rotate_block(q_ptr, rot_ptr, qr_ptr, s_qb, s_qh, s_rb, s_rh, s_rr, b, pid - NB, D, REP, RP, BE, RDT, RPREC)
 
 
 @triton.jit(do_not_specialize=["T", "F", "n_parts"])  # lengths: one compile for all
@@ -643,22 +679,32 @@ def _whole_blocks(T: int, block_n: int, capacity: int) -> bool:
     return cdiv(T, block_n) * block_n <= capacity
 
 
-def _mean_bias(q: torch.Tensor, pos: torch.Tensor, params: FoldedParams, T: int, fp16: bool, interp: bool,
-               width: int | None = None) -> torch.Tensor:
-    """``fp32 [B, n_q, width]``: ``q · RoPE_pos(mu)`` per query head and slot for the first ``T`` slots,
-    ``-inf`` on empty slots and on ``[T, width)`` (``width``: default ``T``; one launch). The main kernel
-    pads ``width`` to a multiple of 16: row strides stay 16-aligned, so one compile serves every ``T``."""
+def _query_prep(q: torch.Tensor, pos: torch.Tensor, params: FoldedParams, T: int, interp: bool,
+                width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(bias, qr)`` in one launch: ``bias fp32 [B, n_q, width]`` = ``q · RoPE_pos(mu)`` per query head
+    and slot for the first ``T`` slots, ``-inf`` on empty slots and on ``[T, width)`` (``width``: default
+    ``T``; a ``[1, 1, 1]`` placeholder when it is 0), and ``qr [B, n_kv, rep, d]`` = ``q R_h`` in plane
+    order (:func:`rotate_queries`: fp16 for fp16 queries, else fp32). The main kernel pads ``width`` to a
+    multiple of 16: row strides stay 16-aligned, so one compile serves every ``T``."""
     B, n_q, d = q.shape
+    n_kv = params.n_kv
+    rep = n_q // n_kv
+    fp16 = q.dtype == torch.float16
     width = T if width is None else width
-    bias = torch.empty(B, n_q, width, device=q.device, dtype=torch.float32)
-    _, mean, freq = params.kernel_operands(q.device)
-    _mean_bias_kernel[(B, cdiv(width, _BIAS_BLOCK))](
-        q, mean, freq, pos, bias, q.stride(0), q.stride(1), pos.stride(0), bias.stride(0), bias.stride(1), T, width,
-        float(params.attention_scaling), N_Q=n_q, NQP=max(16, next_pow2(n_q)), REP=n_q // params.n_kv, H=d // 2,
-        BLOCK_T=_BIAS_BLOCK, DT=tl.float16 if fp16 else tl.float32, PREC="tf32" if fp16 else "ieee",
-        USE_LIBDEVICE=not interp,
+    dev = q.device
+    bias = torch.empty(B, n_q, width, device=dev, dtype=torch.float32) if width else torch.empty(1, 1, 1, device=dev)
+    qr = torch.empty(B, n_kv, rep, d, device=dev, dtype=torch.float16 if fp16 else torch.float32)
+    rot = params.rotation_planes(dev, q.dtype)
+    _, mean, freq = params.kernel_operands(dev)
+    n_blocks = cdiv(width, _BIAS_BLOCK)
+    _query_prep_kernel[(B, n_blocks + n_kv)](
+        q, mean, freq, pos, bias, rot, qr, q.stride(0), q.stride(1), pos.stride(0), bias.stride(0), bias.stride(1),
+        *qr.stride()[:3], T, width, n_blocks, float(params.attention_scaling),
+        N_Q=n_q, NQP=max(16, next_pow2(n_q)), REP=rep, D=d, BLOCK_T=_BIAS_BLOCK,
+        DT=tl.float16 if fp16 else tl.float32, PREC="tf32" if fp16 else "ieee", USE_LIBDEVICE=not interp,
+        RP=max(16, next_pow2(rep)), BE=min(d, 64), RDT=tl.float16 if fp16 else tl.float32, RPREC="ieee",
     )  # fmt: skip
-    return bias
+    return bias, qr
 
 
 def decode_folded(
@@ -745,10 +791,8 @@ def decode_folded(
     qk_scale, cap_scale = logit_scales(params.sm_scale, params.softcap)
     defaults = tuple(FOLDED_DEFAULTS[k] for k in ("block_n", "num_warps", "num_stages"))
     cap = {"maxnreg": FOLDED_DEFAULTS["maxnreg"]} if fp16 and (block_n, num_warps, num_stages) == defaults else {}
-    qr = rotate_queries(qc, params.rotation_planes(dev, q.dtype))  # q' = q R_h in plane order, [B, n_kv, rep, d]
     with device_guard(qc):  # Triton launches on the current device
-        bias = (_mean_bias(qc, pos, params, T, fp16, interp, width=padded if maskless else cdiv(T, 16) * 16) if T
-                else o_part.new_empty(1, 1, 1, dtype=torch.float32))
+        bias, qr = _query_prep(qc, pos, params, T, interp, width=(padded if maskless else cdiv(T, 16) * 16) if T else 0)
         _folded_kernel[(B, n_kv, n_parts)](
             qc, qr, kc, ks, kz, vc, vs, vz, bias, fk, fv, fpos, o_part, lse_part,
             qc.stride(0), qc.stride(1), *qr.stride()[:3], *kc.stride()[:3], *ks.stride()[:2], *vc.stride()[:3], *vs.stride()[:2],

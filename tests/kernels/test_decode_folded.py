@@ -17,12 +17,13 @@ import torch
 from _cache_factory import fold_keys_pre, quantize_folded
 from rkv_convert.kernels._common import triton_interpreting
 from rkv_convert.kernels.decode_folded import (
-    _mean_bias,
+    _query_prep,
     _whole_blocks,
     decode_folded,
     decode_folded_ref,
     folded_scores_ref,
     mean_scores_ref,
+    rotate_queries,
     round_query_int8,
 )
 from rkv_convert.kernels.folded_params import FoldedParams
@@ -156,13 +157,28 @@ def test_mean_bias_kernel_matches_reference(dtype: torch.dtype) -> None:
     (left padding, a hole), at positions near 20k where fp16 cos/sin operands round most."""
     q, kv, params = make_case(dtype=dtype, B=2, n_kv=2, rep=3, d=64, T=70, att=1.3, pos0=20000)
     T = kv.pos.shape[1]
-    got = _mean_bias(_dev(q), _dev(kv.pos), _dev(params), T, dtype == torch.float16, triton_interpreting()).cpu()
+    got = _query_prep(_dev(q), _dev(kv.pos), _dev(params), T, triton_interpreting())[0].cpu()
     ref = mean_scores_ref(q.float(), kv.pos, params)
     empty = (kv.pos < 0)[:, None, :].expand_as(ref)
     assert empty.any() and bool(torch.isneginf(got[empty]).all()) and bool(torch.isfinite(got[~empty]).all())
     err = (got[~empty] - ref[~empty]).abs().max().item()
     low_err = (mean_scores_ref(q, kv.pos, params, dtype)[~empty] - ref[~empty]).abs().max().item()
     assert err <= 2 * low_err + ATOL[dtype] * ref.abs().max().item(), (err, low_err)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n_kv,rep,d", [(2, 3, 64), (3, 1, 128), (1, 4, 256)])
+def test_query_rotation_matches_reference(dtype: torch.dtype, n_kv: int, rep: int, d: int) -> None:
+    """The rotation programs of the prep launch against :func:`rotate_queries` on the plane-ordered
+    rotation: fp16 queries round ``q'`` to fp16 (one fp16 step apart at most: summation order), others fp32."""
+    q, kv, params = make_case(dtype=dtype, B=2, n_kv=n_kv, rep=rep, d=d, T=20)
+    q = torch.cat([q, q], -1)[..., :d]  # rows at a stride of 2d: the kernel reads any row stride
+    assert q.stride(1) == 2 * d
+    got = _query_prep(_dev(q), _dev(kv.pos), _dev(params), 20, triton_interpreting())[1].cpu()
+    ref = rotate_queries(q, params.rotation_planes(torch.device("cpu"), q.dtype))
+    assert got.dtype == (torch.float16 if dtype == torch.float16 else torch.float32) == ref.dtype
+    step = {torch.float16: 2**-10, torch.float32: 1e-5, torch.bfloat16: 1e-5}[dtype]
+    torch.testing.assert_close(got.float(), ref.float(), rtol=step, atol=step * ref.abs().max().item())
 
 
 def test_bf16_one_launch() -> None:
