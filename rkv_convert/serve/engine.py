@@ -307,8 +307,8 @@ class Engine:
         inputs = host.to(self.device)
         self.cache.begin_step(bound=bound)
         with self.model.attached():
-            logits, replayed = runner.step(inputs[0], inputs[1])
-        if not replayed:
+            logits, ran_forward = runner.step(inputs[0], inputs[1])
+        if ran_forward:
             self._check_written()
         self.cache.flush()
         return logits[:a].to(self.device)

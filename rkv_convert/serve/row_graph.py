@@ -90,9 +90,10 @@ class RowDecodeGraph:
 
     def step(self, ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """Logits ``[bound, vocab]`` of a static step whose ``begin_step(bound)`` already ran, and
-        whether it was replayed (a replay runs no Python of the forward: the caller's per-layer
-        checks apply to eager steps only). ``ids, positions [bound, 1]``; padding rows may hold
-        anything in range. The result may be a graph's buffer: read it before the next step."""
+        whether the model's Python forward ran this step (eagerly, or to capture the graph replayed
+        now): only then did the attention handler count its appends, which the caller may check.
+        ``ids, positions [bound, 1]``; padding rows may hold anything in range. The result may be a
+        graph's buffer: read it before the next step."""
         st = self.cache.state
         if not st.static or ids.shape[0] != st.bound:
             raise RuntimeError(f"a static step of {ids.shape[0]} rows needs begin_step(bound={ids.shape[0]}) first")
@@ -100,7 +101,8 @@ class RowDecodeGraph:
             self._drop_graphs()
             self._version = st.version
         bound = st.bound
-        if self.capture and bound not in self.graphs and bound in self._seen:
+        captured = self.capture and bound not in self.graphs and bound in self._seen
+        if captured:
             self._capture(bound, ids)
         if bound in self.graphs:
             g = self.graphs[bound]
@@ -108,10 +110,10 @@ class RowDecodeGraph:
             g.positions.copy_(positions)
             g.graph.replay()
             self.replays += 1
-            return g.logits, True
+            return g.logits, captured
         self._seen.add(bound)
         self.eager_steps += 1
-        return self._forward(ids, positions), False
+        return self._forward(ids, positions), True
 
     def _drop_graphs(self) -> None:
         """Forget every graph (the storage moved). Their pool goes with them: PyTorch frees a pool
