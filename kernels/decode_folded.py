@@ -177,14 +177,11 @@ def rotate_queries(q: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     B, n_q, d = q.shape
     n_kv = rotation.shape[0]
     rep = n_q // n_kv
-    a = q.reshape(B, n_kv, rep, d).transpose(0, 1).reshape(n_kv, B * rep, d)  # a view unless B > 1 and rep > 1
-    if q.dtype != torch.float16:
-        out = torch.bmm(a.float(), rotation.to(q.device, torch.float32))
-    elif q.is_cuda:  # cuBLAS: fp16 operands, fp32 accumulation, fp16 result
-        out = torch.bmm(a, rotation.to(q.device, torch.float16))
-    else:
-        out = torch.bmm(a.float(), rotation.to(q.device, torch.float16).float()).half()
-    return out.view(n_kv, B, rep, d).transpose(0, 1)
+    a = q.reshape(B, n_kv, rep, d).transpose(0, 1).reshape(n_kv, B * rep, d).float()
+    half = q.dtype == torch.float16
+    r = rotation.to(q.device, torch.float16 if half else torch.float32).float()
+    out = torch.bmm(a, r)
+    return (out.half() if half else out).view(n_kv, B, rep, d).transpose(0, 1)
 
 
 def int8_key_dots(q_dtype: torch.dtype, head_dim: int) -> bool:

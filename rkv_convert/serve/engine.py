@@ -32,10 +32,11 @@ import torch
 
 from ..models.compat import CacheDisengagedError
 from ..runtime.cache import store_capacity
+from ..runtime.decode_graph import decode_graph_supports
 from ..runtime.generate import RkvModel, ensure_cache_engaged, sample_next
 from .requests import GenerationRequest
 from .row_cache import RowCache, row_bytes
-from .row_graph import RowDecodeGraph, row_graph_supports
+from .row_graph import RowDecodeGraph
 
 __all__ = ["EngineConfig", "TokenEvent", "Engine", "default_budget", "bytes_per_row"]
 
@@ -140,7 +141,7 @@ class Engine:
         """The CUDA-graph runner of the decode steps (or None) and the path in words."""
         if cuda_graph is False:
             return None, "eager (CUDA graphs off)"
-        reason = row_graph_supports(self.cache, self.model.model)
+        reason = decode_graph_supports(self.cache, self.model.model)
         if reason is None:
             return RowDecodeGraph(self.model.model, self.cache, self.model.cache_argument), "CUDA graph"
         if cuda_graph:

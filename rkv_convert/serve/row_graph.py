@@ -12,7 +12,7 @@ shapes) and replayed from then on. Every graph reads the cache's storage tensors
 they had when it was captured: when the store grows (``RowState.version``), all graphs are dropped
 and recaptured as their buckets come back. The graphs share one memory pool (they never run at the
 same time; a new pool after a drop). What cannot be captured is refused up front, with the reason
-(:func:`row_graph_supports`).
+(``runtime.decode_graph.decode_graph_supports``: the row cache is an ``RkvCache``, so the same check).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from torch import nn
 from ..runtime.decode_graph import decode_graph_supports
 from .row_cache import RowCache
 
-__all__ = ["RowDecodeGraph", "buckets", "bucket_for", "row_graph_supports"]
+__all__ = ["RowDecodeGraph", "buckets", "bucket_for"]
 
 
 def buckets(max_rows: int) -> list[int]:
@@ -45,11 +45,6 @@ def bucket_for(active: int, bounds: list[int]) -> int:
     raise ValueError(f"{active} active rows exceed the largest bucket, {bounds[-1]}")
 
 
-def row_graph_supports(cache: RowCache, model: nn.Module) -> str | None:
-    """``None`` if the row cache's decode steps of ``model`` can be captured; else the reason they cannot."""
-    return decode_graph_supports(cache, model)
-
-
 @dataclass
 class _Captured:
     graph: torch.cuda.CUDAGraph
@@ -67,7 +62,7 @@ class RowDecodeGraph:
 
     def __init__(self, model: nn.Module, cache: RowCache, cache_argument: str, capture: bool = True) -> None:
         if capture:
-            reason = row_graph_supports(cache, model)
+            reason = decode_graph_supports(cache, model)
             if reason is not None:
                 raise ValueError(f"cannot capture the engine's decode step in a CUDA graph: {reason}")
         self.model, self.cache, self.cache_argument, self.capture = model, cache, cache_argument, capture
