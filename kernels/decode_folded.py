@@ -60,7 +60,8 @@ Two launches (plus the split-K merge):
    - Every load of a block (codes, scales, zeros, bias) is issued ``num_stages - 1`` blocks ahead
      (``cp.async`` into shared memory): scales and zeros are read as whole ``[BLOCK_N, groups]``
      rows, which needs the slot stride of the scale tensors to be their group count.
-   - Full-precision segment in its own part (the last program index), or inside the only split.
+   - Full-precision segment in parts of its own after the splits (one part, or one per 64-slot block
+     beside short splits: :func:`fp_slots_per_part`), or inside the only split.
 
 Other dot operands are fp16 for fp16 queries and fp32 (IEEE) for fp32/bf16 queries, accumulation fp32
 everywhere.
@@ -438,7 +439,7 @@ def _folded_kernel(
     q_ptr, qr_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, bias_ptr, fk_ptr, fv_ptr, fpos_ptr, o_ptr, lse_ptr,
     s_qb, s_qh, s_rb, s_rh, s_rr, s_kcb, s_kch, s_kct, s_ksb, s_ksh, s_vcb, s_vch, s_vct, s_vsb, s_vsh,
     s_bb, s_bh, s_fb, s_fh, s_ft, s_fpb,
-    T, F, tokens_per_split, n_parts, n_q, qk_scale, cap_scale,
+    T, F, tokens_per_split, n_parts, fp_first, fp_per_part, n_q, qk_scale, cap_scale,
     D: tl.constexpr, REP: tl.constexpr, R: tl.constexpr,
     NG: tl.constexpr, GK: tl.constexpr, NGV: tl.constexpr, GV: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_I8: tl.constexpr, K_FAST: tl.constexpr, V_FAST: tl.constexpr,
@@ -447,6 +448,10 @@ def _folded_kernel(
 ):
     """Grid ``(B, n_kv, n_parts)``. ``DIRECT`` (one part): the normalised output in ``o_ptr [B, n_q, d]``;
     else fp32 partial outputs ``o_ptr [B, n_q, n_parts, d]`` and log2-sum-exp ``lse_ptr [B, n_q, n_parts]``.
+
+    Parts ``0 .. fp_first-1`` read the quantized slots in splits of ``tokens_per_split``; part
+    ``fp_first + j`` reads full-precision slots ``[j*fp_per_part, (j+1)*fp_per_part)`` (``DIRECT``:
+    the one part reads both).
 
     ``MASKLESS``: every block lies within the store's capacity and the bias row, so no load needs a
     bounds mask and no scale a select: slots past ``T`` and empty slots are excluded by their
@@ -571,12 +576,13 @@ def _folded_kernel(
         a2 = tl.dot(w_t, vp2, a2 * alpha_c, input_precision=PREC)
         a3 = tl.dot(w_t, vp3, a3 * alpha_c, input_precision=PREC)
 
-    if HAS_FP:  # the last part also attends to the full-precision segment (post-RoPE keys)
-        f_stop = tl.where(split == n_parts - 1, F, 0)
+    if HAS_FP:  # the full-precision parts attend to their slots of the segment (post-RoPE keys)
+        f_lo = tl.where(split >= fp_first, (split - fp_first) * fp_per_part, F)
+        f_stop = tl.minimum(F, f_lo + fp_per_part)
         qd_t = tl.load(q_col[None, :] + kk[:, None], mask=cmask & (col_g == 0)[None, :], other=0.0).to(DT)
         fk_base = fk_ptr + b * s_fb + h * s_fh
         fv_base = fv_ptr + b * s_fb + h * s_fh
-        for f0 in range(0, f_stop, BLOCK_F):
+        for f0 in range(f_lo, f_stop, BLOCK_F):
             f = f0 + tl.arange(0, BLOCK_F)
             fmask = f < f_stop
             ff = f.to(tl.int64)
@@ -661,13 +667,37 @@ def _tiles(d: int, fp16: bool) -> dict[str, int]:
 
 
 def default_splits(programs: int, T: int, block_n: int, device: torch.device, waves: int) -> int:
-    """Context splits so that ``programs * splits`` fills about ``waves`` programs per SM (at least one block each)."""
+    """Context splits so that ``programs * splits`` fills about ``waves`` programs per SM (at least one block each).
+
+    Short contexts take fewer: ``min(waves, max(2, blocks // 16))`` programs per SM (2 up to 4k slots of
+    128-slot blocks, ``waves`` from 16k on). A split of one or two blocks spends most of its time in
+    its prologue, epilogue and the merge; on an H200 (seventh session, ``docs/benchmarks.md``) the
+    llama2-7b shape at batch 8 and 1k went 38.2 -> 33.9 us and llama3-8b batch 8 at 1k 18.6 -> 16.6 us.
+    """
     n_blocks = cdiv(T, block_n)
     if n_blocks == 0:
         return 0
     sms = sm_count(device) if device.type == "cuda" else 4
+    waves = min(waves, max(2, n_blocks // 16))
     splits = max(1, min(n_blocks, cdiv(waves * sms, programs)))
     return cdiv(n_blocks, cdiv(n_blocks, splits))  # no empty split
+
+
+def fp_slots_per_part(F: int, num_splits: int, tokens_per_split: int, block_f: int, programs: int,
+                      device: torch.device) -> int:
+    """Full-precision slots per part beside ``num_splits`` splits of ``tokens_per_split`` quantized slots.
+
+    The fp segment (136 fp16 slots by default) reads about as many bytes as 800 two-bit slots, so next
+    to short splits one part for all of it outlasts them: then it is read in parts of ``block_f``
+    slots, in parallel, as long as the grid stays within the ``waves`` programs per SM of
+    :func:`default_splits` (more programs there cost more than the wait). Measured on an H200:
+    llama3-8b shape batch 1 at 1k 12.3 -> 9.8 us, llama2-7b batch 32 at 1k 114.7 -> 128.1 us had it
+    split too (``docs/benchmarks.md``, seventh session)."""
+    whole = cdiv(max(F, 1), block_f) * block_f
+    parts = cdiv(F, block_f)
+    sms = sm_count(device) if device.type == "cuda" else 4
+    short = tokens_per_split <= 2 * FOLDED_DEFAULTS["block_n"]
+    return block_f if short and programs * (num_splits + parts) <= FOLDED_DEFAULTS["waves"] * sms else whole
 
 
 def _whole_blocks(T: int, block_n: int, capacity: int) -> bool:
@@ -760,8 +790,12 @@ def decode_folded(
     if num_splits is None:
         num_splits = default_splits(B * n_kv, T, block_n, dev, FOLDED_DEFAULTS["waves"])
     num_splits, tokens_per_split = split_slots(T, block_n, num_splits)
-    n_parts = max(num_splits, 1) if num_splits <= 1 else num_splits + int(has_fp)
-    direct = n_parts == 1
+    direct = num_splits <= 1  # one part reads the store and the fp segment
+    if direct:
+        n_parts, fp_first, fp_per_part = 1, 0, max(F, 1)
+    else:
+        fp_per_part = fp_slots_per_part(F, num_splits, tokens_per_split, tiles["block_f"], B * n_kv, dev)
+        n_parts, fp_first = num_splits + cdiv(F, fp_per_part), num_splits
 
     interp = triton_interpreting()
     prmt = fp16 and not interp and unpack == "auto"  # inline PTX: not in the interpreter
@@ -794,13 +828,13 @@ def decode_folded(
             qc, qr, kc, ks, kz, vc, vs, vz, bias, fk, fv, fpos, o_part, lse_part,
             qc.stride(0), qc.stride(1), *qr.stride()[:3], *kc.stride()[:3], *ks.stride()[:2], *vc.stride()[:3], *vs.stride()[:2],
             bias.stride(0), bias.stride(1), *fk.stride()[:3], fpos.stride(0),
-            T, F, tokens_per_split, n_parts, n_q, qk_scale, cap_scale,
+            T, F, tokens_per_split, n_parts, fp_first, fp_per_part, n_q, qk_scale, cap_scale,
             D=d, REP=rep, R=R, NG=d // params.g_k, GK=params.g_k, NGV=d // params.g_v, GV=params.g_v,
             K_BITS=params.bits, V_BITS=params.value_bits,
             K_I8=int8_key_dots(q.dtype, d), K_FAST=params.bits == 2 and prmt, V_FAST=params.value_bits == 2 and prmt,
             BLOCK_N=block_n, BLOCK_F=tiles["block_f"], HAS_FP=has_fp, DIRECT=direct,
             DT=tl.float16 if fp16 else tl.float32, PREC="tf32" if fp16 else "ieee",
-            SOFTCAP=params.softcap is not None, NUM_STAGES=num_stages, MASKLESS=maskless, num_warps=num_warps,
-            **cap,
+            SOFTCAP=params.softcap is not None, NUM_STAGES=num_stages, MASKLESS=maskless,
+            num_warps=num_warps, **cap,
         )  # fmt: skip
     return o_part if direct else _merge(o_part, lse_part, q.dtype)

@@ -196,6 +196,35 @@ def test_split_count_and_pipeline_depth_do_not_matter() -> None:
     _check(q, kv, params, outs[0])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fp_segment_read_in_parts(dtype: torch.dtype) -> None:
+    """A 150-slot fp segment read by three parts beside three short splits (``fp_slots_per_part``):
+    the reference, and the same output as one launch that reads everything."""
+    from rkv_convert.kernels.decode_folded import fp_slots_per_part
+
+    assert fp_slots_per_part(150, 3, 32, 64, programs=4, device=torch.device("cpu")) == 64  # three parts
+    assert fp_slots_per_part(150, 3, 32, 64, programs=64, device=torch.device("cpu")) == 192  # grid full: one
+    assert fp_slots_per_part(150, 3, 4096, 64, programs=4, device=torch.device("cpu")) == 192  # long splits: one
+    q, kv, params = make_case(dtype=dtype, B=2, n_kv=2, rep=2, d=64, T=70, F=150, g_k=32, g_v=64)
+    parts = _run(q, kv, params, block_n=16, num_splits=3)
+    _check(q, kv, params, parts)
+    one = _run(q, kv, params, block_n=16, num_splits=1)
+    torch.testing.assert_close(parts.float(), one.float(), atol=ATOL[dtype], rtol=0)
+
+
+def test_short_contexts_take_fewer_splits() -> None:
+    """Up to 4k slots (32 blocks) about 2 programs per SM, from 16k on ``waves`` (CPU: 4 SMs assumed)."""
+    from rkv_convert.kernels.decode_folded import default_splits
+
+    cpu = torch.device("cpu")
+    assert default_splits(4, 1024, 128, cpu, waves=8) == 2  # 8 blocks: cdiv(2 * 4, 4)
+    assert default_splits(4, 4096, 128, cpu, waves=8) == 2
+    assert default_splits(4, 8192, 128, cpu, waves=8) == 4  # 64 blocks: 4 per SM
+    assert default_splits(4, 65536, 128, cpu, waves=8) == 8
+    assert default_splits(64, 1024, 128, cpu, waves=8) == 1
+    assert default_splits(4, 0, 128, cpu, waves=8) == 0
+
+
 def test_fp16_mean_bias_at_large_positions() -> None:
     """Mean bias at positions near 20k (fp16 queries: fp16 cos/sin operands): within the dtype's tolerance."""
     q, kv, params = make_case(B=2, n_kv=1, rep=4, d=64, T=40, F=2, g_k=64, dtype=torch.float16, pos0=20000)
