@@ -108,27 +108,28 @@ def test_the_text_part_of_a_multimodal_gemma3() -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("family", NEW)
-def test_triton_on_cuda_matches_reference_backend(family: str, dtype: torch.dtype) -> None:
+def test_triton_on_cuda_matches_reference_backend(family: str, dtype: torch.dtype, layout: str) -> None:
     """The compiled Triton decode kernels on CUDA for every new family (soft cap, head_dim 256, partial
-    RoPE, per-layer RoPE, a sliding window of 24 crossed by a 70-token prompt), teacher-forced."""
+    RoPE, per-layer RoPE, a sliding window of 24 crossed by a 70-token prompt), teacher-forced. One
+    case per layout: each compiles its own kernels, so the GPU suite spreads them over its workers."""
     head_dim, n_heads, n_kv = SHAPES[family][-1]
     settings = CacheSettings(recent_window=8, flush_block=8, max_sinks=2)
     ids = torch.randint(0, 128, (3, 70), device="cuda")
-    for layout in LAYOUTS:
-        model = tiny_model(family, head_dim=head_dim, n_heads=n_heads, n_kv=n_kv, sliding_window=24)
-        ckpt = make_checkpoint(model, bits=2, key_group_size=32, value_group_size=32, key_layout=layout)
-        model = model.to("cuda", dtype)
+    model = tiny_model(family, head_dim=head_dim, n_heads=n_heads, n_kv=n_kv, sliding_window=24)
+    ckpt = make_checkpoint(model, bits=2, key_group_size=32, value_group_size=32, key_layout=layout)
+    model = model.to("cuda", dtype)
 
-        def logits(backend: str, feed: torch.Tensor | None = None) -> torch.Tensor:
-            return decode_logits(model, RkvCache.from_checkpoint(ckpt, model, settings, backend=backend), ids, 12, feed)
+    def logits(backend: str, feed: torch.Tensor | None = None) -> torch.Tensor:
+        return decode_logits(model, RkvCache.from_checkpoint(ckpt, model, settings, backend=backend), ids, 12, feed)
 
-        ref = logits("reference")
-        if layout == "prerope" and head_dim >= 256 and dtype != torch.float16:
-            with pytest.raises(ValueError, match="shared memory"):  # head_kernel_supports: refused, not run
-                logits("triton", feed=ref[:, :-1].argmax(-1))
-            continue
-        got = logits("triton", feed=ref[:, :-1].argmax(-1))
-        tol = 2e-3 if dtype == torch.float32 else 3e-2  # as test_runtime_folded.py's CUDA test
-        torch.testing.assert_close(got, ref, rtol=tol, atol=tol, msg=lambda m: f"{family} {layout} {dtype}: {m}")
+    ref = logits("reference")
+    if layout == "prerope" and head_dim >= 256 and dtype != torch.float16:
+        with pytest.raises(ValueError, match="shared memory"):  # head_kernel_supports: refused, not run
+            logits("triton", feed=ref[:, :-1].argmax(-1))
+        return
+    got = logits("triton", feed=ref[:, :-1].argmax(-1))
+    tol = 2e-3 if dtype == torch.float32 else 3e-2  # as test_runtime_folded.py's CUDA test
+    torch.testing.assert_close(got, ref, rtol=tol, atol=tol, msg=lambda m: f"{family} {layout} {dtype}: {m}")
