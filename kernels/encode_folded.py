@@ -15,16 +15,18 @@ passes views of its slots and nothing is copied afterwards.
 One program per ``(BLOCK_T tokens, KV head, sequence)``. ``RoPE_p(mu)`` is formed in registers
 (cos/sin of ``p * inv_freq`` by the fast unit after a Cody-Waite reduction) and subtracted; the
 rotation is two tensor-core dots over the halves of the head (``rotate_half`` pairs channel ``i``
-with ``i + d/2``). fp16 and bf16 keys: each dot takes fp16 operands split in two (``x = x_hi + x_lo``,
-``R = R_hi + R_lo``, three products), about fp32 accuracy at tensor-core speed (an fp16 dot alone
-moved about 0.1 % of codes, enough to shift a model's logits past its fp16 tolerance); the centred
-keys must stay inside the fp16 range (``|k - RoPE(mu)| < 65504``; real keys are orders of magnitude
-smaller). fp32 keys: IEEE fp32 dots. (With single fp16 dots, folding the mean term into two more dots,
-``cos_p @ P + sin_p @ Q``, was measured slower on the H200: 30 % against 47 % of the copy rate.)
+with ``i + d/2``). fp16 and bf16 keys: fp16 operands (the centred keys and ``R_h`` rounded to fp16),
+fp32 sums, the reference's math for these keys (``fold_keys(..., operands=torch.float16)``); the
+rounding moves ``y`` by about ``2**-11`` of its size, a thousandth of a 2-bit step, so it flips a code
+only where ``y`` sits within that of a rounding boundary (about 0.1 % of codes against fp32 operands).
+The centred keys must stay inside the fp16 range (``|k - RoPE(mu)| < 65504``; real keys are orders of
+magnitude smaller). fp32 keys: IEEE fp32 dots. (Tried on the H200: operands split in two, ``x_hi + x_lo``
+and ``R_hi + R_lo`` in three products, about fp32 accuracy at about half the speed; folding the mean term
+into two more dots, ``cos_p @ P + sin_p @ Q``, 30 % against 47 % of the copy rate.)
 
 Exactness against :func:`encode_folded_ref`: values bit for bit (the quantizer's IEEE rules); keys
-up to fp32 rounding, which moves a code by one step where ``y`` sits on a rounding boundary (as
-:func:`~rkv_convert.kernels.quantize_pack.quantize_pack` with a rotation). Every token's arithmetic is
+up to the order of the fp32 sums, which moves a code by one step where ``y`` sits on a rounding
+boundary (as :func:`~rkv_convert.kernels.quantize_pack.quantize_pack` with a rotation). Every token's arithmetic is
 its own (the dots' reduction order is fixed by the compiled kernel), so a token encodes the same
 whichever batch or block it comes in; the runtime's tiles depend on the head dim and key dtype alone.
 
@@ -50,20 +52,19 @@ from .quantize_pack import _codes, _reciprocal, _scale_zero, _store_packed, quan
 __all__ = ["encode_folded", "encode_folded_ref", "encode_folded_supports"]
 
 # Launch settings: tokens per program and warps (the best of benchmarks/bench_cache_writes.py --tune on an H200,
-# head dim 128), and a register cap: 168 instead of the 182 the compiler picks lets a third 4-warp program fit
-# an SM (65,536 registers), 26.6 -> 33.9 % of the copy rate on the H200 at llama2-7b 16 x 4,096, same bytes out.
+# head dim 128), and a register cap (168: at most three 4-warp programs' worth of registers per SM).
 # Head dim 256 takes 8 warps and no cap: with 4 warps its program spills 1.3 KB of registers (sm_90 compile).
 ENCODE_DEFAULTS: dict[str, int] = {"block_t": 64, "num_warps": 4, "maxnreg": 168}
 
 
-def _launch(head_dim: int, split: bool, block_t: int | None, num_warps: int | None) -> tuple[int, dict[str, int]]:
+def _launch(head_dim: int, fp16_dots: bool, block_t: int | None, num_warps: int | None) -> tuple[int, dict[str, int]]:
     """``(block_t, launch options)``: ``ENCODE_DEFAULTS`` below head dim 256; at 256, 8 warps and no register
     cap, and 32-token tiles for fp32 keys (IEEE dots of 64 tokens took 42 s to compile for sm_90, 32 take 9 s)."""
     if head_dim < 256:
         default_t, options = ENCODE_DEFAULTS["block_t"], {"num_warps": ENCODE_DEFAULTS["num_warps"],
                                                           "maxnreg": ENCODE_DEFAULTS["maxnreg"]}  # fmt: skip
     else:
-        default_t, options = (ENCODE_DEFAULTS["block_t"] if split else 32), {"num_warps": 8}
+        default_t, options = (ENCODE_DEFAULTS["block_t"] if fp16_dots else 32), {"num_warps": 8}
     if num_warps is not None:
         options["num_warps"] = num_warps
     return default_t if block_t is None else block_t, options
@@ -98,10 +99,12 @@ def _check(key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor, p: FoldedP
 
 def encode_folded_ref(key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor, params: FoldedParams,
                       k_clip: float, v_clip: float, out: PackedKV | None = None) -> PackedKV:  # fmt: skip
-    """Pure-torch reference of :func:`encode_folded`: ``fold_keys`` of ``mean_at``, then ``quantize_pack_ref``."""
+    """Pure-torch reference of :func:`encode_folded`: ``fold_keys`` of ``mean_at`` (fp16 operands for fp16/bf16
+    keys, as the kernel), then ``quantize_pack_ref``."""
     _check(key, value, pos, params, out)
     p = params
-    y = fold_keys(key, mean_at(p.mean, pos, p.inv_freq, p.attention_scaling), p.rotation)
+    operands = torch.float32 if key.dtype == torch.float32 else torch.float16
+    y = fold_keys(key, mean_at(p.mean, pos, p.inv_freq, p.attention_scaling), p.rotation, operands)
     k_rows = (t.transpose(1, 2) for t in quantize_pack_ref(y.transpose(1, 2), p.bits, p.g_k, k_clip))
     v_rows = (t.transpose(1, 2) for t in quantize_pack_ref(value.transpose(1, 2), p.value_bits, p.g_v, v_clip))
     rows = PackedKV(*k_rows, *v_rows, pos.to(torch.int32))
@@ -129,16 +132,6 @@ def _quantize_rows(x, codes_ptr, c_row, sz_row, scale_ptr, zero_ptr, tmask, clip
     _store_packed(codes_ptr, c_row, tmask, tl.reshape(codes, (BLOCK_T, D)), 0, BLOCK_T, D, D, BITS)
 
 
-@triton.jit
-def _split_dot(x, r_hi, r_lo, acc):
-    """``acc + x @ (r_hi + r_lo)`` for fp32 ``x`` from fp16 tensor-core dots: ``x_hi r_hi + x_lo r_hi + x_hi r_lo``."""
-    x_hi = x.to(tl.float16)
-    x_lo = (x - x_hi.to(tl.float32)).to(tl.float16)
-    acc = tl.dot(x_hi, r_hi, acc)
-    acc = tl.dot(x_lo, r_hi, acc)
-    return tl.dot(x_hi, r_lo, acc)
-
-
 @triton.jit(do_not_specialize=["n"])  # lengths: one compile for all
 def _encode_folded_kernel(
     k_ptr, v_ptr, pos_ptr, rot_ptr, mean_ptr, freq_ptr,
@@ -147,9 +140,9 @@ def _encode_folded_kernel(
     s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_pb,
     s_kcb, s_kch, s_kct, s_ksb, s_ksh, s_kst, s_vcb, s_vch, s_vct, s_vsb, s_vsh, s_vst,
     D: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr, GK: tl.constexpr, GV: tl.constexpr,
-    BLOCK_T: tl.constexpr, SPLIT: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
+    BLOCK_T: tl.constexpr, FP16_DOTS: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
 ):
-    """Grid ``(cdiv(n, BLOCK_T), n_kv, B)``; ``SPLIT``: split fp16 dots (fp16/bf16 keys), else IEEE fp32."""
+    """Grid ``(cdiv(n, BLOCK_T), n_kv, B)``; ``FP16_DOTS``: fp16 operands, fp32 sums (fp16/bf16 keys), else IEEE fp32."""
     H: tl.constexpr = D // 2
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -166,12 +159,11 @@ def _encode_folded_kernel(
     k_row = k_ptr + b * s_kb + h * s_kh + t * s_kt
     k_lo = tl.load(k_row[:, None] + i[None, :], mask=tmask[:, None], other=0.0).to(tl.float32) - (mu_lo * cos - mu_hi * sin)
     k_hi = tl.load(k_row[:, None] + H + i[None, :], mask=tmask[:, None], other=0.0).to(tl.float32) - (mu_hi * cos + mu_lo * sin)
-    if SPLIT:  # fp16 operands split in two (x = x_hi + x_lo, R = R_hi + R_lo): three tensor-core products per half
-        r_rows = rot_ptr + h * 2 * D * D + i[:, None] * D + j[None, :]  # [R_hi; R_lo] of head h, fp16 [2d, d]
-        y = _split_dot(k_lo, tl.load(r_rows), tl.load(r_rows + D * D), tl.zeros((BLOCK_T, D), tl.float32))
-        y = _split_dot(k_hi, tl.load(r_rows + H * D), tl.load(r_rows + (D + H) * D), y)
-    else:  # fp32 keys: IEEE fp32 dots against R fp32 [d, d]
-        r_rows = rot_ptr + h * D * D + i[:, None] * D + j[None, :]
+    r_rows = rot_ptr + h * D * D + i[:, None] * D + j[None, :]  # R_h [d, d]: fp16 for FP16_DOTS, else fp32
+    if FP16_DOTS:
+        y = tl.dot(k_lo.to(tl.float16), tl.load(r_rows))
+        y = tl.dot(k_hi.to(tl.float16), tl.load(r_rows + H * D), y)
+    else:  # fp32 keys: IEEE fp32 dots
         y = tl.dot(k_lo, tl.load(r_rows), input_precision="ieee")
         y = tl.dot(k_hi, tl.load(r_rows + H * D), y, input_precision="ieee")
     _quantize_rows(y, kc_ptr, b * s_kcb + h * s_kch + t * s_kct, b * s_ksb + h * s_ksh + t * s_kst, ks_ptr, kz_ptr,
@@ -237,15 +229,15 @@ def encode_folded(
     rows.pos.copy_(pos)  # the kernel reads the positions back from here
     if b * n == 0:
         return rows
-    split = key.dtype != torch.float32
-    block_t, launch = _launch(d, split, block_t, num_warps)
-    rotation, mean, inv_freq = params.encode_operands(key.device, split)
+    fp16_dots = key.dtype != torch.float32
+    block_t, launch = _launch(d, fp16_dots, block_t, num_warps)
+    rotation, mean, inv_freq = params.encode_operands(key.device, fp16_dots)
     with device_guard(key):  # Triton launches on the current device
         _encode_folded_kernel[(cdiv(n, block_t), n_kv, b)](
             key, value, rows.pos, rotation, mean, inv_freq, *rows[:6],
             n, float(params.attention_scaling), float(k_clip), float(v_clip), SCALE_FLOOR, *strides,
             D=d, K_BITS=params.bits, V_BITS=params.value_bits, GK=params.g_k, GV=params.g_v,
-            BLOCK_T=block_t, SPLIT=split, USE_LIBDEVICE=not triton_interpreting(), **launch,
+            BLOCK_T=block_t, FP16_DOTS=fp16_dots, USE_LIBDEVICE=not triton_interpreting(), **launch,
         )  # fmt: skip
     return rows
 

@@ -81,16 +81,13 @@ class FoldedParams:
             self._on_device[key] = r_planes.to(torch.float16)
         return self._on_device[key]
 
-    def encode_operands(self, device: torch.device, split: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def encode_operands(self, device: torch.device, fp16: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(rotation, mean, inv_freq)`` contiguous on ``device`` for the cache writes (:mod:`.encode_folded`),
-        made once. ``rotation``: ``split``: fp16 ``[n_kv, 2d, d]`` = ``[R_hi; R_lo]`` per head (``R_h = R_hi +
-        R_lo`` to about 2**-22); else fp32 ``[n_kv, d, d]``. The others fp32."""
-        key = ("encode", device, split)
+        made once. ``rotation [n_kv, d, d]``: fp16 (rounded once) for ``fp16``, else fp32. The others fp32."""
+        key = ("encode", device, fp16)
         if key not in self._on_device:
             r = self.rotation.to(device=device, dtype=torch.float32)
-            if split:
-                r_hi = r.to(torch.float16)
-                r = torch.cat([r_hi, (r - r_hi.float()).to(torch.float16)], dim=1)
+            r = r.to(torch.float16) if fp16 else r  # as fold_keys(..., operands=torch.float16) rounds it
             self._on_device[key] = (r.contiguous(), self.mean.to(device=device, dtype=torch.float32).contiguous(),
                                     self.inv_freq.to(device=device, dtype=torch.float32).contiguous())
         return self._on_device[key]

@@ -55,14 +55,21 @@ def rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, attention_s
     return apply_rope(x, *rope_cos_sin(pos.to(x.device), inv_freq, attention_scaling))
 
 
-def fold_keys(k_post: torch.Tensor, mean_rope: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+def fold_keys(k_post: torch.Tensor, mean_rope: torch.Tensor, rotation: torch.Tensor,
+              operands: torch.dtype = torch.float32) -> torch.Tensor:
     """Folded keys ``y = (k_post - RoPE_n(mu)) @ R_h``, fp32 ``[B, n_kv, T, d]``.
 
     ``k_post [B, n_kv, T, d]`` post-RoPE keys (any float dtype), ``mean_rope`` the head means
     RoPE'd at each key's position (broadcastable, e.g. ``rope(mean[None, :, None], pos, ...)``),
-    ``rotation fp32 [n_kv, d, d]`` one orthonormal ``R_h`` per KV head.
+    ``rotation fp32 [n_kv, d, d]`` one orthonormal ``R_h`` per KV head. ``operands=torch.float16``
+    rounds the centred keys and ``R_h`` to fp16 before the product (sums in fp32): the cache-write
+    kernel's math for fp16/bf16 keys (``kernels.encode_folded``).
     """
-    return (k_post.float() - mean_rope) @ rotation.to(k_post.device, torch.float32)[None]
+    x = k_post.float() - mean_rope
+    r = rotation.to(k_post.device, torch.float32)
+    if operands != torch.float32:
+        x, r = x.to(operands).float(), r.to(operands).float()
+    return x @ r[None]
 
 
 def unfold_keys(y: torch.Tensor, mean_rope: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:

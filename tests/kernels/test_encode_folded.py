@@ -10,6 +10,7 @@ import torch
 from rkv_convert.kernels.folded_params import FoldedParams
 from rkv_convert.kernels.encode_folded import encode_folded, encode_folded_ref, encode_folded_supports
 from rkv_convert.kernels.packed_kv import PackedKV
+from rkv_convert.kernels.quantize_pack import quantize_pack_ref
 from rkv_convert.quant.hadamard import hadamard_matrix
 from rkv_convert.quant.packing import unpack_codes
 from rkv_convert.runtime.ops import fold_keys, mean_at, rope
@@ -58,8 +59,10 @@ def _sqnr(x: torch.Tensor, y: torch.Tensor) -> float:
 @pytest.mark.parametrize("d,g_k,g_v", [(64, 32, 64), (128, 64, 32), (128, 128, 128), (256, 64, 256)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_matches_reference(bits: int, v_bits: int, d: int, g_k: int, g_v: int, dtype: torch.dtype) -> None:
-    """Values bit for bit; keys up to fp32 rounding (the kernel's split fp16 dots): codes move by at most
-    one step in at most 0.1 % of channels, scales and zeros within 1 %, the reference's quantization error."""
+    """Values bit for bit; keys up to the order of the fp32 sums: codes move by at most one step in at most
+    0.02 % of channels, scales and zeros within 1 %, the reference's quantization error. fp16/bf16 keys take
+    fp16 operands (kernel and reference): their quantization error against the exact fold is that of
+    fp32 operands within 0.05 dB."""
     B, n_kv, n = 2, 2, 70  # 70 tokens: one full block of 64 and a partial one
     p = _params(n_kv, d, bits, v_bits, g_k, g_v)
     key, value, pos = _tokens(B, n_kv, n, d, p, dtype)
@@ -72,13 +75,16 @@ def test_matches_reference(bits: int, v_bits: int, d: int, g_k: int, g_v: int, d
     diff = (unpack_codes(got.k_codes, bits, d).int() - unpack_codes(want.k_codes, bits, d).int()).abs()
     print(f"\n[{os.environ.get('PYTEST_CURRENT_TEST', '?').split(' ')[0]}] key codes off by one: "
           f"{diff.float().mean().item():.2e}")
-    assert diff.max() <= 1 and diff.float().mean() <= 0.001
+    assert diff.max() <= 1 and diff.float().mean() <= 2e-4
     torch.testing.assert_close(got.k_scale.float(), want.k_scale.float(), rtol=1e-2, atol=1e-3)
     torch.testing.assert_close(got.k_zero.float(), want.k_zero.float(), rtol=1e-2, atol=1e-2)
     y = fold_keys(key, mean_at(p.mean, pos, p.inv_freq, p.attention_scaling), p.rotation)
     dg, dw = (_dequant(r.k_codes, r.k_scale, r.k_zero, bits, d, g_k) for r in (got, want))
     assert abs(_sqnr(y, dg) - _sqnr(y, dw)) < 0.2
     assert _sqnr(dw, dg) > 30.0
+    exact = quantize_pack_ref(y.transpose(1, 2), bits, g_k, CLIPS[0])  # fp32 operands
+    d32 = _dequant(*(t.transpose(1, 2) for t in exact), bits, d, g_k)
+    assert abs(_sqnr(y, dw) - _sqnr(y, d32)) < 0.05
 
 
 def test_writes_only_the_given_store_slots() -> None:
@@ -138,7 +144,7 @@ def test_checks_and_dispatch() -> None:
                                           (torch.bfloat16, 2, 256)])
 def test_gpu_prefill_sized_block(dtype: torch.dtype, n_kv: int, d: int) -> None:
     """A prefill-sized write (4 sequences x 1,000 tokens) on the GPU against the CPU reference: every dot form
-    (split fp16 for fp16/bf16, IEEE fp32) and Gemma's head dim 256 (8 warps)."""
+    (fp16 operands for fp16/bf16, IEEE fp32) and Gemma's head dim 256 (8 warps)."""
     B, n = 4, 1000
     p = _params(n_kv, d, 2, 2, 32, 128)
     key, value, pos = _tokens(B, n_kv, n, d, p, dtype)
@@ -147,7 +153,8 @@ def test_gpu_prefill_sized_block(dtype: torch.dtype, n_kv: int, d: int) -> None:
     for name in ("v_codes", "v_scale", "v_zero", "pos"):
         assert torch.equal(getattr(got, name), getattr(want, name)), name
     diff = (unpack_codes(got.k_codes, 2, d).int() - unpack_codes(want.k_codes, 2, d).int()).abs()
-    assert diff.max() <= 1 and diff.float().mean() <= 0.001
+    print(f"\n[{dtype} d={d}] key codes off by one: {diff.float().mean().item():.2e}")
+    assert diff.max() <= 1 and diff.float().mean() <= 2e-4
     y = fold_keys(key, mean_at(p.mean, pos, p.inv_freq, p.attention_scaling), p.rotation)
     dg, dw = (_dequant(r.k_codes, r.k_scale, r.k_zero, 2, d, 32) for r in (got, want))
     assert abs(_sqnr(y, dg) - _sqnr(y, dw)) < 0.2
