@@ -113,8 +113,8 @@ def test_the_text_part_of_a_multimodal_gemma3() -> None:
 @pytest.mark.parametrize("family", NEW)
 def test_triton_on_cuda_matches_reference_backend(family: str, dtype: torch.dtype, layout: str) -> None:
     """The compiled Triton decode kernels on CUDA for every new family (soft cap, head_dim 256, partial
-    RoPE, per-layer RoPE, a sliding window of 24 crossed by a 70-token prompt), teacher-forced. One
-    case per layout: each compiles its own kernels, so the GPU suite spreads them over its workers."""
+    RoPE, per-layer RoPE, a sliding window of 24 crossed by a 70-token prompt), teacher-forced; one case
+    per key layout."""
     head_dim, n_heads, n_kv = SHAPES[family][-1]
     settings = CacheSettings(recent_window=8, flush_block=8, max_sinks=2)
     ids = torch.randint(0, 128, (3, 70), device="cuda")
