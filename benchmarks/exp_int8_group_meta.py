@@ -38,7 +38,6 @@ format and kernel change, so this is an experiment, not an option.
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
@@ -49,6 +48,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _timing import append_csv, print_table  # noqa: E402
+from _experiment import experiment_parser  # noqa: E402
 
 from rkv_convert.calibrate.allocate import Sensitivity, allocate_bits  # noqa: E402
 from rkv_convert.calibration_data.sources import load_text, sample_batches  # noqa: E402
@@ -225,17 +225,11 @@ def key_sensitivity(model: torch.nn.Module, setup: Setup, dev: torch.Tensor, log
 def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("checkpoint", type=Path)
-    p.add_argument("--text", type=Path, required=True)
-    p.add_argument("--windows", type=int, default=8)
-    p.add_argument("--length", type=int, default=1024)
-    p.add_argument("--protocols", default="oneshot,deployed")
+    p = experiment_parser(__doc__.split("\n")[0])
     p.add_argument("--cal-windows", type=int, default=4, help="pydoc calibration windows (seed 0) for the scale bases")
     p.add_argument("--dev-windows", type=int, default=4, help="last N x 512 pydoc tokens for the layer choice")
     p.add_argument("--key3-layers", default=None, help="comma list: skip the dev-text choice (e.g. to re-score)")
     p.add_argument("--scale-rounding", choices=("auto", "up", "nearest"), default="auto")
-    p.add_argument("--csv", type=Path, default=None)
     args = p.parse_args()
     torch.set_num_threads(1)
     started, cpu_started = time.perf_counter(), time.process_time()

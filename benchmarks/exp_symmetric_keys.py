@@ -16,7 +16,6 @@ would need a format and kernel change, so it is an experiment, not an option.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _timing import append_csv, print_table  # noqa: E402
+from _experiment import experiment_parser  # noqa: E402
 
 from rkv_convert.evaluate.checkpoints import clip_tables  # noqa: E402
 from rkv_convert.evaluate.perplexity import perplexity, token_windows  # noqa: E402
@@ -59,14 +59,8 @@ class SymmetricFoldedKeys(FoldedKeyCodec):
 def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("checkpoint", type=Path)
-    p.add_argument("--text", type=Path, required=True)
-    p.add_argument("--windows", type=int, default=8)
-    p.add_argument("--length", type=int, default=1024)
+    p = experiment_parser(__doc__.split("\n")[0])
     p.add_argument("--clips", default="0.8,0.9,1.0")
-    p.add_argument("--protocols", default="oneshot,deployed")
-    p.add_argument("--csv", type=Path, default=None)
     args = p.parse_args()
     ck = read_checkpoint(args.checkpoint)
     if not ck.config.folded:
