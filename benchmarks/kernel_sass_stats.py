@@ -13,6 +13,7 @@ releases (the GPU runs 3.6).
     python benchmarks/kernel_sass_stats.py                     # all three kernels, their default tiles
     python benchmarks/kernel_sass_stats.py --no-fp-segment     # without the full-precision segment's loop
     python benchmarks/kernel_sass_stats.py --block-t 32 --num-warps 8
+    python benchmarks/kernel_sass_stats.py --fp32-tiles           # and fp32 operands at each head dim: spills
 """
 
 from __future__ import annotations
@@ -105,6 +106,7 @@ def main() -> None:
     p.add_argument("--block-t", type=int, default=None, help="tokens per step (default: each kernel's)")
     p.add_argument("--num-warps", type=int, default=None)
     p.add_argument("--top", type=int, default=12, help="opcodes to list")
+    p.add_argument("--fp32-tiles", action="store_true", help="also the fp32-operand launch settings (_tiles)")
     p.add_argument("--fp-segment", action=argparse.BooleanOptionalAction, default=True,
                    help="compile the full-precision segment's loop too (--no-fp-segment: the token loop of the store only)")
     args = p.parse_args()
@@ -138,6 +140,23 @@ def main() -> None:
               f"{stack} B stack, {total} SASS instructions = {total * warps / (block_t * heads):.0f} "
               f"warp-instructions per key token and head")
         print("  " + ", ".join(f"{op} {n}" for op, n in ops.most_common(args.top)))
+    if args.fp32_tiles:
+        fp32_tiles()
+
+
+def fp32_tiles() -> None:
+    """The folded kernel with fp32 operands (fp32 and bf16 queries) at ``_tiles``' launch settings, head dims
+    64/128/256 (GQA 4, groups of 32): registers and spills (stack), against 4 warps."""
+    for d in (64, 128, 256):
+        t = folded_module._tiles(d, fp16=False)
+        for warps in sorted({t["num_warps"], 4}):
+            cx = dict(D=d, REP=4, R=4, NG=d // 32, GK=32, NGV=d // 32, GV=32, K_BITS=2, V_BITS=2, K_I8=False,
+                      K_FAST=False, V_FAST=False, BLOCK_N=t["block_n"], BLOCK_F=t["block_f"], HAS_FP=True, DIRECT=False,
+                      DT=tl.float32, PREC="ieee", SOFTCAP=False, NUM_STAGES=t["num_stages"], MASKLESS=True)  # fmt: skip
+            c = compile_sm90(folded_module._folded_kernel, cx, warps, t["num_stages"], aligned=True)
+            regs, stack, _, _ = sass_stats(c)
+            print(f"folded fp32, head dim {d}: {t['block_n']} slots x {warps} warps x {t['num_stages']} stages: {regs} "
+                  f"registers, {stack} B stack")
 
 
 if __name__ == "__main__":
