@@ -43,27 +43,29 @@ _POINTERS = {"kc_ptr": "*u8", "vc_ptr": "*u8", "kw_ptr": "*i32", "vw_ptr": "*i32
              "gidp_ptr": "*i32", "gid_ptr": "*i32", "a_ptr": "*fp32", "mean_ptr": "*fp32", "freq_ptr": "*fp32",
              "o_ptr": "*fp32", "lse_ptr": "*fp32", "beta_ptr": "*fp32", "vcol_ptr": "*fp32",
              "qr_ptr": "*fp32", "bias_ptr": "*fp32"}  # fmt: skip
-_FLOATS = {"qk_scale", "cap_scale", "rope_scaling"}
+_FLOATS = {"qk_scale", "cap_scale", "rope_scaling", "k_clip", "v_clip", "scale_floor"}
 _UNALIGNED = {"s_fpb", "s_pb"}  # position rows: any capacity
 
 
-def compile_sm90(fn: triton.JITFunction, constexprs: dict, num_warps: int, num_stages: int, aligned: bool = False):
-    """Compile ``fn`` for sm_90 (fp16 for every pointer not listed above, int32 scalars); ``aligned``:
-    pointers and ``s_*`` strides divisible by 16, as Triton specializes them at launch."""
+def compile_sm90(fn: triton.JITFunction, constexprs: dict, num_warps: int, num_stages: int, aligned: bool = False,
+                 pointers: dict[str, str] | None = None, maxnreg: int | None = None):
+    """Compile ``fn`` for sm_90 (fp16 for every pointer not listed above or in ``pointers``, int32 scalars);
+    ``aligned``: pointers and ``s_*`` strides divisible by 16, as Triton specializes them at launch."""
     names = fn.arg_names
     signature = {}
     for n in names:
         if n in constexprs:
             signature[n] = "constexpr"
         elif n.endswith("_ptr"):
-            signature[n] = _POINTERS.get(n, "*fp16")
+            signature[n] = {**_POINTERS, **(pointers or {})}.get(n, "*fp16")
         else:
             signature[n] = "fp32" if n in _FLOATS else "i32"
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
              if aligned and n not in constexprs and (n.endswith("_ptr") or n.startswith("s_")) and n not in _UNALIGNED}
     src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()},
                     attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+    options = {"num_warps": num_warps, "num_stages": num_stages, **({"maxnreg": maxnreg} if maxnreg else {})}
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def _cuobjdump(compiled, flag: str) -> str:
@@ -146,7 +148,8 @@ def main() -> None:
 
 def fp32_tiles() -> None:
     """The folded kernel with fp32 operands (fp32 and bf16 queries) at ``_tiles``' launch settings, head dims
-    64/128/256 (GQA 4, groups of 32): registers and spills (stack), against 4 warps."""
+    64/128/256 (GQA 4, groups of 32): registers and spills (stack), against 4 warps; the cache-write kernel
+    for fp32 keys at its launch settings."""
     for d in (64, 128, 256):
         t = folded_module._tiles(d, fp16=False)
         for warps in sorted({t["num_warps"], 4}):
@@ -157,6 +160,17 @@ def fp32_tiles() -> None:
             regs, stack, _, _ = sass_stats(c)
             print(f"folded fp32, head dim {d}: {t['block_n']} slots x {warps} warps x {t['num_stages']} stages: {regs} "
                   f"registers, {stack} B stack")
+    from kernels import encode_folded
+
+    fp32 = {"k_ptr": "*fp32", "v_ptr": "*fp32", "rot_ptr": "*fp32"}
+    for d in (64, 128, 256):
+        block_t, launch = encode_folded._launch(d, False, None, None)
+        cx = dict(D=d, K_BITS=2, V_BITS=2, GK=32, GV=32, BLOCK_T=block_t, FP16_DOTS=False, USE_LIBDEVICE=True)
+        c = compile_sm90(encode_folded._encode_folded_kernel, cx, launch["num_warps"], 1, pointers=fp32,
+                         maxnreg=launch.get("maxnreg"))
+        regs, stack, _, _ = sass_stats(c)
+        print(f"encode fp32 keys, head dim {d}: {block_t} tokens x {launch['num_warps']} warps: {regs} registers, "
+              f"{stack} B stack")
 
 
 if __name__ == "__main__":
