@@ -701,9 +701,9 @@ def fp_slots_per_part(F: int, num_splits: int, tokens_per_split: int, block_f: i
     The fp segment (136 fp16 slots by default) reads about as many bytes as 800 two-bit slots, so next
     to short splits one part for all of it outlasts them: then it is read in parts of ``block_f``
     slots, in parallel, as long as the grid stays within the ``waves`` programs per SM of
-    :func:`default_splits` (more programs there cost more than the wait). Measured on an H200:
-    llama3-8b shape batch 1 at 1k 12.3 -> 9.8 us, llama2-7b batch 32 at 1k 114.7 -> 128.1 us had it
-    split too (``docs/benchmarks.md``, seventh session)."""
+    :func:`default_splits` (more programs there cost more than the wait). On an H200 (seventh session,
+    ``docs/benchmarks.md``): llama3-8b shape, batch 1, 1k slots 12.3 -> 9.8 us; at llama2-7b batch 32, 1k,
+    where the grid is full, parts took 128.1 us against 114.7 for one."""
     whole = cdiv(max(F, 1), block_f) * block_f
     parts = cdiv(F, block_f)
     sms = sm_count(device) if device.type == "cuda" else 4
