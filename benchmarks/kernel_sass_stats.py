@@ -13,7 +13,7 @@ releases (the GPU runs 3.6).
     python benchmarks/kernel_sass_stats.py                     # all three kernels, their default tiles
     python benchmarks/kernel_sass_stats.py --no-fp-segment     # without the full-precision segment's loop
     python benchmarks/kernel_sass_stats.py --block-t 32 --num-warps 8
-    python benchmarks/kernel_sass_stats.py --fp32-tiles           # and fp32 operands at each head dim: spills
+    python benchmarks/kernel_sass_stats.py --fp32-tiles           # and fp32 operands: spills, current vs candidates
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def main() -> None:
     p.add_argument("--block-t", type=int, default=None, help="tokens per step (default: each kernel's)")
     p.add_argument("--num-warps", type=int, default=None)
     p.add_argument("--top", type=int, default=12, help="opcodes to list")
-    p.add_argument("--fp32-tiles", action="store_true", help="also the fp32-operand launch settings (_tiles)")
+    p.add_argument("--fp32-tiles", action="store_true", help="also fp32 operands: current launch settings and candidates")
     p.add_argument("--fp-segment", action=argparse.BooleanOptionalAction, default=True,
                    help="compile the full-precision segment's loop too (--no-fp-segment: the token loop of the store only)")
     args = p.parse_args()
@@ -146,31 +146,40 @@ def main() -> None:
         fp32_tiles()
 
 
+# fp32-operand launch candidates (8 warps): spill-free for sm_90 in the seventh session's offline compiles,
+# not yet timed or tested on a GPU. Folded decode: (slots per block, stages) per head dim; cache writes: tokens.
+FP32_DECODE_CANDIDATES = {64: (128, 2), 128: (64, 2), 256: (32, 1)}
+FP32_ENCODE_CANDIDATES = {64: 64, 128: 16, 256: 16}
+
+
 def fp32_tiles() -> None:
-    """The folded kernel with fp32 operands (fp32 and bf16 queries) at ``_tiles``' launch settings, head dims
-    64/128/256 (GQA 4, groups of 32): registers and spills (stack), against 4 warps; the cache-write kernel
-    for fp32 keys at its launch settings."""
-    for d in (64, 128, 256):
-        t = folded_module._tiles(d, fp16=False)
-        for warps in sorted({t["num_warps"], 4}):
-            cx = dict(D=d, REP=4, R=4, NG=d // 32, GK=32, NGV=d // 32, GV=32, K_BITS=2, V_BITS=2, K_I8=False,
-                      K_FAST=False, V_FAST=False, BLOCK_N=t["block_n"], BLOCK_F=t["block_f"], HAS_FP=True, DIRECT=False,
-                      DT=tl.float32, PREC="ieee", SOFTCAP=False, NUM_STAGES=t["num_stages"], MASKLESS=True)  # fmt: skip
-            c = compile_sm90(folded_module._folded_kernel, cx, warps, t["num_stages"], aligned=True)
-            regs, stack, _, _ = sass_stats(c)
-            print(f"folded fp32, head dim {d}: {t['block_n']} slots x {warps} warps x {t['num_stages']} stages: {regs} "
-                  f"registers, {stack} B stack")
+    """The folded decode kernel with fp32 operands (fp32 and bf16 queries) and the cache-write kernel for fp32
+    keys, head dims 64/128/256 (GQA 4, groups of 32): registers and spills (stack) at the current launch
+    settings and at the 8-warp candidates above."""
     from kernels import encode_folded
 
+    for d in (64, 128, 256):
+        t = folded_module._tiles(d, fp16=False)
+        settings = [("current", t["block_n"], t["num_stages"], FOLDED_DEFAULTS["num_warps"]),
+                    ("candidate", *FP32_DECODE_CANDIDATES[d], 8)]  # fmt: skip
+        for label, block_n, stages, warps in settings:
+            cx = dict(D=d, REP=4, R=4, NG=d // 32, GK=32, NGV=d // 32, GV=32, K_BITS=2, V_BITS=2, K_I8=False,
+                      K_FAST=False, V_FAST=False, BLOCK_N=block_n, BLOCK_F=t["block_f"], HAS_FP=True, DIRECT=False,
+                      DT=tl.float32, PREC="ieee", SOFTCAP=False, NUM_STAGES=stages, MASKLESS=True)  # fmt: skip
+            regs, stack, _, _ = sass_stats(compile_sm90(folded_module._folded_kernel, cx, warps, stages, aligned=True))
+            print(f"folded fp32, head dim {d}, {label}: {block_n} slots x {warps} warps x {stages} stages: {regs} "
+                  f"registers, {stack} B stack")
     fp32 = {"k_ptr": "*fp32", "v_ptr": "*fp32", "rot_ptr": "*fp32"}
     for d in (64, 128, 256):
         block_t, launch = encode_folded._launch(d, False, None, None)
-        cx = dict(D=d, K_BITS=2, V_BITS=2, GK=32, GV=32, BLOCK_T=block_t, FP16_DOTS=False, USE_LIBDEVICE=True)
-        c = compile_sm90(encode_folded._encode_folded_kernel, cx, launch["num_warps"], 1, pointers=fp32,
-                         maxnreg=launch.get("maxnreg"))
-        regs, stack, _, _ = sass_stats(c)
-        print(f"encode fp32 keys, head dim {d}: {block_t} tokens x {launch['num_warps']} warps: {regs} registers, "
-              f"{stack} B stack")
+        settings = [("current", block_t, launch["num_warps"], launch.get("maxnreg")),
+                    ("candidate", FP32_ENCODE_CANDIDATES[d], 8, None)]  # fmt: skip
+        for label, tokens, warps, cap in settings:
+            cx = dict(D=d, K_BITS=2, V_BITS=2, GK=32, GV=32, BLOCK_T=tokens, FP16_DOTS=False, USE_LIBDEVICE=True)
+            c = compile_sm90(encode_folded._encode_folded_kernel, cx, warps, 1, pointers=fp32, maxnreg=cap)
+            regs, stack, _, _ = sass_stats(c)
+            print(f"encode fp32 keys, head dim {d}, {label}: {tokens} tokens x {warps} warps"
+                  f"{f' (cap {cap})' if cap else ''}: {regs} registers, {stack} B stack")
 
 
 if __name__ == "__main__":
