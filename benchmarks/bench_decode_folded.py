@@ -1,10 +1,10 @@
-"""Decode attention over the query-folded layout against fp16 SDPA and against the 2-bit byte floor.
+"""Decode attention over the query-folded layout against SDPA (fp16 by default) and the 2-bit byte floor.
 
 One new query token per sequence attends over ``T`` quantized slots plus a full-precision segment
 (8 sinks + 128 window tokens) of one layer. Per row:
 
-- ``sdpa_ms``: ``torch.nn.functional.scaled_dot_product_attention`` over fp16 K/V holding the
-  same ``T + 136`` tokens (what an fp16 cache runs);
+- ``sdpa_ms``: ``torch.nn.functional.scaled_dot_product_attention`` over K/V in ``--dtype`` (fp16 by
+  default) holding the same ``T + 136`` tokens (what a full-precision cache runs);
 - ``folded_ms``: :func:`rkv_convert.kernels.decode_folded.decode_folded` (split-K kernel plus
   merge, or one launch), random packed codes and fp16 scales/zeros (speed does not depend on the
   values; correctness is ``tests/kernels/test_decode_folded.py``);
@@ -15,6 +15,7 @@ Timings are ``triton.testing.do_bench`` medians (``benchmarks/_timing.py``), whi
 before each repetition. ``--tune`` times launch settings on a few rows first.
 
     python benchmarks/bench_decode_folded.py --csv benchmarks/results/decode_folded.csv
+    python benchmarks/bench_decode_folded.py --dtype bf16 --tune 128-4-2-8 64-8-2-8   # the fp32-operand path
 """
 
 from __future__ import annotations
@@ -38,7 +39,10 @@ SHAPES = {"llama2-7b": (32, 32, 128), "llama3-8b": (32, 8, 128)}  # query heads,
 FP_SLOTS = 8 + 128  # sinks + recent window
 
 
-def make_layer(B: int, n_kv: int, T: int, d: int, bits: int, g_k: int, g_v: int) -> tuple[PackedKV, FoldedParams]:
+def make_layer(B: int, n_kv: int, T: int, d: int, bits: int, g_k: int, g_v: int,
+               dtype: torch.dtype = torch.float16) -> tuple[PackedKV, FoldedParams]:
+    """One layer's packed cache (random codes, fp16 scales and zeros) and constants; the fp segment in ``dtype``
+    (the model's, as the runtime keeps it)."""
     dev, u8, f16 = DEVICE, torch.uint8, torch.float16
     kc = torch.randint(0, 256, (B, n_kv, T, d * bits // 8), dtype=u8, device=dev)
     vc = torch.randint(0, 256, (B, n_kv, T, d * bits // 8), dtype=u8, device=dev)
@@ -46,7 +50,7 @@ def make_layer(B: int, n_kv: int, T: int, d: int, bits: int, g_k: int, g_v: int)
     vs, vz = (torch.rand(2, B, n_kv, T, d // g_v, device=dev) * 0.1 + 0.01).to(f16)
     pos = torch.arange(T, dtype=torch.int32, device=dev).repeat(B, 1)
     pos[1:, : T // 8] = -1  # left padding in all but the first sequence
-    fp_k = torch.randn(B, n_kv, FP_SLOTS, d, dtype=f16, device=dev)
+    fp_k = torch.randn(B, n_kv, FP_SLOTS, d, dtype=dtype, device=dev)
     fp_v = torch.randn_like(fp_k)
     fp_pos = torch.arange(T, T + FP_SLOTS, dtype=torch.int32, device=dev).repeat(B, 1)
     rot = torch.stack([hadamard_matrix(d)[:, torch.randperm(d)] for _ in range(n_kv)]).to(dev)
@@ -118,8 +122,8 @@ def tune(args: argparse.Namespace) -> str:
     seen, score = 0, {cfg: 0.0 for cfg in args.tune}
     for name, B, T in args.tune_rows:
         n_q, n_kv, d = SHAPES[name]
-        kv, params = make_layer(B, n_kv, T, d, args.bits, args.key_group, args.value_group)
-        q = torch.randn(B, n_q, d, dtype=torch.float16, device=DEVICE)
+        kv, params = make_layer(B, n_kv, T, d, args.bits, args.key_group, args.value_group, args.dtype)
+        q = torch.randn(B, n_q, d, dtype=args.dtype, device=DEVICE)
         nbytes = bytes_read(kv, params)
         times = {}
         for cfg in args.tune:
@@ -160,10 +164,10 @@ def run(args: argparse.Namespace, launch: str) -> list[dict[str, object]]:
             if not contexts:
                 continue
             T_max = max(contexts)
-            k = torch.randn(B, n_kv, T_max + FP_SLOTS, d, dtype=torch.float16, device=DEVICE)
+            k = torch.randn(B, n_kv, T_max + FP_SLOTS, d, dtype=args.dtype, device=DEVICE)
             v = torch.randn_like(k)
-            kv_all, params = make_layer(B, n_kv, T_max, d, args.bits, args.key_group, args.value_group)
-            q = torch.randn(B, n_q, d, dtype=torch.float16, device=DEVICE)
+            kv_all, params = make_layer(B, n_kv, T_max, d, args.bits, args.key_group, args.value_group, args.dtype)
+            q = torch.randn(B, n_q, d, dtype=args.dtype, device=DEVICE)
             for T in contexts:
                 kt, vt = k[:, :, : T + FP_SLOTS], v[:, :, : T + FP_SLOTS]
                 sdpa = lambda: F.scaled_dot_product_attention(q[:, :, None], kt, vt, enable_gqa=n_q != n_kv)  # noqa: E731
@@ -176,7 +180,8 @@ def run(args: argparse.Namespace, launch: str) -> list[dict[str, object]]:
                 folded_host_us = host_us(fn, n=50) if DEVICE.type == "cuda" else float("nan")
                 nbytes = bytes_read(kv, params)
                 row = {
-                    "shape": name, "batch": B, "context": T, "n_q": n_q, "n_kv": n_kv, "head_dim": d,
+                    "shape": name, "batch": B, "context": T, "query_dtype": str(args.dtype).removeprefix("torch."),
+                    "n_q": n_q, "n_kv": n_kv, "head_dim": d,
                     "bits": args.bits, "key_group": args.key_group, "value_group": args.value_group,
                     "fp_slots": FP_SLOTS, "sdpa_ms": sdpa_ms, "folded_ms": folded_ms, "folded_p20_ms": lo,
                     "folded_p80_ms": hi, "speedup_vs_sdpa": sdpa_ms / folded_ms,
@@ -207,6 +212,8 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=2)
     ap.add_argument("--key-group", type=int, default=64)
     ap.add_argument("--value-group", type=int, default=64)
+    ap.add_argument("--dtype", default="fp16", choices=("fp16", "bf16", "fp32"),
+                    help="queries, fp segment and SDPA's K/V (bf16/fp32: the kernel's fp32-operand path)")
     ap.add_argument("--tune", nargs="*", default=[],
                     help="launch settings BLOCK-WARPS-STAGES-WAVES[-UNPACK]; the best one times the table")
     ap.add_argument("--tune-rows", nargs="*", default=[("llama2-7b", 8, 16384), ("llama3-8b", 8, 16384)],
@@ -216,6 +223,7 @@ def main() -> None:
     ap.add_argument("--csv", default=None)
     ap.add_argument("--markdown", default=None)
     args = ap.parse_args()
+    args.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     d = FOLDED_DEFAULTS
     launch = f"{d['block_n']}-{d['num_warps']}-{d['num_stages']}-{d['waves']}"
     if args.tune:
@@ -225,7 +233,7 @@ def main() -> None:
     rows = run(args, launch)
     cols = ["shape", "batch", "context", "sdpa_ms", "folded_ms", "speedup_vs_sdpa", "floor_ms", "floor_fraction",
             "achieved_GBps", "sdpa_graph_ms", "folded_graph_ms", "graph_speedup_vs_sdpa"]
-    print_table("decode attention, folded layout vs fp16 SDPA", rows, cols)
+    print_table(f"decode attention, folded layout vs SDPA ({str(args.dtype).removeprefix('torch.')})", rows, cols)
     if args.markdown:
         Path(args.markdown).write_text(markdown_table(rows, cols))
 
