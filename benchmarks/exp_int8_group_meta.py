@@ -58,7 +58,7 @@ from rkv_convert.evaluate.schemes import RotateKV, build_scheme, key_codecs, val
 from rkv_convert.export.format import Checkpoint, read_checkpoint  # noqa: E402
 from rkv_convert.quant.codec import FoldedKeyCodec, ValueCodec  # noqa: E402
 from rkv_convert.quant.quantizer import QuantizedTensor, dequantize, levels, quantize  # noqa: E402
-from rkv_convert.runtime.ops import apply_rope, fold_keys, unfold_keys  # noqa: E402
+from rkv_convert.runtime.ops import apply_rope  # noqa: E402
 
 EXP_STEPS = 16  # scale codes per octave: s' = base * 2**(e/16)
 HEADROOM = 4.0  # e = 255 is this multiple of the largest scale seen on calibration text
@@ -88,13 +88,6 @@ def meta8_roundtrip(y: torch.Tensor, bits: int, group: int, clip: float, base: f
     return dequantize(QuantizedTensor(codes.reshape(y.shape), s8, z8, bits, group), torch.float32)
 
 
-def _folded_y(codec: FoldedKeyCodec, k: torch.Tensor, cos: torch.Tensor,
-              sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The folded key ``y`` the codec quantizes, and ``RoPE_n(mu)`` to undo it."""
-    mean = codec._mean_rope(cos, sin, k.device)
-    return fold_keys(apply_rope(k, cos.unsqueeze(1), sin.unsqueeze(1)), mean, codec.head_rotations), mean
-
-
 @dataclass
 class Meta8FoldedKeys(FoldedKeyCodec):
     """Folded key codec with 8-bit group metadata (:func:`meta8_roundtrip`)."""
@@ -103,9 +96,8 @@ class Meta8FoldedKeys(FoldedKeyCodec):
     rounding: str = "nearest"
 
     def roundtrip(self, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        y, mean = _folded_y(self, k, cos, sin)
-        yq = meta8_roundtrip(y, self.bits, self.group_size, self.clip, self.base, self.rounding)
-        return unfold_keys(yq, mean, self.head_rotations).to(k.dtype)
+        yq = meta8_roundtrip(self.fold(k, cos, sin), self.bits, self.group_size, self.clip, self.base, self.rounding)
+        return self.unfold(yq, cos, sin, k.dtype)
 
 
 @dataclass
@@ -139,7 +131,7 @@ class _Recorder(RotateKV):
     vs: dict[int, list[torch.Tensor]] = field(default_factory=dict)
 
     def keys(self, layer, k_pre, cos, sin):
-        y, _ = _folded_y(self.key_codecs[layer], k_pre.float(), cos, sin)
+        y = self.key_codecs[layer].fold(k_pre.float(), cos, sin)
         self.ys.setdefault(layer, []).append(y.reshape(-1, y.shape[-1]))
         return apply_rope(k_pre, cos.unsqueeze(1), sin.unsqueeze(1)).to(k_pre.dtype)
 

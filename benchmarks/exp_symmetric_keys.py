@@ -31,7 +31,6 @@ from rkv_convert.evaluate.perplexity import perplexity, token_windows  # noqa: E
 from rkv_convert.evaluate.schemes import RotateKV, build_scheme  # noqa: E402
 from rkv_convert.export.format import read_checkpoint  # noqa: E402
 from rkv_convert.quant.codec import FoldedKeyCodec  # noqa: E402
-from rkv_convert.runtime.ops import apply_rope, fold_keys, unfold_keys  # noqa: E402
 
 
 def symmetric_roundtrip(y: torch.Tensor, group: int, clip: float) -> torch.Tensor:
@@ -50,10 +49,8 @@ class SymmetricFoldedKeys(FoldedKeyCodec):
     sym_clip: float = 1.0
 
     def roundtrip(self, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        k_post = apply_rope(k, cos.unsqueeze(1), sin.unsqueeze(1))
-        mean = self._mean_rope(cos, sin, k.device)
-        y = fold_keys(k_post, mean, self.head_rotations)
-        return unfold_keys(symmetric_roundtrip(y, self.sym_group, self.sym_clip), mean, self.head_rotations).to(k.dtype)
+        y = symmetric_roundtrip(self.fold(k, cos, sin), self.sym_group, self.sym_clip)
+        return self.unfold(y, cos, sin, k.dtype)
 
 
 def main() -> None:

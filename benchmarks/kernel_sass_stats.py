@@ -52,12 +52,13 @@ def compile_sm90(fn: triton.JITFunction, constexprs: dict, num_warps: int, num_s
     """Compile ``fn`` for sm_90 (fp16 for every pointer not listed above or in ``pointers``, int32 scalars);
     ``aligned``: pointers and ``s_*`` strides divisible by 16, as Triton specializes them at launch."""
     names = fn.arg_names
+    pointer_types = {**_POINTERS, **(pointers or {})}
     signature = {}
     for n in names:
         if n in constexprs:
             signature[n] = "constexpr"
         elif n.endswith("_ptr"):
-            signature[n] = {**_POINTERS, **(pointers or {})}.get(n, "*fp16")
+            signature[n] = pointer_types.get(n, "*fp16")
         else:
             signature[n] = "fp32" if n in _FLOATS else "i32"
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)

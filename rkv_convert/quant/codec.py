@@ -94,16 +94,23 @@ class FoldedKeyCodec:
     def _mean_rope(self, cos: torch.Tensor, sin: torch.Tensor, device: torch.device) -> torch.Tensor:
         return apply_rope(self.head_means.to(device)[None, :, None, :], cos.unsqueeze(1), sin.unsqueeze(1))
 
+    def fold(self, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Pre-RoPE ``k [B, n_kv, T, d]``, the model's ``cos, sin [B, T, d]`` → the folded keys ``y`` fp32
+        that the quantizer sees."""
+        k_post = apply_rope(k, cos.unsqueeze(1), sin.unsqueeze(1))
+        return fold_keys(k_post, self._mean_rope(cos, sin, k.device), self.head_rotations)
+
+    def unfold(self, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Post-RoPE keys ``[B, n_kv, T, d]`` from folded keys ``y`` at the same positions (the inverse of :meth:`fold`)."""
+        return unfold_keys(y, self._mean_rope(cos, sin, y.device), self.head_rotations).to(dtype)
+
     def encode(self, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> QuantizedTensor:
         """Pre-RoPE ``k [B, n_kv, T, d]``, the model's ``cos, sin [B, T, d]`` → quantized ``y``."""
-        k_post = apply_rope(k, cos.unsqueeze(1), sin.unsqueeze(1))
-        y = fold_keys(k_post, self._mean_rope(cos, sin, k.device), self.head_rotations)
-        return quantize(y, self.bits, self.group_size, self.clip)
+        return quantize(self.fold(k, cos, sin), self.bits, self.group_size, self.clip)
 
     def decode(self, q: QuantizedTensor, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Post-RoPE keys ``[B, n_kv, T, d]`` from :meth:`encode`'s output at the same positions."""
-        y = dequantize(q, torch.float32)
-        return unfold_keys(y, self._mean_rope(cos, sin, y.device), self.head_rotations).to(dtype)
+        return self.unfold(dequantize(q, torch.float32), cos, sin, dtype)
 
     def roundtrip(self, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """What a reader of the folded cache gets back: post-RoPE keys in ``k``'s dtype."""
