@@ -655,15 +655,26 @@ def _group_rows(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 
 def _tiles(d: int, fp16: bool) -> dict[str, int]:
-    """Slots per block, pipeline depth and fp-segment block for a head dim and operand type.
+    """Slots per block, pipeline depth, warps and fp-segment block for a head dim and operand type.
 
-    Head dim 256 with fp32 operands needed 327,680 B of shared memory at the defaults on an H200
-    (limit 232,448); 32-slot blocks without pipelining compile to about 49 KB for sm_90, fp16 at
-    64-slot blocks to about 42 KB.
+    fp16 operands (fp16 queries): the tuned defaults; head dim 256 in 64-slot blocks (fp32 operands at the
+    defaults needed 327,680 B of shared memory on an H200, limit 232,448). fp32 operands (fp32 and bf16
+    queries): 8 warps, and 128-, 64- and 32-slot blocks (the last without pipelining) at head dims 64, 128
+    and 256: the largest that compile for sm_90 without register spills. With 4 warps these kernels spilled
+    288, 872 and 1,728 B per thread (the former settings: 128, 128 and 32 slots) and took 1.4-3.6x longer to
+    compile on a CPU (``python benchmarks/kernel_sass_stats.py --fp32-tiles``; seventh session). Their speed
+    is not timed on a GPU: the benchmarks run fp16.
     """
+    if fp16:
+        if d < 256:
+            return {"block_n": FOLDED_DEFAULTS["block_n"], "num_stages": FOLDED_DEFAULTS["num_stages"],
+                    "num_warps": FOLDED_DEFAULTS["num_warps"], "block_f": 64}  # fmt: skip
+        return {"block_n": 64, "num_stages": 2, "num_warps": FOLDED_DEFAULTS["num_warps"], "block_f": 32}
+    if d <= 64:
+        return {"block_n": 128, "num_stages": 2, "num_warps": 8, "block_f": 64}
     if d < 256:
-        return {"block_n": FOLDED_DEFAULTS["block_n"], "num_stages": FOLDED_DEFAULTS["num_stages"], "block_f": 64}
-    return {"block_n": 64, "num_stages": 2, "block_f": 32} if fp16 else {"block_n": 32, "num_stages": 1, "block_f": 32}
+        return {"block_n": 64, "num_stages": 2, "num_warps": 8, "block_f": 64}
+    return {"block_n": 32, "num_stages": 1, "num_warps": 8, "block_f": 32}
 
 
 def default_splits(programs: int, T: int, block_n: int, device: torch.device, waves: int) -> int:
@@ -760,7 +771,7 @@ def decode_folded(
             by the one launch; otherwise the fp segment is its own part and a merge kernel follows.
         block_n: slots per inner step (power of two >= 16); num_warps, num_stages: launch settings
             (``num_stages - 1`` blocks of loads in flight ahead of the one computed). None: the
-            defaults, smaller for head dim 256 (``_tiles``: shared memory).
+            defaults for fp16 queries (smaller blocks at head dim 256), else ``_tiles``' spill-free ones.
         unpack: ``"auto"``: 2-bit codes of fp16 calls are unpacked by inline PTX (CUDA only: keys
             by shift and mask into int8, values by byte permutes into fp16), other codes by integer
             conversion; ``"convert"``: always the latter (the same dots and results).
@@ -781,7 +792,7 @@ def decode_folded(
     fp16 = q.dtype == torch.float16
     tiles = _tiles(d, fp16)
     block_n = tiles["block_n"] if block_n is None else block_n
-    num_warps = FOLDED_DEFAULTS["num_warps"] if num_warps is None else num_warps
+    num_warps = tiles["num_warps"] if num_warps is None else num_warps
     num_stages = tiles["num_stages"] if num_stages is None else num_stages
     if block_n & (block_n - 1) or block_n < 16:
         raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")

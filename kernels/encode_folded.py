@@ -54,17 +54,23 @@ __all__ = ["encode_folded", "encode_folded_ref", "encode_folded_supports"]
 # Launch settings: tokens per program and warps (the best of benchmarks/bench_cache_writes.py --tune on an H200,
 # head dim 128), and a register cap (168: at most three 4-warp programs' worth of registers per SM).
 # Head dim 256 takes 8 warps and no cap: with 4 warps its program spills 1.3 KB of registers (sm_90 compile).
+# fp16/bf16 keys; fp32 keys take their own settings (_launch).
 ENCODE_DEFAULTS: dict[str, int] = {"block_t": 64, "num_warps": 4, "maxnreg": 168}
 
 
 def _launch(head_dim: int, fp16_dots: bool, block_t: int | None, num_warps: int | None) -> tuple[int, dict[str, int]]:
-    """``(block_t, launch options)``: ``ENCODE_DEFAULTS`` below head dim 256; at 256, 8 warps and no register
-    cap, and 32-token tiles for fp32 keys (IEEE dots of 64 tokens took 42 s to compile for sm_90, 32 take 9 s)."""
-    if head_dim < 256:
+    """``(block_t, launch options)``. fp16/bf16 keys: ``ENCODE_DEFAULTS`` below head dim 256; at 256, 8 warps and
+    no register cap. fp32 keys (IEEE fp32 dots): 8 warps, 64 tokens at head dim 64 and 16 above, no cap. For
+    sm_90 the former settings (64 tokens x 4 warps capped at 168 registers; 32 x 8 at head dim 256) spilled 7
+    and 15 KB per thread at head dims 128 and 256 and took 10-14 s to compile on a CPU; 16 x 8 spills 80 B and
+    6.7 KB and compiles in 1-4 s (seventh session; fp32 writes are not timed on a GPU: the benchmarks run fp16)."""
+    if not fp16_dots:
+        default_t, options = (64 if head_dim <= 64 else 16), {"num_warps": 8}
+    elif head_dim < 256:
         default_t, options = ENCODE_DEFAULTS["block_t"], {"num_warps": ENCODE_DEFAULTS["num_warps"],
                                                           "maxnreg": ENCODE_DEFAULTS["maxnreg"]}  # fmt: skip
     else:
-        default_t, options = (ENCODE_DEFAULTS["block_t"] if fp16_dots else 32), {"num_warps": 8}
+        default_t, options = ENCODE_DEFAULTS["block_t"], {"num_warps": 8}
     if num_warps is not None:
         options["num_warps"] = num_warps
     return default_t if block_t is None else block_t, options
@@ -201,9 +207,8 @@ def encode_folded(
         params: the layer's :class:`FoldedParams` (bits, groups, ``R_h``, ``mu_h``, RoPE).
         k_clip, v_clip: clip ratios of the key and value quantizers.
         out: store rows to write (a :class:`PackedKV` of ``n``-slot views, ``fp_*`` unused); None: new tensors.
-        block_t, num_warps: launch settings (None: ``ENCODE_DEFAULTS``, 8 warps at head dim 256, 32 tokens for
-            fp32 keys at head dim 256; a benchmark's knob).
-            The register cap of ``ENCODE_DEFAULTS`` applies below head dim 256.
+        block_t, num_warps: launch settings (None: ``_launch``'s for the head dim and key dtype; a benchmark's
+            knob). The register cap of ``ENCODE_DEFAULTS`` applies to fp16/bf16 keys below head dim 256.
         backend: ``"auto"``, ``"triton"`` or ``"reference"`` (see ``_common``).
 
     Returns:
