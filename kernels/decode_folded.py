@@ -52,7 +52,9 @@ Two launches (plus the split-K merge):
    - **Scales and zeros on score entries, not key elements.** The dot's columns are
      ``(query row r, key group g)`` pairs (zero-padded to the dot's minimum width of 16): column
      ``(r, g)`` of ``q'`` keeps only group ``g``'s channels, so one dot gives every group's partial
-     dot ``q'_g · c_g``; then ``score_r = Σ_g s_g (q'_g · c_g) + z_g Σ q'_g + bias_r``.
+     dot ``q'_g · c_g``; then ``score_r = Σ_g s_g (q'_g · c_g) + z_g Σ q'_g + bias_r``. With 8-bit
+     group metadata (``FoldedParams.meta_bases``) ``s_g, z_g`` are decoded from their byte codes after
+     the load (one ``exp2`` per slot and group: ``quant.quantizer.group_scale_zero``).
    - **Values:** the softmax weights times each value group's scale make the left operand
      ``[(r, g), BLOCK_N]`` of a dot with each value plane; zeros become one running sum per ``(r, g)``.
      On CUDA, 2-bit value planes become fp16 ``4 + code`` directly by byte permutes (two ``prmt`` per
@@ -127,14 +129,14 @@ def _dims(q: torch.Tensor, kv: PackedKV, p: FoldedParams, n_tokens: int | None) 
     if not 0 <= T <= max(cap, 0):
         raise ValueError(f"n_tokens={n_tokens} outside the cache's {cap} slots")
     k_width, k_groups, v_width, v_groups = p.row_widths
-    u8, f16, i32 = torch.uint8, torch.float16, torch.int32
+    u8, i32, (s_dt, z_dt) = torch.uint8, torch.int32, p.group_meta.dtypes
     want = [
         ("k_codes", kv.k_codes, (B, n_kv, cap, k_width), u8),
-        ("k_scale", kv.k_scale, (B, n_kv, cap, k_groups), f16),
-        ("k_zero", kv.k_zero, (B, n_kv, cap, k_groups), f16),
+        ("k_scale", kv.k_scale, (B, n_kv, cap, k_groups), s_dt),
+        ("k_zero", kv.k_zero, (B, n_kv, cap, k_groups), z_dt),
         ("v_codes", kv.v_codes, (B, n_kv, cap, v_width), u8),
-        ("v_scale", kv.v_scale, (B, n_kv, cap, v_groups), f16),
-        ("v_zero", kv.v_zero, (B, n_kv, cap, v_groups), f16),
+        ("v_scale", kv.v_scale, (B, n_kv, cap, v_groups), s_dt),
+        ("v_zero", kv.v_zero, (B, n_kv, cap, v_groups), z_dt),
         ("pos", kv.pos, (B, cap), i32),
     ]
     F = 0
@@ -251,8 +253,10 @@ def decode_folded_ref(
     if query_int8 is None:
         query_int8 = int8_key_dots(q.dtype, d)
     if T:
-        y = dequantize_values(kv.k_codes[:, :, :T], kv.k_scale[:, :, :T], kv.k_zero[:, :, :T], params.bits, d)
-        v = dequantize_values(kv.v_codes[:, :, :T], kv.v_scale[:, :, :T], kv.v_zero[:, :, :T], params.value_bits, d)
+        y = dequantize_values(kv.k_codes[:, :, :T], kv.k_scale[:, :, :T], kv.k_zero[:, :, :T], params.bits, d,
+                              params.key_meta_base)  # fmt: skip
+        v = dequantize_values(kv.v_codes[:, :, :T], kv.v_scale[:, :, :T], kv.v_zero[:, :, :T], params.value_bits, d,
+                              params.value_meta_base)  # fmt: skip
     else:  # (the dequantizer cannot view an empty tensor with -1)
         y = v = q.new_zeros(B, dm.n_kv, 0, d, dtype=torch.float32)
     pos = kv.pos[:, :T]
@@ -434,17 +438,25 @@ def _query_prep_kernel(
         _rotate_block(q_ptr, rot_ptr, qr_ptr, s_qb, s_qh, s_rb, s_rh, s_rr, b, pid - NB, D, REP, RP, BE, RDT, RPREC)
 
 
+@triton.jit
+def _meta8_decode(e, z, base):
+    """fp32 ``(scale, zero)`` from 8-bit codes (``quant.quantizer.group_scale_zero``): ``base * 2**(e/16)``, ``scale * z / 4``."""
+    scale = base * tl.exp2(e * 0.0625)
+    return scale, scale * z * 0.25
+
+
 @triton.jit(do_not_specialize=["T", "F", "n_parts"])  # lengths: one compile for all
 def _folded_kernel(
     q_ptr, qr_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, bias_ptr, fk_ptr, fv_ptr, fpos_ptr, o_ptr, lse_ptr,
     s_qb, s_qh, s_rb, s_rh, s_rr, s_kcb, s_kch, s_kct, s_ksb, s_ksh, s_vcb, s_vch, s_vct, s_vsb, s_vsh,
     s_bb, s_bh, s_fb, s_fh, s_ft, s_fpb,
-    T, F, tokens_per_split, n_parts, fp_first, fp_per_part, n_q, qk_scale, cap_scale,
+    T, F, tokens_per_split, n_parts, fp_first, fp_per_part, n_q, qk_scale, cap_scale, k_base, v_base,
     D: tl.constexpr, REP: tl.constexpr, R: tl.constexpr,
     NG: tl.constexpr, GK: tl.constexpr, NGV: tl.constexpr, GV: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_I8: tl.constexpr, K_FAST: tl.constexpr, V_FAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, HAS_FP: tl.constexpr, DIRECT: tl.constexpr,
     DT: tl.constexpr, PREC: tl.constexpr, SOFTCAP: tl.constexpr, NUM_STAGES: tl.constexpr, MASKLESS: tl.constexpr,
+    META8: tl.constexpr,
 ):
     """Grid ``(B, n_kv, n_parts)``. ``DIRECT`` (one part): the normalised output in ``o_ptr [B, n_q, d]``;
     else fp32 partial outputs ``o_ptr [B, n_q, n_parts, d]`` and log2-sum-exp ``lse_ptr [B, n_q, n_parts]``.
@@ -456,7 +468,9 @@ def _folded_kernel(
     ``MASKLESS``: every block lies within the store's capacity and the bias row, so no load needs a
     bounds mask and no scale a select: slots past ``T`` and empty slots are excluded by their
     ``-inf`` bias alone, which needs their codes, scales and zeros finite (the cache zero-fills its
-    stores and writes only quantized values). Fewer instructions and registers in the main loop."""
+    stores and writes only quantized values). Fewer instructions and registers in the main loop.
+
+    ``META8``: scales and zeros are 8-bit codes, decoded with the bases ``k_base``, ``v_base``."""
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     split = tl.program_id(2)
@@ -531,8 +545,10 @@ def _folded_kernel(
             tmask = t < t_stop
         bias = tl.load(bias_base + tt[:, None], mask=tmask[:, None] & rmask[None, :], other=float("-inf"))
         kp0, kp1, kp2, kp3 = _planes(kc_base + tt * s_kct, tmask, ii, PW, K_BITS, K_FAST, tl.int8 if K_I8 else DT)
-        sk = tl.load(ks_base + tt[:, None] * NG + gk[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
-        zk = tl.load(kz_base + tt[:, None] * NG + gk[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
+        sk = tl.load(ks_base + tt[:, None] * NG + gk[None, :], mask=tmask[:, None], other=0).to(tl.float32)
+        zk = tl.load(kz_base + tt[:, None] * NG + gk[None, :], mask=tmask[:, None], other=0).to(tl.float32)
+        if META8:
+            sk, zk = _meta8_decode(sk, zk, k_base)
         if K_I8:  # exact integer dots
             iacc = tl.dot(kp0, q0, out_dtype=tl.int32)
             iacc = tl.dot(kp1, q1, iacc, out_dtype=tl.int32)
@@ -561,8 +577,10 @@ def _folded_kernel(
         p = tl.exp2(s - m_new[None, :])
         l_i = l_i * alpha + tl.sum(p, 0)
         m_i = m_new
-        sv = tl.load(vs_base + tt[:, None] * NGV + gv[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
-        zv = tl.load(vz_base + tt[:, None] * NGV + gv[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
+        sv = tl.load(vs_base + tt[:, None] * NGV + gv[None, :], mask=tmask[:, None], other=0).to(tl.float32)
+        zv = tl.load(vz_base + tt[:, None] * NGV + gv[None, :], mask=tmask[:, None], other=0).to(tl.float32)
+        if META8:
+            sv, zv = _meta8_decode(sv, zv, v_base)
         if not MASKLESS:
             sv = tl.where(valid[:, None], sv, 0.0)
             zv = tl.where(valid[:, None], zv, 0.0)
@@ -840,12 +858,13 @@ def decode_folded(
             qc.stride(0), qc.stride(1), *qr.stride()[:3], *kc.stride()[:3], *ks.stride()[:2], *vc.stride()[:3], *vs.stride()[:2],
             bias.stride(0), bias.stride(1), *fk.stride()[:3], fpos.stride(0),
             T, F, tokens_per_split, n_parts, fp_first, fp_per_part, n_q, qk_scale, cap_scale,
+            params.key_meta_base or 1.0, params.value_meta_base or 1.0,
             D=d, REP=rep, R=R, NG=d // params.g_k, GK=params.g_k, NGV=d // params.g_v, GV=params.g_v,
             K_BITS=params.bits, V_BITS=params.value_bits,
             K_I8=int8_key_dots(q.dtype, d), K_FAST=params.bits == 2 and prmt, V_FAST=params.value_bits == 2 and prmt,
             BLOCK_N=block_n, BLOCK_F=tiles["block_f"], HAS_FP=has_fp, DIRECT=direct,
             DT=tl.float16 if fp16 else tl.float32, PREC="tf32" if fp16 else "ieee",
             SOFTCAP=params.softcap is not None, NUM_STAGES=num_stages, MASKLESS=maskless,
-            num_warps=num_warps, **cap,
+            META8=params.meta_bases is not None, num_warps=num_warps, **cap,
         )  # fmt: skip
     return o_part if direct else _merge(o_part, lse_part, q.dtype)

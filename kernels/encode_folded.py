@@ -47,7 +47,7 @@ from ._common import Backend, cdiv, device_guard, resolve_backend, triton_interp
 from ._decode_parts import _cos_sin
 from .folded_params import FoldedParams
 from .packed_kv import PackedKV
-from .quantize_pack import _codes, _reciprocal, _scale_zero, _store_packed, quantize_pack_ref
+from .quantize_pack import _codes, _meta8, _reciprocal, _scale_zero, _store_packed, quantize_pack_ref
 
 __all__ = ["encode_folded", "encode_folded_ref", "encode_folded_supports"]
 
@@ -93,8 +93,8 @@ def _check(key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor, p: FoldedP
         raise ValueError(f"pos must be [{b}, {n}], got {tuple(pos.shape)}")
     if out is not None:
         k_width, k_groups, v_width, v_groups = p.row_widths
-        u8, f16 = torch.uint8, torch.float16
-        want = ((k_width, u8), (k_groups, f16), (k_groups, f16), (v_width, u8), (v_groups, f16), (v_groups, f16))
+        u8, (s_dt, z_dt) = torch.uint8, p.group_meta.dtypes
+        want = ((k_width, u8), (k_groups, s_dt), (k_groups, z_dt), (v_width, u8), (v_groups, s_dt), (v_groups, z_dt))
         for name, got, (width, dtype) in zip(PackedKV._fields, out[:6], want):
             if got is None or got.shape != (b, n_kv, n, width) or got.dtype != dtype:
                 raise ValueError(f"out.{name} must be {dtype} {[b, n_kv, n, width]}, got "
@@ -106,13 +106,15 @@ def _check(key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor, p: FoldedP
 def encode_folded_ref(key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor, params: FoldedParams,
                       k_clip: float, v_clip: float, out: PackedKV | None = None) -> PackedKV:  # fmt: skip
     """Pure-torch reference of :func:`encode_folded`: ``fold_keys`` of ``mean_at`` (fp16 operands for fp16/bf16
-    keys, as the kernel), then ``quantize_pack_ref``."""
+    keys, as the kernel), then ``quantize_pack_ref`` (8-bit metadata: ``params.meta_bases``)."""
     _check(key, value, pos, params, out)
     p = params
     operands = torch.float32 if key.dtype == torch.float32 else torch.float16
     y = fold_keys(key, mean_at(p.mean, pos, p.inv_freq, p.attention_scaling), p.rotation, operands)
-    k_rows = (t.transpose(1, 2) for t in quantize_pack_ref(y.transpose(1, 2), p.bits, p.g_k, k_clip))
-    v_rows = (t.transpose(1, 2) for t in quantize_pack_ref(value.transpose(1, 2), p.value_bits, p.g_v, v_clip))
+    k_rows = (t.transpose(1, 2) for t in quantize_pack_ref(y.transpose(1, 2), p.bits, p.g_k, k_clip,
+                                                           meta_base=p.key_meta_base))  # fmt: skip
+    v_rows = (t.transpose(1, 2) for t in quantize_pack_ref(value.transpose(1, 2), p.value_bits, p.g_v, v_clip,
+                                                           meta_base=p.value_meta_base))  # fmt: skip
     rows = PackedKV(*k_rows, *v_rows, pos.to(torch.int32))
     if out is None:
         return rows
@@ -122,19 +124,26 @@ def encode_folded_ref(key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor,
 
 
 @triton.jit
-def _quantize_rows(x, codes_ptr, c_row, sz_row, scale_ptr, zero_ptr, tmask, clip, scale_floor,
+def _quantize_rows(x, codes_ptr, c_row, sz_row, scale_ptr, zero_ptr, tmask, clip, scale_floor, meta_base,
                    BLOCK_T: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr,
-                   USE_LIBDEVICE: tl.constexpr):  # fmt: skip
-    """Quantize fp32 rows ``x [BLOCK_T, D]`` (tokens ``tmask``) in groups of ``GS`` consecutive channels; store codes, scales, zeros."""
+                   META8: tl.constexpr, USE_LIBDEVICE: tl.constexpr):  # fmt: skip
+    """Quantize fp32 rows ``x [BLOCK_T, D]`` (tokens ``tmask``) in groups of ``GS`` consecutive channels; store codes,
+    scales, zeros (fp16, or ``META8``: 8-bit codes with ``meta_base``)."""
     NG: tl.constexpr = D // GS
     LEVELS: tl.constexpr = (1 << BITS) - 1
     x3 = tl.reshape(x, (BLOCK_T, NG, GS))
-    scale16, zero16 = _scale_zero(tl.min(x3, axis=2), tl.max(x3, axis=2), clip, scale_floor, LEVELS, USE_LIBDEVICE)
     g = tl.arange(0, NG)
-    tl.store(scale_ptr + sz_row[:, None] + g[None, :], scale16, mask=tmask[:, None])
-    tl.store(zero_ptr + sz_row[:, None] + g[None, :], zero16, mask=tmask[:, None])
-    codes = _codes(x3, _reciprocal(scale16.to(tl.float32))[:, :, None], zero16.to(tl.float32)[:, :, None], LEVELS,
-                   USE_LIBDEVICE)
+    if META8:
+        e8, z8, scale, zero = _meta8(tl.min(x3, axis=2), tl.max(x3, axis=2), clip, scale_floor, meta_base, LEVELS,
+                                     USE_LIBDEVICE)  # fmt: skip
+        tl.store(scale_ptr + sz_row[:, None] + g[None, :], e8, mask=tmask[:, None])
+        tl.store(zero_ptr + sz_row[:, None] + g[None, :], z8, mask=tmask[:, None])
+    else:
+        scale16, zero16 = _scale_zero(tl.min(x3, axis=2), tl.max(x3, axis=2), clip, scale_floor, LEVELS, USE_LIBDEVICE)
+        tl.store(scale_ptr + sz_row[:, None] + g[None, :], scale16, mask=tmask[:, None])
+        tl.store(zero_ptr + sz_row[:, None] + g[None, :], zero16, mask=tmask[:, None])
+        scale, zero = scale16.to(tl.float32), zero16.to(tl.float32)
+    codes = _codes(x3, _reciprocal(scale)[:, :, None], zero[:, :, None], LEVELS, USE_LIBDEVICE)
     _store_packed(codes_ptr, c_row, tmask, tl.reshape(codes, (BLOCK_T, D)), 0, BLOCK_T, D, D, BITS)
 
 
@@ -142,13 +151,14 @@ def _quantize_rows(x, codes_ptr, c_row, sz_row, scale_ptr, zero_ptr, tmask, clip
 def _encode_folded_kernel(
     k_ptr, v_ptr, pos_ptr, rot_ptr, mean_ptr, freq_ptr,
     kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr,
-    n, rope_scaling, k_clip, v_clip, scale_floor,
+    n, rope_scaling, k_clip, v_clip, scale_floor, k_base, v_base,
     s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_pb,
     s_kcb, s_kch, s_kct, s_ksb, s_ksh, s_kst, s_vcb, s_vch, s_vct, s_vsb, s_vsh, s_vst,
     D: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr, GK: tl.constexpr, GV: tl.constexpr,
-    BLOCK_T: tl.constexpr, FP16_DOTS: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
+    BLOCK_T: tl.constexpr, FP16_DOTS: tl.constexpr, META8: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
 ):
-    """Grid ``(cdiv(n, BLOCK_T), n_kv, B)``; ``FP16_DOTS``: fp16 operands, fp32 sums (fp16/bf16 keys), else IEEE fp32."""
+    """Grid ``(cdiv(n, BLOCK_T), n_kv, B)``; ``FP16_DOTS``: fp16 operands, fp32 sums (fp16/bf16 keys), else IEEE fp32;
+    ``META8``: 8-bit group metadata with bases ``k_base``/``v_base``."""
     H: tl.constexpr = D // 2
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -173,10 +183,11 @@ def _encode_folded_kernel(
         y = tl.dot(k_lo, tl.load(r_rows), input_precision="ieee")
         y = tl.dot(k_hi, tl.load(r_rows + H * D), y, input_precision="ieee")
     _quantize_rows(y, kc_ptr, b * s_kcb + h * s_kch + t * s_kct, b * s_ksb + h * s_ksh + t * s_kst, ks_ptr, kz_ptr,
-                   tmask, k_clip, scale_floor, BLOCK_T, D, K_BITS, GK, USE_LIBDEVICE)  # fmt: skip
+                   tmask, k_clip, scale_floor, k_base, BLOCK_T, D, K_BITS, GK, META8, USE_LIBDEVICE)  # fmt: skip
     v = tl.load(v_ptr + b * s_vb + h * s_vh + t[:, None] * s_vt + j[None, :], mask=tmask[:, None], other=0.0)
     _quantize_rows(v.to(tl.float32), vc_ptr, b * s_vcb + h * s_vch + t * s_vct, b * s_vsb + h * s_vsh + t * s_vst,
-                   vs_ptr, vz_ptr, tmask, v_clip, scale_floor, BLOCK_T, D, V_BITS, GV, USE_LIBDEVICE)  # fmt: skip
+                   vs_ptr, vz_ptr, tmask, v_clip, scale_floor, v_base, BLOCK_T, D, V_BITS, GV, META8,
+                   USE_LIBDEVICE)  # fmt: skip
 
 
 def _rows_strides(t: torch.Tensor, name: str) -> tuple[int, int, int]:
@@ -240,9 +251,11 @@ def encode_folded(
     with device_guard(key):  # Triton launches on the current device
         _encode_folded_kernel[(cdiv(n, block_t), n_kv, b)](
             key, value, rows.pos, rotation, mean, inv_freq, *rows[:6],
-            n, float(params.attention_scaling), float(k_clip), float(v_clip), SCALE_FLOOR, *strides,
+            n, float(params.attention_scaling), float(k_clip), float(v_clip), SCALE_FLOOR,
+            params.key_meta_base or 1.0, params.value_meta_base or 1.0, *strides,
             D=d, K_BITS=params.bits, V_BITS=params.value_bits, GK=params.g_k, GV=params.g_v,
-            BLOCK_T=block_t, FP16_DOTS=fp16_dots, USE_LIBDEVICE=not triton_interpreting(), **launch,
+            BLOCK_T=block_t, FP16_DOTS=fp16_dots, META8=params.meta_bases is not None,
+            USE_LIBDEVICE=not triton_interpreting(), **launch,
         )  # fmt: skip
     return rows
 

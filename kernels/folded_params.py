@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rkv_convert.quant.packing import packed_width
+from rkv_convert.quant.quantizer import GroupMeta
 
 from .decode_attention import _plane_order
 from .packed_kv import PackedKV
@@ -27,6 +28,8 @@ class FoldedParams:
         g_k, g_v: channels per key / value quantization group (dividing ``d``).
         softcap: attention-logit soft cap (Gemma 2): logits ``softcap * tanh(sm_scale * s / softcap)``;
             None: plain ``sm_scale * s``.
+        meta_bases: ``(key base, value base)``: scales and zeros stored as 8-bit codes
+            (``GroupMeta.LOG8``, :mod:`rkv_convert.quant.quantizer`); None: fp16.
     """
 
     rotation: torch.Tensor
@@ -39,6 +42,7 @@ class FoldedParams:
     g_v: int
     v_bits: int | None = None
     softcap: float | None = None
+    meta_bases: tuple[float, float] | None = None
     _on_device: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -56,6 +60,8 @@ class FoldedParams:
             raise ValueError(f"softcap must be positive or None, got {self.softcap}")
         if self.g_k <= 0 or d % self.g_k or self.g_v <= 0 or d % self.g_v:
             raise ValueError(f"group sizes {self.g_k}/{self.g_v} must divide the head dim {d}")
+        if self.meta_bases is not None and (len(self.meta_bases) != 2 or not all(b > 0 for b in self.meta_bases)):
+            raise ValueError(f"meta_bases must be two positive bases (keys, values) or None, got {self.meta_bases}")
 
     def kernel_operands(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(r_planes, mean, inv_freq)`` fp32 contiguous on ``device``, made once per device.
@@ -96,21 +102,36 @@ class FoldedParams:
         """The same constants with their tensors on ``device``."""
         return FoldedParams(self.rotation.to(device), self.mean.to(device), self.inv_freq.to(device),
                             self.attention_scaling, self.sm_scale, self.bits, self.g_k, self.g_v, self.v_bits,
-                            self.softcap)  # fmt: skip
+                            self.softcap, self.meta_bases)  # fmt: skip
 
     def empty_rows(self, batch: int, slots: int, device: torch.device | str) -> PackedKV:
         """Uninitialised store tensors of ``slots`` slots in the layout these constants describe (no fp segment)."""
         k_width, k_groups, v_width, v_groups = self.row_widths
         lead = (batch, self.n_kv, slots)
-        u8, f16 = dict(dtype=torch.uint8, device=device), dict(dtype=torch.float16, device=device)
-        return PackedKV(torch.empty(*lead, k_width, **u8), torch.empty(*lead, k_groups, **f16),
-                        torch.empty(*lead, k_groups, **f16), torch.empty(*lead, v_width, **u8),
-                        torch.empty(*lead, v_groups, **f16), torch.empty(*lead, v_groups, **f16),
+        u8 = dict(dtype=torch.uint8, device=device)
+        s_dt, z_dt = self.group_meta.dtypes
+        return PackedKV(torch.empty(*lead, k_width, **u8), torch.empty(*lead, k_groups, dtype=s_dt, device=device),
+                        torch.empty(*lead, k_groups, dtype=z_dt, device=device), torch.empty(*lead, v_width, **u8),
+                        torch.empty(*lead, v_groups, dtype=s_dt, device=device),
+                        torch.empty(*lead, v_groups, dtype=z_dt, device=device),
                         torch.empty(batch, slots, dtype=torch.int32, device=device))  # fmt: skip
 
     @property
     def value_bits(self) -> int:
         return self.bits if self.v_bits is None else self.v_bits
+
+    @property
+    def group_meta(self) -> GroupMeta:
+        """How the store holds each group's scale and zero."""
+        return GroupMeta.FP16 if self.meta_bases is None else GroupMeta.LOG8
+
+    @property
+    def key_meta_base(self) -> float | None:
+        return None if self.meta_bases is None else float(self.meta_bases[0])
+
+    @property
+    def value_meta_base(self) -> float | None:
+        return None if self.meta_bases is None else float(self.meta_bases[1])
 
     @functools.cached_property
     def row_widths(self) -> tuple[int, int, int, int]:

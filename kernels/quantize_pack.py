@@ -40,7 +40,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from rkv_convert.quant.packing import pack_codes, packed_width
-from rkv_convert.quant.quantizer import SCALE_FLOOR, levels, quantize
+from rkv_convert.quant.quantizer import SCALE_FLOOR, GroupMeta, levels, quantize
 
 from ._common import Backend, cdiv, device_guard, next_pow2, resolve_backend, triton_interpreting
 
@@ -115,8 +115,10 @@ def quantize_pack_ref(
     rotation: torch.Tensor | None = None,
     mean: torch.Tensor | None = None,
     gid: torch.Tensor | None = None,
+    meta_base: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pure-torch reference of :func:`quantize_pack`, built on ``quantize`` and ``pack_codes``.
+    """Pure-torch reference of :func:`quantize_pack`, built on ``quantize`` and ``pack_codes``
+    (``meta_base``: 8-bit group metadata, which only the folded writes of :mod:`.encode_folded` produce).
 
     Args:
         x: ``[..., n_blocks, W]`` fp16/bf16/fp32 rows.
@@ -134,17 +136,20 @@ def quantize_pack_ref(
     n_blocks, width = _check_args(x, bits, group_size, clip, rotation, mean, gid)
     if x.numel() == 0:  # quantize() cannot reshape an empty tensor with -1
         lead = (*x.shape[:-1],)
+        s_dt, z_dt = (GroupMeta.FP16 if meta_base is None else GroupMeta.LOG8).dtypes
         return (x.new_empty(*lead, width * bits // 8, dtype=torch.uint8),
-                x.new_empty(*lead, width // group_size, dtype=torch.float16),
-                x.new_empty(*lead, width // group_size, dtype=torch.float16))
+                x.new_empty(*lead, width // group_size, dtype=s_dt),
+                x.new_empty(*lead, width // group_size, dtype=z_dt))
     y = x.float()
     if mean is not None:
         y = y - mean.to(device=x.device, dtype=torch.float32).reshape(n_blocks, width)
     if rotation is not None:
         y = y @ rotation.to(device=x.device, dtype=torch.float32)
     if gid is None:
-        q = quantize(y, bits, group_size, clip)
+        q = quantize(y, bits, group_size, clip, meta_base=meta_base)
         return pack_codes(q.codes, bits), q.scale, q.zero
+    if meta_base is not None:
+        raise ValueError("8-bit group metadata is written for consecutive groups only (the folded layout)")
     codes, scales, zeros = [], [], []
     for b in range(n_blocks):
         q = quantize(y[..., b, :], bits, group_size, clip, perm_from_group_ids(gid[b].to(x.device), group_size))
@@ -192,6 +197,46 @@ def _scale_zero(mn, mx, clip, scale_floor, LEVELS: tl.constexpr, USE_LIBDEVICE: 
         width = hi - lo
     scale16 = tl.maximum(tl.math.div_rn(width, LEVELS * 1.0), scale_floor).to(tl.float16, fp_downcast_rounding="rtne")
     return scale16, lo.to(tl.float16, fp_downcast_rounding="rtne")
+
+
+@triton.jit
+def _round_even(v, USE_LIBDEVICE: tl.constexpr):
+    """fp32 round half to even of ``|v| < 2**22`` (``torch.round``'s rule)."""
+    if USE_LIBDEVICE:
+        return libdevice.rint(v)
+    return (v + 12582912.0) - 12582912.0  # 1.5 * 2**23: the interpreter (numpy) rounds every op
+
+
+@triton.jit
+def _meta8(mn, mx, clip, scale_floor, base, LEVELS: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
+    """8-bit group metadata of groups with minimum ``mn`` and maximum ``mx``: ``(e uint8, z int8, scale, zero)``,
+    the last two decoded in fp32 (``quant.quantizer.encode_group_meta`` and ``group_scale_zero``, op for op)."""
+    if USE_LIBDEVICE:  # explicit IEEE ops: no FMA contraction, so the reference's roundings are reproduced
+        hi = libdevice.mul_rn(mx, clip)
+        lo = libdevice.mul_rn(mn, clip)
+        width = libdevice.sub_rn(hi, lo)
+        centre = libdevice.mul_rn(libdevice.add_rn(hi, lo), 0.5)
+    else:
+        hi = mx * clip
+        lo = mn * clip
+        width = hi - lo
+        centre = (hi + lo) * 0.5
+    scale = tl.maximum(tl.math.div_rn(width, LEVELS * 1.0), scale_floor)
+    if USE_LIBDEVICE:
+        l2 = libdevice.log2(tl.math.div_rn(scale, base))
+    else:
+        l2 = tl.log2(tl.math.div_rn(scale, base))
+    e = _round_even(tl.minimum(tl.maximum(l2 * 16.0, 0.0), 255.0), USE_LIBDEVICE)
+    if USE_LIBDEVICE:
+        s8 = base * libdevice.exp2(e * 0.0625)
+        half_grid = libdevice.mul_rn(LEVELS * 0.5, s8)
+        z = _round_even(tl.minimum(tl.maximum(tl.math.div_rn(4.0 * libdevice.sub_rn(centre, half_grid), s8), -128.0),
+                                   127.0), USE_LIBDEVICE)  # fmt: skip
+    else:
+        s8 = base * tl.exp2(e * 0.0625)
+        z = _round_even(tl.minimum(tl.maximum(tl.math.div_rn(4.0 * (centre - LEVELS * 0.5 * s8), s8), -128.0), 127.0),
+                        USE_LIBDEVICE)  # fmt: skip
+    return e.to(tl.uint8), z.to(tl.int8), s8, s8 * z * 0.25
 
 
 @triton.jit

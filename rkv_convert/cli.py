@@ -187,6 +187,7 @@ def export(
     bits: int = typer.Option(2, help="Bits per cached key/value element: 2, 3 or 4."),
     key_bits: Optional[str] = typer.Option(None, help="Key widths: one of 2, 3, 4 for every layer, or a comma list with one per layer (default: --bits)."),
     value_bits: Optional[str] = typer.Option(None, help="Value widths, like --key-bits (default: --bits)."),
+    group_meta: str = typer.Option("fp16", help="Group scales and zeros: fp16 (2 bytes each) or log8 (1 byte each: 0.25 bit per element less at groups of 64; folded key layout only)."),
     recent_window: int = typer.Option(128, min=0, help="Recent tokens kept in full precision by the runtime."),
     flush_block: int = typer.Option(64, min=1, help="Tokens moved from the window to the quantized store at a time."),
     max_sinks: int = typer.Option(8, min=0, help="Most sink tokens per sequence kept in full precision."),
@@ -204,6 +205,7 @@ def export(
     try:
         torch_dtype = _dtype(dtype)
         check_bits(bits)
+        meta = _group_meta(group_meta)
         check_output_dir(out, overwrite)
         artifact = load_artifact(calibration)
         n_layers = artifact.meta["model"]["num_hidden_layers"]
@@ -217,10 +219,20 @@ def export(
             loaded = load_model(source, torch_dtype, "cpu", trust_remote_code)
         with console.status("fusing the value rotation, checking logits, writing"):
             path = export_checkpoint(loaded, artifact, out, bits, recent_window, flush_block, max_sinks, overwrite,
-                                     key_bits=widths["key"], value_bits=widths["value"])  # fmt: skip
+                                     key_bits=widths["key"], value_bits=widths["value"], group_meta=meta)  # fmt: skip
     except COMMAND_ERRORS as err:
         _fail(err)
     console.print(f"exported {bits}-bit rkv checkpoint of {source} → [bold]{path}[/]")
+
+
+def _group_meta(text: str):
+    """``--group-meta``: a :class:`~rkv_convert.quant.quantizer.GroupMeta` value."""
+    from .quant.quantizer import GroupMeta
+
+    try:
+        return GroupMeta(text)
+    except ValueError:
+        raise InputError(f"--group-meta takes one of {', '.join(m.value for m in GroupMeta)}, got {text!r}") from None
 
 
 def _layer_widths(option: str, text: Optional[str], num_layers: int) -> Optional[list[int]]:

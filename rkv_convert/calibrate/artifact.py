@@ -21,7 +21,9 @@ __all__ = ["ARTIFACT_VERSION", "CalibrationArtifact", "save_artifact", "load_art
 ARTIFACT_VERSION = 1
 TENSORS_FILE = "calibration.safetensors"
 META_FILE = "calibration.json"
-OPTIONAL_PER_LAYER = ("key_head_rotation",)  # folded layout with learned rotations: fp32 [n_kv, d, d]
+# key_head_rotation: folded layout with learned rotations, fp32 [n_kv, d, d]; key/value_group_range: fp32 [],
+# the largest unclipped group range of stored keys / values (folded layout; what 8-bit group metadata needs)
+OPTIONAL_PER_LAYER = ("key_head_rotation", "key_group_range", "value_group_range")
 PER_LAYER = (
     "key_mean",
     "key_perm",

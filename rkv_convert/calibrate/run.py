@@ -170,6 +170,18 @@ def _learned_rotation(rows: torch.Tensor, rotation: torch.Tensor, perm: torch.Te
     return heads.contiguous(), clips
 
 
+def _largest_group_range(rows: torch.Tensor, head_rotation: torch.Tensor | None, group_size: int) -> torch.Tensor:
+    """fp32 ``[]``: the largest ``max - min`` over groups of ``group_size`` consecutive channels of ``rows [N, n_kv*d]``
+    as stored (keys, centred post-RoPE: each head times its ``R_h``, ``head_rotation [n_kv, d, d]``; values: as
+    they are)."""
+    x = rows.float().cpu()
+    if head_rotation is not None:
+        n_kv, d = head_rotation.shape[:2]
+        x = torch.einsum("nhi,hij->nhj", x.reshape(-1, n_kv, d), head_rotation.float().cpu()).reshape(x.shape)
+    g = x.reshape(x.shape[0], -1, group_size)
+    return (g.amax(-1) - g.amin(-1)).max().reshape(())
+
+
 def calibrate(
     model: nn.Module, batches: torch.Tensor, options: CalibrationOptions, progress: Progress | None = None
 ) -> CalibrationArtifact:
@@ -256,6 +268,12 @@ def calibrate(
             learned, key_clips = _learned_rotation(stats["key_rows"], key_rotation, perm, weight, key_clips, options, d, device)
         value_clips = _clips(stats["value_rows"].to(device), search.QUANT_BITS, options.value_group_size, None,
                              options.value_clip)
+        ranges = {}
+        if folded:  # what the 8-bit group metadata's scale base is set from (export.format.LayerTensors)
+            r_h = learned if learned is not None else folded_head_rotations(key_rotation, perm, d)
+            keys = rotate_groups(stats["key_rows"].float(), key_rotation, inverse=True)  # centred post-RoPE keys
+            ranges = {"key_group_range": _largest_group_range(keys, r_h, options.key_group_size),
+                      "value_group_range": _largest_group_range(stats["value_rows"], None, options.value_group_size)}
         channels, threshold, flagged = sinks[i]
         layers.append(
             {
@@ -269,6 +287,7 @@ def calibrate(
                 "sink_threshold": torch.tensor(threshold, dtype=torch.float32),
                 "sink_tokens_flagged": flagged,
                 **({"key_head_rotation": learned} if learned is not None else {}),
+                **ranges,
             }
         )
         if progress:

@@ -12,7 +12,7 @@ import torch
 
 from ..export.format import Checkpoint
 from ..quant.codec import FoldedKeyCodec, KeyCodec, ValueCodec, rotate_groups
-from ..quant.quantizer import bits_per_element, fake_quantize
+from ..quant.quantizer import GroupMeta, bits_per_element, fake_quantize
 from ..runtime.ops import apply_rope
 
 __all__ = ["Scheme", "FullPrecision", "RTN", "KIVI", "RotateKV", "build_scheme", "key_codecs", "value_codecs", "SCHEME_NAMES"]
@@ -135,9 +135,13 @@ class RotateKV(Scheme):
         return _rows_to_heads(rows, v.shape[1])
 
     def bits_per_element(self):
-        """Stored bits per key and value element, averaged over layers (layers may differ in width)."""
-        keys = [bits_per_element(c.bits, c.group_size) for c in self.key_codecs]
-        values = [bits_per_element(c.bits, c.group_size) for c in self.value_codecs]
+        """Stored bits per key and value element, averaged over layers (layers may differ in width and metadata)."""
+        def cost(c: KeyCodec | FoldedKeyCodec | ValueCodec) -> float:
+            meta = GroupMeta.FP16 if getattr(c, "meta_base", None) is None else GroupMeta.LOG8
+            return bits_per_element(c.bits, c.group_size, meta)
+
+        keys = [cost(c) for c in self.key_codecs]
+        values = [cost(c) for c in self.value_codecs]
         return sum(keys) / len(keys), sum(values) / len(values)
 
 
@@ -146,21 +150,28 @@ def key_codecs(checkpoint: Checkpoint, bits: int | None, key_clips: list[float] 
     width, ``RkvConfig.layer_bits``); clips: the checkpoint's, or ``key_clips``."""
     cfg = checkpoint.config
     def make(i: int, layer) -> KeyCodec | FoldedKeyCodec:
-        args = (layer.key_mean, checkpoint.key_rotation, layer.key_perm, cfg.layer_bits(i)[0] if bits is None else bits,
-                cfg.key_group_size, layer.key_clip if key_clips is None else key_clips[i])
-        return FoldedKeyCodec(*args, head_rotation=layer.key_head_rotation) if cfg.folded else KeyCodec(*args)
+        width = cfg.layer_bits(i)[0] if bits is None else bits
+        clip = layer.key_clip if key_clips is None else key_clips[i]
+        args = (layer.key_mean, checkpoint.key_rotation, layer.key_perm, width, cfg.key_group_size, clip)
+        if not cfg.folded:
+            return KeyCodec(*args)
+        base = None if cfg.meta is GroupMeta.FP16 else layer.meta_bases(width, width, key_clip=clip)[0]
+        return FoldedKeyCodec(*args, head_rotation=layer.key_head_rotation, meta_base=base)
 
     return [make(i, layer) for i, layer in enumerate(checkpoint.layers)]
 
 
 def value_codecs(checkpoint: Checkpoint, bits: int | None, value_clips: list[float] | None = None) -> list[ValueCodec]:
-    """One value codec per layer, like :func:`key_codecs`."""
+    """One value codec per layer, like :func:`key_codecs` (8-bit group metadata where the checkpoint has it)."""
     cfg = checkpoint.config
-    return [
-        ValueCodec(cfg.layer_bits(i)[1] if bits is None else bits, cfg.value_group_size,
-                   layer.value_clip if value_clips is None else value_clips[i])
-        for i, layer in enumerate(checkpoint.layers)
-    ]  # fmt: skip
+
+    def make(i: int, layer) -> ValueCodec:
+        width = cfg.layer_bits(i)[1] if bits is None else bits
+        clip = layer.value_clip if value_clips is None else value_clips[i]
+        base = None if cfg.meta is GroupMeta.FP16 else layer.meta_bases(width, width, value_clip=clip)[1]
+        return ValueCodec(width, cfg.value_group_size, clip, meta_base=base)
+
+    return [make(i, layer) for i, layer in enumerate(checkpoint.layers)]
 
 
 def build_scheme(name: str, bits: int | None, checkpoint: Checkpoint, clips: dict[str, list[torch.Tensor]] | None = None,

@@ -1,4 +1,4 @@
-"""The augmented checkpoint's ``rkv`` config section and tensor names (format version 3).
+"""The augmented checkpoint's ``rkv`` config section and tensor names (format version 4).
 
 A checkpoint folder holds the source model's weights (with the value rotation fused into
 ``v_proj``/``o_proj``), its ``config.json`` with an ``rkv`` section (:class:`RkvConfig`),
@@ -7,7 +7,9 @@ tokenizer files, and ``rkv.safetensors`` with the per-layer calibration tensors 
 a reader accepts exactly the format versions it knows and refuses others with a message.
 Version 2 added ``key_layout`` (:class:`KeyLayout`); a version-1 checkpoint reads as ``prerope``.
 Version 3 added per-layer key and value widths (``key_bits``, ``value_bits``); a version-1 or -2
-checkpoint reads with every layer's keys and values at ``bits``.
+checkpoint reads with every layer's keys and values at ``bits``. Version 4 added ``group_meta``
+(:class:`~rkv_convert.quant.quantizer.GroupMeta`: fp16 or 8-bit group scales and zeros) and, for 8-bit
+metadata, each layer's ``key_group_range``/``value_group_range``; an older checkpoint reads as ``fp16``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from ..quant.packing import layout_for_bits
-from ..quant.quantizer import bits_per_element
+from ..quant.quantizer import GroupMeta, bits_per_element, meta_scale_base
 
 __all__ = [
     "FORMAT_VERSION",
@@ -40,8 +42,9 @@ __all__ = [
     "check_weight_files",
 ]
 
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)  # 1: before key_layout (pre-RoPE keys); 2: before per-layer key/value bits
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)  # 1: before key_layout (pre-RoPE keys); 2: before per-layer key/value bits;
+# 3: before group_meta (fp16 scales and zeros)
 RKV_TENSORS_FILE = "rkv.safetensors"
 SUPPORTED_BITS = (2, 3, 4)
 
@@ -93,6 +96,7 @@ class RkvConfig:
     key_layout: str = KeyLayout.PREROPE.value  # a KeyLayout value; version 1 knew only prerope
     key_bits: list[int] = field(default_factory=list)  # per layer (version 3); empty: every layer at `bits`
     value_bits: list[int] = field(default_factory=list)  # per layer (version 3); empty: every layer at `bits`
+    group_meta: str = GroupMeta.FP16.value  # a GroupMeta value (version 4); older versions: fp16
 
     def __post_init__(self) -> None:
         if not self.layout:
@@ -134,6 +138,11 @@ class RkvConfig:
                 raise CheckpointError(f"format version {self.version} has no per-layer {name}; re-export the checkpoint")
             if widths and (len(widths) != self.num_layers or any(b not in SUPPORTED_BITS for b in widths)):
                 raise CheckpointError(f"{name} must list one of {SUPPORTED_BITS} per layer ({self.num_layers} layers), got {widths}")
+        if self.group_meta not in {m.value for m in GroupMeta}:
+            raise CheckpointError(f"group_meta must be one of {', '.join(m.value for m in GroupMeta)}, got {self.group_meta!r}")
+        if self.group_meta != GroupMeta.FP16.value and (self.version < 4 or not self.folded):
+            raise CheckpointError(f"{self.group_meta} group metadata needs format version 4 and the folded key layout "
+                                  f"(got version {self.version}, {self.key_layout} keys); calibrate with --key-layout folded and export again")  # fmt: skip
         if self.layout != layout_for_bits(self.bits).value:
             raise CheckpointError(f"layout {self.layout!r} does not match {self.bits}-bit codes")
         if self.recent_window < 0 or self.flush_block <= 0 or self.max_sinks < 0:
@@ -157,13 +166,20 @@ class RkvConfig:
         return any(b != self.bits for b in (*self.key_bits, *self.value_bits))
 
     @property
+    def meta(self) -> GroupMeta:
+        """How the store holds group scales and zeros."""
+        return GroupMeta(self.group_meta)
+
+    @property
     def key_bits_per_element(self) -> float:
-        """Stored bits per key element, averaged over layers (codes plus fp16 scale and zero per group)."""
-        return sum(bits_per_element(self.layer_bits(i)[0], self.key_group_size) for i in range(self.num_layers)) / self.num_layers
+        """Stored bits per key element, averaged over layers (codes plus scale and zero per group)."""
+        return sum(bits_per_element(self.layer_bits(i)[0], self.key_group_size, self.meta)
+                   for i in range(self.num_layers)) / self.num_layers  # fmt: skip
 
     @property
     def value_bits_per_element(self) -> float:
-        return sum(bits_per_element(self.layer_bits(i)[1], self.value_group_size) for i in range(self.num_layers)) / self.num_layers
+        return sum(bits_per_element(self.layer_bits(i)[1], self.value_group_size, self.meta)
+                   for i in range(self.num_layers)) / self.num_layers  # fmt: skip
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self), sort_keys=True))
@@ -183,8 +199,11 @@ class RkvConfig:
             names.discard("key_layout")
         if version < 3:  # written before per-layer widths: every layer at `bits`
             names -= {"key_bits", "value_bits"}
+        if version < 4:  # written before group_meta: fp16 scales and zeros
+            names.discard("group_meta")
         unknown = sorted(set(data) - names)
-        required = ({"key_layout"} if version >= 2 else set()) | ({"key_bits", "value_bits"} if version >= 3 else set())
+        required = (({"key_layout"} if version >= 2 else set()) | ({"key_bits", "value_bits"} if version >= 3 else set())
+                    | ({"group_meta"} if version >= 4 else set()))  # fmt: skip
         missing = sorted(f.name for f in dataclasses.fields(cls) if (f.name in required or (f.default is dataclasses.MISSING
                          and f.default_factory is dataclasses.MISSING)) and f.name not in data)
         if unknown or missing:
@@ -210,6 +229,9 @@ class LayerTensors:
       (``h`` = the decoder layer's input); ``inf`` disables detection for the layer.
     - ``key_head_rotation`` fp32 ``[n_kv, d, d]`` or ``None`` (folded layout, version 3): each KV head's
       ``R_h``, learned by calibration; absent, ``R_h = key_rotation[:, perm_h]``.
+    - ``key_group_range``, ``value_group_range`` fp32 ``[]`` or ``None`` (8-bit group metadata, version 4):
+      the largest unclipped group range (max - min) of the stored keys ``y`` / values on calibration
+      text, which sets the base of the 8-bit scale codes (:meth:`meta_bases`).
     """
 
     key_mean: torch.Tensor
@@ -219,8 +241,18 @@ class LayerTensors:
     sink_channels: torch.Tensor
     sink_threshold: float
     key_head_rotation: torch.Tensor | None = None
+    key_group_range: float | None = None
+    value_group_range: float | None = None
 
     FIELDS = ("key_mean", "key_perm", "key_clip", "value_clip", "sink_channels", "sink_threshold")
+
+    def meta_bases(self, key_bits: int, value_bits: int, key_clip: float | None = None,
+                   value_clip: float | None = None) -> tuple[float, float]:  # fmt: skip
+        """``(key base, value base)`` of 8-bit scale codes at these widths and clips (default: the layer's clips)."""
+        if self.key_group_range is None or self.value_group_range is None:
+            raise CheckpointError("8-bit group metadata needs the layer's key_group_range and value_group_range")
+        return (meta_scale_base(self.key_group_range, key_bits, self.key_clip if key_clip is None else key_clip),
+                meta_scale_base(self.value_group_range, value_bits, self.value_clip if value_clip is None else value_clip))
 
 
 @dataclass
@@ -292,6 +324,23 @@ def _head_rotation(tensors: dict[str, torch.Tensor], layer: int, config: RkvConf
     return tensors[name].float()
 
 
+def _group_ranges(tensors: dict[str, torch.Tensor], layer: int, config: RkvConfig) -> dict[str, float]:
+    """An 8-bit-metadata checkpoint's per-layer group ranges (required there, refused elsewhere)."""
+    names = {what: tensor_name(layer, what) for what in ("key_group_range", "value_group_range")}
+    present = {what: name in tensors for what, name in names.items()}
+    if config.meta is GroupMeta.FP16:
+        if any(present.values()):
+            raise CheckpointError(f"{names['key_group_range']} belongs to 8-bit group metadata, but group_meta is fp16; "
+                                  "re-export the checkpoint")  # fmt: skip
+        return {}
+    out = {}
+    for what, name in names.items():
+        if not present[what] or tuple(tensors[name].shape) != () or not bool(torch.isfinite(tensors[name])):
+            raise CheckpointError(f"{config.group_meta} group metadata needs a finite scalar {name!r}; re-export the checkpoint")
+        out[what] = float(tensors[name])
+    return out
+
+
 def _unpack_tensors(tensors: dict[str, torch.Tensor], config: RkvConfig) -> tuple:
     def need(name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
         if name not in tensors:
@@ -316,6 +365,7 @@ def _unpack_tensors(tensors: dict[str, torch.Tensor], config: RkvConfig) -> tupl
                 sink_channels=need(tensor_name(i, "sink_channels")).long(),
                 sink_threshold=float(need(tensor_name(i, "sink_threshold"), ())),
                 key_head_rotation=_head_rotation(tensors, i, config),
+                **_group_ranges(tensors, i, config),
             )
         )
     return key_rotation, value_rotation, layers

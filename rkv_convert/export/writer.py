@@ -19,6 +19,7 @@ from ..calibrate.run import model_shape
 from ..models.adapters import text_config
 from ..models.loading import LoadedModel
 from ..outdir import atomic_dir, check_output_dir
+from ..quant.quantizer import GroupMeta
 from .format import RKV_TENSORS_FILE, SUPPORTED_BITS, Checkpoint, CheckpointError, KeyLayout, LayerTensors, RkvConfig, tensor_name
 from .fuse import fuse_value_rotation
 
@@ -62,10 +63,22 @@ def layer_widths(bits: int, num_layers: int, widths: list[int] | None, name: str
     return widths
 
 
+def _group_ranges(artifact: CalibrationArtifact, layer: int, meta: GroupMeta) -> dict[str, float]:
+    """The layer's group ranges that 8-bit metadata needs (none for fp16 metadata)."""
+    if meta is GroupMeta.FP16:
+        return {}
+    names = ("key_group_range", "value_group_range")
+    if any(name not in artifact.layers[layer] for name in names):
+        raise CheckpointError(f"{meta.value} group metadata needs each layer's group ranges, which this calibration "
+                              "artifact lacks (made by an older rkv); re-run `rkv calibrate`")  # fmt: skip
+    return {name: float(artifact.layers[layer][name]) for name in names}
+
+
 def _config_for(artifact: CalibrationArtifact, bits: int, recent_window: int, flush_block: int, max_sinks: int,
-                key_bits: list[int] | None = None, value_bits: list[int] | None = None) -> RkvConfig:  # fmt: skip
+                key_bits: list[int] | None = None, value_bits: list[int] | None = None,
+                group_meta: GroupMeta = GroupMeta.FP16) -> RkvConfig:  # fmt: skip
     """The ``config.json["rkv"]`` section that exporting ``artifact`` at ``bits`` (per-layer widths: ``key_bits``,
-    ``value_bits``) writes."""
+    ``value_bits``; group scales and zeros as ``group_meta``) writes."""
     if bits not in SUPPORTED_BITS:
         raise CheckpointError(f"--bits must be one of {SUPPORTED_BITS}, got {bits}")
     opts = artifact.meta["options"]
@@ -87,19 +100,20 @@ def _config_for(artifact: CalibrationArtifact, bits: int, recent_window: int, fl
         key_layout=opts.get("key_layout", KeyLayout.PREROPE.value),  # artifacts from before key_layout: prerope
         key_bits=layer_widths(bits, n, key_bits, "key bits"),
         value_bits=layer_widths(bits, n, value_bits, "value bits"),
+        group_meta=GroupMeta(group_meta).value,
     )
 
 
 def checkpoint_from_artifact(
     artifact: CalibrationArtifact, bits: int = 2, recent_window: int = 128, flush_block: int = 64, max_sinks: int = 8,
-    key_bits: list[int] | None = None, value_bits: list[int] | None = None,
+    key_bits: list[int] | None = None, value_bits: list[int] | None = None, group_meta: GroupMeta = GroupMeta.FP16,
 ) -> Checkpoint:
     """The in-memory checkpoint that exporting ``artifact`` at ``bits`` describes (nothing fused or written).
 
     For benchmarks and tools that keep the model in memory: fuse ``artifact.value_rotation`` into
     the model with :func:`~rkv_convert.export.fuse.fuse_value_rotation` before running it.
     """
-    config = _config_for(artifact, bits, recent_window, flush_block, max_sinks, key_bits, value_bits)
+    config = _config_for(artifact, bits, recent_window, flush_block, max_sinks, key_bits, value_bits, group_meta)
     layers = [
         LayerTensors(
             key_mean=layer["key_mean"].float(),
@@ -109,6 +123,7 @@ def checkpoint_from_artifact(
             sink_channels=layer["sink_channels"].long(),
             sink_threshold=float(layer["sink_threshold"]),
             key_head_rotation=layer["key_head_rotation"].float() if "key_head_rotation" in layer else None,
+            **_group_ranges(artifact, i, config.meta),
         )
         for i, layer in enumerate(artifact.layers)
     ]
@@ -126,13 +141,16 @@ def export_checkpoint(
     overwrite: bool = False,
     key_bits: list[int] | None = None,
     value_bits: list[int] | None = None,
+    group_meta: GroupMeta = GroupMeta.FP16,
 ) -> Path:
     """Fuse, verify and write the augmented checkpoint; returns the folder. ``key_bits``/``value_bits``:
-    one width per layer (default: every layer at ``bits``)."""
+    one width per layer (default: every layer at ``bits``); ``group_meta``: how the cache stores group
+    scales and zeros (8-bit needs the folded key layout)."""
     out = Path(out_dir)
     check_output_dir(out, overwrite)
     _check_compatible(artifact, loaded, bits)
-    config = _config_for(artifact, bits, recent_window, flush_block, max_sinks, key_bits, value_bits)
+    config = _config_for(artifact, bits, recent_window, flush_block, max_sinks, key_bits, value_bits, group_meta)
+    ranges = [_group_ranges(artifact, i, config.meta) for i in range(len(artifact.layers))]
     model = loaded.model
     before = _probe_logits(model)
     fuse_value_rotation(model, artifact.value_rotation)
@@ -155,6 +173,8 @@ def export_checkpoint(
         tensors[tensor_name(i, "value_clip_by_bits")] = layer["value_clip_by_bits"]
         if "key_head_rotation" in layer:  # learned per-head rotations (folded layout)
             tensors[tensor_name(i, "key_head_rotation")] = layer["key_head_rotation"]
+        for name, value in ranges[i].items():  # 8-bit group metadata
+            tensors[tensor_name(i, name)] = torch.tensor(value, dtype=torch.float32)
 
     with atomic_dir(out, overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)

@@ -84,6 +84,7 @@ class FoldedKeyCodec:
     group_size: int
     clip: float
     head_rotation: torch.Tensor | None = None  # [n_kv, d, d] learned R_h; None: rotation[:, perm_h]
+    meta_base: float | None = None  # 8-bit group metadata (quantizer.GroupMeta.LOG8) with this base; None: fp16
 
     def __post_init__(self) -> None:
         d = self.rotation.shape[0]
@@ -106,7 +107,7 @@ class FoldedKeyCodec:
 
     def encode(self, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> QuantizedTensor:
         """Pre-RoPE ``k [B, n_kv, T, d]``, the model's ``cos, sin [B, T, d]`` → quantized ``y``."""
-        return quantize(self.fold(k, cos, sin), self.bits, self.group_size, self.clip)
+        return quantize(self.fold(k, cos, sin), self.bits, self.group_size, self.clip, meta_base=self.meta_base)
 
     def decode(self, q: QuantizedTensor, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Post-RoPE keys ``[B, n_kv, T, d]`` from :meth:`encode`'s output at the same positions."""
@@ -124,9 +125,10 @@ class ValueCodec:
     bits: int
     group_size: int
     clip: float
+    meta_base: float | None = None  # 8-bit group metadata with this base; None: fp16
 
     def encode(self, v: torch.Tensor) -> QuantizedTensor:
-        return quantize(v, self.bits, self.group_size, self.clip)
+        return quantize(v, self.bits, self.group_size, self.clip, meta_base=self.meta_base)
 
     def decode(self, q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize(q, dtype)

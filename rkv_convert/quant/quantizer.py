@@ -9,22 +9,61 @@ Per group: ``hi = clip*max``, ``lo = clip*min``, ``scale = (hi-lo)/(2**bits-1)``
 ``zero = lo``, both stored as fp16; ``code = clamp(round((x - zero) * (1/scale)), 0, 2**bits-1)``
 computed from the fp16-rounded scale and zero (one fp32 reciprocal per group, so a kernel
 multiplies each channel instead of dividing it, bit for bit the same); ``x̂ = code*scale + zero``.
+
+**8-bit group metadata** (``meta_base`` given; :class:`GroupMeta` ``LOG8``): the scale and zero take one
+byte each instead of two (``bits + 16/g`` bits per element instead of ``bits + 32/g``):
+
+- scale code ``e = clamp(round(16*log2(s/base)), 0, 255)`` (uint8) of ``s = max((hi-lo)/L, 2^-14)`` in
+  fp32, decoded as ``s' = base * 2^(e/16)`` (steps of 4.4 %). ``base`` is one fp32 per layer and K/V
+  (:func:`meta_scale_base`: ``e = 255`` is :data:`META_HEADROOM` times the largest scale seen on
+  calibration text, so the codes reach ``2^-15.9`` of that at ``e = 0``);
+- zero code ``z = clamp(round(4*(c - L*s'/2)/s'), -128, 127)`` (int8), decoded as ``z' = s' * z / 4``:
+  it keeps the grid's centre ``c = (hi+lo)/2`` within ``s'/8`` of where the fp32 range put it (inside the
+  range the rounding error does not depend on where the grid lies, so the zero only places its ends);
+- codes against the decoded ``(s', z')``: ``clamp(round((x - z') * (1/s')), 0, L)``, so the encoder
+  absorbs the metadata's rounding.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from enum import Enum
 
 import torch
 
-__all__ = ["QuantizedTensor", "quantize", "dequantize", "fake_quantize", "bits_per_element", "SCALE_FLOOR"]
+__all__ = [
+    "QuantizedTensor", "GroupMeta", "quantize", "dequantize", "fake_quantize", "bits_per_element", "SCALE_FLOOR",
+    "meta_scale_base", "group_scale_zero", "encode_group_meta",
+]  # fmt: skip
 
 SCALE_FLOOR = 2.0**-14  # smallest normal fp16: constant groups still get a finite, exact scale
+META_STEPS = 16  # 8-bit scale codes per octave: s' = base * 2**(e/16)
+META_HEADROOM = 4.0  # e = 255 is this multiple of the largest scale seen on calibration text
+
+
+class GroupMeta(str, Enum):
+    """How each group's scale and zero are stored: ``fp16`` (2 bytes each) or ``log8`` (1 byte each,
+    module docstring)."""
+
+    FP16 = "fp16"
+    LOG8 = "log8"
+
+    @property
+    def bits(self) -> int:
+        """Bits per group for scale and zero together."""
+        return 32 if self is GroupMeta.FP16 else 16
+
+    @property
+    def dtypes(self) -> tuple[torch.dtype, torch.dtype]:
+        """Storage dtypes of the scale and the zero."""
+        return (torch.float16, torch.float16) if self is GroupMeta.FP16 else (torch.uint8, torch.int8)
 
 
 @dataclass
 class QuantizedTensor:
-    """Codes ``uint8 [..., C]`` in input channel order; ``scale``/``zero`` fp16 ``[..., C/g]``."""
+    """Codes ``uint8 [..., C]`` in input channel order; ``scale``/``zero`` ``[..., C/g]``: fp16, or with
+    ``meta_base`` the 8-bit codes (``uint8`` scale, ``int8`` zero; :func:`group_scale_zero` decodes them)."""
 
     codes: torch.Tensor
     scale: torch.Tensor
@@ -32,6 +71,7 @@ class QuantizedTensor:
     bits: int
     group_size: int
     perm: torch.Tensor | None = None
+    meta_base: float | None = None
 
 
 def levels(bits: int) -> int:
@@ -39,9 +79,36 @@ def levels(bits: int) -> int:
     return (1 << bits) - 1
 
 
-def bits_per_element(bits: int, group_size: int) -> float:
-    """Storage cost: the codes plus an fp16 scale and zero per group."""
-    return bits + 32.0 / group_size
+def bits_per_element(bits: int, group_size: int, meta: GroupMeta = GroupMeta.FP16) -> float:
+    """Storage cost: the codes plus a scale and zero per group (fp16: 32 bits; log8: 16 bits)."""
+    return bits + meta.bits / group_size
+
+
+def meta_scale_base(group_range: float, bits: int, clip: float) -> float:
+    """``base`` of 8-bit scale codes for a layer whose largest group range (max - min, unclipped) on
+    calibration text is ``group_range``: ``e = 255`` decodes to ``META_HEADROOM`` times its clipped scale."""
+    if not math.isfinite(group_range) or group_range < 0:
+        raise ValueError(f"group range must be finite and >= 0, got {group_range}")
+    largest = max(clip * group_range / levels(bits), SCALE_FLOOR)
+    return META_HEADROOM * largest / 2.0 ** (255 / META_STEPS)
+
+
+def group_scale_zero(scale: torch.Tensor, zero: torch.Tensor, meta_base: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 ``(scale, zero)`` per group from their stored form (fp16, or 8-bit codes with ``meta_base``)."""
+    if meta_base is None:
+        return scale.float(), zero.float()
+    s = meta_base * torch.exp2(scale.float() * (1.0 / META_STEPS))
+    return s, s * zero.float() * 0.25
+
+
+def encode_group_meta(hi: torch.Tensor, lo: torch.Tensor, bits: int, meta_base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """8-bit codes ``(e uint8, z int8)`` of groups with clipped range ``[lo, hi]`` (fp32; module docstring)."""
+    L = levels(bits)
+    s = ((hi - lo) / L).clamp_min(SCALE_FLOOR)
+    e = (META_STEPS * torch.log2(s / meta_base)).round().clamp_(0, 255)
+    s8 = meta_base * torch.exp2(e * (1.0 / META_STEPS))
+    z = (4 * ((hi + lo) * 0.5 - (L * 0.5) * s8) / s8).round().clamp_(-128, 127)
+    return e.to(torch.uint8), z.to(torch.int8)
 
 
 def _check(x: torch.Tensor, bits: int, group_size: int, clip: float) -> None:
@@ -54,23 +121,31 @@ def _check(x: torch.Tensor, bits: int, group_size: int, clip: float) -> None:
 
 
 def quantize(
-    x: torch.Tensor, bits: int, group_size: int, clip: float = 1.0, perm: torch.Tensor | None = None
+    x: torch.Tensor, bits: int, group_size: int, clip: float = 1.0, perm: torch.Tensor | None = None,
+    meta_base: float | None = None,
 ) -> QuantizedTensor:
-    """Quantize ``x [..., C]`` per row in groups of ``group_size`` channels (see module docstring)."""
+    """Quantize ``x [..., C]`` per row in groups of ``group_size`` channels (see module docstring);
+    ``meta_base``: store scale and zero as 8-bit codes with this base instead of fp16."""
     _check(x, bits, group_size, clip)
+    if meta_base is not None and not (math.isfinite(meta_base) and meta_base > 0):
+        raise ValueError(f"meta_base must be a positive finite number, got {meta_base}")
     xf = x.float()
     if perm is not None:
         xf = xf.index_select(-1, perm)
     grouped = xf.reshape(*xf.shape[:-1], -1, group_size)
     hi = grouped.amax(-1) * clip
     lo = grouped.amin(-1) * clip
-    scale = ((hi - lo) / levels(bits)).clamp_min(SCALE_FLOOR).to(torch.float16)
-    zero = lo.to(torch.float16)
-    codes = ((grouped - zero.float().unsqueeze(-1)) * (1.0 / scale.float()).unsqueeze(-1)).round()
+    if meta_base is None:
+        scale = ((hi - lo) / levels(bits)).clamp_min(SCALE_FLOOR).to(torch.float16)
+        zero = lo.to(torch.float16)
+    else:
+        scale, zero = encode_group_meta(hi, lo, bits, meta_base)
+    s, z = group_scale_zero(scale, zero, meta_base)
+    codes = ((grouped - z.unsqueeze(-1)) * (1.0 / s).unsqueeze(-1)).round()
     codes = codes.clamp_(0, levels(bits)).to(torch.uint8).reshape(xf.shape)
     if perm is not None:
         codes = codes.index_select(-1, torch.argsort(perm))
-    return QuantizedTensor(codes, scale, zero, bits, group_size, perm)
+    return QuantizedTensor(codes, scale, zero, bits, group_size, perm, meta_base)
 
 
 def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -79,7 +154,8 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.
     if q.perm is not None:
         codes = codes.index_select(-1, q.perm)
     grouped = codes.float().reshape(*codes.shape[:-1], -1, q.group_size)
-    x = grouped * q.scale.float().unsqueeze(-1) + q.zero.float().unsqueeze(-1)
+    s, z = group_scale_zero(q.scale, q.zero, q.meta_base)
+    x = grouped * s.unsqueeze(-1) + z.unsqueeze(-1)
     x = x.reshape(codes.shape)
     if q.perm is not None:
         x = x.index_select(-1, torch.argsort(q.perm))
@@ -87,7 +163,8 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.
 
 
 def fake_quantize(
-    x: torch.Tensor, bits: int, group_size: int, clip: float = 1.0, perm: torch.Tensor | None = None
+    x: torch.Tensor, bits: int, group_size: int, clip: float = 1.0, perm: torch.Tensor | None = None,
+    meta_base: float | None = None,
 ) -> torch.Tensor:
     """``dequantize(quantize(x))`` in ``x``'s dtype: what a reader of the cache gets back."""
-    return dequantize(quantize(x, bits, group_size, clip, perm), x.dtype)
+    return dequantize(quantize(x, bits, group_size, clip, perm, meta_base), x.dtype)

@@ -78,12 +78,12 @@ def stored_tokens(layer: RkvCacheLayer) -> tuple[torch.Tensor, torch.Tensor, tor
     pos = torch.cat([q["pos"], fp["fp_pos"]], dim=1)
     if c.folded:
         keys = dequantize_folded_keys(q["k_codes"], q["k_scale"], q["k_zero"], q["pos"], c.head_rotation, c.head_mean,
-                                      inv_freq, scaling, c.key_bits)  # fmt: skip
+                                      inv_freq, scaling, c.key_bits, c.key_meta_base)  # fmt: skip
         keys = torch.cat([keys, fp["fp_k"].float()], dim=2)
     else:
         keys = dequantize_keys(q["k_codes"], q["k_scale"], q["k_zero"], c.k_gid, c.k_mean, c.rotation, c.key_bits, c.head_dim)
         keys = rope(torch.cat([keys, fp["fp_k"].float()], dim=2), pos.clamp_min(0), inv_freq, scaling)
-    values = dequantize_values(q["v_codes"], q["v_scale"], q["v_zero"], c.value_bits, c.head_dim)
+    values = dequantize_values(q["v_codes"], q["v_scale"], q["v_zero"], c.value_bits, c.head_dim, c.value_meta_base)
     values = torch.cat([values, fp["fp_v"].float()], dim=2)
     return keys, values, pos
 

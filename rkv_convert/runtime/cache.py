@@ -5,8 +5,8 @@ Per layer and sequence the cache holds three kinds of tokens:
 - **quantized store** (append only, never re-quantized): keys in the checkpoint's key layout
   (``KeyLayout``): ``prerope`` keys pre-RoPE, centred and rotated per head group; ``folded`` keys
   post-RoPE, centred by ``RoPE_n(mu)`` and rotated per KV head (``y = (k_post - RoPE_n(mu)) @ R_h``,
-  the kernel folds ``R_h`` into the query); packed ``bits``-bit codes with an fp16 scale and zero
-  per group; values
+  the kernel folds ``R_h`` into the query); packed ``bits``-bit codes with a scale and zero per
+  group (fp16, or 8-bit codes where the checkpoint's ``group_meta`` is ``log8``: folded layout only); values
   (already rotated by the exported weights) packed per token in groups of consecutive channels;
 - **sinks**: up to ``max_sinks`` tokens per sequence flagged online (``sinks.flag_sinks``) kept in
   full precision for the whole generation; further flagged tokens are quantized like any token;
@@ -22,11 +22,11 @@ zero attention weight. Stored tensors (shapes as the kernels in ``rkv_convert.ke
 name            dtype    shape                         meaning
 ==============  =======  ============================  =========================================
 ``k_codes``     uint8    ``[B, n_hg, cap, Gd*b/8]``     packed key codes, rotated channel order (folded: y)
-``k_scale``     fp16     ``[B, n_hg, cap, Gd/g_k]``     key scale per quantization group
-``k_zero``      fp16     ``[B, n_hg, cap, Gd/g_k]``     key zero (group minimum) per group
+``k_scale``     fp16     ``[B, n_hg, cap, Gd/g_k]``     key scale per quantization group (log8: uint8 code)
+``k_zero``      fp16     ``[B, n_hg, cap, Gd/g_k]``     key zero (group minimum) per group (log8: int8 code)
 ``v_codes``     uint8    ``[B, n_kv, cap, d*b/8]``      packed value codes
-``v_scale``     fp16     ``[B, n_kv, cap, d/g_v]``      value scale per group
-``v_zero``      fp16     ``[B, n_kv, cap, d/g_v]``      value zero per group
+``v_scale``     fp16     ``[B, n_kv, cap, d/g_v]``      value scale per group (log8: uint8 code)
+``v_zero``      fp16     ``[B, n_kv, cap, d/g_v]``      value zero per group (log8: int8 code)
 ``pos``         int32    ``[B, cap]``                   RoPE position per slot, -1 = empty
 ``fp_k``        model    ``[B, n_kv, F, d]``            keys of sinks + window (prerope: pre-RoPE, folded: post-RoPE)
 ``fp_v``        model    ``[B, n_kv, F, d]``            values of sinks + window
@@ -67,6 +67,7 @@ from ..kernels.quantize_pack import group_ids_from_perm, quantize_pack
 from ..models.adapters import adapter_for, attention_modules, decoder_layers, layer_rope
 from ..quant.codec import folded_head_rotations
 from ..quant.packing import packed_width
+from ..quant.quantizer import GroupMeta
 
 __all__ = ["CacheSettings", "LayerCodec", "RkvCacheLayer", "RkvCache", "store_capacity"]
 
@@ -112,11 +113,25 @@ class LayerCodec:
     sink_threshold: float
     key_layout: str = KeyLayout.PREROPE.value
     head_rotation: torch.Tensor | None = None  # folded: fp32 [n_kv, d, d], R_h = rotation[:, perm_h]
+    meta_bases: tuple[float, float] | None = None  # 8-bit group metadata: (key base, value base); None: fp16
     _prepared: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def folded(self) -> bool:
         return self.key_layout == KeyLayout.FOLDED.value
+
+    @property
+    def meta(self) -> GroupMeta:
+        """How this layer's store holds group scales and zeros."""
+        return GroupMeta.FP16 if self.meta_bases is None else GroupMeta.LOG8
+
+    @property
+    def key_meta_base(self) -> float | None:
+        return None if self.meta_bases is None else self.meta_bases[0]
+
+    @property
+    def value_meta_base(self) -> float | None:
+        return None if self.meta_bases is None else self.meta_bases[1]
 
     @property
     def head_mean(self) -> torch.Tensor:
@@ -135,7 +150,7 @@ class LayerCodec:
                 rotation=self.head_rotation, mean=self.head_mean, inv_freq=inv_freq.to(self.device, torch.float32),
                 attention_scaling=float(attention_scaling), sm_scale=float(sm_scale), bits=self.key_bits,
                 v_bits=self.value_bits,
-                g_k=self.key_group_size, g_v=self.value_group_size, softcap=softcap,
+                g_k=self.key_group_size, g_v=self.value_group_size, softcap=softcap, meta_bases=self.meta_bases,
             )
         return self._prepared[key]
 
@@ -192,6 +207,7 @@ class LayerCodec:
             sink_threshold=float(layer.sink_threshold),
             key_layout=config.key_layout,
             head_rotation=head_rotation,
+            meta_bases=None if config.meta is GroupMeta.FP16 else layer.meta_bases(key_bits, value_bits),
         )
 
 
@@ -272,13 +288,13 @@ class RkvCacheLayer(CacheLayerMixin):
         self.length = self.n_quant = self.n_window = self.reclaimed = 0
         n_hg, gd = c.num_head_groups, c.group_channels
         cap = store_capacity(max(_MIN_CAPACITY, self.capacity_hint if whole_hint else self.store_hint()))
-        u8, f16 = torch.uint8, torch.float16
+        u8, (s_dt, z_dt) = torch.uint8, c.meta.dtypes
         self.k_codes = torch.zeros(b, n_hg, cap, packed_width(gd, c.key_bits), dtype=u8, device=dev)
-        self.k_scale = torch.zeros(b, n_hg, cap, gd // c.key_group_size, dtype=f16, device=dev)
-        self.k_zero = torch.zeros_like(self.k_scale)
+        self.k_scale = torch.zeros(b, n_hg, cap, gd // c.key_group_size, dtype=s_dt, device=dev)
+        self.k_zero = torch.zeros(b, n_hg, cap, gd // c.key_group_size, dtype=z_dt, device=dev)
         self.v_codes = torch.zeros(b, n_kv, cap, packed_width(d, c.value_bits), dtype=u8, device=dev)
-        self.v_scale = torch.zeros(b, n_kv, cap, d // c.value_group_size, dtype=f16, device=dev)
-        self.v_zero = torch.zeros_like(self.v_scale)
+        self.v_scale = torch.zeros(b, n_kv, cap, d // c.value_group_size, dtype=s_dt, device=dev)
+        self.v_zero = torch.zeros(b, n_kv, cap, d // c.value_group_size, dtype=z_dt, device=dev)
         self.pos = torch.full((b, cap), -1, dtype=torch.int32, device=dev)
         s = self.settings
         fp_slots = self.window_start + s.recent_window + s.flush_block
@@ -623,6 +639,8 @@ class RkvCacheLayer(CacheLayerMixin):
         if c.folded:  # y = (k_post - RoPE_n(mu)) @ R_h, groups of consecutive channels (kernels.encode_folded)
             rows = self._encode_folded(key, value, pos)
             return {name: getattr(rows, name) for name in PackedKV._fields[:7]}
+        if c.meta is not GroupMeta.FP16:  # RkvConfig.validate refuses it for a checkpoint
+            raise ValueError(f"{c.meta.value} group metadata is written by the folded layout only")
         rows = key.transpose(1, 2).reshape(b, n, c.num_head_groups, c.group_channels)
         k_codes, k_scale, k_zero = (
             t.transpose(1, 2)
@@ -677,8 +695,9 @@ class RkvCacheLayer(CacheLayerMixin):
         """Bytes per (sequence, slot): quantized store, full-precision segment."""
         c = self.codec
         n_hg, gd, d, n_kv = c.num_head_groups, c.group_channels, c.head_dim, c.num_kv_heads
-        quant = n_hg * (packed_width(gd, c.key_bits) + 4 * (gd // c.key_group_size))
-        quant += n_kv * (packed_width(d, c.value_bits) + 4 * (d // c.value_group_size)) + 4
+        meta = c.meta.bits // 8  # bytes per group for scale and zero
+        quant = n_hg * (packed_width(gd, c.key_bits) + meta * (gd // c.key_group_size))
+        quant += n_kv * (packed_width(d, c.value_bits) + meta * (d // c.value_group_size)) + 4
         elem = torch.empty((), dtype=self.fp_dtype or torch.float16).element_size()
         return quant, 2 * n_kv * d * elem + 4
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..quant.packing import unpack_codes
+from ..quant.quantizer import group_scale_zero
 
 __all__ = [
     "rope",
@@ -123,26 +124,30 @@ def dequantize_folded_keys(
     inv_freq: torch.Tensor,
     attention_scaling: float,
     bits: int,
+    meta_base: float | None = None,
 ) -> torch.Tensor:
     """Post-RoPE keys ``fp32 [B, n_kv, T, d]`` from a folded store (``KeyLayout.FOLDED``).
 
-    ``k_codes uint8 [B, n_kv, T, d*b/8]``, ``k_scale/k_zero fp16 [B, n_kv, T, d/g_k]`` (groups of
-    consecutive channels of ``y``), ``pos int32 [B, T]`` (-1: empty, read at 0), ``rotation fp32
-    [n_kv, d, d]``, ``mean fp32 [n_kv, d]``.
+    ``k_codes uint8 [B, n_kv, T, d*b/8]``, ``k_scale/k_zero [B, n_kv, T, d/g_k]`` (groups of consecutive
+    channels of ``y``; fp16, or 8-bit codes with ``meta_base``), ``pos int32 [B, T]`` (-1: empty, read at 0),
+    ``rotation fp32 [n_kv, d, d]``, ``mean fp32 [n_kv, d]``.
     """
     d = rotation.shape[-1]
-    y = dequantize_values(k_codes, k_scale, k_zero, bits, d)
+    y = dequantize_values(k_codes, k_scale, k_zero, bits, d, meta_base)
     return unfold_keys(y, mean_at(mean, pos, inv_freq, attention_scaling), rotation)
 
 
-def dequantize_values(v_codes: torch.Tensor, v_scale: torch.Tensor, v_zero: torch.Tensor, bits: int, head_dim: int) -> torch.Tensor:
-    """Rotated values ``fp32 [B, n_kv, T, d]`` from the packed store (groups of consecutive channels)."""
+def dequantize_values(v_codes: torch.Tensor, v_scale: torch.Tensor, v_zero: torch.Tensor, bits: int, head_dim: int,
+                      meta_base: float | None = None) -> torch.Tensor:  # fmt: skip
+    """Rotated values ``fp32 [B, n_kv, T, d]`` from the packed store (groups of consecutive channels);
+    ``meta_base``: scales and zeros stored as 8-bit codes (``quant.quantizer.group_scale_zero``)."""
     if v_codes.numel() == 0:  # unpack cannot view an empty tensor with -1
         return torch.zeros(*v_codes.shape[:-1], head_dim, device=v_codes.device)
     codes = unpack_codes(v_codes, bits, head_dim).float()
     group = head_dim // v_scale.shape[-1]
     grouped = codes.view(*codes.shape[:-1], -1, group)
-    out = grouped * v_scale.float().unsqueeze(-1) + v_zero.float().unsqueeze(-1)
+    scale, zero = group_scale_zero(v_scale, v_zero, meta_base)
+    out = grouped * scale.unsqueeze(-1) + zero.unsqueeze(-1)
     return out.view(codes.shape)
 
 

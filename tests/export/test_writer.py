@@ -9,6 +9,7 @@ from rkv_convert.calibrate.run import CalibrationOptions, calibrate
 from rkv_convert.export.format import CheckpointError, RkvConfig, read_checkpoint
 from rkv_convert.export.writer import checkpoint_from_artifact, export_checkpoint
 from rkv_convert.models.loading import load_model
+from rkv_convert.quant.quantizer import GroupMeta, meta_scale_base
 
 OPTIONS = CalibrationOptions(num_samples=2, seqlen=32, batch_size=2, clip_samples=32)
 
@@ -162,3 +163,29 @@ def test_truncated_weights_are_refused_by_name(source, tmp_path) -> None:
     weights.write_bytes(weights.read_bytes()[:-100])
     with pytest.raises(CheckpointError, match=r"model.safetensors is truncated or corrupt .*; re-export"):
         read_checkpoint(out)
+
+
+def test_log8_group_metadata_export(source, tmp_path) -> None:
+    """8-bit group metadata: the calibrated group ranges travel into the checkpoint (and its in-memory twin), the
+    bases follow from them, and an artifact without ranges or with pre-RoPE keys is refused with the fix."""
+    loaded, art = _calibrated(source)
+    assert all(float(layer["key_group_range"]) > 0 and float(layer["value_group_range"]) > 0 for layer in art.layers)
+    ck = read_checkpoint(export_checkpoint(loaded, art, tmp_path / "ck", bits=2, group_meta=GroupMeta.LOG8,
+                                           key_bits=[3, 2]))  # fmt: skip
+    assert ck.config.meta is GroupMeta.LOG8 and ck.config.key_bits_per_element == (3.25 + 2.25) / 2
+    in_memory = checkpoint_from_artifact(art, bits=2, group_meta=GroupMeta.LOG8, key_bits=[3, 2])
+    for i, (a, b) in enumerate(zip(in_memory.layers, ck.layers, strict=True)):
+        assert a.key_group_range == b.key_group_range == float(art.layers[i]["key_group_range"])
+        assert a.value_group_range == b.value_group_range
+    k_base, v_base = ck.layers[0].meta_bases(3, 2)
+    assert k_base == meta_scale_base(ck.layers[0].key_group_range, 3, ck.layers[0].key_clip)
+    fp16 = read_checkpoint(export_checkpoint(load_model(str(source)), art, tmp_path / "fp16", bits=2))  # unfused weights
+    assert fp16.layers[0].key_group_range is None and fp16.config.meta is GroupMeta.FP16
+    old = type(art)(art.meta, art.key_rotation, art.value_rotation,
+                    [{k: v for k, v in layer.items() if not k.endswith("group_range")} for layer in art.layers])
+    with pytest.raises(CheckpointError, match="re-run `rkv calibrate`"):
+        checkpoint_from_artifact(old, group_meta=GroupMeta.LOG8)
+    prerope = type(art)({**art.meta, "options": {**art.meta["options"], "key_layout": "prerope"}}, art.key_rotation,
+                        art.value_rotation, art.layers)  # fmt: skip
+    with pytest.raises(CheckpointError, match="folded key layout"):
+        checkpoint_from_artifact(prerope, group_meta=GroupMeta.LOG8)

@@ -123,10 +123,12 @@ def fold_keys_pre(k: torch.Tensor, pos: torch.Tensor, mean: torch.Tensor, rotati
 
 def quantize_folded(k: torch.Tensor, pos: torch.Tensor, mean: torch.Tensor, rotation: torch.Tensor,
                     inv_freq: torch.Tensor, attention_scaling: float, bits: int, g_k: int,
-                    clip: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(k_codes, k_scale, k_zero)`` of folded keys, through the project's quantizer and packing."""
+                    clip: float = 1.0, meta_base: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(k_codes, k_scale, k_zero)`` of folded keys, through the project's quantizer and packing
+    (``meta_base``: 8-bit group metadata)."""
     from rkv_convert.quant.packing import pack_codes
     from rkv_convert.quant.quantizer import quantize
 
-    qt = quantize(fold_keys_pre(k, pos, mean, rotation, inv_freq, attention_scaling), bits, g_k, clip)
+    y = fold_keys_pre(k, pos, mean, rotation, inv_freq, attention_scaling)
+    qt = quantize(y, bits, g_k, clip, meta_base=meta_base)
     return pack_codes(qt.codes, bits), qt.scale, qt.zero

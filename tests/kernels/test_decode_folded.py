@@ -30,7 +30,7 @@ from rkv_convert.kernels.folded_params import FoldedParams
 from rkv_convert.kernels.packed_kv import PackedKV
 from rkv_convert.quant.hadamard import hadamard_matrix
 from rkv_convert.quant.packing import pack_codes
-from rkv_convert.quant.quantizer import fake_quantize, quantize
+from rkv_convert.quant.quantizer import fake_quantize, meta_scale_base, quantize
 from rkv_convert.runtime.ops import rope
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -48,9 +48,10 @@ def _rotations(n_kv: int, d: int) -> torch.Tensor:
 def make_case(*, B: int = 2, n_kv: int = 2, rep: int = 1, d: int = 64, T: int = 40, F: int = 0, bits: int = 2,
               v_bits: int | None = None, g_k: int = 64, g_v: int = 64, dtype: torch.dtype = torch.float32,
               pos0: int = 0, gap: bool = False, nan_holes: bool = False, spare: int = 0, att: float = 1.0,
-              ) -> tuple[torch.Tensor, PackedKV, FoldedParams]:
+              meta8: bool = False) -> tuple[torch.Tensor, PackedKV, FoldedParams]:  # fmt: skip
     """Random keys with a large shared mean and outlier channels, left padding in batch 1, a hole in
-    batch 0 (``gap``: its positions also jump by 7 halfway), ``spare`` unused slots past ``T``."""
+    batch 0 (``gap``: its positions also jump by 7 halfway), ``spare`` unused slots past ``T``;
+    ``meta8``: scales and zeros as 8-bit codes (bases from the data's largest group ranges)."""
     v_bits = bits if v_bits is None else v_bits
     cap = T + spare
     mean = torch.randn(n_kv, d) * 2.0
@@ -70,9 +71,14 @@ def make_case(*, B: int = 2, n_kv: int = 2, rep: int = 1, d: int = 64, T: int = 
     pos[:, T:] = -1
     rotation = _rotations(n_kv, d)
     inv_freq = 1.0 / (10000.0 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    bases = None
+    if meta8:
+        y = fold_keys_pre(k[:, :, :cap], pos, mean, rotation, inv_freq, att)
+        bases = (meta_scale_base(_largest_range(y, g_k), bits, 0.9), meta_scale_base(_largest_range(v, g_v), v_bits, 0.9))
     if cap:
-        kc, ks, kz = quantize_folded(k[:, :, :cap], pos, mean, rotation, inv_freq, att, bits, g_k, clip=0.9)
-        vq = quantize(v[:, :, :cap], v_bits, g_v, 0.9)
+        kc, ks, kz = quantize_folded(k[:, :, :cap], pos, mean, rotation, inv_freq, att, bits, g_k, clip=0.9,
+                                     meta_base=bases and bases[0])  # fmt: skip
+        vq = quantize(v[:, :, :cap], v_bits, g_v, 0.9, meta_base=bases and bases[1])
         vc, vs, vz = pack_codes(vq.codes, v_bits), vq.scale, vq.zero
     else:
         kc, ks, kz = torch.empty(B, n_kv, 0, d * bits // 8, dtype=torch.uint8), *torch.empty(2, B, n_kv, 0, d // g_k).half()
@@ -91,9 +97,14 @@ def make_case(*, B: int = 2, n_kv: int = 2, rep: int = 1, d: int = 64, T: int = 
         fp = (rope(kf, fp_pos.clamp_min(0), inv_freq, att).to(dtype), v[:, :, cap:].to(dtype), fp_pos)
     kv = PackedKV(kc, ks, kz, vc, vs, vz, pos, *fp)
     params = FoldedParams(rotation=rotation, mean=mean, inv_freq=inv_freq, attention_scaling=att,
-                          sm_scale=d**-0.5, bits=bits, g_k=g_k, g_v=g_v, v_bits=v_bits)
+                          sm_scale=d**-0.5, bits=bits, g_k=g_k, g_v=g_v, v_bits=v_bits, meta_bases=bases)
     q = (torch.randn(B, n_kv * rep, d) * 0.7).to(dtype)
     return q, kv, params
+
+
+def _largest_range(x: torch.Tensor, group: int) -> float:
+    g = x.float().unflatten(-1, (-1, group))
+    return float((g.amax(-1) - g.amin(-1)).max()) if g.numel() else 1.0
 
 
 def _dev(x):
@@ -134,6 +145,9 @@ CASES = {
     # head dim 128 at 3 and 4 bits: fp16 takes the integer key dots with codes unpacked by conversion
     "d128-b3": dict(B=2, n_kv=1, rep=2, d=128, T=40, F=2, bits=3, g_k=64, g_v=64),
     "d128-b4v3-g32": dict(B=1, n_kv=2, rep=1, d=128, T=35, F=2, bits=4, v_bits=3, g_k=32, g_v=64),
+    # 8-bit group metadata (uint8 scale codes, int8 zero codes)
+    "meta8-gqa4-d128": dict(B=2, n_kv=2, rep=4, d=128, T=70, F=5, g_k=64, g_v=64, meta8=True),
+    "meta8-d64-b3v2": dict(B=2, n_kv=3, rep=3, d=64, T=45, F=4, bits=3, v_bits=2, g_k=64, g_v=64, meta8=True),
 }
 
 
@@ -353,6 +367,8 @@ GPU_CASES = {  # (case, dtype, one launch too): few compiled variants, so that -
     "llama2-like-fp16-g32": (dict(B=3, n_kv=4, rep=1, d=128, T=2500, F=137, g_k=32, g_v=128), torch.float16, False),
     "smollm2-gap-b3-fp32": (dict(B=2, n_kv=3, rep=3, d=64, T=700, F=20, bits=3, g_k=32, g_v=64, gap=True, spare=68),
                             torch.float32, False),
+    "llama3-like-meta8-fp16": (dict(B=2, n_kv=8, rep=4, d=128, T=3000, F=137, g_k=64, g_v=64, spare=72, meta8=True),
+                               torch.float16, False),
 }
 
 

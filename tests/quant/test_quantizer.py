@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from rkv_convert.quant.packing import PackLayout, layout_for_bits, pack_codes, packed_width, unpack_codes
-from rkv_convert.quant.quantizer import SCALE_FLOOR, bits_per_element, dequantize, fake_quantize, quantize
+from rkv_convert.quant.quantizer import GroupMeta, group_scale_zero, meta_scale_base, SCALE_FLOOR, bits_per_element, dequantize, fake_quantize, quantize
 
 
 def _naive_quantize(x: torch.Tensor, bits: int, g: int, clip: float, perm: torch.Tensor | None):
@@ -93,3 +93,37 @@ def test_bad_settings_are_refused(bad: dict) -> None:
     args = dict(bits=2, group_size=32, clip=1.0) | bad
     with pytest.raises(ValueError):
         quantize(torch.randn(2, 64), **args)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_log8_group_metadata_costs_little(bits: int) -> None:
+    """8-bit scale and zero codes: within 2 % of fp16 metadata's squared error, the grid's centre within s'/8
+    of the clipped range's, codes in range, and the decode is ``base * 2**(e/16)``, ``s' * z / 4``."""
+    torch.manual_seed(bits)
+    x = torch.randn(512, 128) * torch.rand(512, 1) * 3 + torch.randn(128) * 0.5
+    g, clip = 64, 0.9
+    grouped = x.unflatten(-1, (-1, g))
+    base = meta_scale_base(float((grouped.amax(-1) - grouped.amin(-1)).max()), bits, clip)
+    q = quantize(x, bits, g, clip, meta_base=base)
+    assert q.scale.dtype == torch.uint8 and q.zero.dtype == torch.int8 and q.codes.max() <= (1 << bits) - 1
+    err8 = (dequantize(q) - x).square().sum()
+    err16 = (fake_quantize(x, bits, g, clip) - x).square().sum()
+    assert err8 <= 1.02 * err16, (err8 / err16).item()
+    s, z = group_scale_zero(q.scale, q.zero, base)
+    torch.testing.assert_close(s, base * 2.0 ** (q.scale.double() / 16).float())
+    torch.testing.assert_close(z, s * q.zero.float() / 4)
+    L = (1 << bits) - 1
+    centre = (grouped.amax(-1) + grouped.amin(-1)) * clip / 2
+    assert ((z + L * s / 2 - centre).abs() <= s / 8 + 1e-6).all()
+    assert bits_per_element(bits, g, GroupMeta.LOG8) == bits + 0.25 and GroupMeta.LOG8.dtypes == (torch.uint8, torch.int8)
+
+
+def test_log8_scale_codes_saturate_outside_the_calibrated_range() -> None:
+    """A group far above the calibrated range takes the largest code (its range is then clipped), one far below
+    the smallest; both decode finite. A bad base is refused."""
+    base = meta_scale_base(1e4, 2, 1.0)  # codes from 2**-15.9 to 4x of a 1e4-wide group's scale
+    x = torch.stack([torch.linspace(-1e6, 1e6, 64), torch.linspace(-1e-3, 1e-3, 64)])
+    q = quantize(x, 2, 64, meta_base=base)
+    assert q.scale.flatten().tolist() == [255, 0] and torch.isfinite(dequantize(q)).all()
+    with pytest.raises(ValueError, match="meta_base"):
+        quantize(x, 2, 64, meta_base=0.0)

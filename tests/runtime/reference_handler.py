@@ -17,7 +17,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repea
 
 from rkv_convert.export.format import Checkpoint
 from rkv_convert.models.adapters import attention_window, layer_rope, layer_softcaps, stock_attention
-from rkv_convert.quant.codec import FoldedKeyCodec, KeyCodec, ValueCodec
+from rkv_convert.evaluate.schemes import key_codecs, value_codecs
 from rkv_convert.runtime.attention import new_token_validity
 from rkv_convert.runtime.cache import CacheSettings
 from rkv_convert.runtime.ops import rope_cos_sin
@@ -70,15 +70,8 @@ class EvalReference:
         cfg = checkpoint.config
         self.ropes, self.softcaps = layer_rope(model), layer_softcaps(model)
         self.folded = cfg.folded
-        self.keys = [
-            FoldedKeyCodec(layer.key_mean, checkpoint.key_rotation, layer.key_perm, cfg.layer_bits(i)[0], cfg.key_group_size,
-                           layer.key_clip, head_rotation=layer.key_head_rotation)
-            if cfg.folded else
-            KeyCodec(layer.key_mean, checkpoint.key_rotation, layer.key_perm, cfg.layer_bits(i)[0], cfg.key_group_size, layer.key_clip)
-            for i, layer in enumerate(checkpoint.layers)
-        ]  # fmt: skip
-        self.values = [ValueCodec(cfg.layer_bits(i)[1], cfg.value_group_size, layer.value_clip)
-                       for i, layer in enumerate(checkpoint.layers)]
+        self.keys = key_codecs(checkpoint, None)  # the evaluation's codecs: each layer's widths, clips, metadata
+        self.values = value_codecs(checkpoint, None)
         self.layers = checkpoint.layers
         self.state = [_LayerState(settings) for _ in checkpoint.layers]
 

@@ -26,17 +26,23 @@ from rkv_convert.quant.hadamard import hadamard_matrix
 
 
 @torch.no_grad()
-def _observe(model: torch.nn.Module, ids: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    keys, inputs = [], []
+def _observe(model: torch.nn.Module, ids: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    keys, inputs, values = [], [], []
 
     def spy(module, q, k, v, pe, mask, cache, layer_input, **kw):
         keys.append(k.transpose(1, 2).reshape(-1, k.shape[1] * k.shape[3]).float().cpu())
+        values.append(v.transpose(1, 2).reshape(-1, v.shape[1] * v.shape[3]).float().cpu())
         inputs.append(layer_input.reshape(-1, layer_input.shape[-1]).float().cpu())
         return stock_attention(module, q, k, v, pe, mask, None, layer_input, **kw)
 
     with attach(model, spy):
         model(ids.to(model.device), use_cache=False)
-    return keys, inputs
+    return keys, inputs, values
+
+
+def _largest_group_range(x: torch.Tensor, group: int) -> float:
+    g = x.unflatten(-1, (-1, group))
+    return float((g.amax(-1) - g.amin(-1)).max())
 
 
 def make_checkpoint(
@@ -53,8 +59,11 @@ def make_checkpoint(
     seed: int = 0,
     permute: bool = True,
     key_layout: str = "prerope",
+    group_meta: str = "fp16",
 ) -> Checkpoint:
-    """A valid checkpoint for ``model`` whose value rotation is fused in place (see module docstring)."""
+    """A valid checkpoint for ``model`` whose value rotation is fused in place (see module docstring);
+    ``group_meta="log8"``: 8-bit group metadata, group ranges from the observed keys (twice the rotated
+    pre-RoPE range: RoPE mixes channel pairs) and values."""
     cfg = text_config(model.config)
     n_kv, d = cfg.num_key_value_heads, head_dim(model.config)
     g = head_group_size or (1 if key_layout == "folded" else n_kv)
@@ -71,14 +80,15 @@ def make_checkpoint(
         flush_block=flush_block,
         max_sinks=max_sinks,
         key_layout=key_layout,
+        group_meta=group_meta,
     )
     key_rotation = hadamard_matrix(g * d)
     value_rotation = hadamard_matrix(d)
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, cfg.vocab_size, (4, 48), generator=gen)
-    keys, inputs = _observe(model, ids)
+    keys, inputs, values = _observe(model, ids)
     layers = []
-    for k, h in zip(keys, inputs):
+    for k, h, v in zip(keys, inputs, values):
         mean = k.mean(0)
         y = rotate_groups(k - mean, key_rotation).abs().mean(0).view(-1, g * d)
         perm = torch.cat([torch.argsort(blk, descending=True) + i * g * d for i, blk in enumerate(y)])
@@ -86,7 +96,11 @@ def make_checkpoint(
             perm = torch.arange(perm.numel())
         channels = torch.argsort(h.abs().amax(0), descending=True)[:3]
         threshold = torch.quantile(h[:, channels].abs().amax(-1), sink_quantile).item()
-        layers.append(LayerTensors(mean, perm, clip, clip, channels, threshold))
+        ranges = {}
+        if group_meta != "fp16":
+            ranges = {"key_group_range": 2 * _largest_group_range(rotate_groups(k - mean, key_rotation), key_group_size),
+                      "value_group_range": _largest_group_range(rotate_groups(v, value_rotation), value_group_size)}
+        layers.append(LayerTensors(mean, perm, clip, clip, channels, threshold, **ranges))
     fuse_value_rotation(model, value_rotation)
     return Checkpoint(config, key_rotation, value_rotation, layers)
 
@@ -125,6 +139,9 @@ def write_folder(checkpoint: Checkpoint, model: torch.nn.Module, tokenizer, path
         tensors[tensor_name(i, "value_clip")] = torch.tensor(layer.value_clip)
         tensors[tensor_name(i, "sink_channels")] = layer.sink_channels.contiguous()
         tensors[tensor_name(i, "sink_threshold")] = torch.tensor(layer.sink_threshold)
+        for name in ("key_group_range", "value_group_range"):
+            if getattr(layer, name) is not None:
+                tensors[tensor_name(i, name)] = torch.tensor(getattr(layer, name), dtype=torch.float32)
     save_file(tensors, str(folder / "rkv.safetensors"))
     return folder
 

@@ -40,6 +40,33 @@ def test_folded_decode_matches_evaluation_reference(family, head_dim, n_kv, bits
     check_decode_against_reference(tiny_model(family, head_dim=head_dim, n_kv=n_kv), bits, pad, settings, key_layout="folded")
 
 
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_log8_group_metadata_decode_matches_evaluation_reference(backend: str) -> None:
+    """8-bit group metadata and mixed key widths: the packed cache (reference ops, or the Triton kernels: CUDA or
+    the interpreter) decodes as the evaluation codecs do, and its scale and zero codes are what they store."""
+    model = tiny_model("llama", head_dim=64, n_kv=2)
+    ckpt = make_checkpoint(model, bits=2, key_group_size=32, value_group_size=16, sink_quantile=0.9,
+                           key_layout="folded", group_meta="log8")  # fmt: skip
+    ckpt.config.key_bits = [3] + [2] * (ckpt.config.num_layers - 1)
+    ckpt.config.value_bits = [2] * ckpt.config.num_layers
+    settings = CacheSettings(recent_window=4, flush_block=4, max_sinks=2)
+    ids, mask = _prompt(pad=3)
+    cache = RkvCache.from_checkpoint(ckpt, model, settings, backend=backend)
+    got = _run(model, rkv_attention, ids, mask, steps=8, cache=cache)
+    want = _run(model, EvalReference(model, ckpt, settings), ids, mask, steps=8)
+    tol = 1e-4 if backend == "reference" else 1e-3
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    layer = cache.layers[0]
+    assert layer.n_quant > 0 and layer.codec.key_bits == 3
+    assert layer.k_scale.dtype == torch.uint8 and layer.k_zero.dtype == torch.int8 and layer.v_zero.dtype == torch.int8
+    used = layer.k_scale[:, :, : layer.n_quant].transpose(1, 2)[layer.pos[:, : layer.n_quant] >= 0]
+    assert 0 < used.min() and used.max() < 255  # the calibrated base keeps the scale codes inside their range
+    # bytes per slot: 2 B of metadata per group instead of 4
+    quant, _ = layer._slot_bytes()
+    d, n_kv = 64, 2
+    assert quant == n_kv * (d * 3 // 8 + 2 * (d // 32)) + n_kv * (d * 2 // 8 + 2 * (d // 16)) + 4
+
+
 def test_folded_multi_token_step_matches_reference() -> None:
     check_multi_token_step_against_reference(tiny_model("llama"), key_layout="folded")
 
