@@ -16,6 +16,7 @@ before each repetition. ``--tune`` times launch settings on a few rows first.
 
     python benchmarks/bench_decode_folded.py --csv benchmarks/results/decode_folded.csv
     python benchmarks/bench_decode_folded.py --dtype bf16 --tune 128-4-2-8 64-8-2-8   # the fp32-operand path
+    python benchmarks/bench_decode_folded.py --group-meta log8 --bits 3 --value-bits 2  # 8-bit group metadata
 """
 
 from __future__ import annotations
@@ -39,15 +40,25 @@ SHAPES = {"llama2-7b": (32, 32, 128), "llama3-8b": (32, 8, 128)}  # query heads,
 FP_SLOTS = 8 + 128  # sinks + recent window
 
 
+def _meta(B: int, n_kv: int, T: int, groups: int, log8: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random scales and zeros: fp16, or 8-bit codes (uint8 scale, int8 zero)."""
+    if log8:
+        return (torch.randint(100, 160, (B, n_kv, T, groups), dtype=torch.uint8, device=DEVICE),
+                torch.randint(-20, 8, (B, n_kv, T, groups), dtype=torch.int8, device=DEVICE))
+    return (torch.rand(2, B, n_kv, T, groups, device=DEVICE) * 0.1 + 0.01).to(torch.float16).unbind(0)
+
+
 def make_layer(B: int, n_kv: int, T: int, d: int, bits: int, g_k: int, g_v: int,
-               dtype: torch.dtype = torch.float16) -> tuple[PackedKV, FoldedParams]:
-    """One layer's packed cache (random codes, fp16 scales and zeros) and constants; the fp segment in ``dtype``
-    (the model's, as the runtime keeps it)."""
-    dev, u8, f16 = DEVICE, torch.uint8, torch.float16
+               dtype: torch.dtype = torch.float16, value_bits: int | None = None,
+               log8: bool = False) -> tuple[PackedKV, FoldedParams]:  # fmt: skip
+    """One layer's packed cache (random codes, scales and zeros: fp16 or ``log8`` 8-bit codes) and constants; the
+    fp segment in ``dtype`` (the model's, as the runtime keeps it)."""
+    dev, u8 = DEVICE, torch.uint8
+    v_bits = bits if value_bits is None else value_bits
     kc = torch.randint(0, 256, (B, n_kv, T, d * bits // 8), dtype=u8, device=dev)
-    vc = torch.randint(0, 256, (B, n_kv, T, d * bits // 8), dtype=u8, device=dev)
-    ks, kz = (torch.rand(2, B, n_kv, T, d // g_k, device=dev) * 0.1 + 0.01).to(f16)
-    vs, vz = (torch.rand(2, B, n_kv, T, d // g_v, device=dev) * 0.1 + 0.01).to(f16)
+    vc = torch.randint(0, 256, (B, n_kv, T, d * v_bits // 8), dtype=u8, device=dev)
+    ks, kz = _meta(B, n_kv, T, d // g_k, log8)
+    vs, vz = _meta(B, n_kv, T, d // g_v, log8)
     pos = torch.arange(T, dtype=torch.int32, device=dev).repeat(B, 1)
     pos[1:, : T // 8] = -1  # left padding in all but the first sequence
     fp_k = torch.randn(B, n_kv, FP_SLOTS, d, dtype=dtype, device=dev)
@@ -56,7 +67,8 @@ def make_layer(B: int, n_kv: int, T: int, d: int, bits: int, g_k: int, g_v: int,
     rot = torch.stack([hadamard_matrix(d)[:, torch.randperm(d)] for _ in range(n_kv)]).to(dev)
     params = FoldedParams(rotation=rot, mean=torch.randn(n_kv, d, device=dev), attention_scaling=1.0,
                           inv_freq=(1.0 / 10000.0 ** (torch.arange(0, d, 2, dtype=torch.float32) / d)).to(dev),
-                          sm_scale=d**-0.5, bits=bits, g_k=g_k, g_v=g_v)  # fmt: skip
+                          sm_scale=d**-0.5, bits=bits, g_k=g_k, g_v=g_v, v_bits=v_bits,
+                          meta_bases=(1e-3, 1e-3) if log8 else None)  # fmt: skip
     return PackedKV(kc, ks, kz, vc, vs, vz, pos, fp_k, fp_v, fp_pos), params
 
 
@@ -122,7 +134,8 @@ def tune(args: argparse.Namespace) -> str:
     seen, score = 0, {cfg: 0.0 for cfg in args.tune}
     for name, B, T in args.tune_rows:
         n_q, n_kv, d = SHAPES[name]
-        kv, params = make_layer(B, n_kv, T, d, args.bits, args.key_group, args.value_group, args.dtype)
+        kv, params = make_layer(B, n_kv, T, d, args.bits, args.key_group, args.value_group, args.dtype, args.value_bits,
+                                args.group_meta == "log8")  # fmt: skip
         q = torch.randn(B, n_q, d, dtype=args.dtype, device=DEVICE)
         nbytes = bytes_read(kv, params)
         times = {}
@@ -166,7 +179,8 @@ def run(args: argparse.Namespace, launch: str) -> list[dict[str, object]]:
             T_max = max(contexts)
             k = torch.randn(B, n_kv, T_max + FP_SLOTS, d, dtype=args.dtype, device=DEVICE)
             v = torch.randn_like(k)
-            kv_all, params = make_layer(B, n_kv, T_max, d, args.bits, args.key_group, args.value_group, args.dtype)
+            kv_all, params = make_layer(B, n_kv, T_max, d, args.bits, args.key_group, args.value_group, args.dtype,
+                                        args.value_bits, args.group_meta == "log8")  # fmt: skip
             q = torch.randn(B, n_q, d, dtype=args.dtype, device=DEVICE)
             for T in contexts:
                 kt, vt = k[:, :, : T + FP_SLOTS], v[:, :, : T + FP_SLOTS]
@@ -182,7 +196,8 @@ def run(args: argparse.Namespace, launch: str) -> list[dict[str, object]]:
                 row = {
                     "shape": name, "batch": B, "context": T, "query_dtype": str(args.dtype).removeprefix("torch."),
                     "n_q": n_q, "n_kv": n_kv, "head_dim": d,
-                    "bits": args.bits, "key_group": args.key_group, "value_group": args.value_group,
+                    "bits": args.bits, "value_bits": args.value_bits or args.bits, "group_meta": args.group_meta,
+                    "key_group": args.key_group, "value_group": args.value_group,
                     "fp_slots": FP_SLOTS, "sdpa_ms": sdpa_ms, "folded_ms": folded_ms, "folded_p20_ms": lo,
                     "folded_p80_ms": hi, "speedup_vs_sdpa": sdpa_ms / folded_ms,
                     "floor_ms": nbytes / (copy_gbs * 1e9) * 1e3,
@@ -209,7 +224,9 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
     ap.add_argument("--contexts", nargs="+", type=int, default=[1024, 4096, 16384, 32768, 65536])
-    ap.add_argument("--bits", type=int, default=2)
+    ap.add_argument("--bits", type=int, default=2, help="key code bits")
+    ap.add_argument("--value-bits", type=int, default=None, help="value code bits (default: --bits)")
+    ap.add_argument("--group-meta", default="fp16", choices=("fp16", "log8"), help="group scales and zeros")
     ap.add_argument("--key-group", type=int, default=64)
     ap.add_argument("--value-group", type=int, default=64)
     ap.add_argument("--dtype", default="fp16", choices=("fp16", "bf16", "fp32"),

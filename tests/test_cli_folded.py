@@ -38,7 +38,7 @@ def test_folded_calibrate_export_eval_run(tmp_path) -> None:
     _ok(runner.invoke(app, ["export", "--calibration", str(cal), "--out", str(ck), "--bits", "2",
                             "--recent-window", "4", "--flush-block", "4", "--max-sinks", "1"]))  # fmt: skip
     config = read_checkpoint(ck).config
-    assert (config.version, config.key_layout, config.head_group_size) == (3, "folded", 1)
+    assert (config.version, config.key_layout, config.head_group_size, config.group_meta) == (4, "folded", 1, "fp16")
     assert all(layer.key_head_rotation is not None for layer in read_checkpoint(ck).layers)  # learned by default
 
     result = runner.invoke(app, ["eval", str(ck), "--text", str(evaltext), "--windows", "1", "--length", "64",
@@ -49,5 +49,23 @@ def test_folded_calibrate_export_eval_run(tmp_path) -> None:
     assert all(r["perplexity"] > 1 for r in rows)
 
     result = runner.invoke(app, ["run", str(ck), "-p", "The cache stores key 12 and value 84 in", "-n", "6", "--greedy",
+                                 "--no-chat", "--device", "cpu"])  # fmt: skip
+    _ok(result)
+
+    # 8-bit group metadata with 3-bit keys in one layer: export, eval (as exported and uniform), run
+    ck8 = tmp_path / "ck8"
+    bad = runner.invoke(app, ["export", "--calibration", str(cal), "--out", str(ck8), "--group-meta", "int8"])
+    assert bad.exit_code == 2 and "--group-meta takes one of fp16, log8" in " ".join(bad.output.split())
+    _ok(runner.invoke(app, ["export", "--calibration", str(cal), "--out", str(ck8), "--bits", "2", "--group-meta", "log8",
+                            "--key-bits", "3,2", "--recent-window", "4", "--flush-block", "4", "--max-sinks", "1"]))  # fmt: skip
+    config = read_checkpoint(ck8).config
+    assert config.group_meta == "log8" and config.key_bits_per_element == (3.5 + 2.5) / 2  # groups of 32: 16/32 bit
+    result = runner.invoke(app, ["eval", str(ck8), "--text", str(evaltext), "--windows", "1", "--length", "64",
+                                 "--schemes", "rotatekv", "--bits", "2", "--protocols", "oneshot", "--device", "cpu",
+                                 "--json"])  # fmt: skip
+    _ok(result)
+    rows = json.loads(result.stdout[result.stdout.index("[") :])
+    assert sorted((r["bits"], r["key_bits"], r["value_bits"]) for r in rows) == [(2, 2.5, 2.25), (2, 3.0, 2.25)]  # values: groups of 64
+    result = runner.invoke(app, ["run", str(ck8), "-p", "The cache stores key 12 and value 84 in", "-n", "6", "--greedy",
                                  "--no-chat", "--device", "cpu"])  # fmt: skip
     _ok(result)
