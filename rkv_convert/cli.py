@@ -185,7 +185,7 @@ def export(
     out: Path = typer.Option(Path("rkv-out/checkpoint"), help="Folder for the augmented checkpoint."),
     model: Optional[str] = typer.Option(None, help="Source model (default: the one the artifact was calibrated on)."),
     bits: int = typer.Option(2, help="Bits per cached key/value element: 2, 3 or 4."),
-    key_bits: Optional[str] = typer.Option(None, help="Key widths: one of 2, 3, 4 for every layer, or a comma list with one per layer (default: --bits)."),
+    key_bits: Optional[str] = typer.Option(None, help="Key widths: one of 2, 3, 4 for every layer, a comma list with one per layer, or 'auto': half the layers at --bits + 1, those whose calibrated key error falls most (default: --bits)."),
     value_bits: Optional[str] = typer.Option(None, help="Value widths, like --key-bits (default: --bits)."),
     group_meta: str = typer.Option("fp16", help="Group scales and zeros: fp16 (2 bytes each) or log8 (1 byte each: 0.25 bit per element less at groups of 64; folded key layout only)."),
     recent_window: int = typer.Option(128, min=0, help="Recent tokens kept in full precision by the runtime."),
@@ -210,7 +210,9 @@ def export(
         artifact = load_artifact(calibration)
         n_layers = artifact.meta["model"]["num_hidden_layers"]
         widths = {name: _layer_widths(option, text, n_layers) for name, option, text in
-                  (("key", "--key-bits", key_bits), ("value", "--value-bits", value_bits))}  # fmt: skip
+                  (("key", "--key-bits", None if key_bits == "auto" else key_bits), ("value", "--value-bits", value_bits))}  # fmt: skip
+        if key_bits == "auto":
+            widths["key"] = _auto_key_bits(artifact, bits)
         source = model or artifact.meta.get("model_source")
         if not source:
             raise CheckpointError("the artifact does not record its model; pass --model")
@@ -223,6 +225,22 @@ def export(
     except COMMAND_ERRORS as err:
         _fail(err)
     console.print(f"exported {bits}-bit rkv checkpoint of {source} → [bold]{path}[/]")
+
+
+def _auto_key_bits(artifact, bits: int) -> list[int]:
+    """``--key-bits auto``: half the layers one bit wider, ranked by the calibrated key error (``calibrate.allocate``)."""
+    from .calibrate.allocate import key_bits_by_error
+
+    if any("key_error_by_bits" not in layer for layer in artifact.layers):
+        raise InputError("--key-bits auto needs each layer's calibrated key errors, which this calibration artifact "
+                         "lacks (made by an older rkv); re-run `rkv calibrate`")  # fmt: skip
+    if bits not in (2, 3):
+        raise InputError(f"--key-bits auto raises half the layers to --bits + 1, so --bits must be 2 or 3, got {bits}")
+    widths = key_bits_by_error([layer["key_error_by_bits"].tolist() for layer in artifact.layers], bits,
+                               len(artifact.layers) // 2)  # fmt: skip
+    console.print(f"--key-bits auto: keys at {bits + 1} bits in layers "
+                  f"{', '.join(str(i) for i, b in enumerate(widths) if b > bits)}")
+    return widths
 
 
 def _group_meta(text: str):

@@ -22,8 +22,9 @@ ARTIFACT_VERSION = 1
 TENSORS_FILE = "calibration.safetensors"
 META_FILE = "calibration.json"
 # key_head_rotation: folded layout with learned rotations, fp32 [n_kv, d, d]; key/value_group_range: fp32 [],
-# the largest unclipped group range of stored keys / values (folded layout; what 8-bit group metadata needs)
-OPTIONAL_PER_LAYER = ("key_head_rotation", "key_group_range", "value_group_range")
+# the largest unclipped group range of stored keys / values (folded layout; what 8-bit group metadata needs);
+# key_error_by_bits: fp32 [3], the clip search's key error at 2, 3 and 4 bits (what `export --key-bits auto` ranks)
+OPTIONAL_PER_LAYER = ("key_head_rotation", "key_group_range", "value_group_range", "key_error_by_bits")
 PER_LAYER = (
     "key_mean",
     "key_perm",

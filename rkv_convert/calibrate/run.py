@@ -170,6 +170,23 @@ def _learned_rotation(rows: torch.Tensor, rotation: torch.Tensor, perm: torch.Te
     return heads.contiguous(), clips
 
 
+def _key_errors(rows: torch.Tensor, rotation: torch.Tensor, perm: torch.Tensor, learned: torch.Tensor | None,
+                clips: list[float], weight: torch.Tensor | None, group_size: int, d: int,
+                device: torch.device) -> list[float]:  # fmt: skip
+    """The clip search's objective (query-weighted key error: the expected squared logit error) at each width of
+    ``search.QUANT_BITS`` and its clip, for the layer's final rotation: what ``rkv export --key-bits auto`` ranks
+    layers by. ``rows``: centred keys rotated by ``rotation`` per head group (the observer's sample)."""
+    if learned is None:
+        y, rot, p = rows, rotation, perm
+    else:  # the learned R_h per head, groups of consecutive channels
+        x = rotate_groups(rows.float(), rotation, inverse=True).reshape(rows.shape[0], -1, d)
+        y = torch.einsum("nhd,hde->nhe", x, learned.float()).reshape(rows.shape[0], -1)
+        rot, p = torch.block_diag(*learned.float()), None
+    y, rot = y.float().to(device), rot.float().to(device)
+    p = None if p is None else p.to(device)
+    return [search.clip_error(y, b, group_size, c, p, weight, rot) for b, c in zip(search.QUANT_BITS, clips)]
+
+
 def _largest_group_range(rows: torch.Tensor, head_rotation: torch.Tensor | None, group_size: int) -> torch.Tensor:
     """fp32 ``[]``: the largest ``max - min`` over groups of ``group_size`` consecutive channels of ``rows [N, n_kv*d]``
     as stored (keys, centred post-RoPE: each head times its ``R_h``, ``head_rotation [n_kv, d, d]``; values: as
@@ -268,6 +285,8 @@ def calibrate(
             learned, key_clips = _learned_rotation(stats["key_rows"], key_rotation, perm, weight, key_clips, options, d, device)
         value_clips = _clips(stats["value_rows"].to(device), search.QUANT_BITS, options.value_group_size, None,
                              options.value_clip)
+        key_errors = _key_errors(stats["key_rows"], key_rotation, perm, learned, key_clips, weight, options.key_group_size,
+                                 d, device)  # fmt: skip
         ranges = {}
         if folded:  # what the 8-bit group metadata's scale base is set from (export.format.LayerTensors)
             r_h = learned if learned is not None else folded_head_rotations(key_rotation, perm, d)
@@ -282,6 +301,7 @@ def calibrate(
                 "key_abs_mean_before": stats["abs_before"],
                 "key_abs_mean_after": stats["abs_after"],
                 "key_clip_by_bits": torch.tensor(key_clips, dtype=torch.float32),
+                "key_error_by_bits": torch.tensor(key_errors, dtype=torch.float32),
                 "value_clip_by_bits": torch.tensor(value_clips, dtype=torch.float32),
                 "sink_channels": channels,
                 "sink_threshold": torch.tensor(threshold, dtype=torch.float32),

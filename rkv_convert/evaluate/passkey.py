@@ -17,7 +17,10 @@ filler, pass key, filler) and then the *question* (question, end of the user tur
   each step attending only the new tokens over the kept full-precision history (:mod:`.scheme_decode`);
 - ``rotatekv``: the real packed cache (:class:`~rkv_convert.runtime.generate.RkvModel`): the context
   is prefilled (the model's own attention, then stored packed), the question attends over the
-  dequantized cache, and every answer token is a decode step of the runtime's kernels.
+  dequantized cache, and every answer token is a decode step of the runtime's kernels;
+- ``rotatekv-exported``: the same packed cache with the checkpoint as exported (its per-layer key and value
+  widths and group metadata, e.g. ``rkv export --group-meta log8 --key-bits ...``), run once and labelled
+  with the checkpoint's ``bits``; ``rotatekv`` runs every layer at each ``--bits`` instead.
 
 A trial is correct when the first number in the answer equals the pass key.
 """
@@ -52,7 +55,7 @@ __all__ = [
     "device_name",
 ]
 
-PASSKEY_PATHS = ("fp", "rtn", "kivi", "rotatekv", "rotatekv-eval")
+PASSKEY_PATHS = ("fp", "rtn", "kivi", "rotatekv", "rotatekv-eval", "rotatekv-exported")
 INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. Find it and "
          "memorize it. I will quiz you about it.\n\n")
 NEEDLE = "\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
@@ -304,15 +307,16 @@ def run_passkey(
     finished = {(r.path, r.bits, r.length) for r in results}
     for length, rows in trials.items():
         for path in paths:
-            for bits in [16] if path == "fp" else bits_list:
+            widths = [16] if path == "fp" else [checkpoint.config.bits] if path == "rotatekv-exported" else bits_list
+            for bits in widths:
                 if (path, bits, length) in finished:
                     if log:
                         log(f"passkey {path}-{bits} @ {length}: already done (resumed)")
                     continue
                 if path == "fp":
                     start = _fp_step(model)
-                elif path == "rotatekv":
-                    ck = checkpoint_at(bits)
+                elif path in ("rotatekv", "rotatekv-exported"):
+                    ck = checkpoint if path == "rotatekv-exported" else checkpoint_at(bits)
                     start = _runtime_step(RkvModel(model, ck, tokenizer, CacheSettings.from_config(ck.config), backend))
                 else:
                     ck = checkpoint_at(bits)

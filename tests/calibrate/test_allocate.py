@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny_models import tiny_model
 
-from rkv_convert.calibrate.allocate import Sensitivity, allocate_bits, measure_sensitivity
+from rkv_convert.calibrate.allocate import key_bits_by_error, Sensitivity, allocate_bits, measure_sensitivity
 from rkv_convert.calibrate.run import CalibrationOptions, calibrate
 from rkv_convert.evaluate.perplexity import perplexity
 from rkv_convert.evaluate.schemes import build_scheme
@@ -44,3 +44,15 @@ def test_sensitivity_runs_on_a_tiny_model() -> None:
     raised = math.log(perplexity(model, dev, build_scheme("rotatekv", None, ck), "oneshot", ck).perplexity)
     assert s.key_gain[1] == pytest.approx(s.base_nll - raised, abs=1e-6)
     assert len(s.value_gain) == 2 and s.tokens == dev.numel()
+
+
+def test_key_bits_by_error_raises_the_layers_that_gain_most() -> None:
+    errors = [[4.0, 3.5, 3.4], [9.0, 2.0, 1.0], [1.0, 0.9, 0.8], [5.0, 1.0, 0.5]]  # gains at 2 -> 3 bits: 0.5, 7, 0.1, 4
+    assert key_bits_by_error(errors, 2, 2) == [2, 3, 2, 3]
+    assert key_bits_by_error(errors, 3, 1) == [3, 4, 3, 3]  # gains at 3 -> 4 bits: 0.1, 1, 0.1, 0.5
+    assert key_bits_by_error(errors, 2, 0) == [2, 2, 2, 2]
+    assert key_bits_by_error([[1.0, 0.5, 0.1]] * 3, 2, 2) == [3, 3, 2]  # ties: lower layers first
+    with pytest.raises(ValueError, match="--bits 2 or 3"):
+        key_bits_by_error(errors, 4, 1)
+    with pytest.raises(ValueError, match="cannot raise 5 of 4"):
+        key_bits_by_error(errors, 2, 5)

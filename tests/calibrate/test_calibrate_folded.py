@@ -62,6 +62,10 @@ def test_learned_rotations_are_orthonormal_stored_and_used(tmp_path) -> None:
                for layer in art.layers)  # fmt: skip
     again = load_artifact(save_artifact(art, tmp_path / "art"))
     torch.testing.assert_close(again.layers[1]["key_head_rotation"], art.layers[1]["key_head_rotation"], rtol=0, atol=0)
+    for layer, base in zip(again.layers, plain.layers):  # what --key-bits auto and --group-meta log8 read
+        for errors in (layer["key_error_by_bits"], base["key_error_by_bits"]):
+            assert errors.shape == (3,) and bool((errors[:-1] > errors[1:]).all()) and bool((errors > 0).all())
+        assert float(layer["key_group_range"]) > 0 and float(layer["value_group_range"]) > 0
     ck = checkpoint_from_artifact(again, bits=2)
     codec = LayerCodec.from_checkpoint(ck.config, ck.key_rotation, ck.layers[1], torch.device("cpu"), 1)
     torch.testing.assert_close(codec.head_rotation, art.layers[1]["key_head_rotation"], rtol=0, atol=0)

@@ -79,10 +79,12 @@ def test_every_path_matches_full_precision_when_the_window_holds_everything(toke
     ck = checkpoint_from_artifact(artifact, 2, recent_window=512, flush_block=8, max_sinks=2)
     clips = {w: [layer[f"{w}_clip_by_bits"] for layer in artifact.layers] for w in ("key", "value")}
     opts = PasskeyOptions(lengths=(300,), trials=3, depths=(0.2, 0.8), max_new_tokens=5, batch_size=2)
-    paths = ["fp", "rotatekv", "rotatekv-eval", "rtn", "kivi"]
-    results = run_passkey(source, tokenizer, ck, lambda b: checkpoint_at_bits(ck, clips, b), paths, [2], opts, FILLER,
+    paths = ["fp", "rotatekv", "rotatekv-eval", "rtn", "kivi", "rotatekv-exported"]
+    results = run_passkey(source, tokenizer, ck, lambda b: checkpoint_at_bits(ck, clips, b), paths, [2, 3], opts, FILLER,
                           backend="reference")  # fmt: skip
-    assert [(r.path, r.bits) for r in results] == [("fp", 16), ("rotatekv", 2), ("rotatekv-eval", 2), ("rtn", 2), ("kivi", 2)]
+    assert [(r.path, r.bits) for r in results] == [("fp", 16), ("rotatekv", 2), ("rotatekv", 3), ("rotatekv-eval", 2),
+                                                   ("rotatekv-eval", 3), ("rtn", 2), ("rtn", 3), ("kivi", 2), ("kivi", 3),
+                                                   ("rotatekv-exported", 2)]  # the checkpoint as exported: once  # fmt: skip
     fp = results[0]
     assert len(fp.answers) == 3 and all(fp.answers)
     for r in results[1:]:
@@ -100,7 +102,7 @@ def test_every_path_matches_full_precision_when_the_window_holds_everything(toke
     text = passkey_csv(results)
     lines = text.strip().splitlines()
     assert lines[0].startswith("path,bits,length,trials,correct,accuracy,fp_accuracy,seconds,device,depth_0.2,depth_0.8")
-    assert len(lines) == 6 and lines[1].startswith("fp,16,300,3,")
+    assert len(lines) == 11 and lines[1].startswith("fp,16,300,3,")
 
 
 def test_quantized_paths_read_quantized_keys(tokenizer) -> None:
