@@ -13,7 +13,8 @@ releases (the GPU runs 3.6).
     python benchmarks/kernel_sass_stats.py                     # all three kernels, their default tiles
     python benchmarks/kernel_sass_stats.py --no-fp-segment     # without the full-precision segment's loop
     python benchmarks/kernel_sass_stats.py --block-t 32 --num-warps 8
-    python benchmarks/kernel_sass_stats.py --fp32-tiles           # and fp32 operands: spills, current vs candidates
+    python benchmarks/kernel_sass_stats.py --fp32-tiles           # and fp32 operands: spills, default vs previous settings
+    python benchmarks/kernel_sass_stats.py --key-bits 3 --group-meta log8   # the folded kernel's 3-bit keys, 8-bit metadata
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ _POINTERS = {"kc_ptr": "*u8", "vc_ptr": "*u8", "kw_ptr": "*i32", "vw_ptr": "*i32
              "gidp_ptr": "*i32", "gid_ptr": "*i32", "a_ptr": "*fp32", "mean_ptr": "*fp32", "freq_ptr": "*fp32",
              "o_ptr": "*fp32", "lse_ptr": "*fp32", "beta_ptr": "*fp32", "vcol_ptr": "*fp32",
              "qr_ptr": "*fp32", "bias_ptr": "*fp32"}  # fmt: skip
-_FLOATS = {"qk_scale", "cap_scale", "rope_scaling", "k_clip", "v_clip", "scale_floor"}
+_FLOATS = {"qk_scale", "cap_scale", "rope_scaling", "k_clip", "v_clip", "scale_floor", "k_base", "v_base"}
 _UNALIGNED = {"s_fpb", "s_pb"}  # position rows: any capacity
 
 
@@ -109,9 +110,11 @@ def main() -> None:
     p.add_argument("--block-t", type=int, default=None, help="tokens per step (default: each kernel's)")
     p.add_argument("--num-warps", type=int, default=None)
     p.add_argument("--top", type=int, default=12, help="opcodes to list")
-    p.add_argument("--fp32-tiles", action="store_true", help="also fp32 operands: current launch settings and candidates")
+    p.add_argument("--fp32-tiles", action="store_true", help="also fp32 operands: default launch settings and the previous (spilling) ones")
     p.add_argument("--fp-segment", action=argparse.BooleanOptionalAction, default=True,
                    help="compile the full-precision segment's loop too (--no-fp-segment: the token loop of the store only)")
+    p.add_argument("--key-bits", type=int, default=2, choices=(2, 3), help="folded kernel: key code bits")
+    p.add_argument("--group-meta", default="fp16", choices=("fp16", "log8"), help="folded kernel: group metadata")
     args = p.parse_args()
     common = dict(D=128, G=4, REP=1, QP=16, K_BITS=2, V_BITS=2, NGK=4, GV=128, NGV=1, HAS_FP=args.fp_segment,
                   PREC="tf32", USE_LIBDEVICE=True, SOFTCAP=False)  # fmt: skip
@@ -121,14 +124,16 @@ def main() -> None:
         "chunk": (chunk_module._chunk_kernel, {k: v for k, v in dict(common, DT=tl.float16).items() if k != "NGK"}),
     }  # fmt: skip
     for shape, rep in (("llama2-7b", 1), ("llama3-8b", 4)):
-        cx = dict(D=128, REP=rep, R=rep, NG=2, GK=64, NGV=2, GV=64, K_BITS=2, V_BITS=2, K_I8=True, K_FAST=True, V_FAST=True,
-                  BLOCK_N=args.block_t or FOLDED_DEFAULTS["block_n"], BLOCK_F=64, HAS_FP=args.fp_segment, DIRECT=False,
-                  DT=tl.float16, PREC="tf32", SOFTCAP=False, NUM_STAGES=FOLDED_DEFAULTS["num_stages"],
-                  MASKLESS=True)  # fmt: skip
+        cx = dict(D=128, REP=rep, R=rep, NG=2, GK=64, NGV=2, GV=64, K_BITS=args.key_bits, V_BITS=2, K_I8=True,
+                  K_FAST=True, V_FAST=True, BLOCK_N=args.block_t or FOLDED_DEFAULTS["block_n"], BLOCK_F=64,
+                  HAS_FP=args.fp_segment, DIRECT=False, DT=tl.float16, PREC="tf32", SOFTCAP=False,
+                  NUM_STAGES=FOLDED_DEFAULTS["num_stages"], MASKLESS=True, META8=args.group_meta == "log8")  # fmt: skip
         warps = args.num_warps or FOLDED_DEFAULTS["num_warps"]
-        c = compile_sm90(folded_module._folded_kernel, cx, warps, cx["NUM_STAGES"], aligned=True)
+        meta = {"ks_ptr": "*u8", "kz_ptr": "*i8", "vs_ptr": "*u8", "vz_ptr": "*i8"} if cx["META8"] else None
+        c = compile_sm90(folded_module._folded_kernel, cx, warps, cx["NUM_STAGES"], aligned=True, pointers=meta,
+                         maxnreg=FOLDED_DEFAULTS["maxnreg"])  # fmt: skip
         regs, stack, ops, sass = sass_stats(c)
-        print(f"folded ({shape} heads): {cx['BLOCK_N']} slots x {warps} warps x {cx['NUM_STAGES']} stages: {regs} "
+        print(f"folded ({shape} heads, K{args.key_bits} {args.group_meta}): {cx['BLOCK_N']} slots x {warps} warps x {cx['NUM_STAGES']} stages: {regs} "
               f"registers, {stack} B stack, {c.metadata.shared} B shared memory, main loop {loop_body(sass)} "
               f"instructions per warp per block")
         print("  " + ", ".join(f"{op} {n}" for op, n in ops.most_common(args.top)))
@@ -147,36 +152,38 @@ def main() -> None:
         fp32_tiles()
 
 
-# fp32-operand launch candidates (8 warps): spill-free for sm_90 in the seventh session's offline compiles,
-# not yet timed or tested on a GPU. Folded decode: (slots per block, stages) per head dim; cache writes: tokens.
-FP32_DECODE_CANDIDATES = {64: (128, 2), 128: (64, 2), 256: (32, 1)}
-FP32_ENCODE_CANDIDATES = {64: 64, 128: 16, 256: 16}
+# fp32-operand launch settings before the eighth session (4 warps), which spilled for sm_90: folded decode
+# (slots per block, stages) per head dim, cache writes (tokens, register cap; head dim 256: 8 warps, no cap).
+FP32_DECODE_PREVIOUS = {64: (128, 2), 128: (128, 2), 256: (32, 1)}
+FP32_ENCODE_PREVIOUS = {64: (64, 168), 128: (64, 168), 256: (32, None)}
 
 
 def fp32_tiles() -> None:
     """The folded decode kernel with fp32 operands (fp32 and bf16 queries) and the cache-write kernel for fp32
-    keys, head dims 64/128/256 (GQA 4, groups of 32): registers and spills (stack) at the current launch
-    settings and at the 8-warp candidates above."""
+    keys, head dims 64/128/256 (GQA 4, groups of 32): registers and spills (stack) at the default launch
+    settings (8 warps, spill-free) and at the previous 4-warp ones."""
     from kernels import encode_folded
 
     for d in (64, 128, 256):
         t = folded_module._tiles(d, fp16=False)
-        settings = [("current", t["block_n"], t["num_stages"], FOLDED_DEFAULTS["num_warps"]),
-                    ("candidate", *FP32_DECODE_CANDIDATES[d], 8)]  # fmt: skip
+        settings = [("default", t["block_n"], t["num_stages"], t["num_warps"]),
+                    ("previous", *FP32_DECODE_PREVIOUS[d], 4)]  # fmt: skip
         for label, block_n, stages, warps in settings:
             cx = dict(D=d, REP=4, R=4, NG=d // 32, GK=32, NGV=d // 32, GV=32, K_BITS=2, V_BITS=2, K_I8=False,
                       K_FAST=False, V_FAST=False, BLOCK_N=block_n, BLOCK_F=t["block_f"], HAS_FP=True, DIRECT=False,
-                      DT=tl.float32, PREC="ieee", SOFTCAP=False, NUM_STAGES=stages, MASKLESS=True)  # fmt: skip
+                      DT=tl.float32, PREC="ieee", SOFTCAP=False, NUM_STAGES=stages, MASKLESS=True, META8=False)  # fmt: skip
             regs, stack, _, _ = sass_stats(compile_sm90(folded_module._folded_kernel, cx, warps, stages, aligned=True))
             print(f"folded fp32, head dim {d}, {label}: {block_n} slots x {warps} warps x {stages} stages: {regs} "
                   f"registers, {stack} B stack")
     fp32 = {"k_ptr": "*fp32", "v_ptr": "*fp32", "rot_ptr": "*fp32"}
     for d in (64, 128, 256):
         block_t, launch = encode_folded._launch(d, False, None, None)
-        settings = [("current", block_t, launch["num_warps"], launch.get("maxnreg")),
-                    ("candidate", FP32_ENCODE_CANDIDATES[d], 8, None)]  # fmt: skip
+        old_t, old_cap = FP32_ENCODE_PREVIOUS[d]
+        settings = [("default", block_t, launch["num_warps"], launch.get("maxnreg")),
+                    ("previous", old_t, 4 if old_cap else 8, old_cap)]  # fmt: skip
         for label, tokens, warps, cap in settings:
-            cx = dict(D=d, K_BITS=2, V_BITS=2, GK=32, GV=32, BLOCK_T=tokens, FP16_DOTS=False, USE_LIBDEVICE=True)
+            cx = dict(D=d, K_BITS=2, V_BITS=2, GK=32, GV=32, BLOCK_T=tokens, FP16_DOTS=False, META8=False,
+                      USE_LIBDEVICE=True)  # fmt: skip
             c = compile_sm90(encode_folded._encode_folded_kernel, cx, warps, 1, pointers=fp32, maxnreg=cap)
             regs, stack, _, _ = sass_stats(c)
             print(f"encode fp32 keys, head dim {d}, {label}: {tokens} tokens x {warps} warps"

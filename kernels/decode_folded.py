@@ -45,7 +45,8 @@ Two launches (plus the split-K merge):
      integers, so the key dots are int8 x int8 -> int32, exact: each column ``(r, g)`` of ``q'`` is
      rounded once per program to ``step * round(q' / step)``, ``step = max|q'| / 127``
      (:func:`round_query_int8`; the reference does the same for these calls). On CUDA a 2-bit plane
-     is one shift and one mask per four codes. The rounding adds about 1.4 % of the score error that
+     is one shift and one mask per four codes (3 bits: one more shift, mask and or for the high bit,
+     whose bytes are picked per channel pair once per block). The rounding adds about 1.4 % of the score error that
      2-bit keys already make (``test_int8_query_costs_little_next_to_two_bit_keys``); it cut the main
      loop from 1,058 to 870 SASS instructions per warp and block (llama2-7b heads) and ran 1.07x-1.18x
      faster at >= 16k tokens on an H200. Other calls use fp16 (fp32 for fp32/bf16 queries) key dots.
@@ -314,6 +315,26 @@ def _u2_plane_i8(b, J: tl.constexpr):
 
 
 @triton.jit
+def _u3_plane_i8(lo, hsel, J: tl.constexpr):
+    """int8 3-bit codes of plane ``J``, four per register: the low two bits ``(lo >> 2J) & 3`` from the
+    ``U2_LSB4`` bytes, the high bit ``(hsel >> J) & 1`` from ``hsel`` (each channel's high-plane byte already
+    shifted so that plane ``J``'s bit sits at bit ``J``)."""
+    if J == 0:
+        asm: tl.constexpr = ("{.reg .b32 t, h; and.b32 t, $1, 0x03030303; and.b32 h, $2, 0x01010101; "
+                             "shl.b32 h, h, 2; or.b32 $0, t, h;}")
+    elif J == 1:
+        asm: tl.constexpr = ("{.reg .b32 t, h; shr.b32 t, $1, 2; and.b32 t, t, 0x03030303; shr.b32 h, $2, 1; "
+                             "and.b32 h, h, 0x01010101; shl.b32 h, h, 2; or.b32 $0, t, h;}")
+    elif J == 2:
+        asm: tl.constexpr = ("{.reg .b32 t, h; shr.b32 t, $1, 4; and.b32 t, t, 0x03030303; shr.b32 h, $2, 2; "
+                             "and.b32 h, h, 0x01010101; shl.b32 h, h, 2; or.b32 $0, t, h;}")
+    else:
+        asm: tl.constexpr = ("{.reg .b32 t, h; shr.b32 t, $1, 6; and.b32 t, t, 0x03030303; shr.b32 h, $2, 3; "
+                             "and.b32 h, h, 0x01010101; shl.b32 h, h, 2; or.b32 $0, t, h;}")
+    return tl.inline_asm_elementwise(asm, "=r,r,r", [lo, hsel], dtype=tl.int8, is_pure=True, pack=4)
+
+
+@triton.jit
 def _cols(x, N: tl.constexpr, P: tl.constexpr, U: tl.constexpr):
     """``[N, P*U] -> [N, U]``: the used columns (pad index 0; the padded ones hold zeros)."""
     if P > 1:
@@ -336,11 +357,16 @@ def _pad_cols(x, N: tl.constexpr, P: tl.constexpr, U: tl.constexpr):
 
 @triton.jit
 def _planes(row, tmask, ii, PW: tl.constexpr, BITS: tl.constexpr, FAST: tl.constexpr, DT: tl.constexpr):
-    """The four code planes ``DT [BLOCK_N, PW]`` of a slot block: int8 ``DT``, the codes (FAST: 2-bit
-    codes by shift and mask); else the codes as ``DT`` (FAST: fp16 ``4 + code`` by byte permutes)."""
+    """The four code planes ``DT [BLOCK_N, PW]`` of a slot block: int8 ``DT``, the codes (FAST: 2- and 3-bit
+    codes by shift and mask); else the codes as ``DT`` (FAST: fp16 ``4 + code`` by byte permutes, 2 bits)."""
     if FAST:
         raw = tl.load(row[:, None] + ii[None, :], mask=tmask[:, None], other=0)
-        if DT == tl.int8:
+        if DT == tl.int8 and BITS == 3:  # high bit of channel 4i+j: bit 4*(i%2)+j of byte PW + i//2
+            hi = tl.load(row[:, None] + PW + ii[None, :] // 2, mask=tmask[:, None], other=0)
+            hsel = hi >> (4 * (ii % 2)).to(tl.uint8)[None, :]
+            p0, p1 = _u3_plane_i8(raw, hsel, 0), _u3_plane_i8(raw, hsel, 1)
+            p2, p3 = _u3_plane_i8(raw, hsel, 2), _u3_plane_i8(raw, hsel, 3)
+        elif DT == tl.int8:
             p0, p1, p2, p3 = _u2_plane_i8(raw, 0), _u2_plane_i8(raw, 1), _u2_plane_i8(raw, 2), _u2_plane_i8(raw, 3)
         else:
             p0, p1 = _u2_plane_fp16(raw, 0), _u2_plane_fp16(raw, 1)
@@ -861,7 +887,8 @@ def decode_folded(
             params.key_meta_base or 1.0, params.value_meta_base or 1.0,
             D=d, REP=rep, R=R, NG=d // params.g_k, GK=params.g_k, NGV=d // params.g_v, GV=params.g_v,
             K_BITS=params.bits, V_BITS=params.value_bits,
-            K_I8=int8_key_dots(q.dtype, d), K_FAST=params.bits == 2 and prmt, V_FAST=params.value_bits == 2 and prmt,
+            K_I8=int8_key_dots(q.dtype, d), V_FAST=params.value_bits == 2 and prmt,
+            K_FAST=prmt and (params.bits == 2 or (params.bits == 3 and int8_key_dots(q.dtype, d))),
             BLOCK_N=block_n, BLOCK_F=tiles["block_f"], HAS_FP=has_fp, DIRECT=direct,
             DT=tl.float16 if fp16 else tl.float32, PREC="tf32" if fp16 else "ieee",
             SOFTCAP=params.softcap is not None, NUM_STAGES=num_stages, MASKLESS=maskless,

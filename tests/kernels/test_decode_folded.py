@@ -369,6 +369,9 @@ GPU_CASES = {  # (case, dtype, one launch too): few compiled variants, so that -
                             torch.float32, False),
     "llama3-like-meta8-fp16": (dict(B=2, n_kv=8, rep=4, d=128, T=3000, F=137, g_k=64, g_v=64, spare=72, meta8=True),
                                torch.float16, False),
+    # 3-bit keys with fp16 queries at head dim 128: codes by shift and mask (CUDA only; the interpreter converts)
+    "llama2-like-k3v2-meta8-fp16": (dict(B=2, n_kv=4, rep=1, d=128, T=1500, F=137, bits=3, v_bits=2, g_k=64, g_v=64,
+                                         spare=36, meta8=True), torch.float16, True),
 }
 
 
