@@ -163,40 +163,32 @@ def _learned_rotation(rows: torch.Tensor, rotation: torch.Tensor, perm: torch.Te
         for h in range(n_kv)
     ])  # fmt: skip
     if options.key_clip is None:
-        y = torch.einsum("nhd,hde->nhe", x, heads).reshape(x.shape[0], -1)
+        y = _through_heads(x, heads)
         block = torch.block_diag(*heads)
         clips = _clips(y.to(device), search.QUANT_BITS, options.key_group_size, None, None,
                        weight, block.to(device))  # fmt: skip
     return heads.contiguous(), clips
 
 
-def _key_errors(rows: torch.Tensor, rotation: torch.Tensor, perm: torch.Tensor, learned: torch.Tensor | None,
-                clips: list[float], weight: torch.Tensor | None, group_size: int, d: int,
-                device: torch.device) -> list[float]:  # fmt: skip
-    """The clip search's objective (query-weighted key error: the expected squared logit error) at each width of
-    ``search.QUANT_BITS`` and its clip, for the layer's final rotation: what ``rkv export --key-bits auto`` ranks
-    layers by. ``rows``: centred keys rotated by ``rotation`` per head group (the observer's sample)."""
-    if learned is None:
-        y, rot, p = rows, rotation, perm
-    else:  # the learned R_h per head, groups of consecutive channels
-        x = rotate_groups(rows.float(), rotation, inverse=True).reshape(rows.shape[0], -1, d)
-        y = torch.einsum("nhd,hde->nhe", x, learned.float()).reshape(rows.shape[0], -1)
-        rot, p = torch.block_diag(*learned.float()), None
-    y, rot = y.float().to(device), rot.float().to(device)
-    p = None if p is None else p.to(device)
-    return [search.clip_error(y, b, group_size, c, p, weight, rot) for b, c in zip(search.QUANT_BITS, clips)]
+def _through_heads(x: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+    """Centred post-RoPE keys ``x [N, n_kv, d]`` → the folded store's keys ``y [N, n_kv*d]`` (each head times its ``R_h``)."""
+    return torch.einsum("nhd,hde->nhe", x, heads.float().to(x.device)).reshape(x.shape[0], -1)
 
 
-def _largest_group_range(rows: torch.Tensor, head_rotation: torch.Tensor | None, group_size: int) -> torch.Tensor:
-    """fp32 ``[]``: the largest ``max - min`` over groups of ``group_size`` consecutive channels of ``rows [N, n_kv*d]``
-    as stored (keys, centred post-RoPE: each head times its ``R_h``, ``head_rotation [n_kv, d, d]``; values: as
-    they are)."""
-    x = rows.float().cpu()
-    if head_rotation is not None:
-        n_kv, d = head_rotation.shape[:2]
-        x = torch.einsum("nhi,hij->nhj", x.reshape(-1, n_kv, d), head_rotation.float().cpu()).reshape(x.shape)
-    g = x.reshape(x.shape[0], -1, group_size)
-    return (g.amax(-1) - g.amin(-1)).max().reshape(())
+def _key_errors(rows: torch.Tensor, rotation: torch.Tensor, perm: torch.Tensor | None, clips: list[float],
+                weight: torch.Tensor | None, group_size: int, device: torch.device) -> list[float]:  # fmt: skip
+    """The clip search's objective (query-weighted key error: the expected squared logit error) of ``rows`` (keys as
+    quantized, ``rotation`` per head group, groups by ``perm``) at each width of ``search.QUANT_BITS`` and its clip:
+    what ``rkv export --key-bits auto`` ranks layers by."""
+    rows, rotation = rows.float().to(device), rotation.float().to(device)
+    perm = None if perm is None else perm.to(device)
+    return [search.clip_error(rows, b, group_size, c, perm, weight, rotation) for b, c in zip(search.QUANT_BITS, clips)]
+
+
+def _largest_group_range(rows: torch.Tensor, group_size: int) -> torch.Tensor:
+    """fp32 ``[]``: the largest ``max - min`` over groups of ``group_size`` consecutive channels of ``rows [N, C]``."""
+    g = rows.float().reshape(rows.shape[0], -1, group_size)
+    return (g.amax(-1) - g.amin(-1)).max().cpu().reshape(())
 
 
 def calibrate(
@@ -285,14 +277,15 @@ def calibrate(
             learned, key_clips = _learned_rotation(stats["key_rows"], key_rotation, perm, weight, key_clips, options, d, device)
         value_clips = _clips(stats["value_rows"].to(device), search.QUANT_BITS, options.value_group_size, None,
                              options.value_clip)
-        key_errors = _key_errors(stats["key_rows"], key_rotation, perm, learned, key_clips, weight, options.key_group_size,
-                                 d, device)  # fmt: skip
-        ranges = {}
-        if folded:  # what the 8-bit group metadata's scale base is set from (export.format.LayerTensors)
-            r_h = learned if learned is not None else folded_head_rotations(key_rotation, perm, d)
-            keys = rotate_groups(stats["key_rows"].float(), key_rotation, inverse=True)  # centred post-RoPE keys
-            ranges = {"key_group_range": _largest_group_range(keys, r_h, options.key_group_size),
-                      "value_group_range": _largest_group_range(stats["value_rows"], None, options.value_group_size)}
+        key_rows, key_rot, key_perm, ranges = stats["key_rows"], key_rotation, perm, {}
+        if folded:  # the stored keys y: what the 8-bit metadata's scale base is set from (export.format.LayerTensors)
+            x = rotate_groups(stats["key_rows"].float(), key_rotation, inverse=True).reshape(-1, shape["num_key_value_heads"], d)
+            y = _through_heads(x, learned if learned is not None else folded_head_rotations(key_rotation, perm, d))
+            ranges = {"key_group_range": _largest_group_range(y, options.key_group_size),
+                      "value_group_range": _largest_group_range(stats["value_rows"], options.value_group_size)}
+            if learned is not None:  # the learned R_h: groups of consecutive channels of y
+                key_rows, key_rot, key_perm = y, torch.block_diag(*learned.float()), None
+        key_errors = _key_errors(key_rows, key_rot, key_perm, key_clips, weight, options.key_group_size, device)
         channels, threshold, flagged = sinks[i]
         layers.append(
             {
