@@ -185,8 +185,9 @@ def _load_rows(
 
 
 @triton.jit
-def _scale_zero(mn, mx, clip, scale_floor, LEVELS: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
-    """fp16 ``(scale, zero)`` of groups with minimum ``mn`` and maximum ``mx`` (module docstring, step 4)."""
+def _clipped_scale(mn, mx, clip, scale_floor, LEVELS: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
+    """fp32 ``(hi, lo, scale)`` of groups with minimum ``mn`` and maximum ``mx``: ``hi = clip*max``, ``lo = clip*min``,
+    ``scale = max((hi - lo) / LEVELS, scale_floor)`` (module docstring, step 4, before the fp16 rounding)."""
     if USE_LIBDEVICE:  # explicit IEEE ops: the compiler must not fuse clip*max - clip*min into an FMA
         hi = libdevice.mul_rn(mx, clip)
         lo = libdevice.mul_rn(mn, clip)
@@ -195,8 +196,14 @@ def _scale_zero(mn, mx, clip, scale_floor, LEVELS: tl.constexpr, USE_LIBDEVICE: 
         hi = mx * clip
         lo = mn * clip
         width = hi - lo
-    scale16 = tl.maximum(tl.math.div_rn(width, LEVELS * 1.0), scale_floor).to(tl.float16, fp_downcast_rounding="rtne")
-    return scale16, lo.to(tl.float16, fp_downcast_rounding="rtne")
+    return hi, lo, tl.maximum(tl.math.div_rn(width, LEVELS * 1.0), scale_floor)
+
+
+@triton.jit
+def _scale_zero(mn, mx, clip, scale_floor, LEVELS: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
+    """fp16 ``(scale, zero)`` of groups with minimum ``mn`` and maximum ``mx`` (module docstring, step 4)."""
+    _, lo, scale = _clipped_scale(mn, mx, clip, scale_floor, LEVELS, USE_LIBDEVICE)
+    return scale.to(tl.float16, fp_downcast_rounding="rtne"), lo.to(tl.float16, fp_downcast_rounding="rtne")
 
 
 @triton.jit
@@ -211,20 +218,12 @@ def _round_even(v, USE_LIBDEVICE: tl.constexpr):
 def _meta8(mn, mx, clip, scale_floor, base, LEVELS: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
     """8-bit group metadata of groups with minimum ``mn`` and maximum ``mx``: ``(e uint8, z int8, scale, zero)``,
     the last two decoded in fp32 (``quant.quantizer.encode_group_meta`` and ``group_scale_zero``, op for op)."""
+    hi, lo, scale = _clipped_scale(mn, mx, clip, scale_floor, LEVELS, USE_LIBDEVICE)
     if USE_LIBDEVICE:  # explicit IEEE ops: no FMA contraction, so the reference's roundings are reproduced
-        hi = libdevice.mul_rn(mx, clip)
-        lo = libdevice.mul_rn(mn, clip)
-        width = libdevice.sub_rn(hi, lo)
         centre = libdevice.mul_rn(libdevice.add_rn(hi, lo), 0.5)
-    else:
-        hi = mx * clip
-        lo = mn * clip
-        width = hi - lo
-        centre = (hi + lo) * 0.5
-    scale = tl.maximum(tl.math.div_rn(width, LEVELS * 1.0), scale_floor)
-    if USE_LIBDEVICE:
         l2 = libdevice.log2(tl.math.div_rn(scale, base))
     else:
+        centre = (hi + lo) * 0.5
         l2 = tl.log2(tl.math.div_rn(scale, base))
     e = _round_even(tl.minimum(tl.maximum(l2 * 16.0, 0.0), 255.0), USE_LIBDEVICE)
     if USE_LIBDEVICE:
