@@ -471,7 +471,7 @@ def _meta8_decode(e, z, base):
     return scale, scale * z * 0.25
 
 
-@triton.jit(do_not_specialize=["T", "F", "n_parts"])  # lengths: one compile for all
+@triton.jit(do_not_specialize=["T", "F", "n_parts", "fp_first", "fp_per_part"])  # lengths: one compile for all
 def _folded_kernel(
     q_ptr, qr_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, bias_ptr, fk_ptr, fv_ptr, fpos_ptr, o_ptr, lse_ptr,
     s_qb, s_qh, s_rb, s_rh, s_rr, s_kcb, s_kch, s_kct, s_ksb, s_ksh, s_vcb, s_vch, s_vct, s_vsb, s_vsh,
