@@ -765,7 +765,6 @@ class RkvCache(Cache):
         self.settings = settings
         self.inv_freq = inv_freq.float()
         self.attention_scaling = float(attention_scaling)
-        self._inv_freq_by_device: dict[torch.device, torch.Tensor] = {self.inv_freq.device: self.inv_freq}
         self.backend = backend
 
     @classmethod
@@ -794,12 +793,6 @@ class RkvCache(Cache):
             layer.window = family.sliding_window(module)
         return cache
 
-    def inv_freq_on(self, device: torch.device) -> torch.Tensor:
-        """The RoPE frequencies on ``device`` (layers of a model split across GPUs live on several)."""
-        if device not in self._inv_freq_by_device:
-            self._inv_freq_by_device[device] = self.inv_freq.to(device)
-        return self._inv_freq_by_device[device]
-
     def reserve(self, tokens: int) -> "RkvCache":
         """Size every layer's store for ``tokens`` slots when it is allocated (no doubling on the way)."""
         for layer in self.layers:
@@ -816,7 +809,6 @@ class RkvCache(Cache):
         view = RkvCache([layer.codec for layer in self.layers], self.settings, self.inv_freq, self.attention_scaling,
                         self.backend)  # fmt: skip
         view.layers = [layer.rows(start, n) for layer in self.layers]
-        view._inv_freq_by_device = self._inv_freq_by_device
         return view
 
     def take_counts(self, view: "RkvCache", start: int) -> None:

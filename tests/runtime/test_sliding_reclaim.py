@@ -4,7 +4,15 @@ Against a run that keeps every slot: the live store entries are byte-identical (
 re-quantized), the greedy tokens are the same and the logits agree to fp32 summation order (the
 attention sums over a shorter row, so the last bits may differ: measured max 7e-7 on logits of
 order 0.3, Gemma 3 folded, reference backend). A sliding layer's store stays bounded while a
-global layer's grows with the sequence."""
+global layer's grows with the sequence.
+
+The logits are compared on a one-layer model, where both runs cache the same keys and values (from
+the token embeddings). In a deeper model a layer's inputs carry the summation-order difference of the
+layers below it, which can move one of its new codes or scales across a rounding boundary, and the logits
+with it: on an AVX-512 CPU one value scale of Mistral's second layer and one key code of Gemma 2's
+moved, and the logits by 4e-5 and 2e-4 (the same code had passed on another CPU). So the two-layer
+model checks the greedy tokens, the bounds and the bytes: its first layer byte for byte, deeper layers
+all but such flips (each moved entry at its new place)."""
 
 from __future__ import annotations
 
@@ -39,12 +47,18 @@ def _decode(model, ckpt, backend: str, reclaim: bool, steps: int) -> tuple[torch
 
 
 def _check(family: str, layout: str, backend: str, window: int, steps: int) -> None:
+    one = tiny_model(family, sliding_window=window, layers=1)  # layer 0 slides in every family tested
+    one_ckpt = make_checkpoint(one, bits=2, key_group_size=32, value_group_size=16, sink_quantile=0.9, key_layout=layout)
+    kept, cache_kept = _decode(one, one_ckpt, backend, reclaim=False, steps=steps)
+    got, cache = _decode(one, one_ckpt, backend, reclaim=True, steps=steps)
+    assert cache.layers[0].window == window and cache.layers[0].reclaimed > 0
+    torch.testing.assert_close(got, kept, rtol=1e-5, atol=1e-5, msg=lambda m: f"{family} {layout} {backend}: {m}")
+
     model = tiny_model(family, sliding_window=window, layers=2)
     ckpt = make_checkpoint(model, bits=2, key_group_size=32, value_group_size=16, sink_quantile=0.9, key_layout=layout)
     kept, cache_kept = _decode(model, ckpt, backend, reclaim=False, steps=steps)
     got, cache = _decode(model, ckpt, backend, reclaim=True, steps=steps)
     assert torch.equal(got.argmax(-1), kept.argmax(-1)), f"{family} {layout} {backend}: other greedy tokens"
-    torch.testing.assert_close(got, kept, rtol=1e-5, atol=1e-5, msg=lambda m: f"{family} {layout} {backend}: {m}")
 
     sliding = [i for i, layer in enumerate(cache.layers) if layer.window is not None]
     full = [i for i, layer in enumerate(cache.layers) if layer.window is None]
@@ -57,9 +71,13 @@ def _check(family: str, layout: str, backend: str, window: int, steps: int) -> N
         assert layer.n_quant <= bound < other.n_quant, (layer.n_quant, other.n_quant)
         assert layer.pos.shape[1] <= store_capacity(max(_MIN_CAPACITY, bound)), layer.pos.shape  # allocated store slots
         assert layer.bytes_used() < other.bytes_used()
-        r, n = layer.reclaimed, layer.n_quant  # the live entries, byte for byte where the kept run has them
+        r, n = layer.reclaimed, layer.n_quant  # the live entries where the kept run has them
         for name in ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero"):
-            assert torch.equal(getattr(layer, name)[:, :, :n], getattr(other, name)[:, :, r : r + n]), name
+            moved, held = getattr(layer, name)[:, :, :n], getattr(other, name)[:, :, r : r + n]
+            if i == 0:  # inputs are the embeddings in both runs: byte for byte
+                assert torch.equal(moved, held), name
+            else:  # at most rounding-boundary flips from the layers below (module docstring)
+                assert (moved != held).sum() <= max(2, moved.numel() // 100), (name, int((moved != held).sum()))
         assert torch.equal(layer.pos[:, :n], other.pos[:, r : r + n])
         assert bool((other.pos[:, :r] < 0).all())  # only hidden slots were dropped
         # every position the window still needs is held, none before it
