@@ -148,6 +148,7 @@ CASES = {
     # 8-bit group metadata (uint8 scale codes, int8 zero codes)
     "meta8-gqa4-d128": dict(B=2, n_kv=2, rep=4, d=128, T=70, F=5, g_k=64, g_v=64, meta8=True),
     "meta8-d64-b3v2": dict(B=2, n_kv=3, rep=3, d=64, T=45, F=4, bits=3, v_bits=2, g_k=64, g_v=64, meta8=True),
+    "meta8-d64-b4v3": dict(B=2, n_kv=3, rep=3, d=64, T=45, F=4, bits=4, v_bits=3, g_k=64, g_v=64, meta8=True),
 }
 
 

@@ -89,7 +89,7 @@ def test_matches_reference(bits: int, v_bits: int, d: int, g_k: int, g_v: int, d
     assert abs(_sqnr(y, dw) - _sqnr(y, d32)) < 0.05
 
 
-@pytest.mark.parametrize("bits,v_bits", [(2, 2), (3, 2)])
+@pytest.mark.parametrize("bits,v_bits", [(2, 2), (3, 2), (4, 3)])
 @pytest.mark.parametrize("d,g", [(64, 64), (128, 64)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_log8_metadata_matches_reference(bits: int, v_bits: int, d: int, g: int, dtype: torch.dtype) -> None:
