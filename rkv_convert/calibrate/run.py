@@ -149,25 +149,18 @@ def _clips(rows, bits_list, group_size, perm, fixed, weight=None, rotation=None)
     return [search.search_clip(rows, b, group_size, perm, weight, rotation)[0] for b in bits_list]
 
 
-def _learned_rotation(rows: torch.Tensor, rotation: torch.Tensor, perm: torch.Tensor, weight: torch.Tensor | None,
-                      clips: list[float], options: CalibrationOptions, d: int, device: torch.device):  # fmt: skip
-    """Per KV head ``R_h`` learned from ``H_d[:, perm_h]`` at 2 bits (:mod:`.rotation`), then the clips searched
-    again for the learned rotations. ``rows`` are centred post-RoPE keys rotated by ``H_d`` per head."""
-    n_kv = rows.shape[1] // d
-    x = rotate_groups(rows.float(), rotation, inverse=True).reshape(-1, n_kv, d)  # back to unrotated keys
+def _learned_rotation(x: torch.Tensor, rotation: torch.Tensor, perm: torch.Tensor, weight: torch.Tensor | None,
+                      clip: float, options: CalibrationOptions, d: int) -> torch.Tensor:  # fmt: skip
+    """Per KV head ``R_h [n_kv, d, d]`` learned from ``H_d[:, perm_h]`` at 2 bits and ``clip`` (:mod:`.rotation`).
+    ``x [N, n_kv, d]``: centred post-RoPE keys."""
+    n_kv = x.shape[1]
     init = folded_head_rotations(rotation, perm, d)
     w = (weight.float().cpu() if weight is not None else torch.ones(n_kv * d)).reshape(n_kv, d)
-    heads = torch.stack([
-        learn_rotation(x[:, h], w[h], init[h], search.QUANT_BITS[0], options.key_group_size, clips[0],
+    return torch.stack([
+        learn_rotation(x[:, h], w[h], init[h], search.QUANT_BITS[0], options.key_group_size, clip,
                        steps=options.rotation_steps).rotation
         for h in range(n_kv)
-    ])  # fmt: skip
-    if options.key_clip is None:
-        y = _through_heads(x, heads)
-        block = torch.block_diag(*heads)
-        clips = _clips(y.to(device), search.QUANT_BITS, options.key_group_size, None, None,
-                       weight, block.to(device))  # fmt: skip
-    return heads.contiguous(), clips
+    ]).contiguous()  # fmt: skip
 
 
 def _through_heads(x: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
@@ -272,19 +265,22 @@ def calibrate(
         # the search runs where the model runs (same grid and error, many small kernels)
         key_clips = _clips(stats["key_rows"].to(device), search.QUANT_BITS, options.key_group_size, perm.to(device),
                            options.key_clip, weight, key_rotation.to(device))
-        learned = None
-        if folded and options.learn_rotation is not False and options.rotate_keys:
-            learned, key_clips = _learned_rotation(stats["key_rows"], key_rotation, perm, weight, key_clips, options, d, device)
         value_clips = _clips(stats["value_rows"].to(device), search.QUANT_BITS, options.value_group_size, None,
                              options.value_clip)
-        key_rows, key_rot, key_perm, ranges = stats["key_rows"], key_rotation, perm, {}
-        if folded:  # the stored keys y: what the 8-bit metadata's scale base is set from (export.format.LayerTensors)
+        learned, key_rows, key_rot, key_perm, ranges = None, stats["key_rows"], key_rotation, perm, {}
+        if folded:
             x = rotate_groups(stats["key_rows"].float(), key_rotation, inverse=True).reshape(-1, shape["num_key_value_heads"], d)
+            if options.learn_rotation is not False and options.rotate_keys:
+                learned = _learned_rotation(x, key_rotation, perm, weight, key_clips[0], options, d)
             y = _through_heads(x, learned if learned is not None else folded_head_rotations(key_rotation, perm, d))
+            if learned is not None:  # the learned R_h: groups of consecutive channels of y, clips searched again
+                key_rows, key_rot, key_perm = y, torch.block_diag(*learned.float()), None
+                if options.key_clip is None:
+                    key_clips = _clips(y.to(device), search.QUANT_BITS, options.key_group_size, None, None, weight,
+                                       key_rot.to(device))  # fmt: skip
+            # the stored keys y: what the 8-bit metadata's scale base is set from (export.format.LayerTensors)
             ranges = {"key_group_range": _largest_group_range(y, options.key_group_size),
                       "value_group_range": _largest_group_range(stats["value_rows"], options.value_group_size)}
-            if learned is not None:  # the learned R_h: groups of consecutive channels of y
-                key_rows, key_rot, key_perm = y, torch.block_diag(*learned.float()), None
         key_errors = _key_errors(key_rows, key_rot, key_perm, key_clips, weight, options.key_group_size, device)
         channels, threshold, flagged = sinks[i]
         layers.append(

@@ -49,7 +49,7 @@ def _decode(model, ckpt, backend: str, reclaim: bool, steps: int) -> tuple[torch
 def _check(family: str, layout: str, backend: str, window: int, steps: int) -> None:
     one = tiny_model(family, sliding_window=window, layers=1)  # layer 0 slides in every family tested
     one_ckpt = make_checkpoint(one, bits=2, key_group_size=32, value_group_size=16, sink_quantile=0.9, key_layout=layout)
-    kept, cache_kept = _decode(one, one_ckpt, backend, reclaim=False, steps=steps)
+    kept, _ = _decode(one, one_ckpt, backend, reclaim=False, steps=steps)
     got, cache = _decode(one, one_ckpt, backend, reclaim=True, steps=steps)
     assert cache.layers[0].window == window and cache.layers[0].reclaimed > 0
     torch.testing.assert_close(got, kept, rtol=1e-5, atol=1e-5, msg=lambda m: f"{family} {layout} {backend}: {m}")
