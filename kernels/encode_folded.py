@@ -83,10 +83,15 @@ def _launch(head_dim: int, fp16_dots: bool, block_t: int | None, num_warps: int 
     return default_t if block_t is None else block_t, options
 
 
-def blocks_per_program(n_blocks: int, heads_x_batch: int, device: torch.device) -> int:
+def blocks_per_program(n_blocks: int, heads_x_batch: int, device: torch.device, head_dim: int = 128,
+                       fp16_dots: bool = True) -> int:
     """Token blocks per program: the largest power of two up to ``ENCODE_DEFAULTS["blocks"]`` (and ``n_blocks``)
     that keeps ``min_programs_per_sm`` programs per SM. Small writes (decode flushes, short prompts) keep one block
-    per program, so their blocks run in parallel."""
+    per program, so their blocks run in parallel. One block where ``R_h`` would not be held cheaply across blocks:
+    head dims above 128 (fp16 ``R_h`` at 256 is 128 KB; the compile asked for 311 KB of shared memory, limit 232 KB
+    on an H200) and fp32 keys (fp32 ``R_h``; not timed on a GPU)."""
+    if head_dim > 128 or not fp16_dots:
+        return 1
     sms = sm_count(device) if device.type == "cuda" else 4
     want = ENCODE_DEFAULTS["min_programs_per_sm"] * sms
     blocks = 1
@@ -186,8 +191,9 @@ def _encode_folded_kernel(
     i = tl.arange(0, H)
     j = tl.arange(0, D)
     r_rows = rot_ptr + h * D * D + i[:, None] * D + j[None, :]  # R_h [d, d]: fp16 for FP16_DOTS, else fp32
-    r_lo = tl.load(r_rows)
-    r_hi = tl.load(r_rows + H * D)
+    if BLOCKS > 1:  # held for every block (in shared memory: 64 KB at head dim 128, fp16)
+        r_lo = tl.load(r_rows)
+        r_hi = tl.load(r_rows + H * D)
     mu_lo = tl.load(mean_ptr + h * D + i)[None, :] * rope_scaling  # the scaling on [d/2] means, not [T, d/2] cos/sin
     mu_hi = tl.load(mean_ptr + h * D + H + i)[None, :] * rope_scaling
     freq = tl.load(freq_ptr + i)
@@ -201,6 +207,9 @@ def _encode_folded_kernel(
         k_row = k_ptr + b * s_kb + h * s_kh + t * s_kt
         k_lo = tl.load(k_row[:, None] + i[None, :], mask=tmask[:, None], other=0.0).to(tl.float32) - (mu_lo * cos - mu_hi * sin)
         k_hi = tl.load(k_row[:, None] + H + i[None, :], mask=tmask[:, None], other=0.0).to(tl.float32) - (mu_hi * cos + mu_lo * sin)
+        if BLOCKS == 1:  # loaded where used: nothing stays live across the loop
+            r_lo = tl.load(r_rows)
+            r_hi = tl.load(r_rows + H * D)
         if FP16_DOTS:
             y = tl.dot(k_lo.to(tl.float16), r_lo)
             y = tl.dot(k_hi.to(tl.float16), r_hi, y)
@@ -275,9 +284,12 @@ def encode_folded(
     fp16_dots = key.dtype != torch.float32
     block_t, launch = _launch(d, fp16_dots, block_t, num_warps)
     if blocks is None:
-        blocks = blocks_per_program(cdiv(n, block_t), n_kv * b, key.device)
+        blocks = blocks_per_program(cdiv(n, block_t), n_kv * b, key.device, d, fp16_dots)
     if blocks < 1:
         raise ValueError(f"blocks must be >= 1, got {blocks}")
+    if blocks > 1 and d > 128:
+        raise ValueError(f"several blocks per program hold R_h in shared memory, which head dim {d} overflows: "
+                         f"pass blocks=1 (or None)")
     rotation, mean, inv_freq = params.encode_operands(key.device, fp16_dots)
     with device_guard(key):  # Triton launches on the current device
         _encode_folded_kernel[(cdiv(n, block_t * blocks), n_kv, b)](

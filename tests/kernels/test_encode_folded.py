@@ -182,6 +182,12 @@ def test_blocks_per_program_keep_the_grid_full() -> None:
     assert blocks_per_program(2, 64, cpu) == 2  # never more blocks than the write has
     assert blocks_per_program(8, want // 4, cpu) == 2  # 4 programs of 2 blocks per head keep the grid at `want`
     assert blocks_per_program(8, 1, cpu) == 1
+    assert blocks_per_program(1024, 64, cpu, head_dim=256) == 1  # R_h would not fit in shared memory
+    assert blocks_per_program(1024, 64, cpu, fp16_dots=False) == 1
+    p = _params(1, 256, 2, 2, 64, 64)
+    key, value, pos = _tokens(1, 1, 3, 256, p, torch.float16)
+    with pytest.raises(ValueError, match="head dim 256"):
+        encode_folded(key, value, pos, p, *CLIPS, blocks=2, backend="triton")
 
 
 def test_checks_and_dispatch() -> None:
