@@ -172,6 +172,61 @@ def _quantize_rows(x, codes_ptr, c_row, sz_row, scale_ptr, zero_ptr, tmask, clip
     _store_packed(codes_ptr, c_row, tmask, tl.reshape(codes, (BLOCK_T, D)), 0, BLOCK_T, D, D, BITS)
 
 
+@triton.jit
+def _half_dot(x, r, acc, FP16_DOTS: tl.constexpr):
+    """``acc + x @ r`` for one half of the head (``acc`` None: ``x @ r``): fp16 operands and fp32 sums, or IEEE fp32."""
+    if FP16_DOTS:
+        out = tl.dot(x.to(tl.float16), r, acc)
+    else:  # fp32 keys: IEEE fp32 dots
+        out = tl.dot(x, r, acc, input_precision="ieee")
+    return out
+
+
+@triton.jit
+def _encode_block(k_ptr, v_ptr, pos_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, rot_ptr, mean_ptr, freq_ptr,
+                  r_lo, r_hi, mu_lo, mu_hi, freq, t0, b, h, n, rope_scaling, k_clip, v_clip, scale_floor, k_base, v_base,
+                  s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_pb,
+                  s_kcb, s_kch, s_kct, s_ksb, s_ksh, s_kst, s_vcb, s_vch, s_vct, s_vsb, s_vsh, s_vst,
+                  D: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr, GK: tl.constexpr, GV: tl.constexpr,
+                  BLOCK_T: tl.constexpr, FP16_DOTS: tl.constexpr, META8: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
+                  HELD: tl.constexpr):  # fmt: skip
+    """Tokens ``t0 .. t0 + BLOCK_T`` of KV head ``h`` of sequence ``b``: fold, quantize and store keys and values.
+
+    ``HELD``: the caller holds the halves of ``R_h`` (``r_lo``/``r_hi``), ``mu_h`` times the RoPE scaling
+    (``mu_lo``/``mu_hi``) and the frequencies for several blocks; else they are loaded here, each where it is first
+    used (both halves of ``R_h`` loaded before the first dot asked for 147 instead of 86 KB of shared memory at head
+    dim 256 with fp16 keys, and 278 KB, over the H200's 227 KB, with fp32 keys, in an sm_90 compile)."""
+    H: tl.constexpr = D // 2
+    i = tl.arange(0, H)
+    j = tl.arange(0, D)
+    t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
+    tmask = t < n
+    # RoPE_p(mu) = mu * cos + rotate_half(mu) * sin, one half of the head at a time.
+    p = tl.maximum(tl.load(pos_ptr + b * s_pb + t, mask=tmask, other=0), 0)
+    if not HELD:
+        freq = tl.load(freq_ptr + i)
+    cos, sin = _cos_sin(p.to(tl.float32)[:, None] * freq[None, :], USE_LIBDEVICE)
+    if not HELD:
+        mu_lo = tl.load(mean_ptr + h * D + i)[None, :] * rope_scaling  # the scaling on [d/2] means, not [T, d/2] cos/sin
+        mu_hi = tl.load(mean_ptr + h * D + H + i)[None, :] * rope_scaling
+    k_row = k_ptr + b * s_kb + h * s_kh + t * s_kt
+    k_lo = tl.load(k_row[:, None] + i[None, :], mask=tmask[:, None], other=0.0).to(tl.float32) - (mu_lo * cos - mu_hi * sin)
+    k_hi = tl.load(k_row[:, None] + H + i[None, :], mask=tmask[:, None], other=0.0).to(tl.float32) - (mu_hi * cos + mu_lo * sin)
+    if not HELD:  # each half loaded where its dot needs it: one half of R_h in shared memory at a time
+        r_rows = rot_ptr + h * D * D + i[:, None] * D + j[None, :]
+        y = _half_dot(k_lo, tl.load(r_rows), None, FP16_DOTS)
+        y = _half_dot(k_hi, tl.load(r_rows + H * D), y, FP16_DOTS)
+    else:
+        y = _half_dot(k_lo, r_lo, None, FP16_DOTS)
+        y = _half_dot(k_hi, r_hi, y, FP16_DOTS)
+    _quantize_rows(y, kc_ptr, b * s_kcb + h * s_kch + t * s_kct, b * s_ksb + h * s_ksh + t * s_kst, ks_ptr, kz_ptr,
+                   tmask, k_clip, scale_floor, k_base, BLOCK_T, D, K_BITS, GK, META8, USE_LIBDEVICE)  # fmt: skip
+    v = tl.load(v_ptr + b * s_vb + h * s_vh + t[:, None] * s_vt + j[None, :], mask=tmask[:, None], other=0.0)
+    _quantize_rows(v.to(tl.float32), vc_ptr, b * s_vcb + h * s_vch + t * s_vct, b * s_vsb + h * s_vsh + t * s_vst,
+                   vs_ptr, vz_ptr, tmask, v_clip, scale_floor, v_base, BLOCK_T, D, V_BITS, GV, META8,
+                   USE_LIBDEVICE)  # fmt: skip
+
+
 @triton.jit(do_not_specialize=["n"])  # lengths: one compile for all
 def _encode_folded_kernel(
     k_ptr, v_ptr, pos_ptr, rot_ptr, mean_ptr, freq_ptr,
@@ -184,44 +239,32 @@ def _encode_folded_kernel(
     USE_LIBDEVICE: tl.constexpr,
 ):
     """Grid ``(cdiv(n, BLOCKS * BLOCK_T), n_kv, B)``; ``FP16_DOTS``: fp16 operands, fp32 sums (fp16/bf16 keys), else
-    IEEE fp32; ``META8``: 8-bit group metadata with bases ``k_base``/``v_base``."""
+    IEEE fp32; ``META8``: 8-bit group metadata with bases ``k_base``/``v_base``. ``BLOCKS == 1``: no loop
+    (:func:`_encode_block`)."""
     H: tl.constexpr = D // 2
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     i = tl.arange(0, H)
-    j = tl.arange(0, D)
-    r_rows = rot_ptr + h * D * D + i[:, None] * D + j[None, :]  # R_h [d, d]: fp16 for FP16_DOTS, else fp32
-    if BLOCKS > 1:  # held for every block (in shared memory: 64 KB at head dim 128, fp16)
+    t_first = tl.program_id(0) * (BLOCKS * BLOCK_T)
+    if BLOCKS == 1:
+        _encode_block(k_ptr, v_ptr, pos_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, rot_ptr, mean_ptr, freq_ptr,
+                      0, 0, 0, 0, 0, t_first, b, h, n, rope_scaling, k_clip, v_clip, scale_floor, k_base, v_base,
+                      s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_pb,
+                      s_kcb, s_kch, s_kct, s_ksb, s_ksh, s_kst, s_vcb, s_vch, s_vct, s_vsb, s_vsh, s_vst,
+                      D, K_BITS, V_BITS, GK, GV, BLOCK_T, FP16_DOTS, META8, USE_LIBDEVICE, False)  # fmt: skip
+    else:  # held for every block; not pipelined: stages multiply the shared memory, and were slower at 128
+        r_rows = rot_ptr + h * D * D + i[:, None] * D + tl.arange(0, D)[None, :]  # R_h: fp16 for FP16_DOTS, else fp32
         r_lo = tl.load(r_rows)
         r_hi = tl.load(r_rows + H * D)
-    mu_lo = tl.load(mean_ptr + h * D + i)[None, :] * rope_scaling  # the scaling on [d/2] means, not [T, d/2] cos/sin
-    mu_hi = tl.load(mean_ptr + h * D + H + i)[None, :] * rope_scaling
-    freq = tl.load(freq_ptr + i)
-    t_first = tl.program_id(0) * (BLOCKS * BLOCK_T)
-    for t0 in range(t_first, tl.minimum(n, t_first + BLOCKS * BLOCK_T), BLOCK_T):
-        t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
-        tmask = t < n
-        # RoPE_p(mu) = mu * cos + rotate_half(mu) * sin, one half of the head at a time.
-        p = tl.maximum(tl.load(pos_ptr + b * s_pb + t, mask=tmask, other=0), 0)
-        cos, sin = _cos_sin(p.to(tl.float32)[:, None] * freq[None, :], USE_LIBDEVICE)
-        k_row = k_ptr + b * s_kb + h * s_kh + t * s_kt
-        k_lo = tl.load(k_row[:, None] + i[None, :], mask=tmask[:, None], other=0.0).to(tl.float32) - (mu_lo * cos - mu_hi * sin)
-        k_hi = tl.load(k_row[:, None] + H + i[None, :], mask=tmask[:, None], other=0.0).to(tl.float32) - (mu_hi * cos + mu_lo * sin)
-        if BLOCKS == 1:  # loaded where used: nothing stays live across the loop
-            r_lo = tl.load(r_rows)
-            r_hi = tl.load(r_rows + H * D)
-        if FP16_DOTS:
-            y = tl.dot(k_lo.to(tl.float16), r_lo)
-            y = tl.dot(k_hi.to(tl.float16), r_hi, y)
-        else:  # fp32 keys: IEEE fp32 dots
-            y = tl.dot(k_lo, r_lo, input_precision="ieee")
-            y = tl.dot(k_hi, r_hi, y, input_precision="ieee")
-        _quantize_rows(y, kc_ptr, b * s_kcb + h * s_kch + t * s_kct, b * s_ksb + h * s_ksh + t * s_kst, ks_ptr, kz_ptr,
-                       tmask, k_clip, scale_floor, k_base, BLOCK_T, D, K_BITS, GK, META8, USE_LIBDEVICE)  # fmt: skip
-        v = tl.load(v_ptr + b * s_vb + h * s_vh + t[:, None] * s_vt + j[None, :], mask=tmask[:, None], other=0.0)
-        _quantize_rows(v.to(tl.float32), vc_ptr, b * s_vcb + h * s_vch + t * s_vct, b * s_vsb + h * s_vsh + t * s_vst,
-                       vs_ptr, vz_ptr, tmask, v_clip, scale_floor, v_base, BLOCK_T, D, V_BITS, GV, META8,
-                       USE_LIBDEVICE)  # fmt: skip
+        mu_lo = tl.load(mean_ptr + h * D + i)[None, :] * rope_scaling
+        mu_hi = tl.load(mean_ptr + h * D + H + i)[None, :] * rope_scaling
+        freq = tl.load(freq_ptr + i)
+        for t0 in tl.range(t_first, tl.minimum(n, t_first + BLOCKS * BLOCK_T), BLOCK_T, num_stages=1):
+            _encode_block(k_ptr, v_ptr, pos_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, rot_ptr, mean_ptr,
+                          freq_ptr, r_lo, r_hi, mu_lo, mu_hi, freq, t0, b, h, n, rope_scaling, k_clip, v_clip,
+                          scale_floor, k_base, v_base, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_pb,
+                          s_kcb, s_kch, s_kct, s_ksb, s_ksh, s_kst, s_vcb, s_vch, s_vct, s_vsb, s_vsh, s_vst,
+                          D, K_BITS, V_BITS, GK, GV, BLOCK_T, FP16_DOTS, META8, USE_LIBDEVICE, True)  # fmt: skip
 
 
 def _rows_strides(t: torch.Tensor, name: str) -> tuple[int, int, int]:
