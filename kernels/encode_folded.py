@@ -12,8 +12,9 @@ For each token ``n`` (position ``p = max(pos, 0)``) of KV head ``h`` (layout:
 Outputs are the store's own rows (``[B, n_kv, n, width]``, any leading strides), so the cache
 passes views of its slots and nothing is copied afterwards.
 
-One program per ``(BLOCKS x BLOCK_T tokens, KV head, sequence)``: ``R_h``, ``mu_h`` and the frequencies are
-loaded once, then the program steps through its ``BLOCKS`` blocks of ``BLOCK_T`` tokens (:func:`blocks_per_program`).
+One program per ``(blocks x BLOCK_T tokens, KV head, sequence)``: for fp16/bf16 keys at head dims up to 128,
+``R_h``, ``mu_h`` and the frequencies are loaded once and the program steps through its ``blocks`` blocks of
+``BLOCK_T`` tokens (:func:`blocks_per_program`, :func:`holds_rotation`); otherwise one block per program.
 ``RoPE_p(mu)`` is formed in registers
 (cos/sin of ``p * inv_freq`` by the fast unit after a Cody-Waite reduction) and subtracted; the
 rotation is two tensor-core dots over the halves of the head (``rotate_half`` pairs channel ``i``
@@ -30,7 +31,8 @@ Exactness against :func:`encode_folded_ref`: values bit for bit (the quantizer's
 up to the order of the fp32 sums, which moves a code by one step where ``y`` sits on a rounding
 boundary (as :func:`~rkv_convert.kernels.quantize_pack.quantize_pack` with a rotation). Every token's arithmetic is
 its own (the dots' reduction order is fixed by the compiled kernel), so a token encodes the same
-whichever batch or block it comes in; the runtime's tiles depend on the head dim and key dtype alone.
+whichever batch or block it comes in; the runtime's tiles and the compiled kernel depend on the head dim and key
+dtype alone (``blocks`` is a run-time count).
 
 Dispatch (see :mod:`rkv_convert.kernels._common`): ``backend="auto"`` runs the kernel on CUDA
 tensors or under ``TRITON_INTERPRET=1``, else :func:`encode_folded_ref`.
@@ -52,7 +54,7 @@ from .folded_params import FoldedParams
 from .packed_kv import PackedKV
 from .quantize_pack import _codes, _meta8, _reciprocal, _scale_zero, _store_packed, quantize_pack_ref
 
-__all__ = ["blocks_per_program", "encode_folded", "encode_folded_ref", "encode_folded_supports"]
+__all__ = ["blocks_per_program", "encode_folded", "holds_rotation", "encode_folded_ref", "encode_folded_supports"]
 
 # Launch settings: tokens per program and warps (the best of benchmarks/bench_cache_writes.py --tune on an H200,
 # head dim 128), and a register cap (168: at most three 4-warp programs' worth of registers per SM).
@@ -83,14 +85,20 @@ def _launch(head_dim: int, fp16_dots: bool, block_t: int | None, num_warps: int 
     return default_t if block_t is None else block_t, options
 
 
+def holds_rotation(head_dim: int, fp16_dots: bool) -> bool:
+    """True if the kernel holds ``R_h`` across token blocks (fp16/bf16 keys, head dims up to 128): a property of the
+    model, so that every write of a layer runs one compiled kernel. Not at head dims above 128 (fp16 ``R_h`` at 256
+    is 128 KB of shared memory) nor for fp32 keys (fp32 ``R_h``; not timed on a GPU)."""
+    return head_dim <= 128 and fp16_dots
+
+
 def blocks_per_program(n_blocks: int, heads_x_batch: int, device: torch.device, head_dim: int = 128,
                        fp16_dots: bool = True) -> int:
     """Token blocks per program: the largest power of two up to ``ENCODE_DEFAULTS["blocks"]`` (and ``n_blocks``)
-    that keeps ``min_programs_per_sm`` programs per SM. Small writes (decode flushes, short prompts) keep one block
-    per program, so their blocks run in parallel. One block where ``R_h`` would not be held cheaply across blocks:
-    head dims above 128 (fp16 ``R_h`` at 256 is 128 KB; the compile asked for 311 KB of shared memory, limit 232 KB
-    on an H200) and fp32 keys (fp32 ``R_h``; not timed on a GPU)."""
-    if head_dim > 128 or not fp16_dots:
+    that keeps ``min_programs_per_sm`` programs per SM; 1 where the kernel does not hold ``R_h``
+    (:func:`holds_rotation`). Small writes (decode flushes, short prompts) keep one block per program, so their
+    blocks run in parallel."""
+    if not holds_rotation(head_dim, fp16_dots):
         return 1
     sms = sm_count(device) if device.type == "cuda" else 4
     want = ENCODE_DEFAULTS["min_programs_per_sm"] * sms
@@ -227,26 +235,29 @@ def _encode_block(k_ptr, v_ptr, pos_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr,
                    USE_LIBDEVICE)  # fmt: skip
 
 
-@triton.jit(do_not_specialize=["n"])  # lengths: one compile for all
+@triton.jit(do_not_specialize=["n", "blocks"])  # lengths: one compile for all
 def _encode_folded_kernel(
     k_ptr, v_ptr, pos_ptr, rot_ptr, mean_ptr, freq_ptr,
     kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr,
-    n, rope_scaling, k_clip, v_clip, scale_floor, k_base, v_base,
+    n, blocks, rope_scaling, k_clip, v_clip, scale_floor, k_base, v_base,
     s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_pb,
     s_kcb, s_kch, s_kct, s_ksb, s_ksh, s_kst, s_vcb, s_vch, s_vct, s_vsb, s_vsh, s_vst,
     D: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr, GK: tl.constexpr, GV: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCKS: tl.constexpr, FP16_DOTS: tl.constexpr, META8: tl.constexpr,
+    BLOCK_T: tl.constexpr, HOLD: tl.constexpr, FP16_DOTS: tl.constexpr, META8: tl.constexpr,
     USE_LIBDEVICE: tl.constexpr,
 ):
-    """Grid ``(cdiv(n, BLOCKS * BLOCK_T), n_kv, B)``; ``FP16_DOTS``: fp16 operands, fp32 sums (fp16/bf16 keys), else
-    IEEE fp32; ``META8``: 8-bit group metadata with bases ``k_base``/``v_base``. ``BLOCKS == 1``: no loop
-    (:func:`_encode_block`)."""
+    """Grid ``(cdiv(n, blocks * BLOCK_T), n_kv, B)``; ``FP16_DOTS``: fp16 operands, fp32 sums (fp16/bf16 keys), else
+    IEEE fp32; ``META8``: 8-bit group metadata with bases ``k_base``/``v_base``.
+
+    ``HOLD``: ``R_h``, ``mu_h`` and the frequencies are loaded once and the program steps through ``blocks`` token
+    blocks (a run-time count: every write of a model runs the same compiled code, so a token's codes do not depend
+    on how many tokens are written with it); else one block, no loop (``blocks`` must be 1)."""
     H: tl.constexpr = D // 2
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     i = tl.arange(0, H)
-    t_first = tl.program_id(0) * (BLOCKS * BLOCK_T)
-    if BLOCKS == 1:
+    t_first = tl.program_id(0) * (blocks * BLOCK_T)
+    if not HOLD:
         _encode_block(k_ptr, v_ptr, pos_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, rot_ptr, mean_ptr, freq_ptr,
                       0, 0, 0, 0, 0, t_first, b, h, n, rope_scaling, k_clip, v_clip, scale_floor, k_base, v_base,
                       s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_pb,
@@ -259,7 +270,7 @@ def _encode_folded_kernel(
         mu_lo = tl.load(mean_ptr + h * D + i)[None, :] * rope_scaling
         mu_hi = tl.load(mean_ptr + h * D + H + i)[None, :] * rope_scaling
         freq = tl.load(freq_ptr + i)
-        for t0 in tl.range(t_first, tl.minimum(n, t_first + BLOCKS * BLOCK_T), BLOCK_T, num_stages=1):
+        for t0 in tl.range(t_first, tl.minimum(n, t_first + blocks * BLOCK_T), BLOCK_T, num_stages=1):
             _encode_block(k_ptr, v_ptr, pos_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, rot_ptr, mean_ptr,
                           freq_ptr, r_lo, r_hi, mu_lo, mu_hi, freq, t0, b, h, n, rope_scaling, k_clip, v_clip,
                           scale_floor, k_base, v_base, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_pb,
@@ -328,19 +339,18 @@ def encode_folded(
     block_t, launch = _launch(d, fp16_dots, block_t, num_warps)
     if blocks is None:
         blocks = blocks_per_program(cdiv(n, block_t), n_kv * b, key.device, d, fp16_dots)
-    if blocks < 1:
-        raise ValueError(f"blocks must be >= 1, got {blocks}")
-    if blocks > 1 and d > 128:
-        raise ValueError(f"several blocks per program hold R_h in shared memory, which head dim {d} overflows: "
-                         f"pass blocks=1 (or None)")
+    hold = holds_rotation(d, fp16_dots)
+    if blocks < 1 or (blocks > 1 and not hold):
+        raise ValueError(f"blocks must be >= 1, and 1 for head dim {d} with {key.dtype} keys (R_h is not held across "
+                         f"blocks there), got {blocks}; pass None for the default")
     rotation, mean, inv_freq = params.encode_operands(key.device, fp16_dots)
     with device_guard(key):  # Triton launches on the current device
         _encode_folded_kernel[(cdiv(n, block_t * blocks), n_kv, b)](
             key, value, rows.pos, rotation, mean, inv_freq, *rows[:6],
-            n, float(params.attention_scaling), float(k_clip), float(v_clip), SCALE_FLOOR,
+            n, blocks, float(params.attention_scaling), float(k_clip), float(v_clip), SCALE_FLOOR,
             params.key_meta_base or 1.0, params.value_meta_base or 1.0, *strides,
             D=d, K_BITS=params.bits, V_BITS=params.value_bits, GK=params.g_k, GV=params.g_v,
-            BLOCK_T=block_t, BLOCKS=blocks, FP16_DOTS=fp16_dots, META8=params.meta_bases is not None,
+            BLOCK_T=block_t, HOLD=hold, FP16_DOTS=fp16_dots, META8=params.meta_bases is not None,
             USE_LIBDEVICE=not triton_interpreting(), **launch,
         )  # fmt: skip
     return rows
