@@ -150,10 +150,10 @@ def _clips(rows, bits_list, group_size, perm, fixed, weight=None, rotation=None)
 
 
 def _learned_rotation(x: torch.Tensor, rotation: torch.Tensor, perm: torch.Tensor, weight: torch.Tensor | None,
-                      clip: float, options: CalibrationOptions, d: int) -> torch.Tensor:  # fmt: skip
+                      clip: float, options: CalibrationOptions) -> torch.Tensor:  # fmt: skip
     """Per KV head ``R_h [n_kv, d, d]`` learned from ``H_d[:, perm_h]`` at 2 bits and ``clip`` (:mod:`.rotation`).
     ``x [N, n_kv, d]``: centred post-RoPE keys."""
-    n_kv = x.shape[1]
+    n_kv, d = x.shape[1:]
     init = folded_head_rotations(rotation, perm, d)
     w = (weight.float().cpu() if weight is not None else torch.ones(n_kv * d)).reshape(n_kv, d)
     return torch.stack([
@@ -271,7 +271,7 @@ def calibrate(
         if folded:
             x = rotate_groups(stats["key_rows"].float(), key_rotation, inverse=True).reshape(-1, shape["num_key_value_heads"], d)
             if options.learn_rotation is not False and options.rotate_keys:
-                learned = _learned_rotation(x, key_rotation, perm, weight, key_clips[0], options, d)
+                learned = _learned_rotation(x, key_rotation, perm, weight, key_clips[0], options)
             y = _through_heads(x, learned if learned is not None else folded_head_rotations(key_rotation, perm, d))
             if learned is not None:  # the learned R_h: groups of consecutive channels of y, clips searched again
                 key_rows, key_rot, key_perm = y, torch.block_diag(*learned.float()), None
