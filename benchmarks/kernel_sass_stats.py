@@ -182,7 +182,7 @@ def fp32_tiles() -> None:
         settings = [("default", block_t, launch["num_warps"], launch.get("maxnreg")),
                     ("previous", old_t, 4 if old_cap else 8, old_cap)]  # fmt: skip
         for label, tokens, warps, cap in settings:
-            cx = dict(D=d, K_BITS=2, V_BITS=2, GK=32, GV=32, BLOCK_T=tokens, HOLD=False, FP16_DOTS=False, META8=False,
+            cx = dict(D=d, K_BITS=2, V_BITS=2, GK=32, GV=32, BLOCK_T=tokens, FP16_DOTS=False, META8=False,
                       USE_LIBDEVICE=True)  # fmt: skip
             c = compile_sm90(encode_folded._encode_folded_kernel, cx, warps, 1, pointers=fp32, maxnreg=cap)
             regs, stack, _, _ = sass_stats(c)

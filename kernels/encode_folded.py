@@ -12,10 +12,7 @@ For each token ``n`` (position ``p = max(pos, 0)``) of KV head ``h`` (layout:
 Outputs are the store's own rows (``[B, n_kv, n, width]``, any leading strides), so the cache
 passes views of its slots and nothing is copied afterwards.
 
-One program per ``(blocks x BLOCK_T tokens, KV head, sequence)``: for fp16/bf16 keys at head dims up to 128,
-``R_h``, ``mu_h`` and the frequencies are loaded once and the program steps through its ``blocks`` blocks of
-``BLOCK_T`` tokens (:func:`blocks_per_program`, :func:`holds_rotation`); otherwise one block per program.
-``RoPE_p(mu)`` is formed in registers
+One program per ``(BLOCK_T tokens, KV head, sequence)``. ``RoPE_p(mu)`` is formed in registers
 (cos/sin of ``p * inv_freq`` by the fast unit after a Cody-Waite reduction) and subtracted; the
 rotation is two tensor-core dots over the halves of the head (``rotate_half`` pairs channel ``i``
 with ``i + d/2``). fp16 and bf16 keys: fp16 operands (the centred keys and ``R_h`` rounded to fp16),
@@ -31,8 +28,7 @@ Exactness against :func:`encode_folded_ref`: values bit for bit (the quantizer's
 up to the order of the fp32 sums, which moves a code by one step where ``y`` sits on a rounding
 boundary (as :func:`~rkv_convert.kernels.quantize_pack.quantize_pack` with a rotation). Every token's arithmetic is
 its own (the dots' reduction order is fixed by the compiled kernel), so a token encodes the same
-whichever batch or block it comes in; the runtime's tiles and the compiled kernel depend on the head dim and key
-dtype alone (``blocks`` is a run-time count).
+whichever batch or block it comes in; the runtime's tiles depend on the head dim and key dtype alone.
 
 Dispatch (see :mod:`rkv_convert.kernels._common`): ``backend="auto"`` runs the kernel on CUDA
 tensors or under ``TRITON_INTERPRET=1``, else :func:`encode_folded_ref`.
@@ -49,22 +45,17 @@ from rkv_convert.runtime.ops import fold_keys, mean_at
 
 from ._common import Backend, cdiv, device_guard, resolve_backend, triton_interpreting
 from ._decode_parts import _cos_sin
-from ._occupancy import sm_count
 from .folded_params import FoldedParams
 from .packed_kv import PackedKV
 from .quantize_pack import _codes, _meta8, _reciprocal, _scale_zero, _store_packed, quantize_pack_ref
 
-__all__ = ["blocks_per_program", "encode_folded", "holds_rotation", "encode_folded_ref", "encode_folded_supports"]
+__all__ = ["encode_folded", "encode_folded_ref", "encode_folded_supports"]
 
 # Launch settings: tokens per program and warps (the best of benchmarks/bench_cache_writes.py --tune on an H200,
 # head dim 128), and a register cap (168: at most three 4-warp programs' worth of registers per SM).
 # Head dim 256 takes 8 warps and no cap: with 4 warps its program spills 1.3 KB of registers (sm_90 compile).
 # fp16/bf16 keys; fp32 keys take their own settings (_launch).
-# ``blocks``: at most this many token blocks per program, as long as the grid keeps ``min_programs_per_sm``
-# programs per SM (one load of R_h for all of them; H200, tenth session: 16 x 4,096 llama2-7b rows 40.4 -> 46.2 %
-# of the copy rate at 8 blocks, llama3-8b 38.3 -> 41.3 % at 4; software pipelining of the block loop was slower).
-ENCODE_DEFAULTS: dict[str, int] = {"block_t": 64, "num_warps": 4, "maxnreg": 168, "blocks": 4,
-                                   "min_programs_per_sm": 4}
+ENCODE_DEFAULTS: dict[str, int] = {"block_t": 64, "num_warps": 4, "maxnreg": 168}
 
 
 def _launch(head_dim: int, fp16_dots: bool, block_t: int | None, num_warps: int | None) -> tuple[int, dict[str, int]]:
@@ -83,30 +74,6 @@ def _launch(head_dim: int, fp16_dots: bool, block_t: int | None, num_warps: int 
     if num_warps is not None:
         options["num_warps"] = num_warps
     return default_t if block_t is None else block_t, options
-
-
-def holds_rotation(head_dim: int, fp16_dots: bool) -> bool:
-    """True if the kernel holds ``R_h`` across token blocks (fp16/bf16 keys, head dims up to 128): a property of the
-    model, so that every write of a layer runs one compiled kernel. Not at head dims above 128 (fp16 ``R_h`` at 256
-    is 128 KB of shared memory) nor for fp32 keys (fp32 ``R_h``; not timed on a GPU)."""
-    return head_dim <= 128 and fp16_dots
-
-
-def blocks_per_program(n_blocks: int, heads_x_batch: int, device: torch.device, head_dim: int = 128,
-                       fp16_dots: bool = True) -> int:
-    """Token blocks per program: the largest power of two up to ``ENCODE_DEFAULTS["blocks"]`` (and ``n_blocks``)
-    that keeps ``min_programs_per_sm`` programs per SM; 1 where the kernel does not hold ``R_h``
-    (:func:`holds_rotation`). Small writes (decode flushes, short prompts) keep one block per program, so their
-    blocks run in parallel."""
-    if not holds_rotation(head_dim, fp16_dots):
-        return 1
-    sms = sm_count(device) if device.type == "cuda" else 4
-    want = ENCODE_DEFAULTS["min_programs_per_sm"] * sms
-    blocks = 1
-    while (blocks * 2 <= min(ENCODE_DEFAULTS["blocks"], n_blocks)
-           and cdiv(n_blocks, blocks * 2) * heads_x_batch >= want):
-        blocks *= 2
-    return blocks
 
 
 def encode_folded_supports(head_dim: int) -> str | None:
@@ -180,102 +147,47 @@ def _quantize_rows(x, codes_ptr, c_row, sz_row, scale_ptr, zero_ptr, tmask, clip
     _store_packed(codes_ptr, c_row, tmask, tl.reshape(codes, (BLOCK_T, D)), 0, BLOCK_T, D, D, BITS)
 
 
-@triton.jit
-def _half_dot(x, r, acc, FP16_DOTS: tl.constexpr):
-    """``acc + x @ r`` for one half of the head (``acc`` None: ``x @ r``): fp16 operands and fp32 sums, or IEEE fp32."""
-    if FP16_DOTS:
-        out = tl.dot(x.to(tl.float16), r, acc)
-    else:  # fp32 keys: IEEE fp32 dots
-        out = tl.dot(x, r, acc, input_precision="ieee")
-    return out
-
-
-@triton.jit
-def _encode_block(k_ptr, v_ptr, pos_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, rot_ptr, mean_ptr, freq_ptr,
-                  r_lo, r_hi, mu_lo, mu_hi, freq, t0, b, h, n, rope_scaling, k_clip, v_clip, scale_floor, k_base, v_base,
-                  s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_pb,
-                  s_kcb, s_kch, s_kct, s_ksb, s_ksh, s_kst, s_vcb, s_vch, s_vct, s_vsb, s_vsh, s_vst,
-                  D: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr, GK: tl.constexpr, GV: tl.constexpr,
-                  BLOCK_T: tl.constexpr, FP16_DOTS: tl.constexpr, META8: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
-                  HELD: tl.constexpr):  # fmt: skip
-    """Tokens ``t0 .. t0 + BLOCK_T`` of KV head ``h`` of sequence ``b``: fold, quantize and store keys and values.
-
-    ``HELD``: the caller holds the halves of ``R_h`` (``r_lo``/``r_hi``), ``mu_h`` times the RoPE scaling
-    (``mu_lo``/``mu_hi``) and the frequencies for several blocks; else they are loaded here, each where it is first
-    used (both halves of ``R_h`` loaded before the first dot asked for 147 instead of 86 KB of shared memory at head
-    dim 256 with fp16 keys, and 278 KB, over the H200's 227 KB, with fp32 keys, in an sm_90 compile)."""
+@triton.jit(do_not_specialize=["n"])  # lengths: one compile for all
+def _encode_folded_kernel(
+    k_ptr, v_ptr, pos_ptr, rot_ptr, mean_ptr, freq_ptr,
+    kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr,
+    n, rope_scaling, k_clip, v_clip, scale_floor, k_base, v_base,
+    s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_pb,
+    s_kcb, s_kch, s_kct, s_ksb, s_ksh, s_kst, s_vcb, s_vch, s_vct, s_vsb, s_vsh, s_vst,
+    D: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr, GK: tl.constexpr, GV: tl.constexpr,
+    BLOCK_T: tl.constexpr, FP16_DOTS: tl.constexpr, META8: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
+):
+    """Grid ``(cdiv(n, BLOCK_T), n_kv, B)``; ``FP16_DOTS``: fp16 operands, fp32 sums (fp16/bf16 keys), else IEEE fp32;
+    ``META8``: 8-bit group metadata with bases ``k_base``/``v_base``."""
     H: tl.constexpr = D // 2
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    tmask = t < n
     i = tl.arange(0, H)
     j = tl.arange(0, D)
-    t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
-    tmask = t < n
+
     # RoPE_p(mu) = mu * cos + rotate_half(mu) * sin, one half of the head at a time.
     p = tl.maximum(tl.load(pos_ptr + b * s_pb + t, mask=tmask, other=0), 0)
-    if not HELD:
-        freq = tl.load(freq_ptr + i)
-    cos, sin = _cos_sin(p.to(tl.float32)[:, None] * freq[None, :], USE_LIBDEVICE)
-    if not HELD:
-        mu_lo = tl.load(mean_ptr + h * D + i)[None, :] * rope_scaling  # the scaling on [d/2] means, not [T, d/2] cos/sin
-        mu_hi = tl.load(mean_ptr + h * D + H + i)[None, :] * rope_scaling
+    cos, sin = _cos_sin(p.to(tl.float32)[:, None] * tl.load(freq_ptr + i)[None, :], USE_LIBDEVICE)
+    mu_lo = tl.load(mean_ptr + h * D + i)[None, :] * rope_scaling  # the scaling on [d/2] means, not [T, d/2] cos/sin
+    mu_hi = tl.load(mean_ptr + h * D + H + i)[None, :] * rope_scaling
     k_row = k_ptr + b * s_kb + h * s_kh + t * s_kt
     k_lo = tl.load(k_row[:, None] + i[None, :], mask=tmask[:, None], other=0.0).to(tl.float32) - (mu_lo * cos - mu_hi * sin)
     k_hi = tl.load(k_row[:, None] + H + i[None, :], mask=tmask[:, None], other=0.0).to(tl.float32) - (mu_hi * cos + mu_lo * sin)
-    if not HELD:  # each half loaded where its dot needs it: one half of R_h in shared memory at a time
-        r_rows = rot_ptr + h * D * D + i[:, None] * D + j[None, :]
-        y = _half_dot(k_lo, tl.load(r_rows), None, FP16_DOTS)
-        y = _half_dot(k_hi, tl.load(r_rows + H * D), y, FP16_DOTS)
-    else:
-        y = _half_dot(k_lo, r_lo, None, FP16_DOTS)
-        y = _half_dot(k_hi, r_hi, y, FP16_DOTS)
+    r_rows = rot_ptr + h * D * D + i[:, None] * D + j[None, :]  # R_h [d, d]: fp16 for FP16_DOTS, else fp32
+    if FP16_DOTS:
+        y = tl.dot(k_lo.to(tl.float16), tl.load(r_rows))
+        y = tl.dot(k_hi.to(tl.float16), tl.load(r_rows + H * D), y)
+    else:  # fp32 keys: IEEE fp32 dots
+        y = tl.dot(k_lo, tl.load(r_rows), input_precision="ieee")
+        y = tl.dot(k_hi, tl.load(r_rows + H * D), y, input_precision="ieee")
     _quantize_rows(y, kc_ptr, b * s_kcb + h * s_kch + t * s_kct, b * s_ksb + h * s_ksh + t * s_kst, ks_ptr, kz_ptr,
                    tmask, k_clip, scale_floor, k_base, BLOCK_T, D, K_BITS, GK, META8, USE_LIBDEVICE)  # fmt: skip
     v = tl.load(v_ptr + b * s_vb + h * s_vh + t[:, None] * s_vt + j[None, :], mask=tmask[:, None], other=0.0)
     _quantize_rows(v.to(tl.float32), vc_ptr, b * s_vcb + h * s_vch + t * s_vct, b * s_vsb + h * s_vsh + t * s_vst,
                    vs_ptr, vz_ptr, tmask, v_clip, scale_floor, v_base, BLOCK_T, D, V_BITS, GV, META8,
                    USE_LIBDEVICE)  # fmt: skip
-
-
-@triton.jit(do_not_specialize=["n", "blocks"])  # lengths: one compile for all
-def _encode_folded_kernel(
-    k_ptr, v_ptr, pos_ptr, rot_ptr, mean_ptr, freq_ptr,
-    kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr,
-    n, blocks, rope_scaling, k_clip, v_clip, scale_floor, k_base, v_base,
-    s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_pb,
-    s_kcb, s_kch, s_kct, s_ksb, s_ksh, s_kst, s_vcb, s_vch, s_vct, s_vsb, s_vsh, s_vst,
-    D: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr, GK: tl.constexpr, GV: tl.constexpr,
-    BLOCK_T: tl.constexpr, HOLD: tl.constexpr, FP16_DOTS: tl.constexpr, META8: tl.constexpr,
-    USE_LIBDEVICE: tl.constexpr,
-):
-    """Grid ``(cdiv(n, blocks * BLOCK_T), n_kv, B)``; ``FP16_DOTS``: fp16 operands, fp32 sums (fp16/bf16 keys), else
-    IEEE fp32; ``META8``: 8-bit group metadata with bases ``k_base``/``v_base``.
-
-    ``HOLD``: ``R_h``, ``mu_h`` and the frequencies are loaded once and the program steps through ``blocks`` token
-    blocks (a run-time count: every write of a model runs the same compiled code, so a token's codes do not depend
-    on how many tokens are written with it); else one block, no loop (``blocks`` must be 1)."""
-    H: tl.constexpr = D // 2
-    h = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    i = tl.arange(0, H)
-    t_first = tl.program_id(0) * (blocks * BLOCK_T)
-    if not HOLD:
-        _encode_block(k_ptr, v_ptr, pos_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, rot_ptr, mean_ptr, freq_ptr,
-                      0, 0, 0, 0, 0, t_first, b, h, n, rope_scaling, k_clip, v_clip, scale_floor, k_base, v_base,
-                      s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_pb,
-                      s_kcb, s_kch, s_kct, s_ksb, s_ksh, s_kst, s_vcb, s_vch, s_vct, s_vsb, s_vsh, s_vst,
-                      D, K_BITS, V_BITS, GK, GV, BLOCK_T, FP16_DOTS, META8, USE_LIBDEVICE, False)  # fmt: skip
-    else:  # held for every block; not pipelined: stages multiply the shared memory, and were slower at 128
-        r_rows = rot_ptr + h * D * D + i[:, None] * D + tl.arange(0, D)[None, :]  # R_h: fp16 for FP16_DOTS, else fp32
-        r_lo = tl.load(r_rows)
-        r_hi = tl.load(r_rows + H * D)
-        mu_lo = tl.load(mean_ptr + h * D + i)[None, :] * rope_scaling
-        mu_hi = tl.load(mean_ptr + h * D + H + i)[None, :] * rope_scaling
-        freq = tl.load(freq_ptr + i)
-        for t0 in tl.range(t_first, tl.minimum(n, t_first + blocks * BLOCK_T), BLOCK_T, num_stages=1):
-            _encode_block(k_ptr, v_ptr, pos_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, rot_ptr, mean_ptr,
-                          freq_ptr, r_lo, r_hi, mu_lo, mu_hi, freq, t0, b, h, n, rope_scaling, k_clip, v_clip,
-                          scale_floor, k_base, v_base, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_pb,
-                          s_kcb, s_kch, s_kct, s_ksb, s_ksh, s_kst, s_vcb, s_vch, s_vct, s_vsb, s_vsh, s_vst,
-                          D, K_BITS, V_BITS, GK, GV, BLOCK_T, FP16_DOTS, META8, USE_LIBDEVICE, True)  # fmt: skip
 
 
 def _rows_strides(t: torch.Tensor, name: str) -> tuple[int, int, int]:
@@ -295,7 +207,6 @@ def encode_folded(
     *,
     block_t: int | None = None,
     num_warps: int | None = None,
-    blocks: int | None = None,
     backend: Backend = "auto",
 ) -> PackedKV:
     """Encode ``n`` tokens for the folded store (module docstring).
@@ -309,7 +220,6 @@ def encode_folded(
         out: store rows to write (a :class:`PackedKV` of ``n``-slot views, ``fp_*`` unused); None: new tensors.
         block_t, num_warps: launch settings (None: ``_launch``'s for the head dim and key dtype; a benchmark's
             knob). The register cap of ``ENCODE_DEFAULTS`` applies to fp16/bf16 keys below head dim 256.
-        blocks: token blocks per program (None: :func:`blocks_per_program`; a benchmark's knob).
         backend: ``"auto"``, ``"triton"`` or ``"reference"`` (see ``_common``).
 
     Returns:
@@ -337,20 +247,14 @@ def encode_folded(
         return rows
     fp16_dots = key.dtype != torch.float32
     block_t, launch = _launch(d, fp16_dots, block_t, num_warps)
-    if blocks is None:
-        blocks = blocks_per_program(cdiv(n, block_t), n_kv * b, key.device, d, fp16_dots)
-    hold = holds_rotation(d, fp16_dots)
-    if blocks < 1 or (blocks > 1 and not hold):
-        raise ValueError(f"blocks must be >= 1, and 1 for head dim {d} with {key.dtype} keys (R_h is not held across "
-                         f"blocks there), got {blocks}; pass None for the default")
     rotation, mean, inv_freq = params.encode_operands(key.device, fp16_dots)
     with device_guard(key):  # Triton launches on the current device
-        _encode_folded_kernel[(cdiv(n, block_t * blocks), n_kv, b)](
+        _encode_folded_kernel[(cdiv(n, block_t), n_kv, b)](
             key, value, rows.pos, rotation, mean, inv_freq, *rows[:6],
-            n, blocks, float(params.attention_scaling), float(k_clip), float(v_clip), SCALE_FLOOR,
+            n, float(params.attention_scaling), float(k_clip), float(v_clip), SCALE_FLOOR,
             params.key_meta_base or 1.0, params.value_meta_base or 1.0, *strides,
             D=d, K_BITS=params.bits, V_BITS=params.value_bits, GK=params.g_k, GV=params.g_v,
-            BLOCK_T=block_t, HOLD=hold, FP16_DOTS=fp16_dots, META8=params.meta_bases is not None,
+            BLOCK_T=block_t, FP16_DOTS=fp16_dots, META8=params.meta_bases is not None,
             USE_LIBDEVICE=not triton_interpreting(), **launch,
         )  # fmt: skip
     return rows

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from rkv_convert.kernels.folded_params import FoldedParams
-from rkv_convert.kernels.encode_folded import (ENCODE_DEFAULTS, blocks_per_program, encode_folded, encode_folded_ref,
-                                               encode_folded_supports)
+from rkv_convert.kernels.encode_folded import encode_folded, encode_folded_ref, encode_folded_supports
 from rkv_convert.kernels.packed_kv import PackedKV
 from rkv_convert.kernels.quantize_pack import quantize_pack_ref
 from rkv_convert.quant.hadamard import hadamard_matrix
@@ -154,46 +153,6 @@ def test_a_token_encodes_the_same_alone_or_among_others() -> None:
         one = _kernel(key[b : b + 1, :, t : t + 1], value[b : b + 1, :, t : t + 1], pos[b : b + 1, t : t + 1], p)
         for name, m, o in zip(PackedKV._fields, many[:7], one[:7]):
             assert torch.equal(m[b : b + 1, :, t : t + 1] if m.dim() == 4 else m[b : b + 1, t : t + 1], o), name
-
-
-@pytest.mark.parametrize("dtype,d,blocks", [
-    (torch.float16, 64, 2), (torch.bfloat16, 64, 3),
-    pytest.param(torch.float16, 128, 4, marks=pytest.mark.gpu), pytest.param(torch.bfloat16, 128, 8, marks=pytest.mark.gpu),
-])  # fmt: skip
-def test_blocks_per_program_write_the_same_rows(dtype: torch.dtype, d: int, blocks: int) -> None:
-    """A program stepping through several token blocks (one load of ``R_h``) writes exactly the rows of one block per
-    program, the last block partial and some programs short of blocks: one compiled kernel, ``blocks`` a run-time
-    count, so a token's codes do not depend on how many tokens are written with it (fp32 keys: one block per
-    program is refused)."""
-    B, n_kv = 2, 2
-    n = 64 * (2 * blocks + 1) - 9 if DEVICE.type == "cuda" else 200
-    p = _params(n_kv, d, 2, 2, 32, 64)
-    key, value, pos = _tokens(B, n_kv, n, d, p, dtype)
-    one = _kernel(key, value, pos, p, blocks=1)
-    many = _kernel(key, value, pos, p, blocks=blocks)
-    for name, a, b in zip(PackedKV._fields, one[:7], many[:7]):
-        assert torch.equal(a, b), name
-
-
-def test_blocks_per_program_keep_the_grid_full() -> None:
-    """Big writes take up to ``ENCODE_DEFAULTS["blocks"]`` blocks per program; small ones keep one, so their blocks
-    run in parallel (4 SMs off CUDA)."""
-    cpu = torch.device("cpu")
-    want = ENCODE_DEFAULTS["min_programs_per_sm"] * 4
-    assert blocks_per_program(1024, 64, cpu) == ENCODE_DEFAULTS["blocks"]
-    assert blocks_per_program(2, 64, cpu) == 2  # never more blocks than the write has
-    assert blocks_per_program(8, want // 4, cpu) == 2  # 4 programs of 2 blocks per head keep the grid at `want`
-    assert blocks_per_program(8, 1, cpu) == 1
-    assert blocks_per_program(1024, 64, cpu, head_dim=256) == 1  # R_h would not fit in shared memory
-    assert blocks_per_program(1024, 64, cpu, fp16_dots=False) == 1
-    p = _params(1, 256, 2, 2, 64, 64)
-    key, value, pos = _tokens(1, 1, 3, 256, p, torch.float16)
-    with pytest.raises(ValueError, match="head dim 256"):
-        encode_folded(key, value, pos, p, *CLIPS, blocks=2, backend="triton")
-    p = _params(1, 64, 2, 2, 64, 64)
-    key, value, pos = _tokens(1, 1, 3, 64, p, torch.float32)
-    with pytest.raises(ValueError, match="float32 keys"):
-        encode_folded(key, value, pos, p, *CLIPS, blocks=2, backend="triton")
 
 
 def test_checks_and_dispatch() -> None:
