@@ -1,0 +1,178 @@
+"""Experiment (issue 12): each quantization group picks its own range at encode time.
+
+The library's encoder sets a group's range to ``clip * [min, max]`` with one searched clip per layer.
+Here the encoder tries every pair ``(a * min, b * max)`` for ``a, b`` in a grid of fractions (plus the
+layer's clip) and keeps, per group, the pair whose dequantized group has the smallest squared error.
+The stored format is unchanged (codes, scale and zero per group, fp16 or 8-bit metadata): only the
+encoder works harder, so a reader (the decode kernels) would need no change; the write kernel would.
+
+Scores an exported checkpoint as exported (each layer's key and value widths, its group metadata) on
+windows of an evaluation text, one-shot and deployed, with the search on keys, on values or on both.
+No setting is chosen on the evaluation text here; this measures what the lever is worth.
+
+    python benchmarks/exp_group_range_search.py CK --text ../shared/data/wikitext-2-raw/wiki.test.raw --windows 8
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _timing import append_csv, print_table  # noqa: E402
+from _experiment import experiment_parser  # noqa: E402
+
+from rkv_convert.evaluate.perplexity import perplexity, token_windows  # noqa: E402
+from rkv_convert.evaluate.schemes import RotateKV, build_scheme  # noqa: E402
+from rkv_convert.export.format import read_checkpoint  # noqa: E402
+from rkv_convert.quant.codec import FoldedKeyCodec, ValueCodec  # noqa: E402
+from rkv_convert.quant.quantizer import (  # noqa: E402
+    SCALE_FLOOR, QuantizedTensor, encode_group_meta, group_scale_zero, levels,
+)
+
+
+def searched_quantize(x: torch.Tensor, bits: int, group_size: int, clip: float, meta_base: float | None,
+                      fractions: tuple[float, ...], metric: torch.Tensor | None = None) -> QuantizedTensor:
+    """:func:`rkv_convert.quant.quantizer.quantize` (no permutation) with each group's range chosen among
+    ``(a * min, b * max)``, ``a, b`` in ``fractions + (clip,)``, by the group's squared error; with ``metric``
+    (``[n_kv, C/g, g, m]``, ``x [B, n_kv, T, C]``) by ``|e @ metric[h, j]|^2`` of group ``j``'s error ``e``."""
+    L = levels(bits)
+    grouped = x.float().reshape(*x.shape[:-1], -1, group_size)
+    mx, mn = grouped.amax(-1), grouped.amin(-1)
+    best = torch.full(mx.shape, float("inf"), device=x.device)
+    out_codes = torch.zeros(grouped.shape, dtype=torch.uint8, device=x.device)
+    out_scale = out_zero = None
+    pairs = sorted({(f, f) for f in (clip,)} | {(a, b) for a in fractions for b in fractions})
+    for a, b in pairs:
+        hi, lo = mx * b, mn * a
+        if meta_base is None:
+            scale = ((hi - lo) / L).clamp_min(SCALE_FLOOR).to(torch.float16)
+            zero = lo.to(torch.float16)
+        else:
+            scale, zero = encode_group_meta(hi, lo, bits, meta_base)
+        s, z = group_scale_zero(scale, zero, meta_base)
+        codes = ((grouped - z.unsqueeze(-1)) * (1.0 / s).unsqueeze(-1)).round().clamp_(0, L)
+        diff = codes * s.unsqueeze(-1) + z.unsqueeze(-1) - grouped
+        if metric is not None:
+            diff = torch.einsum("bhtgc,hgcm->bhtgm", diff, metric)
+        err = diff.square().sum(-1)
+        better = err < best
+        best = torch.where(better, err, best)
+        out_codes = torch.where(better.unsqueeze(-1), codes.to(torch.uint8), out_codes)
+        out_scale = scale if out_scale is None else torch.where(better, scale, out_scale)
+        out_zero = zero if out_zero is None else torch.where(better, zero, out_zero)
+    return QuantizedTensor(out_codes.reshape(x.shape), out_scale, out_zero, bits, group_size, None, meta_base)
+
+
+@dataclass
+class SearchedKeys(FoldedKeyCodec):
+    fractions: tuple[float, ...] = ()
+    query_weight: torch.Tensor | None = None  # [n_kv*d] rope_pair_weights of the calibration queries
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.metric = None
+        if self.query_weight is not None:  # error in the store's frame e -> e @ R_h^T, weighted per channel
+            n_kv, d, _ = self.head_rotations.shape
+            root = self.query_weight.float().sqrt().reshape(n_kv, 1, d)
+            m = self.head_rotations.transpose(1, 2) * root  # [n_kv, d, d]: rows are store channels
+            self.metric = m.reshape(n_kv, d // self.group_size, self.group_size, d)
+
+    def encode(self, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> QuantizedTensor:
+        return searched_quantize(self.fold(k, cos, sin), self.bits, self.group_size, self.clip, self.meta_base,
+                                 self.fractions, self.metric)  # fmt: skip
+
+
+@dataclass
+class SearchedValues(ValueCodec):
+    fractions: tuple[float, ...] = ()
+
+    def encode(self, v: torch.Tensor) -> QuantizedTensor:
+        return searched_quantize(v, self.bits, self.group_size, self.clip, self.meta_base, self.fractions)
+
+
+def _with_search(codec, cls, fractions, **extra):
+    return cls(**{f.name: getattr(codec, f.name) for f in fields(codec) if f.init}, fractions=fractions, **extra)
+
+
+def query_weights(model, tokenizer, windows: int, length: int) -> list[torch.Tensor]:
+    """Per layer ``rope_pair_weights`` of the mean squared pre-RoPE queries on ``pydoc`` calibration text (the
+    calibrator's q·k objective; never the evaluation text)."""
+    from rkv_convert.calibration_data.sources import load_text, sample_batches
+    from rkv_convert.calibrate.search import rope_pair_weights
+
+    cfg = model.config
+    n_q, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_q
+    sums = [torch.zeros(n_kv * d, dtype=torch.float64) for _ in model.model.layers]
+    count = [0]
+
+    def hook(i):
+        def f(_module, _inp, out):
+            q = out.float().reshape(out.shape[0], out.shape[1], n_kv, n_q // n_kv, d)
+            sums[i] += q.pow(2).sum(dim=(0, 1, 3)).reshape(-1).double()
+        return f
+
+    handles = [layer.self_attn.q_proj.register_forward_hook(hook(i)) for i, layer in enumerate(model.model.layers)]
+    try:
+        batches = sample_batches(load_text("pydoc"), tokenizer, windows, length, seed=0)
+        with torch.no_grad():
+            for row in batches:
+                model(row[None])
+                count[0] += row.numel()
+    finally:
+        for h in handles:
+            h.remove()
+    return [rope_pair_weights((s / count[0]).float(), d) for s in sums]
+
+
+def main() -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    p = experiment_parser(__doc__.split("\n")[0])
+    p.add_argument("--grid", default="1.0,0.95,0.9,0.85,0.8,0.75,0.7,0.65,0.6,0.55,0.5",
+                   help="fractions of a group's min and max tried as its range ends")
+    p.add_argument("--targets", default="none,keys,values,both", help="none, keys, values, both, qkeys, qboth "
+                   "(q: keys ranked by the calibration queries' weighted error)")
+    args = p.parse_args()
+    fractions = tuple(float(f) for f in args.grid.split(","))
+    ck = read_checkpoint(args.checkpoint)
+    if not ck.config.folded:
+        raise SystemExit("the experiment needs a folded-key checkpoint (rkv calibrate's default)")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(args.checkpoint)
+    ids = token_windows(tok, args.text.read_text(encoding="utf-8"), args.length, args.windows)
+    base = build_scheme("rotatekv", None, ck)
+    fp = perplexity(model, ids, build_scheme("fp", None, ck), "oneshot", ck).perplexity
+    keys = [_with_search(c, SearchedKeys, fractions) for c in base.key_codecs]
+    values = [_with_search(c, SearchedValues, fractions) for c in base.value_codecs]
+    variants = {"none": (base.key_codecs, base.value_codecs), "keys": (keys, base.value_codecs),
+                "values": (base.key_codecs, values), "both": (keys, values)}  # fmt: skip
+    if any(t.startswith("q") for t in args.targets.split(",")):
+        weights = query_weights(model, tok, 8, 1024)
+        qkeys = [_with_search(c, SearchedKeys, fractions, query_weight=w) for c, w in zip(base.key_codecs, weights)]
+        variants |= {"qkeys": (qkeys, base.value_codecs), "qboth": (qkeys, values)}
+    rows = []
+    for protocol in args.protocols.split(","):
+        for target in args.targets.split(","):
+            kc, vc = variants[target]
+            scheme = RotateKV(name=base.name, bits=base.bits, key_codecs=kc, value_codecs=vc)
+            t0 = time.perf_counter()
+            r = perplexity(model, ids, scheme, protocol, ck)
+            row = {"searched": target, "grid": len(fractions), "protocol": protocol, "windows": args.windows,
+                   "length": args.length, "ppl": r.perplexity, "x_fp": r.perplexity / fp, "fp_ppl": fp,
+                   "seconds": time.perf_counter() - t0}  # fmt: skip
+            rows.append(row)
+            print_table("per-group range search", [row])
+            if args.csv:
+                append_csv(args.csv, row)
+    print_table(f"per-group range search ({args.checkpoint.name}, {args.windows} x {args.length})", rows)
+
+
+if __name__ == "__main__":
+    main()
