@@ -122,7 +122,7 @@ def query_weights(model, tokenizer, windows: int, length: int) -> list[torch.Ten
         batches = sample_batches(load_text("pydoc"), tokenizer, windows, length, seed=0)
         with torch.no_grad():
             for row in batches:
-                model(row[None])
+                model(row[None].to(model.device))
                 count[0] += row.numel()
     finally:
         for h in handles:
@@ -136,6 +136,7 @@ def main() -> None:
     p = experiment_parser(__doc__.split("\n")[0])
     p.add_argument("--grid", default="1.0,0.95,0.9,0.85,0.8,0.75,0.7,0.65,0.6,0.55,0.5",
                    help="fractions of a group's min and max tried as its range ends")
+    p.add_argument("--device", default="cpu")
     p.add_argument("--targets", default="none,keys,values,both", help="none, keys, values, both, qkeys, qboth "
                    "(q: keys ranked by the calibration queries' weighted error)")
     args = p.parse_args()
@@ -144,7 +145,7 @@ def main() -> None:
     if not ck.config.folded:
         raise SystemExit("the experiment needs a folded-key checkpoint (rkv calibrate's default)")
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32).eval().to(args.device)
     tok = AutoTokenizer.from_pretrained(args.checkpoint)
     ids = token_windows(tok, args.text.read_text(encoding="utf-8"), args.length, args.windows)
     base = build_scheme("rotatekv", None, ck)
