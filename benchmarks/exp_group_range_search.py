@@ -30,9 +30,7 @@ from rkv_convert.evaluate.perplexity import perplexity, token_windows  # noqa: E
 from rkv_convert.evaluate.schemes import RotateKV, build_scheme  # noqa: E402
 from rkv_convert.export.format import read_checkpoint  # noqa: E402
 from rkv_convert.quant.codec import FoldedKeyCodec, ValueCodec  # noqa: E402
-from rkv_convert.quant.quantizer import (  # noqa: E402
-    SCALE_FLOOR, QuantizedTensor, encode_group_meta, group_scale_zero, levels,
-)
+from rkv_convert.quant.quantizer import QuantizedTensor, group_codes, group_scale_zero, stored_group_meta  # noqa: E402
 
 
 def searched_quantize(x: torch.Tensor, bits: int, group_size: int, clip: float, meta_base: float | None,
@@ -40,22 +38,15 @@ def searched_quantize(x: torch.Tensor, bits: int, group_size: int, clip: float, 
     """:func:`rkv_convert.quant.quantizer.quantize` (no permutation) with each group's range chosen among
     ``(a * min, b * max)``, ``a, b`` in ``fractions + (clip,)``, by the group's squared error; with ``metric``
     (``[n_kv, C/g, g, m]``, ``x [B, n_kv, T, C]``) by ``|e @ metric[h, j]|^2`` of group ``j``'s error ``e``."""
-    L = levels(bits)
     grouped = x.float().reshape(*x.shape[:-1], -1, group_size)
     mx, mn = grouped.amax(-1), grouped.amin(-1)
     best = torch.full(mx.shape, float("inf"), device=x.device)
     out_codes = torch.zeros(grouped.shape, dtype=torch.uint8, device=x.device)
     out_scale = out_zero = None
-    pairs = sorted({(f, f) for f in (clip,)} | {(a, b) for a in fractions for b in fractions})
-    for a, b in pairs:
-        hi, lo = mx * b, mn * a
-        if meta_base is None:
-            scale = ((hi - lo) / L).clamp_min(SCALE_FLOOR).to(torch.float16)
-            zero = lo.to(torch.float16)
-        else:
-            scale, zero = encode_group_meta(hi, lo, bits, meta_base)
+    for a, b in sorted({(clip, clip)} | {(a, b) for a in fractions for b in fractions}):
+        scale, zero = stored_group_meta(mx * b, mn * a, bits, meta_base)
         s, z = group_scale_zero(scale, zero, meta_base)
-        codes = ((grouped - z.unsqueeze(-1)) * (1.0 / s).unsqueeze(-1)).round().clamp_(0, L)
+        codes = group_codes(grouped, s, z, bits)
         diff = codes * s.unsqueeze(-1) + z.unsqueeze(-1) - grouped
         if metric is not None:
             diff = torch.einsum("bhtgc,hgcm->bhtgm", diff, metric)
@@ -101,33 +92,22 @@ def _with_search(codec, cls, fractions, **extra):
 
 def query_weights(model, tokenizer, windows: int, length: int) -> list[torch.Tensor]:
     """Per layer ``rope_pair_weights`` of the mean squared pre-RoPE queries on ``pydoc`` calibration text (the
-    calibrator's q·k objective; never the evaluation text)."""
-    from rkv_convert.calibration_data.sources import load_text, sample_batches
+    calibrator's q·k objective, through its own query tap; never the evaluation text)."""
+    from rkv_convert.calibrate.run import _query_energy, _run_pass
     from rkv_convert.calibrate.search import rope_pair_weights
+    from rkv_convert.calibration_data.sources import load_text, sample_batches
+    from rkv_convert.models.adapters import head_dim
 
-    cfg = model.config
-    n_q, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
-    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_q
-    sums = [torch.zeros(n_kv * d, dtype=torch.float64) for _ in model.model.layers]
-    count = [0]
+    n_kv, d = model.config.num_key_value_heads, head_dim(model.config)
+    energy: dict[int, torch.Tensor] = {}
 
-    def hook(i):
-        def f(_module, _inp, out):
-            q = out.float().reshape(out.shape[0], out.shape[1], n_kv, n_q // n_kv, d)
-            sums[i] += q.pow(2).sum(dim=(0, 1, 3)).reshape(-1).double()
-        return f
+    def observe(i: int, q: torch.Tensor, *_rest) -> None:
+        e = _query_energy(q, n_kv)
+        energy[i] = e if i not in energy else energy[i] + e
 
-    handles = [layer.self_attn.q_proj.register_forward_hook(hook(i)) for i, layer in enumerate(model.model.layers)]
-    try:
-        batches = sample_batches(load_text("pydoc"), tokenizer, windows, length, seed=0)
-        with torch.no_grad():
-            for row in batches:
-                model(row[None].to(model.device))
-                count[0] += row.numel()
-    finally:
-        for h in handles:
-            h.remove()
-    return [rope_pair_weights((s / count[0]).float(), d) for s in sums]
+    batches = sample_batches(load_text("pydoc"), tokenizer, windows, length, seed=0)
+    _run_pass(model, batches, 1, observe, "queries", None)
+    return [rope_pair_weights((energy[i] / batches.numel()).float().cpu(), d) for i in sorted(energy)]
 
 
 def main() -> None:
@@ -144,7 +124,6 @@ def main() -> None:
     ck = read_checkpoint(args.checkpoint)
     if not ck.config.folded:
         raise SystemExit("the experiment needs a folded-key checkpoint (rkv calibrate's default)")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32).eval().to(args.device)
     tok = AutoTokenizer.from_pretrained(args.checkpoint)
     ids = token_windows(tok, args.text.read_text(encoding="utf-8"), args.length, args.windows)

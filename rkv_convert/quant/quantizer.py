@@ -34,7 +34,7 @@ import torch
 
 __all__ = [
     "QuantizedTensor", "GroupMeta", "quantize", "dequantize", "fake_quantize", "bits_per_element", "SCALE_FLOOR",
-    "meta_scale_base", "group_scale_zero", "encode_group_meta",
+    "meta_scale_base", "group_scale_zero", "encode_group_meta", "stored_group_meta", "group_codes",
 ]  # fmt: skip
 
 SCALE_FLOOR = 2.0**-14  # smallest normal fp16: constant groups still get a finite, exact scale
@@ -111,6 +111,20 @@ def encode_group_meta(hi: torch.Tensor, lo: torch.Tensor, bits: int, meta_base: 
     return e.to(torch.uint8), z.to(torch.int8)
 
 
+def stored_group_meta(hi: torch.Tensor, lo: torch.Tensor, bits: int, meta_base: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stored ``(scale, zero)`` of groups with clipped range ``[lo, hi]`` (fp32): fp16, or with ``meta_base``
+    the 8-bit codes of :func:`encode_group_meta`."""
+    if meta_base is None:
+        return ((hi - lo) / levels(bits)).clamp_min(SCALE_FLOOR).to(torch.float16), lo.to(torch.float16)
+    return encode_group_meta(hi, lo, bits, meta_base)
+
+
+def group_codes(grouped: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """fp32 codes ``clamp(round((x - zero) * (1/scale)), 0, 2**bits-1)`` of ``grouped [..., G, g]`` against
+    each group's decoded fp32 ``scale, zero [..., G]``."""
+    return ((grouped - zero.unsqueeze(-1)) * (1.0 / scale).unsqueeze(-1)).round().clamp_(0, levels(bits))
+
+
 def _check(x: torch.Tensor, bits: int, group_size: int, clip: float) -> None:
     if bits not in (2, 3, 4, 8):
         raise ValueError(f"bits must be 2, 3, 4 or 8, got {bits}")
@@ -133,16 +147,9 @@ def quantize(
     if perm is not None:
         xf = xf.index_select(-1, perm)
     grouped = xf.reshape(*xf.shape[:-1], -1, group_size)
-    hi = grouped.amax(-1) * clip
-    lo = grouped.amin(-1) * clip
-    if meta_base is None:
-        scale = ((hi - lo) / levels(bits)).clamp_min(SCALE_FLOOR).to(torch.float16)
-        zero = lo.to(torch.float16)
-    else:
-        scale, zero = encode_group_meta(hi, lo, bits, meta_base)
+    scale, zero = stored_group_meta(grouped.amax(-1) * clip, grouped.amin(-1) * clip, bits, meta_base)
     s, z = group_scale_zero(scale, zero, meta_base)
-    codes = ((grouped - z.unsqueeze(-1)) * (1.0 / s).unsqueeze(-1)).round()
-    codes = codes.clamp_(0, levels(bits)).to(torch.uint8).reshape(xf.shape)
+    codes = group_codes(grouped, s, z, bits).to(torch.uint8).reshape(xf.shape)
     if perm is not None:
         codes = codes.index_select(-1, torch.argsort(perm))
     return QuantizedTensor(codes, scale, zero, bits, group_size, perm, meta_base)
