@@ -121,6 +121,12 @@ def main() -> None:
                    "(q: keys ranked by the calibration queries' weighted error)")
     args = p.parse_args()
     fractions = tuple(float(f) for f in args.grid.split(","))
+    if not all(0.0 < f <= 1.0 for f in fractions):
+        raise SystemExit(f"--grid fractions must lie in (0, 1], got {args.grid}")
+    targets = args.targets.split(",")
+    unknown = set(targets) - {"none", "keys", "values", "both", "qkeys", "qboth"}
+    if unknown:
+        raise SystemExit(f"unknown --targets {', '.join(sorted(unknown))}; choose from none, keys, values, both, qkeys, qboth")
     ck = read_checkpoint(args.checkpoint)
     if not ck.config.folded:
         raise SystemExit("the experiment needs a folded-key checkpoint (rkv calibrate's default)")
@@ -133,13 +139,13 @@ def main() -> None:
     values = [_with_search(c, SearchedValues, fractions) for c in base.value_codecs]
     variants = {"none": (base.key_codecs, base.value_codecs), "keys": (keys, base.value_codecs),
                 "values": (base.key_codecs, values), "both": (keys, values)}  # fmt: skip
-    if any(t.startswith("q") for t in args.targets.split(",")):
+    if any(t.startswith("q") for t in targets):
         weights = query_weights(model, tok, 8, 1024)
         qkeys = [_with_search(c, SearchedKeys, fractions, query_weight=w) for c, w in zip(base.key_codecs, weights)]
         variants |= {"qkeys": (qkeys, base.value_codecs), "qboth": (qkeys, values)}
     rows = []
     for protocol in args.protocols.split(","):
-        for target in args.targets.split(","):
+        for target in targets:
             kc, vc = variants[target]
             scheme = RotateKV(name=base.name, bits=base.bits, key_codecs=kc, value_codecs=vc)
             t0 = time.perf_counter()
