@@ -315,23 +315,26 @@ def _u2_plane_i8(b, J: tl.constexpr):
 
 
 @triton.jit
-def _u3_plane_i8(lo, hsel, J: tl.constexpr):
+def _u3_plane_i8(lo, hi2, J: tl.constexpr):
     """int8 3-bit codes of plane ``J``, four per register: the low two bits ``(lo >> 2J) & 3`` from the
-    ``U2_LSB4`` bytes, the high bit ``(hsel >> J) & 1`` from ``hsel`` (each channel's high-plane byte already
-    shifted so that plane ``J``'s bit sits at bit ``J``)."""
+    ``U2_LSB4`` bytes, the high bit from ``hi2``, whose byte ``i`` is high-plane byte ``i // 2`` (channel
+    ``4i + J`` at its bit ``4 * (i % 2) + J``: bytes 0 and 2 of a register use bit ``J``, bytes 1 and 3 bit ``4 + J``)."""
     if J == 0:
-        asm: tl.constexpr = ("{.reg .b32 t, h; and.b32 t, $1, 0x03030303; and.b32 h, $2, 0x01010101; "
-                             "shl.b32 h, h, 2; or.b32 $0, t, h;}")
+        asm: tl.constexpr = ("{.reg .b32 t, a, c; and.b32 t, $1, 0x03030303; shl.b32 a, $2, 2; and.b32 a, a, 0x00040004; "
+                             "shr.b32 c, $2, 2; and.b32 c, c, 0x04000400; or.b32 t, t, a; or.b32 $0, t, c;}")
     elif J == 1:
-        asm: tl.constexpr = ("{.reg .b32 t, h; shr.b32 t, $1, 2; and.b32 t, t, 0x03030303; shr.b32 h, $2, 1; "
-                             "and.b32 h, h, 0x01010101; shl.b32 h, h, 2; or.b32 $0, t, h;}")
+        asm: tl.constexpr = ("{.reg .b32 t, a, c; shr.b32 t, $1, 2; and.b32 t, t, 0x03030303; shl.b32 a, $2, 1; "
+                             "and.b32 a, a, 0x00040004; shr.b32 c, $2, 3; and.b32 c, c, 0x04000400; or.b32 t, t, a; "
+                             "or.b32 $0, t, c;}")
     elif J == 2:
-        asm: tl.constexpr = ("{.reg .b32 t, h; shr.b32 t, $1, 4; and.b32 t, t, 0x03030303; shr.b32 h, $2, 2; "
-                             "and.b32 h, h, 0x01010101; shl.b32 h, h, 2; or.b32 $0, t, h;}")
+        asm: tl.constexpr = ("{.reg .b32 t, a, c; shr.b32 t, $1, 4; and.b32 t, t, 0x03030303; "
+                             "and.b32 a, $2, 0x00040004; shr.b32 c, $2, 4; and.b32 c, c, 0x04000400; or.b32 t, t, a; "
+                             "or.b32 $0, t, c;}")
     else:
-        asm: tl.constexpr = ("{.reg .b32 t, h; shr.b32 t, $1, 6; and.b32 t, t, 0x03030303; shr.b32 h, $2, 3; "
-                             "and.b32 h, h, 0x01010101; shl.b32 h, h, 2; or.b32 $0, t, h;}")
-    return tl.inline_asm_elementwise(asm, "=r,r,r", [lo, hsel], dtype=tl.int8, is_pure=True, pack=4)
+        asm: tl.constexpr = ("{.reg .b32 t, a, c; shr.b32 t, $1, 6; and.b32 t, t, 0x03030303; shr.b32 a, $2, 1; "
+                             "and.b32 a, a, 0x00040004; shr.b32 c, $2, 5; and.b32 c, c, 0x04000400; or.b32 t, t, a; "
+                             "or.b32 $0, t, c;}")
+    return tl.inline_asm_elementwise(asm, "=r,r,r", [lo, hi2], dtype=tl.int8, is_pure=True, pack=4)
 
 
 @triton.jit
@@ -362,10 +365,11 @@ def _planes(row, tmask, ii, PW: tl.constexpr, BITS: tl.constexpr, FAST: tl.const
     if FAST:
         raw = tl.load(row[:, None] + ii[None, :], mask=tmask[:, None], other=0)
         if DT == tl.int8 and BITS == 3:  # high bit of channel 4i+j: bit 4*(i%2)+j of byte PW + i//2
-            hi = tl.load(row[:, None] + PW + ii[None, :] // 2, mask=tmask[:, None], other=0)
-            hsel = hi >> (4 * (ii % 2)).to(tl.uint8)[None, :]
-            p0, p1 = _u3_plane_i8(raw, hsel, 0), _u3_plane_i8(raw, hsel, 1)
-            p2, p3 = _u3_plane_i8(raw, hsel, 2), _u3_plane_i8(raw, hsel, 3)
+            hh = tl.arange(0, PW // 2)
+            hi = tl.load(row[:, None] + PW + hh[None, :], mask=tmask[:, None], other=0)  # whole rows: cp.async
+            hi2 = tl.reshape(tl.join(hi, hi), (hi.shape[0], PW))  # byte i: high-plane byte i // 2
+            p0, p1 = _u3_plane_i8(raw, hi2, 0), _u3_plane_i8(raw, hi2, 1)
+            p2, p3 = _u3_plane_i8(raw, hi2, 2), _u3_plane_i8(raw, hi2, 3)
         elif DT == tl.int8:
             p0, p1, p2, p3 = _u2_plane_i8(raw, 0), _u2_plane_i8(raw, 1), _u2_plane_i8(raw, 2), _u2_plane_i8(raw, 3)
         else:
