@@ -185,7 +185,7 @@ def export(
     out: Path = typer.Option(Path("rkv-out/checkpoint"), help="Folder for the augmented checkpoint."),
     model: Optional[str] = typer.Option(None, help="Source model (default: the one the artifact was calibrated on)."),
     bits: int = typer.Option(2, help="Bits per cached key/value element: 2, 3 or 4."),
-    key_bits: Optional[str] = typer.Option(None, help="Key widths: one of 2, 3, 4 for every layer, a comma list with one per layer, or 'auto': half the layers at --bits + 1, those whose calibrated key error falls most (default: --bits)."),
+    key_bits: Optional[str] = typer.Option(None, help="Key widths: one of 2, 3, 4 for every layer, a comma list with one per layer, 'auto': half the layers at --bits + 1, those whose calibrated key error falls most, or 'retrieval': the same bits, spent first on the layers with retrieval heads (4-bit keys), then as auto (default: --bits)."),
     value_bits: Optional[str] = typer.Option(None, help="Value widths, like --key-bits (default: --bits)."),
     group_meta: str = typer.Option("fp16", help="Group scales and zeros: fp16 (2 bytes each) or log8 (1 byte each: 0.25 bit per element less at groups of 64; folded key layout only)."),
     recent_window: int = typer.Option(128, min=0, help="Recent tokens kept in full precision by the runtime."),
@@ -210,9 +210,9 @@ def export(
         artifact = load_artifact(calibration)
         n_layers = artifact.meta["model"]["num_hidden_layers"]
         widths = {name: _layer_widths(option, text, n_layers) for name, option, text in
-                  (("key", "--key-bits", None if key_bits == "auto" else key_bits), ("value", "--value-bits", value_bits))}  # fmt: skip
-        if key_bits == "auto":
-            widths["key"] = _auto_key_bits(artifact, bits)
+                  (("key", "--key-bits", None if key_bits in AUTO_KEY_BITS else key_bits), ("value", "--value-bits", value_bits))}  # fmt: skip
+        if key_bits in AUTO_KEY_BITS:
+            widths["key"] = _auto_key_bits(artifact, bits, key_bits)
         source = model or artifact.meta.get("model_source")
         if not source:
             raise CheckpointError("the artifact does not record its model; pass --model")
@@ -227,19 +227,30 @@ def export(
     console.print(f"exported {bits}-bit rkv checkpoint of {source} → [bold]{path}[/]")
 
 
-def _auto_key_bits(artifact, bits: int) -> list[int]:
-    """``--key-bits auto``: half the layers one bit wider, ranked by the calibrated key error (``calibrate.allocate``)."""
-    from .calibrate.allocate import key_bits_by_error
+AUTO_KEY_BITS = ("auto", "retrieval")
 
-    if any("key_error_by_bits" not in layer for layer in artifact.layers):
-        raise InputError("--key-bits auto needs each layer's calibrated key errors, which this calibration artifact "
+
+def _auto_key_bits(artifact, bits: int, rule: str) -> list[int]:
+    """``--key-bits auto``: half the layers one bit wider, ranked by the calibrated key error; ``retrieval``: the same
+    number of added bits, first on the layers with retrieval heads (``calibrate.allocate``)."""
+    from .calibrate.allocate import key_bits_by_error, key_bits_for_retrieval
+
+    needs = ("key_error_by_bits",) if rule == "auto" else ("key_error_by_bits", "key_induction")
+    missing = [name for name in needs if any(name not in layer for layer in artifact.layers)]
+    if missing:
+        raise InputError(f"--key-bits {rule} needs each layer's {' and '.join(missing)}, which this calibration artifact "
                          "lacks (made by an older rkv); re-run `rkv calibrate`")  # fmt: skip
     if bits not in (2, 3):
-        raise InputError(f"--key-bits auto raises half the layers to --bits + 1, so --bits must be 2 or 3, got {bits}")
-    widths = key_bits_by_error([layer["key_error_by_bits"].tolist() for layer in artifact.layers], bits,
-                               len(artifact.layers) // 2)  # fmt: skip
-    console.print(f"--key-bits auto: keys at {bits + 1} bits in layers "
-                  f"{', '.join(str(i) for i, b in enumerate(widths) if b > bits)}")
+        raise InputError(f"--key-bits {rule} raises keys above --bits, so --bits must be 2 or 3, got {bits}")
+    errors = [layer["key_error_by_bits"].tolist() for layer in artifact.layers]
+    steps = len(artifact.layers) // 2
+    if rule == "auto":
+        widths = key_bits_by_error(errors, bits, steps)
+    else:
+        widths = key_bits_for_retrieval(errors, [layer["key_induction"].tolist() for layer in artifact.layers], bits, steps)
+    for width in sorted(set(widths) - {bits}):
+        console.print(f"--key-bits {rule}: keys at {width} bits in layers "
+                      f"{', '.join(str(i) for i, b in enumerate(widths) if b == width)}")
     return widths
 
 

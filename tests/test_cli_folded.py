@@ -1,6 +1,7 @@
 """The whole CLI with the folded key layout on a tiny model folder: calibrate → export → eval → run."""
 
 import json
+import shutil
 
 from tiny_models import save_tiny_model
 from typer.testing import CliRunner
@@ -73,3 +74,24 @@ def test_folded_calibrate_export_eval_run(tmp_path) -> None:
     result = runner.invoke(app, ["run", str(ck8), "-p", "The cache stores key 12 and value 84 in", "-n", "6", "--greedy",
                                  "--no-chat", "--device", "cpu"])  # fmt: skip
     _ok(result)
+
+    # --key-bits retrieval: the same added bits, first on the layer with the strongest retrieval head
+    ckr = tmp_path / "ckr"
+    exported = runner.invoke(app, ["export", "--calibration", str(cal), "--out", str(ckr), "--bits", "2", "--group-meta",
+                                   "log8", "--key-bits", "retrieval"])  # fmt: skip
+    _ok(exported)
+    assert "--key-bits retrieval: keys at" in " ".join(exported.output.split())
+    widths = read_checkpoint(ckr).config.key_bits
+    assert sum(b - 2 for b in widths) == 1 and sorted(widths) == [2, 3]  # one step for 2 layers: no room for 4 bits
+
+    # an artifact from before the induction scores: refused with what to do, nothing written
+    from safetensors.torch import load_file, save_file
+
+    old = tmp_path / "cal_old"
+    shutil.copytree(cal, old)
+    tensors = load_file(old / "calibration.safetensors")
+    save_file({k: v for k, v in tensors.items() if not k.endswith("key_induction")}, old / "calibration.safetensors")
+    refused = runner.invoke(app, ["export", "--calibration", str(old), "--out", str(tmp_path / "ck_old"), "--key-bits",
+                                  "retrieval"])  # fmt: skip
+    assert refused.exit_code != 0 and "needs each layer's key_induction" in " ".join(refused.output.split())
+    assert not (tmp_path / "ck_old").exists()

@@ -19,7 +19,8 @@ import torch
 from ..export.format import Checkpoint
 from ..quant.quantizer import bits_per_element
 
-__all__ = ["Sensitivity", "measure_sensitivity", "allocate_bits", "Allocation", "key_bits_by_error"]
+__all__ = ["Sensitivity", "measure_sensitivity", "allocate_bits", "Allocation", "key_bits_by_error", "key_bits_for_retrieval",
+           "RETRIEVAL_THRESHOLD"]
 
 Log = Callable[[str], None]
 
@@ -125,3 +126,34 @@ def key_bits_by_error(key_errors: list[list[float]], bits: int, raised: int) -> 
     gain = [float(e[index]) - float(e[index + 1]) for e in key_errors]
     top = sorted(range(len(gain)), key=lambda i: (-gain[i], i))[:raised]
     return [bits + 1 if i in top else bits for i in range(len(gain))]
+
+
+RETRIEVAL_THRESHOLD = 0.1  # induction score above which a layer holds a retrieval head (uniform attention: ~1/T)
+
+
+def key_bits_for_retrieval(key_errors: list[list[float]], induction: list[list[float]], bits: int, steps: int,
+                           threshold: float = RETRIEVAL_THRESHOLD) -> list[int]:  # fmt: skip
+    """Per-layer key widths that spend ``steps`` one-bit raises (the budget of ``--key-bits auto``: half the
+    layers) first on retrieval heads, then like :func:`key_bits_by_error`.
+
+    Layers whose strongest KV head scores at least ``threshold`` (``induction[i]``: per KV head,
+    ``calibrate.retrieval``) take keys at ``bits + 2`` bits (4 at most), strongest first, while two steps are
+    left; the remaining steps raise other layers by one bit where the calibrated key error falls most."""
+    if bits not in (2, 3):
+        raise ValueError(f"raising key layers needs --bits 2 or 3 (one more bit must exist), got {bits}")
+    n = len(key_errors)
+    if len(induction) != n or not 0 <= steps <= n:
+        raise ValueError(f"need one induction score list per layer ({len(induction)} for {n}) and 0 <= steps <= {n}")
+    widths = [bits] * n
+    top = max(min(bits + 2, 4), bits + 1)
+    strength = [max(float(x) for x in scores) for scores in induction]
+    for i in sorted(range(n), key=lambda i: (-strength[i], i)):
+        cost = top - bits
+        if strength[i] < threshold or steps < cost:
+            break
+        widths[i], steps = top, steps - cost
+    rest = [i for i in range(n) if widths[i] == bits]
+    raised = key_bits_by_error([key_errors[i] for i in rest], bits, min(steps, len(rest)))
+    for i, width in zip(rest, raised):
+        widths[i] = width
+    return widths

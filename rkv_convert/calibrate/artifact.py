@@ -23,8 +23,9 @@ TENSORS_FILE = "calibration.safetensors"
 META_FILE = "calibration.json"
 # key_head_rotation: folded layout with learned rotations, fp32 [n_kv, d, d]; key/value_group_range: fp32 [],
 # the largest unclipped group range of stored keys / values (folded layout; what 8-bit group metadata needs);
-# key_error_by_bits: fp32 [3], the clip search's key error at 2, 3 and 4 bits (what `export --key-bits auto` ranks)
-OPTIONAL_PER_LAYER = ("key_head_rotation", "key_group_range", "value_group_range", "key_error_by_bits")
+# key_error_by_bits: fp32 [3], the clip search's key error at 2, 3 and 4 bits (what `export --key-bits auto` ranks);
+# key_induction: fp32 [n_kv], each KV head's induction score (calibrate.retrieval; `export --key-bits retrieval`)
+OPTIONAL_PER_LAYER = ("key_head_rotation", "key_group_range", "value_group_range", "key_error_by_bits", "key_induction")
 PER_LAYER = (
     "key_mean",
     "key_perm",

@@ -8,6 +8,9 @@
    post-RoPE: ``RoPE_n(k - mu)`` rotated per KV head by the Hadamard of order ``d`` (what the
    folded cache quantizes, up to the permutation the pass decides).
 
+A last forward over seeded random tokens (no text) scores each KV head as a retrieval head
+(:mod:`.retrieval`), for ``rkv export --key-bits retrieval``.
+
 The defaults are the ones docs/accuracy.md measured best; every other setting of an
 option is one row of that ablation.
 """
@@ -28,6 +31,7 @@ from ..models.compat import check_transformers_version
 from ..quant.codec import folded_head_rotations, rotate_groups
 from ..quant.hadamard import hadamard_matrix
 from . import search
+from .retrieval import induction_scores
 from .rotation import learn_rotation
 from .artifact import ARTIFACT_VERSION, CalibrationArtifact, weights_fingerprint
 from .observers import ActivationObserver, KeyMeanObserver, RotatedKeyObserver, flatten_heads
@@ -254,6 +258,9 @@ def calibrate(
 
     _run_pass(model, batches, options.batch_size, observe_rotated, "rotated keys", progress, rope=folded)
 
+    induction = induction_scores(model, shape["num_key_value_heads"], options.seed)
+    if progress:
+        progress("retrieval heads", 1, 1)
     device = next(model.parameters()).device
     layers = []
     for i in range(n_layers):
@@ -291,6 +298,7 @@ def calibrate(
                 "key_abs_mean_after": stats["abs_after"],
                 "key_clip_by_bits": torch.tensor(key_clips, dtype=torch.float32),
                 "key_error_by_bits": torch.tensor(key_errors, dtype=torch.float32),
+                "key_induction": induction[i].float(),
                 "value_clip_by_bits": torch.tensor(value_clips, dtype=torch.float32),
                 "sink_channels": channels,
                 "sink_threshold": torch.tensor(threshold, dtype=torch.float32),

@@ -6,7 +6,9 @@ import pytest
 import torch
 from tiny_models import tiny_model
 
-from rkv_convert.calibrate.allocate import key_bits_by_error, Sensitivity, allocate_bits, measure_sensitivity
+from rkv_convert.calibrate.allocate import (
+    Sensitivity, allocate_bits, key_bits_by_error, key_bits_for_retrieval, measure_sensitivity,
+)
 from rkv_convert.calibrate.run import CalibrationOptions, calibrate
 from rkv_convert.evaluate.perplexity import perplexity
 from rkv_convert.evaluate.schemes import build_scheme
@@ -56,3 +58,21 @@ def test_key_bits_by_error_raises_the_layers_that_gain_most() -> None:
         key_bits_by_error(errors, 4, 1)
     with pytest.raises(ValueError, match="cannot raise 5 of 4"):
         key_bits_by_error(errors, 2, 5)
+
+
+def test_key_bits_for_retrieval_spends_the_same_bits_on_retrieval_layers_first() -> None:
+    errors = [[1.0, 0.9, 0.1], [1.0, 0.2, 0.1], [1.0, 0.5, 0.1], [1.0, 0.8, 0.1], [1.0, 0.95, 0.1], [1.0, 0.3, 0.1]]
+    induction = [[0.0, 0.5], [0.01, 0.0], [0.05, 0.02], [0.3, 0.2], [0.0, 0.0], [0.09, 0.0]]
+    # 3 steps: layer 0 (0.5) to 4 bits (2 steps), layer 3 (0.3) would need 2 more: the last step goes to the
+    # largest error drop among the others (layer 1: 0.8)
+    assert key_bits_for_retrieval(errors, induction, 2, 3) == [4, 3, 2, 2, 2, 2]
+    assert key_bits_for_retrieval(errors, induction, 2, 4) == [4, 2, 2, 4, 2, 2]
+    assert key_bits_for_retrieval(errors, induction, 2, 6) == [4, 3, 2, 4, 2, 3]  # then the drops 0.8 and 0.7
+    assert key_bits_for_retrieval(errors, induction, 2, 3, threshold=0.6) == key_bits_by_error(errors, 2, 3)
+    assert key_bits_for_retrieval(errors, induction, 3, 2) == [4, 3, 3, 4, 3, 3]  # 4 bits at most: one step each
+    widths = key_bits_for_retrieval(errors, induction, 2, 5)
+    assert sum(w - 2 for w in widths) == 5  # every step spent, as many added bits as --key-bits auto's
+    with pytest.raises(ValueError, match="one induction score list per layer"):
+        key_bits_for_retrieval(errors, induction[:2], 2, 3)
+    with pytest.raises(ValueError, match="--bits 2 or 3"):
+        key_bits_for_retrieval(errors, induction, 4, 1)
