@@ -113,7 +113,7 @@ def main() -> None:
     p.add_argument("--fp32-tiles", action="store_true", help="also fp32 operands: default launch settings and the previous (spilling) ones")
     p.add_argument("--fp-segment", action=argparse.BooleanOptionalAction, default=True,
                    help="compile the full-precision segment's loop too (--no-fp-segment: the token loop of the store only)")
-    p.add_argument("--key-bits", type=int, default=2, choices=(2, 3), help="folded kernel: key code bits")
+    p.add_argument("--key-bits", type=int, default=2, choices=(2, 3, 4), help="folded kernel: key code bits")
     p.add_argument("--group-meta", default="fp16", choices=("fp16", "log8"), help="folded kernel: group metadata")
     args = p.parse_args()
     common = dict(D=128, G=4, REP=1, QP=16, K_BITS=2, V_BITS=2, NGK=4, GV=128, NGV=1, HAS_FP=args.fp_segment,

@@ -301,13 +301,18 @@ def _u2_plane_fp16(b, J: tl.constexpr):
 
 
 @triton.jit
-def _u2_plane_i8(b, J: tl.constexpr):
-    """int8 ``(b >> 2J) & 3`` of a uint8 tile, four codes per register (one shift and one mask)."""
-    if J == 0:
+def _field_i8(b, SHIFT: tl.constexpr, WIDTH: tl.constexpr):
+    """int8 ``(b >> SHIFT) & (2**WIDTH - 1)`` of a uint8 tile, four codes per register (one shift, one mask):
+    2-bit codes at shifts 0, 2, 4, 6, 4-bit codes at 0 and 4."""
+    if WIDTH == 4 and SHIFT == 0:
+        asm: tl.constexpr = "and.b32 $0, $1, 0x0F0F0F0F;"
+    elif WIDTH == 4:
+        asm: tl.constexpr = "{.reg .b32 t; shr.b32 t, $1, 4; and.b32 $0, t, 0x0F0F0F0F;}"
+    elif SHIFT == 0:
         asm: tl.constexpr = "and.b32 $0, $1, 0x03030303;"
-    elif J == 1:
+    elif SHIFT == 2:
         asm: tl.constexpr = "{.reg .b32 t; shr.b32 t, $1, 2; and.b32 $0, t, 0x03030303;}"
-    elif J == 2:
+    elif SHIFT == 4:
         asm: tl.constexpr = "{.reg .b32 t; shr.b32 t, $1, 4; and.b32 $0, t, 0x03030303;}"
     else:
         asm: tl.constexpr = "{.reg .b32 t; shr.b32 t, $1, 6; and.b32 $0, t, 0x03030303;}"
@@ -360,9 +365,16 @@ def _pad_cols(x, N: tl.constexpr, P: tl.constexpr, U: tl.constexpr):
 
 @triton.jit
 def _planes(row, tmask, ii, PW: tl.constexpr, BITS: tl.constexpr, FAST: tl.constexpr, DT: tl.constexpr):
-    """The four code planes ``DT [BLOCK_N, PW]`` of a slot block: int8 ``DT``, the codes (FAST: 2- and 3-bit
-    codes by shift and mask); else the codes as ``DT`` (FAST: fp16 ``4 + code`` by byte permutes, 2 bits)."""
-    if FAST:
+    """The four code planes ``DT [BLOCK_N, PW]`` of a slot block: int8 ``DT``, the codes (FAST: 2-, 3- and 4-bit
+    codes by shift and mask, every byte of a row loaded as one contiguous tile); else the codes as ``DT`` (FAST:
+    fp16 ``4 + code`` by byte permutes, 2 bits)."""
+    if FAST and DT == tl.int8 and BITS == 4:  # channel 4i+j: byte 2i + j//2, nibble j%2; whole rows, split in registers
+        bb = tl.arange(0, 2 * PW)
+        raw = tl.load(row[:, None] + bb[None, :], mask=tmask[:, None], other=0)
+        even, odd = tl.split(tl.reshape(raw, (raw.shape[0], PW, 2)))  # bytes 2i and 2i + 1
+        p0, p1 = _field_i8(even, 0, 4), _field_i8(even, 4, 4)
+        p2, p3 = _field_i8(odd, 0, 4), _field_i8(odd, 4, 4)
+    elif FAST:
         raw = tl.load(row[:, None] + ii[None, :], mask=tmask[:, None], other=0)
         if DT == tl.int8 and BITS == 3:  # high bit of channel 4i+j: bit 4*(i%2)+j of byte PW + i//2
             hh = tl.arange(0, PW // 2)
@@ -371,7 +383,7 @@ def _planes(row, tmask, ii, PW: tl.constexpr, BITS: tl.constexpr, FAST: tl.const
             p0, p1 = _u3_plane_i8(raw, hi2, 0), _u3_plane_i8(raw, hi2, 1)
             p2, p3 = _u3_plane_i8(raw, hi2, 2), _u3_plane_i8(raw, hi2, 3)
         elif DT == tl.int8:
-            p0, p1, p2, p3 = _u2_plane_i8(raw, 0), _u2_plane_i8(raw, 1), _u2_plane_i8(raw, 2), _u2_plane_i8(raw, 3)
+            p0, p1, p2, p3 = _field_i8(raw, 0, 2), _field_i8(raw, 2, 2), _field_i8(raw, 4, 2), _field_i8(raw, 6, 2)
         else:
             p0, p1 = _u2_plane_fp16(raw, 0), _u2_plane_fp16(raw, 1)
             p2, p3 = _u2_plane_fp16(raw, 2), _u2_plane_fp16(raw, 3)
@@ -820,9 +832,10 @@ def decode_folded(
         block_n: slots per inner step (power of two >= 16); num_warps, num_stages: launch settings
             (``num_stages - 1`` blocks of loads in flight ahead of the one computed). None: the
             defaults for fp16 queries (smaller blocks at head dim 256), else ``_tiles``' spill-free ones.
-        unpack: ``"auto"``: 2-bit codes of fp16 calls are unpacked by inline PTX (CUDA only: keys
-            by shift and mask into int8, values by byte permutes into fp16), other codes by integer
-            conversion; ``"convert"``: always the latter (the same dots and results).
+        unpack: ``"auto"``: codes of fp16 calls are unpacked by inline PTX where it can (CUDA only: 2-bit
+            keys, and 3- and 4-bit keys with integer key dots, by shift and mask into int8; 2-bit values by byte
+            permutes into fp16), other codes by integer conversion; ``"convert"``: always the latter (the same
+            dots and results).
         backend: ``"auto"``, ``"triton"`` or ``"reference"`` (see ``_common``).
 
     Returns:
@@ -892,7 +905,7 @@ def decode_folded(
             D=d, REP=rep, R=R, NG=d // params.g_k, GK=params.g_k, NGV=d // params.g_v, GV=params.g_v,
             K_BITS=params.bits, V_BITS=params.value_bits,
             K_I8=int8_key_dots(q.dtype, d), V_FAST=params.value_bits == 2 and prmt,
-            K_FAST=prmt and (params.bits == 2 or (params.bits == 3 and int8_key_dots(q.dtype, d))),
+            K_FAST=prmt and (params.bits == 2 or (params.bits in (3, 4) and int8_key_dots(q.dtype, d))),
             BLOCK_N=block_n, BLOCK_F=tiles["block_f"], HAS_FP=has_fp, DIRECT=direct,
             DT=tl.float16 if fp16 else tl.float32, PREC="tf32" if fp16 else "ieee",
             SOFTCAP=params.softcap is not None, NUM_STAGES=num_stages, MASKLESS=maskless,

@@ -373,6 +373,9 @@ GPU_CASES = {  # (case, dtype, one launch too): few compiled variants, so that -
     # 3-bit keys with fp16 queries at head dim 128: codes by shift and mask (CUDA only; the interpreter converts)
     "llama2-like-k3v2-meta8-fp16": (dict(B=2, n_kv=4, rep=1, d=128, T=1500, F=137, bits=3, v_bits=2, g_k=64, g_v=64,
                                          spare=36, meta8=True), torch.float16, True),
+    # 4-bit keys likewise: whole rows split into even and odd bytes, nibbles by shift and mask
+    "llama3-like-k4v2-meta8-fp16": (dict(B=2, n_kv=4, rep=4, d=128, T=1500, F=137, bits=4, v_bits=2, g_k=64, g_v=64,
+                                         spare=36, meta8=True), torch.float16, True),
 }
 
 
