@@ -41,7 +41,7 @@ from ..export.format import Checkpoint
 from ..models.adapters import attach
 from ..models.compat import cache_argument
 from .scheme_decode import SchemeDecodeAttention
-from .schemes import build_scheme
+from .schemes import Scheme, build_scheme
 
 __all__ = [
     "PasskeyOptions",
@@ -51,6 +51,7 @@ __all__ = [
     "build_trials",
     "answer_is_correct",
     "run_passkey",
+    "score_scheme",
     "passkey_csv",
     "device_name",
 ]
@@ -302,7 +303,6 @@ def run_passkey(
         raise ValueError(f"unknown passkey path(s) {bad}; choose from {', '.join(PASSKEY_PATHS)}")
     device = next(model.parameters()).device
     trials = build_trials(tokenizer, filler, options)
-    window = checkpoint.config.recent_window
     results = list(done or [])
     finished = {(r.path, r.bits, r.length) for r in results}
     for length, rows in trials.items():
@@ -321,7 +321,7 @@ def run_passkey(
                 else:
                     ck = checkpoint_at(bits)
                     scheme = build_scheme("rotatekv" if path == "rotatekv-eval" else path, bits, ck)
-                    start = _eval_step(model, lambda s=scheme, c=ck: SchemeDecodeAttention(s, c, window))
+                    start = _eval_start(model, scheme, ck)
                 result = _score(path, bits, rows, start, tokenizer, options, device)
                 results.append(result)
                 if on_result:
@@ -329,6 +329,19 @@ def run_passkey(
                 if log:
                     log(f"passkey {path}-{bits} @ {length}: {result.correct}/{result.trials} in {result.seconds:.1f} s")
     return results
+
+
+def _eval_start(model: torch.nn.Module, scheme: Scheme, checkpoint: Checkpoint) -> Callable[[], Step]:
+    window = checkpoint.config.recent_window
+    return _eval_step(model, lambda: SchemeDecodeAttention(scheme, checkpoint, window))
+
+
+def score_scheme(model: torch.nn.Module, tokenizer: object, checkpoint: Checkpoint, scheme: Scheme, label: str,
+                 trials: list[PasskeyTrial], options: PasskeyOptions) -> PasskeyResult:  # fmt: skip
+    """Accuracy of one evaluation-quantizer ``scheme`` (any :class:`~.schemes.Scheme`, e.g. one an experiment
+    built) on ``trials`` of one length, in the deployed protocol as the ``rotatekv-eval`` path runs it."""
+    device = next(model.parameters()).device
+    return _score(label, scheme.bits, trials, _eval_start(model, scheme, checkpoint), tokenizer, options, device)
 
 
 CSV_FIELDS = ("path", "bits", "length", "trials", "correct", "accuracy", "fp_accuracy", "seconds", "device")

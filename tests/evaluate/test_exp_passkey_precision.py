@@ -1,0 +1,71 @@
+"""``benchmarks/exp_passkey_precision.py`` (an issue-12 experiment): its variants change only the named side and
+layers, and its ``exported`` variant scores what `rkv eval --task passkey`'s ``rotatekv-eval`` path scores."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import tiny_model, tiny_tokenizer
+
+from rkv_convert.calibrate.run import CalibrationOptions, calibrate
+from rkv_convert.evaluate.passkey import PasskeyOptions, build_trials, run_passkey, score_scheme
+from rkv_convert.export.fuse import fuse_value_rotation
+from rkv_convert.export.writer import checkpoint_from_artifact
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "exp_passkey_precision.py"
+TEMPLATE = ("{% for m in messages %}<eos>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<eos>assistant: {% endif %}")
+FILLER = " ".join(f"The method number {i} returns a list of names." for i in range(300))
+
+
+@pytest.fixture(scope="module")
+def exp():
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        spec = importlib.util.spec_from_file_location("exp_passkey_precision", SCRIPT)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+
+
+@pytest.fixture(scope="module")
+def setup():
+    source = tiny_model("llama", n_kv=2)
+    artifact = calibrate(source, torch.randint(0, 128, (2, 64)), CalibrationOptions(num_samples=2, seqlen=64, batch_size=2))
+    fuse_value_rotation(source, artifact.value_rotation)
+    tok = tiny_tokenizer()
+    tok.chat_template = TEMPLATE
+    return source, tok, checkpoint_from_artifact(artifact, 2, recent_window=16, flush_block=8, max_sinks=1)
+
+
+def test_variants_raise_only_the_named_side_and_layers(exp, setup) -> None:
+    _, _, ck = setup
+    exported = exp.variant_scheme(ck, "exported")
+    one = exp.variant_scheme(ck, "keys8@1")
+    assert [c.bits for c in one.key_codecs] == [2, 8] and one.key_codecs[1].clip == 1.0
+    assert one.key_codecs[1].meta_base is None and one.key_codecs[0] == exported.key_codecs[0]
+    assert one.value_codecs == exported.value_codecs
+    both = exp.variant_scheme(ck, "both8")
+    assert [c.bits for c in both.key_codecs + both.value_codecs] == [8, 8, 8, 8]
+    assert [c.bits for c in exp.variant_scheme(ck, "values8@0").value_codecs] == [8, 2]
+    with pytest.raises(ValueError, match="unknown variant"):
+        exp.variant_scheme(ck, "keys4")
+    with pytest.raises(ValueError, match="outside 0..1"):
+        exp.variant_scheme(ck, "keys8@2")
+
+
+def test_exported_variant_scores_like_the_eval_quantizer_path(exp, setup) -> None:
+    source, tok, ck = setup
+    opts = PasskeyOptions(lengths=(300,), trials=3, depths=(0.3, 0.7), max_new_tokens=4, batch_size=2)
+    path = run_passkey(source, tok, ck, lambda b: ck, ["rotatekv-eval"], [2], opts, FILLER)[0]
+    ours = score_scheme(source, tok, ck, exp.variant_scheme(ck, "exported"), "exported",
+                        build_trials(tok, FILLER, opts)[300], opts)  # fmt: skip
+    assert len(ours.answers) == 3 and all(ours.answers)
+    assert ours.answers == path.answers and ours.correct == path.correct
