@@ -8,7 +8,7 @@ over the second copy; a KV head takes the largest score among its query heads, b
 query head is enough to need that head's keys precise. No text is read: the tokens are seeded random
 ids, so the score cannot see calibration or evaluation text.
 
-``rkv export --key-bits auto`` spends part of its bit budget on the layers that hold retrieval heads
+``rkv export --key-bits retrieval`` spends its added key bits first on the layers that hold retrieval heads
 (``calibrate.allocate.key_bits_for_retrieval``).
 """
 
