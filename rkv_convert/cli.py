@@ -164,7 +164,9 @@ def _calibration_table(artifact) -> Table:
 
     opts = artifact.meta["options"]
     table = Table(title=f"per-layer calibration ({opts.get('key_layout', 'prerope')} keys, head groups of {opts['head_group_size']}, key/value groups {opts['key_group_size']}/{opts['value_group_size']})")
-    for col in ("layer", "key outlier ratio before", "after rotation", "sink channels", "sink tokens", "key clip 2/3/4 bit", "value clip 2/3/4 bit"):
+    induction = all("key_induction" in layer for layer in artifact.layers)
+    for col in ("layer", "key outlier ratio before", "after rotation", "sink channels", "sink tokens", "key clip 2/3/4 bit",
+                "value clip 2/3/4 bit", *(("retrieval head score",) if induction else ())):  # fmt: skip
         table.add_column(col, justify="right")
     for i, layer in enumerate(artifact.layers):
         table.add_row(
@@ -175,6 +177,7 @@ def _calibration_table(artifact) -> Table:
             str(artifact.meta["sink_tokens_flagged"][i]),
             "/".join(f"{c:.3g}" for c in layer["key_clip_by_bits"].tolist()),
             "/".join(f"{c:.3g}" for c in layer["value_clip_by_bits"].tolist()),
+            *((f"{float(layer['key_induction'].max()):.3f}",) if induction else ()),
         )
     return table
 

@@ -6,7 +6,10 @@ import shutil
 from tiny_models import save_tiny_model
 from typer.testing import CliRunner
 
-from rkv_convert.cli import app
+from rich.console import Console
+
+from rkv_convert.calibrate.artifact import load_artifact
+from rkv_convert.cli import _calibration_table, app
 from rkv_convert.export.format import read_checkpoint
 
 runner = CliRunner()
@@ -35,6 +38,10 @@ def test_folded_calibrate_export_eval_run(tmp_path) -> None:
     _ok(calibrated)
     assert "folded keys, head groups of 1" in " ".join(calibrated.output.split())
     assert json.loads((cal / "calibration.json").read_text())["options"]["key_layout"] == "folded"
+    wide = Console(width=300, record=True)
+    wide.print(_calibration_table(load_artifact(cal)))
+    header = wide.export_text().splitlines()[2]
+    assert "retrieval head score" in header  # the calibrator's induction scores: a column of the per-layer table
 
     _ok(runner.invoke(app, ["export", "--calibration", str(cal), "--out", str(ck), "--bits", "2",
                             "--recent-window", "4", "--flush-block", "4", "--max-sinks", "1"]))  # fmt: skip
