@@ -11,7 +11,7 @@ from rich.console import Console
 
 from .calibrate.observers import CalibrationError
 from .export.format import SUPPORTED_BITS
-from .models.adapters import ContractError, rope_limit
+from .models.adapters import ContractError, context_length, rope_limit
 from .models.compat import CacheDisengagedError, UntestedTransformersError
 
 __all__ = [
@@ -85,18 +85,6 @@ def parse_bits(text: str) -> list[int]:
     if not items or not all(b.isdigit() and int(b) in SUPPORTED_BITS for b in items):
         raise InputError(f"--bits takes a comma list of {valid}; got {text!r}")
     return [int(b) for b in items]
-
-
-def context_length(config: object) -> int | None:
-    """The most tokens one sequence may reach in rkv, or ``None`` when the model does not say: the model's
-    context (``max_position_embeddings``), or less for a longrope model (:func:`~rkv_convert.models.adapters.rope_limit`).
-
-    The one place every command (calibrate, eval, run, batch jobs, serve) takes this limit from.
-    """
-    limit = getattr(config, "max_position_embeddings", None)
-    rope = rope_limit(config)
-    limits = [int(n) for n in (limit, rope.tokens if rope else None) if n]
-    return min(limits) if limits else None
 
 
 def context_text(config: object) -> str:

@@ -19,11 +19,11 @@ from torch import nn
 
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from ..models.adapters import attach, attention_softcap, attention_window, stock_attention
+from ..models.adapters import attach, attention_softcap, attention_window, context_length, stock_attention
 
 __all__ = ["induction_scores", "INDUCTION_LENGTH"]
 
-INDUCTION_LENGTH = 256  # tokens per copy: the sequence is 2 x this
+INDUCTION_LENGTH = 256  # tokens per copy: the sequence is 2 x this, or the model's context when shorter
 
 
 class _InductionTap:
@@ -58,7 +58,16 @@ class _InductionTap:
 def induction_scores(model: nn.Module, n_kv: int, seed: int = 0, copies: int = 4,
                      copy_len: int = INDUCTION_LENGTH) -> list[torch.Tensor]:  # fmt: skip
     """Per layer, fp32 ``[n_kv]``: each KV head's largest query-head induction score (module docstring) on
-    ``copies`` seeded random sequences of ``copy_len`` tokens, each repeated once."""
+    ``copies`` seeded random sequences of ``copy_len`` tokens, each repeated once.
+
+    Both copies stay within the model's context (``context_length``: a longrope model's short-factor
+    limit included), so ``copy_len`` shrinks to half of it where that is shorter.
+    """
+    limit = context_length(model.config)
+    if limit is not None:
+        copy_len = min(copy_len, limit // 2)
+    if copy_len < 2:
+        raise ValueError(f"induction scores need at least 4 tokens of context; this model allows {limit}")
     vocab = model.get_input_embeddings().weight.shape[0]
     gen = torch.Generator().manual_seed(seed)
     first = torch.randint(0, vocab, (copies, copy_len), generator=gen)

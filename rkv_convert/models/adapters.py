@@ -48,6 +48,7 @@ __all__ = [
     "attention_window",
     "check_contract",
     "config_softcap",
+    "context_length",
     "decoder",
     "decoder_layers",
     "head_dim",
@@ -349,6 +350,18 @@ def rope_limit(config: object) -> RopeLimit | None:
         if p.get("rope_type") == "longrope"
     ]
     return RopeLimit(min(limits), _LONGROPE_WHY) if limits else None
+
+
+def context_length(config: object) -> int | None:
+    """The most tokens one sequence may reach in rkv, or ``None`` when the model does not say: the model's
+    context (``max_position_embeddings``), or less for a longrope model (:func:`rope_limit`).
+
+    The one place every command (calibrate, eval, run, batch jobs, serve) and calibration pass takes this limit from.
+    """
+    limit = getattr(text_config(config), "max_position_embeddings", None)
+    rope = rope_limit(config)
+    limits = [int(n) for n in (limit, rope.tokens if rope else None) if n]
+    return min(limits) if limits else None
 
 
 def _refuse_past(limit: RopeLimit) -> Callable:
