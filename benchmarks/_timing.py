@@ -112,3 +112,10 @@ def markdown_table(rows: Sequence[dict[str, object]], columns: Sequence[str] | N
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def report_row(title: str, row: dict[str, object], csv_path: str | os.PathLike[str] | None) -> None:
+    """Show one finished row at once (long experiments) and append it to ``csv_path`` when given."""
+    print_table(title, [row])
+    if csv_path:
+        append_csv(csv_path, row)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import append_csv, print_table  # noqa: E402
+from _timing import print_table, report_row  # noqa: E402
 from _experiment import experiment_parser  # noqa: E402
 
 from rkv_convert.evaluate.perplexity import perplexity, token_windows  # noqa: E402
@@ -154,9 +154,7 @@ def main() -> None:
                    "length": args.length, "ppl": r.perplexity, "x_fp": r.perplexity / fp, "fp_ppl": fp,
                    "seconds": time.perf_counter() - t0}  # fmt: skip
             rows.append(row)
-            print_table("per-group range search", [row])
-            if args.csv:
-                append_csv(args.csv, row)
+            report_row("per-group range search", row, args.csv)
     print_table(f"per-group range search ({args.checkpoint.name}, {args.windows} x {args.length})", rows)
 
 

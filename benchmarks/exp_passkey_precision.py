@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import append_csv, print_table  # noqa: E402
+from _timing import print_table, report_row  # noqa: E402
 
 from rkv_convert.calibration_data.sources import load_text  # noqa: E402
 from rkv_convert.evaluate.passkey import PasskeyOptions, build_trials, score_scheme  # noqa: E402
@@ -79,9 +79,7 @@ def main() -> None:
         row = {"variant": v, "length": args.length, "trials": r.trials, "correct": r.correct,
                "accuracy": r.accuracy, "seconds": r.seconds, "device": r.device}  # fmt: skip
         rows.append(row)
-        print_table("passkey by stored precision", [row])
-        if args.csv:
-            append_csv(args.csv, row)
+        report_row("passkey by stored precision", row, args.csv)
     print_table(f"passkey by stored precision ({args.checkpoint.name}, {args.length} tokens)", rows)
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import append_csv, print_table  # noqa: E402
+from _timing import print_table, report_row  # noqa: E402
 from _experiment import experiment_parser  # noqa: E402
 
 from rkv_convert.evaluate.checkpoints import clip_tables  # noqa: E402
@@ -80,9 +80,7 @@ def main() -> None:
             row = {"keys": label, "protocol": protocol, "windows": args.windows, "length": args.length,
                    "key_bits_per_elem": 2.5, "ppl": r.perplexity, "x_fp": r.perplexity / fp, "fp_ppl": fp}  # fmt: skip
             rows.append(row)
-            print_table("symmetric keys", [row])
-            if args.csv:
-                append_csv(args.csv, row)
+            report_row("symmetric keys", row, args.csv)
     print_table("symmetric keys (2-bit keys, 2.5 bits per element both ways)", rows)
 
 

@@ -3,12 +3,9 @@ layers, and its ``exported`` variant scores what `rkv eval --task passkey`'s ``r
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from benchmark_scripts import load_benchmark
 from tiny_models import tiny_model, tiny_tokenizer
 
 from rkv_convert.calibrate.run import CalibrationOptions, calibrate
@@ -16,7 +13,6 @@ from rkv_convert.evaluate.passkey import PasskeyOptions, build_trials, run_passk
 from rkv_convert.export.fuse import fuse_value_rotation
 from rkv_convert.export.writer import checkpoint_from_artifact
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "exp_passkey_precision.py"
 TEMPLATE = ("{% for m in messages %}<eos>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}<eos>assistant: {% endif %}")
 FILLER = " ".join(f"The method number {i} returns a list of names." for i in range(300))
@@ -24,15 +20,7 @@ FILLER = " ".join(f"The method number {i} returns a list of names." for i in ran
 
 @pytest.fixture(scope="module")
 def exp():
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        spec = importlib.util.spec_from_file_location("exp_passkey_precision", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
+    return load_benchmark("exp_passkey_precision")
 
 
 @pytest.fixture(scope="module")

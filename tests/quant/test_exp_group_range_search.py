@@ -3,29 +3,16 @@ fractions it is the library's quantizer, bit for bit; with them no group's error
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from benchmark_scripts import load_benchmark
 
 from rkv_convert.quant.quantizer import dequantize, meta_scale_base, quantize
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "exp_group_range_search.py"
 
 
 @pytest.fixture(scope="module")
 def exp():
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        spec = importlib.util.spec_from_file_location("exp_group_range_search", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # its dataclasses look their module up
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
+    return load_benchmark("exp_group_range_search")
 
 
 def _bases(x: torch.Tensor, bits: int, clip: float) -> list[float | None]:
