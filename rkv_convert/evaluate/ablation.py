@@ -2,8 +2,7 @@
 
 The rows come from :mod:`.variants`; calibration goes through
 :func:`~rkv_convert.calibrate.run.calibrate` (once per distinct option set), scores through
-:func:`~.perplexity.perplexity`, experimental quantizers through :mod:`.experimental`, tables
-through :mod:`.ablation_report`.
+:func:`~.perplexity.perplexity`, tables through :mod:`.ablation_report`.
 """
 
 from __future__ import annotations
@@ -25,9 +24,8 @@ from ..models.adapters import head_dim
 from ..quant.hadamard import hadamard_matrix
 from ..quant.quantizer import bits_per_element
 from ..quant.sinks import detect_sinks
-from .experimental import ExperimentalRotateKV, value_means
 from .perplexity import perplexity
-from .schemes import KIVI, RTN, RotateKV, Scheme, key_codecs, value_codecs
+from .schemes import KIVI, RTN, RotateKV, RotateKVSourceValues, Scheme, key_codecs, value_codecs
 from .variants import ABLATION_BASE, SELECTION, Variant
 
 __all__ = ["select_defaults", "run_ablation"]
@@ -48,7 +46,7 @@ def _sink_counts(model, windows: torch.Tensor, checkpoint: Checkpoint, batch_siz
     return float(torch.cat(flagged).mean()) if flagged else 0.0
 
 
-def _scheme(variant: Variant, bits: int, checkpoint: Checkpoint, value_means) -> Scheme:
+def _scheme(variant: Variant, bits: int, checkpoint: Checkpoint) -> Scheme:
     vr = checkpoint.value_rotation
     if variant.scheme == "fp":
         return Scheme()
@@ -58,12 +56,9 @@ def _scheme(variant: Variant, bits: int, checkpoint: Checkpoint, value_means) ->
         return KIVI(name="kivi", bits=bits, value_rotation=vr, uses_sinks=variant.sinks)
     keys = key_codecs(checkpoint, None)  # the checkpoint's key layout and per-layer widths (the variant's)
     values = value_codecs(checkpoint, None)
-    if variant.experimental or not variant.value_rotation:
-        return ExperimentalRotateKV(
-            name="rotatekv", bits=bits, key_codecs=keys, value_codecs=values, uses_sinks=variant.sinks,
-            lsq_encoder=variant.lsq_encoder, value_means=value_means if variant.value_centring else None,
-            value_rotation=None if variant.value_rotation else vr,
-        )
+    if not variant.value_rotation:
+        return RotateKVSourceValues(name="rotatekv", bits=bits, key_codecs=keys, value_codecs=values,
+                                    uses_sinks=variant.sinks, value_rotation=vr)  # fmt: skip
     return RotateKV(name="rotatekv", bits=bits, key_codecs=keys, value_codecs=values, uses_sinks=variant.sinks)
 
 
@@ -82,7 +77,6 @@ class _Lab:
         self.sensitivities: dict[tuple, Sensitivity] = {}
         self.model = copy.deepcopy(source_model)
         fuse_value_rotation(self.model, hadamard_matrix(head_dim(source_model.config)))
-        self._value_means = None
 
     def artifact(self, overrides: dict) -> CalibrationArtifact:
         full = _options_key({**self.base, **overrides})
@@ -91,12 +85,6 @@ class _Lab:
             self.log(f"calibrating {changed or 'defaults'}")
             self.artifacts[full] = calibrate(self.source, self.batches, CalibrationOptions(**{**self.base, **overrides}))
         return self.artifacts[full]
-
-    def value_means(self) -> list[torch.Tensor]:
-        if self._value_means is None:
-            ck = checkpoint_from_artifact(self.artifact({}), 2)
-            self._value_means = value_means(self.model, self.batches, ck, self.batch_size)
-        return self._value_means
 
     def widths(self, v: Variant, bits: int) -> tuple[list[int] | None, list[int] | None]:
         """Per-layer (key, value) widths of a variant at ``bits`` (``None``: every layer at ``bits``)."""
@@ -126,7 +114,7 @@ class _Lab:
         b = 2 if bits == 16 else bits
         kb, vb = self.widths(v, b) if v.scheme == "rotatekv" else (None, None)
         ck = checkpoint_from_artifact(artifact, b, v.recent_window, max_sinks=v.max_sinks, key_bits=kb, value_bits=vb)
-        scheme = _scheme(v, bits, ck, self.value_means() if v.value_centring else None)
+        scheme = _scheme(v, bits, ck)
         window = 0 if protocol == "sinks" else v.recent_window
         return perplexity(self.model, windows, scheme, "oneshot" if protocol == "oneshot" else "deployed", ck,
                           recent_window=window, batch_size=self.batch_size), window
@@ -201,7 +189,7 @@ def run_ablation(
                     if v.sinks and protocol != "oneshot" and bits < 16:
                         eff += sinks_per_window * (16 - (kb + vb) / 2) / length
                     row = {
-                        "text": label, "variant": v.name, "component": v.component, "experimental": v.experimental,
+                        "text": label, "variant": v.name, "component": v.component,
                         "scheme": v.scheme, "bits": bits, "protocol": protocol if bits < 16 else "-",
                         "key_bits": kb, "value_bits": vb, "effective_bits": round(eff, 4),
                         "recent_window": window if protocol != "oneshot" else 0, "ppl": result.perplexity,

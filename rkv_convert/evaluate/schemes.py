@@ -15,7 +15,7 @@ from ..quant.codec import FoldedKeyCodec, KeyCodec, ValueCodec, rotate_groups
 from ..quant.quantizer import GroupMeta, bits_per_element, fake_quantize
 from ..runtime.ops import apply_rope
 
-__all__ = ["Scheme", "FullPrecision", "RTN", "KIVI", "RotateKV", "build_scheme", "key_codecs", "value_codecs", "SCHEME_NAMES"]
+__all__ = ["Scheme", "FullPrecision", "RTN", "KIVI", "RotateKV", "RotateKVSourceValues", "build_scheme", "key_codecs", "value_codecs", "SCHEME_NAMES"]
 
 SCHEME_NAMES = ("fp", "rtn", "kivi", "rotatekv")
 
@@ -143,6 +143,22 @@ class RotateKV(Scheme):
         keys = [cost(c) for c in self.key_codecs]
         values = [cost(c) for c in self.value_codecs]
         return sum(keys) / len(keys), sum(values) / len(values)
+
+
+@dataclass
+class RotateKVSourceValues(RotateKV):
+    """RotateKV with values quantized as the source model holds them: the ablation's "no value rotation" row.
+
+    The evaluated model's weights rotate values (``value_rotation``), so they are turned back before the
+    codec and forward after it.
+    """
+
+    value_rotation: torch.Tensor | None = None
+
+    def values(self, layer, v):
+        source = _rows_to_heads(rotate_groups(_heads_to_rows(v), self.value_rotation, inverse=True), v.shape[1])
+        out = super().values(layer, source)
+        return _rows_to_heads(rotate_groups(_heads_to_rows(out), self.value_rotation), v.shape[1])
 
 
 def key_codecs(checkpoint: Checkpoint, bits: int | None, key_clips: list[float] | None = None) -> list[KeyCodec | FoldedKeyCodec]:

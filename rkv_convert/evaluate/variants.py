@@ -37,15 +37,9 @@ class Variant:
     recent_window: int = 128
     max_sinks: int = 8
     value_rotation: bool = True  # False: values quantized in the source basis
-    lsq_encoder: bool = False  # experimental: least-squares scale/zero per group
-    value_centring: bool = False  # experimental: calibrated value mean subtracted before quantizing
     protocols: tuple[str, ...] = ABLATION_PROTOCOLS
     key_extra_bits: int = 0  # keys at bits + this (at most 4), values at bits: separate K/V widths
     allocation_extra: float | None = None  # per-layer widths chosen by dev-text sensitivity, budget = uniform + this
-
-    @property
-    def experimental(self) -> bool:
-        return self.lsq_encoder or self.value_centring
 
 
 # Choices searched before the table (greedy, in this order, on development text): option → values.
@@ -109,9 +103,6 @@ def default_variants(base: CalibrationOptions | None = None) -> list[Variant]:
         Variant("keys +1 bit (K b+1 / V b)", "key/value bits", key_extra_bits=1),
         Variant("per-layer widths +0.25 bit budget", "bit allocation", allocation_extra=0.25),
         Variant("per-layer widths +0.5 bit budget", "bit allocation", allocation_extra=0.5),
-        Variant("least-squares encoder (exp.)", "experimental", lsq_encoder=True),
-        Variant("value centring (exp.)", "experimental", value_centring=True),
-        Variant("least-squares encoder + value centring (exp.)", "experimental", lsq_encoder=True, value_centring=True),
     ]
     return rows
 

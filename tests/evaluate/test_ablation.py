@@ -8,19 +8,23 @@ from rkv_convert.calibrate.run import CalibrationOptions
 from rkv_convert.evaluate.ablation import run_ablation
 from rkv_convert.evaluate.ablation_report import markdown_table
 from rkv_convert.evaluate.domains import package_docs_text
-from rkv_convert.evaluate.experimental import lsq_quantize
+from rkv_convert.evaluate.schemes import RotateKVSourceValues
 from rkv_convert.evaluate.variants import SELECTION, Variant, default_variants
+from rkv_convert.quant.codec import ValueCodec
+from rkv_convert.quant.hadamard import hadamard_matrix
 from rkv_convert.quant.quantizer import fake_quantize
 
 
-def test_lsq_encoder_never_does_worse_than_min_max() -> None:
-    x = torch.randn(256, 64)
-    for bits in (2, 3, 4):
-        base = (fake_quantize(x, bits, 64) - x).pow(2).mean()
-        lsq = (lsq_quantize(x, bits, 64) - x).pow(2).mean()
-        assert lsq <= base * 1.001
-    perm = torch.randperm(64)
-    assert (lsq_quantize(x, 2, 16, 1.0, perm) - x).pow(2).mean() <= (fake_quantize(x, 2, 16, 1.0, perm) - x).pow(2).mean() * 1.001
+def test_source_values_are_quantized_before_the_value_rotation() -> None:
+    """The "no value rotation" row: values turned back to the source basis, quantized per token there, turned forward."""
+    rotation = hadamard_matrix(16)
+    source = torch.randn(2, 3, 5, 16)  # [B, H, T, d]
+    rotated = torch.einsum("bhtd,de->bhte", source, rotation)
+    scheme = RotateKVSourceValues(value_codecs=[ValueCodec(2, 16, 1.0)], value_rotation=rotation)
+    expected = torch.einsum("bhtd,de->bhte", fake_quantize(source.transpose(1, 2).reshape(2, 5, 48), 2, 16)
+                            .reshape(2, 5, 3, 16).transpose(1, 2), rotation)  # fmt: skip
+    torch.testing.assert_close(scheme.values(0, rotated), expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(expected, rotated, atol=1e-2)  # 2 bits do change the values
 
 
 def test_variant_rows_leave_out_the_default_itself() -> None:
@@ -40,7 +44,7 @@ def test_small_ablation_runs_end_to_end() -> None:
         Variant("kivi+sinks", "baseline", scheme="kivi", protocols=("sinks", "deployed")),
         Variant("RotateKV default", "default", recent_window=16),
         Variant("no value rotation", "value rotation", value_rotation=False, recent_window=16),
-        Variant("exp", "experimental", {"perm_statistic": "rms"}, lsq_encoder=True, value_centring=True, recent_window=16),
+        Variant("permutation by rms", "permutation", {"perm_statistic": "rms"}, recent_window=16),
         Variant("keys +1", "key/value bits", key_extra_bits=1, protocols=("oneshot",)),
         Variant("allocated", "bit allocation", allocation_extra=0.25, protocols=("oneshot",)),
     ]
