@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from tiny_models import tiny_config
+from tiny_models import LONGROPE_LIMIT, tiny_config
 
-from rkv_convert.calibrate.retrieval import induction_scores
+from rkv_convert.calibrate.retrieval import INDUCTION_LENGTH, induction_scores
 from transformers import AutoModelForCausalLM
 
 
@@ -38,3 +38,16 @@ def test_scores_match_eager_attention(family: str, kwargs: dict) -> None:
         torch.testing.assert_close(g, w.float(), rtol=1e-4, atol=1e-6)
     assert max(float(g.max()) for g in got) > 0.0
 
+
+
+def test_both_copies_stay_within_a_longrope_limit() -> None:
+    """Past ``original_max_position_embeddings`` rkv refuses a longrope forward: the copies shrink to half of it."""
+    config = tiny_config("phi3_longrope", n_heads=4, n_kv=2, layers=2)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    assert 2 * INDUCTION_LENGTH > LONGROPE_LIMIT  # the default length would cross the limit
+    got = induction_scores(model, 2, seed=1, copies=2)
+    want = _reference(model, 2, 2, LONGROPE_LIMIT // 2, 1)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w.float(), rtol=1e-4, atol=1e-6)
