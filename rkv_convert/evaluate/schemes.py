@@ -146,19 +146,15 @@ class RotateKV(Scheme):
 
 
 @dataclass
-class RotateKVSourceValues(RotateKV):
+class RotateKVSourceValues(RotateKV, _SourceValues):
     """RotateKV with values quantized as the source model holds them: the ablation's "no value rotation" row.
 
     The evaluated model's weights rotate values (``value_rotation``), so they are turned back before the
-    codec and forward after it.
+    codec and forward after it, as the baselines do.
     """
 
-    value_rotation: torch.Tensor | None = None
-
     def values(self, layer, v):
-        source = _rows_to_heads(rotate_groups(_heads_to_rows(v), self.value_rotation, inverse=True), v.shape[1])
-        out = super().values(layer, source)
-        return _rows_to_heads(rotate_groups(_heads_to_rows(out), self.value_rotation), v.shape[1])
+        return self._back(super().values(layer, self._source(v)))
 
 
 def key_codecs(checkpoint: Checkpoint, bits: int | None, key_clips: list[float] | None = None) -> list[KeyCodec | FoldedKeyCodec]:

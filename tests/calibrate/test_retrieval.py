@@ -39,7 +39,6 @@ def test_scores_match_eager_attention(family: str, kwargs: dict) -> None:
     assert max(float(g.max()) for g in got) > 0.0
 
 
-
 def test_both_copies_stay_within_a_longrope_limit() -> None:
     """Past ``original_max_position_embeddings`` rkv refuses a longrope forward: the copies shrink to half of it."""
     config = tiny_config("phi3_longrope", n_heads=4, n_kv=2, layers=2)
