@@ -86,7 +86,8 @@ class SearchedValues(ValueCodec):
         return searched_quantize(v, self.bits, self.group_size, self.clip, self.meta_base, self.fractions)
 
 
-def _with_search(codec, cls, fractions, **extra):
+def with_search(codec, cls, fractions, **extra):
+    """``codec`` (a key or value codec) as ``cls``, its searched form over ``fractions``."""
     return cls(**{f.name: getattr(codec, f.name) for f in fields(codec) if f.init}, fractions=fractions, **extra)
 
 
@@ -135,13 +136,13 @@ def main() -> None:
     ids = token_windows(tok, args.text.read_text(encoding="utf-8"), args.length, args.windows)
     base = build_scheme("rotatekv", None, ck)
     fp = perplexity(model, ids, build_scheme("fp", None, ck), "oneshot", ck).perplexity
-    keys = [_with_search(c, SearchedKeys, fractions) for c in base.key_codecs]
-    values = [_with_search(c, SearchedValues, fractions) for c in base.value_codecs]
+    keys = [with_search(c, SearchedKeys, fractions) for c in base.key_codecs]
+    values = [with_search(c, SearchedValues, fractions) for c in base.value_codecs]
     variants = {"none": (base.key_codecs, base.value_codecs), "keys": (keys, base.value_codecs),
                 "values": (base.key_codecs, values), "both": (keys, values)}  # fmt: skip
     if any(t.startswith("q") for t in targets):
         weights = query_weights(model, tok, 8, 1024)
-        qkeys = [_with_search(c, SearchedKeys, fractions, query_weight=w) for c, w in zip(base.key_codecs, weights)]
+        qkeys = [with_search(c, SearchedKeys, fractions, query_weight=w) for c, w in zip(base.key_codecs, weights)]
         variants |= {"qkeys": (qkeys, base.value_codecs), "qboth": (qkeys, values)}
     rows = []
     for protocol in args.protocols.split(","):

@@ -3,6 +3,8 @@ layers, and its ``exported`` variant scores what `rkv eval --task passkey`'s ``r
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from benchmark_scripts import load_benchmark
@@ -57,3 +59,23 @@ def test_exported_variant_scores_like_the_eval_quantizer_path(exp, setup) -> Non
                         build_trials(tok, FILLER, opts)[300], opts)  # fmt: skip
     assert len(ours.answers) == 3 and all(ours.answers)
     assert ours.answers == path.answers and ours.correct == path.correct
+
+
+def test_search_variants_swap_only_the_named_side_for_the_searched_encoder(exp, setup) -> None:
+    _, _, ck = setup
+    exported = exp.variant_scheme(ck, "exported")
+    keys = exp.variant_scheme(ck, "search-keys", (1.0, 0.7))
+    assert all(type(c).__name__ == "SearchedKeys" and c.fractions == (1.0, 0.7) for c in keys.key_codecs)
+    assert keys.value_codecs == exported.value_codecs
+    both = exp.variant_scheme(ck, "search-both")
+    assert all(type(c).__name__ == "SearchedValues" and c.fractions == exp.GRID for c in both.value_codecs)
+    assert [c.bits for c in both.key_codecs] == [c.bits for c in exported.key_codecs]
+    k = torch.randn(1, 2, 5, ck.config.head_dim)
+    cos, sin = torch.ones(1, 5, ck.config.head_dim), torch.zeros(1, 5, ck.config.head_dim)
+    codec, plain = keys.key_codecs[0], exported.key_codecs[0]
+    err = (codec.decode(codec.encode(k, cos, sin), cos, sin) - k).square().sum()
+    err_plain = (plain.decode(plain.encode(k, cos, sin), cos, sin) - k).square().sum()
+    assert err < err_plain  # the search keeps each group's best range, the plain one among its candidates
+    with pytest.raises(ValueError, match="needs a folded-key checkpoint"):
+        exp.variant_scheme(dataclasses.replace(ck, config=dataclasses.replace(ck.config, key_layout="prerope")),
+                           "search-both")
