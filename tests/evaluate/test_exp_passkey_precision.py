@@ -13,6 +13,7 @@ from tiny_models import tiny_model, tiny_tokenizer
 from rkv_convert.calibrate.run import CalibrationOptions, calibrate
 from rkv_convert.evaluate.passkey import PasskeyOptions, build_trials, run_passkey, score_scheme
 from rkv_convert.export.fuse import fuse_value_rotation
+from rkv_convert.evaluate.schemes import Scheme
 from rkv_convert.export.writer import checkpoint_from_artifact
 
 TEMPLATE = ("{% for m in messages %}<eos>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -79,3 +80,30 @@ def test_search_variants_swap_only_the_named_side_for_the_searched_encoder(exp, 
     with pytest.raises(ValueError, match="needs a folded-key checkpoint"):
         exp.variant_scheme(dataclasses.replace(ck, config=dataclasses.replace(ck.config, key_layout="prerope")),
                            "search-both")
+
+
+def test_needle_kept_reads_its_spans_in_full_precision(exp, setup, monkeypatch) -> None:
+    """The needle is found where ``build_trials`` put it; its span reads back in full precision; spans over the
+    whole prompt answer as the full-precision scheme does, empty spans as the exported one."""
+    source, tok, ck = setup
+    opts = PasskeyOptions(lengths=(300,), trials=4, depths=(0.3, 0.7), max_new_tokens=4, batch_size=2)
+    trials = build_trials(tok, FILLER, opts)[300]
+    for (a, b), t in zip(exp.needle_spans(tok, trials, opts), trials):
+        assert tok.decode(t.context[a:b]).strip().startswith(f"The pass key is {t.key}")
+    kept = exp.variant_scheme(ck, "needle-both")
+    k = torch.randn(2, ck.config.num_key_value_heads, 6, ck.config.head_dim)
+    cos, sin = torch.ones(1, 6, ck.config.head_dim), torch.zeros(1, 6, ck.config.head_dim)
+    kept.spans = [(1, 3), (0, 0)]
+    got, quantized = kept.keys(0, k, cos, sin), kept.base.keys(0, k, cos, sin)
+    assert torch.equal(got[0, :, 1:3], k[0, :, 1:3]) and not torch.equal(quantized[0, :, 1:3], k[0, :, 1:3])
+    assert torch.equal(got[0, :, 3:], quantized[0, :, 3:]) and torch.equal(got[1], quantized[1])
+    assert torch.equal(kept.values(0, k)[0, :, 1:3], k[0, :, 1:3])
+
+    fp = score_scheme(source, tok, ck, Scheme(), "fp", trials, opts)
+    exported = score_scheme(source, tok, ck, kept.base, "exported", trials, opts)
+    assert fp.answers != exported.answers  # the check below can tell them apart
+    monkeypatch.setattr(exp, "needle_spans", lambda *_: [(0, 10_000)] * len(trials))
+    whole = exp.score_needle_kept(source, tok, ck, exp.NeedleKept(base=kept.base), "all", trials, opts)
+    assert whole.answers == fp.answers
+    none = exp.NeedleKept(base=kept.base, keep_keys=False, keep_values=False)
+    assert exp.score_needle_kept(source, tok, ck, none, "none", trials, opts).answers == exported.answers
