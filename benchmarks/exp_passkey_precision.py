@@ -12,11 +12,10 @@ Variants: ``exported``; ``keys8`` / ``values8`` / ``both8`` (every layer); ``key
 layers only); ``search-keys`` / ``search-values`` / ``search-both`` (every layer, ``--grid`` fractions; folded
 checkpoints); ``needle-keys`` / ``needle-values`` / ``needle-both``: as exported, but the needle sentence's own
 tokens read back in full precision on the named side(s) (an oracle: is the loss in the needle's codes, or in the
-thousands of filler keys around it?); ``snap-N``: as exported, plus the ``N`` earlier tokens per sequence and
-layer that the question's queries attend to most (full-precision keys, heads and queries averaged, max-pooled
-over 7 tokens, as SnapKV selects) read back in full precision from the question on, as a runtime could pick
-them at the end of a prefill that holds the question. ``--length`` takes a comma-separated list. The filler is ``pydoc``, as in `rkv eval --task
-passkey` (never an evaluation text).
+thousands of filler keys around it?); ``salient-N``: as exported with ``salient_tokens = N`` (``rkv export
+--salient-tokens N``: the ``N`` prompt tokens per sequence and layer that the prompt's last tokens attend to
+most, kept in full precision; ``rkv_convert.runtime.salient``). ``--length`` takes a comma-separated list.
+The filler is ``pydoc``, as in `rkv eval --task passkey` (never an evaluation text).
 """
 
 from __future__ import annotations
@@ -34,13 +33,10 @@ from _timing import print_table, report_row  # noqa: E402
 
 from rkv_convert.calibration_data.sources import load_text  # noqa: E402
 from rkv_convert.evaluate.passkey import (  # noqa: E402
-    NEEDLE, PasskeyOptions, PasskeyResult, PasskeyTrial, _eval_step, _score, _template_parts, build_trials,
-    score_scheme,
+    NEEDLE, PasskeyOptions, PasskeyResult, PasskeyTrial, _template_parts, build_trials, score_scheme,
 )
-from rkv_convert.evaluate.scheme_decode import SchemeDecodeAttention  # noqa: E402
 from rkv_convert.evaluate.schemes import RotateKV, Scheme, build_scheme  # noqa: E402
 from rkv_convert.export.format import Checkpoint, read_checkpoint  # noqa: E402
-from rkv_convert.runtime.ops import apply_rope  # noqa: E402
 from exp_group_range_search import SearchedKeys, SearchedValues, with_search  # noqa: E402
 
 SIDES = {"keys8": (True, False), "values8": (False, True), "both8": (True, True)}
@@ -103,41 +99,11 @@ def score_needle_kept(model, tokenizer, checkpoint: Checkpoint, scheme: NeedleKe
                          r.device, answers)  # fmt: skip
 
 
-class SalientDecodeAttention(SchemeDecodeAttention):
-    """The deployed protocol's handler, plus: when a piece of several tokens (the question) arrives after
-    earlier ones, each layer marks the ``keep`` earlier tokens its queries attend to most as kept in full
-    precision (as sinks are) for the rest of the sequence."""
-
-    def __init__(self, scheme: Scheme, checkpoint: Checkpoint, recent_window: int, keep: int, pool: int = 7) -> None:
-        super().__init__(scheme, checkpoint, recent_window)
-        self.keep, self.pool = keep, pool
-
-    def __call__(self, module, query, key, value, position_embeddings, attention_mask, cache, layer_input, **kw):
-        state = self.layers.get(module.layer_idx)
-        if state is not None and state.sinks is not None and query.shape[2] > 1:
-            state.sinks = state.sinks | self._salient(module, state, query, position_embeddings)
-        return super().__call__(module, query, key, value, position_embeddings, attention_mask, cache, layer_input, **kw)
-
-    def _salient(self, module, state, query, position_embeddings) -> torch.Tensor:
-        cos, sin = position_embeddings
-        q = apply_rope(query, cos.unsqueeze(1), sin.unsqueeze(1)).float()  # [B, Hq, n, d]
-        k = apply_rope(state.keys, state.cos.unsqueeze(1), state.sin.unsqueeze(1)).float()  # [B, Hkv, T, d]
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
-        score = torch.softmax(q @ k.transpose(-1, -2) * module.scaling, -1).mean((1, 2))  # [B, T]
-        score = torch.nn.functional.max_pool1d(score[:, None], self.pool, 1, self.pool // 2)[:, 0]
-        t = score.shape[1]
-        score[:, max(0, t - self.window):] = float("-inf")  # the recent window is read in full precision anyway
-        top = score.topk(min(self.keep, t), -1).indices
-        return torch.zeros_like(state.sinks).scatter_(1, top, True)
-
-
-def score_salient(model, tokenizer, checkpoint: Checkpoint, scheme: Scheme, keep: int, label: str,
-                  trials: list[PasskeyTrial], options: PasskeyOptions) -> PasskeyResult:  # fmt: skip
-    """``score_scheme`` with :class:`SalientDecodeAttention` keeping ``keep`` tokens per sequence and layer."""
-    device = next(model.parameters()).device
-    window = checkpoint.config.recent_window
-    start = _eval_step(model, lambda: SalientDecodeAttention(scheme, checkpoint, window, keep))
-    return _score(label, scheme.bits, trials, start, tokenizer, options, device)
+def variant_checkpoint(checkpoint: Checkpoint, variant: str) -> Checkpoint:
+    """The checkpoint a variant runs with: ``salient-N`` sets ``salient_tokens = N``; the others run it as is."""
+    if not variant.startswith("salient-"):
+        return checkpoint
+    return replace(checkpoint, config=replace(checkpoint.config, salient_tokens=int(variant[8:])))
 
 
 def variant_scheme(checkpoint: Checkpoint, variant: str, grid: tuple[float, ...] = GRID) -> Scheme:
@@ -147,8 +113,8 @@ def variant_scheme(checkpoint: Checkpoint, variant: str, grid: tuple[float, ...]
     base = build_scheme("rotatekv", None, checkpoint)
     if variant == "exported":
         return base
-    if variant.startswith("snap-") and variant[5:].isdigit() and int(variant[5:]) > 0:
-        return base
+    if variant.startswith("salient-") and variant[8:].isdigit():
+        return base  # the checkpoint carries the count: variant_checkpoint
     if variant in NEEDLE_KEPT:
         keys, values = NEEDLE_KEPT[variant]
         return NeedleKept(base=base, keep_keys=keys, keep_values=values)
@@ -163,7 +129,7 @@ def variant_scheme(checkpoint: Checkpoint, variant: str, grid: tuple[float, ...]
     side, _, spec = variant.partition("@")
     if side not in SIDES:
         raise ValueError(f"unknown variant {variant!r}: exported, {', '.join(SIDES)} (optionally @L-L-..., layers), "
-                         f"{', '.join(SEARCHED)}, {', '.join(NEEDLE_KEPT)}, snap-N")
+                         f"{', '.join(SEARCHED)}, {', '.join(NEEDLE_KEPT)}, salient-N")
     n = len(base.key_codecs)
     layers = set(range(n)) if not spec else {int(x) for x in spec.split("-")}
     if not layers <= set(range(n)):
@@ -205,11 +171,8 @@ def main() -> None:
     rows = []
     for length in lengths:
         for v in variants:
-            if v.startswith("snap-"):
-                r = score_salient(model, tok, ck, schemes[v], int(v[5:]), v, trials[length], options)
-            else:
-                score = score_needle_kept if isinstance(schemes[v], NeedleKept) else score_scheme
-                r = score(model, tok, ck, schemes[v], v, trials[length], options)
+            score = score_needle_kept if isinstance(schemes[v], NeedleKept) else score_scheme
+            r = score(model, tok, variant_checkpoint(ck, v), schemes[v], v, trials[length], options)
             row = {"variant": v, "length": length, "trials": r.trials, "correct": r.correct,
                    "accuracy": r.accuracy, "seconds": r.seconds, "device": r.device}  # fmt: skip
             rows.append(row)

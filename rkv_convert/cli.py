@@ -194,6 +194,7 @@ def export(
     recent_window: int = typer.Option(128, min=0, help="Recent tokens kept in full precision by the runtime."),
     flush_block: int = typer.Option(64, min=1, help="Tokens moved from the window to the quantized store at a time."),
     max_sinks: int = typer.Option(8, min=0, help="Most sink tokens per sequence kept in full precision."),
+    salient_tokens: int = typer.Option(0, min=0, help="Prompt tokens per sequence and layer kept in full precision because the prompt's last tokens attend to them most (picked at the end of the prefill; passkey retrieval needs them, see docs/accuracy.md)."),
     dtype: str = typer.Option("float32", help="Weights dtype of the written checkpoint."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code/--no-trust-remote-code"),
     overwrite: bool = typer.Option(False, "--overwrite/--no-overwrite", help="Replace an existing --out folder."),
@@ -224,7 +225,8 @@ def export(
             loaded = load_model(source, torch_dtype, "cpu", trust_remote_code)
         with console.status("fusing the value rotation, checking logits, writing"):
             path = export_checkpoint(loaded, artifact, out, bits, recent_window, flush_block, max_sinks, overwrite,
-                                     key_bits=widths["key"], value_bits=widths["value"], group_meta=meta)  # fmt: skip
+                                     key_bits=widths["key"], value_bits=widths["value"], group_meta=meta,
+                                     salient_tokens=salient_tokens)  # fmt: skip
     except COMMAND_ERRORS as err:
         _fail(err)
     console.print(f"exported {bits}-bit rkv checkpoint of {source} → [bold]{path}[/]")

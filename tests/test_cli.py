@@ -191,6 +191,7 @@ def test_calibrate_on_missing_cuda_is_refused(workspace, tmp_path, no_model_load
         (["--flush-block", "0"], "Invalid value for '--flush-block'"),
         (["--recent-window", "-1"], "Invalid value for '--recent-window'"),
         (["--max-sinks", "-1"], "Invalid value for '--max-sinks'"),
+        (["--salient-tokens", "-1"], "Invalid value for '--salient-tokens'"),
         (["--out", "AFILE", "--overwrite"], "afile is a file, not a folder"),
     ],
 )

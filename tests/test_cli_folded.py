@@ -46,7 +46,8 @@ def test_folded_calibrate_export_eval_run(tmp_path) -> None:
     _ok(runner.invoke(app, ["export", "--calibration", str(cal), "--out", str(ck), "--bits", "2",
                             "--recent-window", "4", "--flush-block", "4", "--max-sinks", "1"]))  # fmt: skip
     config = read_checkpoint(ck).config
-    assert (config.version, config.key_layout, config.head_group_size, config.group_meta) == (4, "folded", 1, "fp16")
+    assert (config.version, config.key_layout, config.head_group_size, config.group_meta) == (5, "folded", 1, "fp16")
+    assert config.salient_tokens == 0
     assert all(layer.key_head_rotation is not None for layer in read_checkpoint(ck).layers)  # learned by default
 
     result = runner.invoke(app, ["eval", str(ck), "--text", str(evaltext), "--windows", "1", "--length", "64",
@@ -66,11 +67,12 @@ def test_folded_calibrate_export_eval_run(tmp_path) -> None:
     assert bad.exit_code == 2 and "--group-meta takes one of fp16, log8" in " ".join(bad.output.split())
     exported = runner.invoke(app, ["export", "--calibration", str(cal), "--out", str(ck8), "--bits", "2", "--group-meta",
                                    "log8", "--key-bits", "auto", "--recent-window", "4", "--flush-block", "4",
-                                   "--max-sinks", "1"])  # fmt: skip
+                                   "--max-sinks", "1", "--salient-tokens", "2"])  # fmt: skip
     _ok(exported)
     assert "--key-bits auto: keys at 3 bits in layers" in " ".join(exported.output.split())
     config = read_checkpoint(ck8).config
     assert config.group_meta == "log8" and sorted(config.key_bits) == [2, 3]  # half of the 2 layers raised
+    assert config.salient_tokens == 2  # `rkv run` below prefills with them
     assert config.key_bits_per_element == (3.5 + 2.5) / 2  # groups of 32: 16/32 bit
     result = runner.invoke(app, ["eval", str(ck8), "--text", str(evaltext), "--windows", "1", "--length", "64",
                                  "--schemes", "rotatekv", "--bits", "2", "--protocols", "oneshot", "--device", "cpu",

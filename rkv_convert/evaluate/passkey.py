@@ -6,18 +6,17 @@ an evaluation text), asks for it through the model's chat template, and decodes 
 prompt has exactly ``length - max_new_tokens`` tokens, so every trial of a length batches without
 padding and the answer fits the model's context.
 
-The prompt is fed in two parts, as a reader of a long document would: the *context* (intro,
-filler, pass key, filler) and then the *question* (question, end of the user turn, the assistant's
-``The pass key is``). Paths:
+A trial's prompt is its *context* (intro, filler, pass key, filler) and its *question* (question, end of
+the user turn, the assistant's ``The pass key is``), fed in one piece as a request arrives. Paths:
 
 - ``fp``: the model with transformers' own cache;
 - ``rtn``, ``kivi``, ``rotatekv-eval``: the evaluation's quantizers (:mod:`.schemes`) in the
   ``deployed`` protocol of :mod:`.perplexity` (every query, prompt included, reads keys and values
   older than the recent window quantized, sinks in full precision for the schemes that keep them),
   each step attending only the new tokens over the kept full-precision history (:mod:`.scheme_decode`);
-- ``rotatekv``: the real packed cache (:class:`~rkv_convert.runtime.generate.RkvModel`): the context
-  is prefilled (the model's own attention, then stored packed), the question attends over the
-  dequantized cache, and every answer token is a decode step of the runtime's kernels;
+- ``rotatekv``: the real packed cache (:class:`~rkv_convert.runtime.generate.RkvModel`): the prompt
+  is prefilled (the model's own attention, then stored packed, with the checkpoint's salient tokens kept),
+  and every answer token is a decode step of the runtime's kernels;
 - ``rotatekv-exported``: the same packed cache with the checkpoint as exported (its per-layer key and value
   widths and group metadata, e.g. ``rkv export --group-meta log8 --key-bits ...``), run once and labelled
   with the checkpoint's ``bits``; ``rotatekv`` runs every layer at each ``--bits`` instead.
@@ -183,10 +182,10 @@ Step = Callable[[torch.Tensor], torch.Tensor]  # new token ids [B, n] → next-t
 
 def _greedy(start: Callable[[], Step], batch: list[PasskeyTrial], tokenizer: object, max_new_tokens: int,
             device: torch.device) -> list[str]:  # fmt: skip
-    """Feed context, then question, then decode greedily; stop when every answer is complete."""
+    """Feed the prompt (context and question) in one piece, as a user's request arrives, then decode greedily;
+    stop when every answer is complete."""
     step = start()
-    step(torch.stack([t.context for t in batch]).to(device))
-    logits = step(torch.stack([t.question for t in batch]).to(device))
+    logits = step(torch.stack([torch.cat([t.context, t.question]) for t in batch]).to(device))
     eos = tokenizer.eos_token_id
     tokens: list[torch.Tensor] = []
     texts = [""] * len(batch)

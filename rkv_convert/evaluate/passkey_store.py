@@ -4,8 +4,9 @@ result, read back to resume.
 A long passkey run (four lengths × 50 trials × several paths) may not fit one time-limited call, so
 ``DIR/passkey.json`` is rewritten (atomically) after each path × bits × length, and a later run with the
 same ``--out`` skips what is already there and adds the rest. Results combine only when they were made
-the same way: the same trials, depths, seed and answer length, on the same checkpoint
-(:class:`PasskeySetup`); otherwise the run is refused before anything is decoded.
+the same way: the same trials, depths, seed and answer length, prompts fed the same way, on the same
+checkpoint (its rkv tensors and its ``rkv`` config: window, sinks, salient tokens, widths;
+:class:`PasskeySetup`); otherwise the run is refused before anything is decoded.
 """
 
 from __future__ import annotations
@@ -25,10 +26,16 @@ RESULTS_JSON = "passkey.json"
 RESULTS_CSV = "passkey.csv"
 
 
+PROMPT_FEEDING = "one piece"  # context and question prefilled together (before: "context, then question")
+
+
 def checkpoint_digest(folder: str | Path) -> str:
-    """sha256 of the checkpoint's rkv tensors (rotations, clips, sink channels): what makes one
-    calibration's quantized answers differ from another's."""
-    return hashlib.sha256((Path(folder) / RKV_TENSORS_FILE).read_bytes()).hexdigest()
+    """sha256 of the checkpoint's rkv tensors (rotations, clips, sink channels) and its ``rkv`` config
+    (window, sinks, salient tokens, widths): what makes one checkpoint's quantized answers differ from another's."""
+    config = json.loads((Path(folder) / "config.json").read_text()).get("rkv")
+    digest = hashlib.sha256((Path(folder) / RKV_TENSORS_FILE).read_bytes())
+    digest.update(json.dumps(config, sort_keys=True).encode())
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -40,6 +47,7 @@ class PasskeySetup:
     seed: int
     max_new_tokens: int
     checkpoint_sha256: str
+    prompt_feeding: str = PROMPT_FEEDING
 
     @classmethod
     def of(cls, options: PasskeyOptions, checkpoint: str | Path) -> "PasskeySetup":

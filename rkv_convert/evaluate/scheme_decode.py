@@ -20,6 +20,7 @@ from ..export.format import Checkpoint
 from ..models.adapters import attention_softcap, attention_window
 from ..quant.sinks import detect_sinks
 from ..runtime.ops import apply_rope
+from ..runtime.salient import salient_flags
 from .perplexity import _kept_fp_attention, _Shape
 from .schemes import Scheme
 
@@ -51,7 +52,9 @@ class SchemeDecodeAttention:
     Call the model with the new token ids only and ``position_ids`` continuing from the tokens
     already seen; every query reads keys ``j <= i - window`` through ``scheme`` (sinks in full
     precision for a scheme that keeps them) and the rest in full precision, as the ``deployed``
-    protocol of :func:`~.perplexity.perplexity` does.
+    protocol of :func:`~.perplexity.perplexity` does. A scheme that keeps sinks also keeps the
+    checkpoint's ``salient_tokens`` of the first piece (the prompt) in full precision, picked as the
+    runtime's prefill picks them (:func:`~rkv_convert.runtime.salient.salient_flags`).
     """
 
     def __init__(self, scheme: Scheme, checkpoint: Checkpoint, recent_window: int, query_chunk: int = 1024) -> None:
@@ -70,6 +73,11 @@ class SchemeDecodeAttention:
             if state.sinks is not None:  # the first max_sinks of the whole sequence, not of this piece
                 before = state.sinks.sum(-1, keepdim=True)
                 sinks = sinks & (before + sinks.cumsum(-1) <= self.checkpoint.config.max_sinks)
+        n_salient = self.checkpoint.config.salient_tokens
+        if sinks is not None and n_salient and start == 0 and key.shape[2] > 1:  # the prompt, as the runtime's prefill
+            q_post = apply_rope(query, cos.unsqueeze(1), sin.unsqueeze(1))
+            k_post = apply_rope(key, cos.unsqueeze(1), sin.unsqueeze(1))
+            sinks = sinks | salient_flags(q_post, k_post, None, n_salient, self.window, module.scaling, exclude=sinks)
         state.append(key, value, cos, sin, sinks)
         q = apply_rope(query, cos.unsqueeze(1), sin.unsqueeze(1)).to(query.dtype)
         k_fp = apply_rope(state.keys, state.cos.unsqueeze(1), state.sin.unsqueeze(1)).to(key.dtype)

@@ -1,4 +1,4 @@
-"""The augmented checkpoint's ``rkv`` config section and tensor names (format version 4).
+"""The augmented checkpoint's ``rkv`` config section and tensor names (format version 5).
 
 A checkpoint folder holds the source model's weights (with the value rotation fused into
 ``v_proj``/``o_proj``), its ``config.json`` with an ``rkv`` section (:class:`RkvConfig`),
@@ -10,6 +10,8 @@ Version 3 added per-layer key and value widths (``key_bits``, ``value_bits``); a
 checkpoint reads with every layer's keys and values at ``bits``. Version 4 added ``group_meta``
 (:class:`~rkv_convert.quant.quantizer.GroupMeta`: fp16 or 8-bit group scales and zeros) and, for 8-bit
 metadata, each layer's ``key_group_range``/``value_group_range``; an older checkpoint reads as ``fp16``.
+Version 5 added ``salient_tokens`` (prompt tokens kept in full precision by the attention they draw at the
+end of the prefill); an older checkpoint reads as 0.
 """
 
 from __future__ import annotations
@@ -42,8 +44,8 @@ __all__ = [
     "check_weight_files",
 ]
 
-FORMAT_VERSION = 4
-READABLE_VERSIONS = (1, 2, 3, 4)  # 1: before key_layout (pre-RoPE keys); 2: before per-layer key/value bits;
+FORMAT_VERSION = 5
+READABLE_VERSIONS = (1, 2, 3, 4, 5)  # 1: before key_layout (pre-RoPE keys); 2: before per-layer key/value bits;
 # 3: before group_meta (fp16 scales and zeros)
 RKV_TENSORS_FILE = "rkv.safetensors"
 SUPPORTED_BITS = (2, 3, 4)
@@ -97,6 +99,7 @@ class RkvConfig:
     key_bits: list[int] = field(default_factory=list)  # per layer (version 3); empty: every layer at `bits`
     value_bits: list[int] = field(default_factory=list)  # per layer (version 3); empty: every layer at `bits`
     group_meta: str = GroupMeta.FP16.value  # a GroupMeta value (version 4); older versions: fp16
+    salient_tokens: int = 0  # per sequence and layer, picked at the end of the prefill (version 5); older: 0
 
     def __post_init__(self) -> None:
         if not self.layout:
@@ -147,6 +150,9 @@ class RkvConfig:
             raise CheckpointError(f"layout {self.layout!r} does not match {self.bits}-bit codes")
         if self.recent_window < 0 or self.flush_block <= 0 or self.max_sinks < 0:
             raise CheckpointError("recent_window and max_sinks must be >= 0 and flush_block > 0")
+        if self.salient_tokens < 0 or (self.salient_tokens and self.version < 5):
+            raise CheckpointError(f"salient_tokens must be >= 0 and needs format version 5, got {self.salient_tokens} "
+                                  f"at version {self.version}; re-export the checkpoint")  # fmt: skip
 
     @property
     def folded(self) -> bool:
@@ -201,9 +207,11 @@ class RkvConfig:
             names -= {"key_bits", "value_bits"}
         if version < 4:  # written before group_meta: fp16 scales and zeros
             names.discard("group_meta")
+        if version < 5:  # written before salient_tokens: none
+            names.discard("salient_tokens")
         unknown = sorted(set(data) - names)
         required = (({"key_layout"} if version >= 2 else set()) | ({"key_bits", "value_bits"} if version >= 3 else set())
-                    | ({"group_meta"} if version >= 4 else set()))  # fmt: skip
+                    | ({"group_meta"} if version >= 4 else set()) | ({"salient_tokens"} if version >= 5 else set()))  # fmt: skip
         missing = sorted(f.name for f in dataclasses.fields(cls) if (f.name in required or (f.default is dataclasses.MISSING
                          and f.default_factory is dataclasses.MISSING)) and f.name not in data)
         if unknown or missing:

@@ -76,9 +76,9 @@ def _group_ranges(artifact: CalibrationArtifact, layer: int, meta: GroupMeta) ->
 
 def _config_for(artifact: CalibrationArtifact, bits: int, recent_window: int, flush_block: int, max_sinks: int,
                 key_bits: list[int] | None = None, value_bits: list[int] | None = None,
-                group_meta: GroupMeta = GroupMeta.FP16) -> RkvConfig:  # fmt: skip
+                group_meta: GroupMeta = GroupMeta.FP16, salient_tokens: int = 0) -> RkvConfig:  # fmt: skip
     """The ``config.json["rkv"]`` section that exporting ``artifact`` at ``bits`` (per-layer widths: ``key_bits``,
-    ``value_bits``; group scales and zeros as ``group_meta``) writes."""
+    ``value_bits``; group scales and zeros as ``group_meta``; ``salient_tokens`` kept per sequence) writes."""
     if bits not in SUPPORTED_BITS:
         raise CheckpointError(f"--bits must be one of {SUPPORTED_BITS}, got {bits}")
     opts = artifact.meta["options"]
@@ -101,19 +101,22 @@ def _config_for(artifact: CalibrationArtifact, bits: int, recent_window: int, fl
         key_bits=layer_widths(bits, n, key_bits, "key bits"),
         value_bits=layer_widths(bits, n, value_bits, "value bits"),
         group_meta=GroupMeta(group_meta).value,
+        salient_tokens=salient_tokens,
     )
 
 
 def checkpoint_from_artifact(
     artifact: CalibrationArtifact, bits: int = 2, recent_window: int = 128, flush_block: int = 64, max_sinks: int = 8,
     key_bits: list[int] | None = None, value_bits: list[int] | None = None, group_meta: GroupMeta = GroupMeta.FP16,
+    salient_tokens: int = 0,
 ) -> Checkpoint:
     """The in-memory checkpoint that exporting ``artifact`` at ``bits`` describes (nothing fused or written).
 
     For benchmarks and tools that keep the model in memory: fuse ``artifact.value_rotation`` into
     the model with :func:`~rkv_convert.export.fuse.fuse_value_rotation` before running it.
     """
-    config = _config_for(artifact, bits, recent_window, flush_block, max_sinks, key_bits, value_bits, group_meta)
+    config = _config_for(artifact, bits, recent_window, flush_block, max_sinks, key_bits, value_bits, group_meta,
+                         salient_tokens)  # fmt: skip
     layers = [
         LayerTensors(
             key_mean=layer["key_mean"].float(),
@@ -142,14 +145,17 @@ def export_checkpoint(
     key_bits: list[int] | None = None,
     value_bits: list[int] | None = None,
     group_meta: GroupMeta = GroupMeta.FP16,
+    salient_tokens: int = 0,
 ) -> Path:
     """Fuse, verify and write the augmented checkpoint; returns the folder. ``key_bits``/``value_bits``:
     one width per layer (default: every layer at ``bits``); ``group_meta``: how the cache stores group
-    scales and zeros (8-bit needs the folded key layout)."""
+    scales and zeros (8-bit needs the folded key layout); ``salient_tokens``: prompt tokens per sequence and layer
+    the runtime keeps in full precision (``runtime.salient``)."""
     out = Path(out_dir)
     check_output_dir(out, overwrite)
     _check_compatible(artifact, loaded, bits)
-    config = _config_for(artifact, bits, recent_window, flush_block, max_sinks, key_bits, value_bits, group_meta)
+    config = _config_for(artifact, bits, recent_window, flush_block, max_sinks, key_bits, value_bits, group_meta,
+                         salient_tokens)  # fmt: skip
     ranges = [_group_ranges(artifact, i, config.meta) for i in range(len(artifact.layers))]
     model = loaded.model
     before = _probe_logits(model)

@@ -45,10 +45,11 @@ def load(
     flush_block: int | None = None,
     max_sinks: int | None = None,
     device_map: str | dict | None = None,
+    salient_tokens: int | None = None,
 ) -> RkvModel:
     """Load an rkv checkpoint folder (written by ``rkv export``) as an :class:`RkvModel`.
 
-    ``recent_window``, ``flush_block`` and ``max_sinks`` override the checkpoint's cache settings.
+    ``recent_window``, ``flush_block``, ``max_sinks`` and ``salient_tokens`` override the checkpoint's cache settings.
     ``backend`` picks the packed-cache ops: ``"auto"`` (Triton on CUDA, reference on CPU),
     ``"triton"`` or ``"reference"``. ``device_map`` (e.g. ``"auto"``, needs accelerate) places the
     model with transformers across devices instead of moving it to ``device``; each layer's cache
@@ -71,6 +72,7 @@ def load(
     if any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     settings = CacheSettings.from_config(
-        checkpoint.config, recent_window=recent_window, flush_block=flush_block, max_sinks=max_sinks
+        checkpoint.config, recent_window=recent_window, flush_block=flush_block, max_sinks=max_sinks,
+        salient_tokens=salient_tokens,
     )
     return RkvModel(model, checkpoint, tokenizer, settings, backend)

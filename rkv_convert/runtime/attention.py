@@ -5,8 +5,8 @@ Three paths, chosen per call:
 - **prefill** (the cache of this layer is empty): stock attention over the prompt in full precision
   (RoPE from the model's ``position_embeddings``, the model's own attention function and mask,
   exactly as the unmodified model), then the prompt's keys (pre-RoPE for the ``prerope`` key
-  layout, post-RoPE for ``folded``) and values are written to the cache (sinks and the recent
-  window in full precision, the rest quantized and packed);
+  layout, post-RoPE for ``folded``) and values are written to the cache (sinks, salient tokens
+  (``salient.salient_flags``) and the recent window in full precision, the rest quantized and packed);
 - **decode** (one new token per sequence): the token is appended to the cache's full-precision
   segment, then the layout's decode kernel reads the packed store and the full-precision segment
   (``decode_attention`` for ``prerope``, ``decode_folded`` for ``folded``; Triton on CUDA, the
@@ -32,6 +32,7 @@ from ..kernels.decode_folded import decode_folded
 from ..models.adapters import attention_softcap, attention_window, stock_attention
 from .cache import RkvCache, RkvCacheLayer
 from .ops import attend_reference, dequantize_folded_keys, dequantize_keys, dequantize_values, rope, rotate_half
+from .salient import salient_flags
 from .sinks import flag_sinks
 
 __all__ = ["rkv_attention", "new_token_validity", "stored_tokens"]
@@ -125,6 +126,17 @@ def _flush_unless_static(layer: RkvCacheLayer) -> None:
         layer.flush()
 
 
+def _with_salient(module: nn.Module, layer: RkvCacheLayer, query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor,
+                  sin: torch.Tensor, valid: torch.Tensor | None, sinks: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+    """A prefill's pinned-slot flags: its first ``max_sinks`` sinks and its ``salient_tokens`` salient tokens."""
+    s = layer.settings
+    q_rot, k_post = _rope_query_key(query, key, cos, sin)
+    if sinks is not None:  # the prefill's own sinks first; later ones may take slots the salient tokens left
+        sinks = sinks.to(key.device) & (sinks.to(key.device).cumsum(1) <= s.max_sinks)
+    salient = salient_flags(q_rot, k_post, valid, s.salient_tokens, s.recent_window, module.scaling, exclude=sinks)
+    return salient if sinks is None else sinks | salient
+
+
 def rkv_attention(
     module: nn.Module,
     query: torch.Tensor,
@@ -156,6 +168,8 @@ def rkv_attention(
     if layer.length == 0:  # prefill: exactly the model's own attention, then store
         k_store = _rope(key, cos, sin) if folded else key  # the fp segment's key
         out = stock_attention(module, query, key, value, position_embeddings, attention_mask, None, layer_input, **kwargs)
+        if layer.settings.salient_tokens and t > 1:
+            sinks = _with_salient(module, layer, query, key, cos, sin, valid, sinks)
         layer.append(k_store, value, pos, valid, sinks)
         layer.flush()
         return out

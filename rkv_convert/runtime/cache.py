@@ -10,6 +10,9 @@ Per layer and sequence the cache holds three kinds of tokens:
   (already rotated by the exported weights) packed per token in groups of consecutive channels;
 - **sinks**: up to ``max_sinks`` tokens per sequence flagged online (``sinks.flag_sinks``) kept in
   full precision for the whole generation; further flagged tokens are quantized like any token;
+- **salient tokens**: up to ``salient_tokens`` prompt tokens per sequence, those the prompt's last tokens
+  attend to most (``salient.salient_flags``, picked at the end of the prefill), kept in full precision
+  in the same pinned slots as the sinks (``pinned_slots = max_sinks + salient_tokens``);
 - **recent window**: the newest ``recent_window`` to ``recent_window + flush_block - 1`` tokens in
   full precision; whenever it reaches ``recent_window + flush_block`` tokens its oldest
   ``flush_block`` tokens are quantized and appended to the store.
@@ -36,7 +39,7 @@ name            dtype    shape                         meaning
 ``n_hg = n_kv/G`` head groups of ``Gd = G*d`` channels (folded: ``G = 1``, key groups of consecutive
 channels of ``y``); the kernels read them as one :class:`~rkv_convert.kernels.packed_kv.PackedKV`
 (:meth:`RkvCacheLayer.packed_kv`); ``cap`` grows geometrically. The
-full-precision segment holds ``max_sinks`` sink slots, one scratch slot (index ``max_sinks``,
+full-precision segment holds ``pinned_slots`` sink and salient slots, one scratch slot (index ``pinned_slots``,
 always empty: writes that must go nowhere land there, so no step needs a host sync) and the window.
 
 Sliding-window layers (Gemma 2/3, Mistral, Phi-3): before each step the attention handler hides
@@ -82,14 +85,21 @@ class CacheSettings:
     recent_window: int = 128
     flush_block: int = 64
     max_sinks: int = 8
+    salient_tokens: int = 0
 
     def __post_init__(self) -> None:
-        if self.recent_window < 0 or self.max_sinks < 0 or self.flush_block <= 0:
-            raise ValueError("recent_window and max_sinks must be >= 0 and flush_block > 0")
+        if self.recent_window < 0 or self.max_sinks < 0 or self.salient_tokens < 0 or self.flush_block <= 0:
+            raise ValueError("recent_window, max_sinks and salient_tokens must be >= 0 and flush_block > 0")
+
+    @property
+    def pinned_slots(self) -> int:
+        """Full-precision slots for tokens kept for the whole generation: sinks and salient tokens."""
+        return self.max_sinks + self.salient_tokens
 
     @classmethod
     def from_config(cls, config: RkvConfig, **overrides: int) -> "CacheSettings":
-        base = dict(recent_window=config.recent_window, flush_block=config.flush_block, max_sinks=config.max_sinks)
+        base = dict(recent_window=config.recent_window, flush_block=config.flush_block, max_sinks=config.max_sinks,
+                    salient_tokens=config.salient_tokens)  # fmt: skip
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)
 
@@ -395,11 +405,11 @@ class RkvCacheLayer(CacheLayerMixin):
     # ----- the rkv store ------------------------------------------------------------------
     @property
     def window_start(self) -> int:
-        return self.settings.max_sinks + 1
+        return self.settings.pinned_slots + 1
 
     @property
     def scratch_slot(self) -> int:
-        return self.settings.max_sinks
+        return self.settings.pinned_slots
 
     def append(
         self,
@@ -415,8 +425,8 @@ class RkvCacheLayer(CacheLayerMixin):
         (``folded``, RoPE'd at ``positions`` as the model does).
 
         ``valid`` (bool ``[B, T]``, default all) marks real tokens (padding gets position -1);
-        ``sinks`` (bool ``[B, T]``) marks sink candidates. Sink tokens take a free sink slot of their
-        sequence; the rest join the recent window, whose overflow is quantized in whole blocks.
+        ``sinks`` (bool ``[B, T]``) marks sink candidates (and salient tokens). They take a free pinned slot of
+        their sequence; the rest join the recent window, whose overflow is quantized in whole blocks.
         Call :meth:`flush` afterwards (decode attends between the two, so the newest token is still
         in full precision).
         """
@@ -431,7 +441,7 @@ class RkvCacheLayer(CacheLayerMixin):
             key = key * keep  # padding may carry anything; store zeros
             value = value * (keep if value.dtype == key.dtype else valid[:, None, :, None].to(value.dtype))
         key, value = key.to(self.fp_dtype), value.to(self.fp_dtype)
-        if sinks is not None and self.settings.max_sinks > 0:
+        if sinks is not None and self.settings.pinned_slots > 0:
             pos = self._take_sinks(key, value, pos, sinks.to(self.device) & (pos >= 0))
         self._append_window(key, value, pos)
         self.length += t
@@ -448,7 +458,7 @@ class RkvCacheLayer(CacheLayerMixin):
         """
         b, n_kv, t, d = key.shape
         rank = self.n_sinks[:, None] if t == 1 else flags.cumsum(1) + (self.n_sinks - 1)[:, None]
-        take = flags & (rank < self.settings.max_sinks)
+        take = flags & (rank < self.settings.pinned_slots)
         slot = torch.where(take, rank, _constant(self.scratch_slot, torch.int64, rank.device))  # [B, T]
         index = slot[:, None, :, None].expand(b, n_kv, t, d)
         self.fp_k.scatter_(2, index, key)

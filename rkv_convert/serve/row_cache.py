@@ -150,7 +150,7 @@ class RowCacheLayer(RkvCacheLayer):
         if valid is not None:
             pos = torch.where(valid.to(self.device), pos, torch.full_like(pos, -1))
         key, value = key.to(self.fp_dtype), value.to(self.fp_dtype)
-        if sinks is not None and self.settings.max_sinks > 0:
+        if sinks is not None and self.settings.pinned_slots > 0:
             pos = self._take_sinks(key, value, pos, sinks.to(self.device) & (pos >= 0))
         slot = self.state.window_slot.to(self.device)  # no copy unless the model spans devices
         index = slot[:, None, None, None].expand(a, n_kv, 1, d)

@@ -13,8 +13,6 @@ from tiny_models import tiny_model, tiny_tokenizer
 from rkv_convert.calibrate.run import CalibrationOptions, calibrate
 from rkv_convert.evaluate.passkey import PasskeyOptions, build_trials, run_passkey, score_scheme
 from rkv_convert.export.fuse import fuse_value_rotation
-from rkv_convert.evaluate.scheme_decode import _LayerState
-from rkv_convert.models.adapters import attach
 from rkv_convert.evaluate.schemes import Scheme
 from rkv_convert.export.writer import checkpoint_from_artifact
 
@@ -111,35 +109,18 @@ def test_needle_kept_reads_its_spans_in_full_precision(exp, setup, monkeypatch) 
     assert exp.score_needle_kept(source, tok, ck, none, "none", trials, opts).answers == exported.answers
 
 
-def test_snap_keeps_the_tokens_the_question_attends_to(exp, setup) -> None:
-    """The tokens a multi-token piece attends to most are marked as kept, in every layer, once the question
-    arrives; the recent window is never spent on."""
+def test_salient_variant_runs_the_checkpoint_with_salient_tokens(exp, setup) -> None:
+    """``salient-N`` is the exported scheme on the checkpoint with ``salient_tokens = N``; it keeps tokens the plain
+    one quantizes, so its answers differ."""
     source, tok, ck = setup
-    handler = exp.SalientDecodeAttention(exp.variant_scheme(ck, "snap-2"), ck, recent_window=4, keep=2, pool=1)
-    state = _LayerState()
-    d, t = ck.config.head_dim, 12
-    keys = torch.randn(1, 2, t, d) * 0.1
-    query = torch.randn(1, 4, 3, d)
-    keys[0, :, 5] = query[0, ::2].mean(1) * 4  # position 5 lines up with every query head (KV head 0 and 1)
-    state.append(keys, keys, torch.ones(1, t, d), torch.zeros(1, t, d), torch.zeros(1, t, dtype=torch.bool))
-    module = type("M", (), {"scaling": d**-0.5})()
-    kept = handler._salient(module, state, query, (torch.ones(1, 3, d), torch.zeros(1, 3, d)))
-    assert kept.shape == (1, t) and int(kept.sum()) == 2 and bool(kept[0, 5])
-    assert not kept[0, t - 4 :].any()  # the recent window is never spent on
-
-    opts = PasskeyOptions(lengths=(300,), trials=2, depths=(0.3, 0.7), max_new_tokens=4, batch_size=2)
+    assert exp.variant_checkpoint(ck, "salient-8").config.salient_tokens == 8
+    assert exp.variant_checkpoint(ck, "exported") is ck
+    assert exp.variant_scheme(ck, "salient-8") == exp.variant_scheme(ck, "exported")
+    opts = PasskeyOptions(lengths=(300,), trials=4, depths=(0.3, 0.7), max_new_tokens=4, batch_size=2)
     trials = build_trials(tok, FILLER, opts)[300]
-    handler = exp.SalientDecodeAttention(exp.variant_scheme(ck, "snap-8"), ck, ck.config.recent_window, keep=8)
-    context, question = torch.stack([t.context for t in trials]), torch.stack([t.question for t in trials])
-    with torch.no_grad(), attach(source, handler):
-        source(input_ids=context, position_ids=torch.arange(context.shape[1])[None], use_cache=False)
-        before = [handler.layers[i].sinks.clone() for i in sorted(handler.layers)]
-        n = context.shape[1]
-        source(input_ids=question, position_ids=torch.arange(n, n + question.shape[1])[None], use_cache=False)
-    for i, old in zip(sorted(handler.layers), before):
-        marked = handler.layers[i].sinks[:, :n] & ~old
-        assert (marked.sum(-1) >= 8 - old.sum(-1)).all() and (marked.sum(-1) <= 8).all()
-    result = exp.score_salient(source, tok, ck, exp.variant_scheme(ck, "snap-8"), 8, "snap-8", trials, opts)
-    assert result.trials == 2 and len(result.answers) == 2 and all(result.answers)
+    plain = score_scheme(source, tok, ck, exp.variant_scheme(ck, "exported"), "exported", trials, opts)
+    many = score_scheme(source, tok, exp.variant_checkpoint(ck, "salient-200"), exp.variant_scheme(ck, "salient-200"),
+                        "salient-200", trials, opts)  # fmt: skip
+    assert many.answers != plain.answers
     with pytest.raises(ValueError, match="unknown variant"):
-        exp.variant_scheme(ck, "snap-0")
+        exp.variant_scheme(ck, "salient-x")

@@ -40,6 +40,11 @@ def test_saved_results_load_back_and_another_setup_is_refused(tmp_path) -> None:
                          (PasskeySetup(2, (0.1, 0.5), 0, 10, "cd" * 32), "checkpoint_sha256")]:  # fmt: skip
         with pytest.raises(ValueError, match=named):
             load_results(tmp_path, other)
+    saved = json.loads((tmp_path / "passkey.json").read_text())
+    del saved["setup"]["prompt_feeding"]  # written before prompts were fed in one piece
+    (tmp_path / "passkey.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="prompt_feeding None there, 'one piece' now"):
+        load_results(tmp_path, setup)
     (tmp_path / "passkey.json").write_text(json.dumps([r.as_dict() for r in results]))  # the former list format
     with pytest.raises(ValueError, match="not a resumable passkey results file"):
         load_results(tmp_path, setup)
@@ -95,3 +100,16 @@ def test_cli_passkey_resumes_from_its_out_folder(tmp_path, pipeline_texts) -> No
     bad = runner.invoke(app, [*base, "--trials", "3", "--schemes", "fp"])  # the last --trials wins
     assert bad.exit_code == 2 and "trials 2 there, 3 now" in " ".join(bad.output.split())
     assert json.loads((out / "passkey.json").read_text()) == saved_again  # nothing written by the refused run
+
+
+def test_checkpoint_digest_follows_the_rkv_config(tmp_path) -> None:
+    """Two checkpoints with the same tensors but another ``rkv`` config (e.g. salient tokens) answer differently."""
+    from rkv_convert.evaluate.passkey_store import checkpoint_digest
+
+    (tmp_path / "rkv.safetensors").write_bytes(b"tensors")
+    (tmp_path / "config.json").write_text(json.dumps({"rkv": {"salient_tokens": 0}, "hidden_size": 8}))
+    before = checkpoint_digest(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 8, "rkv": {"salient_tokens": 0}}))
+    assert checkpoint_digest(tmp_path) == before  # key order does not matter
+    (tmp_path / "config.json").write_text(json.dumps({"rkv": {"salient_tokens": 32}, "hidden_size": 8}))
+    assert checkpoint_digest(tmp_path) != before

@@ -22,9 +22,10 @@ def _config(**kw) -> RkvConfig:
 
 
 def test_written_version_and_layouts() -> None:
-    assert FORMAT_VERSION == 4 and KEY_LAYOUTS == ("prerope", "folded") and DEFAULT_KEY_LAYOUT in KEY_LAYOUTS
+    assert FORMAT_VERSION == 5 and KEY_LAYOUTS == ("prerope", "folded") and DEFAULT_KEY_LAYOUT in KEY_LAYOUTS
     data = _config(key_layout="folded").to_dict()
-    assert data["version"] == 4 and data["key_layout"] == "folded" and data["group_meta"] == "fp16"
+    assert data["version"] == 5 and data["key_layout"] == "folded" and data["group_meta"] == "fp16"
+    assert data["salient_tokens"] == 0
     assert list(data) == sorted(data)
     assert RkvConfig.from_dict(json.loads(json.dumps(data))).folded
 
@@ -32,14 +33,14 @@ def test_written_version_and_layouts() -> None:
 def test_version_1_reads_as_prerope() -> None:
     data = _config(head_group_size=2).to_dict()
     data["version"] = 1
-    del data["key_layout"], data["key_bits"], data["value_bits"], data["group_meta"]
+    del data["key_layout"], data["key_bits"], data["value_bits"], data["group_meta"], data["salient_tokens"]
     config = RkvConfig.from_dict(data)
     assert config.key_layout == "prerope" and not config.folded and config.version == 1
     with pytest.raises(CheckpointError, match="unknown"):  # version 1 had no key_layout field
         RkvConfig.from_dict({**data, "key_layout": "folded"})
 
 
-@pytest.mark.parametrize("version", [0, 5, None, "2"])
+@pytest.mark.parametrize("version", [0, 6, None, "2"])
 def test_unknown_versions_are_refused_with_the_re_export_message(version) -> None:
     data = _config().to_dict()
     data["version"] = version
@@ -50,7 +51,7 @@ def test_unknown_versions_are_refused_with_the_re_export_message(version) -> Non
 def test_version_2_needs_the_key_layout() -> None:
     data = _config().to_dict()
     data["version"] = 2
-    del data["key_layout"], data["key_bits"], data["value_bits"], data["group_meta"]
+    del data["key_layout"], data["key_bits"], data["value_bits"], data["group_meta"], data["salient_tokens"]
     with pytest.raises(CheckpointError, match="missing \\['key_layout'\\]"):
         RkvConfig.from_dict(data)
 
@@ -68,7 +69,7 @@ def test_folded_rules() -> None:
 def test_version_2_reads_with_every_layer_at_bits() -> None:
     data = _config(bits=3).to_dict()
     data["version"] = 2
-    del data["key_bits"], data["value_bits"], data["group_meta"]
+    del data["key_bits"], data["value_bits"], data["group_meta"], data["salient_tokens"]
     config = RkvConfig.from_dict(data)
     assert [config.layer_bits(i) for i in range(2)] == [(3, 3), (3, 3)] and not config.mixed_bits
     assert config.key_bits_per_element == 3 + 32 / 32
@@ -97,7 +98,7 @@ def test_per_layer_key_and_value_bits() -> None:
 def test_version_3_reads_with_fp16_group_metadata() -> None:
     data = _config(key_layout="folded").to_dict()
     data["version"] = 3
-    del data["group_meta"]
+    del data["group_meta"], data["salient_tokens"]
     config = RkvConfig.from_dict(data)
     assert config.meta is GroupMeta.FP16 and config.key_bits_per_element == 2 + 32 / 32
     with pytest.raises(CheckpointError, match="unknown"):  # version 3 had no group_meta field
@@ -117,3 +118,23 @@ def test_log8_group_metadata_rules_and_cost() -> None:
         _config(key_layout="prerope", group_meta="log8")
     with pytest.raises(CheckpointError, match="group_meta must be one of fp16, log8"):
         _config(key_layout="folded", group_meta="int4")
+
+
+def test_version_4_reads_with_no_salient_tokens() -> None:
+    data = _config(key_layout="folded", group_meta="log8").to_dict()
+    data["version"] = 4
+    del data["salient_tokens"]
+    config = RkvConfig.from_dict(data)
+    assert config.salient_tokens == 0 and config.version == 4
+    with pytest.raises(CheckpointError, match="unknown"):  # version 4 had no salient_tokens field
+        RkvConfig.from_dict({**data, "salient_tokens": 8})
+    with pytest.raises(CheckpointError, match="needs format version 5"):
+        _config(version=4, salient_tokens=8)
+    with pytest.raises(CheckpointError, match="salient_tokens must be >= 0"):
+        _config(salient_tokens=-1)
+    config = _config(salient_tokens=32)
+    assert RkvConfig.from_dict(json.loads(json.dumps(config.to_dict()))).salient_tokens == 32
+    data = config.to_dict()
+    del data["salient_tokens"]
+    with pytest.raises(CheckpointError, match="missing \\['salient_tokens'\\]"):
+        RkvConfig.from_dict(data)

@@ -6,8 +6,9 @@ replaces the tokens the runtime would hold quantized by ``KeyCodec``/``ValueCode
 then attends with the model's RoPE tables (per layer: Gemma 3's sliding layers have their own)
 and plain softmax attention (with the layer's soft cap, Gemma 2). Which tokens are
 quantized follows the cache's documented rules (sinks: the first ``max_sinks`` flagged real tokens
-of each sequence; window: flushed in whole blocks of ``flush_block`` once it holds
-``recent_window + flush_block`` tokens), simulated here from token counts alone.
+of each sequence; salient tokens: the prefill's ``salient_tokens`` picked by
+``runtime.salient.salient_flags`` among the others; window: flushed in whole blocks of ``flush_block``
+once it holds ``recent_window + flush_block`` tokens), simulated here from token counts alone.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from rkv_convert.evaluate.schemes import key_codecs, value_codecs
 from rkv_convert.runtime.attention import new_token_validity
 from rkv_convert.runtime.cache import CacheSettings
 from rkv_convert.runtime.ops import rope_cos_sin
+from rkv_convert.runtime.salient import salient_flags
 from rkv_convert.runtime.sinks import flag_sinks
 
 
@@ -49,13 +51,16 @@ class _LayerState:
     def __init__(self, settings: CacheSettings) -> None:
         self.k = self.v = self.pos = self.valid = self.kept = None
         self.schedule = _Schedule(settings)
-        self.max_sinks = settings.max_sinks
+        self.max_sinks, self.pinned = settings.max_sinks, settings.pinned_slots
 
-    def append(self, k, v, pos, valid, sinks) -> None:
+    def append(self, k, v, pos, valid, sinks, salient=None) -> None:
         flagged = sinks & valid
         before = torch.zeros(k.shape[0], dtype=torch.long) if self.kept is None else self.kept.sum(1)
         rank = before[:, None] + flagged.long().cumsum(1) - 1
-        kept = flagged & (rank < self.max_sinks)
+        if salient is None:  # later sinks may take any pinned slot left free
+            kept = flagged & (rank < self.pinned)
+        else:  # the prefill: its first max_sinks sinks, then its salient tokens
+            kept = (flagged & (rank < self.max_sinks)) | salient
         k = torch.where(valid[:, None, :, None], k.float(), 0.0)  # padding may carry anything
         v = torch.where(valid[:, None, :, None], v.float(), 0.0)
         cat = lambda old, new, dim: new if old is None else torch.cat([old, new], dim)  # noqa: E731
@@ -74,6 +79,7 @@ class EvalReference:
         self.values = value_codecs(checkpoint, None)
         self.layers = checkpoint.layers
         self.state = [_LayerState(settings) for _ in checkpoint.layers]
+        self.settings = settings
 
     def _attend(self, module, q_rot, st: _LayerState, n_quant: int, q_pos, causal: bool):
         i = module.layer_idx
@@ -117,7 +123,13 @@ class EvalReference:
         sinks = torch.zeros(b, t, dtype=torch.bool) if sinks is None else sinks
         if st.k is None:
             out = stock_attention(module, q, k, v, pe, mask, None, layer_input, **kw)
-            st.append(k, v, pos, valid, sinks)
+            salient = None
+            if self.settings.salient_tokens and t > 1:
+                first = sinks & valid & ((sinks & valid).cumsum(1) <= self.settings.max_sinks)
+                q_post, k_post = apply_rotary_pos_emb(q, k, *pe)
+                salient = salient_flags(q_post, k_post, valid, self.settings.salient_tokens, self.settings.recent_window,
+                                        module.scaling, exclude=first)  # fmt: skip
+            st.append(k, v, pos, valid, sinks, salient)
             st.schedule.append(t)
             st.schedule.flush()
             return out
