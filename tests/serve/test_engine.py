@@ -242,3 +242,29 @@ def test_engine_refuses_required_cuda_graph_on_cpu() -> None:
         Engine(rkv, EngineConfig(max_len=64, budget_bytes=2**30, max_batch=2, cuda_graph=True))
     assert Engine(rkv, EngineConfig(max_len=64, budget_bytes=2**30, max_batch=2, cuda_graph=False)).decode_path == \
         "eager (CUDA graphs off)"
+
+
+def test_salient_tokens_alone_equal_tokens_in_a_busy_batch() -> None:
+    """A checkpoint's salient tokens are picked from each request's own prompt, so a request answers the same
+    alone and among others; the row cache holds them in its pinned slots."""
+    model = tiny_model("llama")
+    ckpt = make_checkpoint(model, bits=2, recent_window=4, flush_block=4, max_sinks=2, key_layout="folded",
+                           sink_quantile=0.9)  # fmt: skip
+    settings = CacheSettings(recent_window=4, flush_block=4, max_sinks=2, salient_tokens=3)
+    rkv = RkvModel(model, ckpt, settings=settings, backend="reference")
+    requests = [r for r in _requests(6, seed=3) if len(r.prompt_ids) > 12]
+    alone = {r.id: _collect(_engine(rkv, max_batch=1), [r])[r.id] for r in requests}
+    assert alone[requests[0].id] == _alone_stream(rkv, requests[0])
+    plain = RkvModel(model, ckpt, settings=SETTINGS, backend="reference")
+    assert any(alone[r.id] != _alone_stream(plain, r) for r in requests)  # the salient tokens change the answers
+    engine = _engine(rkv, max_batch=4)
+    pinned = []
+    original = engine.cache.end_step
+
+    def end_step():
+        pinned.append(int(engine.cache.layers[0].base["n_sinks"].max()))
+        original()
+
+    engine.cache.end_step = end_step
+    assert _collect(engine, requests, {i: 2 * i for i in range(len(requests))}) == alone
+    assert max(pinned) >= settings.salient_tokens
