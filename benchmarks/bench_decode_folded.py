@@ -17,7 +17,6 @@ before each repetition. ``--tune`` times launch settings on a few rows first.
     python benchmarks/bench_decode_folded.py --csv benchmarks/results/decode_folded.csv
     python benchmarks/bench_decode_folded.py --dtype bf16 --tune 128-4-2-8 64-8-2-8   # the fp32-operand path
     python benchmarks/bench_decode_folded.py --group-meta log8 --bits 3 --value-bits 2  # 8-bit group metadata
-    python benchmarks/bench_decode_folded.py --compare-pdl  # also without programmatic dependent launches
 """
 
 from __future__ import annotations
@@ -163,13 +162,6 @@ def tune(args: argparse.Namespace) -> str:
     return pick
 
 
-def _pdl_default(q: torch.Tensor) -> bool:
-    """Whether ``decode_folded``'s default launches ``q``'s call as programmatic dependents."""
-    from rkv_convert.kernels._common import pdl_supports
-
-    return bool(FOLDED_DEFAULTS["pdl"]) and pdl_supports(q) is None
-
-
 def run(args: argparse.Namespace, launch: str) -> list[dict[str, object]]:
     copy_gbs = copy_bandwidth_gbs()
     print(f"device copy rate (read + write): {copy_gbs:.0f} GB/s on {DEVICE}", flush=True)
@@ -200,9 +192,6 @@ def run(args: argparse.Namespace, launch: str) -> list[dict[str, object]]:
                 folded_ms, lo, hi = bench_ms(fn)
                 sdpa_graph_ms, folded_graph_ms = graph_ms(sdpa), graph_ms(fn)
                 folded_host_us = host_us(fn, n=50) if DEVICE.type == "cuda" else float("nan")
-                plain_graph_ms = float("nan")
-                if args.compare_pdl:  # the same launches without programmatic dependent launch
-                    plain_graph_ms = graph_ms(lambda: decode_folded(q, kv, params, pdl=False, **kw))
                 nbytes = bytes_read(kv, params)
                 row = {
                     "shape": name, "batch": B, "context": T, "query_dtype": str(args.dtype).removeprefix("torch."),
@@ -217,8 +206,6 @@ def run(args: argparse.Namespace, launch: str) -> list[dict[str, object]]:
                     "sdpa_graph_ms": sdpa_graph_ms, "folded_graph_ms": folded_graph_ms,
                     "graph_speedup_vs_sdpa": sdpa_graph_ms / folded_graph_ms,
                     "folded_host_us": folded_host_us, "launch": launch, "num_splits": kw["num_splits"],
-                    "pdl": _pdl_default(q), "no_pdl_graph_ms": plain_graph_ms,
-                    "no_pdl_graph_speedup_vs_sdpa": sdpa_graph_ms / plain_graph_ms,
                 }  # fmt: skip
                 row["floor_fraction"] = row["floor_ms"] / folded_ms
                 rows.append(row)
@@ -227,9 +214,7 @@ def run(args: argparse.Namespace, launch: str) -> list[dict[str, object]]:
                 print(f"{name} B={B} T={T}: sdpa {sdpa_ms:.4f} ms, folded {folded_ms:.4f} ms "
                       f"({row['speedup_vs_sdpa']:.2f}x), floor {row['floor_ms']:.4f} ms "
                       f"({row['floor_fraction']:.0%}), {row['achieved_GBps']:.0f} GB/s; graph: sdpa {sdpa_graph_ms:.4f}, "
-                      f"folded {folded_graph_ms:.4f} ({row['graph_speedup_vs_sdpa']:.2f}x); host {folded_host_us:.1f} us"
-                      + (f"; no PDL {plain_graph_ms:.4f} ({row['no_pdl_graph_speedup_vs_sdpa']:.2f}x)"
-                         if args.compare_pdl else ""), flush=True)  # fmt: skip
+                      f"folded {folded_graph_ms:.4f} ({row['graph_speedup_vs_sdpa']:.2f}x); host {folded_host_us:.1f} us", flush=True)  # fmt: skip
             del k, v, kv_all, kv, params
     return rows
 
@@ -252,8 +237,6 @@ def main() -> None:
                     type=lambda s: (s.split(":")[0], int(s.split(":")[1]), int(s.split(":")[2])),
                     help="rows to tune on, SHAPE:BATCH:CONTEXT")
     ap.add_argument("--no-table", action="store_true", help="only the tuning rows")
-    ap.add_argument("--compare-pdl", action="store_true",
-                    help="also time each row without programmatic dependent launches (column no_pdl_graph_ms)")
     ap.add_argument("--csv", default=None)
     ap.add_argument("--markdown", default=None)
     args = ap.parse_args()
@@ -267,8 +250,6 @@ def main() -> None:
     rows = run(args, launch)
     cols = ["shape", "batch", "context", "sdpa_ms", "folded_ms", "speedup_vs_sdpa", "floor_ms", "floor_fraction",
             "achieved_GBps", "sdpa_graph_ms", "folded_graph_ms", "graph_speedup_vs_sdpa"]
-    if args.compare_pdl:
-        cols += ["no_pdl_graph_ms", "no_pdl_graph_speedup_vs_sdpa"]
     print_table(f"decode attention, folded layout vs SDPA ({str(args.dtype).removeprefix('torch.')})", rows, cols)
     if args.markdown:
         Path(args.markdown).write_text(markdown_table(rows, cols))

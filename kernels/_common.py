@@ -15,14 +15,13 @@ Dispatch rule of every public op in this package (explicit, never a silent fallb
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 from typing import Literal
 
 import torch
 
 __all__ = ["Backend", "triton_interpreting", "use_triton", "resolve_backend", "next_pow2", "cdiv", "split_slots",
-           "device_guard", "pdl_supports"]
+           "device_guard"]
 
 Backend = Literal["auto", "triton", "reference"]
 
@@ -80,25 +79,3 @@ def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
     with the work that produced its inputs.
     """
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-def pdl_supports(t: torch.Tensor) -> str | None:
-    """None if kernels reading ``t`` can launch as programmatic dependents of the launch before them (PDL:
-    CUDA compute capability 9.0 or later, not the interpreter), else the reason they cannot.
-
-    A dependent launch lets the next kernel's programs be scheduled while the previous one finishes; the
-    kernel waits (``griddepcontrol.wait``) before it reads anything the previous one wrote."""
-    if not t.is_cuda:
-        return f"programmatic dependent launch needs a CUDA tensor, got a {t.device.type} tensor"
-    if triton_interpreting():
-        return "programmatic dependent launch does not run in Triton's interpreter"
-    major, minor = _capability(t.device)
-    if major < 9:
-        return f"programmatic dependent launch needs compute capability 9.0 or later, got {major}.{minor}"
-    return None
-
-
-@functools.lru_cache(maxsize=None)
-def _capability(device: torch.device) -> tuple[int, int]:
-    """Compute capability of a CUDA device (cached: asked on every decode call)."""
-    return torch.cuda.get_device_capability(device)

@@ -481,11 +481,8 @@ def _decode_kernel(
     tl.store(lse_ptr + row, lse, mask=qmask)
 
 @triton.jit(do_not_specialize=["n_parts"])  # lengths: one compile for all
-def _merge_kernel(o_ptr, lse_ptr, out_ptr, n_parts, D: tl.constexpr, P_PAD: tl.constexpr, PDL: tl.constexpr):
-    """Log-sum-exp merge of ``n_parts`` partial outputs of one (batch, query head). ``PDL`` (launched as a
-    programmatic dependent of the attention launch): wait for its writes first."""
-    if PDL:
-        tl.extra.cuda.gdc_wait()
+def _merge_kernel(o_ptr, lse_ptr, out_ptr, n_parts, D: tl.constexpr, P_PAD: tl.constexpr):
+    """Log-sum-exp merge of ``n_parts`` partial outputs of one (batch, query head)."""
     row = tl.program_id(0).to(tl.int64)
     s = tl.arange(0, P_PAD)
     smask = s < n_parts
@@ -828,13 +825,11 @@ def decode_attention(
     return _merge(o_part, lse_part, q.dtype)
 
 
-def _merge(o_part: torch.Tensor, lse_part: torch.Tensor, dtype: torch.dtype, pdl: bool = False) -> torch.Tensor:
-    """Merge ``[B, n_q, n_parts, d]`` partial outputs by their log2-sum-exp into ``[B, n_q, d]`` (``pdl``: as a
-    programmatic dependent of the launch that wrote them, ``_common.pdl_supports``)."""
+def _merge(o_part: torch.Tensor, lse_part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Merge ``[B, n_q, n_parts, d]`` partial outputs by their log2-sum-exp into ``[B, n_q, d]``."""
     B, n_q, n_parts, d = o_part.shape
     out = torch.empty(B, n_q, d, device=o_part.device, dtype=dtype)
     with device_guard(out):  # Triton launches on the current device
-        _merge_kernel[(B * n_q,)](o_part, lse_part, out, n_parts, D=d, P_PAD=max(2, next_pow2(n_parts)), PDL=pdl,
-                                  launch_pdl=pdl)
+        _merge_kernel[(B * n_q,)](o_part, lse_part, out, n_parts, D=d, P_PAD=max(2, next_pow2(n_parts)))
     return out
 

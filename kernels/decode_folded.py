@@ -88,8 +88,7 @@ import triton.language as tl
 from rkv_convert.runtime.ops import dequantize_values, rope
 
 from ._chunk_parts import _log2_logits, logit_scales
-from ._common import (Backend, cdiv, device_guard, next_pow2, pdl_supports, resolve_backend, split_slots,
-                      triton_interpreting)
+from ._common import Backend, cdiv, device_guard, next_pow2, resolve_backend, split_slots, triton_interpreting
 from ._decode_parts import _byte_tiles, _cos_sin, _plane_codes
 from ._occupancy import sm_count
 from .folded_params import FoldedParams
@@ -102,7 +101,7 @@ __all__ = ["FOLDED_DEFAULTS", "decode_folded", "decode_folded_ref", "folded_scor
 # Launch settings: the best of benchmarks/bench_decode_folded.py --tune on an H200. ``maxnreg``: a register
 # cap for fp16 queries at these tiles (the compiler picks 142-150): four programs per SM instead of three,
 # 1.05x-1.11x faster at 4k-64k contexts on the H200 (CUDA-graph replay; 112 and 96 were no faster).
-FOLDED_DEFAULTS: dict[str, int] = {"block_n": 128, "num_warps": 4, "num_stages": 2, "waves": 8, "maxnreg": 128, "pdl": 1}
+FOLDED_DEFAULTS: dict[str, int] = {"block_n": 128, "num_warps": 4, "num_stages": 2, "waves": 8, "maxnreg": 128}
 _BIAS_BLOCK = 64
 
 
@@ -467,12 +466,11 @@ def _query_prep_kernel(
     T, W, NB, rope_scaling,
     N_Q: tl.constexpr, NQP: tl.constexpr, REP: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr,
     DT: tl.constexpr, PREC: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
-    RP: tl.constexpr, BE: tl.constexpr, RDT: tl.constexpr, RPREC: tl.constexpr, PDL: tl.constexpr,
+    RP: tl.constexpr, BE: tl.constexpr, RDT: tl.constexpr, RPREC: tl.constexpr,
 ):
     """Grid ``(B, NB + n_kv)``: programs ``0 .. NB-1`` write the mean bias of their ``BLOCK_T`` slots
     (:func:`_bias_block`), program ``NB + h`` the rotated queries of KV head ``h`` (:func:`_rotate_block`):
-    what the attention kernel reads, in one launch. ``PDL``: the attention launch may be scheduled at once
-    (it waits for this one's writes before reading them)."""
+    what the attention kernel reads, in one launch."""
     b = tl.program_id(0).to(tl.int64)
     pid = tl.program_id(1)
     if pid < NB:
@@ -480,8 +478,6 @@ def _query_prep_kernel(
                     N_Q, NQP, REP, D // 2, BLOCK_T, DT, PREC, USE_LIBDEVICE)  # fmt: skip
     else:
         _rotate_block(q_ptr, rot_ptr, qr_ptr, s_qb, s_qh, s_rb, s_rh, s_rr, b, pid - NB, D, REP, RP, BE, RDT, RPREC)
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
@@ -502,7 +498,7 @@ def _folded_kernel(
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_I8: tl.constexpr, K_FAST: tl.constexpr, V_FAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, HAS_FP: tl.constexpr, DIRECT: tl.constexpr,
     DT: tl.constexpr, PREC: tl.constexpr, SOFTCAP: tl.constexpr, NUM_STAGES: tl.constexpr, MASKLESS: tl.constexpr,
-    META8: tl.constexpr, PDL: tl.constexpr,
+    META8: tl.constexpr,
 ):
     """Grid ``(B, n_kv, n_parts)``. ``DIRECT`` (one part): the normalised output in ``o_ptr [B, n_q, d]``;
     else fp32 partial outputs ``o_ptr [B, n_q, n_parts, d]`` and log2-sum-exp ``lse_ptr [B, n_q, n_parts]``.
@@ -516,12 +512,7 @@ def _folded_kernel(
     ``-inf`` bias alone, which needs their codes, scales and zeros finite (the cache zero-fills its
     stores and writes only quantized values). Fewer instructions and registers in the main loop.
 
-    ``META8``: scales and zeros are 8-bit codes, decoded with the bases ``k_base``, ``v_base``.
-
-    ``PDL`` (launched as a programmatic dependent of the query prep): wait for the prep's writes first, and
-    let the merge launch be scheduled while this one runs."""
-    if PDL:
-        tl.extra.cuda.gdc_wait()
+    ``META8``: scales and zeros are 8-bit codes, decoded with the bases ``k_base``, ``v_base``."""
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     split = tl.program_id(2)
@@ -690,8 +681,6 @@ def _folded_kernel(
     _store_plane(a1, zacc, inv_l, gv, ii, 1, dst, rmask, R, NGV, VP, UV, PW, GV)
     _store_plane(a2, zacc, inv_l, gv, ii, 2, dst, rmask, R, NGV, VP, UV, PW, GV)
     _store_plane(a3, zacc, inv_l, gv, ii, 3, dst, rmask, R, NGV, VP, UV, PW, GV)
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
@@ -789,13 +778,12 @@ def _whole_blocks(T: int, block_n: int, capacity: int) -> bool:
 
 
 def _query_prep(q: torch.Tensor, pos: torch.Tensor, params: FoldedParams, T: int, interp: bool,
-                width: int | None = None, pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(bias, qr)`` in one launch: ``bias fp32 [B, n_q, width]`` = ``q · RoPE_pos(mu)`` per query head
     and slot for the first ``T`` slots, ``-inf`` on empty slots and on ``[T, width)`` (``width``: default
     ``T``; a ``[1, 1, 1]`` placeholder when it is 0), and ``qr [B, n_kv, rep, d]`` = ``q R_h`` in plane
     order (:func:`rotate_queries`: fp16 for fp16 queries, else fp32). The main kernel pads ``width`` to a
-    multiple of 16: row strides stay 16-aligned, so one compile serves every ``T``. ``pdl``: the next launch
-    may be scheduled as a programmatic dependent of this one."""
+    multiple of 16: row strides stay 16-aligned, so one compile serves every ``T``."""
     B, n_q, d = q.shape
     n_kv = params.n_kv
     rep = n_q // n_kv
@@ -812,7 +800,7 @@ def _query_prep(q: torch.Tensor, pos: torch.Tensor, params: FoldedParams, T: int
         *qr.stride()[:3], T, width, n_blocks, float(params.attention_scaling),
         N_Q=n_q, NQP=max(16, next_pow2(n_q)), REP=rep, D=d, BLOCK_T=_BIAS_BLOCK,
         DT=tl.float16 if fp16 else tl.float32, PREC="tf32" if fp16 else "ieee", USE_LIBDEVICE=not interp,
-        RP=max(16, next_pow2(rep)), BE=min(d, 64), RDT=tl.float16 if fp16 else tl.float32, RPREC="ieee", PDL=pdl,
+        RP=max(16, next_pow2(rep)), BE=min(d, 64), RDT=tl.float16 if fp16 else tl.float32, RPREC="ieee",
     )  # fmt: skip
     return bias, qr
 
@@ -828,7 +816,6 @@ def decode_folded(
     num_warps: int | None = None,
     num_stages: int | None = None,
     unpack: Literal["auto", "convert"] = "auto",
-    pdl: bool | None = None,
     backend: Backend = "auto",
 ) -> torch.Tensor:
     """Attention of one new query token per sequence over a folded packed cache (module docstring).
@@ -849,10 +836,6 @@ def decode_folded(
             keys, and 3- and 4-bit keys with integer key dots, by shift and mask into int8; 2-bit values by byte
             permutes into fp16), other codes by integer conversion; ``"convert"``: always the latter (the same
             dots and results).
-        pdl: launch the attention and merge kernels as programmatic dependents of the launch before them
-            (``_common.pdl_supports``: CUDA compute capability >= 9.0), so that each is scheduled while the
-            previous one finishes; the same results. None: where supported (``FOLDED_DEFAULTS["pdl"]``);
-            True where it is not supported raises ``ValueError``.
         backend: ``"auto"``, ``"triton"`` or ``"reference"`` (see ``_common``).
 
     Returns:
@@ -867,10 +850,6 @@ def decode_folded(
         raise ValueError(f"queries must be fp16/bf16/fp32, got {q.dtype}")
     if unpack not in ("auto", "convert"):
         raise ValueError(f"unpack must be 'auto' or 'convert', got {unpack!r}")
-    no_pdl = pdl_supports(q)
-    if pdl and no_pdl:
-        raise ValueError(f"pdl=True: {no_pdl}")
-    pdl = bool(FOLDED_DEFAULTS["pdl"]) and no_pdl is None if pdl is None else pdl
     fp16 = q.dtype == torch.float16
     tiles = _tiles(d, fp16)
     block_n = tiles["block_n"] if block_n is None else block_n
@@ -916,8 +895,7 @@ def decode_folded(
     defaults = tuple(FOLDED_DEFAULTS[k] for k in ("block_n", "num_warps", "num_stages"))
     cap = {"maxnreg": FOLDED_DEFAULTS["maxnreg"]} if fp16 and (block_n, num_warps, num_stages) == defaults else {}
     with device_guard(qc):  # Triton launches on the current device
-        bias, qr = _query_prep(qc, pos, params, T, interp, width=(padded if maskless else cdiv(T, 16) * 16) if T else 0,
-                               pdl=pdl)
+        bias, qr = _query_prep(qc, pos, params, T, interp, width=(padded if maskless else cdiv(T, 16) * 16) if T else 0)
         _folded_kernel[(B, n_kv, n_parts)](
             qc, qr, kc, ks, kz, vc, vs, vz, bias, fk, fv, fpos, o_part, lse_part,
             qc.stride(0), qc.stride(1), *qr.stride()[:3], *kc.stride()[:3], *ks.stride()[:2], *vc.stride()[:3], *vs.stride()[:2],
@@ -931,6 +909,6 @@ def decode_folded(
             BLOCK_N=block_n, BLOCK_F=tiles["block_f"], HAS_FP=has_fp, DIRECT=direct,
             DT=tl.float16 if fp16 else tl.float32, PREC="tf32" if fp16 else "ieee",
             SOFTCAP=params.softcap is not None, NUM_STAGES=num_stages, MASKLESS=maskless,
-            META8=params.meta_bases is not None, PDL=pdl, num_warps=num_warps, launch_pdl=pdl, **cap,
+            META8=params.meta_bases is not None, num_warps=num_warps, **cap,
         )  # fmt: skip
-    return o_part if direct else _merge(o_part, lse_part, q.dtype, pdl)
+    return o_part if direct else _merge(o_part, lse_part, q.dtype)

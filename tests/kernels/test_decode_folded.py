@@ -361,13 +361,6 @@ def test_reference_backend_and_bad_options() -> None:
         decode_folded(q, kv, params, backend="triton", unpack="bogus")
 
 
-def test_dependent_launch_refused_where_unsupported() -> None:
-    """pdl=True where programmatic dependent launch cannot run (a CPU tensor, the interpreter) names why."""
-    q, kv, params = make_case(B=1, n_kv=2, rep=2, d=64, T=12, bits=2, g_k=32)
-    with pytest.raises(ValueError, match="programmatic dependent launch"):
-        decode_folded(q, kv, params, backend="triton", pdl=True)
-
-
 GPU_CASES = {  # (case, dtype, one launch too): few compiled variants, so that -m gpu stays quick
     "llama3-like-fp16": (dict(B=2, n_kv=8, rep=4, d=128, T=3000, F=137, g_k=64, g_v=64, pos0=25000, spare=72),
                          torch.float16, True),  # spare: whole 128-slot blocks (unmasked), as the runtime's stores
@@ -406,24 +399,3 @@ def test_fp16_kernel_computes_the_int8_query_reference() -> None:
     unrounded = decode_folded_ref(_dev(q.float()), _dev(_f32(kv)), _dev(params), query_int8=False).cpu()
     near, far = (out - as_kernel).abs().max().item(), (out - unrounded).abs().max().item()
     assert near < 0.25 * far, (near, far)
-
-
-@pytest.mark.gpu
-def test_dependent_launches_give_the_same_bits_eager_and_in_a_graph() -> None:
-    """With and without programmatic dependent launches (prep -> attention -> merge), eagerly and replayed from
-    a CUDA graph (as the runtime's decode step runs), the outputs are the same bits; and they match the reference."""
-    if torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("programmatic dependent launch needs compute capability 9.0")
-    q, kv, params = make_case(dtype=torch.float16, B=2, n_kv=8, rep=4, d=128, T=3000, F=137, spare=72)
-    q, kv, params = _dev(q), _dev(kv), _dev(params)
-    plain = decode_folded(q, kv, params, backend="triton", pdl=False, num_splits=6)
-    dependent = decode_folded(q, kv, params, backend="triton", pdl=True, num_splits=6)
-    torch.testing.assert_close(dependent, plain, atol=0, rtol=0)
-    _check(q.cpu(), kv.to("cpu"), params.to("cpu"), dependent.cpu())
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        replayed = decode_folded(q, kv, params, backend="triton", pdl=True, num_splits=6)
-    q.copy_(q.flip(0))  # new inputs into the captured buffers
-    graph.replay()
-    torch.testing.assert_close(replayed, decode_folded(q, kv, params, backend="triton", pdl=False, num_splits=6),
-                               atol=0, rtol=0)
