@@ -1,8 +1,12 @@
-"""Triton building blocks shared by the decode-attention kernels: unpacking code planes,
-per-group scale selection, fast cos/sin for RoPE and the online-softmax step."""
+"""Triton building blocks shared by the decode-attention kernels: unpacking code planes (and the plane order of
+channels, for the host-side operands laid out to match), per-group scale selection, fast cos/sin for RoPE and
+the online-softmax step."""
 
 from __future__ import annotations
 
+import functools
+
+import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
@@ -12,6 +16,13 @@ from triton.language.extra import libdevice
 # no reshape or layout shuffle; the rotation rows, group ids and value accumulators are taken
 # in the same plane order instead.
 _NPLANES = 4
+
+
+@functools.lru_cache(maxsize=64)
+def _plane_order(gd: int, d: int, device: torch.device) -> torch.Tensor:
+    """Input channel of each plane-ordered row: ``g*d + j*d/4 + i`` -> ``g*d + 4i + j``."""
+    g, j, i = torch.meshgrid(torch.arange(gd // d), torch.arange(_NPLANES), torch.arange(d // _NPLANES), indexing="ij")
+    return (g * d + _NPLANES * i + j).reshape(-1).to(device)
 
 
 @triton.jit

@@ -81,7 +81,6 @@ CUDA tensors or under ``TRITON_INTERPRET=1``, else :func:`decode_attention_ref`.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass, field
 from typing import Literal
@@ -97,7 +96,8 @@ from ._common import Backend, cdiv, device_guard, next_pow2, resolve_backend, sp
 from ._occupancy import record_residency, resident_per_sm, sm_count, wave_splits
 from .decode_chunk import chunk_kernel_supports, code_column_factors, keys_grouped_by_chunk, launch_chunk_kernel
 from ._chunk_parts import _log2_logits, launch_strides, logit_scales
-from ._decode_parts import _NPLANES, _byte_tiles, _cos_sin, _plane_codes, _softmax_step
+from ._decode_parts import _byte_tiles, _cos_sin, _plane_codes, _plane_order, _softmax_step
+from ._split_merge import merge_parts
 from .packed_kv import PackedKV
 
 __all__ = ["KERNEL_DEFAULTS", "PreparedRotation", "decode_attention", "decode_attention_ref", "head_kernel_supports",
@@ -480,30 +480,6 @@ def _decode_kernel(
     tl.store(o_row + 3, acc3 * inv_l[:, None], mask=qmask[:, None])
     tl.store(lse_ptr + row, lse, mask=qmask)
 
-@triton.jit(do_not_specialize=["n_parts"])  # lengths: one compile for all
-def _merge_kernel(o_ptr, lse_ptr, out_ptr, n_parts, D: tl.constexpr, P_PAD: tl.constexpr):
-    """Log-sum-exp merge of ``n_parts`` partial outputs of one (batch, query head)."""
-    row = tl.program_id(0).to(tl.int64)
-    s = tl.arange(0, P_PAD)
-    smask = s < n_parts
-    dd = tl.arange(0, D)
-    lse = tl.load(lse_ptr + row * n_parts + s, mask=smask, other=float("-inf"))
-    m = tl.max(lse, 0)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp2(lse - m)
-    o = tl.load(o_ptr + (row * n_parts + s)[:, None] * D + dd[None, :], mask=smask[:, None], other=0.0)
-    den = tl.sum(w, 0)
-    res = tl.sum(w[:, None] * o, 0) / tl.where(den > 0.0, den, 1.0)  # no valid token at all: zeros
-    tl.store(out_ptr + row * D + dd, res.to(out_ptr.dtype.element_ty))
-
-
-@functools.lru_cache(maxsize=64)
-def _plane_order(gd: int, d: int, device: torch.device) -> torch.Tensor:
-    """Input channel of each plane-ordered row: ``g*d + j*d/4 + i`` -> ``g*d + 4i + j``."""
-    g, j, i = torch.meshgrid(torch.arange(gd // d), torch.arange(_NPLANES), torch.arange(d // _NPLANES), indexing="ij")
-    return (g * d + _NPLANES * i + j).reshape(-1).to(device)
-
-
 def _kron_factors(
     rotation: torch.Tensor, head_dim: int, rtol: float = 1e-5
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -632,7 +608,7 @@ def prepare_rotation(
     dev = rotation.device
     r32 = rotation.detach().to(torch.float32).contiguous()
     rtp = r32.T.index_select(0, _plane_order(gd, d, dev)).to(dt).contiguous()
-    ab = _kron_factors(r32, d) if d % _NPLANES == 0 else None
+    ab = _kron_factors(r32, d) if d % 4 == 0 else None
     a = btp = bt32 = None
     if ab is not None:
         a = ab[0].to(torch.float32).contiguous()
@@ -806,7 +782,7 @@ def decode_attention(
             block_t=block_t, num_warps=num_warps, num_stages=num_stages,
         )
         record_residency(residency_key, compiled, dev)
-        return _merge(o_part, lse_part, q.dtype)
+        return merge_parts(o_part, lse_part, q.dtype)
     gidp = k_gid.to(device=dev, dtype=torch.int32).index_select(1, _plane_order(Gd, d, dev)).contiguous()
     a, btp = (prep.a, prep.btp) if factored else (prep.rtp, prep.rtp)  # unused by the dense path
     with device_guard(qc):  # Triton launches on the current device
@@ -822,14 +798,4 @@ def decode_attention(
             num_warps=num_warps, num_stages=num_stages,
         )
     record_residency(residency_key, compiled, dev)
-    return _merge(o_part, lse_part, q.dtype)
-
-
-def _merge(o_part: torch.Tensor, lse_part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Merge ``[B, n_q, n_parts, d]`` partial outputs by their log2-sum-exp into ``[B, n_q, d]``."""
-    B, n_q, n_parts, d = o_part.shape
-    out = torch.empty(B, n_q, d, device=o_part.device, dtype=dtype)
-    with device_guard(out):  # Triton launches on the current device
-        _merge_kernel[(B * n_q,)](o_part, lse_part, out, n_parts, D=d, P_PAD=max(2, next_pow2(n_parts)))
-    return out
-
+    return merge_parts(o_part, lse_part, q.dtype)

@@ -91,9 +91,9 @@ from ._chunk_parts import _log2_logits, logit_scales
 from ._common import Backend, cdiv, device_guard, next_pow2, resolve_backend, split_slots, triton_interpreting
 from ._decode_parts import _byte_tiles, _cos_sin, _plane_codes
 from ._occupancy import sm_count
+from ._split_merge import merge_parts
 from .folded_params import FoldedParams
 from .packed_kv import PackedKV
-from .decode_attention import _merge
 
 __all__ = ["FOLDED_DEFAULTS", "decode_folded", "decode_folded_ref", "folded_scores_ref", "int8_key_dots",
            "mean_scores_ref", "rotate_queries", "round_query_int8"]
@@ -216,8 +216,7 @@ def folded_scores_ref(
     ``q R_h`` to 8 bits per key group (:func:`round_query_int8`; tests: the error a low-precision
     kernel may have).
     """
-    B, n_q, d = q.shape
-    n_kv = y.shape[1]
+    B, n_q, _ = q.shape
     q_rot = rotate_queries(q, params.rotation).float()
     cd = compute_dtype
     if query_int8:  # the codes are integers: the kernel's dot is exact, only q' is rounded
@@ -911,4 +910,4 @@ def decode_folded(
             SOFTCAP=params.softcap is not None, NUM_STAGES=num_stages, MASKLESS=maskless,
             META8=params.meta_bases is not None, num_warps=num_warps, **cap,
         )  # fmt: skip
-    return o_part if direct else _merge(o_part, lse_part, q.dtype)
+    return o_part if direct else merge_parts(o_part, lse_part, q.dtype)

@@ -10,7 +10,7 @@ import torch
 from rkv_convert.quant.packing import packed_width
 from rkv_convert.quant.quantizer import GroupMeta
 
-from .decode_attention import _plane_order
+from ._decode_parts import _plane_order
 from .packed_kv import PackedKV
 
 __all__ = ["FoldedParams"]
