@@ -96,7 +96,7 @@ from ._common import Backend, cdiv, device_guard, next_pow2, resolve_backend, sp
 from ._occupancy import record_residency, resident_per_sm, sm_count, wave_splits
 from .decode_chunk import chunk_kernel_supports, code_column_factors, keys_grouped_by_chunk, launch_chunk_kernel
 from ._chunk_parts import _log2_logits, launch_strides, logit_scales
-from ._decode_parts import _byte_tiles, _cos_sin, _plane_codes, _plane_order, _softmax_step
+from ._decode_parts import _NPLANES, _byte_tiles, _cos_sin, _plane_codes, _plane_order, _softmax_step
 from ._split_merge import merge_parts
 from .packed_kv import PackedKV
 
@@ -608,7 +608,7 @@ def prepare_rotation(
     dev = rotation.device
     r32 = rotation.detach().to(torch.float32).contiguous()
     rtp = r32.T.index_select(0, _plane_order(gd, d, dev)).to(dt).contiguous()
-    ab = _kron_factors(r32, d) if d % 4 == 0 else None
+    ab = _kron_factors(r32, d) if d % _NPLANES == 0 else None
     a = btp = bt32 = None
     if ab is not None:
         a = ab[0].to(torch.float32).contiguous()
