@@ -12,8 +12,9 @@ from transformers import LlamaConfig
 
 from rkv_convert.calibrate.artifact import CalibrationArtifact
 from rkv_convert.calibrate.run import CalibrationOptions, calibrate
-from rkv_convert.export.format import DEFAULT_KEY_LAYOUT
+from rkv_convert.export.format import DEFAULT_KEY_LAYOUT, DEFAULT_SALIENT_TOKENS
 from rkv_convert.export.fuse import fuse_value_rotation
+from rkv_convert.export.store_choice import choose_store
 from rkv_convert.export.writer import checkpoint_from_artifact
 from rkv_convert.runtime.cache import CacheSettings
 from rkv_convert.runtime.generate import RkvModel
@@ -36,7 +37,8 @@ def calibrated_rkv(
     value_group: int, bits: int, permutation: str = "mean_abs", key_layout: str = DEFAULT_KEY_LAYOUT,
 ) -> tuple[RkvModel, CalibrationArtifact, float]:
     """Calibrate ``model`` on ``samples`` random windows of ``seqlen`` tokens, fuse its value rotation
-    and wrap it with the packed cache; returns the rkv model, the artifact and the calibration seconds.
+    and wrap it with the packed cache `rkv export` writes by default (``export.store_choice``); returns the rkv
+    model, the artifact and the calibration seconds.
 
     Key rotations stay Hadamard (``learn_rotation=False``): a learned rotation is just another
     orthogonal matrix to the kernels, so speed and placement do not change, while learning one per
@@ -52,6 +54,9 @@ def calibrated_rkv(
     t0 = time.perf_counter()
     artifact = calibrate(model, batches, options)
     seconds = time.perf_counter() - t0
-    checkpoint = checkpoint_from_artifact(artifact, bits=bits)
+    store = choose_store(artifact, bits, None, None)
+    print(f"rkv store: {store.note}; {DEFAULT_SALIENT_TOKENS} salient tokens", flush=True)
+    checkpoint = checkpoint_from_artifact(artifact, bits=bits, key_bits=store.key_bits, group_meta=store.group_meta,
+                                          salient_tokens=DEFAULT_SALIENT_TOKENS)  # fmt: skip
     fuse_value_rotation(model, artifact.value_rotation)
     return RkvModel(model, checkpoint, settings=CacheSettings.from_config(checkpoint.config)), artifact, seconds

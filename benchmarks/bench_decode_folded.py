@@ -1,22 +1,26 @@
 """Decode attention over the query-folded layout against SDPA (fp16 by default) and the 2-bit byte floor.
 
 One new query token per sequence attends over ``T`` quantized slots plus a full-precision segment
-(8 sinks + 128 window tokens) of one layer. Per row:
+(8 sinks, ``--salient-tokens`` and 128 window tokens) of one layer. Per row:
 
 - ``sdpa_ms``: ``torch.nn.functional.scaled_dot_product_attention`` over K/V in ``--dtype`` (fp16 by
-  default) holding the same ``T + 136`` tokens (what a full-precision cache runs);
+  default) holding the same ``T + fp_slots`` tokens (what a full-precision cache runs);
 - ``folded_ms``: :func:`rkv_convert.kernels.decode_folded.decode_folded` (split-K kernel plus
-  merge, or one launch), random packed codes and fp16 scales/zeros (speed does not depend on the
-  values; correctness is ``tests/kernels/test_decode_folded.py``);
+  merge, or one launch), random packed codes and scales/zeros (speed does not depend on the
+  values; correctness is ``tests/kernels/test_decode_folded.py``). ``--store default`` (the default) times
+  the cache `rkv export` writes by default: 8-bit group metadata, values at ``--bits``, keys at ``--bits`` in
+  half the layers and one bit more in the other half (``--key-bits auto``), 32 salient tokens; ``folded_ms`` is
+  then the mean of the two layer kinds (``folded_ms_by_key_bits`` gives each), the time per layer a model
+  spends. ``--store plain`` times one layer kind as ``--bits``/``--value-bits``/``--group-meta`` say;
 - ``floor_ms``: the bytes the folded kernel reads divided by the measured device copy rate
   (read + write), and ``achieved_GBps`` = those bytes over ``folded_ms``.
 
 Timings are ``triton.testing.do_bench`` medians (``benchmarks/_timing.py``), which flush the L2
 before each repetition. ``--tune`` times launch settings on a few rows first.
 
-    python benchmarks/bench_decode_folded.py --csv benchmarks/results/decode_folded.csv
+    python benchmarks/bench_decode_folded.py --csv benchmarks/results/decode_attention.csv   # the default store
     python benchmarks/bench_decode_folded.py --dtype bf16 --tune 128-4-2-8 64-8-2-8   # the fp32-operand path
-    python benchmarks/bench_decode_folded.py --group-meta log8 --bits 3 --value-bits 2  # 8-bit group metadata
+    python benchmarks/bench_decode_folded.py --store plain --salient-tokens 0   # fp16 metadata, 2-bit keys and values
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from rkv_convert.kernels.packed_kv import PackedKV  # noqa: E402
 from rkv_convert.quant.hadamard import hadamard_matrix  # noqa: E402
 
 SHAPES = {"llama2-7b": (32, 32, 128), "llama3-8b": (32, 8, 128)}  # query heads, KV heads, head dim
-FP_SLOTS = 8 + 128  # sinks + recent window
+SINKS_AND_WINDOW = 8 + 128  # full-precision slots besides the salient tokens
 
 
 def _meta(B: int, n_kv: int, T: int, groups: int, log8: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,9 +54,9 @@ def _meta(B: int, n_kv: int, T: int, groups: int, log8: bool) -> tuple[torch.Ten
 
 def make_layer(B: int, n_kv: int, T: int, d: int, bits: int, g_k: int, g_v: int,
                dtype: torch.dtype = torch.float16, value_bits: int | None = None,
-               log8: bool = False) -> tuple[PackedKV, FoldedParams]:  # fmt: skip
+               log8: bool = False, fp_slots: int = SINKS_AND_WINDOW) -> tuple[PackedKV, FoldedParams]:  # fmt: skip
     """One layer's packed cache (random codes, scales and zeros: fp16 or ``log8`` 8-bit codes) and constants; the
-    fp segment in ``dtype`` (the model's, as the runtime keeps it)."""
+    fp segment of ``fp_slots`` in ``dtype`` (the model's, as the runtime keeps it)."""
     dev, u8 = DEVICE, torch.uint8
     v_bits = bits if value_bits is None else value_bits
     kc = torch.randint(0, 256, (B, n_kv, T, d * bits // 8), dtype=u8, device=dev)
@@ -61,9 +65,9 @@ def make_layer(B: int, n_kv: int, T: int, d: int, bits: int, g_k: int, g_v: int,
     vs, vz = _meta(B, n_kv, T, d // g_v, log8)
     pos = torch.arange(T, dtype=torch.int32, device=dev).repeat(B, 1)
     pos[1:, : T // 8] = -1  # left padding in all but the first sequence
-    fp_k = torch.randn(B, n_kv, FP_SLOTS, d, dtype=dtype, device=dev)
+    fp_k = torch.randn(B, n_kv, fp_slots, d, dtype=dtype, device=dev)
     fp_v = torch.randn_like(fp_k)
-    fp_pos = torch.arange(T, T + FP_SLOTS, dtype=torch.int32, device=dev).repeat(B, 1)
+    fp_pos = torch.arange(T, T + fp_slots, dtype=torch.int32, device=dev).repeat(B, 1)
     rot = torch.stack([hadamard_matrix(d)[:, torch.randperm(d)] for _ in range(n_kv)]).to(dev)
     params = FoldedParams(rotation=rot, mean=torch.randn(n_kv, d, device=dev), attention_scaling=1.0,
                           inv_freq=(1.0 / 10000.0 ** (torch.arange(0, d, 2, dtype=torch.float32) / d)).to(dev),
@@ -77,8 +81,15 @@ def bytes_read(kv: PackedKV, params: FoldedParams) -> int:
     return per_layer + params.rotation.numel() * 4 + params.mean.numel() * 4
 
 
-def _fits(B: int, n_kv: int, T: int, d: int, budget: float) -> bool:
-    return 2 * B * n_kv * (T + FP_SLOTS) * d * 2 * 1.25 < budget  # fp16 K/V, the packed layer and slack
+def _fits(B: int, n_kv: int, T: int, d: int, fp_slots: int, budget: float) -> bool:
+    return 2 * B * n_kv * (T + fp_slots) * d * 2 * 1.25 < budget  # fp16 K/V, the packed layers and slack
+
+
+def layer_kinds(args: argparse.Namespace) -> list[tuple[int, int, bool]]:
+    """(key bits, value bits, 8-bit metadata) of each layer kind the row averages over."""
+    if args.store == "default":
+        return [(args.bits, args.bits, True), (args.bits + 1, args.bits, True)]
+    return [(args.bits, args.value_bits or args.bits, args.group_meta == "log8")]
 
 
 def _compiled_stats() -> list[str]:
@@ -134,8 +145,9 @@ def tune(args: argparse.Namespace) -> str:
     seen, score = 0, {cfg: 0.0 for cfg in args.tune}
     for name, B, T in args.tune_rows:
         n_q, n_kv, d = SHAPES[name]
-        kv, params = make_layer(B, n_kv, T, d, args.bits, args.key_group, args.value_group, args.dtype, args.value_bits,
-                                args.group_meta == "log8")  # fmt: skip
+        k_bits, v_bits, log8 = layer_kinds(args)[-1]  # the widest kind
+        kv, params = make_layer(B, n_kv, T, d, k_bits, args.key_group, args.value_group, args.dtype, v_bits, log8,
+                                args.fp_slots)  # fmt: skip
         q = torch.randn(B, n_q, d, dtype=args.dtype, device=DEVICE)
         nbytes = bytes_read(kv, params)
         times = {}
@@ -166,45 +178,54 @@ def run(args: argparse.Namespace, launch: str) -> list[dict[str, object]]:
     copy_gbs = copy_bandwidth_gbs()
     print(f"device copy rate (read + write): {copy_gbs:.0f} GB/s on {DEVICE}", flush=True)
     rows = []
+    kinds = layer_kinds(args)
+    fp_slots = args.fp_slots
     for name in args.shapes:
         n_q, n_kv, d = SHAPES[name]
         for B in args.batches:
             torch.cuda.empty_cache() if DEVICE.type == "cuda" else None
             budget = 0.9 * torch.cuda.mem_get_info()[0] if DEVICE.type == "cuda" else float("inf")
-            contexts = [T for T in args.contexts if _fits(B, n_kv, T, d, budget)]
+            contexts = [T for T in args.contexts if _fits(B, n_kv, T, d, fp_slots, budget)]
             for T in sorted(set(args.contexts) - set(contexts)):
                 print(f"skip {name} B={B} T={T}: does not fit in memory")
             if not contexts:
                 continue
             T_max = max(contexts)
-            k = torch.randn(B, n_kv, T_max + FP_SLOTS, d, dtype=args.dtype, device=DEVICE)
+            k = torch.randn(B, n_kv, T_max + fp_slots, d, dtype=args.dtype, device=DEVICE)
             v = torch.randn_like(k)
-            kv_all, params = make_layer(B, n_kv, T_max, d, args.bits, args.key_group, args.value_group, args.dtype,
-                                        args.value_bits, args.group_meta == "log8")  # fmt: skip
+            layers = [make_layer(B, n_kv, T_max, d, kb, args.key_group, args.value_group, args.dtype, vb, log8, fp_slots)
+                      for kb, vb, log8 in kinds]  # fmt: skip
             q = torch.randn(B, n_q, d, dtype=args.dtype, device=DEVICE)
             for T in contexts:
-                kt, vt = k[:, :, : T + FP_SLOTS], v[:, :, : T + FP_SLOTS]
+                kt, vt = k[:, :, : T + fp_slots], v[:, :, : T + fp_slots]
                 sdpa = lambda: F.scaled_dot_product_attention(q[:, :, None], kt, vt, enable_gqa=n_q != n_kv)  # noqa: E731
                 sdpa_ms = bench_ms(sdpa)[0]
-                kv = kv_all.truncated(T)
+                sdpa_graph_ms = graph_ms(sdpa)
                 kw = _launch(launch, B, n_kv, T)
-                fn = lambda: decode_folded(q, kv, params, **kw)  # noqa: E731
-                folded_ms, lo, hi = bench_ms(fn)
-                sdpa_graph_ms, folded_graph_ms = graph_ms(sdpa), graph_ms(fn)
-                folded_host_us = host_us(fn, n=50) if DEVICE.type == "cuda" else float("nan")
-                nbytes = bytes_read(kv, params)
+                timed = []  # per layer kind: eager median, p20, p80, graph median, host us, bytes
+                for kv_all, params in layers:
+                    kv = kv_all.truncated(T)
+                    fn = lambda: decode_folded(q, kv, params, **kw)  # noqa: E731
+                    ms, lo, hi = bench_ms(fn)
+                    host = host_us(fn, n=50) if DEVICE.type == "cuda" else float("nan")
+                    timed.append((ms, lo, hi, graph_ms(fn), host, bytes_read(kv, params)))
+                mean = [sum(t[i] for t in timed) / len(timed) for i in range(6)]
+                folded_ms, lo, hi, folded_graph_ms, folded_host_us, nbytes = mean
                 row = {
                     "shape": name, "batch": B, "context": T, "query_dtype": str(args.dtype).removeprefix("torch."),
-                    "n_q": n_q, "n_kv": n_kv, "head_dim": d,
-                    "bits": args.bits, "value_bits": args.value_bits or args.bits, "group_meta": args.group_meta,
+                    "n_q": n_q, "n_kv": n_kv, "head_dim": d, "store": args.store,
+                    "key_bits": "+".join(str(kb) for kb, _, _ in kinds), "value_bits": kinds[0][1],
+                    "group_meta": "log8" if kinds[0][2] else "fp16",
                     "key_group": args.key_group, "value_group": args.value_group,
-                    "fp_slots": FP_SLOTS, "sdpa_ms": sdpa_ms, "folded_ms": folded_ms, "folded_p20_ms": lo,
+                    "fp_slots": fp_slots, "sdpa_ms": sdpa_ms, "folded_ms": folded_ms, "folded_p20_ms": lo,
                     "folded_p80_ms": hi, "speedup_vs_sdpa": sdpa_ms / folded_ms,
+                    "folded_ms_by_key_bits": ";".join(f"{kb}:{t[0]:.5f}" for (kb, _, _), t in zip(kinds, timed)),
                     "floor_ms": nbytes / (copy_gbs * 1e9) * 1e3,
                     "achieved_GBps": nbytes / (folded_ms * 1e-3) / 1e9,
                     "sdpa_GBps": 2 * kt.numel() * 2 / (sdpa_ms * 1e-3) / 1e9, "copy_GBps": copy_gbs,
                     "sdpa_graph_ms": sdpa_graph_ms, "folded_graph_ms": folded_graph_ms,
                     "graph_speedup_vs_sdpa": sdpa_graph_ms / folded_graph_ms,
+                    "graph_ms_by_key_bits": ";".join(f"{kb}:{t[3]:.5f}" for (kb, _, _), t in zip(kinds, timed)),
                     "folded_host_us": folded_host_us, "launch": launch, "num_splits": kw["num_splits"],
                 }  # fmt: skip
                 row["floor_fraction"] = row["floor_ms"] / folded_ms
@@ -212,10 +233,11 @@ def run(args: argparse.Namespace, launch: str) -> list[dict[str, object]]:
                 if args.csv:
                     append_csv(args.csv, {**row, "timing": "do_bench" if DEVICE.type == "cuda" else "cpu-smoke"})
                 print(f"{name} B={B} T={T}: sdpa {sdpa_ms:.4f} ms, folded {folded_ms:.4f} ms "
-                      f"({row['speedup_vs_sdpa']:.2f}x), floor {row['floor_ms']:.4f} ms "
-                      f"({row['floor_fraction']:.0%}), {row['achieved_GBps']:.0f} GB/s; graph: sdpa {sdpa_graph_ms:.4f}, "
-                      f"folded {folded_graph_ms:.4f} ({row['graph_speedup_vs_sdpa']:.2f}x); host {folded_host_us:.1f} us", flush=True)  # fmt: skip
-            del k, v, kv_all, kv, params
+                      f"({row['speedup_vs_sdpa']:.2f}x; by key bits {row['folded_ms_by_key_bits']}), floor "
+                      f"{row['floor_ms']:.4f} ms ({row['floor_fraction']:.0%}), {row['achieved_GBps']:.0f} GB/s; graph: "
+                      f"sdpa {sdpa_graph_ms:.4f}, folded {folded_graph_ms:.4f} ({row['graph_speedup_vs_sdpa']:.2f}x; "
+                      f"{row['graph_ms_by_key_bits']}); host {folded_host_us:.1f} us", flush=True)  # fmt: skip
+            del k, v, layers
     return rows
 
 
@@ -224,9 +246,15 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
     ap.add_argument("--contexts", nargs="+", type=int, default=[1024, 4096, 16384, 32768, 65536])
-    ap.add_argument("--bits", type=int, default=2, help="key code bits")
-    ap.add_argument("--value-bits", type=int, default=None, help="value code bits (default: --bits)")
-    ap.add_argument("--group-meta", default="fp16", choices=("fp16", "log8"), help="group scales and zeros")
+    ap.add_argument("--store", default="default", choices=("default", "plain"),
+                    help="default: the store `rkv export` writes (log8 metadata, keys at --bits and --bits + 1 in half "
+                         "the layers each, 32 salient tokens); plain: one layer kind as the options below say")
+    ap.add_argument("--bits", type=int, default=2, help="key code bits (default store: the lower layer kind's)")
+    ap.add_argument("--value-bits", type=int, default=None, help="value code bits, plain store (default: --bits)")
+    ap.add_argument("--group-meta", default="fp16", choices=("fp16", "log8"), help="group scales and zeros, plain store")
+    ap.add_argument("--salient-tokens", type=int, default=None,
+                    help="full-precision salient slots beside the 8 sinks and 128 window tokens (default: 32 for the "
+                         "default store, 0 for plain)")
     ap.add_argument("--key-group", type=int, default=64)
     ap.add_argument("--value-group", type=int, default=64)
     ap.add_argument("--dtype", default="fp16", choices=("fp16", "bf16", "fp32"),
@@ -241,6 +269,8 @@ def main() -> None:
     ap.add_argument("--markdown", default=None)
     args = ap.parse_args()
     args.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    salient = args.salient_tokens if args.salient_tokens is not None else (32 if args.store == "default" else 0)
+    args.fp_slots = SINKS_AND_WINDOW + salient
     d = FOLDED_DEFAULTS
     launch = f"{d['block_n']}-{d['num_warps']}-{d['num_stages']}-{d['waves']}"
     if args.tune:
@@ -250,7 +280,8 @@ def main() -> None:
     rows = run(args, launch)
     cols = ["shape", "batch", "context", "sdpa_ms", "folded_ms", "speedup_vs_sdpa", "floor_ms", "floor_fraction",
             "achieved_GBps", "sdpa_graph_ms", "folded_graph_ms", "graph_speedup_vs_sdpa"]
-    print_table(f"decode attention, folded layout vs SDPA ({str(args.dtype).removeprefix('torch.')})", rows, cols)
+    store = f"{args.store} store, keys {rows[0]['key_bits']} bits, {rows[0]['fp_slots']} fp slots" if rows else args.store
+    print_table(f"decode attention, folded layout ({store}) vs SDPA ({str(args.dtype).removeprefix('torch.')})", rows, cols)
     if args.markdown:
         Path(args.markdown).write_text(markdown_table(rows, cols))
 

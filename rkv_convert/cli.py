@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .cli_checks import LIBRARY_ERRORS, InputError, check_bits, check_device, check_length, fail, make_console, parse_bits
-from .export.format import DEFAULT_KEY_LAYOUT, KEY_LAYOUTS
+from .export.format import DEFAULT_KEY_LAYOUT, DEFAULT_SALIENT_TOKENS, KEY_LAYOUTS
 from .models.loading import DEFAULT_MODEL, ModelLoadError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="RotateKV 2-bit KV caches: calibrate, export, evaluate, run.")
@@ -188,13 +188,13 @@ def export(
     out: Path = typer.Option(Path("rkv-out/checkpoint"), help="Folder for the augmented checkpoint."),
     model: Optional[str] = typer.Option(None, help="Source model (default: the one the artifact was calibrated on)."),
     bits: int = typer.Option(2, help="Bits per cached key/value element: 2, 3 or 4."),
-    key_bits: Optional[str] = typer.Option(None, help="Key widths: one of 2, 3, 4 for every layer, a comma list with one per layer, 'auto': half the layers at --bits + 1, those whose calibrated key error falls most, or 'retrieval': the same bits, spent first on the layers with retrieval heads (4-bit keys), then as auto (default: --bits)."),
+    key_bits: Optional[str] = typer.Option(None, help="Key widths: one of 2, 3, 4 for every layer, a comma list with one per layer, 'auto': half the layers at --bits + 1, those whose calibrated key error falls most, or 'retrieval': the same bits, spent first on the layers with retrieval heads (4-bit keys), then as auto (default: auto under log8 metadata, else --bits)."),
     value_bits: Optional[str] = typer.Option(None, help="Value widths, like --key-bits (default: --bits)."),
-    group_meta: str = typer.Option("fp16", help="Group scales and zeros: fp16 (2 bytes each) or log8 (1 byte each: 0.25 bit per element less at groups of 64; folded key layout only)."),
+    group_meta: Optional[str] = typer.Option(None, help="Group scales and zeros: fp16 (2 bytes each) or log8 (1 byte each: 0.25 bit per element less at groups of 64, which pays for --key-bits auto; folded key layout only) (default: log8 for folded keys at --bits 2 or 3, else fp16)."),
     recent_window: int = typer.Option(128, min=0, help="Recent tokens kept in full precision by the runtime."),
     flush_block: int = typer.Option(64, min=1, help="Tokens moved from the window to the quantized store at a time."),
     max_sinks: int = typer.Option(8, min=0, help="Most sink tokens per sequence kept in full precision."),
-    salient_tokens: int = typer.Option(0, min=0, help="Prompt tokens per sequence and layer kept in full precision because the prompt's last tokens attend to them most (picked at the end of the prefill; passkey retrieval needs them, see docs/accuracy.md)."),
+    salient_tokens: int = typer.Option(DEFAULT_SALIENT_TOKENS, min=0, help="Prompt tokens per sequence and layer kept in full precision because the prompt's last tokens attend to them most (picked at the end of the prefill; passkey retrieval needs them, see docs/accuracy.md)."),
     dtype: str = typer.Option("float32", help="Weights dtype of the written checkpoint."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code/--no-trust-remote-code"),
     overwrite: bool = typer.Option(False, "--overwrite/--no-overwrite", help="Replace an existing --out folder."),
@@ -202,6 +202,7 @@ def export(
     """Write weights with the value rotation fused, the calibration tensors and the rkv config."""
     from .calibrate.artifact import load_artifact
     from .export.format import CheckpointError
+    from .export.store_choice import KEY_BITS_RULES, choose_store
     from .export.writer import export_checkpoint
     from .models.loading import load_model
     from .outdir import check_output_dir, remove_stale_temp_dirs
@@ -209,14 +210,14 @@ def export(
     try:
         torch_dtype = _dtype(dtype)
         check_bits(bits)
-        meta = _group_meta(group_meta)
+        meta = None if group_meta is None else _group_meta(group_meta)
         check_output_dir(out, overwrite)
         artifact = load_artifact(calibration)
         n_layers = artifact.meta["model"]["num_hidden_layers"]
-        widths = {name: _layer_widths(option, text, n_layers) for name, option, text in
-                  (("key", "--key-bits", None if key_bits in AUTO_KEY_BITS else key_bits), ("value", "--value-bits", value_bits))}  # fmt: skip
-        if key_bits in AUTO_KEY_BITS:
-            widths["key"] = _auto_key_bits(artifact, bits, key_bits)
+        values = _layer_widths("--value-bits", value_bits, n_layers)
+        keys = key_bits if key_bits in KEY_BITS_RULES else _layer_widths("--key-bits", key_bits, n_layers)
+        store = choose_store(artifact, bits, keys, meta)
+        console.print(store.note)
         source = model or artifact.meta.get("model_source")
         if not source:
             raise CheckpointError("the artifact does not record its model; pass --model")
@@ -225,38 +226,11 @@ def export(
             loaded = load_model(source, torch_dtype, "cpu", trust_remote_code)
         with console.status("fusing the value rotation, checking logits, writing"):
             path = export_checkpoint(loaded, artifact, out, bits, recent_window, flush_block, max_sinks, overwrite,
-                                     key_bits=widths["key"], value_bits=widths["value"], group_meta=meta,
+                                     key_bits=store.key_bits, value_bits=values, group_meta=store.group_meta,
                                      salient_tokens=salient_tokens)  # fmt: skip
     except COMMAND_ERRORS as err:
         _fail(err)
     console.print(f"exported {bits}-bit rkv checkpoint of {source} → [bold]{path}[/]")
-
-
-AUTO_KEY_BITS = ("auto", "retrieval")
-
-
-def _auto_key_bits(artifact, bits: int, rule: str) -> list[int]:
-    """``--key-bits auto``: half the layers one bit wider, ranked by the calibrated key error; ``retrieval``: the same
-    number of added bits, first on the layers with retrieval heads (``calibrate.allocate``)."""
-    from .calibrate.allocate import key_bits_by_error, key_bits_for_retrieval
-
-    needs = ("key_error_by_bits",) if rule == "auto" else ("key_error_by_bits", "key_induction")
-    missing = [name for name in needs if any(name not in layer for layer in artifact.layers)]
-    if missing:
-        raise InputError(f"--key-bits {rule} needs each layer's {' and '.join(missing)}, which this calibration artifact "
-                         "lacks (made by an older rkv); re-run `rkv calibrate`")  # fmt: skip
-    if bits not in (2, 3):
-        raise InputError(f"--key-bits {rule} raises keys above --bits, so --bits must be 2 or 3, got {bits}")
-    errors = [layer["key_error_by_bits"].tolist() for layer in artifact.layers]
-    steps = len(artifact.layers) // 2
-    if rule == "auto":
-        widths = key_bits_by_error(errors, bits, steps)
-    else:
-        widths = key_bits_for_retrieval(errors, [layer["key_induction"].tolist() for layer in artifact.layers], bits, steps)
-    for width in sorted(set(widths) - {bits}):
-        console.print(f"--key-bits {rule}: keys at {width} bits in layers "
-                      f"{', '.join(str(i) for i, b in enumerate(widths) if b == width)}")
-    return widths
 
 
 def _group_meta(text: str):

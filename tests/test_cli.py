@@ -60,7 +60,8 @@ def test_calibrate_export_eval(workspace, exported) -> None:
     _ok(result)
     rows = json.loads(result.stdout[result.stdout.index("[") :])
     names = [(r["scheme"], r["protocol"]) for r in rows]
-    assert ("fp", "oneshot") in names and ("rotatekv", "deployed") in names and len(rows) == 7
+    assert ("fp", "oneshot") in names and ("rotatekv", "deployed") in names
+    assert ("rotatekv-mixed", "deployed") in names and len(rows) == 9  # the default store raises half the key layers
     fp = next(r["perplexity"] for r in rows if r["scheme"] == "fp")
     assert all(r["perplexity"] > 1 for r in rows)
     assert next(r for r in rows if r["scheme"] == "rtn")["key_bits"] == 2.5
@@ -192,6 +193,7 @@ def test_calibrate_on_missing_cuda_is_refused(workspace, tmp_path, no_model_load
         (["--recent-window", "-1"], "Invalid value for '--recent-window'"),
         (["--max-sinks", "-1"], "Invalid value for '--max-sinks'"),
         (["--salient-tokens", "-1"], "Invalid value for '--salient-tokens'"),
+        (["--bits", "4", "--key-bits", "auto"], "--key-bits auto raises keys above --bits, so --bits must be 2 or 3"),
         (["--out", "AFILE", "--overwrite"], "afile is a file, not a folder"),
     ],
 )

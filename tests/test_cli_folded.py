@@ -43,19 +43,33 @@ def test_folded_calibrate_export_eval_run(tmp_path) -> None:
     header = wide.export_text().splitlines()[2]
     assert "retrieval head score" in header  # the calibrator's induction scores: a column of the per-layer table
 
-    _ok(runner.invoke(app, ["export", "--calibration", str(cal), "--out", str(ck), "--bits", "2",
-                            "--recent-window", "4", "--flush-block", "4", "--max-sinks", "1"]))  # fmt: skip
+    exported = runner.invoke(app, ["export", "--calibration", str(cal), "--out", str(ck), "--bits", "2",
+                                   "--recent-window", "4", "--flush-block", "4", "--max-sinks", "1"])  # fmt: skip
+    _ok(exported)
+    assert "--key-bits auto: keys at 3 bits in layers" in " ".join(exported.output.split())
     config = read_checkpoint(ck).config
-    assert (config.version, config.key_layout, config.head_group_size, config.group_meta) == (5, "folded", 1, "fp16")
-    assert config.salient_tokens == 0
+    # the default store in the folded layout: 8-bit metadata paying for 3-bit keys in half the layers, salient tokens
+    assert (config.version, config.key_layout, config.head_group_size, config.group_meta) == (5, "folded", 1, "log8")
+    assert sorted(config.key_bits) == [2, 3] and config.value_bits == [2, 2]
+    assert config.salient_tokens == 32
     assert all(layer.key_head_rotation is not None for layer in read_checkpoint(ck).layers)  # learned by default
 
     result = runner.invoke(app, ["eval", str(ck), "--text", str(evaltext), "--windows", "1", "--length", "64",
                                  "--schemes", "fp,rotatekv", "--bits", "2", "--device", "cpu", "--json"])  # fmt: skip
     _ok(result)
     rows = json.loads(result.stdout[result.stdout.index("[") :])
-    assert {(r["scheme"], r["protocol"]) for r in rows} == {("fp", "oneshot"), ("rotatekv", "oneshot"), ("rotatekv", "deployed")}
+    assert {(r["scheme"], r["protocol"]) for r in rows} == {("fp", "oneshot"), *((s, p) for s in ("rotatekv", "rotatekv-mixed")
+                                                                                   for p in ("oneshot", "deployed"))}  # fmt: skip
     assert all(r["perplexity"] > 1 for r in rows)
+
+    # the plain store is one option away: fp16 metadata, every layer at --bits, no salient tokens
+    plain = tmp_path / "ck_plain"
+    exported = runner.invoke(app, ["export", "--calibration", str(cal), "--out", str(plain), "--bits", "2",
+                                   "--group-meta", "fp16", "--salient-tokens", "0"])  # fmt: skip
+    _ok(exported)
+    assert "keys at 2 bits in every layer; fp16 group metadata" in " ".join(exported.output.split())
+    config = read_checkpoint(plain).config
+    assert (config.group_meta, config.key_bits, config.salient_tokens) == ("fp16", [2, 2], 0)
 
     result = runner.invoke(app, ["run", str(ck), "-p", "The cache stores key 12 and value 84 in", "-n", "6", "--greedy",
                                  "--no-chat", "--device", "cpu"])  # fmt: skip

@@ -35,6 +35,7 @@ __all__ = [
     "KeyLayout",
     "KEY_LAYOUTS",
     "DEFAULT_KEY_LAYOUT",
+    "DEFAULT_SALIENT_TOKENS",
     "RKV_TENSORS_FILE",
     "CheckpointError",
     "RkvConfig",
@@ -75,6 +76,7 @@ class KeyLayout(str, Enum):
 
 KEY_LAYOUTS = tuple(k.value for k in KeyLayout)
 DEFAULT_KEY_LAYOUT = KeyLayout.FOLDED.value  # what `rkv calibrate` writes unless told otherwise
+DEFAULT_SALIENT_TOKENS = 32  # what `rkv export` keeps unless told otherwise (export.store_choice)
 
 
 @dataclass
