@@ -61,4 +61,5 @@ def test_export_with_per_layer_widths_and_eval_as_exported(tmp_path, pipeline_te
                                  "--json"])  # fmt: skip
     _ok(result)
     rows = json.loads(result.stdout[result.stdout.index("[") :])
-    assert [(r["scheme"], r["key_bits"], r["value_bits"]) for r in rows] == [("rotatekv", 2.5, 2.5), ("rotatekv-mixed", 3.0, 4.5)]
+    # the default 8-bit metadata: a quarter bit per element at groups of 64
+    assert [(r["scheme"], r["key_bits"], r["value_bits"]) for r in rows] == [("rotatekv", 2.25, 2.25), ("rotatekv-mixed", 2.75, 4.25)]

@@ -32,7 +32,7 @@ from ..kernels.decode_folded import decode_folded
 from ..models.adapters import attention_softcap, attention_window, stock_attention
 from .cache import RkvCache, RkvCacheLayer
 from .ops import attend_reference, dequantize_folded_keys, dequantize_keys, dequantize_values, rope, rotate_half
-from .salient import salient_flags
+from .salient import OBSERVE, salient_flags
 from .sinks import flag_sinks
 
 __all__ = ["rkv_attention", "new_token_validity", "stored_tokens"]
@@ -126,14 +126,16 @@ def _flush_unless_static(layer: RkvCacheLayer) -> None:
         layer.flush()
 
 
-def _with_salient(module: nn.Module, layer: RkvCacheLayer, query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor,
+def _with_salient(module: nn.Module, layer: RkvCacheLayer, query: torch.Tensor, k_post: torch.Tensor, cos: torch.Tensor,
                   sin: torch.Tensor, valid: torch.Tensor | None, sinks: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
-    """A prefill's pinned-slot flags: its first ``max_sinks`` sinks and its ``salient_tokens`` salient tokens."""
+    """A prefill's pinned-slot flags: its first ``max_sinks`` sinks and its ``salient_tokens`` salient tokens.
+    Only the observation queries (the prompt's last ``OBSERVE``) are RoPE'd; ``k_post``: the post-RoPE keys."""
     s = layer.settings
-    q_rot, k_post = _rope_query_key(query, key, cos, sin)
+    o = min(OBSERVE, query.shape[2])
+    q_obs = _rope(query[:, :, -o:], cos[:, -o:], sin[:, -o:])
     if sinks is not None:  # the prefill's own sinks first; later ones may take slots the salient tokens left
-        sinks = sinks.to(key.device) & (sinks.to(key.device).cumsum(1) <= s.max_sinks)
-    salient = salient_flags(q_rot, k_post, valid, s.salient_tokens, s.recent_window, module.scaling, exclude=sinks)
+        sinks = sinks.to(k_post.device) & (sinks.to(k_post.device).cumsum(1) <= s.max_sinks)
+    salient = salient_flags(q_obs, k_post, valid, s.salient_tokens, s.recent_window, module.scaling, exclude=sinks)
     return salient if sinks is None else sinks | salient
 
 
@@ -169,7 +171,8 @@ def rkv_attention(
         k_store = _rope(key, cos, sin) if folded else key  # the fp segment's key
         out = stock_attention(module, query, key, value, position_embeddings, attention_mask, None, layer_input, **kwargs)
         if layer.settings.salient_tokens and t > 1:
-            sinks = _with_salient(module, layer, query, key, cos, sin, valid, sinks)
+            k_post = k_store if folded else _rope(key, cos, sin)
+            sinks = _with_salient(module, layer, query, k_post, cos, sin, valid, sinks)
         layer.append(k_store, value, pos, valid, sinks)
         layer.flush()
         return out

@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["OBSERVE", "POOL", "salient_flags"]
+__all__ = ["OBSERVE", "POOL", "CHUNK_BYTES", "salient_flags"]
 
 OBSERVE = 32  # observation queries: the prompt's last tokens
 POOL = 7  # neighbouring tokens a score spreads to
+
+
+CHUNK_BYTES = 2**28  # fp32 attention probabilities held at once (KV heads are taken in chunks under it)
 
 
 def salient_flags(query: torch.Tensor, key: torch.Tensor, valid: torch.Tensor | None, n: int, skip_last: int,
@@ -25,27 +28,28 @@ def salient_flags(query: torch.Tensor, key: torch.Tensor, valid: torch.Tensor | 
     """bool ``[B, T]``: the ``n`` tokens of each sequence that its last ``observe`` queries attend to most.
 
     Args:
-        query: post-RoPE queries ``[B, n_q, T, d]`` of the prompt (grouped heads: ``n_q`` a multiple of ``n_kv``).
-        key: post-RoPE keys ``[B, n_kv, T, d]``.
+        query: post-RoPE queries ``[B, n_q, T_q, d]`` of the prompt's last ``T_q`` tokens (the whole prompt, or
+            just its last ``observe``; grouped heads: ``n_q`` a multiple of ``n_kv``).
+        key: post-RoPE keys ``[B, n_kv, T, d]`` of the whole prompt.
         valid: bool ``[B, T]`` real tokens (padding is never attended or picked), or None.
         n: tokens to pick per sequence.
         skip_last: the last ``skip_last`` tokens are never picked (the recent window).
         scaling: the layer's softmax scale.
         exclude: bool ``[B, T]`` tokens never picked (already kept: the sinks), or None.
     """
-    b, n_q, t, _ = query.shape
-    n_kv = key.shape[1]
-    o = min(observe, t)
+    b, n_q, t_q, d = query.shape
+    n_kv, t = key.shape[1], key.shape[2]
+    o, rep = min(observe, t_q, t), n_q // n_kv
     keys_at = torch.arange(t, device=key.device)
     blocked = keys_at[None, :] > keys_at[t - o :, None]  # [o, T]: causal
-    blocked = blocked[None, None] | (torch.zeros(b, 1, 1, t, dtype=torch.bool, device=key.device) if valid is None
-                                     else ~valid[:, None, None, :].to(key.device))  # fmt: skip
+    blocked = blocked[None, None, None] | (torch.zeros(b, 1, 1, 1, t, dtype=torch.bool, device=key.device)
+                                           if valid is None else ~valid[:, None, None, None, :].to(key.device))  # fmt: skip
+    q = query[:, :, t_q - o :].reshape(b, n_kv, rep, o, d)  # query heads grouped by the KV head they read
     score = torch.zeros(b, t, device=key.device)
-    rep = n_q // n_kv
-    for h in range(n_kv):  # one KV head's query group at a time: [B, rep, o, T]
-        q = query[:, h * rep : (h + 1) * rep, t - o :].float()
-        logits = (q @ key[:, h : h + 1].float().transpose(-1, -2)) * scaling
-        score += torch.softmax(logits.masked_fill(blocked, float("-inf")), -1).nan_to_num(0.0).sum((1, 2))
+    step = max(1, CHUNK_BYTES // (4 * b * rep * o * t))
+    for h in range(0, n_kv, step):  # [B, heads, rep, o, T] probabilities, a chunk of KV heads at a time
+        logits = (q[:, h : h + step].float() @ key[:, h : h + step, None].float().transpose(-1, -2)) * scaling
+        score += torch.softmax(logits.masked_fill(blocked, float("-inf")), -1).nan_to_num(0.0).sum((1, 2, 3))
     score = torch.nn.functional.max_pool1d(score[:, None], pool, 1, pool // 2)[:, 0]
     score[:, max(0, t - skip_last) :] = -1.0
     for mask in (None if valid is None else ~valid, exclude):
