@@ -43,6 +43,20 @@ def test_pooling_brings_the_neighbours_and_exclusions_hold() -> None:
     assert few.sum(1).tolist() == [2, 2]  # only the tokens outside the window can be picked
 
 
+def test_the_picks_do_not_depend_on_the_head_chunks_or_on_the_earlier_queries(monkeypatch) -> None:
+    """KV heads are scored a chunk at a time under ``CHUNK_BYTES``; only the last ``observe`` queries count."""
+    import rkv_convert.runtime.salient as salient
+
+    q, k = _keys_queries(b=2, n_q=8, n_kv=4, t=48, d=16, seed=3)
+    valid = torch.ones(2, 48, dtype=torch.bool)
+    valid[1, :5] = False
+    whole = salient_flags(q, k, valid, n=6, skip_last=8, scaling=0.25, observe=4)
+    assert whole.sum(1).tolist() == [6, 6]
+    assert torch.equal(whole, salient_flags(q[:, :, -4:], k, valid, n=6, skip_last=8, scaling=0.25, observe=4))
+    monkeypatch.setattr(salient, "CHUNK_BYTES", 4 * 2 * 2 * 4 * 48)  # one KV head per chunk
+    assert torch.equal(whole, salient_flags(q, k, valid, n=6, skip_last=8, scaling=0.25, observe=4))
+
+
 @pytest.mark.parametrize("key_layout", ["prerope", "folded"])
 def test_the_cache_keeps_salient_tokens_and_decodes_as_the_reference(key_layout: str) -> None:
     model = tiny_model("llama", head_dim=64, n_kv=2)
