@@ -35,6 +35,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from _timing import DEVICE, append_csv, bench_ms, copy_bandwidth_gbs, markdown_table, print_table  # noqa: E402
 
+from rkv_convert.export.format import DEFAULT_SALIENT_TOKENS  # noqa: E402
 from rkv_convert.kernels.decode_folded import FOLDED_DEFAULTS, decode_folded  # noqa: E402
 from rkv_convert.kernels.folded_params import FoldedParams  # noqa: E402
 from rkv_convert.kernels.packed_kv import PackedKV  # noqa: E402
@@ -269,7 +270,8 @@ def main() -> None:
     ap.add_argument("--markdown", default=None)
     args = ap.parse_args()
     args.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    salient = args.salient_tokens if args.salient_tokens is not None else (32 if args.store == "default" else 0)
+    default_salient = DEFAULT_SALIENT_TOKENS if args.store == "default" else 0
+    salient = default_salient if args.salient_tokens is None else args.salient_tokens
     args.fp_slots = SINKS_AND_WINDOW + salient
     d = FOLDED_DEFAULTS
     launch = f"{d['block_n']}-{d['num_warps']}-{d['num_stages']}-{d['waves']}"

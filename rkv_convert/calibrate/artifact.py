@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..export.format import CheckpointError, tensor_name
+from ..export.format import CheckpointError, KeyLayout, tensor_name
 from ..outdir import atomic_dir
 
 __all__ = ["ARTIFACT_VERSION", "CalibrationArtifact", "save_artifact", "load_artifact", "weights_fingerprint"]
@@ -60,6 +60,11 @@ class CalibrationArtifact:
     @property
     def num_layers(self) -> int:
         return len(self.layers)
+
+    @property
+    def key_layout(self) -> str:
+        """The calibrated key layout (a :class:`KeyLayout` value); artifacts from before the option: pre-RoPE."""
+        return self.meta["options"].get("key_layout", KeyLayout.PREROPE.value)
 
     def clip_for(self, layer: int, bits: int, which: str = "key") -> float:
         table = self.layers[layer][f"{which}_clip_by_bits"]

@@ -32,12 +32,8 @@ class CacheStore:
     note: str
 
 
-def _artifact_layout(artifact: CalibrationArtifact) -> str:
-    return artifact.meta["options"].get("key_layout", KeyLayout.PREROPE.value)
-
-
 def _default_meta(artifact: CalibrationArtifact, bits: int) -> GroupMeta:
-    folded = _artifact_layout(artifact) == KeyLayout.FOLDED.value
+    folded = artifact.key_layout == KeyLayout.FOLDED.value
     return GroupMeta.LOG8 if folded and bits in LOG8_BITS else GroupMeta.FP16
 
 

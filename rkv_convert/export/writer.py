@@ -20,7 +20,7 @@ from ..models.adapters import text_config
 from ..models.loading import LoadedModel
 from ..outdir import atomic_dir, check_output_dir
 from ..quant.quantizer import GroupMeta
-from .format import RKV_TENSORS_FILE, SUPPORTED_BITS, Checkpoint, CheckpointError, KeyLayout, LayerTensors, RkvConfig, tensor_name
+from .format import RKV_TENSORS_FILE, SUPPORTED_BITS, Checkpoint, CheckpointError, LayerTensors, RkvConfig, tensor_name
 from .fuse import fuse_value_rotation
 
 __all__ = ["checkpoint_from_artifact", "export_checkpoint", "layer_widths", "LOGIT_TOLERANCE"]
@@ -97,7 +97,7 @@ def _config_for(artifact: CalibrationArtifact, bits: int, recent_window: int, fl
         flush_block=flush_block,
         max_sinks=max_sinks,
         calibration={k: opts[k] for k in ("source", "num_samples", "seqlen", "seed", "sink_ratio")},
-        key_layout=opts.get("key_layout", KeyLayout.PREROPE.value),  # artifacts from before key_layout: prerope
+        key_layout=artifact.key_layout,
         key_bits=layer_widths(bits, n, key_bits, "key bits"),
         value_bits=layer_widths(bits, n, value_bits, "value bits"),
         group_meta=GroupMeta(group_meta).value,

@@ -17,8 +17,6 @@ __all__ = ["OBSERVE", "POOL", "CHUNK_BYTES", "salient_flags"]
 
 OBSERVE = 32  # observation queries: the prompt's last tokens
 POOL = 7  # neighbouring tokens a score spreads to
-
-
 CHUNK_BYTES = 2**28  # fp32 attention probabilities held at once (KV heads are taken in chunks under it)
 
 
