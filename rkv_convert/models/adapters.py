@@ -56,7 +56,9 @@ __all__ = [
     "layer_softcaps",
     "rope_limit",
     "text_config",
+    "rotated_attention",
     "stock_attention",
+    "stock_rope",
 ]
 
 
@@ -423,10 +425,22 @@ def stock_attention(
     **kwargs: object,
 ) -> torch.Tensor:
     """What the family's own forward does after the projections (RoPE, cache update, attention)."""
-    cos, sin = position_embeddings
-    query, key = apply_rotary_pos_emb(query, key, cos, sin)
+    query, key = stock_rope(query, key, position_embeddings)
     if cache is not None:
         key, value = cache.update(key, value, module.layer_idx)
+    return rotated_attention(module, query, key, value, attention_mask, **kwargs)
+
+
+def stock_rope(query: torch.Tensor, key: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+               ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The family forward's RoPE of ``query`` and ``key`` (the handler's ``position_embeddings``)."""
+    cos, sin = position_embeddings
+    return apply_rotary_pos_emb(query, key, cos, sin)
+
+
+def rotated_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, **kwargs: object) -> torch.Tensor:  # fmt: skip
+    """The family's attention function over post-RoPE ``query`` and ``key``: :func:`stock_attention` after its RoPE."""
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, _eager_attention(module))
     softcap = attention_softcap(module)
     if softcap is not None:

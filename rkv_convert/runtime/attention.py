@@ -29,7 +29,7 @@ from torch import nn
 
 from ..kernels.decode_attention import decode_attention
 from ..kernels.decode_folded import decode_folded
-from ..models.adapters import attention_softcap, attention_window, stock_attention
+from ..models.adapters import attention_softcap, attention_window, rotated_attention, stock_attention, stock_rope
 from .cache import RkvCache, RkvCacheLayer
 from .ops import attend_reference, dequantize_folded_keys, dequantize_keys, dequantize_values, rope, rotate_half
 from .salient import OBSERVE, salient_flags
@@ -126,13 +126,12 @@ def _flush_unless_static(layer: RkvCacheLayer) -> None:
         layer.flush()
 
 
-def _with_salient(module: nn.Module, layer: RkvCacheLayer, query: torch.Tensor, k_post: torch.Tensor, cos: torch.Tensor,
-                  sin: torch.Tensor, valid: torch.Tensor | None, sinks: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
-    """A prefill's pinned-slot flags: its first ``max_sinks`` sinks and its ``salient_tokens`` salient tokens.
-    Only the observation queries (the prompt's last ``OBSERVE``) are RoPE'd; ``k_post``: the post-RoPE keys."""
+def _with_salient(module: nn.Module, layer: RkvCacheLayer, q_post: torch.Tensor, k_post: torch.Tensor,
+                  valid: torch.Tensor | None, sinks: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+    """A prefill's pinned-slot flags: its first ``max_sinks`` sinks and its ``salient_tokens`` salient tokens
+    (``q_post``, ``k_post``: the prompt's post-RoPE queries and keys)."""
     s = layer.settings
-    o = min(OBSERVE, query.shape[2])
-    q_obs = _rope(query[:, :, -o:], cos[:, -o:], sin[:, -o:])
+    q_obs = q_post[:, :, -min(OBSERVE, q_post.shape[2]) :]
     if sinks is not None:  # the prefill's own sinks first; later ones may take slots the salient tokens left
         sinks = sinks.to(k_post.device) & (sinks.to(k_post.device).cumsum(1) <= s.max_sinks)
     salient = salient_flags(q_obs, k_post, valid, s.salient_tokens, s.recent_window, module.scaling, exclude=sinks)
@@ -167,13 +166,12 @@ def rkv_attention(
     sinks = flag_sinks(layer_input, codec.sink_channels, codec.sink_threshold) if layer.settings.max_sinks else None
 
     cos, sin = position_embeddings
-    if layer.length == 0:  # prefill: exactly the model's own attention, then store
-        k_store = _rope(key, cos, sin) if folded else key  # the fp segment's key
-        out = stock_attention(module, query, key, value, position_embeddings, attention_mask, None, layer_input, **kwargs)
+    if layer.length == 0:  # prefill: exactly the model's own attention (its RoPE, its attention function), then store
+        q_post, k_post = stock_rope(query, key, position_embeddings)
+        out = rotated_attention(module, q_post, k_post, value, attention_mask, **kwargs)
         if layer.settings.salient_tokens and t > 1:
-            k_post = k_store if folded else _rope(key, cos, sin)
-            sinks = _with_salient(module, layer, query, k_post, cos, sin, valid, sinks)
-        layer.append(k_store, value, pos, valid, sinks)
+            sinks = _with_salient(module, layer, q_post, k_post, valid, sinks)
+        layer.append(k_post if folded else key, value, pos, valid, sinks)  # the fp segment's key: the layout's
         layer.flush()
         return out
 

@@ -457,7 +457,9 @@ class RkvCacheLayer(CacheLayerMixin):
         they write -1.
         """
         b, n_kv, t, d = key.shape
-        rank = self.n_sinks[:, None] if t == 1 else flags.cumsum(1) + (self.n_sinks - 1)[:, None]
+        if t > 1:
+            return self._take_sinks_many(key, value, pos, flags)
+        rank = self.n_sinks[:, None]
         take = flags & (rank < self.settings.pinned_slots)
         slot = torch.where(take, rank, _constant(self.scratch_slot, torch.int64, rank.device))  # [B, T]
         index = slot[:, None, :, None].expand(b, n_kv, t, d)
@@ -465,8 +467,27 @@ class RkvCacheLayer(CacheLayerMixin):
         self.fp_v.scatter_(2, index, value)
         empty = _constant(-1, pos.dtype, pos.device)
         self.fp_pos.scatter_(1, slot, torch.where(take, pos, empty))
-        self.n_sinks += take[:, 0] if t == 1 else take.sum(1)
+        self.n_sinks += take[:, 0]
         return torch.where(take, empty, pos)
+
+    def _take_sinks_many(self, key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
+        """:meth:`_take_sinks` for several tokens (a prefill): each pinned slot gathers the token that takes it,
+        so only the taken tokens are copied (a prefill's thousands of others stay where they are)."""
+        b, n_kv, t, d = key.shape
+        p = self.settings.pinned_slots
+        rank = flags.cumsum(1) + (self.n_sinks - 1)[:, None]  # a flagged token's pinned slot
+        take = flags & (rank < p)
+        source = torch.full((b, p + 1), -1, dtype=torch.int64, device=key.device)  # per slot: its token, or -1
+        source.scatter_(1, torch.where(take, rank, p), torch.arange(t, device=key.device).expand(b, t))
+        source = source[:, :p]
+        taken, index = source >= 0, source.clamp_min(0)
+        for name, new in (("fp_k", key), ("fp_v", value)):
+            buf = getattr(self, name)
+            picked = new.gather(2, index[:, None, :, None].expand(b, n_kv, p, d))
+            buf[:, :, :p] = torch.where(taken[:, None, :, None], picked, buf[:, :, :p])
+        self.fp_pos[:, :p] = torch.where(taken, pos.gather(1, index), self.fp_pos[:, :p])
+        self.n_sinks += take.sum(1)
+        return torch.where(take, _constant(-1, pos.dtype, pos.device), pos)
 
     def _append_window(self, key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor) -> None:
         s, w0, t = self.settings, self.window_start, key.shape[2]

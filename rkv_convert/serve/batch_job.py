@@ -102,13 +102,16 @@ def read_requests(path: Path, tokenizer, limits: Limits, done: set[str], summary
 
 def job_engine(rkv_model: RkvModel, requests: list[GenerationRequest], budget_bytes: int, max_batch: int | None = None,
                cuda_graph: bool | None = None) -> Engine | None:  # fmt: skip
-    """The engine for ``requests`` (None when there are none): rows for the longest one; ``cuda_graph``:
-    :class:`EngineConfig`. Built before the output file is opened, so a refusal writes nothing."""
+    """The engine for ``requests`` (None when there are none): rows for the longest one, decode graphs captured
+    for up to ``len(requests)`` rows (:meth:`Engine.capture_graphs`); ``cuda_graph``: :class:`EngineConfig`.
+    Built before the output file is opened, so a refusal writes nothing."""
     if not requests:
         return None
     config = EngineConfig(max_len=max(r.total_tokens for r in requests), budget_bytes=budget_bytes, max_batch=max_batch,
                           cuda_graph=cuda_graph)  # fmt: skip
-    return Engine(rkv_model, config)
+    engine = Engine(rkv_model, config)
+    engine.capture_graphs(len(requests))
+    return engine
 
 
 def run_job(engine: Engine | None, requests: list[GenerationRequest], out: TextIO, summary: JobSummary,

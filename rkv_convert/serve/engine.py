@@ -16,7 +16,11 @@ other lengths may differ in the last bits (see docs/serving.md).
 **Decode path.** On CUDA the decode steps replay CUDA graphs, one per bucket of rows
 (:mod:`.row_graph`: the active rows padded to a bucket, static shapes), where the model and cache
 allow it; ``EngineConfig.cuda_graph`` forces it on (refused with the reason where it cannot run) or
-off. :attr:`Engine.decode_path` says which path runs and, if eager, why.
+off. :attr:`Engine.decode_path` says which path runs and, if eager, why. The front ends call
+:meth:`Engine.capture_graphs` before the first request: the store is allocated for the longest request
+the budget holds and every bucket's graph is captured up front, so a served step is always a replay
+(a capture or a bucket's first, eager, step costs several replays, and a store growth drops every graph).
+:class:`EngineStats` counts the steps of each kind.
 
 The engine is single-threaded; :mod:`.worker` runs it in a thread for the HTTP server.
 """
@@ -87,6 +91,10 @@ class EngineStats:
     decode_steps: int = 0
     decode_tokens: int = 0  # tokens of decode steps (rows summed over steps)
     decode_seconds: float = 0.0  # wall time of the decode steps (each ends with its tokens on the host)
+    graph_replays: int = 0  # decode steps replayed from a captured graph
+    graph_replay_seconds: float = 0.0  # their wall time (the rest went to eager steps and captures)
+    graph_captures: int = 0  # decode steps that captured a graph (a new bucket, or all again after the store grew)
+    eager_steps: int = 0  # decode steps run eagerly (no graphs, or a bucket's first step: it compiles the kernels)
     started: float = field(default_factory=time.perf_counter)
 
     def as_dict(self) -> dict[str, float]:
@@ -94,6 +102,7 @@ class EngineStats:
         out = {k: v for k, v in vars(self).items() if k != "started"}
         out["decode_tokens_per_second"] = self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
         out["mean_decode_batch"] = self.decode_tokens / self.decode_steps if self.decode_steps else 0.0
+        out["mean_replay_ms"] = 1e3 * self.graph_replay_seconds / self.graph_replays if self.graph_replays else 0.0
         return out
 
     def tokens_per_second(self) -> float:
@@ -148,6 +157,40 @@ class Engine:
             raise ValueError(f"cannot capture the engine's decode step in a CUDA graph: {reason}; "
                              "run without --cuda-graph (eager steps)")  # fmt: skip
         return None, f"eager ({reason})"
+
+    def capture_graphs(self, rows: int | None = None) -> int:
+        """Capture the decode graphs before any request: the store allocated for the longest request the
+        budget holds, then every bucket up to the one holding ``rows`` (default ``max_batch``) run once
+        eagerly (compiles its kernels) and captured, with padding rows only. Serving then never stalls on a
+        capture or a bucket's first, eager, step (each costs several replays), and the store never grows
+        (which would drop every graph). Returns the graphs held (0 on the eager path)."""
+        if self.graph is None:
+            return 0
+        if self.rows or self.waiting:
+            raise RuntimeError("capture_graphs() runs before the first request")
+        self.cache.grow_slots(self.largest_request_slots())
+        top = self.graph.bound(min(rows or self.max_batch, self.max_batch))
+        for bound in (b for b in self.graph.bounds if b <= top):
+            while bound not in self.graph.graphs:
+                self._padding_step(bound)
+        return len(self.graph.graphs)
+
+    def largest_request_slots(self) -> int:
+        """The most tokens a request may hold here: ``max_len``, or fewer where the budget ends first."""
+        slots = self.config.max_len
+        while slots > 0 and self.cache_bytes_for(slots) > self.config.budget_bytes:
+            slots = store_capacity(slots) - store_capacity(1)  # one block less
+        return max(slots, 0)
+
+    @torch.no_grad()
+    def _padding_step(self, bound: int) -> None:
+        """One static step over ``bound`` padding rows (no row active): token 0 at position 0 into each scratch slot."""
+        inputs = torch.zeros(2, bound, 1, dtype=torch.long, device=self.device)
+        self.cache.begin_step(bound=bound)
+        with self.model.attached():
+            self.graph.step(inputs[0], inputs[1])
+        self.cache.flush()
+        self.cache.end_step()
 
     # ----- requests --------------------------------------------------------------------------
     def submit(self, request: GenerationRequest, emit: Callable[[TokenEvent], None]) -> None:
@@ -269,7 +312,10 @@ class Engine:
     @torch.no_grad()
     def _decode(self) -> None:
         a, start = len(self.rows), time.perf_counter()
-        logits = self._decode_logits(self.graph) if self.graph is not None else self._decode_logits_eager()
+        if self.graph is not None:
+            logits, path = self._decode_logits(self.graph)
+        else:
+            logits, path = self._decode_logits_eager(), "eager"
         self.cache.end_step()
         greedy = [r for r in range(a) if self.rows[r].request.sampling.greedy]
         picked: dict[int, int] = {}
@@ -280,9 +326,17 @@ class Engine:
             seq.next_pos += 1
             if r not in picked:
                 picked[r] = int(sample_next(logits[r : r + 1], seq.request.sampling, seq.generator)[0])
+        seconds = time.perf_counter() - start
         self.stats.decode_steps += 1
         self.stats.decode_tokens += a
-        self.stats.decode_seconds += time.perf_counter() - start
+        self.stats.decode_seconds += seconds
+        if path == "replay":
+            self.stats.graph_replays += 1
+            self.stats.graph_replay_seconds += seconds
+        elif path == "capture":
+            self.stats.graph_captures += 1
+        else:
+            self.stats.eager_steps += 1
         for r in reversed(range(a)):  # releases move the last row down: go from the top
             self._accept(r, picked[r])
 
@@ -297,9 +351,10 @@ class Engine:
         self._check_written()
         return out.logits[:, -1].to(self.device)
 
-    def _decode_logits(self, runner: RowDecodeGraph) -> torch.Tensor:
-        """One static decode step over the active rows padded to their bucket (replayed where captured);
-        the active rows' logits ``[active, vocab]``. Padding rows feed token 0 at position 0."""
+    def _decode_logits(self, runner: RowDecodeGraph) -> tuple[torch.Tensor, str]:
+        """One static decode step over the active rows padded to their bucket (replayed where captured):
+        the active rows' logits ``[active, vocab]`` and how the step ran (``replay``, ``capture``, ``eager``).
+        Padding rows feed token 0 at position 0."""
         a = len(self.rows)
         bound = runner.bound(a)
         host = torch.zeros(2, bound, 1, dtype=torch.long)
@@ -307,12 +362,14 @@ class Engine:
         host[1, :a, 0] = torch.tensor([s.next_pos for s in self.rows])
         inputs = host.to(self.device)
         self.cache.begin_step(bound=bound)
+        captures = runner.captures
         with self.model.attached():
             logits, ran_forward = runner.step(inputs[0], inputs[1])
         if ran_forward:
             self._check_written()
         self.cache.flush()
-        return logits[:a].to(self.device)
+        path = "capture" if runner.captures != captures else "eager" if ran_forward else "replay"
+        return logits[:a].to(self.device), path
 
     def _check_written(self) -> None:
         written = self.cache.layers_written()

@@ -89,6 +89,8 @@ class RowCacheLayer(RkvCacheLayer):
         self.n_quant = max(st.n_quant[:rows], default=0)
         self.n_window = max(st.n_window[:rows], default=0)
         self.length = max(st.length[:rows], default=0)
+        if st.static:  # a static step is a decode step, padding rows only included: never the handler's prefill (length 0)
+            self.length = max(self.length, 1)
         self.static_slots = self.store_slots() if st.static else 0
 
     @property

@@ -8,7 +8,8 @@ whatever the batch. Buckets (:func:`buckets`) are multiples of 8 up to 64, then 
 serves every active count up to its bucket, at the price of the padding rows' compute.
 
 A bucket is captured at its second step (the first runs eagerly and compiles the kernels for its
-shapes) and replayed from then on. Every graph reads the cache's storage tensors at the addresses
+shapes) and replayed from then on; the engine runs both for every bucket before serving
+(:meth:`~.engine.Engine.capture_graphs`, padding rows only). Every graph reads the cache's storage tensors at the addresses
 they had when it was captured: when the store grows (``RowState.version``), all graphs are dropped
 and recaptured as their buckets come back. The graphs share one memory pool (they never run at the
 same time; a new pool after a drop). What cannot be captured is refused up front, with the reason

@@ -65,6 +65,7 @@ def build_server(rkv_model: RkvModel, options: ServerOptions):
     engine = Engine(rkv_model, EngineConfig(max_len=max_len, budget_bytes=budget, max_batch=options.max_batch,
                                             prefill_tokens_per_step=options.prefill_tokens_per_step,
                                             cuda_graph=options.cuda_graph))  # fmt: skip
+    engine.capture_graphs()  # before the first request: serving never waits on a capture
     limits = Limits(context=max_len, max_tokens=max_len, default_max_tokens=options.default_max_tokens)
     worker = EngineWorker(engine, options.max_queue).start()
     app = create_app(rkv_model, worker, options.model_name, limits, eos_ids(rkv_model), options.api_key)
@@ -112,7 +113,7 @@ def serve_command(
                       "this port can use the model[/]")  # fmt: skip
     engine = worker.engine
     console.print(f"rkv serve: model {options.model_name!r}, {engine.max_batch} rows, queue {max_queue}, "
-                  f"decode steps: {engine.decode_path}, http://{host}:{port}/v1")  # fmt: skip
+                  f"decode steps: {engine.decode_path}{_graphs_note(engine)}, http://{host}:{port}/v1")  # fmt: skip
     # uvicorn drains on SIGTERM, then raises the signal again for the handler it found: make that one
     # a no-op, so that the drained server ends through worker.stop() with exit code 0
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
@@ -120,6 +121,10 @@ def serve_command(
         uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info")).run()
     finally:
         worker.stop()
+
+
+def _graphs_note(engine: Engine) -> str:
+    return f" ({len(engine.graph.graphs)} captured, up to {engine.graph.bounds[-1]} rows)" if engine.graph is not None else ""
 
 
 def _is_loopback(host: str) -> bool:

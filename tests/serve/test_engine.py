@@ -214,9 +214,46 @@ def test_static_bucketed_steps_equal_plain_steps(key_layout: str) -> None:
     engine.cache.begin_step = begin_step
     assert _collect(engine, requests, arrivals) == plain
     assert engine.graph.eager_steps == len(bounds) > 20
+    st = engine.stats  # every step eager here, and the stats say so
+    assert (st.eager_steps, st.graph_replays, st.graph_captures) == (len(bounds), 0, 0) and st.decode_steps == len(bounds)
     assert all(b == 8 for a, b in bounds if a <= 8) and any(a < 8 for a, _ in bounds)  # padding rows ran
     assert engine.stats.decode_tokens == sum(a for a, _ in bounds)  # padding rows emit nothing
     assert engine.cache.active == 0
+
+
+def test_padding_steps_before_any_request_leave_no_trace(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What ``Engine.capture_graphs`` runs on CUDA before serving (padding rows only, every bucket),
+    here as static eager steps: decode steps through the packed-cache kernel in every layer (what a graph
+    captures; never the prefill path), and the requests afterwards give the tokens of a fresh engine."""
+    import rkv_convert.runtime.attention as handler
+
+    kernel_calls = []
+    decode_folded = handler.decode_folded
+    monkeypatch.setattr(handler, "decode_folded", lambda *a, **k: kernel_calls.append(1) or decode_folded(*a, **k))
+    rkv = _rkv("folded")
+    requests = _requests(6, seed=5)
+    arrivals = {0: 0, 1: 0, 2: 2, 3: 4, 4: 9, 5: 12}
+    plain = _collect(_engine(rkv, max_batch=10), requests, arrivals)
+    engine = _engine(rkv, max_batch=10)
+    assert engine.capture_graphs() == 0  # the eager path holds no graphs
+    engine.graph = RowDecodeGraph(rkv.model, engine.cache, rkv.cache_argument, capture=False)
+    engine.cache.grow_slots(engine.largest_request_slots())
+    kernel_calls.clear()
+    for bound in engine.graph.bounds * 2:
+        engine._padding_step(bound)
+    assert len(kernel_calls) == 2 * len(engine.graph.bounds) * len(engine.cache.layers)
+    assert engine.cache.active == 0 and engine.stats.decode_steps == 0
+    assert _collect(engine, requests, arrivals) == plain
+
+
+def test_largest_request_slots_follows_the_budget() -> None:
+    rkv = _rkv("folded")
+    roomy = _engine(rkv, max_batch=4, max_len=300)
+    assert roomy.largest_request_slots() == 300
+    tight = _engine(rkv, max_batch=4, max_len=300, budget=roomy.cache_bytes_for(200))
+    slots = tight.largest_request_slots()
+    assert 0 < slots < 300 and tight.cache_bytes_for(slots) <= tight.config.budget_bytes
+    assert tight.cache_bytes_for(slots + 128) > tight.config.budget_bytes  # no whole block more would fit
 
 
 def test_static_step_bound_is_checked() -> None:

@@ -80,4 +80,38 @@ def test_graph_steps_equal_eager_steps_on_cuda(key_layout: str) -> None:
     assert _tokens(graphed, requests, arrivals) == expected
     assert runner.replays > 100 and runner.captures == len(versions) >= 2, (runner.replays, versions)
     assert versions[0] == 0 and versions[-1] >= 1  # captured, then the store grew: recaptured into a new pool
+    st = graphed.stats  # the engine's counters agree with the runner's
+    assert (st.graph_replays, st.graph_captures) == (runner.replays - runner.captures, runner.captures)  # a capture replays too
+    assert st.eager_steps == runner.eager_steps
+    assert st.graph_replays + st.graph_captures + st.eager_steps == st.decode_steps and st.graph_replay_seconds > 0
     assert all(len(t) == r.max_tokens for r, t in zip(requests, expected.values()))
+
+
+@pytest.mark.gpu
+def test_graphs_captured_before_serving_replay_every_step() -> None:
+    """``Engine.capture_graphs`` before the first request: the job then replays every step (no capture,
+    no eager step, no store growth) and gives the tokens of eager steps."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model = tiny_model("llama").to("cuda")
+    ckpt = make_checkpoint(model, bits=2, recent_window=4, flush_block=4, max_sinks=2, sink_quantile=0.9)
+    rkv = RkvModel(model, ckpt, settings=CacheSettings(recent_window=4, flush_block=4, max_sinks=2), backend="auto")
+    gen = torch.Generator().manual_seed(6)
+    shapes = [(5, 10), (13, 30), (7, 9), (21, 12), (9, 40), (3, 50), (11, 20)]
+    requests = [GenerationRequest(f"r{i}", tuple(torch.randint(0, 128, (n,), generator=gen).tolist()), max_tokens=m,
+                                  sampling=GREEDY) for i, (n, m) in enumerate(shapes)]  # fmt: skip
+    arrivals = {i: 2 * i for i in range(len(requests))}
+    config = dict(max_len=128, budget_bytes=2**30, max_batch=12)
+    from rkv_convert.serve.row_graph import RowDecodeGraph
+
+    eager = Engine(rkv, EngineConfig(**config, cuda_graph=False))  # the same static steps, run eagerly, same store size
+    eager.graph = RowDecodeGraph(rkv.model, eager.cache, rkv.cache_argument, capture=False)
+    eager.cache.grow_slots(eager.largest_request_slots())
+    expected = _tokens(eager, requests, arrivals)
+    graphed = Engine(rkv, EngineConfig(**config))
+    assert graphed.capture_graphs() == len(graphed.graph.bounds) == 2  # buckets 8 and 12
+    version = graphed.cache.state.version
+    assert _tokens(graphed, requests, arrivals) == expected
+    st = graphed.stats
+    assert st.graph_replays == st.decode_steps > 50 and st.graph_captures == st.eager_steps == 0
+    assert graphed.cache.state.version == version  # the store never grew
