@@ -302,15 +302,14 @@ def serve_load(args) -> dict[str, object]:
         after = httpx.get(f"{url}/health", timeout=30).json()["stats"]  # the engine's own timing, this load only
         d = {k: after[k] - before[k] for k in ("decode_tokens", "decode_seconds", "decode_steps", "prefill_seconds",
                                                "prefills", "graph_replays", "graph_replay_seconds", "graph_captures",
-                                               "eager_steps", "overlapped_steps")}  # fmt: skip
+                                               "eager_steps")}  # fmt: skip
         row.update(server_rows=d["decode_tokens"] / max(d["decode_steps"], 1),
                    server_decode_tok_s=d["decode_tokens"] / d["decode_seconds"] if d["decode_seconds"] else 0.0,
                    server_prefill_share=d["prefill_seconds"] / wall, decode_path=health["decode_path"],
                    server_prefill_ms=1e3 * d["prefill_seconds"] / max(d["prefills"], 1),
                    server_step_ms=1e3 * d["decode_seconds"] / max(d["decode_steps"], 1),
                    server_replay_ms=1e3 * d["graph_replay_seconds"] / max(d["graph_replays"], 1),
-                   server_steps_replay_capture_eager=f"{d['graph_replays']}/{d['graph_captures']}/{d['eager_steps']}",
-                   server_steps_in_prefills=d["overlapped_steps"])  # fmt: skip
+                   server_steps_replay_capture_eager=f"{d['graph_replays']}/{d['graph_captures']}/{d['eager_steps']}")  # fmt: skip
         if args.check_alone:
             row["alone_mismatches"] = sum(alone[r.index % args.distinct] != r.text for r in records if r.ok)
         return row
@@ -369,7 +368,7 @@ def main() -> None:
 _COLUMNS = ["model", "prompt", "new", "clients", "max_batch", "max_queue", "requests", "completed", "rejected_429_503",
             "failed", "alone_mismatches", "wall_s", "req_s", "tok_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms",
             "itl_p99_ms", "server_rows", "server_decode_tok_s", "server_prefill_share", "server_prefill_ms", "server_step_ms",
-            "server_replay_ms", "server_steps_replay_capture_eager", "server_steps_in_prefills", "decode_path", "hf_batch", "hf_tok_s",
+            "server_replay_ms", "server_steps_replay_capture_eager", "decode_path", "hf_batch", "hf_tok_s",
             "hf_decode_tok_s", "hf_peak_GiB", "ratio_tok_s", "ratio_decode_tok_s", "tokens", "failures"]  # fmt: skip
 
 if __name__ == "__main__":

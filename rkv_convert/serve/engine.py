@@ -27,7 +27,6 @@ The engine is single-threaded; :mod:`.worker` runs it in a thread for the HTTP s
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -35,7 +34,6 @@ from typing import Callable
 
 import torch
 
-from ..models.adapters import decoder_layers
 from ..models.compat import CacheDisengagedError
 from ..runtime.cache import store_capacity
 from ..runtime.decode_graph import decode_graph_supports
@@ -68,8 +66,6 @@ class EngineConfig:
     max_batch: int | None = None
     prefill_tokens_per_step: int = 8192  # prompt tokens prefilled per step (at least one request) before decoding the rest
     cuda_graph: bool | None = None  # decode steps from CUDA graphs: None where supported, True required, False off
-    decode_steps_per_prefill: int | None = None  # decode steps of the running rows launched between a prefill's layers
-    # (None: 3 with CUDA graphs, else 0; see Engine._prefill)
 
 
 @dataclass
@@ -84,14 +80,6 @@ class _Sequence:
 
 
 @dataclass
-class _PendingStep:
-    logits: torch.Tensor  # [rows, vocab], on the device (a graph's buffer: read before the next step)
-    rows: int
-    path: str  # replay, capture or eager
-    launch_seconds: float  # host time the launch took
-
-
-@dataclass
 class EngineStats:
     """Counters the progress bar and /health read."""
 
@@ -102,9 +90,7 @@ class EngineStats:
     prefill_seconds: float = 0.0  # wall time of the prefill forwards (each ends with its first token on the host)
     decode_steps: int = 0
     decode_tokens: int = 0  # tokens of decode steps (rows summed over steps)
-    decode_seconds: float = 0.0  # host time of the decode steps (launch, then waiting for the tokens; a step run
-    # between a prefill's layers overlaps with the prefill on the GPU, and only its host time counts here)
-    overlapped_steps: int = 0  # decode steps launched between a prefill's layers
+    decode_seconds: float = 0.0  # wall time of the decode steps (each ends with its tokens on the host)
     graph_replays: int = 0  # decode steps replayed from a captured graph
     graph_replay_seconds: float = 0.0  # their wall time (the rest went to eager steps and captures)
     graph_captures: int = 0  # decode steps that captured a graph (a new bucket, or all again after the store grew)
@@ -159,17 +145,6 @@ class Engine:
         self.stats = EngineStats()
         self.device = rkv_model.device
         self.graph, self.decode_path = self._decode_runner(config.cuda_graph)
-        steps = config.decode_steps_per_prefill
-        self.decode_steps_per_prefill = (3 if self.graph is not None else 0) if steps is None else steps
-        if self.decode_steps_per_prefill and self.graph is None:
-            raise ValueError("decode steps between a prefill's layers need the static decode steps of the graph path "
-                             f"(decode steps here: {self.decode_path})")  # fmt: skip
-        cuda = self.device.type == "cuda"
-        self._decode_stream = torch.cuda.Stream(self.device, priority=-1) if cuda else None  # decode steps first
-        self._prefill_stream = torch.cuda.Stream(self.device) if cuda and self.decode_steps_per_prefill else None
-        self._pending: _PendingStep | None = None  # a decode step launched, its tokens not read yet
-        self._in_prefill = False
-        self._in_step = False
 
     def _decode_runner(self, cuda_graph: bool | None) -> tuple[RowDecodeGraph | None, str]:
         """The CUDA-graph runner of the decode steps (or None) and the path in words."""
@@ -195,10 +170,9 @@ class Engine:
             raise RuntimeError("capture_graphs() runs before the first request")
         self.cache.grow_slots(self.largest_request_slots())
         top = self.graph.bound(min(rows or self.max_batch, self.max_batch))
-        with self._on(self._decode_stream):
-            for bound in (b for b in self.graph.bounds if b <= top):
-                while bound not in self.graph.graphs:
-                    self._padding_step(bound)
+        for bound in (b for b in self.graph.bounds if b <= top):
+            while bound not in self.graph.graphs:
+                self._padding_step(bound)
         return len(self.graph.graphs)
 
     def largest_request_slots(self) -> int:
@@ -256,11 +230,10 @@ class Engine:
     # ----- the loop --------------------------------------------------------------------------
     def step(self) -> None:
         """Drop cancelled requests, admit what fits, decode one token for every active row."""
-        with self._on(self._decode_stream):
-            self._drop_cancelled()
-            self._admit()
-            if self.rows:
-                self._decode()
+        self._drop_cancelled()
+        self._admit()
+        if self.rows:
+            self._decode()
 
     def run_until_done(self) -> None:
         while self.has_work:
@@ -316,97 +289,34 @@ class Engine:
 
     @torch.no_grad()
     def _prefill(self, seq: _Sequence) -> None:
-        """Prefill ``seq`` alone (a batch-1 cache), copy it into the next row, emit its first token.
-
-        With running rows and ``decode_steps_per_prefill``, their decode steps are launched between the
-        prefill's decoder layers (forward pre-hooks): a step's tokens are read at the next hook, so the
-        host goes on launching the prefill while the GPU runs the step. On CUDA the prefill runs on a
-        stream of its own and the decode steps on a higher-priority one: the memory-bound steps fill the
-        compute-bound prefill's gaps. The new row is loaded after both streams met, so no step reads it
-        early, and the running rows' steps are the steps they would run anyway (their tokens do not change).
-        """
+        """Prefill ``seq`` alone (a batch-1 cache), copy it into the next row, emit its first token."""
         rkv, start = self.model, time.perf_counter()
-        hooks = self._interleave_hooks() if self.rows and self.decode_steps_per_prefill else []
-        hook_seconds = self.stats.decode_seconds
-        self._in_prefill = True
-        try:
-            with self._on(self._prefill_stream):
-                if self._prefill_stream is not None:
-                    self._prefill_stream.wait_stream(self._decode_stream)
-                ids = torch.tensor([seq.request.prompt_ids], dtype=torch.long, device=self.device)
-                t = ids.shape[1]
-                single = self.cache.single(reserve_tokens=t)
-                positions = torch.arange(t, device=self.device)[None]
-                with rkv.attached() as model:
-                    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=positions, use_cache=True,
-                                logits_to_keep=1, **{rkv.cache_argument: single})  # fmt: skip
-        finally:
-            self._in_prefill = False
-            for hook in hooks:
-                hook.remove()
-        self._finish_pending()
-        if self._prefill_stream is not None:
-            torch.cuda.current_stream(self.device).wait_stream(self._prefill_stream)
+        ids = torch.tensor([seq.request.prompt_ids], dtype=torch.long, device=self.device)
+        t = ids.shape[1]
+        single = self.cache.single(reserve_tokens=t)
+        mask = torch.ones_like(ids)
+        positions = torch.arange(t, device=self.device)[None]
+        with rkv.attached() as model:
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+                        **{rkv.cache_argument: single})  # fmt: skip
         ensure_cache_engaged(single, t, "at prefill")
         self.cache.load_row(len(self.rows), single)
         self.rows.append(seq)
         seq.next_pos = t
-        token = int(sample_next(out.logits[:, -1].to(self.device), seq.request.sampling, seq.generator)[0])  # both streams done
+        token = int(sample_next(out.logits[:, -1].to(self.device), seq.request.sampling, seq.generator)[0])
         self.stats.prefills += 1
         self.stats.prefill_tokens += t
-        self.stats.prefill_seconds += time.perf_counter() - start - (self.stats.decode_seconds - hook_seconds)
+        self.stats.prefill_seconds += time.perf_counter() - start
         self._accept(len(self.rows) - 1, token)
-
-    def _interleave_hooks(self) -> list:
-        """Forward pre-hooks on evenly spaced decoder layers, each finishing the pending decode step and launching the next."""
-        layers = decoder_layers(self.model.model)
-        n = min(self.decode_steps_per_prefill, len(layers))
-        at = sorted({len(layers) * j // n for j in range(n)})
-        return [layers[i].register_forward_pre_hook(lambda *_: self._step_between_layers()) for i in at]
-
-    def _step_between_layers(self) -> None:
-        if self._in_step:  # an eager decode forward passes the same layers: its hooks do nothing
-            return
-        self._in_step = True
-        try:
-            with self._on(self._decode_stream):
-                self._finish_pending()
-                if self.rows:
-                    self._pending = self._launch_decode()
-                    self.stats.overlapped_steps += 1
-        finally:
-            self._in_step = False
-
-    @staticmethod
-    def _on(stream: torch.cuda.Stream | None):
-        return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
     @torch.no_grad()
     def _decode(self) -> None:
-        self._finish_pending()  # (a prefill that failed may have left one)
-        if self.rows:
-            self._finish_step(self._launch_decode())
-
-    def _finish_pending(self) -> None:
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            self._finish_step(pending)
-
-    @torch.no_grad()
-    def _launch_decode(self) -> _PendingStep:
-        """Launch one decode step of the active rows (their logits are read by :meth:`_finish_step`)."""
         a, start = len(self.rows), time.perf_counter()
         if self.graph is not None:
             logits, path = self._decode_logits(self.graph)
         else:
             logits, path = self._decode_logits_eager(), "eager"
         self.cache.end_step()
-        return _PendingStep(logits, a, path, time.perf_counter() - start)
-
-    @torch.no_grad()
-    def _finish_step(self, step: _PendingStep) -> None:
-        """Sample the step's tokens (the host waits for them here) and hand them to their requests."""
-        logits, a, path, start = step.logits, step.rows, step.path, time.perf_counter() - step.launch_seconds
         greedy = [r for r in range(a) if self.rows[r].request.sampling.greedy]
         picked: dict[int, int] = {}
         if greedy:  # one argmax and one device-to-host copy for all greedy rows
@@ -436,8 +346,8 @@ class Engine:
         tokens = torch.tensor([[s.last_token] for s in self.rows], dtype=torch.long, device=self.device)
         positions = torch.tensor([[s.next_pos] for s in self.rows], dtype=torch.long, device=self.device)
         self.cache.begin_step()
-        with self._attached():
-            out = rkv.model(input_ids=tokens, position_ids=positions, use_cache=True, **{rkv.cache_argument: self.cache})
+        with rkv.attached() as model:
+            out = model(input_ids=tokens, position_ids=positions, use_cache=True, **{rkv.cache_argument: self.cache})
         self._check_written()
         return out.logits[:, -1].to(self.device)
 
@@ -453,17 +363,13 @@ class Engine:
         inputs = host.to(self.device)
         self.cache.begin_step(bound=bound)
         captures = runner.captures
-        with self._attached():
+        with self.model.attached():
             logits, ran_forward = runner.step(inputs[0], inputs[1])
         if ran_forward:
             self._check_written()
         self.cache.flush()
         path = "capture" if runner.captures != captures else "eager" if ran_forward else "replay"
         return logits[:a].to(self.device), path
-
-    def _attached(self):
-        """The rkv handler attached for a decode forward (already attached when the step runs inside a prefill)."""
-        return contextlib.nullcontext() if self._in_prefill else self.model.attached()
 
     def _check_written(self) -> None:
         written = self.cache.layers_written()

@@ -246,23 +246,6 @@ def test_padding_steps_before_any_request_leave_no_trace(monkeypatch: pytest.Mon
     assert _collect(engine, requests, arrivals) == plain
 
 
-def test_decode_steps_between_prefill_layers_keep_every_token() -> None:
-    """Decode steps of the running rows launched between a prefill's layers (what the CUDA engine does,
-    there on two streams) give every request the tokens it gets without them."""
-    rkv = _rkv("folded")
-    requests = _requests(7, seed=23)
-    arrivals = {0: 0, 1: 1, 2: 3, 3: 4, 4: 8, 5: 9, 6: 15}
-    plain = _collect(_engine(rkv, max_batch=10), requests, arrivals)
-    engine = _engine(rkv, max_batch=10)
-    assert engine.decode_steps_per_prefill == 0  # CPU: no graph path, no interleaving
-    engine.graph = RowDecodeGraph(rkv.model, engine.cache, rkv.cache_argument, capture=False)
-    engine.decode_steps_per_prefill = 3
-    assert _collect(engine, requests, arrivals) == plain
-    assert engine.stats.overlapped_steps >= 12 and engine.cache.active == 0
-    with pytest.raises(ValueError, match="graph path"):
-        Engine(rkv, EngineConfig(max_len=128, budget_bytes=2**30, max_batch=4, decode_steps_per_prefill=2))
-
-
 def test_largest_request_slots_follows_the_budget() -> None:
     rkv = _rkv("folded")
     roomy = _engine(rkv, max_batch=4, max_len=300)

@@ -90,8 +90,7 @@ def test_graph_steps_equal_eager_steps_on_cuda(key_layout: str) -> None:
 @pytest.mark.gpu
 def test_graphs_captured_before_serving_replay_every_step() -> None:
     """``Engine.capture_graphs`` before the first request: the job then replays every step (no capture,
-    no eager step, no store growth), also the steps launched between a prefill's layers on their own stream,
-    and gives the tokens of eager steps."""
+    no eager step, no store growth) and gives the tokens of eager steps."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     model = tiny_model("llama").to("cuda")
@@ -115,5 +114,4 @@ def test_graphs_captured_before_serving_replay_every_step() -> None:
     assert _tokens(graphed, requests, arrivals) == expected
     st = graphed.stats
     assert st.graph_replays == st.decode_steps > 50 and st.graph_captures == st.eager_steps == 0
-    assert graphed.decode_steps_per_prefill == 3 and st.overlapped_steps > 5  # steps ran between prefill layers too
     assert graphed.cache.state.version == version  # the store never grew
