@@ -24,7 +24,6 @@ import collections
 import os
 import re
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -34,11 +33,10 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from kernels import decode_attention as head_module  # noqa: E402
-from kernels import decode_chunk as chunk_module  # noqa: E402
-from kernels import decode_folded as folded_module  # noqa: E402
-from kernels.decode_folded import FOLDED_DEFAULTS  # noqa: E402
+from rkv_convert.kernels import decode_attention as head_module  # noqa: E402
+from rkv_convert.kernels import decode_chunk as chunk_module  # noqa: E402
+from rkv_convert.kernels import decode_folded as folded_module  # noqa: E402
+from rkv_convert.kernels.decode_folded import FOLDED_DEFAULTS  # noqa: E402
 
 _POINTERS = {"kc_ptr": "*u8", "vc_ptr": "*u8", "kw_ptr": "*i32", "vw_ptr": "*i32", "pos_ptr": "*i32", "fpos_ptr": "*i32",
              "gidp_ptr": "*i32", "gid_ptr": "*i32", "a_ptr": "*fp32", "mean_ptr": "*fp32", "freq_ptr": "*fp32",

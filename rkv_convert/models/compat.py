@@ -31,7 +31,7 @@ __all__ = [
     "supported_range_text",
 ]
 
-TESTED_TRANSFORMERS: tuple[str, str] = ("5.17.0", "5.24.0")
+TESTED_TRANSFORMERS: tuple[str, str] = ("5.17.0", "5.25.0")
 """Lowest and newest transformers release CI tests (keep in step with ``pyproject.toml``)."""
 
 ALLOW_UNTESTED_ENV = "RKV_ALLOW_UNTESTED_TRANSFORMERS"

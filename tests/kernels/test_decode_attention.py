@@ -268,7 +268,7 @@ def test_kernel_choice_is_checked() -> None:
         _run(c, kernel="group")  # retired: no default path ran it
 
 
-# The chunk kernel (kernels/decode_chunk.py): key groups = the rotated head chunks (no channel
+# The chunk kernel (kernels/rkv_kernels/decode_chunk.py): key groups = the rotated head chunks (no channel
 # permutation), 2/4 bits, folded (g_v = d) and selected value groups, G = 1/2/4, MHA and GQA,
 # holes, left padding, NaN garbage in empty slots, fp segment or not, fp-only, several splits.
 CHUNK_CASES = {

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -36,7 +38,7 @@ def test_ci_runs_the_readme_test_command_and_the_lowest_release() -> None:
     assert f'"transformers=={low}"' in ci
 
 
-@pytest.mark.parametrize("version", ["5.16.1", "5.24.1", "6.0.0"])
+@pytest.mark.parametrize("version", ["5.16.1", "5.25.1", "6.0.0"])
 def test_releases_outside_the_range_are_refused_with_the_range_and_the_override(version, monkeypatch) -> None:
     monkeypatch.delenv(ALLOW_UNTESTED_ENV, raising=False)
     low, high = TESTED_TRANSFORMERS
@@ -64,3 +66,17 @@ def test_generation_and_calibration_refuse_an_untested_release(monkeypatch) -> N
         RkvModel(model, checkpoint)
     with pytest.raises(UntestedTransformersError, match="9.0.0"):
         calibrate(model, __import__("torch").randint(0, 128, (2, 16)), CalibrationOptions(num_samples=2, seqlen=16))
+
+
+def test_python_started_in_the_repository_root_imports_hugging_face_kernels() -> None:
+    """transformers imports Hugging Face's ``kernels`` package (a requirement from 5.25, optional before). Python
+    started in the repository root (``python -m pytest``, a notebook) has the root on ``sys.path``, so the root's
+    ``kernels/`` folder must not be a package of that name: it holds no ``__init__.py`` (the Triton kernels live in
+    ``kernels/rkv_kernels/``, installed as ``rkv_convert.kernels``)."""
+    assert not (ROOT / "kernels" / "__init__.py").exists()
+    probe = ("import importlib.util, transformers.activations; s = importlib.util.find_spec('kernels'); "
+             "print(s.origin if s is not None else None)")  # fmt: skip
+    run = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    origin = run.stdout.strip().splitlines()[-1]
+    assert origin in ("None", "") or not Path(origin).resolve().is_relative_to(ROOT / "kernels"), origin
