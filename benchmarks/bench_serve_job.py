@@ -6,6 +6,8 @@ clients), as ``rkv serve`` builds it (decode graphs captured before the first re
 ``--no-capture``), and run to the end. Reported: tokens/s over the job, prefill and decode seconds, the
 mean prefill and decode step, the mean decode batch, and the steps by kind (graph replay, capture, eager).
 Comparing with ``bench_serve.py``'s figures for the same job separates the engine from the HTTP layer.
+``--profile-steps N`` then runs the job once more and profiles ``N`` decode steps once every request is
+admitted (no prefill among them): the kernels of a served step by self time, and the GPU time per step.
 The model is ``bench_serve.py``'s random LLaMA-2-7B shape with the store ``rkv export`` writes by default.
 
     python benchmarks/bench_serve_job.py --csv benchmarks/results/serve_job.csv
@@ -38,6 +40,7 @@ def main() -> None:
     p.add_argument("--prefill-tokens", type=int, default=8192, help="prompt tokens prefilled per engine step")
     p.add_argument("--capture", default=True, action=argparse.BooleanOptionalAction,
                    help="capture the decode graphs before the job (what rkv serve does)")
+    p.add_argument("--profile-steps", type=int, default=0, help="afterwards, profile this many steady decode steps")
     p.add_argument("--csv", type=Path, default=None)
     args = p.parse_args()
     args.checkpoint = None
@@ -72,6 +75,39 @@ def main() -> None:
     print_table(f"engine job ({DEVICE})", [{"metric": k, "value": v} for k, v in row.items()])
     if args.csv:
         append_csv(args.csv, {**row, "timing": "wall" if DEVICE.type == "cuda" else "cpu-smoke"})
+    if args.profile_steps > 0:
+        profile_steps(engine, _requests(args.requests, args.prompt, args.new, vocab), args.profile_steps)
+
+
+def profile_steps(engine: Engine, requests: list, steps: int) -> None:
+    """Submit ``requests``, step until none waits, then profile ``steps`` decode steps (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for r in requests:
+        engine.submit(r, lambda e: None)
+    while engine.waiting and engine.has_work:
+        engine.step()
+    if not engine.has_work:
+        raise SystemExit("every request finished before the steady state: raise --new or --requests")
+    cuda = DEVICE.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    rows, done = engine.active, 0
+    with profile(activities=acts) as prof:
+        while done < steps and engine.has_work:
+            engine.step()
+            done += 1
+        if cuda:
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    print(f"--- {done} decode steps, {rows} rows at the start ({DEVICE})")
+    print(events.table(sort_by=key, row_limit=30, max_name_column_width=70))
+    if cuda:
+        from torch.autograd import DeviceType
+
+        gpu_us = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA)  # kernels only
+        print(f"GPU time per step: {gpu_us / 1e3 / max(done, 1):.2f} ms")
+    engine.run_until_done()
 
 
 if __name__ == "__main__":
