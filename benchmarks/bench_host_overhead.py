@@ -69,7 +69,8 @@ def _load_project() -> None:
     from rkv_convert.models.compat import cache_kwargs
     from rkv_convert.quant.hadamard import hadamard_matrix
     from rkv_convert.runtime.attention import rkv_attention
-    from rkv_convert.runtime.cache import CacheSettings, LayerCodec, RkvCache
+    from rkv_convert.runtime.cache import CacheSettings, RkvCache
+    from rkv_convert.runtime.layer_codec import LayerCodec
 
 
 # SmolLM2-135M: hidden 576, 9 query / 3 KV heads of 64 (one layer of its 30)

@@ -39,7 +39,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..runtime.cache import _STORAGE, CacheSettings, LayerCodec, RkvCache, RkvCacheLayer, _grow, store_capacity
+from ..runtime.cache import _STORAGE, CacheSettings, RkvCache, RkvCacheLayer, _grow, store_capacity
+from ..runtime.layer_codec import LayerCodec
 
 __all__ = ["RowState", "RowCache", "RowCacheLayer", "row_bytes"]
 

@@ -47,7 +47,7 @@ def test_folded_refuses_head_groups_and_unknown_layouts() -> None:
 def test_learned_rotations_are_orthonormal_stored_and_used(tmp_path) -> None:
     from rkv_convert.calibrate.artifact import load_artifact, save_artifact
     from rkv_convert.quant.codec import folded_head_rotations
-    from rkv_convert.runtime.cache import LayerCodec
+    from rkv_convert.runtime.layer_codec import LayerCodec
 
     model = tiny_model("llama", n_kv=2, head_dim=64)
     art = calibrate(model, _batches(), _options(key_layout="folded", rotation_steps=30))

@@ -7,7 +7,8 @@ from rkv_convert.export.format import LayerTensors, RkvConfig
 from rkv_convert.quant.codec import KeyCodec, ValueCodec
 from rkv_convert.quant.hadamard import hadamard_matrix
 from rkv_convert.runtime.attention import stored_tokens
-from rkv_convert.runtime.cache import CacheSettings, LayerCodec, RkvCacheLayer
+from rkv_convert.runtime.cache import CacheSettings, RkvCacheLayer
+from rkv_convert.runtime.layer_codec import LayerCodec
 from rkv_convert.runtime.ops import rope
 
 N_KV, D = 4, 32

@@ -12,7 +12,8 @@ from tiny_models import tiny_model
 from rkv_convert.export.format import Checkpoint
 from rkv_convert.quant.packing import packed_width
 from rkv_convert.runtime.attention import rkv_attention
-from rkv_convert.runtime.cache import CacheSettings, LayerCodec, RkvCache
+from rkv_convert.runtime.cache import CacheSettings, RkvCache
+from rkv_convert.runtime.layer_codec import LayerCodec
 
 
 @pytest.mark.parametrize("key_layout", ["prerope", "folded"])
