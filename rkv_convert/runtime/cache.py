@@ -331,11 +331,10 @@ class RkvCacheLayer(CacheLayerMixin):
         """Copy flagged tokens (``key``/``value`` in the segment's dtype) into free sink slots; return
         ``pos`` with those tokens removed (-1).
 
-        Runs at every decode step of every layer, so it launches few ops (nine for one token): a
-        flagged token's rank among its sequence's sinks is its sink count plus the flagged tokens
-        before it (for one token, the count itself; unflagged tokens' ranks are never read), and
-        the scratch slot's position needs no reset, since only tokens not taken land there and
-        they write -1.
+        Runs at every decode step of every layer, so one token launches few ops (nine): a flagged
+        token's slot is its sequence's sink count, and the scratch slot's position needs no reset,
+        since only tokens not taken land there and they write -1. Several tokens (a prefill) go
+        through :meth:`_take_sinks_many`.
         """
         b, n_kv, t, d = key.shape
         if t > 1:

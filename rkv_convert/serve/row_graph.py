@@ -84,12 +84,12 @@ class RowDecodeGraph:
         out = self.model(input_ids=ids, position_ids=positions, use_cache=True, **{self.cache_argument: self.cache})
         return out.logits[:, -1]
 
-    def step(self, ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        """Logits ``[bound, vocab]`` of a static step whose ``begin_step(bound)`` already ran, and
-        whether the model's Python forward ran this step (eagerly, or to capture the graph replayed
-        now): only then did the attention handler count its appends, which the caller may check.
-        ``ids, positions [bound, 1]``; padding rows may hold anything in range. The result may be a
-        graph's buffer: read it before the next step."""
+    def step(self, ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, str]:
+        """Logits ``[bound, vocab]`` of a static step whose ``begin_step(bound)`` already ran, and how it
+        ran: ``"replay"``, ``"capture"`` (the graph replayed now was recorded by this step's forward) or
+        ``"eager"``. Only where the model's Python forward ran (capture, eager) did the attention handler
+        count its appends, which the caller may check. ``ids, positions [bound, 1]``; padding rows may hold
+        anything in range. The result may be a graph's buffer: read it before the next step."""
         st = self.cache.state
         if not st.static or ids.shape[0] != st.bound:
             raise RuntimeError(f"a static step of {ids.shape[0]} rows needs begin_step(bound={ids.shape[0]}) first")
@@ -106,10 +106,10 @@ class RowDecodeGraph:
             g.positions.copy_(positions)
             g.graph.replay()
             self.replays += 1
-            return g.logits, captured
+            return g.logits, "capture" if captured else "replay"
         self._seen.add(bound)
         self.eager_steps += 1
-        return self._forward(ids, positions), True
+        return self._forward(ids, positions), "eager"
 
     def _drop_graphs(self) -> None:
         """Forget every graph (the storage moved). Their pool goes with them: PyTorch frees a pool
