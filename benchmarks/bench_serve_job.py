@@ -8,6 +8,10 @@ mean prefill and decode step, the mean decode batch, and the steps by kind (grap
 Comparing with ``bench_serve.py``'s figures for the same job separates the engine from the HTTP layer.
 ``--profile-steps N`` then runs the job once more and profiles ``N`` decode steps once every request is
 admitted (no prefill among them): the kernels of a served step by self time, and the GPU time per step.
+``--step-parts ROWS [ROWS ...]`` instead times steady steps of an engine of each row count (admitted two
+per step, as in the job, so that the rows' window flushes fall on different steps): the step's wall time,
+the host time of the row cache's ``begin_step`` and ``flush``, the bare replay of the step's graph (GPU
+time), and the wall time of the steps with and without a window flush.
 The model is ``bench_serve.py``'s random LLaMA-2-7B shape with the store ``rkv export`` writes by default.
 
     python benchmarks/bench_serve_job.py --csv benchmarks/results/serve_job.csv
@@ -16,6 +20,7 @@ The model is ``bench_serve.py``'s random LLaMA-2-7B shape with the store ``rkv e
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -41,11 +46,20 @@ def main() -> None:
     p.add_argument("--capture", default=True, action=argparse.BooleanOptionalAction,
                    help="capture the decode graphs before the job (what rkv serve does)")
     p.add_argument("--profile-steps", type=int, default=0, help="afterwards, profile this many steady decode steps")
+    p.add_argument("--step-parts", type=int, nargs="+", default=None, metavar="ROWS",
+                   help="instead of the job: where steady decode steps of these row counts spend their time")
     p.add_argument("--csv", type=Path, default=None)
     args = p.parse_args()
     args.checkpoint = None
     rkv = _rkv_model(args)
     vocab = SHAPES[args.shape]["vocab"]
+    if args.step_parts:
+        rows = [step_parts(rkv, n, args.prompt, vocab) for n in args.step_parts]
+        print_table(f"decode step parts ({DEVICE}, {args.shape}, {args.prompt}-token prompts)", rows)
+        for row in rows if args.csv else ():
+            append_csv(args.csv, {"shape": args.shape, "prompt": args.prompt, **row,
+                                  "timing": "wall" if DEVICE.type == "cuda" else "cpu-smoke"})  # fmt: skip
+        return
     engine = Engine(rkv, EngineConfig(max_len=args.prompt + args.new, budget_bytes=default_budget(rkv.device, 2**31),
                                       max_batch=args.max_batch, prefill_tokens_per_step=args.prefill_tokens))  # fmt: skip
     start = time.perf_counter()
@@ -77,6 +91,68 @@ def main() -> None:
         append_csv(args.csv, {**row, "timing": "wall" if DEVICE.type == "cuda" else "cpu-smoke"})
     if args.profile_steps > 0:
         profile_steps(engine, _requests(args.requests, args.prompt, args.new, vocab), args.profile_steps)
+
+
+def _timed_method(obj: object, name: str, seconds: list[float]) -> None:
+    """Wrap ``obj.name`` so that each call appends its host seconds to ``seconds``."""
+    method = getattr(obj, name)
+
+    def timed(*args: object, **kwargs: object) -> object:
+        start = time.perf_counter()
+        try:
+            return method(*args, **kwargs)
+        finally:
+            seconds.append(time.perf_counter() - start)
+
+    setattr(obj, name, timed)
+
+
+def step_parts(rkv, rows: int, prompt: int, vocab: int) -> dict[str, object]:
+    """Medians over one flush period of steady decode steps (``flush_block`` steps: every row flushes once)
+    of an engine with ``rows`` requests, in milliseconds."""
+    steps = rkv.settings.flush_block
+    new = rows // 2 + steps + 8  # no request ends before the timed steps do
+    engine = Engine(rkv, EngineConfig(max_len=prompt + new, budget_bytes=default_budget(rkv.device, 2**31),
+                                      max_batch=rows, prefill_tokens_per_step=2 * prompt))  # fmt: skip
+    cuda = DEVICE.type == "cuda" and engine.graph is not None
+    if cuda:
+        engine.capture_graphs()
+    for r in _requests(rows, prompt, new, vocab):
+        engine.submit(r, lambda e: None)
+    while engine.waiting:  # two admissions per step, as in the job: the rows' flushes fall on different steps
+        engine.step()
+    for _ in range(3):
+        engine.step()
+    begin, flush, walls, flushed = [], [], [], []
+    _timed_method(engine.cache, "begin_step", begin)
+    _timed_method(engine.cache, "flush", flush)
+    for _ in range(steps):
+        start = time.perf_counter()
+        engine.step()
+        if cuda:
+            torch.cuda.synchronize()
+        walls.append(time.perf_counter() - start)
+        flushed.append(bool(engine.cache.state.flush_rows.numel()))  # begin_step's flushing rows of this step
+    row = {"rows": engine.active, "bound": engine.graph.bound(engine.active) if engine.graph else engine.active,
+           "step_ms": 1e3 * statistics.median(walls), "begin_step_ms": 1e3 * statistics.median(begin),
+           "flush_ms": 1e3 * statistics.median(flush) if flush else 0.0}  # fmt: skip
+    with_flush = [w for w, f in zip(walls, flushed) if f]
+    without = [w for w, f in zip(walls, flushed) if not f]
+    row["steps_with_flush"] = f"{len(with_flush)}/{steps}"
+    row["with_flush_ms"] = 1e3 * statistics.median(with_flush) if with_flush else float("nan")
+    row["without_flush_ms"] = 1e3 * statistics.median(without) if without else float("nan")
+    if cuda:  # the step's graph alone
+        graph = engine.graph.graphs[engine.graph.bound(engine.active)].graph
+        start_ev, end_ev = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        replays = []
+        for _ in range(10):
+            start_ev.record()
+            graph.replay()
+            end_ev.record()
+            torch.cuda.synchronize()
+            replays.append(start_ev.elapsed_time(end_ev))
+        row["bare_replay_ms"] = statistics.median(replays)
+    return row
 
 
 def profile_steps(engine: Engine, requests: list, steps: int) -> None:

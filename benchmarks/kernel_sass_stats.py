@@ -160,7 +160,7 @@ def fp32_tiles() -> None:
     """The folded decode kernel with fp32 operands (fp32 and bf16 queries) and the cache-write kernel for fp32
     keys, head dims 64/128/256 (GQA 4, groups of 32): registers and spills (stack) at the default launch
     settings (8 warps, spill-free) and at the previous 4-warp ones."""
-    from kernels import encode_folded
+    from rkv_convert.kernels import encode_folded
 
     for d in (64, 128, 256):
         t = folded_module._tiles(d, fp16=False)

@@ -184,7 +184,7 @@ class RowCacheLayer(RkvCacheLayer):
             buf = getattr(self, name)
             buf[rows, :, w0 : w0 + keep] = buf[rows, :, w0 + fb : w0 + fb + keep]  # the right side is a gathered copy
         self.fp_pos[rows, w0 : w0 + keep] = self.fp_pos[rows, w0 + fb : w0 + fb + keep]
-        self.fp_pos[rows, w0 + keep :] = -1
+        self.fp_pos[:, w0 + keep :].index_fill_(0, rows, -1)  # not fp_pos[rows, ...] = -1: its scalar is copied to the device, a sync
         return fb * len(st.flushing)
 
     def bytes_used(self) -> int:

@@ -90,7 +90,8 @@ def test_graph_steps_equal_eager_steps_on_cuda(key_layout: str) -> None:
 @pytest.mark.gpu
 def test_graphs_captured_before_serving_replay_every_step() -> None:
     """``Engine.capture_graphs`` before the first request: the job then replays every step (no capture,
-    no eager step, no store growth) and gives the tokens of eager steps."""
+    no eager step, no store growth) and gives the tokens of eager steps; the flushes between replays
+    never synchronize with the GPU."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     model = tiny_model("llama").to("cuda")
@@ -111,7 +112,19 @@ def test_graphs_captured_before_serving_replay_every_step() -> None:
     graphed = Engine(rkv, EngineConfig(**config))
     assert graphed.capture_graphs() == len(graphed.graph.bounds) == 2  # buckets 8 and 12
     version = graphed.cache.state.version
+    flushed, flush = [], graphed.cache.flush
+
+    def flush_without_sync() -> None:  # a sync would hold the host until the replayed step ends (19 ms a step at 126 rows)
+        flushed.append(len(graphed.cache.state.flushing))
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            flush()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+    graphed.cache.flush = flush_without_sync
     assert _tokens(graphed, requests, arrivals) == expected
     st = graphed.stats
     assert st.graph_replays == st.decode_steps > 50 and st.graph_captures == st.eager_steps == 0
     assert graphed.cache.state.version == version  # the store never grew
+    assert sum(n > 0 for n in flushed) > 10  # steps whose flush quantized rows, none of them synchronizing
