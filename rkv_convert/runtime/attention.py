@@ -29,7 +29,7 @@ from torch import nn
 
 from ..kernels.decode_attention import decode_attention
 from ..kernels.decode_folded import decode_folded
-from ..models.adapters import attention_softcap, attention_window, rotated_attention, stock_attention, stock_rope
+from ..models.adapters import attention_softcap, attention_window, rotated_attention, stock_attention
 from .cache import RkvCache, RkvCacheLayer
 from .ops import attend_reference, dequantize_folded_keys, dequantize_keys, dequantize_values, rope, rotate_half
 from .salient import OBSERVE, salient_flags
@@ -166,8 +166,8 @@ def rkv_attention(
     sinks = flag_sinks(layer_input, codec.sink_channels, codec.sink_threshold) if layer.settings.max_sinks else None
 
     cos, sin = position_embeddings
-    if layer.length == 0:  # prefill: exactly the model's own attention (its RoPE, its attention function), then store
-        q_post, k_post = stock_rope(query, key, position_embeddings)
+    if layer.length == 0:  # prefill: exactly the model's own attention (its RoPE, bitwise; its attention function), then store
+        q_post, k_post = _rope(query, cos, sin), _rope(key, cos, sin)
         out = rotated_attention(module, q_post, k_post, value, attention_mask, **kwargs)
         if layer.settings.salient_tokens and t > 1:
             sinks = _with_salient(module, layer, q_post, k_post, valid, sinks)

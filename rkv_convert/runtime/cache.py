@@ -384,9 +384,12 @@ class RkvCacheLayer(CacheLayerMixin):
             return
         # More than fits: quantize the oldest whole blocks of (window + new tokens) straight away.
         w = self.n_window
-        all_k = torch.cat([self.fp_k[:, :, w0 : w0 + w], key], dim=2)
-        all_v = torch.cat([self.fp_v[:, :, w0 : w0 + w], value], dim=2)
-        all_pos = torch.cat([self.fp_pos[:, w0 : w0 + w], pos], dim=1)
+        if w:
+            all_k = torch.cat([self.fp_k[:, :, w0 : w0 + w], key], dim=2)
+            all_v = torch.cat([self.fp_v[:, :, w0 : w0 + w], value], dim=2)
+            all_pos = torch.cat([self.fp_pos[:, w0 : w0 + w], pos], dim=1)
+        else:  # a prefill into an empty window: no copy of the prompt's keys and values (strided: a slow one)
+            all_k, all_v, all_pos = key, value, pos
         total = w + t
         n_flush = -(-(total - capacity) // s.flush_block) * s.flush_block
         self._store(all_k[:, :, :n_flush], all_v[:, :, :n_flush], all_pos[:, :n_flush])

@@ -32,9 +32,22 @@ __all__ = [
 ]
 
 
+_HALVES_FROM = 1 << 21  # elements: below, one concatenation is one launch fewer (decode steps)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """transformers' ``rotate_half`` (``cat(-x2, x1)`` on the last dim), bitwise. From ``_HALVES_FROM``
+    elements on (a prefill's queries and keys) it writes the two halves of one tensor with ``x``'s strides
+    instead: concatenating strided halves runs CUDA's general batched copy, which in a profiled 4k-token
+    prefill took about 91 us per call against 21 us for the negation."""
     half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    if x.numel() < _HALVES_FROM:
+        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    out = torch.empty_like(x)
+    out[..., :half] = x[..., half:]
+    out[..., :half].neg_()  # in place on the view: differentiable, where neg(out=) is not
+    out[..., half:] = x[..., :half]
+    return out
 
 
 def rope_cos_sin(pos: torch.Tensor, inv_freq: torch.Tensor, attention_scaling: float) -> tuple[torch.Tensor, torch.Tensor]:

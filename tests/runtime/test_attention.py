@@ -198,13 +198,38 @@ def test_handler_refuses_a_foreign_cache_and_reads_masks() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_rope_helpers_are_bitwise_transformers_rope(dtype: torch.dtype, batch: int) -> None:
-    """The handler's RoPE (one tensor, or query and key concatenated) is transformers' own, bit for bit."""
-    q = torch.randn(batch, 9, 2, 64).to(dtype)
-    k = torch.randn(batch, 3, 2, 64).to(dtype)
-    angles = torch.rand(batch, 2, 32) * 100
+@pytest.mark.parametrize("projected", [False, True])
+def test_rope_helpers_are_bitwise_transformers_rope(dtype: torch.dtype, batch: int, projected: bool) -> None:
+    """The handler's RoPE (one tensor, or query and key concatenated) is transformers' own, bit for bit,
+    also on the strided ``[B, T, heads, d]``-ordered tensors the projections make (``projected``)."""
+    t = 17 if projected else 2
+    if projected:
+        q = torch.randn(batch, t, 9, 64).to(dtype).transpose(1, 2)
+        k = torch.randn(batch, t, 3, 64).to(dtype).transpose(1, 2)
+    else:
+        q = torch.randn(batch, 9, t, 64).to(dtype)
+        k = torch.randn(batch, 3, t, 64).to(dtype)
+    angles = torch.rand(batch, t, 32) * 100
     cos, sin = (torch.cat([f(angles)] * 2, -1).to(dtype) for f in (torch.cos, torch.sin))
     q_ref, k_ref = apply_rotary_pos_emb(q, k, cos, sin)
     q_rot, k_rot = _rope_query_key(q, k, cos, sin)
     assert torch.equal(q_rot, q_ref) and torch.equal(k_rot, k_ref)
     assert torch.equal(_rope(q, cos, sin), q_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_rotate_half_of_a_prefill_sized_tensor_is_bitwise_transformers(dtype: torch.dtype) -> None:
+    """Above ``_HALVES_FROM`` elements the halves are written into one tensor: the same values and
+    gradients as transformers' concatenation."""
+    from transformers.models.llama.modeling_llama import rotate_half as hf_rotate_half
+
+    from rkv_convert.runtime.ops import _HALVES_FROM, rotate_half
+
+    x = torch.randn(1, _HALVES_FROM // (4 * 64) + 1, 4, 64, dtype=dtype, requires_grad=True)
+    xt = x.transpose(1, 2)  # [B, heads, T, d] as the projections make it
+    got, want = rotate_half(xt), hf_rotate_half(xt)
+    assert xt.numel() >= _HALVES_FROM and torch.equal(got, want)
+    weights = torch.randn_like(want)
+    (g_got,) = torch.autograd.grad((got * weights).sum(), x)
+    (g_want,) = torch.autograd.grad((want * weights).sum(), x)
+    assert torch.equal(g_got, g_want)
