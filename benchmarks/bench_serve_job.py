@@ -50,6 +50,8 @@ def main() -> None:
                    help="instead of the job: where steady decode steps of these row counts spend their time")
     p.add_argument("--csv", type=Path, default=None)
     args = p.parse_args()
+    if args.step_parts and min(args.step_parts) < 1:
+        p.error(f"--step-parts takes row counts of at least 1, got {args.step_parts}")
     args.checkpoint = None
     rkv = _rkv_model(args)
     vocab = SHAPES[args.shape]["vocab"]
@@ -108,8 +110,9 @@ def _timed_method(obj: object, name: str, seconds: list[float]) -> None:
 
 
 def step_parts(rkv, rows: int, prompt: int, vocab: int) -> dict[str, object]:
-    """Medians over one flush period of steady decode steps (``flush_block`` steps: every row flushes once)
-    of an engine with ``rows`` requests, in milliseconds."""
+    """Medians over one flush period of steady decode steps (``flush_block`` steps: with prompts of at least
+    ``recent_window + flush_block`` tokens every row flushes once in it) of an engine with ``rows`` requests,
+    in milliseconds."""
     steps = rkv.settings.flush_block
     new = rows // 2 + steps + 8  # no request ends before the timed steps do
     engine = Engine(rkv, EngineConfig(max_len=prompt + new, budget_bytes=default_budget(rkv.device, 2**31),
