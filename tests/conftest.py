@@ -1,4 +1,5 @@
-"""Test-wide setup: Triton interpreter on machines without CUDA, seeding, the ``gpu`` marker.
+"""Test-wide setup: Triton interpreter on machines without CUDA, seeding, the ``gpu`` marker, the test order
+under pytest-xdist.
 
 Triton decides at import time whether ``@triton.jit`` functions run compiled or in its CPU
 interpreter, so ``TRITON_INTERPRET=1`` is set here, before any test module imports
@@ -13,6 +14,7 @@ import os
 
 import pytest
 import torch
+from xdist_balance import balanced_order, known_durations
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -33,10 +35,16 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.hookimpl(trylast=True)  # after ``-m``/``-k`` deselection: orders what runs
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if torch.cuda.is_available():
-        return
-    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip_gpu)
+    """Skip ``gpu`` tests without CUDA; in a pytest-xdist worker, order the tests so that every worker's
+    first chunk holds about the same measured time (``xdist_balance``; only the order changes)."""
+    if not torch.cuda.is_available():
+        skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip_gpu)
+    workers = getattr(config, "workerinput", {}).get("workercount")
+    weights = known_durations([item.nodeid for item in items]) if workers else None
+    if weights is not None:
+        items[:] = [items[i] for i in balanced_order(weights, workers)]

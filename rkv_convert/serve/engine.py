@@ -145,6 +145,8 @@ class Engine:
         self.stats = EngineStats()
         self.device = rkv_model.device
         self.graph, self.decode_path = self._decode_runner(config.cuda_graph)
+        # called when a step has queued its device work and is about to wait for the result (see .worker)
+        self.before_wait: Callable[[], None] | None = None
 
     def _decode_runner(self, cuda_graph: bool | None) -> tuple[RowDecodeGraph | None, str]:
         """The CUDA-graph runner of the decode steps (or None) and the path in words."""
@@ -303,7 +305,9 @@ class Engine:
         self.cache.load_row(len(self.rows), single)
         self.rows.append(seq)
         seq.next_pos = t
-        token = int(sample_next(out.logits[:, -1].to(self.device), seq.request.sampling, seq.generator)[0])
+        sampled = sample_next(out.logits[:, -1].to(self.device), seq.request.sampling, seq.generator)
+        self._waiting()
+        token = int(sampled[0])
         self.stats.prefills += 1
         self.stats.prefill_tokens += t
         self.stats.prefill_seconds += time.perf_counter() - start
@@ -319,8 +323,10 @@ class Engine:
         self.cache.end_step()
         greedy = [r for r in range(a) if self.rows[r].request.sampling.greedy]
         picked: dict[int, int] = {}
-        if greedy:  # one argmax and one device-to-host copy for all greedy rows
-            picked.update(zip(greedy, logits[greedy].argmax(-1).tolist()))
+        argmax = logits[greedy].argmax(-1) if greedy else None  # one argmax and one device-to-host copy for all greedy rows
+        self._waiting()
+        if argmax is not None:
+            picked.update(zip(greedy, argmax.tolist()))
         for r in range(a):
             seq = self.rows[r]
             seq.next_pos += 1
@@ -368,6 +374,11 @@ class Engine:
             self._check_written()
         self.cache.flush()
         return logits[:a].to(self.device), path
+
+    def _waiting(self) -> None:
+        """The step's device work is queued and the host is about to wait for it: run ``before_wait``."""
+        if self.before_wait is not None:
+            self.before_wait()
 
     def _check_written(self) -> None:
         written = self.cache.layers_written()

@@ -4,6 +4,12 @@ The HTTP handlers run on the asyncio loop; the model runs here, one :meth:`Engin
 time, so a long forward never blocks the loop. Requests wait in the engine's queue until a row is
 free; :meth:`EngineWorker.submit` refuses one more than ``max_queue`` waiting (:class:`QueueFull`,
 HTTP 429) and any once the worker stops or its engine failed (:class:`Unavailable`, HTTP 503).
+
+**When the loop gets the tokens.** Both threads share the interpreter lock, and the engine's host
+work (a prefill launches a few thousand kernels) stretches by whatever the loop runs meanwhile. The
+tokens of a step are therefore handed to the loop when the *next* step has queued its device work
+and waits for it (``Engine.before_wait``), or when the engine runs out of work: the loop's streaming
+then overlaps the engine's wait on the GPU instead of its launches.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ class EngineWorker:
         self.failure: str | None = None
         self._outbox: dict[asyncio.AbstractEventLoop, list] = {}  # events of the current step, per loop (engine thread only)
         self._thread = threading.Thread(target=self._loop, name="rkv-engine", daemon=True)
+        engine.before_wait = self._deliver
 
     def start(self) -> "EngineWorker":
         self._thread.start()
@@ -139,16 +146,17 @@ class EngineWorker:
     def _loop(self) -> None:
         while True:
             self._drain_inbox()
-            self._deliver()
             if self.engine.has_work:
                 try:
-                    self.engine.step()
+                    self.engine.step()  # hands the previous step's events over once its device work is queued
                 except Exception as err:  # the engine cannot go on: end every request with an error, refuse new ones
                     log.exception("engine step failed")
                     self.failure = f"the engine failed: {type(err).__name__}: {err}"
                     self.engine.fail_all(self.failure)
-                self._deliver()
+                if not self.engine.has_work:
+                    self._deliver()
                 continue
+            self._deliver()
             if self._stopping and self._inbox.empty():
                 return
             self._wake.wait(0.05)

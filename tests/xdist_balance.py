@@ -1,0 +1,56 @@
+"""Order tests so that pytest-xdist's workers start with balanced loads (what the GPU suite needs).
+
+``pytest -n W --dist worksteal`` splits the collected tests into W contiguous chunks, one per worker
+(``remaining // workers_left`` tests each, in turn); an idle worker later takes the unstarted tail of
+the longest queue. A test that has started cannot move, so a chunk that holds several slow tests sets
+the wall time: on an H200 the five decode-kernel chunk tests, collected together, made one worker's
+chunk 130 s of a suite whose tests sum to 981 s (82 s per worker).
+
+:func:`balanced_order` fills the chunks from measured durations (``gpu_durations.json``): slowest test
+first, each into the chunk with the least load that has room left; every chunk runs slowest first, so
+that what others may steal is its quick tail. Only the order changes, never what runs.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Sequence
+
+__all__ = ["DURATIONS", "chunk_sizes", "balanced_order", "known_durations"]
+
+DURATIONS = Path(__file__).with_name("gpu_durations.json")
+
+
+def chunk_sizes(n: int, workers: int) -> list[int]:
+    """How many of ``n`` tests each of ``workers`` chunks gets (xdist's first split: ``left // workers_left``)."""
+    sizes, left = [], n
+    for i in range(workers):
+        sizes.append(left // (workers - i))
+        left -= sizes[-1]
+    return sizes
+
+
+def balanced_order(weights: Sequence[float], workers: int) -> list[int]:
+    """Indices of the tests, reordered so that each of the ``workers`` chunks holds about the same weight."""
+    sizes = chunk_sizes(len(weights), workers)
+    chunks: list[list[int]] = [[] for _ in sizes]
+    load = [0.0] * len(sizes)
+    for i in sorted(range(len(weights)), key=lambda i: (-weights[i], i)):
+        c = min((c for c in range(len(sizes)) if len(chunks[c]) < sizes[c]), key=lambda c: (load[c], c))
+        chunks[c].append(i)
+        load[c] += weights[i]
+    return [i for chunk in chunks for i in chunk]
+
+
+def known_durations(node_ids: Sequence[str], path: Path = DURATIONS) -> list[float] | None:
+    """Seconds per test from ``path`` (unlisted tests: the median of the listed ones); None if none is listed."""
+    if not path.is_file():
+        return None
+    seconds: dict[str, float] = json.loads(path.read_text())["seconds"]
+    listed = [seconds[n] for n in node_ids if n in seconds]
+    if not listed:
+        return None
+    typical = statistics.median(listed)
+    return [seconds.get(n, typical) for n in node_ids]
