@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 from xdist.scheduler.worksteal import WorkStealingScheduling
-from xdist_balance import DURATIONS, balanced_order, chunk_sizes, known_durations
+from xdist_balance import DURATIONS, balanced_order, chunk_sizes, durations_from_log, known_durations
 
 
 class _Node:
@@ -90,3 +90,12 @@ def test_the_shipped_durations_name_collected_gpu_tests(request: pytest.FixtureR
         pytest.skip("needs the whole suite collected (no -m, -k or file arguments)")
     missing = sorted(set(seconds) - collected)
     assert not missing, f"gpu_durations.json names tests that no longer exist: {missing[:5]}"
+
+
+def test_durations_from_log_sums_the_phases_of_each_test() -> None:
+    log = ("== slowest durations ==\n"
+           "12.50s call     tests/a.py::test_x[1]\n"
+           "0.30s setup    tests/a.py::test_x[1]\n"
+           "4.00s call     tests/b.py::test_y\n"
+           "(3 durations < 0.005s hidden.)\n")  # fmt: skip
+    assert durations_from_log(log) == {"tests/a.py::test_x[1]": 12.8, "tests/b.py::test_y": 4.0}

@@ -9,16 +9,24 @@ chunk 130 s of a suite whose tests sum to 981 s (82 s per worker).
 :func:`balanced_order` fills the chunks from measured durations (``gpu_durations.json``): slowest test
 first, each into the chunk with the least load that has room left; every chunk runs slowest first, so
 that what others may steal is its quick tail. Only the order changes, never what runs.
+
+Refresh the durations after adding or renaming GPU tests (a test the file does not name weighs the median)::
+
+    python -m pytest -m gpu -n 12 --dist worksteal -q --durations=0 > gpu.log
+    python tests/xdist_balance.py gpu.log "one NVIDIA H200, <date>, cold Triton cache"
 """
 
 from __future__ import annotations
 
 import json
+import re
 import statistics
+import sys
+from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["DURATIONS", "chunk_sizes", "balanced_order", "known_durations"]
+__all__ = ["DURATIONS", "chunk_sizes", "balanced_order", "known_durations", "durations_from_log"]
 
 DURATIONS = Path(__file__).with_name("gpu_durations.json")
 
@@ -54,3 +62,21 @@ def known_durations(node_ids: Sequence[str], path: Path = DURATIONS) -> list[flo
         return None
     typical = statistics.median(listed)
     return [seconds.get(n, typical) for n in node_ids]
+
+
+def durations_from_log(text: str) -> dict[str, float]:
+    """Seconds per test id (setup + call + teardown) from the ``--durations=0`` report of a pytest run."""
+    seconds: dict[str, float] = defaultdict(float)
+    for m in re.finditer(r"^([0-9.]+)s (?:call|setup|teardown)\s+(\S+)$", text, re.MULTILINE):
+        seconds[m.group(2)] += float(m.group(1))
+    return {k: round(v, 1) for k, v in sorted(seconds.items())}
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        sys.exit("usage: python tests/xdist_balance.py PYTEST_LOG 'where and when it was measured'")
+    measured = durations_from_log(Path(sys.argv[1]).read_text())
+    if not measured:
+        sys.exit(f"{sys.argv[1]} holds no --durations=0 report: run pytest with --durations=0")
+    DURATIONS.write_text(json.dumps({"measured": sys.argv[2], "seconds": measured}, indent=1) + "\n")
+    print(f"{DURATIONS}: {len(measured)} tests, {sum(measured.values()):.0f} s")
