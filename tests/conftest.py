@@ -38,7 +38,8 @@ def _seed() -> None:
 @pytest.hookimpl(trylast=True)  # after ``-m``/``-k`` deselection: orders what runs
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Skip ``gpu`` tests without CUDA; in a pytest-xdist worker, order the tests so that every worker's
-    first chunk holds about the same measured time (``xdist_balance``; only the order changes)."""
+    first chunk holds about the same measured time (``xdist_balance``: the GPU suite, whose durations are
+    measured; only the order changes)."""
     if not torch.cuda.is_available():
         skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
         for item in items:

@@ -8,7 +8,9 @@ chunk 130 s of a suite whose tests sum to 981 s (82 s per worker).
 
 :func:`balanced_order` fills the chunks from measured durations (``gpu_durations.json``): slowest test
 first, each into the chunk with the least load that has room left; every chunk runs slowest first, so
-that what others may steal is its quick tail. Only the order changes, never what runs.
+that what others may steal is its quick tail. Only the order changes, never what runs, and only for a run
+whose tests are nearly all measured (the GPU suite): other runs keep the collected order, in which a module's
+tests stay together and share their fixtures.
 
 Refresh the durations after adding or renaming GPU tests (a test the file does not name weighs the median)::
 
@@ -52,13 +54,15 @@ def balanced_order(weights: Sequence[float], workers: int) -> list[int]:
     return [i for chunk in chunks for i in chunk]
 
 
-def known_durations(node_ids: Sequence[str], path: Path = DURATIONS) -> list[float] | None:
-    """Seconds per test from ``path`` (unlisted tests: the median of the listed ones); None if none is listed."""
-    if not path.is_file():
+def known_durations(node_ids: Sequence[str], path: Path = DURATIONS, min_share: float = 0.9) -> list[float] | None:
+    """Seconds per test from ``path`` (unlisted tests: the median of the listed ones); None unless at least
+    ``min_share`` of the tests are listed: a run of other tests (the CPU suite) keeps its collected order, whose
+    contiguous modules share their fixtures."""
+    if not path.is_file() or not node_ids:
         return None
     seconds: dict[str, float] = json.loads(path.read_text())["seconds"]
     listed = [seconds[n] for n in node_ids if n in seconds]
-    if not listed:
+    if len(listed) < min_share * len(node_ids):
         return None
     typical = statistics.median(listed)
     return [seconds.get(n, typical) for n in node_ids]
