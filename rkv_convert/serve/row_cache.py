@@ -42,7 +42,7 @@ import torch
 from ..runtime.cache import _STORAGE, CacheSettings, RkvCache, RkvCacheLayer, _grow, store_capacity
 from ..runtime.layer_codec import LayerCodec
 
-__all__ = ["RowState", "RowCache", "RowCacheLayer", "row_bytes"]
+__all__ = ["RowState", "RowCache", "RowCacheLayer", "row_bytes", "row_counts"]
 
 _STORE = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero")
 
@@ -73,23 +73,27 @@ class RowCacheLayer(RkvCacheLayer):
         super().__init__(codec, settings, backend, rope)
         self.state = state
         self.base: dict[str, torch.Tensor] = {}
+        self._views: dict[int, dict[str, torch.Tensor]] = {}  # rows -> views of ``base``: dropped when base changes
 
     def allocate_rows(self, rows: int, slots: int, dtype: torch.dtype) -> None:
         """Storage for ``rows`` sequences of ``slots`` store slots each, on the codec's device."""
         self.capacity_hint = slots
         self.allocate(rows, self.codec.device, dtype)
         self.base = {name: getattr(self, name) for name in _STORAGE}
-        self.bind(0)
+        self._views = {}
+        self.bind(0, row_counts(self.state, 0))
 
-    def bind(self, rows: int) -> None:
-        """Point the storage attributes at rows ``0 .. rows-1`` (views) for the next forward."""
+    def bind(self, rows: int, counts: tuple[int, int, int]) -> None:
+        """Point the storage attributes at rows ``0 .. rows-1`` (views, made once per row count and store) for
+        the next forward; ``counts``: :func:`row_counts` of those rows, the same for every layer."""
         st = self.state
-        for name, t in self.base.items():
-            setattr(self, name, t[:rows])
+        views = self._views.get(rows)
+        if views is None:
+            views = self._views[rows] = {name: t[:rows] for name, t in self.base.items()}
+        for name, t in views.items():
+            setattr(self, name, t)
         self.batch = rows
-        self.n_quant = max(st.n_quant[:rows], default=0)
-        self.n_window = max(st.n_window[:rows], default=0)
-        self.length = max(st.length[:rows], default=0)
+        self.n_quant, self.n_window, self.length = counts
         if st.static:  # a static step is a decode step, padding rows only included: never the handler's prefill (length 0)
             self.length = max(self.length, 1)
         self.static_slots = self.store_slots() if st.static else 0
@@ -111,6 +115,7 @@ class RowCacheLayer(RkvCacheLayer):
         for name in _STORE:
             self.base[name] = _grow(self.base[name], used, slots, dim=2)
         self.base["pos"] = _grow(self.base["pos"], used, slots, dim=1, fill=-1)
+        self._views = {}
         return True
 
     # ----- rows ------------------------------------------------------------------------------
@@ -194,6 +199,12 @@ class RowCacheLayer(RkvCacheLayer):
         quant, fp = self._slot_bytes()
         st = self.state
         return sum(st.n_quant[r] * quant + (self.window_start + st.n_window[r]) * fp for r in range(st.active))
+
+
+def row_counts(state: RowState, rows: int) -> tuple[int, int, int]:
+    """The most store slots, window slots and tokens among rows ``0 .. rows-1``: what a forward over them reads."""
+    return (max(state.n_quant[:rows], default=0), max(state.n_window[:rows], default=0),
+            max(state.length[:rows], default=0))  # fmt: skip
 
 
 def row_bytes(codec: LayerCodec, settings: CacheSettings, dtype: torch.dtype, slots: int) -> int:
@@ -306,8 +317,9 @@ class RowCache(RkvCache):
         st.flush_rows = torch.tensor(st.flushing, dtype=torch.int64, device=device)
         st.flush_slots = torch.tensor([[st.n_quant[r] + j for j in range(s.flush_block)] for r in st.flushing],
                                       dtype=torch.int64, device=device).reshape(-1, s.flush_block)  # fmt: skip
+        counts = row_counts(st, st.bound)
         for layer in self.layers:
-            layer.bind(st.bound)
+            layer.bind(st.bound, counts)
 
     def flush(self) -> None:
         """After a static step's forward: quantize the full windows (the attention handler did not)."""
