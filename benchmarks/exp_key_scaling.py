@@ -1,0 +1,196 @@
+"""Experiment (issue 12, one-shot gap): a per-channel key scale folded into the query, before the rotation.
+
+In the folded layout the store holds ``y = x M_h`` (``x``: a centred post-RoPE key) and decode scores
+``(q M_h^{-T})·deq(y)``, so ``M_h`` need not be orthogonal: any invertible matrix is free at decode once the
+query is transformed by ``M_h^{-T}`` instead of ``R_h``. This tries ``M_h = D_h R_h`` with ``D_h`` diagonal.
+
+Why a scale can help: after a rotation the quantization error of a group is spread evenly over its channels,
+with a size set by the group's range, which grows with ``Σ_c d_c² s_c`` (``s_c = E x_c²``). Taken back to
+the key, channel ``c`` carries ``1/d_c`` of it, and meets the query energy ``w_c``. The expected logit error
+is then about ``(Σ_c d_c² s_c)(Σ_c w_c / d_c²)``, least at ``d_c² ∝ sqrt(w_c / s_c)`` (Cauchy-Schwarz):
+channels the queries barely read are shrunk, so they stop widening the range of those the queries do read.
+``--alphas`` scales the exponent (0: no scale, 1: that optimum), tied within RoPE pairs and normalised to a
+geometric mean of 1. For each alpha the rotation is learned again from the Hadamard on the scaled keys
+(``learn_rotation`` with weights ``w / d²``, the same objective; ``--steps 0``: the Hadamard itself, so that
+alpha 0 is the Hadamard rotation) and each layer's clip searched again.
+
+Statistics come from ``pydoc`` calibration windows (never the evaluation text); the checkpoint's key means,
+widths, metadata format and 3-bit layers are kept. Scores one-shot and deployed perplexity.
+
+    python benchmarks/exp_key_scaling.py CK --text ../shared/data/wikitext-2-raw/wiki.test.raw --windows 8
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _timing import print_table, report_row  # noqa: E402
+from _experiment import experiment_parser  # noqa: E402
+
+from rkv_convert.calibrate import search  # noqa: E402
+from rkv_convert.calibrate.run import _largest_group_range  # noqa: E402
+from rkv_convert.calibrate.rotation import learn_rotation, weighted_error  # noqa: E402
+from rkv_convert.evaluate.perplexity import perplexity, token_windows  # noqa: E402
+from rkv_convert.evaluate.schemes import RotateKV, build_scheme  # noqa: E402
+from rkv_convert.export.format import read_checkpoint  # noqa: E402
+from rkv_convert.quant.codec import FoldedKeyCodec, folded_head_rotations  # noqa: E402
+from rkv_convert.quant.quantizer import meta_scale_base  # noqa: E402
+from rkv_convert.runtime.ops import apply_rope  # noqa: E402
+
+
+@dataclass
+class ScaledKeys(FoldedKeyCodec):
+    """Folded keys through ``M_h = diag(scale_h) R_h``: ``y = x M_h``, ``x̂ = ŷ M_h^{-1}``."""
+
+    scale: torch.Tensor | None = None  # [n_kv, d] fp32
+
+    def fold(self, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        k_post = apply_rope(k, cos.unsqueeze(1), sin.unsqueeze(1)).float()
+        x = (k_post - self._mean_rope(cos, sin, k.device)) * self.scale.to(k.device)[None, :, None, :]
+        return x @ self.head_rotations.to(k.device)[None]
+
+    def unfold(self, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:  # fmt: skip
+        x = y.float() @ self.head_rotations.to(y.device).transpose(-1, -2)[None]
+        return (x / self.scale.to(y.device)[None, :, None, :] + self._mean_rope(cos, sin, y.device)).to(dtype)
+
+
+def calibration_rows(model, tokenizer, ck, codecs: list[FoldedKeyCodec], windows: int, length: int, rows: int,
+                     seed: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:  # fmt: skip
+    """Per layer: centred post-RoPE keys ``x [rows, n_kv, d]`` of non-sink tokens (the checkpoint's sink rule, as
+    the calibrator keeps them out) and ``rope_pair_weights`` of the queries ``[n_kv*d]``, on ``pydoc`` windows."""
+    from rkv_convert.calibrate.run import _query_energy, _run_pass
+    from rkv_convert.calibration_data.sources import load_text, sample_batches
+
+    n_kv = codecs[0].head_means.shape[0]
+    d = codecs[0].head_means.shape[1]
+    energy: dict[int, torch.Tensor] = {}
+    keys: dict[int, list[torch.Tensor]] = {}
+    tokens = [0]
+
+    def observe(i: int, q: torch.Tensor, k: torch.Tensor, v, h, pe) -> None:
+        e = _query_energy(q, n_kv)
+        energy[i] = e if i not in energy else energy[i] + e
+        cos, sin = pe
+        k_post = apply_rope(k.float(), cos.float().unsqueeze(1), sin.float().unsqueeze(1))
+        x = k_post - codecs[i]._mean_rope(cos.float(), sin.float(), k.device)  # [B, n_kv, T, d]
+        layer = ck.layers[i]
+        flat = h.reshape(-1, h.shape[-1])
+        keep = torch.ones(flat.shape[0], dtype=torch.bool)
+        if layer.sink_channels.numel():
+            keep = flat[:, layer.sink_channels].abs().amax(-1) <= layer.sink_threshold
+        keys.setdefault(i, []).append(x.permute(0, 2, 1, 3).reshape(-1, n_kv, d)[keep])
+        if i == 0:
+            tokens[0] += q.shape[0] * q.shape[2]
+
+    batches = sample_batches(load_text("pydoc"), tokenizer, windows, length, seed=seed)
+    _run_pass(model, batches, 1, observe, "keys", None, rope=True)
+    gen = torch.Generator().manual_seed(seed)
+    xs, ws = [], []
+    for i in sorted(energy):
+        x = torch.cat(keys[i])
+        xs.append(x[torch.randperm(x.shape[0], generator=gen)[:rows]])
+        ws.append(search.rope_pair_weights((energy[i] / tokens[0]).float(), d))
+    return xs, ws
+
+
+def pair_scale(x: torch.Tensor, w: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``[n_kv, d]``: ``(w / s)^(alpha/4)`` per channel, equal within RoPE pairs, geometric mean 1 per head."""
+    n_kv, d = x.shape[1:]
+
+    def paired(t: torch.Tensor) -> torch.Tensor:  # [n_kv, d], the mean of each RoPE pair in both its channels
+        return t.reshape(n_kv, 2, d // 2).mean(1, keepdim=True).expand(n_kv, 2, d // 2).reshape(n_kv, d)
+
+    ratio = (paired(w.reshape(n_kv, d).float()) / paired(x.pow(2).mean(0)).clamp_min(1e-12)).clamp_min(1e-12)
+    log = 0.25 * alpha * ratio.log()
+    return (log - log.mean(-1, keepdim=True)).exp()
+
+
+def scaled_codec(codec: FoldedKeyCodec, x: torch.Tensor, w: torch.Tensor, alpha: float,
+                 steps: int) -> tuple[ScaledKeys, float, float]:  # fmt: skip
+    """The layer's codec with ``D`` at ``alpha``, rotations learned again from the Hadamard, clip searched again;
+    and the weighted key error (the calibrator's objective) before (the checkpoint's codec) and after."""
+    n_kv, d = x.shape[1:]
+    scale = pair_scale(x, w, alpha)
+    hadamard = folded_head_rotations(codec.rotation, codec.perm, d)
+    wh = w.reshape(n_kv, d)
+    rots = torch.stack([learn_rotation(x[:, h] * scale[h], wh[h] / scale[h].pow(2), hadamard[h], codec.bits,
+                                       codec.group_size, codec.clip, steps=steps).rotation for h in range(n_kv)])
+    y = torch.einsum("nhd,hde->nhe", x * scale, rots).reshape(x.shape[0], -1)
+    weight = (wh / scale.pow(2)).reshape(-1)
+    clip, _ = search.search_clip(y, codec.bits, codec.group_size, None, weight, torch.block_diag(*rots))
+    before = sum(weighted_error(x[:, h], codec.head_rotations[h], wh[h], codec.bits, codec.group_size, codec.clip)
+                 for h in range(n_kv))  # fmt: skip
+    after = sum(weighted_error(x[:, h] * scale[h], rots[h], wh[h] / scale[h].pow(2), codec.bits, codec.group_size,
+                               clip) for h in range(n_kv))  # fmt: skip
+    group_range = float(_largest_group_range(y, codec.group_size))
+    base = None if codec.meta_base is None else meta_scale_base(group_range, codec.bits, clip)
+    init = {f.name: getattr(codec, f.name) for f in fields(codec) if f.init}
+    out = ScaledKeys(**init | {"head_rotation": rots, "clip": clip, "meta_base": base, "scale": scale})
+    return out, before, after
+
+
+def main() -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    p = experiment_parser(__doc__.split("\n")[0])
+    p.add_argument("--alphas", default="0,0.5,1", help="exponent strengths of the scale; 0 = rotation relearned only")
+    p.add_argument("--calib-windows", type=int, default=16, help="pydoc windows of --calib-length for the statistics")
+    p.add_argument("--calib-length", type=int, default=512)
+    p.add_argument("--rows", type=int, default=4096, help="key rows per layer for learning and clip search")
+    p.add_argument("--steps", type=int, default=150, help="Adam steps of each learned rotation (0: the Hadamard)")
+    p.add_argument("--dev-windows", type=int, default=0, help="score on the last N x --length tokens of pydoc instead "
+                   "of --text: the development text the calibrator's defaults are chosen on (docs/accuracy.md)")
+    args = p.parse_args()
+    alphas = [float(a) for a in args.alphas.split(",")]
+    ck = read_checkpoint(args.checkpoint)
+    if not ck.config.folded:
+        raise SystemExit("the experiment needs a folded-key checkpoint (rkv calibrate's default)")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(args.checkpoint)
+    base = build_scheme("rotatekv", None, ck)
+    t0 = time.perf_counter()
+    xs, ws = calibration_rows(model, tok, ck, base.key_codecs, args.calib_windows, args.calib_length, args.rows)
+    print(f"calibration rows: {len(xs)} layers x {tuple(xs[0].shape)} in {time.perf_counter() - t0:.0f} s", flush=True)
+    variants: dict[str, list] = {"checkpoint": base.key_codecs}
+    errors: dict[str, float] = {"checkpoint": 1.0}
+    for alpha in alphas:
+        t0 = time.perf_counter()
+        made = [scaled_codec(c, x, w, alpha, args.steps) for c, x, w in zip(base.key_codecs, xs, ws)]
+        name = f"{'learned' if args.steps else 'hadamard'} alpha={alpha:g}"
+        variants[name] = [m[0] for m in made]
+        errors[name] = sum(m[2] for m in made) / sum(m[1] for m in made)
+        print(f"{name}: weighted key error {errors[name]:.3f} of the checkpoint's; clips "
+              f"{[round(m[0].clip, 2) for m in made]} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    if args.dev_windows:
+        from rkv_convert.calibration_data.sources import load_text
+
+        dev = torch.tensor(tok(load_text("pydoc"), add_special_tokens=False)["input_ids"])
+        ids, where = dev[-args.dev_windows * args.length:].reshape(args.dev_windows, args.length), "pydoc dev"
+    else:
+        text = args.text.read_text(encoding="utf-8")
+        ids, where = token_windows(tok, text, args.length, args.windows), args.text.name
+    fp = perplexity(model, ids, build_scheme("fp", None, ck), "oneshot", ck).perplexity
+    rows = []
+    for protocol in args.protocols.split(","):
+        for name, keys in variants.items():
+            scheme = RotateKV(name=base.name, bits=base.bits, key_codecs=keys, value_codecs=base.value_codecs)
+            t0 = time.perf_counter()
+            r = perplexity(model, ids, scheme, protocol, ck)
+            row = {"keys": name, "key_error": errors[name], "text": where, "protocol": protocol,
+                   "windows": ids.shape[0], "length": args.length, "ppl": r.perplexity, "x_fp": r.perplexity / fp,
+                   "fp_ppl": fp, "seconds": time.perf_counter() - t0}  # fmt: skip
+            rows.append(row)
+            report_row("key scaling", row, args.csv)
+    print_table(f"key scale ({args.checkpoint.name}, {where}, {ids.shape[0]} x {args.length})", rows)
+
+
+if __name__ == "__main__":
+    main()
