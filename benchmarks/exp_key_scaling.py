@@ -15,7 +15,8 @@ geometric mean of 1. For each alpha the rotation is learned again from the Hadam
 alpha 0 is the Hadamard rotation) and each layer's clip searched again.
 
 Statistics come from ``pydoc`` calibration windows (never the evaluation text); the checkpoint's key means,
-widths, metadata format and 3-bit layers are kept. Scores one-shot and deployed perplexity.
+widths, metadata format and 3-bit layers are kept. Scores one-shot and deployed perplexity. ``--range-search``
+gives every variant's keys and values the per-group range search of ``exp_group_range_search.py`` at encode.
 
     python benchmarks/exp_key_scaling.py CK --text ../shared/data/wikitext-2-raw/wiki.test.raw --windows 8
 """
@@ -32,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _timing import print_table, report_row  # noqa: E402
 from _experiment import experiment_parser  # noqa: E402
+from exp_group_range_search import SearchedKeys, SearchedValues, searched_quantize, with_search  # noqa: E402
 
 from rkv_convert.calibrate import search  # noqa: E402
 from rkv_convert.calibrate.run import _largest_group_range  # noqa: E402
@@ -59,6 +61,21 @@ class ScaledKeys(FoldedKeyCodec):
                dtype: torch.dtype = torch.float32) -> torch.Tensor:  # fmt: skip
         x = y.float() @ self.head_rotations.to(y.device).transpose(-1, -2)[None]
         return (x / self.scale.to(y.device)[None, :, None, :] + self._mean_rope(cos, sin, y.device)).to(dtype)
+
+
+@dataclass
+class ScaledSearchedKeys(ScaledKeys):
+    """:class:`ScaledKeys` whose encoder picks each group's range (``exp_group_range_search.searched_quantize``)."""
+
+    fractions: tuple[float, ...] = ()
+
+    def encode(self, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        y = self.fold(k, cos, sin)
+        return searched_quantize(y, self.bits, self.group_size, self.clip, self.meta_base, self.fractions)
+
+
+RANGE_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
+"""Fractions of a group's min and max tried by ``--range-search`` (``exp_group_range_search.py``'s default grid)."""
 
 
 def calibration_rows(model, tokenizer, ck, codecs: list[FoldedKeyCodec], windows: int, length: int, rows: int,
@@ -145,6 +162,8 @@ def main() -> None:
     p.add_argument("--calib-length", type=int, default=512)
     p.add_argument("--rows", type=int, default=4096, help="key rows per layer for learning and clip search")
     p.add_argument("--steps", type=int, default=150, help="Adam steps of each learned rotation (0: the Hadamard)")
+    p.add_argument("--range-search", action="store_true", help="every variant's keys and values also pick each "
+                   "group's range at encode (exp_group_range_search.py's encoder and grid)")
     p.add_argument("--dev-windows", type=int, default=0, help="score on the last N x --length tokens of pydoc instead "
                    "of --text: the development text the calibrator's defaults are chosen on (docs/accuracy.md)")
     args = p.parse_args()
@@ -169,6 +188,13 @@ def main() -> None:
         errors[name] = sum(m[2] for m in made) / sum(m[1] for m in made)
         print(f"{name}: weighted key error {errors[name]:.3f} of the checkpoint's; clips "
               f"{[round(m[0].clip, 2) for m in made]} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    values = base.value_codecs
+    if args.range_search:
+        values = [with_search(c, SearchedValues, RANGE_GRID) for c in values]
+        variants = {name: [with_search(c, ScaledSearchedKeys if isinstance(c, ScaledKeys) else SearchedKeys, RANGE_GRID)
+                           for c in keys] for name, keys in variants.items()}  # fmt: skip
+        variants = {f"{name} + range search": keys for name, keys in variants.items()}
+        errors = {f"{name} + range search": e for name, e in errors.items()}
     if args.dev_windows:
         from rkv_convert.calibration_data.sources import load_text
 
@@ -181,7 +207,7 @@ def main() -> None:
     rows = []
     for protocol in args.protocols.split(","):
         for name, keys in variants.items():
-            scheme = RotateKV(name=base.name, bits=base.bits, key_codecs=keys, value_codecs=base.value_codecs)
+            scheme = RotateKV(name=base.name, bits=base.bits, key_codecs=keys, value_codecs=values)
             t0 = time.perf_counter()
             r = perplexity(model, ids, scheme, protocol, ck)
             row = {"keys": name, "key_error": errors[name], "text": where, "protocol": protocol,

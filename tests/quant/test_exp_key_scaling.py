@@ -1,5 +1,6 @@
 """The scaled key codec of ``benchmarks/exp_key_scaling.py`` (an issue-12 experiment): its unfold inverts its
-fold, a unit scale is the library's folded codec bit for bit, and the scale is tied within RoPE pairs."""
+fold, a unit scale is the library's folded codec bit for bit, the scale is tied within RoPE pairs, and its range
+search with no fractions encodes as the scaled codec does."""
 
 from __future__ import annotations
 
@@ -58,3 +59,13 @@ def test_pair_scale_is_tied_within_rope_pairs_and_has_unit_geometric_mean(exp) -
         torch.testing.assert_close(s.log().mean(-1), torch.zeros(N_KV), atol=1e-5, rtol=0)
     assert torch.equal(exp.pair_scale(x, w, 0.0), torch.ones(N_KV, D))
     assert not torch.allclose(exp.pair_scale(x, w, 1.0), torch.ones(N_KV, D))
+
+
+def test_range_search_without_fractions_is_the_scaled_codec(exp) -> None:
+    codec = _codec(exp, torch.rand(N_KV, D) * 3 + 0.2)
+    searched = exp.ScaledSearchedKeys(codec.mean, codec.rotation, codec.perm, 2, 8, 0.9, scale=codec.scale)
+    k = torch.randn(1, N_KV, 12, D) * 2
+    cos, sin = _rope(12)
+    ours, ref = searched.encode(k, cos, sin), codec.encode(k, cos, sin)
+    assert torch.equal(ours.codes, ref.codes)
+    assert torch.equal(ours.scale, ref.scale) and torch.equal(ours.zero, ref.zero)
