@@ -33,6 +33,10 @@ from rkv_convert.quant.codec import FoldedKeyCodec, ValueCodec  # noqa: E402
 from rkv_convert.quant.quantizer import QuantizedTensor, group_codes, group_scale_zero, stored_group_meta  # noqa: E402
 
 
+RANGE_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
+"""The default fractions of a group's min and max tried as its range ends (``--grid``)."""
+
+
 def searched_quantize(x: torch.Tensor, bits: int, group_size: int, clip: float, meta_base: float | None,
                       fractions: tuple[float, ...], metric: torch.Tensor | None = None) -> QuantizedTensor:
     """:func:`rkv_convert.quant.quantizer.quantize` (no permutation) with each group's range chosen among
@@ -115,7 +119,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     p = experiment_parser(__doc__.split("\n")[0])
-    p.add_argument("--grid", default="1.0,0.95,0.9,0.85,0.8,0.75,0.7,0.65,0.6,0.55,0.5",
+    p.add_argument("--grid", default=",".join(map(str, RANGE_GRID)),
                    help="fractions of a group's min and max tried as its range ends")
     p.add_argument("--device", default="cpu")
     p.add_argument("--targets", default="none,keys,values,both", help="none, keys, values, both, qkeys, qboth "

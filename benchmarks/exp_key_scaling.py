@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _timing import print_table, report_row  # noqa: E402
 from _experiment import experiment_parser  # noqa: E402
-from exp_group_range_search import SearchedKeys, SearchedValues, searched_quantize, with_search  # noqa: E402
+from exp_group_range_search import RANGE_GRID, SearchedKeys, SearchedValues, with_search  # noqa: E402
 
 from rkv_convert.calibrate import search  # noqa: E402
 from rkv_convert.calibrate.run import _largest_group_range  # noqa: E402
@@ -43,6 +43,7 @@ from rkv_convert.evaluate.schemes import RotateKV, build_scheme  # noqa: E402
 from rkv_convert.export.format import read_checkpoint  # noqa: E402
 from rkv_convert.quant.codec import FoldedKeyCodec, folded_head_rotations  # noqa: E402
 from rkv_convert.quant.quantizer import meta_scale_base  # noqa: E402
+from rkv_convert.quant.sinks import detect_sinks  # noqa: E402
 from rkv_convert.runtime.ops import apply_rope  # noqa: E402
 
 
@@ -64,18 +65,8 @@ class ScaledKeys(FoldedKeyCodec):
 
 
 @dataclass
-class ScaledSearchedKeys(ScaledKeys):
-    """:class:`ScaledKeys` whose encoder picks each group's range (``exp_group_range_search.searched_quantize``)."""
-
-    fractions: tuple[float, ...] = ()
-
-    def encode(self, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        y = self.fold(k, cos, sin)
-        return searched_quantize(y, self.bits, self.group_size, self.clip, self.meta_base, self.fractions)
-
-
-RANGE_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
-"""Fractions of a group's min and max tried by ``--range-search`` (``exp_group_range_search.py``'s default grid)."""
+class ScaledSearchedKeys(SearchedKeys, ScaledKeys):
+    """:class:`ScaledKeys` with the encoder of ``exp_group_range_search.SearchedKeys`` (each group picks its range)."""
 
 
 def calibration_rows(model, tokenizer, ck, codecs: list[FoldedKeyCodec], windows: int, length: int, rows: int,
@@ -97,11 +88,8 @@ def calibration_rows(model, tokenizer, ck, codecs: list[FoldedKeyCodec], windows
         cos, sin = pe
         k_post = apply_rope(k.float(), cos.float().unsqueeze(1), sin.float().unsqueeze(1))
         x = k_post - codecs[i]._mean_rope(cos.float(), sin.float(), k.device)  # [B, n_kv, T, d]
-        layer = ck.layers[i]
-        flat = h.reshape(-1, h.shape[-1])
-        keep = torch.ones(flat.shape[0], dtype=torch.bool)
-        if layer.sink_channels.numel():
-            keep = flat[:, layer.sink_channels].abs().amax(-1) <= layer.sink_threshold
+        layer = ck.layers[i]  # every flagged token is a sink here (no per-sequence cap), as in the calibrator
+        keep = ~detect_sinks(h, layer.sink_channels, layer.sink_threshold, h.shape[1]).reshape(-1)
         keys.setdefault(i, []).append(x.permute(0, 2, 1, 3).reshape(-1, n_kv, d)[keep])
         if i == 0:
             tokens[0] += q.shape[0] * q.shape[2]
@@ -120,11 +108,9 @@ def calibration_rows(model, tokenizer, ck, codecs: list[FoldedKeyCodec], windows
 def pair_scale(x: torch.Tensor, w: torch.Tensor, alpha: float) -> torch.Tensor:
     """``[n_kv, d]``: ``(w / s)^(alpha/4)`` per channel, equal within RoPE pairs, geometric mean 1 per head."""
     n_kv, d = x.shape[1:]
-
-    def paired(t: torch.Tensor) -> torch.Tensor:  # [n_kv, d], the mean of each RoPE pair in both its channels
-        return t.reshape(n_kv, 2, d // 2).mean(1, keepdim=True).expand(n_kv, 2, d // 2).reshape(n_kv, d)
-
-    ratio = (paired(w.reshape(n_kv, d).float()) / paired(x.pow(2).mean(0)).clamp_min(1e-12)).clamp_min(1e-12)
+    pair_w = search.rope_pair_weights(w.float().reshape(-1), d).reshape(n_kv, d)  # each RoPE pair's sum, in both
+    pair_s = search.rope_pair_weights(x.pow(2).mean(0).reshape(-1), d).reshape(n_kv, d)
+    ratio = (pair_w / pair_s.clamp_min(1e-12)).clamp_min(1e-12)
     log = 0.25 * alpha * ratio.log()
     return (log - log.mean(-1, keepdim=True)).exp()
 
