@@ -13,7 +13,7 @@ from transformers import LlamaConfig
 from rkv_convert.calibrate.artifact import CalibrationArtifact
 from rkv_convert.calibrate.run import CalibrationOptions, calibrate
 from rkv_convert.export.format import DEFAULT_KEY_LAYOUT, DEFAULT_SALIENT_TOKENS
-from rkv_convert.export.fuse import fuse_value_rotation
+from rkv_convert.export.fuse import fuse_calibration
 from rkv_convert.export.store_choice import choose_store
 from rkv_convert.export.writer import checkpoint_from_artifact
 from rkv_convert.runtime.cache import CacheSettings
@@ -58,5 +58,5 @@ def calibrated_rkv(
     print(f"rkv store: {store.note}; {DEFAULT_SALIENT_TOKENS} salient tokens", flush=True)
     checkpoint = checkpoint_from_artifact(artifact, bits=bits, key_bits=store.key_bits, group_meta=store.group_meta,
                                           salient_tokens=DEFAULT_SALIENT_TOKENS)  # fmt: skip
-    fuse_value_rotation(model, artifact.value_rotation)
+    fuse_calibration(model, artifact)
     return RkvModel(model, checkpoint, settings=CacheSettings.from_config(checkpoint.config)), artifact, seconds

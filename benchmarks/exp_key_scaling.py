@@ -36,6 +36,7 @@ from _experiment import experiment_parser  # noqa: E402
 from exp_group_range_search import RANGE_GRID, SearchedKeys, SearchedValues, with_search  # noqa: E402
 
 from rkv_convert.calibrate import search  # noqa: E402
+from rkv_convert.calibrate.key_scale import key_scale  # noqa: E402
 from rkv_convert.calibrate.run import _largest_group_range  # noqa: E402
 from rkv_convert.calibrate.rotation import learn_rotation, weighted_error  # noqa: E402
 from rkv_convert.evaluate.perplexity import perplexity, token_windows  # noqa: E402
@@ -106,13 +107,8 @@ def calibration_rows(model, tokenizer, ck, codecs: list[FoldedKeyCodec], windows
 
 
 def pair_scale(x: torch.Tensor, w: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``[n_kv, d]``: ``(w / s)^(alpha/4)`` per channel, equal within RoPE pairs, geometric mean 1 per head."""
-    n_kv, d = x.shape[1:]
-    pair_w = search.rope_pair_weights(w.float().reshape(-1), d).reshape(n_kv, d)  # each RoPE pair's sum, in both
-    pair_s = search.rope_pair_weights(x.pow(2).mean(0).reshape(-1), d).reshape(n_kv, d)
-    ratio = (pair_w / pair_s.clamp_min(1e-12)).clamp_min(1e-12)
-    log = 0.25 * alpha * ratio.log()
-    return (log - log.mean(-1, keepdim=True)).exp()
+    """``[n_kv, d]``: the calibrator's key scale (``calibrate.key_scale``) of centred rows ``x [N, n_kv, d]``."""
+    return key_scale(w.float().reshape(-1), x.pow(2).mean(0).reshape(-1), x.shape[2], alpha)
 
 
 def scaled_codec(codec: FoldedKeyCodec, x: torch.Tensor, w: torch.Tensor, alpha: float,

@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .cli_checks import LIBRARY_ERRORS, InputError, check_bits, check_device, check_length, fail, make_console, parse_bits
+from .calibrate.key_scale import DEFAULT_KEY_SCALE
 from .export.format import DEFAULT_KEY_LAYOUT, DEFAULT_SALIENT_TOKENS, KEY_LAYOUTS
 from .models.loading import DEFAULT_MODEL, ModelLoadError
 
@@ -96,6 +97,11 @@ def calibrate(
         None, "--learn-rotation/--no-learn-rotation",
         help="Learn each KV head's key rotation from the Hadamard for the q·k error (folded layout; default: on for folded).",
     ),
+    key_scale: float = typer.Option(
+        DEFAULT_KEY_SCALE, "--key-scale", min=0.0, max=2.0,
+        help="Exponent of a per-channel key scale, folded into the query and key weights at export (logits unchanged): "
+        "shrinks key channels the queries barely read. 0: none; 1: the q·k error optimum (docs/accuracy.md).",
+    ),
     device: str = typer.Option("cuda" if torch.cuda.is_available() else "cpu", help="Device for the forward passes."),
     device_map: Optional[str] = typer.Option(None, "--device-map", help="Spread the model over devices with accelerate (e.g. auto); replaces --device."),
     dtype: str = typer.Option("float32", help="Model dtype: float32, float16, bfloat16."),
@@ -111,7 +117,8 @@ def calibrate(
     from .outdir import remove_stale_temp_dirs
 
     options = CalibrationOptions(data, samples, seqlen, seed, batch_size, head_group_size, key_group_size, value_group_size, sink_ratio,
-                                 perm_statistic=permutation, key_layout=key_layout, learn_rotation=learn_rotation)  # fmt: skip
+                                 perm_statistic=permutation, key_layout=key_layout, learn_rotation=learn_rotation,
+                                 key_scale=key_scale)  # fmt: skip
     start = time.perf_counter()
     try:
         torch_dtype = _dtype(dtype)

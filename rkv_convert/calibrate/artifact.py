@@ -18,14 +18,18 @@ from ..outdir import atomic_dir
 
 __all__ = ["ARTIFACT_VERSION", "CalibrationArtifact", "save_artifact", "load_artifact", "weights_fingerprint"]
 
-ARTIFACT_VERSION = 1
+ARTIFACT_VERSION = 2  # 2: key_scale (an rkv that reads only version 1 would export without fusing it)
+READABLE_VERSIONS = (1, 2)
 TENSORS_FILE = "calibration.safetensors"
 META_FILE = "calibration.json"
 # key_head_rotation: folded layout with learned rotations, fp32 [n_kv, d, d]; key/value_group_range: fp32 [],
 # the largest unclipped group range of stored keys / values (folded layout; what 8-bit group metadata needs);
 # key_error_by_bits: fp32 [3], the clip search's key error at 2, 3 and 4 bits (what `export --key-bits auto` ranks);
-# key_induction: fp32 [n_kv], each KV head's induction score (calibrate.retrieval; `export --key-bits retrieval`)
-OPTIONAL_PER_LAYER = ("key_head_rotation", "key_group_range", "value_group_range", "key_error_by_bits", "key_induction")
+# key_induction: fp32 [n_kv], each KV head's induction score (calibrate.retrieval; `export --key-bits retrieval`);
+# key_scale: fp32 [n_kv*d], the key scale (calibrate.key_scale) in the channel order attention handlers see; every
+# other key statistic of the layer (mean, clips, rotations, ranges) is of the scaled keys
+OPTIONAL_PER_LAYER = ("key_head_rotation", "key_group_range", "value_group_range", "key_error_by_bits", "key_induction",
+                      "key_scale")
 PER_LAYER = (
     "key_mean",
     "key_perm",
@@ -66,6 +70,13 @@ class CalibrationArtifact:
         """The calibrated key layout (a :class:`KeyLayout` value); artifacts from before the option: pre-RoPE."""
         return self.meta["options"].get("key_layout", KeyLayout.PREROPE.value)
 
+    @property
+    def key_scales(self) -> list[torch.Tensor] | None:
+        """Each layer's key scale (fused into the model's weights at export), or ``None`` where none was calibrated."""
+        if "key_scale" not in self.layers[0]:
+            return None
+        return [layer["key_scale"] for layer in self.layers]
+
     def clip_for(self, layer: int, bits: int, which: str = "key") -> float:
         table = self.layers[layer][f"{which}_clip_by_bits"]
         return float(table[self.meta["options"]["bits_searched"].index(bits)])
@@ -95,9 +106,10 @@ def load_artifact(path: str | Path) -> CalibrationArtifact:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{meta_path} is corrupt: {err}") from err
-    if meta.get("artifact_version") != ARTIFACT_VERSION:
+    if meta.get("artifact_version") not in READABLE_VERSIONS:
         raise CheckpointError(
-            f"calibration artifact version {meta.get('artifact_version')} is not supported (expected {ARTIFACT_VERSION}); re-run `rkv calibrate`"
+            f"calibration artifact version {meta.get('artifact_version')} is not supported (this rkv reads "
+            f"{', '.join(map(str, READABLE_VERSIONS))}); re-run `rkv calibrate` with this rkv"
         )
     try:
         tensors = load_file(str(tensors_path))
@@ -116,7 +128,7 @@ def load_artifact(path: str | Path) -> CalibrationArtifact:
         for key in OPTIONAL_PER_LAYER:
             if tensor_name(i, key) in tensors:
                 layer[key] = tensors[tensor_name(i, key)]
-        if layer["key_mean"].shape != (channels,) or layer["key_perm"].shape != (channels,):
+        if any(layer[key].shape != (channels,) for key in ("key_mean", "key_perm", "key_scale") if key in layer):
             raise CheckpointError(f"{name}: shapes do not match the model recorded in {meta_path}")
         layers.append(layer)
     return CalibrationArtifact(meta, tensors["key_rotation"], tensors["value_rotation"], layers)

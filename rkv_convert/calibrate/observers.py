@@ -39,22 +39,35 @@ class ActivationObserver:
 
 
 class KeyMeanObserver:
-    """Running per-channel mean of the pre-RoPE keys over the tokens not flagged as sinks."""
+    """Running per-channel mean and variance of the pre-RoPE keys over the tokens not flagged as sinks."""
 
     def __init__(self) -> None:
         self.total: torch.Tensor | None = None
+        self.total_sq: torch.Tensor | None = None
         self.count = 0
 
     def update(self, keys: torch.Tensor, keep: torch.Tensor) -> None:
         rows = keys[keep].double()
         self.total = rows.sum(0) if self.total is None else self.total + rows.sum(0)
+        sq = rows.pow(2).sum(0)
+        self.total_sq = sq if self.total_sq is None else self.total_sq + sq
         self.count += rows.shape[0]
 
-    def result(self) -> torch.Tensor:
+    def _check(self) -> None:
         if self.total is None or self.count == 0:
             raise CalibrationError("no calibration tokens reached the key observer (every token was padding or a "
                                    "sink); calibrate on more or longer text: --samples, --seqlen, --data")
+
+    def result(self) -> torch.Tensor:
+        """fp32 ``[channels]``: the mean."""
+        self._check()
         return (self.total / self.count).float().cpu()
+
+    def spread(self, centred: bool = True) -> torch.Tensor:
+        """fp64 ``[channels]``: the (biased) variance, or with ``centred=False`` the mean square."""
+        self._check()
+        mean_sq = self.total_sq / self.count
+        return (mean_sq - (self.total / self.count).pow(2) if centred else mean_sq).clamp_min(0.0).cpu()
 
 
 class RotatedKeyObserver:

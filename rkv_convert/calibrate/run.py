@@ -1,10 +1,11 @@
 """``rkv calibrate``: three streaming passes over calibration text build the RotateKV artifact.
 
 1. residual-stream magnitudes → sink channels and their online threshold, per layer;
-2. per-channel mean of the pre-RoPE keys over non-sink tokens (key centring);
-3. centred keys rotated by the grouped-head Hadamard → channel magnitudes (permutation),
-   row samples of keys and rotated values and the queries' second moments → clip ratios
-   searched per layer and bit width. With ``key_layout="folded"`` the keys of this pass are
+2. per-channel mean and variance of the pre-RoPE keys over non-sink tokens (key centring) and the
+   queries' second moments; from them, with ``key_scale`` > 0, each layer's key scale
+   (:mod:`.key_scale`: keys times ``d``, queries times ``1/d``, folded into the weights at export);
+3. centred (and scaled) keys rotated by the grouped-head Hadamard → channel magnitudes (permutation),
+   row samples of keys and rotated values → clip ratios searched per layer and bit width. With ``key_layout="folded"`` the keys of this pass are
    post-RoPE: ``RoPE_n(k - mu)`` rotated per KV head by the Hadamard of order ``d`` (what the
    folded cache quantizes, up to the permutation the pass decides).
 
@@ -26,11 +27,12 @@ from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from ..export.format import DEFAULT_KEY_LAYOUT, KEY_LAYOUTS, KeyLayout
-from ..models.adapters import attach, head_dim, stock_attention, text_config
+from ..models.adapters import adapter_for, attach, head_dim, stock_attention, text_config
 from ..models.compat import check_transformers_version
 from ..quant.codec import folded_head_rotations, rotate_groups
 from ..quant.hadamard import hadamard_matrix
 from . import search
+from .key_scale import DEFAULT_KEY_SCALE, key_scale
 from .retrieval import induction_scores
 from .rotation import learn_rotation
 from .artifact import ARTIFACT_VERSION, CalibrationArtifact, weights_fingerprint
@@ -66,6 +68,7 @@ class CalibrationOptions:
     key_layout: str = DEFAULT_KEY_LAYOUT  # one of export.format.KEY_LAYOUTS: prerope (RotateKV) or folded
     learn_rotation: bool | None = None  # learned per-head key rotations (calibrate.rotation); None: on for folded
     rotation_steps: int = 150  # Adam steps of the learned rotation per KV head
+    key_scale: float = DEFAULT_KEY_SCALE  # exponent of the per-channel key scale (calibrate.key_scale); 0: none
 
 
 def model_shape(config: object) -> dict:
@@ -133,6 +136,8 @@ def _validate(options: CalibrationOptions, shape: dict) -> int:
     if options.learn_rotation and not folded:
         raise ValueError("learned key rotations need the folded key layout (pre-RoPE keys would need the rotation "
                          "undone per cached key at decode); use key_layout='folded' or learn_rotation=False")
+    if not 0.0 <= options.key_scale <= 2.0:
+        raise ValueError(f"key_scale is an exponent in [0, 2] (0: no scale, 1: the error optimum), got {options.key_scale}")
     for name in ("key_clip", "value_clip"):
         clip = getattr(options, name)
         if clip is not None and not 0.0 < clip <= 1.0:
@@ -191,7 +196,8 @@ def _largest_group_range(rows: torch.Tensor, group_size: int) -> torch.Tensor:
 def calibrate(
     model: nn.Module, batches: torch.Tensor, options: CalibrationOptions, progress: Progress | None = None
 ) -> CalibrationArtifact:
-    """Run the three passes over ``batches`` (``int64 [n, seqlen]``) and return the artifact."""
+    """Run the three passes over ``batches`` (``int64 [n, seqlen]``) and return the artifact. ``model`` is left
+    as it was: a key scale is applied to what the passes observe, and fused into the weights at export."""
     check_transformers_version()
     offloaded = [name for name, p in model.named_parameters() if p.is_meta]
     if offloaded:
@@ -221,30 +227,41 @@ def calibrate(
             return torch.ones(flat.shape[0], dtype=torch.bool, device=flat.device)
         return flat[:, channels.to(flat.device)].abs().amax(-1) <= threshold
 
+    n_kv = shape["num_key_value_heads"]
+    moments = [KeyMeanObserver() for _ in range(n_layers)]
+    query_sq: list[torch.Tensor | None] = [None] * n_layers
+    query_tokens = [0] * n_layers
+
+    def observe_moments(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: torch.Tensor) -> None:
+        moments[i].update(flatten_heads(k), keep_mask(i, h))
+        energy = _query_energy(q, n_kv)
+        query_sq[i] = energy if query_sq[i] is None else query_sq[i] + energy
+        query_tokens[i] += q.shape[0] * q.shape[2]
+
+    _run_pass(model, batches, options.batch_size, observe_moments, "key means", progress)
     if options.center_keys:
-        means = [KeyMeanObserver() for _ in range(n_layers)]
-        _run_pass(
-            model, batches, options.batch_size,
-            lambda i, q, k, v, h: means[i].update(flatten_heads(k), keep_mask(i, h)), "key means", progress,
-        )
-        key_means = [m.result() for m in means]
+        key_means = [m.result() for m in moments]
     else:
-        key_means = [torch.zeros(shape["num_key_value_heads"] * d) for _ in range(n_layers)]
+        key_means = [torch.zeros(n_kv * d) for _ in range(n_layers)]
+    scales: list[torch.Tensor] | None = None
+    if options.key_scale:  # keys times d from here on (their means too), queries times 1/d
+        shared = adapter_for(model.config).shared_qk_scale
+        scales = [key_scale(query_sq[i].cpu(), moments[i].spread(options.center_keys), d, options.key_scale, shared)
+                  for i in range(n_layers)]  # fmt: skip
+        key_means = [m * s.reshape(-1) for m, s in zip(key_means, scales)]
+        query_sq = [e / s.reshape(-1).double().to(e.device).pow(2) for e, s in zip(query_sq, scales)]
 
     n_batches = -(-batches.shape[0] // options.batch_size)
     rows_per_batch = -(-options.clip_samples // n_batches)
     rotated = [RotatedKeyObserver(options.clip_samples, options.seed + i) for i in range(n_layers)]
-    query_sq: list[torch.Tensor | None] = [None] * n_layers
-    query_tokens = [0] * n_layers
 
     def observe_rotated(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: torch.Tensor, pe=None) -> None:
         # The qk clip objective weights key errors by rope_pair_weights of the pre-RoPE query energy.
         # For folded (post-RoPE) keys that carries over: RoPE turns q and k by the same angle per pair,
         # so E[q_post,i^2] = (E[q_i^2] + E[q_{i+d/2}^2]) / 2 averaged over positions, the pair weight
         # up to a constant factor, which does not move the argmin of the clip search.
-        energy = _query_energy(q, shape["num_key_value_heads"])
-        query_sq[i] = energy if query_sq[i] is None else query_sq[i] + energy
-        query_tokens[i] += q.shape[0] * q.shape[2]
+        if scales is not None:  # equal within RoPE pairs: commutes with RoPE
+            k = k.float() * scales[i].to(k.device).view(1, n_kv, 1, d)
         if folded:  # post-RoPE centred keys RoPE_n(k - mu), in fp32 with the model's cos/sin
             mu = key_means[i].to(k.device).view(1, -1, 1, d)
             cos, sin = pe
@@ -304,6 +321,7 @@ def calibrate(
                 "sink_threshold": torch.tensor(threshold, dtype=torch.float32),
                 "sink_tokens_flagged": flagged,
                 **({"key_head_rotation": learned} if learned is not None else {}),
+                **({"key_scale": scales[i].reshape(-1)} if scales is not None else {}),
                 **ranges,
             }
         )

@@ -18,7 +18,7 @@ from ..calibrate.allocate import Sensitivity, allocate_bits, measure_sensitivity
 from ..calibrate.artifact import CalibrationArtifact
 from ..calibrate.run import CalibrationOptions, _run_pass, calibrate
 from ..export.format import Checkpoint
-from ..export.fuse import fuse_value_rotation
+from ..export.fuse import fuse_key_scale, fuse_value_rotation
 from ..export.writer import checkpoint_from_artifact
 from ..models.adapters import head_dim
 from ..quant.hadamard import hadamard_matrix
@@ -67,7 +67,8 @@ def _options_key(overrides: dict) -> tuple:
 
 
 class _Lab:
-    """The source model (calibrated, never modified), a fused copy (evaluated), and cached artifacts."""
+    """The source model (calibrated, never modified), a fused copy (evaluated; one more per calibrated key scale),
+    and cached artifacts."""
 
     def __init__(self, source_model, calibration_batches: torch.Tensor, base: dict, batch_size: int, log: Log,
                  dev_windows: torch.Tensor | None = None) -> None:  # fmt: skip
@@ -77,6 +78,18 @@ class _Lab:
         self.sensitivities: dict[tuple, Sensitivity] = {}
         self.model = copy.deepcopy(source_model)
         fuse_value_rotation(self.model, hadamard_matrix(head_dim(source_model.config)))
+        self.scaled_models: dict[tuple, torch.nn.Module] = {}
+
+    def model_for(self, overrides: dict) -> torch.nn.Module:
+        """The evaluated model for an option set: :attr:`model`, with the artifact's key scale fused if it has one."""
+        artifact = self.artifact(overrides)
+        if artifact.key_scales is None:
+            return self.model
+        full = _options_key({**self.base, **overrides})
+        if full not in self.scaled_models:
+            self.scaled_models[full] = copy.deepcopy(self.model)
+            fuse_key_scale(self.scaled_models[full], artifact.key_scales)
+        return self.scaled_models[full]
 
     def artifact(self, overrides: dict) -> CalibrationArtifact:
         full = _options_key({**self.base, **overrides})
@@ -97,7 +110,7 @@ class _Lab:
             if key not in self.sensitivities:
                 self.log(f"measuring per-layer sensitivity at {bits} -> {bits + 1} bits on development text")
                 at = lambda kb, vb: checkpoint_from_artifact(artifact, bits, key_bits=kb, value_bits=vb)  # noqa: E731
-                self.sensitivities[key] = measure_sensitivity(self.model, self.dev, at, n, bits, bits + 1,
+                self.sensitivities[key] = measure_sensitivity(self.model_for(v.options), self.dev, at, n, bits, bits + 1,
                                                               batch_size=self.batch_size)  # fmt: skip
             opts = artifact.meta["options"]
             budget = (bits_per_element(bits, opts["key_group_size"]) + bits_per_element(bits, opts["value_group_size"])) / 2
@@ -116,8 +129,8 @@ class _Lab:
         ck = checkpoint_from_artifact(artifact, b, v.recent_window, max_sinks=v.max_sinks, key_bits=kb, value_bits=vb)
         scheme = _scheme(v, bits, ck)
         window = 0 if protocol == "sinks" else v.recent_window
-        return perplexity(self.model, windows, scheme, "oneshot" if protocol == "oneshot" else "deployed", ck,
-                          recent_window=window, batch_size=self.batch_size), window
+        return perplexity(self.model_for(v.options), windows, scheme, "oneshot" if protocol == "oneshot" else "deployed",
+                          ck, recent_window=window, batch_size=self.batch_size), window
 
 
 def select_defaults(lab: _Lab, dev_windows: torch.Tensor, bits: int = 2, protocol: str = "sinks",

@@ -86,6 +86,10 @@ def default_variants(base: CalibrationOptions | None = None) -> list[Variant]:
     rows += [
         Variant("folded key layout: post-RoPE with H_d per head", "key layout", {"key_layout": "folded", "learn_rotation": False}),
         Variant("folded keys + learned rotation per head", "learned rotation", {"key_layout": "folded", "learn_rotation": True}),
+        Variant("folded + learned rotation + key scale 0.5", "key scale",
+                {"key_layout": "folded", "learn_rotation": True, "key_scale": 0.5}),
+        Variant("folded + learned rotation + key scale 1", "key scale",
+                {"key_layout": "folded", "learn_rotation": True, "key_scale": 1.0}),
         Variant("no key rotation", "grouped-head rotation", {"rotate_keys": False}),
         Variant("no value rotation", "value rotation", value_rotation=False),
         Variant("no permutation", "permutation", {"perm_statistic": "none"}),

@@ -21,7 +21,7 @@ from ..models.loading import LoadedModel
 from ..outdir import atomic_dir, check_output_dir
 from ..quant.quantizer import GroupMeta
 from .format import RKV_TENSORS_FILE, SUPPORTED_BITS, Checkpoint, CheckpointError, LayerTensors, RkvConfig, tensor_name
-from .fuse import fuse_value_rotation
+from .fuse import fuse_calibration, unfuse_calibration
 
 __all__ = ["checkpoint_from_artifact", "export_checkpoint", "layer_widths", "LOGIT_TOLERANCE"]
 
@@ -112,8 +112,8 @@ def checkpoint_from_artifact(
 ) -> Checkpoint:
     """The in-memory checkpoint that exporting ``artifact`` at ``bits`` describes (nothing fused or written).
 
-    For benchmarks and tools that keep the model in memory: fuse ``artifact.value_rotation`` into
-    the model with :func:`~rkv_convert.export.fuse.fuse_value_rotation` before running it.
+    For benchmarks and tools that keep the model in memory: fuse the artifact's value rotation and key scale
+    into the model with :func:`~rkv_convert.export.fuse.fuse_calibration` before running it.
     """
     config = _config_for(artifact, bits, recent_window, flush_block, max_sinks, key_bits, value_bits, group_meta,
                          salient_tokens)  # fmt: skip
@@ -159,13 +159,14 @@ def export_checkpoint(
     ranges = [_group_ranges(artifact, i, config.meta) for i in range(len(artifact.layers))]
     model = loaded.model
     before = _probe_logits(model)
-    fuse_value_rotation(model, artifact.value_rotation)
+    fuse_calibration(model, artifact)
     after = _probe_logits(model)
     dtype = next(model.parameters()).dtype
     err = (after - before).abs().max().item()
     if err > LOGIT_TOLERANCE.get(dtype, 1e-3) * max(1.0, before.abs().max().item() / 10):
-        fuse_value_rotation(model, artifact.value_rotation.T.contiguous())  # undo: H is orthonormal
-        raise CheckpointError(f"fusing the value rotation changed logits by {err:.3g} in {dtype}; refusing to export")
+        unfuse_calibration(model, artifact)
+        raise CheckpointError(f"fusing the value rotation and key scale changed logits by {err:.3g} in {dtype}; "
+                              "refusing to export")
 
     tensors = {"key_rotation": artifact.key_rotation, "value_rotation": artifact.value_rotation}
     for i, layer in enumerate(artifact.layers):

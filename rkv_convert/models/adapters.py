@@ -51,6 +51,7 @@ __all__ = [
     "context_length",
     "decoder",
     "decoder_layers",
+    "handler_channel_order",
     "head_dim",
     "layer_rope",
     "layer_softcaps",
@@ -141,6 +142,55 @@ def _value_rows_fused(module: nn.Module) -> tuple[nn.Linear, slice]:
     return module.qkv_proj, slice(n_q + n_k, module.qkv_proj.out_features)
 
 
+def _scale_rows(proj: nn.Linear, rows: slice, factor: torch.Tensor) -> None:
+    """Multiply output rows ``rows`` of ``proj`` (and its bias) by ``factor`` (one per row), in fp32."""
+    f = factor.to(device=proj.weight.device, dtype=torch.float32)
+    proj.weight[rows] = (proj.weight[rows].float() * f[:, None]).to(proj.weight.dtype)
+    if proj.bias is not None:
+        proj.bias[rows] = (proj.bias[rows].float() * f).to(proj.bias.dtype)
+
+
+def _qk_factors(module: nn.Module, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per output row: the queries' ``1/scale`` of their KV head (``[n_q*d]``) and the keys' ``scale`` (``[n_kv*d]``)."""
+    rep = module.config.num_attention_heads // scale.shape[0]
+    return (1.0 / scale).repeat_interleave(rep, dim=0).reshape(-1), scale.reshape(-1)
+
+
+@torch.no_grad()
+def _scale_qk_separate(module: nn.Module, scale: torch.Tensor) -> None:
+    q, k = _qk_factors(module, scale)
+    _scale_rows(module.q_proj, slice(0, module.q_proj.out_features), q)
+    _scale_rows(module.k_proj, slice(0, module.k_proj.out_features), k)
+
+
+@torch.no_grad()
+def _scale_qk_fused(module: nn.Module, scale: torch.Tensor) -> None:
+    n_q, n_k = _fused_qkv_sizes(module)
+    q, k = _qk_factors(module, scale)
+    _scale_rows(module.qkv_proj, slice(0, n_q), q)
+    _scale_rows(module.qkv_proj, slice(n_q, n_q + n_k), k)
+
+
+def _scale_norm_output(norm: nn.Module, factor: torch.Tensor, offset: float) -> None:
+    w = norm.weight
+    w.copy_(((w.float() + offset) * factor.to(w.device) - offset).to(w.dtype))
+
+
+@torch.no_grad()
+def _scale_qk_norm(module: nn.Module, scale: torch.Tensor, offset: float = 0.0) -> None:
+    """Qwen3 (``weight * x̂``, ``offset`` 0) and Gemma 3 (``(1 + weight) * x̂``, ``offset`` 1): the q/k norms'
+    weights, shared by all heads, take a scale that is equal for every head."""
+    if not torch.equal(scale, scale[:1].expand_as(scale)):
+        raise ValueError(f"{type(module).__name__} normalises every head with one q/k norm weight: the key scale "
+                         "must be the same for all heads (key_scale(..., shared=True))")  # fmt: skip
+    _scale_norm_output(module.q_norm, 1.0 / scale[0], offset)
+    _scale_norm_output(module.k_norm, scale[0], offset)
+
+
+def _scale_qk_norm_gemma(module: nn.Module, scale: torch.Tensor) -> None:
+    _scale_qk_norm(module, scale, offset=1.0)
+
+
 def _window_of_module(module: nn.Module) -> int | None:
     return getattr(module, "sliding_window", None)
 
@@ -181,6 +231,10 @@ class FamilyAdapter:
       (q/k norms included);
     - ``value_rows``: the linear layer holding the value projection and which of its output rows
       are the values (the value rotation is fused there, :mod:`rkv_convert.export.fuse`);
+    - ``scale_qk``: multiply the module's keys by a per-channel scale ``[n_kv, d]`` (fp32, in the channel
+      order ``project`` gives) and its queries by the inverse, in the weights
+      (:func:`rkv_convert.export.fuse.fuse_key_scale`); ``shared_qk_scale``: whether that scale must be the
+      same for every head (a q/k norm weight shared by all heads);
     - ``sliding_window``: the module's sliding window (``None``: global attention);
     - ``softcap_attribute``: the name, on the attention module and on the (text) config alike, of the
       attention-logit soft cap (Gemma 2; ``None`` or a ``None`` value: no cap; else scores become
@@ -198,6 +252,8 @@ class FamilyAdapter:
     model_types: tuple[str, ...]
     project: Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, ...]] = _project_llama
     value_rows: Callable[[nn.Module], tuple[nn.Linear, slice]] = _value_rows_separate
+    scale_qk: Callable[[nn.Module, torch.Tensor], None] = _scale_qk_separate
+    shared_qk_scale: bool = False
     sliding_window: Callable[[nn.Module], int | None] = _window_of_module
     softcap_attribute: str | None = None
     rope: Callable[[nn.Module, nn.Module], tuple[torch.Tensor, float, str]] = _rope_single
@@ -208,11 +264,14 @@ class FamilyAdapter:
 SUPPORTED_FAMILIES: tuple[FamilyAdapter, ...] = (
     FamilyAdapter("llama", ("llama", "qwen2", "qwen2_moe")),
     FamilyAdapter("mistral", ("mistral", "mixtral"), sliding_window=_window_of_config),
-    FamilyAdapter("qwen3", ("qwen3", "qwen3_moe"), _project_qk_norm, attributes=_QK_NORM_ATTRIBUTES),
-    FamilyAdapter("phi3", ("phi3",), _project_fused_qkv, _value_rows_fused, _window_of_config, attributes=_FUSED_ATTRIBUTES),
+    FamilyAdapter("qwen3", ("qwen3", "qwen3_moe"), _project_qk_norm, scale_qk=_scale_qk_norm, shared_qk_scale=True,
+                  attributes=_QK_NORM_ATTRIBUTES),
+    FamilyAdapter("phi3", ("phi3",), _project_fused_qkv, _value_rows_fused, _scale_qk_fused, False, _window_of_config,
+                  attributes=_FUSED_ATTRIBUTES),
     FamilyAdapter("gemma2", ("gemma2",), softcap_attribute="attn_logit_softcapping",
                   attributes=_LLAMA_ATTRIBUTES + ("sliding_window", "attn_logit_softcapping")),
-    FamilyAdapter("gemma3", ("gemma3_text", "gemma3"), _project_qk_norm, rope=_rope_per_layer_type,
+    FamilyAdapter("gemma3", ("gemma3_text", "gemma3"), _project_qk_norm, scale_qk=_scale_qk_norm_gemma,
+                  shared_qk_scale=True, rope=_rope_per_layer_type,
                   attributes=_QK_NORM_ATTRIBUTES + ("sliding_window", "layer_type")),
 )
 
@@ -465,6 +524,26 @@ def _eager_attention(module: nn.Module) -> Callable:
     return own if callable(own) else eager_attention_forward
 
 
+def _full_width_order(d: int, r: int) -> torch.Tensor:
+    """The channels of a head, in the order :func:`_full_width_rope` hands them on (``r``: the rotated ones)."""
+    half, rest = r // 2, (d - r) // 2
+    idx = torch.arange(d)
+    return torch.cat([idx[:half], idx[r : r + rest], idx[half:r], idx[r + rest :]])
+
+
+def handler_channel_order(model: nn.Module) -> list[torch.Tensor | None]:
+    """Per attention layer: which projection channel each channel that handlers see is (``None``: the same
+    order). Partial RoPE reorders them (:func:`_full_width_rope`); a per-channel transform learned on what
+    handlers see goes back to the weights through this."""
+    family = adapter_for(model.config)
+    rotary = getattr(decoder(model), "rotary_emb", None)
+    orders = []
+    for module in attention_modules(model):
+        r = 2 * family.rope(rotary, module)[0].shape[0] if rotary is not None else module.head_dim
+        orders.append(None if r >= module.head_dim else _full_width_order(module.head_dim, r))
+    return orders
+
+
 def _full_width_rope(
     query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scaling: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -480,8 +559,7 @@ def _full_width_rope(
     """
     d, r = query.shape[-1], cos.shape[-1]
     half, rest = r // 2, (d - r) // 2
-    idx = torch.arange(d, device=query.device)
-    perm = torch.cat([idx[:half], idx[r : r + rest], idx[half:r], idx[r + rest :]])
+    perm = _full_width_order(d, r).to(query.device)
     ones = cos.new_full((*cos.shape[:-1], rest), scaling)
     cos_full = torch.cat([cos[..., :half], ones, cos[..., :half], ones], dim=-1)
     sin_full = torch.cat([sin[..., :half], ones * 0, sin[..., :half], ones * 0], dim=-1)

@@ -143,7 +143,7 @@ def test_output_that_is_a_file_is_refused_before_fusing(source, tmp_path, monkey
     def fused(*args, **kwargs):
         raise AssertionError("fused before checking the output path")
 
-    monkeypatch.setattr("rkv_convert.export.writer.fuse_value_rotation", fused)
+    monkeypatch.setattr("rkv_convert.export.writer.fuse_calibration", fused)
     with pytest.raises(NotADirectoryError, match="afile is a file, not a folder"):
         export_checkpoint(loaded, art, tmp_path / "afile", overwrite=True)
 
@@ -189,3 +189,25 @@ def test_log8_group_metadata_export(source, tmp_path) -> None:
                         art.value_rotation, art.layers)  # fmt: skip
     with pytest.raises(CheckpointError, match="folded key layout"):
         checkpoint_from_artifact(prerope, group_meta=GroupMeta.LOG8)
+
+
+def test_key_scale_is_fused_into_the_exported_weights(source, tmp_path) -> None:
+    """The exported model's keys are the scaled keys the artifact's statistics describe, and its logits the source's."""
+    loaded = load_model(str(source))
+    batches = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(0))
+    options = CalibrationOptions(num_samples=2, seqlen=32, batch_size=2, clip_samples=32, key_scale=1.0)
+    art = calibrate(loaded.model, batches, options)
+    ids = torch.randint(0, 128, (1, 21))
+    with torch.no_grad():
+        reference = loaded.model(ids).logits
+    source_k = loaded.model.model.layers[0].self_attn.k_proj.weight.clone()
+    out = export_checkpoint(loaded, art, tmp_path / "ck", bits=2)
+    reloaded = load_model(str(out)).model
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, reference, rtol=0, atol=1e-4)
+    scale = art.key_scales[0]
+    torch.testing.assert_close(reloaded.model.layers[0].self_attn.k_proj.weight, source_k * scale[:, None], rtol=1e-6, atol=0)
+    again = calibrate(reloaded, batches, CalibrationOptions(num_samples=2, seqlen=32, batch_size=2, clip_samples=32))
+    for a, b in zip(again.layers, art.layers):  # keys of the exported weights = the keys the artifact was made from
+        torch.testing.assert_close(a["key_mean"], b["key_mean"], rtol=1e-4, atol=1e-5)
+    assert read_checkpoint(out).layers[0].key_mean.shape == scale.shape
