@@ -1,0 +1,87 @@
+"""Issue 12: `rkv calibrate --key-scale E` for several exponents, each exported with `rkv export`'s defaults, scored
+on development text (how the default exponent is chosen) and on an evaluation text at two window lengths.
+
+For each exponent: ``rkv calibrate MODEL --key-scale E`` and ``rkv export`` (the commands a user runs), then
+perplexity of full precision and of the exported store (``rkv eval``'s ``rotatekv`` at the checkpoint's own
+widths): on the last ``--dev-windows`` x 1,024 tokens of ``pydoc`` (the defaults' development text; sinks protocol,
+what the defaults' rule compares), and on ``--text`` windows of 1,024 and 8,192 tokens (one-shot and deployed).
+Prints a table and appends rows to ``--csv``.
+
+    python benchmarks/key_scale_sweep.py --text ../shared/data/wikitext-2-raw/wiki.test.raw --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _timing import print_table, report_row  # noqa: E402
+
+from rkv_convert.evaluate.perplexity import perplexity, token_windows  # noqa: E402
+from rkv_convert.evaluate.schemes import build_scheme  # noqa: E402
+from rkv_convert.export.format import read_checkpoint  # noqa: E402
+
+
+def _rkv(*args: str) -> None:
+    print("$ rkv " + " ".join(args), flush=True)
+    subprocess.run([sys.executable, "-m", "rkv_convert.cli", *args], check=True)
+
+
+def _dev_windows(tokenizer, count: int, length: int) -> torch.Tensor:
+    from rkv_convert.calibration_data.sources import load_text
+
+    ids = torch.tensor(tokenizer(load_text("pydoc"), add_special_tokens=False)["input_ids"])
+    return ids[-count * length :].reshape(count, length)
+
+
+def main() -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--exponents", default="0,0.5,1")
+    p.add_argument("--text", type=Path, required=True, help="evaluation text (never used to choose)")
+    p.add_argument("--lengths", default="1024,8192")
+    p.add_argument("--windows", default="24,4", help="windows per length")
+    p.add_argument("--dev-windows", type=int, default=4)
+    p.add_argument("--work", type=Path, default=Path("rkv-out/key-scale"), help="artifacts and checkpoints go here")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--csv", type=Path, default=Path("benchmarks/results/key_scale_sweep.csv"))
+    args = p.parse_args()
+    lengths = [int(x) for x in args.lengths.split(",")]
+    counts = [int(x) for x in args.windows.split(",")]
+    text = args.text.read_text(encoding="utf-8")
+    rows = []
+    for exponent in [float(e) for e in args.exponents.split(",")]:
+        cal, ck_dir = args.work / f"cal_{exponent:g}", args.work / f"ck_{exponent:g}"
+        t0 = time.perf_counter()
+        _rkv("calibrate", args.model, "--out", str(cal), "--device", args.device, "--key-scale", f"{exponent:g}",
+             "--overwrite")  # fmt: skip
+        _rkv("export", "--calibration", str(cal), "--model", args.model, "--out", str(ck_dir), "--overwrite")
+        seconds = time.perf_counter() - t0
+        ck = read_checkpoint(ck_dir)
+        model = AutoModelForCausalLM.from_pretrained(ck_dir, dtype=torch.float32).to(args.device).eval()
+        tok = AutoTokenizer.from_pretrained(ck_dir)
+        cases = [("pydoc dev", _dev_windows(tok, args.dev_windows, 1024), ("sinks", "oneshot", "deployed"))]
+        cases += [(args.text.name, token_windows(tok, text, n, c), ("oneshot", "deployed")) for n, c in zip(lengths, counts)]
+        for where, ids, protocols in cases:
+            fp = perplexity(model, ids, build_scheme("fp", None, ck), "oneshot", ck).perplexity
+            for protocol in protocols:
+                r = perplexity(model, ids, build_scheme("rotatekv", None, ck), protocol, ck)
+                row = {"exponent": exponent, "text": where, "windows": ids.shape[0], "length": ids.shape[1],
+                       "protocol": protocol, "ppl": r.perplexity, "fp_ppl": fp, "x_fp": r.perplexity / fp,
+                       "key_bits": r.key_bits, "calibrate_export_s": round(seconds, 1), "device": args.device}  # fmt: skip
+                rows.append(row)
+                report_row("key scale sweep", row, args.csv)
+        del model
+    print_table("rkv calibrate --key-scale E, default export", rows)
+
+
+if __name__ == "__main__":
+    main()
