@@ -51,6 +51,7 @@ def main() -> None:
     p.add_argument("--windows", default="24,4", help="windows per length")
     p.add_argument("--dev-windows", type=int, default=4)
     p.add_argument("--work", type=Path, default=Path("rkv-out/key-scale"), help="artifacts and checkpoints go here")
+    p.add_argument("--calibrate-args", default="", help="more `rkv calibrate` options, e.g. --no-learn-rotation")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--csv", type=Path, default=Path("benchmarks/results/key_scale_sweep.csv"))
     args = p.parse_args()
@@ -62,7 +63,7 @@ def main() -> None:
         cal, ck_dir = args.work / f"cal_{exponent:g}", args.work / f"ck_{exponent:g}"
         t0 = time.perf_counter()
         _rkv("calibrate", args.model, "--out", str(cal), "--device", args.device, "--key-scale", f"{exponent:g}",
-             "--overwrite")  # fmt: skip
+             "--overwrite", *args.calibrate_args.split())  # fmt: skip
         _rkv("export", "--calibration", str(cal), "--model", args.model, "--out", str(ck_dir), "--overwrite")
         seconds = time.perf_counter() - t0
         ck = read_checkpoint(ck_dir)
@@ -74,7 +75,7 @@ def main() -> None:
             fp = perplexity(model, ids, build_scheme("fp", None, ck), "oneshot", ck).perplexity
             for protocol in protocols:
                 r = perplexity(model, ids, build_scheme("rotatekv", None, ck), protocol, ck)
-                row = {"exponent": exponent, "text": where, "windows": ids.shape[0], "length": ids.shape[1],
+                row = {"exponent": exponent, "calibrate_args": args.calibrate_args, "text": where, "windows": ids.shape[0], "length": ids.shape[1],
                        "protocol": protocol, "ppl": r.perplexity, "fp_ppl": fp, "x_fp": r.perplexity / fp,
                        "key_bits": r.key_bits, "calibrate_export_s": round(seconds, 1), "device": args.device}  # fmt: skip
                 rows.append(row)
