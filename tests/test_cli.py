@@ -94,6 +94,24 @@ def test_calibrate_permutation_option(workspace) -> None:
         assert torch.equal(layer["key_perm"].long(), torch.arange(layer["key_perm"].numel()))
 
 
+def test_calibrate_key_scale_option(workspace, exported) -> None:
+    """The default calibration records a key scale, which export fuses into the weights; --key-scale 0 records none."""
+    from rkv_convert.calibrate.artifact import load_artifact
+
+    root, model, text, _ = workspace
+    cal, ck, _ = exported
+    scaled = load_artifact(cal)
+    assert scaled.meta["options"]["key_scale"] == 1.0 and scaled.key_scales is not None
+    source = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    fused = AutoModelForCausalLM.from_pretrained(ck, dtype=torch.float32)
+    scale = scaled.key_scales[0]
+    k_source, k_fused = source.model.layers[0].self_attn.k_proj.weight, fused.model.layers[0].self_attn.k_proj.weight
+    torch.testing.assert_close(k_fused, k_source * scale[:, None], rtol=1e-6, atol=0)
+    _ok(runner.invoke(app, [*_calibrate_args(model, root / "cal-noscale", text), "--key-scale", "0"]))
+    plain = load_artifact(root / "cal-noscale")
+    assert plain.meta["options"]["key_scale"] == 0.0 and plain.key_scales is None
+
+
 def _stock_perplexity(checkpoint, text, windows: int, length: int) -> float:
     """Perplexity straight from transformers, no rkv code in the forward pass."""
     tok = AutoTokenizer.from_pretrained(checkpoint)
@@ -164,6 +182,7 @@ def _bad_files(root):
         (["--data", "BINARY"], "binary.txt is not text"),
         (["--out", "AFILE", "--overwrite"], "afile is a file, not a folder"),
         (["--dtype", "float64"], "dtype must be one of float32, float16, bfloat16"),
+        (["--key-scale", "3"], "Invalid value for '--key-scale'"),
     ],
 )
 def test_calibrate_checks_inputs_before_loading(workspace, tmp_path, no_model_loads, extra, message) -> None:

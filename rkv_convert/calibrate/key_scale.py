@@ -21,7 +21,7 @@ from .search import rope_pair_weights
 
 __all__ = ["DEFAULT_KEY_SCALE", "key_scale"]
 
-DEFAULT_KEY_SCALE = 0.0  # the exponent `rkv calibrate` uses unless told (docs/accuracy.md: how it was chosen)
+DEFAULT_KEY_SCALE = 1.0  # the exponent `rkv calibrate` uses unless told (docs/accuracy.md: how it was chosen)
 
 
 def key_scale(query_energy: torch.Tensor, key_variance: torch.Tensor, head_dim: int, exponent: float,

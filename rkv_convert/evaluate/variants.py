@@ -43,8 +43,9 @@ class Variant:
 
 
 # Choices searched before the table (greedy, in this order, on development text): option → values.
-ABLATION_BASE = CalibrationOptions(key_layout="prerope")
-"""The ablation studies the components of the pre-RoPE RotateKV method; the folded layout is one of its rows."""
+ABLATION_BASE = CalibrationOptions(key_layout="prerope", key_scale=0.0)
+"""The ablation studies the components of the pre-RoPE RotateKV method (no key scale); the folded layout is one of
+its rows."""
 
 SELECTION = (
     ("clip_objective", ("mse", "qk")),

@@ -41,12 +41,14 @@ def test_artifact_contents(tmp_path) -> None:
         assert torch.equal(torch.sort(perm).values, torch.arange(128))  # one head group: any order of its 128
         assert layer["key_clip_by_bits"].shape == (3,)
         assert torch.all((layer["key_clip_by_bits"] > 0) & (layer["key_clip_by_bits"] <= 1))
-    # the mean is the mean of the pre-RoPE keys: check layer 0 directly
+    # the mean is the mean of the pre-RoPE keys, scaled by the key scale: check layer 0 directly
     with torch.no_grad():
         hidden = model.model.layers[0].input_layernorm(model.model.embed_tokens(_batches()))
         attn = model.model.layers[0].self_attn
         k = attn.k_norm(attn.k_proj(hidden).view(4, 32, 2, 64)).reshape(-1, 128)
-    torch.testing.assert_close(loaded.layers[0]["key_mean"], k.mean(0), rtol=0, atol=1e-5)
+    scale = loaded.layers[0]["key_scale"]
+    assert torch.equal(scale.reshape(2, 64), scale[:64].expand(2, 64))  # Qwen 3: one scale for all heads
+    torch.testing.assert_close(loaded.layers[0]["key_mean"], k.mean(0) * scale, rtol=0, atol=1e-5)
 
 
 def test_permutation_stays_inside_head_groups() -> None:
