@@ -12,7 +12,7 @@ from rkv_convert.calibrate.allocate import (
 from rkv_convert.calibrate.run import CalibrationOptions, calibrate
 from rkv_convert.evaluate.perplexity import perplexity
 from rkv_convert.evaluate.schemes import build_scheme
-from rkv_convert.export.fuse import fuse_value_rotation
+from rkv_convert.export.fuse import fuse_calibration
 from rkv_convert.export.writer import checkpoint_from_artifact
 
 
@@ -32,7 +32,7 @@ def test_allocation_follows_gain_and_keeps_the_budget() -> None:
 def test_sensitivity_runs_on_a_tiny_model() -> None:
     model = tiny_model("llama", n_kv=2)
     artifact = calibrate(model, torch.randint(0, 128, (2, 64)), CalibrationOptions(num_samples=2, seqlen=64, batch_size=2))
-    fuse_value_rotation(model, artifact.value_rotation)
+    fuse_calibration(model, artifact)
     dev = torch.randint(0, 128, (2, 48))
     seen = []
 

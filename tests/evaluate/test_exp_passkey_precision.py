@@ -12,7 +12,7 @@ from tiny_models import tiny_model, tiny_tokenizer
 
 from rkv_convert.calibrate.run import CalibrationOptions, calibrate
 from rkv_convert.evaluate.passkey import PasskeyOptions, build_trials, run_passkey, score_scheme
-from rkv_convert.export.fuse import fuse_value_rotation
+from rkv_convert.export.fuse import fuse_calibration
 from rkv_convert.evaluate.schemes import Scheme
 from rkv_convert.export.writer import checkpoint_from_artifact
 
@@ -30,7 +30,7 @@ def exp():
 def setup():
     source = tiny_model("llama", n_kv=2)
     artifact = calibrate(source, torch.randint(0, 128, (2, 64)), CalibrationOptions(num_samples=2, seqlen=64, batch_size=2))
-    fuse_value_rotation(source, artifact.value_rotation)
+    fuse_calibration(source, artifact)
     tok = tiny_tokenizer()
     tok.chat_template = TEMPLATE
     return source, tok, checkpoint_from_artifact(artifact, 2, recent_window=16, flush_block=8, max_sinks=1)

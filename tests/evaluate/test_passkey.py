@@ -17,7 +17,7 @@ from rkv_convert.evaluate.passkey import (
     passkey_csv,
     run_passkey,
 )
-from rkv_convert.export.fuse import fuse_value_rotation
+from rkv_convert.export.fuse import fuse_calibration
 from rkv_convert.export.writer import checkpoint_from_artifact
 
 TEMPLATE = ("{% for m in messages %}<eos>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -75,7 +75,7 @@ def test_every_path_matches_full_precision_when_the_window_holds_everything(toke
     source = tiny_model("llama", n_kv=2)
     batches = torch.randint(0, 128, (2, 64))
     artifact = calibrate(source, batches, CalibrationOptions(num_samples=2, seqlen=64, batch_size=2, key_layout=key_layout))
-    fuse_value_rotation(source, artifact.value_rotation)
+    fuse_calibration(source, artifact)
     ck = checkpoint_from_artifact(artifact, 2, recent_window=512, flush_block=8, max_sinks=2)
     clips = {w: [layer[f"{w}_clip_by_bits"] for layer in artifact.layers] for w in ("key", "value")}
     opts = PasskeyOptions(lengths=(300,), trials=3, depths=(0.2, 0.8), max_new_tokens=5, batch_size=2)
@@ -109,7 +109,7 @@ def test_quantized_paths_read_quantized_keys(tokenizer) -> None:
     """With no recent window the 2-bit paths no longer reproduce full precision's logits: the cache is read quantized."""
     source = tiny_model("llama", n_kv=2)
     artifact = calibrate(source, torch.randint(0, 128, (2, 64)), CalibrationOptions(num_samples=2, seqlen=64, batch_size=2))
-    fuse_value_rotation(source, artifact.value_rotation)
+    fuse_calibration(source, artifact)
     ck = checkpoint_from_artifact(artifact, 2, recent_window=0, flush_block=8, max_sinks=0)
     from rkv_convert.evaluate.passkey import _fp_step, _runtime_step
     from rkv_convert.runtime.cache import CacheSettings

@@ -14,7 +14,7 @@ from rkv_convert.cli import app
 from rkv_convert.evaluate.checkpoints import checkpoint_at_bits
 from rkv_convert.evaluate.passkey import PasskeyOptions, PasskeyResult, run_passkey
 from rkv_convert.evaluate.passkey_store import PasskeySetup, load_results, save_results
-from rkv_convert.export.fuse import fuse_value_rotation
+from rkv_convert.export.fuse import fuse_calibration
 from rkv_convert.export.writer import checkpoint_from_artifact
 
 FILLER = " ".join(f"The method number {i} returns a list of names." for i in range(300))
@@ -54,7 +54,7 @@ def test_run_passkey_skips_what_is_done_and_reports_after_each_result() -> None:
     tok = tiny_chat_tokenizer()
     source = tiny_model("llama", n_kv=2)
     artifact = calibrate(source, torch.randint(0, 128, (2, 64)), CalibrationOptions(num_samples=2, seqlen=64, batch_size=2))
-    fuse_value_rotation(source, artifact.value_rotation)
+    fuse_calibration(source, artifact)
     ck = checkpoint_from_artifact(artifact, 2, recent_window=16, flush_block=8, max_sinks=2)
     clips = {w: [layer[f"{w}_clip_by_bits"] for layer in artifact.layers] for w in ("key", "value")}
     opts = PasskeyOptions(lengths=(300, 320), trials=2, depths=(0.5,), max_new_tokens=4, batch_size=2)

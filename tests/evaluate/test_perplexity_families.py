@@ -12,7 +12,7 @@ from rkv_convert.calibrate.run import CalibrationOptions, calibrate
 from rkv_convert.export.writer import checkpoint_from_artifact
 from rkv_convert.evaluate.perplexity import perplexity
 from rkv_convert.evaluate.schemes import build_scheme
-from rkv_convert.export.fuse import fuse_value_rotation
+from rkv_convert.export.fuse import fuse_calibration
 
 CASES = [("gemma2", 8), ("gemma3", 8), ("mixtral", 8), ("phi4mini", None), ("qwen3_moe", None), ("phi3", 8)]
 
@@ -30,7 +30,7 @@ def test_full_precision_reads_give_the_models_own_perplexity(family: str, slidin
     model = tiny_model(family, sliding_window=sliding)
     cal = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
     artifact = calibrate(model, cal, CalibrationOptions(num_samples=2, seqlen=24, batch_size=2, clip_samples=32))
-    fuse_value_rotation(model, artifact.value_rotation)
+    fuse_calibration(model, artifact)
     windows = torch.randint(0, 128, (2, 30), generator=torch.Generator().manual_seed(1))
     expected = _model_perplexity(model, windows)
     ck = checkpoint_from_artifact(artifact, 2, recent_window=64, max_sinks=0)

@@ -10,6 +10,7 @@ from tiny_models import tiny_model
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 from rkv_convert.calibrate.run import CalibrationOptions, calibrate
+from rkv_convert.export.fuse import fuse_calibration
 from rkv_convert.export.writer import checkpoint_from_artifact
 from rkv_convert.evaluate.perplexity import PROTOCOLS, _kept_fp_attention, _Shape, perplexity
 from rkv_convert.evaluate.schemes import SCHEME_NAMES, KIVI, build_scheme
@@ -82,6 +83,7 @@ def lab():
     cal = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
     artifact = calibrate(model, cal, CalibrationOptions(num_samples=4, seqlen=32, batch_size=2, clip_samples=64))
     ck = checkpoint_from_artifact(artifact, 2, recent_window=6, max_sinks=3)
+    fuse_calibration(model, artifact)
     # A random model has no massive activations: flag its largest hidden channels so the sink path runs.
     ck.layers = [dataclasses.replace(layer, sink_channels=torch.arange(8), sink_threshold=0.05) for layer in ck.layers]
     windows = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(1))
