@@ -96,7 +96,8 @@ def _config_for(artifact: CalibrationArtifact, bits: int, recent_window: int, fl
         recent_window=recent_window,
         flush_block=flush_block,
         max_sinks=max_sinks,
-        calibration={k: opts[k] for k in ("source", "num_samples", "seqlen", "seed", "sink_ratio")},
+        calibration={**{k: opts[k] for k in ("source", "num_samples", "seqlen", "seed", "sink_ratio")},
+                     "key_scale": opts.get("key_scale", 0.0)},  # fused into the weights: provenance only
         key_layout=artifact.key_layout,
         key_bits=layer_widths(bits, n, key_bits, "key bits"),
         value_bits=layer_widths(bits, n, value_bits, "value bits"),
