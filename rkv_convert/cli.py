@@ -172,14 +172,17 @@ def _calibration_table(artifact) -> Table:
     opts = artifact.meta["options"]
     table = Table(title=f"per-layer calibration ({opts.get('key_layout', 'prerope')} keys, head groups of {opts['head_group_size']}, key/value groups {opts['key_group_size']}/{opts['value_group_size']})")
     induction = all("key_induction" in layer for layer in artifact.layers)
-    for col in ("layer", "key outlier ratio before", "after rotation", "sink channels", "sink tokens", "key clip 2/3/4 bit",
-                "value clip 2/3/4 bit", *(("retrieval head score",) if induction else ())):  # fmt: skip
+    scales = artifact.key_scales
+    for col in ("layer", "key outlier ratio before", "after rotation", *(("key scale min-max",) if scales else ()),
+                "sink channels", "sink tokens", "key clip 2/3/4 bit", "value clip 2/3/4 bit",
+                *(("retrieval head score",) if induction else ())):  # fmt: skip
         table.add_column(col, justify="right")
     for i, layer in enumerate(artifact.layers):
         table.add_row(
             str(i),
             f"{outlier_ratio(layer['key_abs_mean_before']):.2f}",
             f"{outlier_ratio(layer['key_abs_mean_after']):.2f}",
+            *((f"{float(scales[i].min()):.2f}-{float(scales[i].max()):.2f}",) if scales else ()),
             ",".join(map(str, layer["sink_channels"].tolist())) or "-",
             str(artifact.meta["sink_tokens_flagged"][i]),
             "/".join(f"{c:.3g}" for c in layer["key_clip_by_bits"].tolist()),

@@ -74,7 +74,7 @@ def test_calibrate_reports_each_phase_and_a_complete_table(exported) -> None:
     output = exported[2]
     for phase in ("read calibration text", "loaded", "tokenized", "sinks", "key means", "rotated keys"):
         assert phase in output, output
-    for header in ("key outlier ratio before", "value clip 2/3/4 bit"):
+    for header in ("key outlier ratio before", "key scale min-max", "value clip 2/3/4 bit"):
         assert header in output, output
 
 
