@@ -5,7 +5,8 @@
    queries' second moments; from them, with ``key_scale`` > 0, each layer's key scale
    (:mod:`.key_scale`: keys times ``d``, queries times ``1/d``, folded into the weights at export);
 3. centred (and scaled) keys rotated by the grouped-head Hadamard → channel magnitudes (permutation),
-   row samples of keys and rotated values → clip ratios searched per layer and bit width. With ``key_layout="folded"`` the keys of this pass are
+   row samples of keys and rotated values → clip ratios searched per layer and bit width, the
+   queries' second moments weighting key errors. With ``key_layout="folded"`` the keys of this pass are
    post-RoPE: ``RoPE_n(k - mu)`` rotated per KV head by the Hadamard of order ``d`` (what the
    folded cache quantizes, up to the permutation the pass decides).
 
@@ -233,6 +234,10 @@ def calibrate(
     query_tokens = [0] * n_layers
 
     def observe_moments(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: torch.Tensor) -> None:
+        # The qk clip objective weights key errors by rope_pair_weights of the pre-RoPE query energy.
+        # For folded (post-RoPE) keys that carries over: RoPE turns q and k by the same angle per pair,
+        # so E[q_post,i^2] = (E[q_i^2] + E[q_{i+d/2}^2]) / 2 averaged over positions, the pair weight
+        # up to a constant factor, which does not move the argmin of the clip search.
         moments[i].update(flatten_heads(k), keep_mask(i, h))
         energy = _query_energy(q, n_kv)
         query_sq[i] = energy if query_sq[i] is None else query_sq[i] + energy
@@ -256,10 +261,6 @@ def calibrate(
     rotated = [RotatedKeyObserver(options.clip_samples, options.seed + i) for i in range(n_layers)]
 
     def observe_rotated(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: torch.Tensor, pe=None) -> None:
-        # The qk clip objective weights key errors by rope_pair_weights of the pre-RoPE query energy.
-        # For folded (post-RoPE) keys that carries over: RoPE turns q and k by the same angle per pair,
-        # so E[q_post,i^2] = (E[q_i^2] + E[q_{i+d/2}^2]) / 2 averaged over positions, the pair weight
-        # up to a constant factor, which does not move the argmin of the clip search.
         if scales is not None:  # equal within RoPE pairs: commutes with RoPE
             k = k.float() * scales[i].to(k.device).view(1, n_kv, 1, d)
         if folded:  # post-RoPE centred keys RoPE_n(k - mu), in fp32 with the model's cos/sin
