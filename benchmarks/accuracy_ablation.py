@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from rkv_convert.calibrate.run import CalibrationOptions
-from rkv_convert.calibration_data.sources import load_text, sample_batches
+from rkv_convert.calibration_data.sources import development_windows, load_text, sample_batches
 from rkv_convert.evaluate.ablation import run_ablation
 from rkv_convert.evaluate.ablation_report import env_summary, markdown_table, selection_table
 from rkv_convert.evaluate.domains import package_docs_text
@@ -83,8 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     dev = None
     if args.dev_windows:
         # development text for choosing defaults: the last windows of the calibration source (never the evaluation text)
-        dev_ids = torch.tensor(tok(load_text(options.source), add_special_tokens=False)["input_ids"])
-        dev = dev_ids[-args.dev_windows * args.length:].reshape(args.dev_windows, args.length)
+        dev = development_windows(load_text(options.source), tok, args.dev_windows, args.length)
     setup = {
         "model": args.model, "calibration": {**options.__dict__}, "windows": args.windows, "length": args.length,
         "texts": {"WikiText-2 test": {"path": str(args.text), "sha256": hashlib.sha256(wiki_text.encode()).hexdigest()}},

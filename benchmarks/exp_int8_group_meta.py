@@ -51,7 +51,7 @@ from _timing import append_csv, print_table  # noqa: E402
 from _experiment import experiment_parser  # noqa: E402
 
 from rkv_convert.calibrate.allocate import Sensitivity, allocate_bits  # noqa: E402
-from rkv_convert.calibration_data.sources import load_text, sample_batches  # noqa: E402
+from rkv_convert.calibration_data.sources import development_windows, load_text, sample_batches  # noqa: E402
 from rkv_convert.evaluate.checkpoints import clip_tables  # noqa: E402
 from rkv_convert.evaluate.perplexity import perplexity, token_windows  # noqa: E402
 from rkv_convert.evaluate.schemes import RotateKV, build_scheme, key_codecs, value_codecs  # noqa: E402
@@ -247,8 +247,7 @@ def main() -> None:
         f"value ranges {min(setup.value_range):.3g}-{max(setup.value_range):.3g}")  # fmt: skip
 
     if args.key3_layers is None:
-        ids = torch.tensor(tok(pydoc, add_special_tokens=False)["input_ids"])
-        dev = ids[-args.dev_windows * 512 :].reshape(args.dev_windows, 512)
+        dev = development_windows(pydoc, tok, args.dev_windows, 512)
         sens = key_sensitivity(model, setup, dev, log)
         budget = 2.5 + (n // 2) / (2 * n) + 1e-9  # fp16-metadata accounting of allocate_bits: half the key layers
         raised = allocate_bits(sens, budget, ck.config.key_group_size, ck.config.value_group_size).raised

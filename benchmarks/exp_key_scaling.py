@@ -178,10 +178,9 @@ def main() -> None:
         variants = {f"{name} + range search": keys for name, keys in variants.items()}
         errors = {f"{name} + range search": e for name, e in errors.items()}
     if args.dev_windows:
-        from rkv_convert.calibration_data.sources import load_text
+        from rkv_convert.calibration_data.sources import development_windows, load_text
 
-        dev = torch.tensor(tok(load_text("pydoc"), add_special_tokens=False)["input_ids"])
-        ids, where = dev[-args.dev_windows * args.length:].reshape(args.dev_windows, args.length), "pydoc dev"
+        ids, where = development_windows(load_text("pydoc"), tok, args.dev_windows, args.length), "pydoc dev"
     else:
         text = args.text.read_text(encoding="utf-8")
         ids, where = token_windows(tok, text, args.length, args.windows), args.text.name

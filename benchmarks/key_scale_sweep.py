@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _timing import print_table, report_row  # noqa: E402
 
+from rkv_convert.calibration_data.sources import development_windows, load_text  # noqa: E402
 from rkv_convert.evaluate.perplexity import perplexity, token_windows  # noqa: E402
 from rkv_convert.evaluate.schemes import build_scheme  # noqa: E402
 from rkv_convert.export.format import read_checkpoint  # noqa: E402
@@ -31,13 +32,6 @@ from rkv_convert.export.format import read_checkpoint  # noqa: E402
 def _rkv(*args: str) -> None:
     print("$ rkv " + " ".join(args), flush=True)
     subprocess.run([sys.executable, "-m", "rkv_convert.cli", *args], check=True)
-
-
-def _dev_windows(tokenizer, count: int, length: int) -> torch.Tensor:
-    from rkv_convert.calibration_data.sources import load_text
-
-    ids = torch.tensor(tokenizer(load_text("pydoc"), add_special_tokens=False)["input_ids"])
-    return ids[-count * length :].reshape(count, length)
 
 
 def main() -> None:
@@ -69,7 +63,7 @@ def main() -> None:
         ck = read_checkpoint(ck_dir)
         model = AutoModelForCausalLM.from_pretrained(ck_dir, dtype=torch.float32).to(args.device).eval()
         tok = AutoTokenizer.from_pretrained(ck_dir)
-        cases = [("pydoc dev", _dev_windows(tok, args.dev_windows, 1024), ("sinks", "oneshot", "deployed"))]
+        cases = [("pydoc dev", development_windows(load_text("pydoc"), tok, args.dev_windows, 1024), ("sinks", "oneshot", "deployed"))]
         cases += [(args.text.name, token_windows(tok, text, n, c), ("oneshot", "deployed")) for n, c in zip(lengths, counts)]
         for where, ids, protocols in cases:
             fp = perplexity(model, ids, build_scheme("fp", None, ck), "oneshot", ck).perplexity

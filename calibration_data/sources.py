@@ -23,7 +23,7 @@ import torch
 from . import eval_guard
 
 __all__ = ["CalibrationDataError", "HUB_SOURCES", "DEFAULT_SOURCE", "check_not_evaluation_text", "check_source", "load_text",
-           "sample_batches", "describe_sources"]
+           "sample_batches", "development_windows", "describe_sources"]
 
 DEFAULT_SOURCE = "pydoc"
 
@@ -209,3 +209,12 @@ def sample_batches(text: str, tokenizer: object, n: int, seqlen: int, seed: int)
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seqlen, (n,), generator=generator)
     return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+
+
+def development_windows(text: str, tokenizer: object, count: int, length: int) -> torch.Tensor:
+    """The last ``count`` x ``length`` tokens of ``text`` as ``int64 [count, length]``: the development text that
+    defaults are chosen on (the calibration source's end, never the evaluation text; docs/accuracy.md)."""
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    if ids.numel() < count * length:
+        raise CalibrationDataError(f"development text has {ids.numel()} tokens, fewer than {count} x {length}")
+    return ids[-count * length :].reshape(count, length)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["ActivationObserver", "CalibrationError", "KeyMeanObserver", "RotatedKeyObserver", "flatten_heads"]
+__all__ = ["ActivationObserver", "CalibrationError", "KeyMomentObserver", "RotatedKeyObserver", "flatten_heads"]
 
 
 class CalibrationError(RuntimeError):
@@ -38,7 +38,7 @@ class ActivationObserver:
         return torch.cat(self.token_max), torch.cat(self.token_argmax), float(torch.cat(self.samples).median())
 
 
-class KeyMeanObserver:
+class KeyMomentObserver:
     """Running per-channel mean and variance of the pre-RoPE keys over the tokens not flagged as sinks."""
 
     def __init__(self) -> None:

@@ -37,7 +37,7 @@ from .key_scale import DEFAULT_KEY_SCALE, key_scale
 from .retrieval import induction_scores
 from .rotation import learn_rotation
 from .artifact import ARTIFACT_VERSION, CalibrationArtifact, weights_fingerprint
-from .observers import ActivationObserver, KeyMeanObserver, RotatedKeyObserver, flatten_heads
+from .observers import ActivationObserver, KeyMomentObserver, RotatedKeyObserver, flatten_heads
 
 __all__ = ["CalibrationOptions", "calibrate", "model_shape"]
 
@@ -229,7 +229,7 @@ def calibrate(
         return flat[:, channels.to(flat.device)].abs().amax(-1) <= threshold
 
     n_kv = shape["num_key_value_heads"]
-    moments = [KeyMeanObserver() for _ in range(n_layers)]
+    moments = [KeyMomentObserver() for _ in range(n_layers)]
     query_sq: list[torch.Tensor | None] = [None] * n_layers
     query_tokens = [0] * n_layers
 

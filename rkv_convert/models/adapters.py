@@ -19,6 +19,7 @@ anything, so a renamed argument fails loudly instead of disengaging the rkv cach
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import sys
 import types
@@ -152,8 +153,7 @@ def _scale_rows(proj: nn.Linear, rows: slice, factor: torch.Tensor) -> None:
 
 def _qk_factors(module: nn.Module, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per output row: the queries' ``1/scale`` of their KV head (``[n_q*d]``) and the keys' ``scale`` (``[n_kv*d]``)."""
-    rep = module.config.num_attention_heads // scale.shape[0]
-    return (1.0 / scale).repeat_interleave(rep, dim=0).reshape(-1), scale.reshape(-1)
+    return (1.0 / scale).repeat_interleave(module.num_key_value_groups, dim=0).reshape(-1), scale.reshape(-1)
 
 
 @torch.no_grad()
@@ -185,10 +185,6 @@ def _scale_qk_norm(module: nn.Module, scale: torch.Tensor, offset: float = 0.0) 
                          "must be the same for all heads (key_scale(..., shared=True))")  # fmt: skip
     _scale_norm_output(module.q_norm, 1.0 / scale[0], offset)
     _scale_norm_output(module.k_norm, scale[0], offset)
-
-
-def _scale_qk_norm_gemma(module: nn.Module, scale: torch.Tensor) -> None:
-    _scale_qk_norm(module, scale, offset=1.0)
 
 
 def _window_of_module(module: nn.Module) -> int | None:
@@ -270,7 +266,7 @@ SUPPORTED_FAMILIES: tuple[FamilyAdapter, ...] = (
                   attributes=_FUSED_ATTRIBUTES),
     FamilyAdapter("gemma2", ("gemma2",), softcap_attribute="attn_logit_softcapping",
                   attributes=_LLAMA_ATTRIBUTES + ("sliding_window", "attn_logit_softcapping")),
-    FamilyAdapter("gemma3", ("gemma3_text", "gemma3"), _project_qk_norm, scale_qk=_scale_qk_norm_gemma,
+    FamilyAdapter("gemma3", ("gemma3_text", "gemma3"), _project_qk_norm, scale_qk=functools.partial(_scale_qk_norm, offset=1.0),
                   shared_qk_scale=True, rope=_rope_per_layer_type,
                   attributes=_QK_NORM_ATTRIBUTES + ("sliding_window", "layer_type")),
 )
