@@ -57,6 +57,6 @@ def calibrated_rkv(
     store = choose_store(artifact, bits, None, None)
     print(f"rkv store: {store.note}; {DEFAULT_SALIENT_TOKENS} salient tokens", flush=True)
     checkpoint = checkpoint_from_artifact(artifact, bits=bits, key_bits=store.key_bits, group_meta=store.group_meta,
-                                          salient_tokens=DEFAULT_SALIENT_TOKENS)  # fmt: skip
+                                          salient_tokens=DEFAULT_SALIENT_TOKENS, group_ranges=store.group_ranges)  # fmt: skip
     fuse_calibration(model, artifact)
     return RkvModel(model, checkpoint, settings=CacheSettings.from_config(checkpoint.config)), artifact, seconds

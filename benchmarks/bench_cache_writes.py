@@ -31,18 +31,20 @@ from rkv_convert.kernels.encode_folded import ENCODE_DEFAULTS, encode_folded  # 
 from rkv_convert.kernels.packed_kv import PackedKV  # noqa: E402
 from rkv_convert.kernels.quantize_pack import quantize_pack  # noqa: E402
 from rkv_convert.quant.hadamard import hadamard_matrix  # noqa: E402
+from rkv_convert.quant.quantizer import GroupRanges  # noqa: E402
 from rkv_convert.runtime.ops import fold_keys, mean_at  # noqa: E402
 
 SHAPES = {"llama2-7b": (32, 128), "llama3-8b": (8, 128), "smollm2": (3, 64)}  # KV heads, head dim
 ROWS = [(32, 128), (1, 4096), (16, 4096), (1, 32768)]  # (sequences, tokens each): flush at batch 32, prefills
 
 
-def make_params(n_kv: int, d: int, bits: int, g_k: int, g_v: int, log8: bool = False) -> FoldedParams:
+def make_params(n_kv: int, d: int, bits: int, g_k: int, g_v: int, log8: bool = False,
+                ranges: GroupRanges = GroupRanges.MINMAX) -> FoldedParams:
     rot = torch.stack([hadamard_matrix(d)[:, torch.randperm(d)] for _ in range(n_kv)])
     inv_freq = 1.0 / (10000.0 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
     return FoldedParams(rotation=rot.to(DEVICE), mean=torch.randn(n_kv, d, device=DEVICE), inv_freq=inv_freq.to(DEVICE),
                         attention_scaling=1.0, sm_scale=d**-0.5, bits=bits, g_k=g_k, g_v=g_v,
-                        meta_bases=(1e-4, 1e-4) if log8 else None)  # fmt: skip
+                        meta_bases=(1e-4, 1e-4) if log8 else None, ranges=ranges)  # fmt: skip
 
 
 def composed_write(key, value, pos, p: FoldedParams, store: PackedKV, lo: int) -> None:
@@ -67,7 +69,8 @@ def run(args: argparse.Namespace, copy_gbs: float) -> list[dict[str, object]]:
     settings = list(itertools.product(args.block_t, args.num_warps)) if args.tune else [(None, None)]
     for shape in args.shapes:
         n_kv, d = SHAPES[shape]
-        p = make_params(n_kv, d, args.bits, args.key_group, args.value_group, args.group_meta == "log8")
+        p = make_params(n_kv, d, args.bits, args.key_group, args.value_group, args.group_meta == "log8",
+                        GroupRanges(args.group_ranges))
         for B, n in args.rows:
             lo = 128  # write past the first block, as a flush does
             store = p.empty_rows(B, lo + n, DEVICE)
@@ -76,12 +79,12 @@ def run(args: argparse.Namespace, copy_gbs: float) -> list[dict[str, object]]:
             pos = (torch.arange(n, device=DEVICE, dtype=torch.int32) + lo).expand(B, n).contiguous()
             out = PackedKV(*(t[:, :, lo:] for t in store[:6]), store.pos[:, lo:])
             moved = moved_bytes(B, n, n_kv, d, p)
-            composed = None if args.tune or args.group_meta == "log8" else bench_ms(lambda: composed_write(key, value, pos, p, store, lo))[0]
+            composed = None if args.tune or args.group_meta == "log8" or args.group_ranges != "minmax" else bench_ms(lambda: composed_write(key, value, pos, p, store, lo))[0]
             for block_t, warps in settings:
                 ms = bench_ms(lambda: encode_folded(key, value, pos, p, 0.9, 0.9, out, block_t=block_t, num_warps=warps))[0]
                 gbs = moved / (ms * 1e-3) / 1e9
                 row = {"shape": shape, "sequences": B, "tokens": n, "bits": args.bits, "group_meta": args.group_meta,
-                       "g_k": args.key_group,
+                       "group_ranges": args.group_ranges, "g_k": args.key_group,
                        "g_v": args.value_group, "block_t": block_t or ENCODE_DEFAULTS["block_t"],
                        "num_warps": warps or ENCODE_DEFAULTS["num_warps"], "fused_ms": ms, "GBs": gbs,
                        "pct_of_copy": 100 * gbs / copy_gbs, "composed_ms": composed if composed is not None else "",
@@ -102,6 +105,8 @@ def main() -> None:
     ap.add_argument("--key-group", type=int, default=64)
     ap.add_argument("--value-group", type=int, default=64)
     ap.add_argument("--group-meta", default="fp16", choices=("fp16", "log8"), help="group scales and zeros (log8: 8-bit)")
+    ap.add_argument("--group-ranges", default="minmax", choices=[r.value for r in GroupRanges],
+                    help="how the writes set each group's range (searched: the best of five by squared error)")
     ap.add_argument("--tune", action="store_true", help="time every --block-t x --num-warps setting")
     ap.add_argument("--block-t", nargs="+", type=int, default=[32, 64, 128])
     ap.add_argument("--num-warps", nargs="+", type=int, default=[4, 8])

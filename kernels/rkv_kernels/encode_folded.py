@@ -39,8 +39,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
-from rkv_convert.quant.quantizer import SCALE_FLOOR
+from rkv_convert.quant.quantizer import RANGE_FRACTIONS, SCALE_FLOOR, GroupRanges
 from rkv_convert.runtime.ops import fold_keys, mean_at
 
 from ._common import Backend, cdiv, device_guard, resolve_backend, triton_interpreting
@@ -106,15 +107,16 @@ def _check(key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor, p: FoldedP
 def encode_folded_ref(key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor, params: FoldedParams,
                       k_clip: float, v_clip: float, out: PackedKV | None = None) -> PackedKV:  # fmt: skip
     """Pure-torch reference of :func:`encode_folded`: ``fold_keys`` of ``mean_at`` (fp16 operands for fp16/bf16
-    keys, as the kernel), then ``quantize_pack_ref`` (8-bit metadata: ``params.meta_bases``)."""
+    keys, as the kernel), then ``quantize_pack_ref`` (8-bit metadata: ``params.meta_bases``; group ranges:
+    ``params.ranges``)."""
     _check(key, value, pos, params, out)
     p = params
     operands = torch.float32 if key.dtype == torch.float32 else torch.float16
     y = fold_keys(key, mean_at(p.mean, pos, p.inv_freq, p.attention_scaling), p.rotation, operands)
     k_rows = (t.transpose(1, 2) for t in quantize_pack_ref(y.transpose(1, 2), p.bits, p.g_k, k_clip,
-                                                           meta_base=p.key_meta_base))  # fmt: skip
+                                                           meta_base=p.key_meta_base, ranges=p.ranges))  # fmt: skip
     v_rows = (t.transpose(1, 2) for t in quantize_pack_ref(value.transpose(1, 2), p.value_bits, p.g_v, v_clip,
-                                                           meta_base=p.value_meta_base))  # fmt: skip
+                                                           meta_base=p.value_meta_base, ranges=p.ranges))  # fmt: skip
     rows = PackedKV(*k_rows, *v_rows, pos.to(torch.int32))
     if out is None:
         return rows
@@ -124,25 +126,64 @@ def encode_folded_ref(key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor,
 
 
 @triton.jit
+def _stored_meta(mn, mx, lo_frac, hi_frac, scale_floor, meta_base, LEVELS: tl.constexpr, META8: tl.constexpr,
+                 USE_LIBDEVICE: tl.constexpr):  # fmt: skip
+    """``(stored scale, stored zero, fp32 scale, fp32 zero)`` of groups with range ``[lo_frac*min, hi_frac*max]``
+    (fp16, or ``META8``: 8-bit codes with ``meta_base``; ``quant.quantizer.stored_group_meta``)."""
+    if META8:
+        return _meta8(mn, mx, lo_frac, hi_frac, scale_floor, meta_base, LEVELS, USE_LIBDEVICE)
+    scale16, zero16 = _scale_zero(mn, mx, lo_frac, hi_frac, scale_floor, LEVELS, USE_LIBDEVICE)
+    return scale16, zero16, scale16.to(tl.float32), zero16.to(tl.float32)
+
+
+@triton.jit
+def _group_error(x3, scale, zero, LEVELS: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
+    """Squared error ``[BLOCK_T, NG]`` of groups ``x3`` stored with fp32 ``scale, zero`` (``quant.quantizer``'s
+    ``_group_error``; the sum's order is the compiler's)."""
+    codes = _codes(x3, _reciprocal(scale)[:, :, None], zero[:, :, None], LEVELS, USE_LIBDEVICE).to(tl.float32)
+    if USE_LIBDEVICE:  # no FMA contraction: the reference's roundings
+        diff = libdevice.sub_rn(libdevice.add_rn(libdevice.mul_rn(codes, scale[:, :, None]), zero[:, :, None]), x3)
+    else:
+        diff = codes * scale[:, :, None] + zero[:, :, None] - x3
+    return tl.sum(diff * diff, axis=2)
+
+
+@triton.jit
+def _try_range(x3, mn, mx, lo_frac: tl.constexpr, hi_frac: tl.constexpr, best, scale_floor, meta_base,
+               LEVELS: tl.constexpr, META8: tl.constexpr, USE_LIBDEVICE: tl.constexpr):  # fmt: skip
+    """``best`` (error, stored scale, stored zero, fp32 scale, fp32 zero per group) with each group's entries
+    replaced where the range ``[lo_frac*min, hi_frac*max]`` has a smaller error."""
+    cand = _stored_meta(mn, mx, lo_frac, hi_frac, scale_floor, meta_base, LEVELS, META8, USE_LIBDEVICE)
+    err = _group_error(x3, cand[2], cand[3], LEVELS, USE_LIBDEVICE)
+    better = err < best[0]
+    return (tl.where(better, err, best[0]), tl.where(better, cand[0], best[1]), tl.where(better, cand[1], best[2]),
+            tl.where(better, cand[2], best[3]), tl.where(better, cand[3], best[4]))  # fmt: skip
+
+
+@triton.jit
 def _quantize_rows(x, codes_ptr, c_row, sz_row, scale_ptr, zero_ptr, tmask, clip, scale_floor, meta_base,
                    BLOCK_T: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr,
-                   META8: tl.constexpr, USE_LIBDEVICE: tl.constexpr):  # fmt: skip
+                   META8: tl.constexpr, SEARCH: tl.constexpr, F0: tl.constexpr, F1: tl.constexpr,
+                   USE_LIBDEVICE: tl.constexpr):  # fmt: skip
     """Quantize fp32 rows ``x [BLOCK_T, D]`` (tokens ``tmask``) in groups of ``GS`` consecutive channels; store codes,
-    scales, zeros (fp16, or ``META8``: 8-bit codes with ``meta_base``)."""
+    scales, zeros (fp16, or ``META8``: 8-bit codes with ``meta_base``). ``SEARCH``: each group takes the best of
+    ``quant.quantizer.range_candidates`` (fractions ``F0, F1``), in its order, by squared error."""
     NG: tl.constexpr = D // GS
     LEVELS: tl.constexpr = (1 << BITS) - 1
     x3 = tl.reshape(x, (BLOCK_T, NG, GS))
     g = tl.arange(0, NG)
-    if META8:
-        e8, z8, scale, zero = _meta8(tl.min(x3, axis=2), tl.max(x3, axis=2), clip, scale_floor, meta_base, LEVELS,
-                                     USE_LIBDEVICE)  # fmt: skip
-        tl.store(scale_ptr + sz_row[:, None] + g[None, :], e8, mask=tmask[:, None])
-        tl.store(zero_ptr + sz_row[:, None] + g[None, :], z8, mask=tmask[:, None])
-    else:
-        scale16, zero16 = _scale_zero(tl.min(x3, axis=2), tl.max(x3, axis=2), clip, scale_floor, LEVELS, USE_LIBDEVICE)
-        tl.store(scale_ptr + sz_row[:, None] + g[None, :], scale16, mask=tmask[:, None])
-        tl.store(zero_ptr + sz_row[:, None] + g[None, :], zero16, mask=tmask[:, None])
-        scale, zero = scale16.to(tl.float32), zero16.to(tl.float32)
+    mn, mx = tl.min(x3, axis=2), tl.max(x3, axis=2)
+    stored_s, stored_z, scale, zero = _stored_meta(mn, mx, clip, clip, scale_floor, meta_base, LEVELS, META8,
+                                                   USE_LIBDEVICE)  # fmt: skip
+    if SEARCH:
+        best = (_group_error(x3, scale, zero, LEVELS, USE_LIBDEVICE), stored_s, stored_z, scale, zero)
+        best = _try_range(x3, mn, mx, F0, F0, best, scale_floor, meta_base, LEVELS, META8, USE_LIBDEVICE)
+        best = _try_range(x3, mn, mx, F0, F1, best, scale_floor, meta_base, LEVELS, META8, USE_LIBDEVICE)
+        best = _try_range(x3, mn, mx, F1, F0, best, scale_floor, meta_base, LEVELS, META8, USE_LIBDEVICE)
+        best = _try_range(x3, mn, mx, F1, F1, best, scale_floor, meta_base, LEVELS, META8, USE_LIBDEVICE)
+        stored_s, stored_z, scale, zero = best[1], best[2], best[3], best[4]
+    tl.store(scale_ptr + sz_row[:, None] + g[None, :], stored_s, mask=tmask[:, None])
+    tl.store(zero_ptr + sz_row[:, None] + g[None, :], stored_z, mask=tmask[:, None])
     codes = _codes(x3, _reciprocal(scale)[:, :, None], zero[:, :, None], LEVELS, USE_LIBDEVICE)
     _store_packed(codes_ptr, c_row, tmask, tl.reshape(codes, (BLOCK_T, D)), 0, BLOCK_T, D, D, BITS)
 
@@ -155,10 +196,12 @@ def _encode_folded_kernel(
     s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_pb,
     s_kcb, s_kch, s_kct, s_ksb, s_ksh, s_kst, s_vcb, s_vch, s_vct, s_vsb, s_vsh, s_vst,
     D: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr, GK: tl.constexpr, GV: tl.constexpr,
-    BLOCK_T: tl.constexpr, FP16_DOTS: tl.constexpr, META8: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
+    BLOCK_T: tl.constexpr, FP16_DOTS: tl.constexpr, META8: tl.constexpr, SEARCH: tl.constexpr,
+    K_F0: tl.constexpr, K_F1: tl.constexpr, V_F0: tl.constexpr, V_F1: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
 ):
     """Grid ``(cdiv(n, BLOCK_T), n_kv, B)``; ``FP16_DOTS``: fp16 operands, fp32 sums (fp16/bf16 keys), else IEEE fp32;
-    ``META8``: 8-bit group metadata with bases ``k_base``/``v_base``."""
+    ``META8``: 8-bit group metadata with bases ``k_base``/``v_base``; ``SEARCH``: searched group ranges with the
+    fractions ``K_F*``/``V_F*`` of the key and value widths."""
     H: tl.constexpr = D // 2
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -183,11 +226,12 @@ def _encode_folded_kernel(
         y = tl.dot(k_lo, tl.load(r_rows), input_precision="ieee")
         y = tl.dot(k_hi, tl.load(r_rows + H * D), y, input_precision="ieee")
     _quantize_rows(y, kc_ptr, b * s_kcb + h * s_kch + t * s_kct, b * s_ksb + h * s_ksh + t * s_kst, ks_ptr, kz_ptr,
-                   tmask, k_clip, scale_floor, k_base, BLOCK_T, D, K_BITS, GK, META8, USE_LIBDEVICE)  # fmt: skip
+                   tmask, k_clip, scale_floor, k_base, BLOCK_T, D, K_BITS, GK, META8, SEARCH, K_F0, K_F1,
+                   USE_LIBDEVICE)  # fmt: skip
     v = tl.load(v_ptr + b * s_vb + h * s_vh + t[:, None] * s_vt + j[None, :], mask=tmask[:, None], other=0.0)
     _quantize_rows(v.to(tl.float32), vc_ptr, b * s_vcb + h * s_vch + t * s_vct, b * s_vsb + h * s_vsh + t * s_vst,
-                   vs_ptr, vz_ptr, tmask, v_clip, scale_floor, v_base, BLOCK_T, D, V_BITS, GV, META8,
-                   USE_LIBDEVICE)  # fmt: skip
+                   vs_ptr, vz_ptr, tmask, v_clip, scale_floor, v_base, BLOCK_T, D, V_BITS, GV, META8, SEARCH,
+                   V_F0, V_F1, USE_LIBDEVICE)  # fmt: skip
 
 
 def _rows_strides(t: torch.Tensor, name: str) -> tuple[int, int, int]:
@@ -247,6 +291,7 @@ def encode_folded(
         return rows
     fp16_dots = key.dtype != torch.float32
     block_t, launch = _launch(d, fp16_dots, block_t, num_warps)
+    (k_f0, k_f1), (v_f0, v_f1) = RANGE_FRACTIONS[params.bits], RANGE_FRACTIONS[params.value_bits]
     rotation, mean, inv_freq = params.encode_operands(key.device, fp16_dots)
     with device_guard(key):  # Triton launches on the current device
         _encode_folded_kernel[(cdiv(n, block_t), n_kv, b)](
@@ -255,6 +300,7 @@ def encode_folded(
             params.key_meta_base or 1.0, params.value_meta_base or 1.0, *strides,
             D=d, K_BITS=params.bits, V_BITS=params.value_bits, GK=params.g_k, GV=params.g_v,
             BLOCK_T=block_t, FP16_DOTS=fp16_dots, META8=params.meta_bases is not None,
+            SEARCH=params.ranges is GroupRanges.SEARCHED, K_F0=k_f0, K_F1=k_f1, V_F0=v_f0, V_F1=v_f1,
             USE_LIBDEVICE=not triton_interpreting(), **launch,
         )  # fmt: skip
     return rows

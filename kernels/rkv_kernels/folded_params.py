@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rkv_convert.quant.packing import packed_width
-from rkv_convert.quant.quantizer import GroupMeta
+from rkv_convert.quant.quantizer import GroupMeta, GroupRanges
 
 from ._decode_parts import _plane_order
 from .packed_kv import PackedKV
@@ -30,6 +30,7 @@ class FoldedParams:
             None: plain ``sm_scale * s``.
         meta_bases: ``(key base, value base)``: scales and zeros stored as 8-bit codes
             (``GroupMeta.LOG8``, :mod:`rkv_convert.quant.quantizer`); None: fp16.
+        ranges: how the cache writes set each group's range (``GroupRanges``; readers need not know).
     """
 
     rotation: torch.Tensor
@@ -43,6 +44,7 @@ class FoldedParams:
     v_bits: int | None = None
     softcap: float | None = None
     meta_bases: tuple[float, float] | None = None
+    ranges: GroupRanges = GroupRanges.MINMAX
     _on_device: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -62,6 +64,7 @@ class FoldedParams:
             raise ValueError(f"group sizes {self.g_k}/{self.g_v} must divide the head dim {d}")
         if self.meta_bases is not None and (len(self.meta_bases) != 2 or not all(b > 0 for b in self.meta_bases)):
             raise ValueError(f"meta_bases must be two positive bases (keys, values) or None, got {self.meta_bases}")
+        object.__setattr__(self, "ranges", GroupRanges(self.ranges))
 
     def kernel_operands(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(r_planes, mean, inv_freq)`` fp32 contiguous on ``device``, made once per device.
@@ -102,7 +105,7 @@ class FoldedParams:
         """The same constants with their tensors on ``device``."""
         return FoldedParams(self.rotation.to(device), self.mean.to(device), self.inv_freq.to(device),
                             self.attention_scaling, self.sm_scale, self.bits, self.g_k, self.g_v, self.v_bits,
-                            self.softcap, self.meta_bases)  # fmt: skip
+                            self.softcap, self.meta_bases, self.ranges)  # fmt: skip
 
     def empty_rows(self, batch: int, slots: int, device: torch.device | str) -> PackedKV:
         """Uninitialised store tensors of ``slots`` slots in the layout these constants describe (no fp segment)."""

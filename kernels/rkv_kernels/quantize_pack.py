@@ -40,7 +40,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from rkv_convert.quant.packing import pack_codes, packed_width
-from rkv_convert.quant.quantizer import SCALE_FLOOR, GroupMeta, levels, quantize
+from rkv_convert.quant.quantizer import SCALE_FLOOR, GroupMeta, GroupRanges, levels, quantize
 
 from ._common import Backend, cdiv, device_guard, next_pow2, resolve_backend, triton_interpreting
 
@@ -116,9 +116,11 @@ def quantize_pack_ref(
     mean: torch.Tensor | None = None,
     gid: torch.Tensor | None = None,
     meta_base: float | None = None,
+    ranges: GroupRanges = GroupRanges.MINMAX,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pure-torch reference of :func:`quantize_pack`, built on ``quantize`` and ``pack_codes``
-    (``meta_base``: 8-bit group metadata, which only the folded writes of :mod:`.encode_folded` produce).
+    (``meta_base``: 8-bit group metadata, and ``ranges``: searched group ranges, which only the folded writes of
+    :mod:`.encode_folded` produce).
 
     Args:
         x: ``[..., n_blocks, W]`` fp16/bf16/fp32 rows.
@@ -146,10 +148,10 @@ def quantize_pack_ref(
     if rotation is not None:
         y = y @ rotation.to(device=x.device, dtype=torch.float32)
     if gid is None:
-        q = quantize(y, bits, group_size, clip, meta_base=meta_base)
+        q = quantize(y, bits, group_size, clip, meta_base=meta_base, ranges=ranges)
         return pack_codes(q.codes, bits), q.scale, q.zero
-    if meta_base is not None:
-        raise ValueError("8-bit group metadata is written for consecutive groups only (the folded layout)")
+    if meta_base is not None or GroupRanges(ranges) is not GroupRanges.MINMAX:
+        raise ValueError("8-bit group metadata and searched ranges are written for consecutive groups only (the folded layout)")
     codes, scales, zeros = [], [], []
     for b in range(n_blocks):
         q = quantize(y[..., b, :], bits, group_size, clip, perm_from_group_ids(gid[b].to(x.device), group_size))
@@ -185,24 +187,25 @@ def _load_rows(
 
 
 @triton.jit
-def _clipped_scale(mn, mx, clip, scale_floor, LEVELS: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
-    """fp32 ``(hi, lo, scale)`` of groups with minimum ``mn`` and maximum ``mx``: ``hi = clip*max``, ``lo = clip*min``,
-    ``scale = max((hi - lo) / LEVELS, scale_floor)`` (module docstring, step 4, before the fp16 rounding)."""
+def _clipped_scale(mn, mx, lo_frac, hi_frac, scale_floor, LEVELS: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
+    """fp32 ``(hi, lo, scale)`` of groups with minimum ``mn`` and maximum ``mx``: ``hi = hi_frac*max``,
+    ``lo = lo_frac*min``, ``scale = max((hi - lo) / LEVELS, scale_floor)`` (module docstring, step 4, before the
+    fp16 rounding; both fractions are the clip there, a searched range's own fractions in :mod:`.encode_folded`)."""
     if USE_LIBDEVICE:  # explicit IEEE ops: the compiler must not fuse clip*max - clip*min into an FMA
-        hi = libdevice.mul_rn(mx, clip)
-        lo = libdevice.mul_rn(mn, clip)
+        hi = libdevice.mul_rn(mx, hi_frac)
+        lo = libdevice.mul_rn(mn, lo_frac)
         width = libdevice.sub_rn(hi, lo)
     else:  # the interpreter (numpy) rounds every op
-        hi = mx * clip
-        lo = mn * clip
+        hi = mx * hi_frac
+        lo = mn * lo_frac
         width = hi - lo
     return hi, lo, tl.maximum(tl.math.div_rn(width, LEVELS * 1.0), scale_floor)
 
 
 @triton.jit
-def _scale_zero(mn, mx, clip, scale_floor, LEVELS: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
+def _scale_zero(mn, mx, lo_frac, hi_frac, scale_floor, LEVELS: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
     """fp16 ``(scale, zero)`` of groups with minimum ``mn`` and maximum ``mx`` (module docstring, step 4)."""
-    _, lo, scale = _clipped_scale(mn, mx, clip, scale_floor, LEVELS, USE_LIBDEVICE)
+    _, lo, scale = _clipped_scale(mn, mx, lo_frac, hi_frac, scale_floor, LEVELS, USE_LIBDEVICE)
     return scale.to(tl.float16, fp_downcast_rounding="rtne"), lo.to(tl.float16, fp_downcast_rounding="rtne")
 
 
@@ -215,10 +218,11 @@ def _round_even(v, USE_LIBDEVICE: tl.constexpr):
 
 
 @triton.jit
-def _meta8(mn, mx, clip, scale_floor, base, LEVELS: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
-    """8-bit group metadata of groups with minimum ``mn`` and maximum ``mx``: ``(e uint8, z int8, scale, zero)``,
-    the last two decoded in fp32 (``quant.quantizer.encode_group_meta`` and ``group_scale_zero``, op for op)."""
-    hi, lo, scale = _clipped_scale(mn, mx, clip, scale_floor, LEVELS, USE_LIBDEVICE)
+def _meta8(mn, mx, lo_frac, hi_frac, scale_floor, base, LEVELS: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
+    """8-bit group metadata of groups with minimum ``mn`` and maximum ``mx`` (range ``[lo_frac*min, hi_frac*max]``):
+    ``(e uint8, z int8, scale, zero)``, the last two decoded in fp32 (``quant.quantizer.encode_group_meta`` and
+    ``group_scale_zero``, op for op)."""
+    hi, lo, scale = _clipped_scale(mn, mx, lo_frac, hi_frac, scale_floor, LEVELS, USE_LIBDEVICE)
     if USE_LIBDEVICE:  # explicit IEEE ops: no FMA contraction, so the reference's roundings are reproduced
         centre = libdevice.mul_rn(libdevice.add_rn(hi, lo), 0.5)
         l2 = libdevice.log2(tl.math.div_rn(scale, base))
@@ -307,7 +311,7 @@ def _quantize_pack_kernel(
         y3 = y[:, :, None]
         mx = tl.maximum(mx, tl.max(tl.where(sel, y3, float("-inf")), axis=1))
         mn = tl.minimum(mn, tl.min(tl.where(sel, y3, float("inf")), axis=1))
-    scale16, zero16 = _scale_zero(mn, mx, clip, scale_floor, LEVELS, USE_LIBDEVICE)
+    scale16, zero16 = _scale_zero(mn, mx, clip, clip, scale_floor, LEVELS, USE_LIBDEVICE)
     sz_off = row[:, None] * NG + grp[None, :]
     sz_mask = rmask[:, None] & (grp[None, :] < NG)
     tl.store(scale_ptr + sz_off, scale16, mask=sz_mask)

@@ -168,7 +168,7 @@ def key_codecs(checkpoint: Checkpoint, bits: int | None, key_clips: list[float] 
         if not cfg.folded:
             return KeyCodec(*args)
         base = None if cfg.meta is GroupMeta.FP16 else layer.meta_bases(width, width, key_clip=clip)[0]
-        return FoldedKeyCodec(*args, head_rotation=layer.key_head_rotation, meta_base=base)
+        return FoldedKeyCodec(*args, head_rotation=layer.key_head_rotation, meta_base=base, ranges=cfg.ranges)
 
     return [make(i, layer) for i, layer in enumerate(checkpoint.layers)]
 
@@ -181,7 +181,7 @@ def value_codecs(checkpoint: Checkpoint, bits: int | None, value_clips: list[flo
         width = cfg.layer_bits(i)[1] if bits is None else bits
         clip = layer.value_clip if value_clips is None else value_clips[i]
         base = None if cfg.meta is GroupMeta.FP16 else layer.meta_bases(width, width, value_clip=clip)[1]
-        return ValueCodec(width, cfg.value_group_size, clip, meta_base=base)
+        return ValueCodec(width, cfg.value_group_size, clip, meta_base=base, ranges=cfg.ranges)
 
     return [make(i, layer) for i, layer in enumerate(checkpoint.layers)]
 

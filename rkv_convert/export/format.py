@@ -1,4 +1,4 @@
-"""The augmented checkpoint's ``rkv`` config section and tensor names (format version 5).
+"""The augmented checkpoint's ``rkv`` config section and tensor names (format version 6).
 
 A checkpoint folder holds the source model's weights (with the value rotation fused into
 ``v_proj``/``o_proj``), its ``config.json`` with an ``rkv`` section (:class:`RkvConfig`),
@@ -11,7 +11,9 @@ checkpoint reads with every layer's keys and values at ``bits``. Version 4 added
 (:class:`~rkv_convert.quant.quantizer.GroupMeta`: fp16 or 8-bit group scales and zeros) and, for 8-bit
 metadata, each layer's ``key_group_range``/``value_group_range``; an older checkpoint reads as ``fp16``.
 Version 5 added ``salient_tokens`` (prompt tokens kept in full precision by the attention they draw at the
-end of the prefill); an older checkpoint reads as 0.
+end of the prefill); an older checkpoint reads as 0. Version 6 added ``group_ranges``
+(:class:`~rkv_convert.quant.quantizer.GroupRanges`: how the encoder sets each group's range); an older
+checkpoint reads as ``minmax``.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from ..quant.packing import layout_for_bits
-from ..quant.quantizer import GroupMeta, bits_per_element, meta_scale_base
+from ..quant.quantizer import GroupMeta, GroupRanges, bits_per_element, meta_scale_base
 
 __all__ = [
     "FORMAT_VERSION",
@@ -45,8 +47,8 @@ __all__ = [
     "check_weight_files",
 ]
 
-FORMAT_VERSION = 5
-READABLE_VERSIONS = (1, 2, 3, 4, 5)  # 1: before key_layout (pre-RoPE keys); 2: before per-layer key/value bits;
+FORMAT_VERSION = 6
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6)  # 1: before key_layout (pre-RoPE keys); 2: before per-layer key/value bits;
 # 3: before group_meta (fp16 scales and zeros)
 RKV_TENSORS_FILE = "rkv.safetensors"
 SUPPORTED_BITS = (2, 3, 4)
@@ -102,6 +104,7 @@ class RkvConfig:
     value_bits: list[int] = field(default_factory=list)  # per layer (version 3); empty: every layer at `bits`
     group_meta: str = GroupMeta.FP16.value  # a GroupMeta value (version 4); older versions: fp16
     salient_tokens: int = 0  # per sequence and layer, picked at the end of the prefill (version 5); older: 0
+    group_ranges: str = GroupRanges.MINMAX.value  # a GroupRanges value (version 6); older versions: minmax
 
     def __post_init__(self) -> None:
         if not self.layout:
@@ -155,6 +158,12 @@ class RkvConfig:
         if self.salient_tokens < 0 or (self.salient_tokens and self.version < 5):
             raise CheckpointError(f"salient_tokens must be >= 0 and needs format version 5, got {self.salient_tokens} "
                                   f"at version {self.version}; re-export the checkpoint")  # fmt: skip
+        if self.group_ranges not in {r.value for r in GroupRanges}:
+            raise CheckpointError(f"group_ranges must be one of {', '.join(r.value for r in GroupRanges)}, got {self.group_ranges!r}")
+        if self.group_ranges != GroupRanges.MINMAX.value and (self.version < 6 or not self.folded):
+            raise CheckpointError(f"{self.group_ranges} group ranges need format version 6 and the folded key layout (got "
+                                  f"version {self.version}, {self.key_layout} keys); export with --group-ranges minmax "
+                                  "or calibrate with --key-layout folded")  # fmt: skip
 
     @property
     def folded(self) -> bool:
@@ -177,6 +186,11 @@ class RkvConfig:
     def meta(self) -> GroupMeta:
         """How the store holds group scales and zeros."""
         return GroupMeta(self.group_meta)
+
+    @property
+    def ranges(self) -> GroupRanges:
+        """How the encoder sets each group's range."""
+        return GroupRanges(self.group_ranges)
 
     @property
     def key_bits_per_element(self) -> float:
@@ -211,9 +225,12 @@ class RkvConfig:
             names.discard("group_meta")
         if version < 5:  # written before salient_tokens: none
             names.discard("salient_tokens")
+        if version < 6:  # written before group_ranges: min-max ranges
+            names.discard("group_ranges")
         unknown = sorted(set(data) - names)
         required = (({"key_layout"} if version >= 2 else set()) | ({"key_bits", "value_bits"} if version >= 3 else set())
-                    | ({"group_meta"} if version >= 4 else set()) | ({"salient_tokens"} if version >= 5 else set()))  # fmt: skip
+                    | ({"group_meta"} if version >= 4 else set()) | ({"salient_tokens"} if version >= 5 else set())
+                    | ({"group_ranges"} if version >= 6 else set()))  # fmt: skip
         missing = sorted(f.name for f in dataclasses.fields(cls) if (f.name in required or (f.default is dataclasses.MISSING
                          and f.default_factory is dataclasses.MISSING)) and f.name not in data)
         if unknown or missing:

@@ -19,7 +19,7 @@ from ..calibrate.run import model_shape
 from ..models.adapters import text_config
 from ..models.loading import LoadedModel
 from ..outdir import atomic_dir, check_output_dir
-from ..quant.quantizer import GroupMeta
+from ..quant.quantizer import GroupMeta, GroupRanges
 from .format import RKV_TENSORS_FILE, SUPPORTED_BITS, Checkpoint, CheckpointError, LayerTensors, RkvConfig, tensor_name
 from .fuse import fuse_calibration, unfuse_calibration
 
@@ -76,9 +76,11 @@ def _group_ranges(artifact: CalibrationArtifact, layer: int, meta: GroupMeta) ->
 
 def _config_for(artifact: CalibrationArtifact, bits: int, recent_window: int, flush_block: int, max_sinks: int,
                 key_bits: list[int] | None = None, value_bits: list[int] | None = None,
-                group_meta: GroupMeta = GroupMeta.FP16, salient_tokens: int = 0) -> RkvConfig:  # fmt: skip
+                group_meta: GroupMeta = GroupMeta.FP16, salient_tokens: int = 0,
+                group_ranges: GroupRanges = GroupRanges.MINMAX) -> RkvConfig:  # fmt: skip
     """The ``config.json["rkv"]`` section that exporting ``artifact`` at ``bits`` (per-layer widths: ``key_bits``,
-    ``value_bits``; group scales and zeros as ``group_meta``; ``salient_tokens`` kept per sequence) writes."""
+    ``value_bits``; group scales and zeros as ``group_meta``; ``salient_tokens`` kept per sequence; each group's
+    range set by ``group_ranges``) writes."""
     if bits not in SUPPORTED_BITS:
         raise CheckpointError(f"--bits must be one of {SUPPORTED_BITS}, got {bits}")
     opts = artifact.meta["options"]
@@ -103,13 +105,14 @@ def _config_for(artifact: CalibrationArtifact, bits: int, recent_window: int, fl
         value_bits=layer_widths(bits, n, value_bits, "value bits"),
         group_meta=GroupMeta(group_meta).value,
         salient_tokens=salient_tokens,
+        group_ranges=GroupRanges(group_ranges).value,
     )
 
 
 def checkpoint_from_artifact(
     artifact: CalibrationArtifact, bits: int = 2, recent_window: int = 128, flush_block: int = 64, max_sinks: int = 8,
     key_bits: list[int] | None = None, value_bits: list[int] | None = None, group_meta: GroupMeta = GroupMeta.FP16,
-    salient_tokens: int = 0,
+    salient_tokens: int = 0, group_ranges: GroupRanges = GroupRanges.MINMAX,
 ) -> Checkpoint:
     """The in-memory checkpoint that exporting ``artifact`` at ``bits`` describes (nothing fused or written).
 
@@ -117,7 +120,7 @@ def checkpoint_from_artifact(
     into the model with :func:`~rkv_convert.export.fuse.fuse_calibration` before running it.
     """
     config = _config_for(artifact, bits, recent_window, flush_block, max_sinks, key_bits, value_bits, group_meta,
-                         salient_tokens)  # fmt: skip
+                         salient_tokens, group_ranges)  # fmt: skip
     layers = [
         LayerTensors(
             key_mean=layer["key_mean"].float(),
@@ -147,16 +150,18 @@ def export_checkpoint(
     value_bits: list[int] | None = None,
     group_meta: GroupMeta = GroupMeta.FP16,
     salient_tokens: int = 0,
+    group_ranges: GroupRanges = GroupRanges.MINMAX,
 ) -> Path:
     """Fuse, verify and write the augmented checkpoint; returns the folder. ``key_bits``/``value_bits``:
     one width per layer (default: every layer at ``bits``); ``group_meta``: how the cache stores group
     scales and zeros (8-bit needs the folded key layout); ``salient_tokens``: prompt tokens per sequence and layer
-    the runtime keeps in full precision (``runtime.salient``)."""
+    the runtime keeps in full precision (``runtime.salient``); ``group_ranges``: how the cache writes set each
+    group's range (searched needs the folded key layout)."""
     out = Path(out_dir)
     check_output_dir(out, overwrite)
     _check_compatible(artifact, loaded, bits)
     config = _config_for(artifact, bits, recent_window, flush_block, max_sinks, key_bits, value_bits, group_meta,
-                         salient_tokens)  # fmt: skip
+                         salient_tokens, group_ranges)  # fmt: skip
     ranges = [_group_ranges(artifact, i, config.meta) for i in range(len(artifact.layers))]
     model = loaded.model
     before = _probe_logits(model)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..runtime.ops import apply_rope, fold_keys, unfold_keys
-from .quantizer import QuantizedTensor, dequantize, quantize
+from .quantizer import GroupRanges, QuantizedTensor, dequantize, quantize
 
 __all__ = ["KeyCodec", "FoldedKeyCodec", "ValueCodec", "rotate_groups", "folded_head_rotations"]
 
@@ -85,6 +85,7 @@ class FoldedKeyCodec:
     clip: float
     head_rotation: torch.Tensor | None = None  # [n_kv, d, d] learned R_h; None: rotation[:, perm_h]
     meta_base: float | None = None  # 8-bit group metadata (quantizer.GroupMeta.LOG8) with this base; None: fp16
+    ranges: GroupRanges = GroupRanges.MINMAX  # how the encoder sets each group's range
 
     def __post_init__(self) -> None:
         d = self.rotation.shape[0]
@@ -107,7 +108,8 @@ class FoldedKeyCodec:
 
     def encode(self, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> QuantizedTensor:
         """Pre-RoPE ``k [B, n_kv, T, d]``, the model's ``cos, sin [B, T, d]`` → quantized ``y``."""
-        return quantize(self.fold(k, cos, sin), self.bits, self.group_size, self.clip, meta_base=self.meta_base)
+        return quantize(self.fold(k, cos, sin), self.bits, self.group_size, self.clip, meta_base=self.meta_base,
+                        ranges=self.ranges)
 
     def decode(self, q: QuantizedTensor, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Post-RoPE keys ``[B, n_kv, T, d]`` from :meth:`encode`'s output at the same positions."""
@@ -126,9 +128,10 @@ class ValueCodec:
     group_size: int
     clip: float
     meta_base: float | None = None  # 8-bit group metadata with this base; None: fp16
+    ranges: GroupRanges = GroupRanges.MINMAX  # how the encoder sets each group's range
 
     def encode(self, v: torch.Tensor) -> QuantizedTensor:
-        return quantize(v, self.bits, self.group_size, self.clip, meta_base=self.meta_base)
+        return quantize(v, self.bits, self.group_size, self.clip, meta_base=self.meta_base, ranges=self.ranges)
 
     def decode(self, q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize(q, dtype)

@@ -22,6 +22,12 @@ byte each instead of two (``bits + 16/g`` bits per element instead of ``bits + 3
   range the rounding error does not depend on where the grid lies, so the zero only places its ends);
 - codes against the decoded ``(s', z')``: ``clamp(round((x - z') * (1/s')), 0, L)``, so the encoder
   absorbs the metadata's rounding.
+
+**Searched group ranges** (``ranges=GroupRanges.SEARCHED``): the encoder tries, per group, the range
+``clip * [min, max]`` and then ``[a * min, b * max]`` for ``a, b`` in :data:`RANGE_FRACTIONS` of the code width, in
+that order (:func:`range_candidates`), and keeps the first with the smallest squared error ``Σ (x̂ - x)²`` of the
+group as stored (scale and zero rounded to their storage first). What is stored is unchanged (codes, scale and
+zero), so readers need nothing new; only the encoder works harder.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import torch
 __all__ = [
     "QuantizedTensor", "GroupMeta", "quantize", "dequantize", "fake_quantize", "bits_per_element", "SCALE_FLOOR",
     "meta_scale_base", "group_scale_zero", "encode_group_meta", "stored_group_meta", "group_codes",
+    "GroupRanges", "RANGE_FRACTIONS", "range_candidates",
 ]  # fmt: skip
 
 SCALE_FLOOR = 2.0**-14  # smallest normal fp16: constant groups still get a finite, exact scale
@@ -58,6 +65,29 @@ class GroupMeta(str, Enum):
     def dtypes(self) -> tuple[torch.dtype, torch.dtype]:
         """Storage dtypes of the scale and the zero."""
         return (torch.float16, torch.float16) if self is GroupMeta.FP16 else (torch.uint8, torch.int8)
+
+
+class GroupRanges(str, Enum):
+    """How the encoder sets each group's range: ``minmax`` (``clip * [min, max]``) or ``searched`` (the best of
+    :func:`range_candidates` by squared error; module docstring)."""
+
+    MINMAX = "minmax"
+    SEARCHED = "searched"
+
+
+RANGE_FRACTIONS: dict[int, tuple[float, float]] = {2: (0.8, 0.6), 3: (1.0, 0.85), 4: (1.0, 0.9)}
+"""Per code width, the two fractions of a group's min and max that searched ranges try: 2-bit groups clip harder
+than 3-bit ones (2 and 3 bits chosen on development text among four grids, docs/accuracy.md; 4 bits unmeasured,
+one step milder than 3 bits)."""
+
+
+def range_candidates(bits: int, clip: float) -> list[tuple[float, float]]:
+    """``(a, b)`` pairs a searched encoder tries, in order: ranges ``[a * min, b * max]``; the first is the
+    layer's clip."""
+    if bits not in RANGE_FRACTIONS:
+        raise ValueError(f"searched group ranges are defined for {sorted(RANGE_FRACTIONS)}-bit codes, got {bits}")
+    fractions = RANGE_FRACTIONS[bits]
+    return [(clip, clip)] + [(a, b) for a in fractions for b in fractions]
 
 
 @dataclass
@@ -125,6 +155,30 @@ def group_codes(grouped: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, 
     return ((grouped - zero.unsqueeze(-1)) * (1.0 / scale).unsqueeze(-1)).round().clamp_(0, levels(bits))
 
 
+def _group_error(grouped: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Squared error ``[..., G]`` of each group of ``grouped [..., G, g]`` stored with decoded ``scale, zero``."""
+    codes = group_codes(grouped, scale, zero, bits)
+    return (codes * scale.unsqueeze(-1) + zero.unsqueeze(-1) - grouped).square().sum(-1)
+
+
+def _group_meta(grouped: torch.Tensor, bits: int, clip: float, meta_base: float | None,
+                ranges: GroupRanges) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stored ``(scale, zero)`` of each group of ``grouped [..., G, g]`` (fp32) by ``ranges``."""
+    mx, mn = grouped.amax(-1), grouped.amin(-1)
+    if ranges is GroupRanges.MINMAX:
+        return stored_group_meta(mx * clip, mn * clip, bits, meta_base)
+    best = None
+    for a, b in range_candidates(bits, clip):
+        scale, zero = stored_group_meta(mx * b, mn * a, bits, meta_base)
+        err = _group_error(grouped, *group_scale_zero(scale, zero, meta_base), bits)
+        if best is None:
+            best = err, scale, zero
+            continue
+        better = err < best[0]
+        best = torch.where(better, err, best[0]), torch.where(better, scale, best[1]), torch.where(better, zero, best[2])
+    return best[1], best[2]
+
+
 def _check(x: torch.Tensor, bits: int, group_size: int, clip: float) -> None:
     if bits not in (2, 3, 4, 8):
         raise ValueError(f"bits must be 2, 3, 4 or 8, got {bits}")
@@ -136,10 +190,11 @@ def _check(x: torch.Tensor, bits: int, group_size: int, clip: float) -> None:
 
 def quantize(
     x: torch.Tensor, bits: int, group_size: int, clip: float = 1.0, perm: torch.Tensor | None = None,
-    meta_base: float | None = None,
+    meta_base: float | None = None, ranges: GroupRanges = GroupRanges.MINMAX,
 ) -> QuantizedTensor:
     """Quantize ``x [..., C]`` per row in groups of ``group_size`` channels (see module docstring);
-    ``meta_base``: store scale and zero as 8-bit codes with this base instead of fp16."""
+    ``meta_base``: store scale and zero as 8-bit codes with this base instead of fp16; ``ranges``: how each
+    group's range is set."""
     _check(x, bits, group_size, clip)
     if meta_base is not None and not (math.isfinite(meta_base) and meta_base > 0):
         raise ValueError(f"meta_base must be a positive finite number, got {meta_base}")
@@ -147,7 +202,7 @@ def quantize(
     if perm is not None:
         xf = xf.index_select(-1, perm)
     grouped = xf.reshape(*xf.shape[:-1], -1, group_size)
-    scale, zero = stored_group_meta(grouped.amax(-1) * clip, grouped.amin(-1) * clip, bits, meta_base)
+    scale, zero = _group_meta(grouped, bits, clip, meta_base, GroupRanges(ranges))
     s, z = group_scale_zero(scale, zero, meta_base)
     codes = group_codes(grouped, s, z, bits).to(torch.uint8).reshape(xf.shape)
     if perm is not None:
@@ -171,7 +226,7 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.
 
 def fake_quantize(
     x: torch.Tensor, bits: int, group_size: int, clip: float = 1.0, perm: torch.Tensor | None = None,
-    meta_base: float | None = None,
+    meta_base: float | None = None, ranges: GroupRanges = GroupRanges.MINMAX,
 ) -> torch.Tensor:
     """``dequantize(quantize(x))`` in ``x``'s dtype: what a reader of the cache gets back."""
-    return dequantize(quantize(x, bits, group_size, clip, perm, meta_base), x.dtype)
+    return dequantize(quantize(x, bits, group_size, clip, perm, meta_base, ranges), x.dtype)

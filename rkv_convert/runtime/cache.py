@@ -68,7 +68,7 @@ from ..kernels.packed_kv import PackedKV
 from ..kernels.quantize_pack import quantize_pack
 from ..models.adapters import adapter_for, attention_modules, decoder_layers, layer_rope
 from ..quant.packing import packed_width
-from ..quant.quantizer import GroupMeta
+from ..quant.quantizer import GroupMeta, GroupRanges
 
 __all__ = ["CacheSettings", "RkvCacheLayer", "RkvCache", "store_capacity"]
 
@@ -553,8 +553,9 @@ class RkvCacheLayer(CacheLayerMixin):
         if c.folded:  # y = (k_post - RoPE_n(mu)) @ R_h, groups of consecutive channels (kernels.encode_folded)
             rows = self._encode_folded(key, value, pos)
             return {name: getattr(rows, name) for name in PackedKV._fields[:7]}
-        if c.meta is not GroupMeta.FP16:  # RkvConfig.validate refuses it for a checkpoint
-            raise ValueError(f"{c.meta.value} group metadata is written by the folded layout only")
+        if c.meta is not GroupMeta.FP16 or c.ranges is not GroupRanges.MINMAX:  # RkvConfig.validate refuses them
+            raise ValueError(f"{c.meta.value} group metadata and {c.ranges.value} group ranges: the pre-RoPE layout "
+                             "writes fp16 metadata and min-max ranges only")  # fmt: skip
         rows = key.transpose(1, 2).reshape(b, n, c.num_head_groups, c.group_channels)
         k_codes, k_scale, k_zero = (
             t.transpose(1, 2)

@@ -14,7 +14,7 @@ from ..kernels.decode_attention import PreparedRotation, prepare_rotation
 from ..kernels.folded_params import FoldedParams
 from ..kernels.quantize_pack import group_ids_from_perm
 from ..quant.codec import folded_head_rotations
-from ..quant.quantizer import GroupMeta
+from ..quant.quantizer import GroupMeta, GroupRanges
 
 __all__ = ["LayerCodec"]
 
@@ -39,6 +39,7 @@ class LayerCodec:
     key_layout: str = KeyLayout.PREROPE.value
     head_rotation: torch.Tensor | None = None  # folded: fp32 [n_kv, d, d], R_h = rotation[:, perm_h]
     meta_bases: tuple[float, float] | None = None  # 8-bit group metadata: (key base, value base); None: fp16
+    ranges: GroupRanges = GroupRanges.MINMAX  # how the cache writes set each group's range (folded layout)
     _prepared: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -76,6 +77,7 @@ class LayerCodec:
                 attention_scaling=float(attention_scaling), sm_scale=float(sm_scale), bits=self.key_bits,
                 v_bits=self.value_bits,
                 g_k=self.key_group_size, g_v=self.value_group_size, softcap=softcap, meta_bases=self.meta_bases,
+                ranges=self.ranges,
             )
         return self._prepared[key]
 
@@ -133,4 +135,5 @@ class LayerCodec:
             key_layout=config.key_layout,
             head_rotation=head_rotation,
             meta_bases=None if config.meta is GroupMeta.FP16 else layer.meta_bases(key_bits, value_bits),
+            ranges=config.ranges,
         )

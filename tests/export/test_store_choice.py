@@ -9,7 +9,7 @@ from rkv_convert.calibrate.run import CalibrationOptions, calibrate
 from rkv_convert.export.format import CheckpointError
 from rkv_convert.export.store_choice import choose_store
 from rkv_convert.models.loading import load_model
-from rkv_convert.quant.quantizer import GroupMeta
+from rkv_convert.quant.quantizer import GroupMeta, GroupRanges
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def _with_layout(art, layout: str):
 def test_folded_default_is_log8_with_half_the_key_layers_raised(artifact, bits) -> None:
     store = choose_store(artifact, bits, None, None)
     errors = [layer["key_error_by_bits"].tolist() for layer in artifact.layers]
-    assert store.group_meta is GroupMeta.LOG8
+    assert store.group_meta is GroupMeta.LOG8 and store.group_ranges is GroupRanges.SEARCHED
     assert store.key_bits == key_bits_by_error(errors, bits, len(artifact.layers) // 2)
     assert sorted(store.key_bits) == [bits, bits, bits + 1, bits + 1]
     assert store.note.startswith("--key-bits auto: keys at")
@@ -38,7 +38,7 @@ def test_folded_default_is_log8_with_half_the_key_layers_raised(artifact, bits) 
 @pytest.mark.parametrize("layout,bits", [("prerope", 2), ("prerope", 3), ("folded", 4)])
 def test_plain_store_where_log8_was_not_measured(artifact, layout, bits) -> None:
     store = choose_store(_with_layout(artifact, layout), bits, None, None)
-    assert (store.group_meta, store.key_bits) == (GroupMeta.FP16, [bits] * 4)
+    assert (store.group_meta, store.key_bits, store.group_ranges) == (GroupMeta.FP16, [bits] * 4, GroupRanges.MINMAX)
 
 
 def test_given_options_win(artifact) -> None:
@@ -49,6 +49,10 @@ def test_given_options_win(artifact) -> None:
         choose_store(artifact, 4, "auto", None)
     with pytest.raises(CheckpointError, match="one of auto, retrieval"):
         choose_store(artifact, 2, "widest", None)
+    assert choose_store(artifact, 2, None, None, GroupRanges.MINMAX).group_ranges is GroupRanges.MINMAX
+    assert choose_store(artifact, 4, None, None, GroupRanges.SEARCHED).group_ranges is GroupRanges.SEARCHED
+    with pytest.raises(CheckpointError, match="--group-ranges searched needs the folded key layout"):
+        choose_store(_with_layout(artifact, "prerope"), 2, None, None, GroupRanges.SEARCHED)
 
 
 def test_an_artifact_without_key_errors_is_refused_with_the_fix(artifact) -> None:

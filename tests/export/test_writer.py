@@ -115,8 +115,8 @@ def test_config_validation_messages() -> None:
         RkvConfig(**base | dict(num_key_value_heads=4))
     with pytest.raises(CheckpointError, match="bits"):
         RkvConfig(**base | dict(bits=5))
-    with pytest.raises(CheckpointError, match="version 6.*re-export"):
-        RkvConfig.from_dict(RkvConfig(**base).to_dict() | {"version": 6})
+    with pytest.raises(CheckpointError, match="version 7.*re-export"):
+        RkvConfig.from_dict(RkvConfig(**base).to_dict() | {"version": 7})
     with pytest.raises(CheckpointError, match="unknown"):
         RkvConfig.from_dict(RkvConfig(**base).to_dict() | {"colour": "red"})
 

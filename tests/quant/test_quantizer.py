@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from rkv_convert.quant.packing import PackLayout, layout_for_bits, pack_codes, packed_width, unpack_codes
-from rkv_convert.quant.quantizer import GroupMeta, group_scale_zero, meta_scale_base, SCALE_FLOOR, bits_per_element, dequantize, fake_quantize, quantize
+from rkv_convert.quant.quantizer import (RANGE_FRACTIONS, SCALE_FLOOR, GroupMeta, GroupRanges, bits_per_element, dequantize,
+                                         fake_quantize, group_scale_zero, meta_scale_base, quantize, range_candidates,
+                                         stored_group_meta)
 
 
 def _naive_quantize(x: torch.Tensor, bits: int, g: int, clip: float, perm: torch.Tensor | None):
@@ -127,3 +129,36 @@ def test_log8_scale_codes_saturate_outside_the_calibrated_range() -> None:
     assert q.scale.flatten().tolist() == [255, 0] and torch.isfinite(dequantize(q)).all()
     with pytest.raises(ValueError, match="meta_base"):
         quantize(x, 2, 64, meta_base=0.0)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("meta_base", [None, 1e-3])
+def test_searched_ranges_take_the_best_candidate(bits: int, meta_base: float | None) -> None:
+    """Searched ranges: every group's error is the smallest over ``range_candidates`` (each candidate's error
+    computed here from its own range), so never above min-max ranges at the layer's clip, and clearly below
+    them overall at 2 bits."""
+    torch.manual_seed(bits)
+    x = torch.randn(3, 40, 128) * torch.rand(128) * 3 + torch.randn(128)
+    clip, g = 0.9, 32
+    grouped = x.reshape(3, 40, -1, g)
+    errs = []
+    for a, b in range_candidates(bits, clip):
+        scale, zero = stored_group_meta(grouped.amax(-1) * b, grouped.amin(-1) * a, bits, meta_base)
+        s, z = group_scale_zero(scale, zero, meta_base)
+        codes = ((grouped - z[..., None]) / s[..., None]).round().clamp(0, 2**bits - 1)
+        errs.append((codes * s[..., None] + z[..., None] - grouped).square().sum(-1))
+    best = torch.stack(errs).min(0).values
+    searched = dequantize(quantize(x, bits, g, clip, meta_base=meta_base, ranges=GroupRanges.SEARCHED))
+    minmax = dequantize(quantize(x, bits, g, clip, meta_base=meta_base))
+    err_s = (searched - x).reshape(3, 40, -1, g).square().sum(-1)
+    err_m = (minmax - x).reshape(3, 40, -1, g).square().sum(-1)
+    torch.testing.assert_close(err_s, best, rtol=1e-4, atol=1e-6)
+    assert (err_s <= err_m * (1 + 1e-5) + 1e-7).all()
+    if bits == 2:
+        assert err_s.sum() < 0.8 * err_m.sum()
+
+
+def test_range_candidates() -> None:
+    assert range_candidates(2, 0.9) == [(0.9, 0.9)] + [(a, b) for a in RANGE_FRACTIONS[2] for b in RANGE_FRACTIONS[2]]
+    with pytest.raises(ValueError, match="searched group ranges"):
+        range_candidates(8, 1.0)
