@@ -130,10 +130,12 @@ def _stored_meta(mn, mx, lo_frac, hi_frac, scale_floor, meta_base, LEVELS: tl.co
                  USE_LIBDEVICE: tl.constexpr):  # fmt: skip
     """``(stored scale, stored zero, fp32 scale, fp32 zero)`` of groups with range ``[lo_frac*min, hi_frac*max]``
     (fp16, or ``META8``: 8-bit codes with ``meta_base``; ``quant.quantizer.stored_group_meta``)."""
-    if META8:
-        return _meta8(mn, mx, lo_frac, hi_frac, scale_floor, meta_base, LEVELS, USE_LIBDEVICE)
-    scale16, zero16 = _scale_zero(mn, mx, lo_frac, hi_frac, scale_floor, LEVELS, USE_LIBDEVICE)
-    return scale16, zero16, scale16.to(tl.float32), zero16.to(tl.float32)
+    if META8:  # one return statement: the branches' stored types differ
+        stored_s, stored_z, scale, zero = _meta8(mn, mx, lo_frac, hi_frac, scale_floor, meta_base, LEVELS, USE_LIBDEVICE)
+    else:
+        stored_s, stored_z = _scale_zero(mn, mx, lo_frac, hi_frac, scale_floor, LEVELS, USE_LIBDEVICE)
+        scale, zero = stored_s.to(tl.float32), stored_z.to(tl.float32)
+    return stored_s, stored_z, scale, zero
 
 
 @triton.jit
