@@ -86,7 +86,7 @@ def run(args: argparse.Namespace, copy_gbs: float) -> list[dict[str, object]]:
                 row = {"shape": shape, "sequences": B, "tokens": n, "bits": args.bits, "group_meta": args.group_meta,
                        "group_ranges": args.group_ranges, "g_k": args.key_group,
                        "g_v": args.value_group, "block_t": block_t or ENCODE_DEFAULTS["block_t"],
-                       "num_warps": warps or ENCODE_DEFAULTS["num_warps"], "fused_ms": ms, "GBs": gbs,
+                       "num_warps": warps or (8 if p.ranges is GroupRanges.SEARCHED else ENCODE_DEFAULTS["num_warps"]), "fused_ms": ms, "GBs": gbs,
                        "pct_of_copy": 100 * gbs / copy_gbs, "composed_ms": composed if composed is not None else "",
                        "speedup_vs_composed": composed / ms if composed is not None else ""}  # fmt: skip
                 rows.append(row)

@@ -59,16 +59,18 @@ __all__ = ["encode_folded", "encode_folded_ref", "encode_folded_supports"]
 ENCODE_DEFAULTS: dict[str, int] = {"block_t": 64, "num_warps": 4, "maxnreg": 168}
 
 
-def _launch(head_dim: int, fp16_dots: bool, block_t: int | None, num_warps: int | None) -> tuple[int, dict[str, int]]:
-    """``(block_t, launch options)``. fp16/bf16 keys: ``ENCODE_DEFAULTS`` below head dim 256; at 256, 8 warps and
-    no register cap. fp32 keys (IEEE fp32 dots): 8 warps, 64 tokens at head dim 64 and 16 above, no cap. For
+def _launch(head_dim: int, fp16_dots: bool, block_t: int | None, num_warps: int | None,
+            search: bool = False) -> tuple[int, dict[str, int]]:  # fmt: skip
+    """``(block_t, launch options)``. fp16/bf16 keys: ``ENCODE_DEFAULTS`` below head dim 256, with 8 warps when
+    the group ranges are searched (H200, llama2-7b heads, 16 x 4,096 tokens: 3.8 ms against 10.6 ms with 4 warps;
+    16 or 32 tokens per program were slower); at 256, 8 warps and no register cap. fp32 keys (IEEE fp32 dots): 8 warps, 64 tokens at head dim 64 and 16 above, no cap. For
     sm_90 the former settings (64 tokens x 4 warps capped at 168 registers; 32 x 8 at head dim 256) spilled 7
     and 15 KB per thread at head dims 128 and 256 and took 10-14 s to compile on a CPU; 16 x 8 spills 80 B and
     6.7 KB and compiles in 1-4 s (seventh session; fp32 writes are not timed on a GPU: the benchmarks run fp16)."""
     if not fp16_dots:
         default_t, options = (64 if head_dim <= 64 else 16), {"num_warps": 8}
     elif head_dim < 256:
-        default_t, options = ENCODE_DEFAULTS["block_t"], {"num_warps": ENCODE_DEFAULTS["num_warps"],
+        default_t, options = ENCODE_DEFAULTS["block_t"], {"num_warps": 8 if search else ENCODE_DEFAULTS["num_warps"],
                                                           "maxnreg": ENCODE_DEFAULTS["maxnreg"]}  # fmt: skip
     else:
         default_t, options = ENCODE_DEFAULTS["block_t"], {"num_warps": 8}
@@ -140,14 +142,17 @@ def _stored_meta(mn, mx, lo_frac, hi_frac, scale_floor, meta_base, LEVELS: tl.co
 
 @triton.jit
 def _group_error(x3, scale, zero, LEVELS: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
-    """Squared error ``[BLOCK_T, NG]`` of groups ``x3`` stored with fp32 ``scale, zero`` (``quant.quantizer``'s
-    ``_group_error``; the sum's order is the compiler's)."""
-    codes = _codes(x3, _reciprocal(scale)[:, :, None], zero[:, :, None], LEVELS, USE_LIBDEVICE).to(tl.float32)
-    if USE_LIBDEVICE:  # no FMA contraction: the reference's roundings
-        diff = libdevice.sub_rn(libdevice.add_rn(libdevice.mul_rn(codes, scale[:, :, None]), zero[:, :, None]), x3)
+    """Squared error ``[BLOCK_T, NG]`` of groups ``x3`` stored with fp32 ``scale, zero``, in the code domain
+    (``quant.quantizer``'s ``_group_error``; the sum's order is the compiler's). Full-rate ops only: the
+    rounding adds and subtracts ``1.5 * 2**23`` instead of converting to integers and back."""
+    t = (x3 - zero[:, :, None]) * _reciprocal(scale)[:, :, None]
+    c = tl.minimum(tl.maximum(t, 0.0), LEVELS * 1.0)
+    if USE_LIBDEVICE:  # explicit IEEE adds: the compiler must not fold (c + m) - m into c
+        c = libdevice.sub_rn(libdevice.add_rn(c, 12582912.0), 12582912.0)
     else:
-        diff = codes * scale[:, :, None] + zero[:, :, None] - x3
-    return tl.sum(diff * diff, axis=2)
+        c = (c + 12582912.0) - 12582912.0
+    d = c - t
+    return tl.sum(d * d, axis=2) * (scale * scale)
 
 
 @triton.jit
@@ -292,7 +297,8 @@ def encode_folded(
     if b * n == 0:
         return rows
     fp16_dots = key.dtype != torch.float32
-    block_t, launch = _launch(d, fp16_dots, block_t, num_warps)
+    search = params.ranges is GroupRanges.SEARCHED
+    block_t, launch = _launch(d, fp16_dots, block_t, num_warps, search)
     (k_f0, k_f1), (v_f0, v_f1) = RANGE_FRACTIONS[params.bits], RANGE_FRACTIONS[params.value_bits]
     rotation, mean, inv_freq = params.encode_operands(key.device, fp16_dots)
     with device_guard(key):  # Triton launches on the current device
@@ -302,7 +308,7 @@ def encode_folded(
             params.key_meta_base or 1.0, params.value_meta_base or 1.0, *strides,
             D=d, K_BITS=params.bits, V_BITS=params.value_bits, GK=params.g_k, GV=params.g_v,
             BLOCK_T=block_t, FP16_DOTS=fp16_dots, META8=params.meta_bases is not None,
-            SEARCH=params.ranges is GroupRanges.SEARCHED, K_F0=k_f0, K_F1=k_f1, V_F0=v_f0, V_F1=v_f1,
+            SEARCH=search, K_F0=k_f0, K_F1=k_f1, V_F0=v_f0, V_F1=v_f1,
             USE_LIBDEVICE=not triton_interpreting(), **launch,
         )  # fmt: skip
     return rows

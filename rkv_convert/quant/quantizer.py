@@ -26,7 +26,8 @@ byte each instead of two (``bits + 16/g`` bits per element instead of ``bits + 3
 **Searched group ranges** (``ranges=GroupRanges.SEARCHED``): the encoder tries, per group, the range
 ``clip * [min, max]`` and then ``[a * min, b * max]`` for ``a, b`` in :data:`RANGE_FRACTIONS` of the code width, in
 that order (:func:`range_candidates`), and keeps the first with the smallest squared error ``Σ (x̂ - x)²`` of the
-group as stored (scale and zero rounded to their storage first). What is stored is unchanged (codes, scale and
+group as stored (scale and zero rounded to their storage first; the error is taken in the code domain,
+``s² Σ (code - (x - z)/s)²``, as the write kernel does). What is stored is unchanged (codes, scale and
 zero), so readers need nothing new; only the encoder works harder.
 """
 
@@ -156,9 +157,10 @@ def group_codes(grouped: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, 
 
 
 def _group_error(grouped: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    """Squared error ``[..., G]`` of each group of ``grouped [..., G, g]`` stored with decoded ``scale, zero``."""
-    codes = group_codes(grouped, scale, zero, bits)
-    return (codes * scale.unsqueeze(-1) + zero.unsqueeze(-1) - grouped).square().sum(-1)
+    """Squared error ``[..., G]`` of each group of ``grouped [..., G, g]`` stored with decoded ``scale, zero``, in
+    the code domain: ``scale² Σ (code - t)²`` with ``t = (x - zero) / scale`` (what the write kernel computes)."""
+    t = (grouped - zero.unsqueeze(-1)) * (1.0 / scale).unsqueeze(-1)
+    return (t.round().clamp(0, levels(bits)) - t).square().sum(-1) * scale.square()
 
 
 def _group_meta(grouped: torch.Tensor, bits: int, clip: float, meta_base: float | None,
