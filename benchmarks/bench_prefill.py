@@ -2,8 +2,8 @@
 
 The serving engine prefills each request alone into a batch-1 cache (``Engine._prefill``'s forward: the
 model's own attention in full precision, then sinks, salient tokens, window and store written). This times
-that forward for the store ``rkv export`` writes by default (searched group ranges), the same with min-max ranges,
-and the plain store (fp16 group metadata, 2-bit keys and values, no salient tokens, min-max ranges), against the fp16 model's forward with transformers' own cache, on
+that forward for the store ``rkv export`` writes by default, the same with searched group ranges
+(``--group-ranges searched``), and the plain store (fp16 group metadata, 2-bit keys and values, no salient tokens), against the fp16 model's forward with transformers' own cache, on
 ``bench_serve.py``'s random LLaMA-2-7B shape: medians of ``--reps`` after one warm-up, wall time and the host
 time until the forward returned. ``--profile`` prints the CUDA kernels of one prefill of each, by self time.
 
@@ -27,6 +27,7 @@ from _timing import DEVICE, append_csv, print_table  # noqa: E402
 from bench_serve import SHAPES, _random_model  # noqa: E402
 
 from rkv_convert.export.writer import checkpoint_from_artifact  # noqa: E402
+from rkv_convert.quant.quantizer import GroupRanges  # noqa: E402
 from rkv_convert.runtime.cache import CacheSettings  # noqa: E402
 from rkv_convert.runtime.generate import RkvModel  # noqa: E402
 from rkv_convert.serve.engine import Engine, EngineConfig  # noqa: E402
@@ -65,11 +66,11 @@ def main() -> None:
     default, artifact, _ = calibrated_rkv(model, vocab=vocab, samples=8, seqlen=min(512, args.prompt), head_group=1,
                                           key_group=64, value_group=64, bits=2)  # fmt: skip
     cfg = default.checkpoint.config
-    minmax_ck = checkpoint_from_artifact(artifact, bits=2, key_bits=cfg.key_bits, group_meta=cfg.meta,
-                                         salient_tokens=cfg.salient_tokens)  # the default store, min-max ranges
+    searched_ck = checkpoint_from_artifact(artifact, bits=2, key_bits=cfg.key_bits, group_meta=cfg.meta,
+                                           salient_tokens=cfg.salient_tokens, group_ranges=GroupRanges.SEARCHED)
     plain_ck = checkpoint_from_artifact(artifact, bits=2)
     stores = {"default": default} | {name: RkvModel(model, ck, settings=CacheSettings.from_config(ck.config))
-                                     for name, ck in (("default, min-max ranges", minmax_ck), ("plain", plain_ck))}
+                                     for name, ck in (("default, searched ranges", searched_ck), ("plain", plain_ck))}
     ids = torch.randint(0, vocab, (1, args.prompt), device=DEVICE)
     positions = torch.arange(args.prompt, device=DEVICE)[None]
 

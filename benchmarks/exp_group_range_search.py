@@ -11,6 +11,9 @@ windows of an evaluation text, one-shot and deployed, with the search on keys, o
 No setting is chosen on the evaluation text here; this measures what the lever is worth.
 
     python benchmarks/exp_group_range_search.py CK --text ../shared/data/wikitext-2-raw/wiki.test.raw --windows 8
+
+``--grid`` takes one list of fractions for every code width, or one per width (``2:0.8,0.6/3:1.0,0.85``);
+``--dev-windows N`` scores the last N windows of ``pydoc`` (the defaults' development text) instead of ``--text``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _timing import print_table, report_row  # noqa: E402
 from _experiment import experiment_parser  # noqa: E402
 
+from rkv_convert.calibration_data.sources import development_windows, load_text  # noqa: E402
 from rkv_convert.evaluate.perplexity import perplexity, token_windows  # noqa: E402
 from rkv_convert.evaluate.schemes import RotateKV, build_scheme  # noqa: E402
 from rkv_convert.export.format import read_checkpoint  # noqa: E402
@@ -123,7 +127,7 @@ class SearchedKeys(FoldedKeyCodec):
 
     def encode(self, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> QuantizedTensor:
         return searched_quantize(self.fold(k, cos, sin), self.bits, self.group_size, self.clip, self.meta_base,
-                                 self.fractions, self.metric)  # fmt: skip
+                                 _for_bits(self.fractions, self.bits), self.metric)  # fmt: skip
 
 
 @dataclass
@@ -131,7 +135,25 @@ class SearchedValues(ValueCodec):
     fractions: tuple[float, ...] = ()
 
     def encode(self, v: torch.Tensor) -> QuantizedTensor:
-        return searched_quantize(v, self.bits, self.group_size, self.clip, self.meta_base, self.fractions)
+        return searched_quantize(v, self.bits, self.group_size, self.clip, self.meta_base, _for_bits(self.fractions, self.bits))
+
+
+def _for_bits(fractions, bits: int) -> tuple[float, ...]:
+    """The fractions a ``bits``-wide code tries: one tuple for all widths, or a dict by width."""
+    return fractions[bits] if isinstance(fractions, dict) else fractions
+
+
+def parse_grid(text: str) -> tuple[float, ...] | dict[int, tuple[float, ...]]:
+    """``--grid``: ``f,f,...`` for every width, or ``bits:f,f/bits:f,f`` per width."""
+    def fractions(part: str) -> tuple[float, ...]:
+        values = tuple(float(f) for f in part.split(","))
+        if not all(0.0 < f <= 1.0 for f in values):
+            raise SystemExit(f"--grid fractions must lie in (0, 1], got {part}")
+        return values
+
+    if ":" not in text:
+        return fractions(text)
+    return {int(bits): fractions(part) for bits, part in (item.split(":") for item in text.split("/"))}
 
 
 def with_search(codec, cls, fractions=None, **extra):
@@ -172,10 +194,10 @@ def main() -> None:
                    "(q: keys ranked by the calibration queries' weighted error), refit (least-squares refits of keys "
                    "and values, --refit-rounds)")
     p.add_argument("--refit-rounds", type=int, default=2)
+    p.add_argument("--dev-windows", type=int, default=0, help="score the last N x --length tokens of pydoc "
+                   "(development text) instead of --text")
     args = p.parse_args()
-    fractions = tuple(float(f) for f in args.grid.split(","))
-    if not all(0.0 < f <= 1.0 for f in fractions):
-        raise SystemExit(f"--grid fractions must lie in (0, 1], got {args.grid}")
+    fractions = parse_grid(args.grid)
     targets = args.targets.split(",")
     unknown = set(targets) - {"none", "keys", "values", "both", "qkeys", "qboth", "refit"}
     if unknown:
@@ -185,7 +207,10 @@ def main() -> None:
         raise SystemExit("the experiment needs a folded-key checkpoint (rkv calibrate's default)")
     model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32).eval().to(args.device)
     tok = AutoTokenizer.from_pretrained(args.checkpoint)
-    ids = token_windows(tok, args.text.read_text(encoding="utf-8"), args.length, args.windows)
+    if args.dev_windows:
+        ids = development_windows(load_text("pydoc"), tok, args.dev_windows, args.length)
+    else:
+        ids = token_windows(tok, args.text.read_text(encoding="utf-8"), args.length, args.windows)
     base = build_scheme("rotatekv", None, ck)
     fp = perplexity(model, ids, build_scheme("fp", None, ck), "oneshot", ck).perplexity
     keys = [with_search(c, SearchedKeys, fractions) for c in base.key_codecs]
@@ -206,7 +231,8 @@ def main() -> None:
             scheme = RotateKV(name=base.name, bits=base.bits, key_codecs=kc, value_codecs=vc)
             t0 = time.perf_counter()
             r = perplexity(model, ids, scheme, protocol, ck)
-            row = {"searched": target, "grid": len(fractions), "protocol": protocol, "windows": args.windows,
+            row = {"searched": target, "grid": args.grid, "text": "pydoc dev" if args.dev_windows else args.text.name,
+                   "protocol": protocol, "windows": ids.shape[0],
                    "length": args.length, "ppl": r.perplexity, "x_fp": r.perplexity / fp, "fp_ppl": fp,
                    "seconds": time.perf_counter() - t0}  # fmt: skip
             rows.append(row)

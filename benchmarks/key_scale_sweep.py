@@ -9,7 +9,7 @@ what the defaults' rule compares), and on ``--text`` windows of 1,024 and 8,192 
 Prints a table and appends rows to ``--csv``.
 
     python benchmarks/key_scale_sweep.py --text ../shared/data/wikitext-2-raw/wiki.test.raw --device cuda
-    python benchmarks/key_scale_sweep.py --text ... --exponents 1 --export-variants ";--group-ranges minmax"
+    python benchmarks/key_scale_sweep.py --text ... --exponents 1 --export-variants ";--group-ranges searched"
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path("rkv-out/key-scale"), help="artifacts and checkpoints go here")
     p.add_argument("--calibrate-args", default="", help="more `rkv calibrate` options, e.g. --no-learn-rotation")
     p.add_argument("--export-variants", default="", help="';'-separated `rkv export` options, one checkpoint each from "
-                   "the same calibration, e.g. ';--group-ranges minmax' (the defaults, then min-max ranges)")
+                   "the same calibration, e.g. ';--group-ranges searched' (the defaults, then searched group ranges)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--csv", type=Path, default=Path("benchmarks/results/key_scale_sweep.csv"))
     args = p.parse_args()

@@ -6,9 +6,10 @@ Chosen on measured accuracy (``docs/accuracy.md``, "Chosen defaults"): in the fo
 32 salient prompt tokens per sequence and layer stay in full precision. Together they keep passkey retrieval
 within 2 points of full precision to 8k tokens, where fp16 metadata with uniform widths loses 16. Elsewhere (the
 pre-RoPE layout, whose kernels read fp16 metadata only, and 4 bits, where 8-bit metadata was never measured) the
-store is fp16 metadata with every layer at ``bits``. In the folded layout at 2 and 3 bits the cache writes also
-search each group's range (``GroupRanges.SEARCHED``: 2.2 % lower perplexity on development text); elsewhere
-(the pre-RoPE layout, whose writer takes min-max ranges only, and 4 bits, unmeasured) ranges are min-max.
+store is fp16 metadata with every layer at ``bits``. Group ranges stay min-max unless asked: searched ranges
+(``GroupRanges.SEARCHED``, folded layout only) lower perplexity (3.6 % on development text) but lost 4 points of
+passkey retrieval at 8k tokens on two calibrations and make the cache writes about 4x slower
+(``docs/accuracy.md``, "Searched group ranges").
 """
 
 from __future__ import annotations
@@ -41,11 +42,6 @@ def _default_meta(artifact: CalibrationArtifact, bits: int) -> GroupMeta:
     return GroupMeta.LOG8 if folded and bits in LOG8_BITS else GroupMeta.FP16
 
 
-def _default_ranges(artifact: CalibrationArtifact, bits: int) -> GroupRanges:
-    folded = artifact.key_layout == KeyLayout.FOLDED.value
-    return GroupRanges.SEARCHED if folded and bits in LOG8_BITS else GroupRanges.MINMAX
-
-
 def _raised_key_bits(artifact: CalibrationArtifact, bits: int, rule: str) -> list[int]:
     """Half the layers' keys above ``bits``: by calibrated key error (``auto``) or retrieval heads first."""
     needs = ("key_error_by_bits",) if rule == "auto" else ("key_error_by_bits", "key_induction")
@@ -73,9 +69,9 @@ def choose_store(
     ``key_bits``: one width per layer, a rule in :data:`KEY_BITS_RULES`, or ``None`` (``auto`` under 8-bit metadata,
     where the quarter bit it saves pays for the raised layers; every layer at ``bits`` under fp16 metadata).
     ``group_meta``: ``None`` picks 8-bit metadata in the folded layout at 2 or 3 bits, else fp16.
-    ``group_ranges``: ``None`` picks searched ranges in the folded layout at 2 or 3 bits, else min-max."""
+    ``group_ranges``: ``None`` picks min-max ranges (searched: folded layout only)."""
     meta = _default_meta(artifact, bits) if group_meta is None else group_meta
-    ranges = _default_ranges(artifact, bits) if group_ranges is None else group_ranges
+    ranges = GroupRanges.MINMAX if group_ranges is None else group_ranges
     if ranges is GroupRanges.SEARCHED and artifact.key_layout != KeyLayout.FOLDED.value:
         raise CheckpointError("--group-ranges searched needs the folded key layout (the pre-RoPE writer takes min-max "
                               "ranges); pass --group-ranges minmax or calibrate with --key-layout folded")  # fmt: skip

@@ -29,7 +29,7 @@ def _with_layout(art, layout: str):
 def test_folded_default_is_log8_with_half_the_key_layers_raised(artifact, bits) -> None:
     store = choose_store(artifact, bits, None, None)
     errors = [layer["key_error_by_bits"].tolist() for layer in artifact.layers]
-    assert store.group_meta is GroupMeta.LOG8 and store.group_ranges is GroupRanges.SEARCHED
+    assert store.group_meta is GroupMeta.LOG8 and store.group_ranges is GroupRanges.MINMAX
     assert store.key_bits == key_bits_by_error(errors, bits, len(artifact.layers) // 2)
     assert sorted(store.key_bits) == [bits, bits, bits + 1, bits + 1]
     assert store.note.startswith("--key-bits auto: keys at")
@@ -49,7 +49,7 @@ def test_given_options_win(artifact) -> None:
         choose_store(artifact, 4, "auto", None)
     with pytest.raises(CheckpointError, match="one of auto, retrieval"):
         choose_store(artifact, 2, "widest", None)
-    assert choose_store(artifact, 2, None, None, GroupRanges.MINMAX).group_ranges is GroupRanges.MINMAX
+    assert choose_store(artifact, 2, None, None, GroupRanges.SEARCHED).group_ranges is GroupRanges.SEARCHED
     assert choose_store(artifact, 4, None, None, GroupRanges.SEARCHED).group_ranges is GroupRanges.SEARCHED
     with pytest.raises(CheckpointError, match="--group-ranges searched needs the folded key layout"):
         choose_store(_with_layout(artifact, "prerope"), 2, None, None, GroupRanges.SEARCHED)
