@@ -44,7 +44,8 @@ def _score(args: argparse.Namespace, ck_dir: Path, text: str, lengths: list[int]
     ck = read_checkpoint(ck_dir)
     model = AutoModelForCausalLM.from_pretrained(ck_dir, dtype=torch.float32).to(args.device).eval()
     tok = AutoTokenizer.from_pretrained(ck_dir)
-    cases = [("pydoc dev", development_windows(load_text("pydoc"), tok, args.dev_windows, 1024), ("sinks", "oneshot", "deployed"))]
+    cases = [("pydoc dev", development_windows(load_text("pydoc"), tok, args.dev_windows, 1024), ("sinks", "oneshot", "deployed"))
+             ] if args.dev_windows else []  # fmt: skip
     cases += [(args.text.name, token_windows(tok, text, n, c), ("oneshot", "deployed")) for n, c in zip(lengths, counts)]
     rows = []
     for where, ids, protocols in cases:
@@ -67,7 +68,7 @@ def main() -> None:
     p.add_argument("--text", type=Path, required=True, help="evaluation text (never used to choose)")
     p.add_argument("--lengths", default="1024,8192")
     p.add_argument("--windows", default="24,4", help="windows per length")
-    p.add_argument("--dev-windows", type=int, default=4)
+    p.add_argument("--dev-windows", type=int, default=4, help="development windows (0: none)")
     p.add_argument("--work", type=Path, default=Path("rkv-out/key-scale"), help="artifacts and checkpoints go here")
     p.add_argument("--calibrate-args", default="", help="more `rkv calibrate` options, e.g. --no-learn-rotation")
     p.add_argument("--export-variants", default="", help="';'-separated `rkv export` options, one checkpoint each from "
