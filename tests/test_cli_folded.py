@@ -80,13 +80,19 @@ def test_folded_calibrate_export_eval_run(tmp_path) -> None:
     ck8 = tmp_path / "ck8"
     bad = runner.invoke(app, ["export", "--calibration", str(cal), "--out", str(ck8), "--group-meta", "int8"])
     assert bad.exit_code == 2 and "--group-meta takes one of fp16, log8" in " ".join(bad.output.split())
+    bad = runner.invoke(app, ["export", "--calibration", str(cal), "--out", str(ck8), "--group-ranges", "best"])
+    assert bad.exit_code == 2 and "--group-ranges takes one of minmax, searched" in " ".join(bad.output.split())
+    assert not ck8.exists()
+    # with searched group ranges: eval's codecs and the runtime's writes below take them
     exported = runner.invoke(app, ["export", "--calibration", str(cal), "--out", str(ck8), "--bits", "2", "--group-meta",
                                    "log8", "--key-bits", "auto", "--recent-window", "4", "--flush-block", "4",
-                                   "--max-sinks", "1", "--salient-tokens", "2"])  # fmt: skip
+                                   "--max-sinks", "1", "--salient-tokens", "2", "--group-ranges", "searched"])  # fmt: skip
     _ok(exported)
     assert "--key-bits auto: keys at 3 bits in layers" in " ".join(exported.output.split())
+    assert "searched group ranges" in " ".join(exported.output.split())
     config = read_checkpoint(ck8).config
     assert config.group_meta == "log8" and sorted(config.key_bits) == [2, 3]  # half of the 2 layers raised
+    assert config.group_ranges == "searched"
     assert config.salient_tokens == 2  # `rkv run` below prefills with them
     assert config.key_bits_per_element == (3.5 + 2.5) / 2  # groups of 32: 16/32 bit
     result = runner.invoke(app, ["eval", str(ck8), "--text", str(evaltext), "--windows", "1", "--length", "64",

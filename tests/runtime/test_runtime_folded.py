@@ -40,13 +40,16 @@ def test_folded_decode_matches_evaluation_reference(family, head_dim, n_kv, bits
     check_decode_against_reference(tiny_model(family, head_dim=head_dim, n_kv=n_kv), bits, pad, settings, key_layout="folded")
 
 
+@pytest.mark.parametrize("ranges", ["minmax", "searched"])
 @pytest.mark.parametrize("backend", ["reference", "auto"])
-def test_log8_group_metadata_decode_matches_evaluation_reference(backend: str) -> None:
-    """8-bit group metadata and mixed key widths: the packed cache (reference ops, or the Triton kernels: CUDA or
-    the interpreter) decodes as the evaluation codecs do, and its scale and zero codes are what they store."""
+def test_log8_group_metadata_decode_matches_evaluation_reference(backend: str, ranges: str) -> None:
+    """8-bit group metadata and mixed key widths, with min-max or searched group ranges: the packed cache
+    (reference ops, or the Triton kernels: CUDA or the interpreter) decodes as the evaluation codecs do, and its
+    scale and zero codes are what they store."""
     model = tiny_model("llama", head_dim=64, n_kv=2)
     ckpt = make_checkpoint(model, bits=2, key_group_size=32, value_group_size=16, sink_quantile=0.9,
                            key_layout="folded", group_meta="log8")  # fmt: skip
+    ckpt.config.group_ranges = ranges
     ckpt.config.key_bits = [3] + [2] * (ckpt.config.num_layers - 1)
     ckpt.config.value_bits = [2] * ckpt.config.num_layers
     settings = CacheSettings(recent_window=4, flush_block=4, max_sinks=2)
@@ -57,7 +60,7 @@ def test_log8_group_metadata_decode_matches_evaluation_reference(backend: str) -
     tol = 1e-4 if backend == "reference" else 1e-3
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
     layer = cache.layers[0]
-    assert layer.n_quant > 0 and layer.codec.key_bits == 3
+    assert layer.n_quant > 0 and layer.codec.key_bits == 3 and layer.codec.ranges.value == ranges
     assert layer.k_scale.dtype == torch.uint8 and layer.k_zero.dtype == torch.int8 and layer.v_zero.dtype == torch.int8
     used = layer.k_scale[:, :, : layer.n_quant].transpose(1, 2)[layer.pos[:, : layer.n_quant] >= 0]
     assert 0 < used.min() and used.max() < 255  # the calibrated base keeps the scale codes inside their range
