@@ -150,35 +150,35 @@ def stored_group_meta(hi: torch.Tensor, lo: torch.Tensor, bits: int, meta_base: 
     return encode_group_meta(hi, lo, bits, meta_base)
 
 
+def _code_domain(grouped: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """``(x - zero) * (1/scale)`` of ``grouped [..., G, g]`` with each group's decoded fp32 ``scale, zero [..., G]``."""
+    return (grouped - zero.unsqueeze(-1)) * (1.0 / scale).unsqueeze(-1)
+
+
 def group_codes(grouped: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     """fp32 codes ``clamp(round((x - zero) * (1/scale)), 0, 2**bits-1)`` of ``grouped [..., G, g]`` against
     each group's decoded fp32 ``scale, zero [..., G]``."""
-    return ((grouped - zero.unsqueeze(-1)) * (1.0 / scale).unsqueeze(-1)).round().clamp_(0, levels(bits))
+    return _code_domain(grouped, scale, zero).round().clamp_(0, levels(bits))
 
 
 def _group_error(grouped: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     """Squared error ``[..., G]`` of each group of ``grouped [..., G, g]`` stored with decoded ``scale, zero``, in
     the code domain: ``scale² Σ (code - t)²`` with ``t = (x - zero) / scale`` (what the write kernel computes)."""
-    t = (grouped - zero.unsqueeze(-1)) * (1.0 / scale).unsqueeze(-1)
-    return (t.round().clamp(0, levels(bits)) - t).square().sum(-1) * scale.square()
+    t = _code_domain(grouped, scale, zero)
+    return (t.round().clamp_(0, levels(bits)) - t).square().sum(-1) * scale.square()
 
 
 def _group_meta(grouped: torch.Tensor, bits: int, clip: float, meta_base: float | None,
                 ranges: GroupRanges) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stored ``(scale, zero)`` of each group of ``grouped [..., G, g]`` (fp32) by ``ranges``."""
+    """Stored ``(scale, zero)`` of each group of ``grouped [..., G, g]`` (fp32) by ``ranges``; searched: the first
+    candidate with the least error."""
     mx, mn = grouped.amax(-1), grouped.amin(-1)
     if ranges is GroupRanges.MINMAX:
         return stored_group_meta(mx * clip, mn * clip, bits, meta_base)
-    best = None
-    for a, b in range_candidates(bits, clip):
-        scale, zero = stored_group_meta(mx * b, mn * a, bits, meta_base)
-        err = _group_error(grouped, *group_scale_zero(scale, zero, meta_base), bits)
-        if best is None:
-            best = err, scale, zero
-            continue
-        better = err < best[0]
-        best = torch.where(better, err, best[0]), torch.where(better, scale, best[1]), torch.where(better, zero, best[2])
-    return best[1], best[2]
+    metas = [stored_group_meta(mx * b, mn * a, bits, meta_base) for a, b in range_candidates(bits, clip)]
+    errors = torch.stack([_group_error(grouped, *group_scale_zero(s, z, meta_base), bits) for s, z in metas])
+    pick = errors.argmin(0, keepdim=True)  # the first of equal minima, as the kernel's strict "<" keeps
+    return tuple(torch.stack(column).gather(0, pick)[0] for column in zip(*metas))
 
 
 def _check(x: torch.Tensor, bits: int, group_size: int, clip: float) -> None:
