@@ -67,50 +67,6 @@ def searched_quantize(x: torch.Tensor, bits: int, group_size: int, clip: float, 
     return QuantizedTensor(out_codes.reshape(x.shape), out_scale, out_zero, bits, group_size, None, meta_base)
 
 
-def refit_quantize(x: torch.Tensor, bits: int, group_size: int, clip: float, meta_base: float | None,
-                   rounds: int) -> QuantizedTensor:
-    """The library's encoder, then ``rounds`` least-squares refits: each group's ``(scale, zero)`` becomes the
-    line ``x ~ scale * code + zero`` that fits its current codes best, and the codes are taken again against it
-    (as stored: fp16 or 8-bit metadata); a refit is kept per group only where it lowers the squared error."""
-    grouped = x.float().reshape(*x.shape[:-1], -1, group_size)
-    hi, lo = grouped.amax(-1) * clip, grouped.amin(-1) * clip
-    scale, zero = stored_group_meta(hi, lo, bits, meta_base)
-    s, z = group_scale_zero(scale, zero, meta_base)
-    codes = group_codes(grouped, s, z, bits)
-    best = (codes * s.unsqueeze(-1) + z.unsqueeze(-1) - grouped).square().sum(-1)
-    L = (1 << bits) - 1
-    for _ in range(rounds):
-        cm, xm = codes.mean(-1, keepdim=True), grouped.mean(-1, keepdim=True)
-        var = (codes - cm).square().sum(-1)
-        slope = torch.where(var > 0, ((codes - cm) * (grouped - xm)).sum(-1) / var.clamp_min(1e-12), (hi - lo) / L)
-        lo2 = xm.squeeze(-1) - slope * cm.squeeze(-1)
-        sc2, ze2 = stored_group_meta(lo2 + slope * L, lo2, bits, meta_base)
-        s2, z2 = group_scale_zero(sc2, ze2, meta_base)
-        c2 = group_codes(grouped, s2, z2, bits)
-        err = (c2 * s2.unsqueeze(-1) + z2.unsqueeze(-1) - grouped).square().sum(-1)
-        better = err < best
-        best = torch.where(better, err, best)
-        codes = torch.where(better.unsqueeze(-1), c2, codes)
-        scale, zero = torch.where(better, sc2, scale), torch.where(better, ze2, zero)
-    return QuantizedTensor(codes.to(torch.uint8).reshape(x.shape), scale, zero, bits, group_size, None, meta_base)
-
-
-@dataclass
-class RefitKeys(FoldedKeyCodec):
-    rounds: int = 2
-
-    def encode(self, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> QuantizedTensor:
-        return refit_quantize(self.fold(k, cos, sin), self.bits, self.group_size, self.clip, self.meta_base, self.rounds)
-
-
-@dataclass
-class RefitValues(ValueCodec):
-    rounds: int = 2
-
-    def encode(self, v: torch.Tensor) -> QuantizedTensor:
-        return refit_quantize(v, self.bits, self.group_size, self.clip, self.meta_base, self.rounds)
-
-
 @dataclass
 class SearchedKeys(FoldedKeyCodec):
     fractions: tuple[float, ...] = ()
@@ -156,11 +112,9 @@ def parse_grid(text: str) -> tuple[float, ...] | dict[int, tuple[float, ...]]:
     return {int(bits): fractions(part) for bits, part in (item.split(":") for item in text.split("/"))}
 
 
-def with_search(codec, cls, fractions=None, **extra):
-    """``codec`` (a key or value codec) as ``cls``, its searched form over ``fractions`` (or refit form)."""
-    if fractions is not None:
-        extra["fractions"] = fractions
-    return cls(**{f.name: getattr(codec, f.name) for f in fields(codec) if f.init}, **extra)
+def with_search(codec, cls, fractions, **extra):
+    """``codec`` (a key or value codec) as ``cls``, its searched form over ``fractions``."""
+    return cls(**{f.name: getattr(codec, f.name) for f in fields(codec) if f.init}, fractions=fractions, **extra)
 
 
 def query_weights(model, tokenizer, windows: int, length: int) -> list[torch.Tensor]:
@@ -191,17 +145,15 @@ def main() -> None:
                    help="fractions of a group's min and max tried as its range ends")
     p.add_argument("--device", default="cpu")
     p.add_argument("--targets", default="none,keys,values,both", help="none, keys, values, both, qkeys, qboth "
-                   "(q: keys ranked by the calibration queries' weighted error), refit (least-squares refits of keys "
-                   "and values, --refit-rounds)")
-    p.add_argument("--refit-rounds", type=int, default=2)
+                   "(q: keys ranked by the calibration queries' weighted error)")
     p.add_argument("--dev-windows", type=int, default=0, help="score the last N x --length tokens of pydoc "
                    "(development text) instead of --text")
     args = p.parse_args()
     fractions = parse_grid(args.grid)
     targets = args.targets.split(",")
-    unknown = set(targets) - {"none", "keys", "values", "both", "qkeys", "qboth", "refit"}
+    unknown = set(targets) - {"none", "keys", "values", "both", "qkeys", "qboth"}
     if unknown:
-        raise SystemExit(f"unknown --targets {', '.join(sorted(unknown))}; choose from none, keys, values, both, qkeys, qboth, refit")
+        raise SystemExit(f"unknown --targets {', '.join(sorted(unknown))}; choose from none, keys, values, both, qkeys, qboth")
     ck = read_checkpoint(args.checkpoint)
     if not ck.config.folded:
         raise SystemExit("the experiment needs a folded-key checkpoint (rkv calibrate's default)")
@@ -217,9 +169,6 @@ def main() -> None:
     values = [with_search(c, SearchedValues, fractions) for c in base.value_codecs]
     variants = {"none": (base.key_codecs, base.value_codecs), "keys": (keys, base.value_codecs),
                 "values": (base.key_codecs, values), "both": (keys, values)}  # fmt: skip
-    if "refit" in targets:
-        variants["refit"] = ([with_search(c, RefitKeys, rounds=args.refit_rounds) for c in base.key_codecs],
-                             [with_search(c, RefitValues, rounds=args.refit_rounds) for c in base.value_codecs])
     if any(t.startswith("q") for t in targets):
         weights = query_weights(model, tok, 8, 1024)
         qkeys = [with_search(c, SearchedKeys, fractions, query_weight=w) for c, w in zip(base.key_codecs, weights)]
