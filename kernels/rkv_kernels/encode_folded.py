@@ -26,9 +26,12 @@ into two more dots, ``cos_p @ P + sin_p @ Q``, 30 % against 47 % of the copy rat
 
 Exactness against :func:`encode_folded_ref`: values bit for bit (the quantizer's IEEE rules); keys
 up to the order of the fp32 sums, which moves a code by one step where ``y`` sits on a rounding
-boundary (as :func:`~rkv_convert.kernels.quantize_pack.quantize_pack` with a rotation). Every token's arithmetic is
-its own (the dots' reduction order is fixed by the compiled kernel), so a token encodes the same
-whichever batch or block it comes in; the runtime's tiles depend on the head dim and key dtype alone.
+boundary (as :func:`~rkv_convert.kernels.quantize_pack.quantize_pack` with a rotation). With searched group
+ranges (``FoldedParams.ranges``) each group's candidate errors are summed in the compiler's order, so where two
+candidates tie to within that order a group may take the other one (at most 0.5 % of groups in the tests).
+Every token's arithmetic is its own (the dots' reduction order is fixed by the compiled kernel), so a token
+encodes the same whichever batch or block it comes in; the runtime's tiles depend on the head dim, key dtype and
+group ranges alone.
 
 Dispatch (see :mod:`rkv_convert.kernels._common`): ``backend="auto"`` runs the kernel on CUDA
 tensors or under ``TRITON_INTERPRET=1``, else :func:`encode_folded_ref`.
