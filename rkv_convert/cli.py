@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from contextlib import contextmanager
+from enum import Enum
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -217,12 +218,13 @@ def export(
     from .export.writer import export_checkpoint
     from .models.loading import load_model
     from .outdir import check_output_dir, remove_stale_temp_dirs
+    from .quant.quantizer import GroupMeta, GroupRanges
 
     try:
         torch_dtype = _dtype(dtype)
         check_bits(bits)
-        meta = None if group_meta is None else _group_meta(group_meta)
-        ranges = None if group_ranges is None else _group_ranges(group_ranges)
+        meta = None if group_meta is None else _choice("--group-meta", GroupMeta, group_meta)
+        ranges = None if group_ranges is None else _choice("--group-ranges", GroupRanges, group_ranges)
         check_output_dir(out, overwrite)
         artifact = load_artifact(calibration)
         n_layers = artifact.meta["model"]["num_hidden_layers"]
@@ -245,24 +247,12 @@ def export(
     console.print(f"exported {bits}-bit rkv checkpoint of {source} → [bold]{path}[/]")
 
 
-def _group_meta(text: str):
-    """``--group-meta``: a :class:`~rkv_convert.quant.quantizer.GroupMeta` value."""
-    from .quant.quantizer import GroupMeta
-
+def _choice(option: str, choices: type[Enum], text: str) -> Enum:
+    """An export option that names one member of ``choices`` (``--group-meta``, ``--group-ranges``)."""
     try:
-        return GroupMeta(text)
+        return choices(text)
     except ValueError:
-        raise InputError(f"--group-meta takes one of {', '.join(m.value for m in GroupMeta)}, got {text!r}") from None
-
-
-def _group_ranges(text: str):
-    """``--group-ranges``: a :class:`~rkv_convert.quant.quantizer.GroupRanges` value."""
-    from .quant.quantizer import GroupRanges
-
-    try:
-        return GroupRanges(text)
-    except ValueError:
-        raise InputError(f"--group-ranges takes one of {', '.join(r.value for r in GroupRanges)}, got {text!r}") from None
+        raise InputError(f"{option} takes one of {', '.join(c.value for c in choices)}, got {text!r}") from None
 
 
 def _layer_widths(option: str, text: Optional[str], num_layers: int) -> Optional[list[int]]:
