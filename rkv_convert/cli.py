@@ -103,6 +103,11 @@ def calibrate(
         help="Exponent of a per-channel key scale, folded into the query and key weights at export (logits unchanged): "
         "shrinks key channels the queries barely read. 0: none; 1: the q·k error optimum (docs/accuracy.md).",
     ),
+    rope_span: Optional[int] = typer.Option(
+        None, "--rope-span", min=0,
+        help="Folded layout: observe the keys at RoPE positions drawn uniformly from [0, SPAN), as the cache holds them "
+        "at every position (default: the model's context; 0: each token's own position in its --seqlen window).",
+    ),
     device: str = typer.Option("cuda" if torch.cuda.is_available() else "cpu", help="Device for the forward passes."),
     device_map: Optional[str] = typer.Option(None, "--device-map", help="Spread the model over devices with accelerate (e.g. auto); replaces --device."),
     dtype: str = typer.Option("float32", help="Model dtype: float32, float16, bfloat16."),
@@ -119,7 +124,7 @@ def calibrate(
 
     options = CalibrationOptions(data, samples, seqlen, seed, batch_size, head_group_size, key_group_size, value_group_size, sink_ratio,
                                  perm_statistic=permutation, key_layout=key_layout, learn_rotation=learn_rotation,
-                                 key_scale=key_scale)  # fmt: skip
+                                 key_scale=key_scale, rope_span=rope_span)  # fmt: skip
     start = time.perf_counter()
     try:
         torch_dtype = _dtype(dtype)
@@ -159,11 +164,15 @@ def _check_calibration_inputs(model: str, out: Path, data: str, options, device:
         raise InputError("--learn-rotation needs --key-layout folded (a pre-RoPE rotation is undone per cached key at decode)")
     if options.key_layout == "folded" and options.head_group_size not in (None, 1):
         raise InputError(f"--key-layout folded rotates each KV head alone; --head-group-size {options.head_group_size} needs prerope")
+    if options.rope_span is not None and options.key_layout != "folded":
+        raise InputError("--rope-span needs --key-layout folded (prerope keys are cached before RoPE, at no position)")
     if device_map is None:
         check_device(device)
     check_source(data)
     config = load_config(model, trust_remote_code)
     check_length("--seqlen", options.seqlen, config)
+    if options.rope_span:
+        check_length("--rope-span", options.rope_span, config)
     return config
 
 

@@ -28,10 +28,11 @@ from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from ..export.format import DEFAULT_KEY_LAYOUT, KEY_LAYOUTS, KeyLayout
-from ..models.adapters import adapter_for, attach, head_dim, stock_attention, text_config
+from ..models.adapters import adapter_for, attach, context_length, head_dim, layer_rope, stock_attention, text_config
 from ..models.compat import check_transformers_version
 from ..quant.codec import folded_head_rotations, rotate_groups
 from ..quant.hadamard import hadamard_matrix
+from ..runtime.ops import rope
 from . import search
 from .key_scale import DEFAULT_KEY_SCALE, key_scale
 from .retrieval import induction_scores
@@ -70,6 +71,9 @@ class CalibrationOptions:
     learn_rotation: bool | None = None  # learned per-head key rotations (calibrate.rotation); None: on for folded
     rotation_steps: int = 150  # Adam steps of the learned rotation per KV head
     key_scale: float = DEFAULT_KEY_SCALE  # exponent of the per-channel key scale (calibrate.key_scale); 0: none
+    # folded layout: the RoPE positions its keys are observed at, drawn uniformly per token from [0, rope_span);
+    # None: the model's context (models.adapters.context_length); 0: each token's own position in its window
+    rope_span: int | None = None
 
 
 def model_shape(config: object) -> dict:
@@ -98,6 +102,18 @@ class _Tap:
         else:
             self.callback(module.layer_idx, query, key, value, layer_input)
         return stock_attention(module, query, key, value, position_embeddings, attention_mask, cache, **kw)
+
+
+def _rope_span(options: CalibrationOptions, config: object, seqlen: int) -> int:
+    """The span of RoPE positions the folded layout's keys are observed at (0: the windows' own positions).
+
+    The cache holds keys at every position up to the model's context, but a calibration window only reaches
+    ``seqlen``: rotations, clips and ranges fitted there overfit the few angles the slow RoPE pairs turn through
+    in it (docs/accuracy.md, "Keys observed across the context"). Pre-RoPE keys do not depend on position, so
+    each one can be observed at any position."""
+    if options.rope_span is not None:
+        return options.rope_span
+    return context_length(config) or seqlen
 
 
 def _run_pass(model: nn.Module, batches: torch.Tensor, batch_size: int, callback, label: str, progress: Progress | None,
@@ -137,6 +153,11 @@ def _validate(options: CalibrationOptions, shape: dict) -> int:
     if options.learn_rotation and not folded:
         raise ValueError("learned key rotations need the folded key layout (pre-RoPE keys would need the rotation "
                          "undone per cached key at decode); use key_layout='folded' or learn_rotation=False")
+    if options.rope_span is not None and not folded:
+        raise ValueError("rope_span applies to the folded key layout (the prerope layout caches keys before RoPE, at "
+                         "no position); leave it unset or use key_layout='folded'")
+    if options.rope_span is not None and options.rope_span < 0:
+        raise ValueError(f"rope_span must be >= 0 (0: the calibration windows' own positions), got {options.rope_span}")
     if not 0.0 <= options.key_scale <= 2.0:
         raise ValueError(f"key_scale is an exponent in [0, 2] (0: no scale, 1: the error optimum), got {options.key_scale}")
     for name in ("key_clip", "value_clip"):
@@ -258,16 +279,23 @@ def calibrate(
 
     n_batches = -(-batches.shape[0] // options.batch_size)
     rows_per_batch = -(-options.clip_samples // n_batches)
+    span = _rope_span(options, model.config, batches.shape[1]) if folded else 0
+    ropes = layer_rope(model) if span else []
+    positions = torch.Generator().manual_seed(options.seed)
     rotated = [RotatedKeyObserver(options.clip_samples, options.seed + i) for i in range(n_layers)]
 
     def observe_rotated(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: torch.Tensor, pe=None) -> None:
         if scales is not None:  # equal within RoPE pairs: commutes with RoPE
             k = k.float() * scales[i].to(k.device).view(1, n_kv, 1, d)
-        if folded:  # post-RoPE centred keys RoPE_n(k - mu), in fp32 with the model's cos/sin
+        if folded:  # post-RoPE centred keys RoPE_n(k - mu) in fp32: n drawn from [0, span), or the window's own
             mu = key_means[i].to(k.device).view(1, -1, 1, d)
-            cos, sin = pe
             k_c = k.float() - mu
-            centred = flatten_heads(apply_rotary_pos_emb(k_c, k_c, cos.float(), sin.float())[1])
+            if span:
+                n = torch.randint(0, span, (k.shape[0], k.shape[2]), generator=positions)
+                centred = flatten_heads(rope(k_c, n, *ropes[i]))
+            else:
+                cos, sin = pe
+                centred = flatten_heads(apply_rotary_pos_emb(k_c, k_c, cos.float(), sin.float())[1])
         else:
             centred = flatten_heads(k) - key_means[i].to(k.device)
         rot = rotate_groups(centred, key_rotation.to(k.device))
