@@ -183,6 +183,9 @@ def _bad_files(root):
         (["--out", "AFILE", "--overwrite"], "afile is a file, not a folder"),
         (["--dtype", "float64"], "dtype must be one of float32, float16, bfloat16"),
         (["--key-scale", "3"], "Invalid value for '--key-scale'"),
+        (["--rope-span", "-1"], "Invalid value for '--rope-span'"),
+        (["--rope-span", "100000"], "--rope-span 100000 is longer than the model's context of 512 tokens"),
+        (["--key-layout", "prerope", "--rope-span", "64"], "--rope-span needs --key-layout folded"),
     ],
 )
 def test_calibrate_checks_inputs_before_loading(workspace, tmp_path, no_model_loads, extra, message) -> None:

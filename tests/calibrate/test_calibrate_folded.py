@@ -71,3 +71,57 @@ def test_learned_rotations_are_orthonormal_stored_and_used(tmp_path) -> None:
     torch.testing.assert_close(codec.head_rotation, art.layers[1]["key_head_rotation"], rtol=0, atol=0)
     with pytest.raises(ValueError, match="learned key rotations need the folded key layout"):
         calibrate(model, _batches(), _options(key_layout="prerope", learn_rotation=True))
+
+
+def test_rope_span_defaults_to_the_models_context() -> None:
+    from types import SimpleNamespace
+
+    from rkv_convert.calibrate.run import _rope_span
+
+    model = tiny_model("llama", n_kv=2, head_dim=64)
+    assert _rope_span(_options(key_layout="folded"), model.config, 32) == model.config.max_position_embeddings == 512
+    assert _rope_span(_options(key_layout="folded", rope_span=0), model.config, 32) == 0
+    assert _rope_span(_options(key_layout="folded", rope_span=100), model.config, 32) == 100
+    no_context = SimpleNamespace(model_type="llama", max_position_embeddings=None)
+    assert _rope_span(_options(key_layout="folded"), no_context, 32) == 32
+
+
+def test_folded_keys_are_observed_at_positions_across_the_span(monkeypatch) -> None:
+    """The rotated-key pass RoPEs each centred key at a position drawn from [0, rope_span) (seeded), past the
+    calibration window; ``rope_span=0`` keeps the window's own positions (the model's cos/sin)."""
+    from rkv_convert.calibrate import run
+
+    seen: list[torch.Tensor] = []
+    real_rope = run.rope
+
+    def recording_rope(x, pos, inv_freq, scaling):
+        seen.append(pos.clone())
+        return real_rope(x, pos, inv_freq, scaling)
+
+    monkeypatch.setattr(run, "rope", recording_rope)
+    model = tiny_model("llama", n_kv=2, head_dim=64)
+    opts = _options(key_layout="folded", learn_rotation=False)
+    art = calibrate(model, _batches(), opts)
+    n_layers = model.config.num_hidden_layers
+    assert len(seen) == n_layers * 2  # every layer, both batches of two windows
+    pos = torch.cat([p.flatten() for p in seen])
+    assert all(p.shape == (2, 32) for p in seen)
+    assert int(pos.min()) >= 0 and int(pos.max()) < 512 and int(pos.max()) >= 32  # past the 32-token window
+    assert pos.unique().numel() > pos.numel() // 2  # spread over the span, not a few values
+    again = calibrate(model, _batches(), opts)  # seeded: the same positions, the same artifact
+    for a, b in zip(art.layers, again.layers):
+        for name in a:
+            assert torch.equal(a[name], b[name]), name
+    seen.clear()
+    window = calibrate(model, _batches(), _options(key_layout="folded", learn_rotation=False, rope_span=0))
+    assert seen == []  # the model's own cos/sin
+    assert window.meta["options"]["rope_span"] == 0 and art.meta["options"]["rope_span"] is None
+    assert any(not torch.equal(a["key_group_range"], b["key_group_range"]) for a, b in zip(art.layers, window.layers))
+
+
+def test_rope_span_is_refused_where_it_cannot_apply() -> None:
+    model = tiny_model("llama", n_kv=2, head_dim=64)
+    with pytest.raises(ValueError, match="rope_span applies to the folded key layout"):
+        calibrate(model, _batches(), _options(key_layout="prerope", head_group_size=1, rope_span=64))
+    with pytest.raises(ValueError, match="rope_span must be >= 0"):
+        calibrate(model, _batches(), _options(key_layout="folded", rope_span=-1))
