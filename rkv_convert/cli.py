@@ -180,7 +180,9 @@ def _calibration_table(artifact) -> Table:
     from .calibrate.search import outlier_ratio
 
     opts = artifact.meta["options"]
-    table = Table(title=f"per-layer calibration ({opts.get('key_layout', 'prerope')} keys, head groups of {opts['head_group_size']}, key/value groups {opts['key_group_size']}/{opts['value_group_size']})")
+    span = opts.get("rope_span")
+    where = f", observed at RoPE positions 0-{span - 1}" if span else ""
+    table = Table(title=f"per-layer calibration ({opts.get('key_layout', 'prerope')} keys{where}, head groups of {opts['head_group_size']}, key/value groups {opts['key_group_size']}/{opts['value_group_size']})")
     induction = all("key_induction" in layer for layer in artifact.layers)
     scales = artifact.key_scales
     for col in ("layer", "key outlier ratio before", "after rotation", *(("key scale min-max",) if scales else ()),

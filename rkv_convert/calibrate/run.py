@@ -360,7 +360,8 @@ def calibrate(
         "artifact_version": ARTIFACT_VERSION,
         "model": shape,
         "source_fingerprint": weights_fingerprint(model),
-        "options": {**asdict(options), "head_group_size": g, "bits_searched": list(search.QUANT_BITS)},
+        "options": {**asdict(options), "head_group_size": g, "rope_span": span if folded else None,
+                    "bits_searched": list(search.QUANT_BITS)},
         "sink_tokens_flagged": [layer.pop("sink_tokens_flagged") for layer in layers],
         "calibration_tokens": int(batches.numel()),
     }

@@ -115,7 +115,7 @@ def test_folded_keys_are_observed_at_positions_across_the_span(monkeypatch) -> N
     seen.clear()
     window = calibrate(model, _batches(), _options(key_layout="folded", learn_rotation=False, rope_span=0))
     assert seen == []  # the model's own cos/sin
-    assert window.meta["options"]["rope_span"] == 0 and art.meta["options"]["rope_span"] is None
+    assert window.meta["options"]["rope_span"] == 0 and art.meta["options"]["rope_span"] == 512  # as resolved
     assert any(not torch.equal(a["key_group_range"], b["key_group_range"]) for a, b in zip(art.layers, window.layers))
 
 
