@@ -103,10 +103,11 @@ def calibrate(
         help="Exponent of a per-channel key scale, folded into the query and key weights at export (logits unchanged): "
         "shrinks key channels the queries barely read. 0: none; 1: the q·k error optimum (docs/accuracy.md).",
     ),
-    rope_span: Optional[int] = typer.Option(
-        None, "--rope-span", min=0,
-        help="Folded layout: observe the keys at RoPE positions drawn uniformly from [0, SPAN), as the cache holds them "
-        "at every position (default: the model's context; 0: each token's own position in its --seqlen window).",
+    rope_span: int = typer.Option(
+        0, "--rope-span", min=0,
+        help="Folded layout: observe each key at a RoPE position drawn from [0, SPAN) (e.g. the model's context) "
+        "instead of its own position in its --seqlen window: better as deployed at long contexts, worse one-shot "
+        "(docs/accuracy.md). 0: the window's positions.",
     ),
     device: str = typer.Option("cuda" if torch.cuda.is_available() else "cpu", help="Device for the forward passes."),
     device_map: Optional[str] = typer.Option(None, "--device-map", help="Spread the model over devices with accelerate (e.g. auto); replaces --device."),
@@ -164,7 +165,7 @@ def _check_calibration_inputs(model: str, out: Path, data: str, options, device:
         raise InputError("--learn-rotation needs --key-layout folded (a pre-RoPE rotation is undone per cached key at decode)")
     if options.key_layout == "folded" and options.head_group_size not in (None, 1):
         raise InputError(f"--key-layout folded rotates each KV head alone; --head-group-size {options.head_group_size} needs prerope")
-    if options.rope_span is not None and options.key_layout != "folded":
+    if options.rope_span and options.key_layout != "folded":
         raise InputError("--rope-span needs --key-layout folded (prerope keys are cached before RoPE, at no position)")
     if device_map is None:
         check_device(device)

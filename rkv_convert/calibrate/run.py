@@ -28,7 +28,7 @@ from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from ..export.format import DEFAULT_KEY_LAYOUT, KEY_LAYOUTS, KeyLayout
-from ..models.adapters import adapter_for, attach, context_length, head_dim, layer_rope, stock_attention, text_config
+from ..models.adapters import adapter_for, attach, head_dim, layer_rope, stock_attention, text_config
 from ..models.compat import check_transformers_version
 from ..quant.codec import folded_head_rotations, rotate_groups
 from ..quant.hadamard import hadamard_matrix
@@ -71,9 +71,9 @@ class CalibrationOptions:
     learn_rotation: bool | None = None  # learned per-head key rotations (calibrate.rotation); None: on for folded
     rotation_steps: int = 150  # Adam steps of the learned rotation per KV head
     key_scale: float = DEFAULT_KEY_SCALE  # exponent of the per-channel key scale (calibrate.key_scale); 0: none
-    # folded layout: the RoPE positions its keys are observed at, drawn uniformly per token from [0, rope_span);
-    # None: the model's context (models.adapters.context_length); 0: each token's own position in its window
-    rope_span: int | None = None
+    # folded layout: observe each key at a RoPE position drawn uniformly from [0, rope_span) instead of its own
+    # position in its window (0); better at long contexts as deployed, worse one-shot (docs/accuracy.md)
+    rope_span: int = 0
 
 
 def model_shape(config: object) -> dict:
@@ -102,18 +102,6 @@ class _Tap:
         else:
             self.callback(module.layer_idx, query, key, value, layer_input)
         return stock_attention(module, query, key, value, position_embeddings, attention_mask, cache, **kw)
-
-
-def _rope_span(options: CalibrationOptions, config: object, seqlen: int) -> int:
-    """The span of RoPE positions the folded layout's keys are observed at (0: the windows' own positions).
-
-    The cache holds keys at every position up to the model's context, but a calibration window only reaches
-    ``seqlen``: rotations, clips and ranges fitted there overfit the few angles the slow RoPE pairs turn through
-    in it (docs/accuracy.md, "Keys observed across the context"). Pre-RoPE keys do not depend on position, so
-    each one can be observed at any position."""
-    if options.rope_span is not None:
-        return options.rope_span
-    return context_length(config) or seqlen
 
 
 def _run_pass(model: nn.Module, batches: torch.Tensor, batch_size: int, callback, label: str, progress: Progress | None,
@@ -153,10 +141,10 @@ def _validate(options: CalibrationOptions, shape: dict) -> int:
     if options.learn_rotation and not folded:
         raise ValueError("learned key rotations need the folded key layout (pre-RoPE keys would need the rotation "
                          "undone per cached key at decode); use key_layout='folded' or learn_rotation=False")
-    if options.rope_span is not None and not folded:
+    if options.rope_span and not folded:
         raise ValueError("rope_span applies to the folded key layout (the prerope layout caches keys before RoPE, at "
-                         "no position); leave it unset or use key_layout='folded'")
-    if options.rope_span is not None and options.rope_span < 0:
+                         "no position); leave it at 0 or use key_layout='folded'")
+    if options.rope_span < 0:
         raise ValueError(f"rope_span must be >= 0 (0: the calibration windows' own positions), got {options.rope_span}")
     if not 0.0 <= options.key_scale <= 2.0:
         raise ValueError(f"key_scale is an exponent in [0, 2] (0: no scale, 1: the error optimum), got {options.key_scale}")
@@ -279,7 +267,7 @@ def calibrate(
 
     n_batches = -(-batches.shape[0] // options.batch_size)
     rows_per_batch = -(-options.clip_samples // n_batches)
-    span = _rope_span(options, model.config, batches.shape[1]) if folded else 0
+    span = options.rope_span if folded else 0
     ropes = layer_rope(model) if span else []
     positions = torch.Generator().manual_seed(options.seed)
     rotated = [RotatedKeyObserver(options.clip_samples, options.seed + i) for i in range(n_layers)]
@@ -287,7 +275,9 @@ def calibrate(
     def observe_rotated(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: torch.Tensor, pe=None) -> None:
         if scales is not None:  # equal within RoPE pairs: commutes with RoPE
             k = k.float() * scales[i].to(k.device).view(1, n_kv, 1, d)
-        if folded:  # post-RoPE centred keys RoPE_n(k - mu) in fp32: n drawn from [0, span), or the window's own
+        # post-RoPE centred keys RoPE_n(k - mu) in fp32, n the window's own position or drawn from [0, span): pre-RoPE
+        # keys do not depend on position, and the cache holds them at every position up to the context
+        if folded:
             mu = key_means[i].to(k.device).view(1, -1, 1, d)
             k_c = k.float() - mu
             if span:
@@ -360,8 +350,7 @@ def calibrate(
         "artifact_version": ARTIFACT_VERSION,
         "model": shape,
         "source_fingerprint": weights_fingerprint(model),
-        "options": {**asdict(options), "head_group_size": g, "rope_span": span if folded else None,
-                    "bits_searched": list(search.QUANT_BITS)},
+        "options": {**asdict(options), "head_group_size": g, "bits_searched": list(search.QUANT_BITS)},
         "sink_tokens_flagged": [layer.pop("sink_tokens_flagged") for layer in layers],
         "calibration_tokens": int(batches.numel()),
     }

@@ -73,22 +73,9 @@ def test_learned_rotations_are_orthonormal_stored_and_used(tmp_path) -> None:
         calibrate(model, _batches(), _options(key_layout="prerope", learn_rotation=True))
 
 
-def test_rope_span_defaults_to_the_models_context() -> None:
-    from types import SimpleNamespace
-
-    from rkv_convert.calibrate.run import _rope_span
-
-    model = tiny_model("llama", n_kv=2, head_dim=64)
-    assert _rope_span(_options(key_layout="folded"), model.config, 32) == model.config.max_position_embeddings == 512
-    assert _rope_span(_options(key_layout="folded", rope_span=0), model.config, 32) == 0
-    assert _rope_span(_options(key_layout="folded", rope_span=100), model.config, 32) == 100
-    no_context = SimpleNamespace(model_type="llama", max_position_embeddings=None)
-    assert _rope_span(_options(key_layout="folded"), no_context, 32) == 32
-
-
 def test_folded_keys_are_observed_at_positions_across_the_span(monkeypatch) -> None:
-    """The rotated-key pass RoPEs each centred key at a position drawn from [0, rope_span) (seeded), past the
-    calibration window; ``rope_span=0`` keeps the window's own positions (the model's cos/sin)."""
+    """With ``rope_span`` the rotated-key pass RoPEs each centred key at a position drawn from [0, rope_span)
+    (seeded), past the calibration window; the default (0) keeps the window's own positions (the model's cos/sin)."""
     from rkv_convert.calibrate import run
 
     seen: list[torch.Tensor] = []
@@ -100,7 +87,7 @@ def test_folded_keys_are_observed_at_positions_across_the_span(monkeypatch) -> N
 
     monkeypatch.setattr(run, "rope", recording_rope)
     model = tiny_model("llama", n_kv=2, head_dim=64)
-    opts = _options(key_layout="folded", learn_rotation=False)
+    opts = _options(key_layout="folded", learn_rotation=False, rope_span=512)
     art = calibrate(model, _batches(), opts)
     n_layers = model.config.num_hidden_layers
     assert len(seen) == n_layers * 2  # every layer, both batches of two windows
@@ -113,9 +100,9 @@ def test_folded_keys_are_observed_at_positions_across_the_span(monkeypatch) -> N
         for name in a:
             assert torch.equal(a[name], b[name]), name
     seen.clear()
-    window = calibrate(model, _batches(), _options(key_layout="folded", learn_rotation=False, rope_span=0))
+    window = calibrate(model, _batches(), _options(key_layout="folded", learn_rotation=False))
     assert seen == []  # the model's own cos/sin
-    assert window.meta["options"]["rope_span"] == 0 and art.meta["options"]["rope_span"] == 512  # as resolved
+    assert window.meta["options"]["rope_span"] == 0 and art.meta["options"]["rope_span"] == 512
     assert any(not torch.equal(a["key_group_range"], b["key_group_range"]) for a, b in zip(art.layers, window.layers))
 
 
