@@ -104,6 +104,12 @@ class _Tap:
         return stock_attention(module, query, key, value, position_embeddings, attention_mask, cache, **kw)
 
 
+def _draw_positions(batch: int, tokens: int, span: int, generator: torch.Generator) -> torch.Tensor:
+    """int64 ``[batch, tokens]`` RoPE positions drawn uniformly from ``[0, span)``: where the rotated-key pass puts
+    each centred key (``CalibrationOptions.rope_span``)."""
+    return torch.randint(0, span, (batch, tokens), generator=generator)
+
+
 def _run_pass(model: nn.Module, batches: torch.Tensor, batch_size: int, callback, label: str, progress: Progress | None,
               rope: bool = False):  # fmt: skip
     device = next(model.parameters()).device
@@ -281,8 +287,7 @@ def calibrate(
             mu = key_means[i].to(k.device).view(1, -1, 1, d)
             k_c = k.float() - mu
             if span:
-                n = torch.randint(0, span, (k.shape[0], k.shape[2]), generator=positions)
-                centred = flatten_heads(rope(k_c, n, *ropes[i]))
+                centred = flatten_heads(rope(k_c, _draw_positions(k.shape[0], k.shape[2], span, positions), *ropes[i]))
             else:
                 cos, sin = pe
                 centred = flatten_heads(apply_rotary_pos_emb(k_c, k_c, cos.float(), sin.float())[1])

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tiny_models import tiny_model
+from tiny_models import FAMILIES, tiny_model
 
 from rkv_convert.calibrate.run import CalibrationOptions, calibrate
 from rkv_convert.export.writer import checkpoint_from_artifact
@@ -112,3 +112,18 @@ def test_rope_span_is_refused_where_it_cannot_apply() -> None:
         calibrate(model, _batches(), _options(key_layout="prerope", head_group_size=1, rope_span=64))
     with pytest.raises(ValueError, match="rope_span must be >= 0"):
         calibrate(model, _batches(), _options(key_layout="folded", rope_span=-1))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_keys_at_drawn_positions_use_the_models_own_rope(family, monkeypatch) -> None:
+    """Drawn positions that happen to be the window's own give the window's artifact: the span path RoPEs keys
+    exactly as the model does, in every family (partial RoPE, per-layer tables, longrope)."""
+    from rkv_convert.calibrate import run
+
+    monkeypatch.setattr(run, "_draw_positions", lambda b, t, span, g: torch.arange(t).expand(b, t))
+    model = tiny_model(family, n_kv=2, head_dim=64)
+    window = calibrate(model, _batches(), _options(key_layout="folded", learn_rotation=False))
+    drawn = calibrate(model, _batches(), _options(key_layout="folded", learn_rotation=False, rope_span=64))
+    for a, b in zip(window.layers, drawn.layers):
+        for name in ("key_abs_mean_after", "key_group_range", "key_error_by_bits"):
+            torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6, msg=name)
