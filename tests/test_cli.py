@@ -112,6 +112,18 @@ def test_calibrate_key_scale_option(workspace, exported) -> None:
     assert plain.meta["options"]["key_scale"] == 0.0 and plain.key_scales is None
 
 
+def test_calibrate_rope_span_option(workspace, exported) -> None:
+    """--rope-span is recorded in the artifact and named in the calibration table; without it the span is 0."""
+    from rkv_convert.calibrate.artifact import load_artifact
+
+    root, model, text, _ = workspace
+    result = runner.invoke(app, [*_calibrate_args(model, root / "cal-span", text), "--rope-span", "256"])
+    _ok(result)
+    assert "observed at RoPE positions 0-255" in " ".join(result.output.split())
+    assert load_artifact(root / "cal-span").meta["options"]["rope_span"] == 256
+    assert load_artifact(exported[0]).meta["options"]["rope_span"] == 0
+
+
 def _stock_perplexity(checkpoint, text, windows: int, length: int) -> float:
     """Perplexity straight from transformers, no rkv code in the forward pass."""
     tok = AutoTokenizer.from_pretrained(checkpoint)
