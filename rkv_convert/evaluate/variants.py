@@ -91,6 +91,8 @@ def default_variants(base: CalibrationOptions | None = None) -> list[Variant]:
                 {"key_layout": "folded", "learn_rotation": True, "key_scale": 0.5}),
         Variant("folded + learned rotation + key scale 1", "key scale",
                 {"key_layout": "folded", "learn_rotation": True, "key_scale": 1.0}),
+        Variant("folded + learned rotation + key scale 1 + keys at RoPE positions [0; 8192)", "RoPE positions",
+                {"key_layout": "folded", "learn_rotation": True, "key_scale": 1.0, "rope_span": 8192}),
         Variant("no key rotation", "grouped-head rotation", {"rotate_keys": False}),
         Variant("no value rotation", "value rotation", value_rotation=False),
         Variant("no permutation", "permutation", {"perm_statistic": "none"}),

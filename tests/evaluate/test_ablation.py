@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -78,3 +79,16 @@ def test_variant_names_have_no_commas() -> None:
 
     names = [v.name for make in (default_variants, second_domain_variants, long_context_variants) for v in make()]
     assert names and not [n for n in names if "," in n]
+
+
+def test_every_variants_options_are_valid_calibration_options() -> None:
+    """Each row's calibration overrides, on the ablation's base, pass the calibrator's own checks (a row that could
+    only fail after the earlier rows' calibrations would waste a long run)."""
+    from rkv_convert.calibrate.run import _validate
+    from rkv_convert.evaluate.variants import ABLATION_BASE, long_context_variants, second_domain_variants
+
+    shape = {"num_key_value_heads": 3, "head_dim": 64}  # SmolLM2-135M, the ablation's model
+    rows = [v for make in (default_variants, second_domain_variants, long_context_variants) for v in make()]
+    assert any(v.options.get("rope_span") for v in rows)
+    for v in rows:
+        _validate(dataclasses.replace(ABLATION_BASE, **v.options), shape)
