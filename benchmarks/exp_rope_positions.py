@@ -25,7 +25,7 @@ from _timing import report_row  # noqa: E402
 from rkv_convert.calibrate import search  # noqa: E402
 from rkv_convert.calibrate.artifact import load_artifact  # noqa: E402
 from rkv_convert.calibrate.rotation import weighted_error  # noqa: E402
-from rkv_convert.calibrate.run import _run_pass  # noqa: E402
+from rkv_convert.calibrate.run import _query_energy, _run_pass  # noqa: E402
 from rkv_convert.calibration_data.sources import development_windows, load_text  # noqa: E402
 from rkv_convert.models.adapters import layer_rope  # noqa: E402
 from rkv_convert.models.loading import load_model  # noqa: E402
@@ -46,15 +46,15 @@ def layer_errors(q: torch.Tensor, k: torch.Tensor, layer: dict[str, torch.Tensor
     """``(learned, Hadamard)`` weighted key error of one layer's keys ``k [B, n_kv, T, d]`` (queries ``q``) RoPE'd at
     positions drawn from ``span``, with the artifact's key scale, mean, key groups and 2-bit clip."""
     _, n_kv, _, d = k.shape
-    kf, energy = k.float(), q.float().reshape(q.shape[0], n_kv, -1, q.shape[2], d).pow(2).mean(dim=(0, 2, 3))
+    kf, energy = k.float(), _query_energy(q, n_kv).float() / (q.shape[0] * q.shape[2])  # as the calibrator weighs
     scale = layer.get("key_scale")
     if scale is not None:  # keys times the scale, queries times its inverse (calibrate.key_scale)
         kf = kf * scale.view(1, n_kv, 1, d)
-        energy = energy / scale.view(n_kv, d).pow(2)
+        energy = energy / scale.pow(2)
     centred = kf - layer["key_mean"].view(1, n_kv, 1, d)
     pos = torch.randint(*span, (k.shape[0], k.shape[2]), generator=generator)
     x = rope(centred, pos, *rope_params)
-    w = search.rope_pair_weights(energy.reshape(-1), d).reshape(n_kv, d)
+    w = search.rope_pair_weights(energy, d).reshape(n_kv, d)
     clip = float(layer["key_clip_by_bits"][0])
     hadamard = folded_head_rotations(key_rotation, layer["key_perm"], d)
     errors = []

@@ -275,7 +275,7 @@ def calibrate(
     rows_per_batch = -(-options.clip_samples // n_batches)
     span = options.rope_span if folded else 0
     ropes = layer_rope(model) if span else []
-    positions = torch.Generator().manual_seed(options.seed)
+    positions = torch.Generator().manual_seed(options.seed) if span else None
     rotated = [RotatedKeyObserver(options.clip_samples, options.seed + i) for i in range(n_layers)]
 
     def observe_rotated(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: torch.Tensor, pe=None) -> None:
