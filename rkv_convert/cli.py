@@ -109,6 +109,11 @@ def calibrate(
         "instead of its own position in its --seqlen window: better as deployed at long contexts, worse one-shot "
         "(docs/accuracy.md). 0: the window's positions.",
     ),
+    learn_value_rotation: bool = typer.Option(
+        True, "--learn-value-rotation/--no-learn-value-rotation",
+        help="Learn each layer's and KV head's value rotation from the Hadamard for the error after o_proj; fused "
+        "into the weights at export, free at decode, either key layout (docs/accuracy.md).",
+    ),
     device: str = typer.Option("cuda" if torch.cuda.is_available() else "cpu", help="Device for the forward passes."),
     device_map: Optional[str] = typer.Option(None, "--device-map", help="Spread the model over devices with accelerate (e.g. auto); replaces --device."),
     dtype: str = typer.Option("float32", help="Model dtype: float32, float16, bfloat16."),
@@ -125,7 +130,8 @@ def calibrate(
 
     options = CalibrationOptions(data, samples, seqlen, seed, batch_size, head_group_size, key_group_size, value_group_size, sink_ratio,
                                  perm_statistic=permutation, key_layout=key_layout, learn_rotation=learn_rotation,
-                                 key_scale=key_scale, rope_span=rope_span)  # fmt: skip
+                                 key_scale=key_scale, rope_span=rope_span,
+                                 learn_value_rotation=learn_value_rotation)  # fmt: skip
     start = time.perf_counter()
     try:
         torch_dtype = _dtype(dtype)

@@ -18,8 +18,8 @@ from ..outdir import atomic_dir
 
 __all__ = ["ARTIFACT_VERSION", "CalibrationArtifact", "save_artifact", "load_artifact", "weights_fingerprint"]
 
-ARTIFACT_VERSION = 2  # 2: key_scale (an rkv that reads only version 1 would export without fusing it)
-READABLE_VERSIONS = (1, 2)
+ARTIFACT_VERSION = 3  # 2: key_scale (an rkv that reads only version 1 would export without fusing it); 3: value_head_rotation
+READABLE_VERSIONS = (1, 2, 3)
 TENSORS_FILE = "calibration.safetensors"
 META_FILE = "calibration.json"
 # key_head_rotation: folded layout with learned rotations, fp32 [n_kv, d, d]; key/value_group_range: fp32 [],
@@ -27,9 +27,11 @@ META_FILE = "calibration.json"
 # key_error_by_bits: fp32 [3], the clip search's key error at 2, 3 and 4 bits (what `export --key-bits auto` ranks);
 # key_induction: fp32 [n_kv], each KV head's induction score (calibrate.retrieval; `export --key-bits retrieval`);
 # key_scale: fp32 [n_kv*d], the key scale (calibrate.key_scale) in the channel order attention handlers see; every
-# other key statistic of the layer (mean, clips, rotations, ranges) is of the scaled keys
+# other key statistic of the layer (mean, clips, rotations, ranges) is of the scaled keys;
+# value_head_rotation: fp32 [n_kv, d, d], each KV head's learned value rotation (replaces value_rotation for the layer;
+# its value clips and group range are of the values it rotates)
 OPTIONAL_PER_LAYER = ("key_head_rotation", "key_group_range", "value_group_range", "key_error_by_bits", "key_induction",
-                      "key_scale")
+                      "key_scale", "value_head_rotation")
 PER_LAYER = (
     "key_mean",
     "key_perm",
@@ -76,6 +78,14 @@ class CalibrationArtifact:
         if "key_scale" not in self.layers[0]:
             return None
         return [layer["key_scale"] for layer in self.layers]
+
+    @property
+    def value_rotations(self) -> list[torch.Tensor]:
+        """Each layer's value rotation per KV head, fp32 ``[n_kv, d, d]`` (fused into the weights at export): the
+        learned ``value_head_rotation``, else ``value_rotation`` for every head."""
+        n_kv = self.meta["model"]["num_key_value_heads"]
+        shared = self.value_rotation.float().expand(n_kv, *self.value_rotation.shape)
+        return [layer["value_head_rotation"].float() if "value_head_rotation" in layer else shared for layer in self.layers]
 
     def clip_for(self, layer: int, bits: int, which: str = "key") -> float:
         table = self.layers[layer][f"{which}_clip_by_bits"]
@@ -128,7 +138,10 @@ def load_artifact(path: str | Path) -> CalibrationArtifact:
         for key in OPTIONAL_PER_LAYER:
             if tensor_name(i, key) in tensors:
                 layer[key] = tensors[tensor_name(i, key)]
-        if any(layer[key].shape != (channels,) for key in ("key_mean", "key_perm", "key_scale") if key in layer):
-            raise CheckpointError(f"{name}: shapes do not match the model recorded in {meta_path}")
+        heads = (model["num_key_value_heads"], model["head_dim"], model["head_dim"])
+        if any(layer[key].shape != (channels,) for key in ("key_mean", "key_perm", "key_scale") if key in layer) or any(
+                layer[key].shape != heads for key in ("key_head_rotation", "value_head_rotation") if key in layer):
+            raise CheckpointError(f"{tensors_path} layer {i}: shapes do not match the model recorded in {meta_path}; "
+                                  "re-run `rkv calibrate`")  # fmt: skip
         layers.append(layer)
     return CalibrationArtifact(meta, tensors["key_rotation"], tensors["value_rotation"], layers)

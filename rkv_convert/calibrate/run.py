@@ -8,7 +8,8 @@
    row samples of keys and rotated values → clip ratios searched per layer and bit width, the
    queries' second moments weighting key errors. With ``key_layout="folded"`` the keys of this pass are
    post-RoPE: ``RoPE_n(k - mu)`` rotated per KV head by the Hadamard of order ``d`` (what the
-   folded cache quantizes, up to the permutation the pass decides).
+   folded cache quantizes, up to the permutation the pass decides). With ``learn_value_rotation`` each layer's
+   values get a learned rotation per KV head (:mod:`.rotation`), fused into the weights at export.
 
 A last forward over seeded random tokens (no text) scores each KV head as a retrieval head
 (:mod:`.retrieval`), for ``rkv export --key-bits retrieval``.
@@ -28,7 +29,7 @@ from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from ..export.format import DEFAULT_KEY_LAYOUT, KEY_LAYOUTS, KeyLayout
-from ..models.adapters import adapter_for, attach, head_dim, layer_rope, stock_attention, text_config
+from ..models.adapters import adapter_for, attach, attention_modules, head_dim, layer_rope, stock_attention, text_config
 from ..models.compat import check_transformers_version
 from ..quant.codec import folded_head_rotations, rotate_groups
 from ..quant.hadamard import hadamard_matrix
@@ -36,7 +37,7 @@ from ..runtime.ops import rope
 from . import search
 from .key_scale import DEFAULT_KEY_SCALE, key_scale
 from .retrieval import induction_scores
-from .rotation import learn_rotation
+from .rotation import learn_rotation, output_metric
 from .artifact import ARTIFACT_VERSION, CalibrationArtifact, weights_fingerprint
 from .observers import ActivationObserver, KeyMomentObserver, RotatedKeyObserver, flatten_heads
 
@@ -74,6 +75,8 @@ class CalibrationOptions:
     # folded layout: observe each key at a RoPE position drawn uniformly from [0, rope_span) instead of its own
     # position in its window (0); better at long contexts as deployed, worse one-shot (docs/accuracy.md)
     rope_span: int = 0
+    # learned per-head value rotations (calibrate.rotation, o_proj-weighted error), fused into v_proj/o_proj at export
+    learn_value_rotation: bool = True
 
 
 def model_shape(config: object) -> dict:
@@ -188,8 +191,21 @@ def _learned_rotation(x: torch.Tensor, rotation: torch.Tensor, perm: torch.Tenso
     ]).contiguous()  # fmt: skip
 
 
+def _learned_value_rotation(x: torch.Tensor, rotation: torch.Tensor, o_proj: torch.Tensor, clip: float,
+                            options: CalibrationOptions) -> torch.Tensor:  # fmt: skip
+    """Per KV head ``R_h [n_kv, d, d]`` learned from the value rotation ``H_d`` at 2 bits and ``clip`` for the error
+    after ``o_proj`` (:func:`.rotation.output_metric`). ``x [N, n_kv, d]``: values as the source model makes them."""
+    n_kv, d = x.shape[1:]
+    metric = output_metric(o_proj.float().cpu(), n_kv, d)
+    return torch.stack([
+        learn_rotation(x[:, h], metric[h], rotation, search.QUANT_BITS[0], options.value_group_size, clip,
+                       steps=options.rotation_steps).rotation
+        for h in range(n_kv)
+    ]).contiguous()  # fmt: skip
+
+
 def _through_heads(x: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
-    """Centred post-RoPE keys ``x [N, n_kv, d]`` → the folded store's keys ``y [N, n_kv*d]`` (each head times its ``R_h``)."""
+    """Rows ``x [N, n_kv, d]`` (centred post-RoPE keys, or values) → ``[N, n_kv*d]``, each head times its ``R_h``."""
     return torch.einsum("nhd,hde->nhe", x, heads.float().to(x.device)).reshape(x.shape[0], -1)
 
 
@@ -303,6 +319,7 @@ def calibrate(
     if progress:
         progress("retrieval heads", 1, 1)
     device = next(model.parameters()).device
+    attentions = attention_modules(model)
     layers = []
     for i in range(n_layers):
         stats = rotated[i].result()
@@ -313,8 +330,15 @@ def calibrate(
         # the search runs where the model runs (same grid and error, many small kernels)
         key_clips = _clips(stats["key_rows"].to(device), search.QUANT_BITS, options.key_group_size, perm.to(device),
                            options.key_clip, weight, key_rotation.to(device))
-        value_clips = _clips(stats["value_rows"].to(device), search.QUANT_BITS, options.value_group_size, None,
-                             options.value_clip)
+        value_rows = stats["value_rows"]  # rotated by value_rotation
+        value_clips = _clips(value_rows.to(device), search.QUANT_BITS, options.value_group_size, None, options.value_clip)
+        learned_values = None
+        if options.learn_value_rotation:  # R_h per KV head, clips searched again for what the cache then stores
+            x = rotate_groups(value_rows.float(), value_rotation, inverse=True).reshape(-1, n_kv, d)
+            learned_values = _learned_value_rotation(x, value_rotation, attentions[i].o_proj.weight, value_clips[0], options)
+            value_rows = _through_heads(x, learned_values)
+            value_clips = _clips(value_rows.to(device), search.QUANT_BITS, options.value_group_size, None,
+                                 options.value_clip)  # fmt: skip
         learned, key_rows, key_rot, key_perm, ranges = None, stats["key_rows"], key_rotation, perm, {}
         if folded:
             x = rotate_groups(stats["key_rows"].float(), key_rotation, inverse=True).reshape(-1, shape["num_key_value_heads"], d)
@@ -328,7 +352,7 @@ def calibrate(
                                        key_rot.to(device))  # fmt: skip
             # the stored keys y: what the 8-bit metadata's scale base is set from (export.format.LayerTensors)
             ranges = {"key_group_range": _largest_group_range(y, options.key_group_size),
-                      "value_group_range": _largest_group_range(stats["value_rows"], options.value_group_size)}
+                      "value_group_range": _largest_group_range(value_rows, options.value_group_size)}
         key_errors = _key_errors(key_rows, key_rot, key_perm, key_clips, weight, options.key_group_size, device)
         channels, threshold, flagged = sinks[i]
         layers.append(
@@ -345,6 +369,7 @@ def calibrate(
                 "sink_threshold": torch.tensor(threshold, dtype=torch.float32),
                 "sink_tokens_flagged": flagged,
                 **({"key_head_rotation": learned} if learned is not None else {}),
+                **({"value_head_rotation": learned_values} if learned_values is not None else {}),
                 **({"key_scale": scales[i].reshape(-1)} if scales is not None else {}),
                 **ranges,
             }

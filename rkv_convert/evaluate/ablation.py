@@ -18,10 +18,8 @@ from ..calibrate.allocate import Sensitivity, allocate_bits, measure_sensitivity
 from ..calibrate.artifact import CalibrationArtifact
 from ..calibrate.run import CalibrationOptions, _run_pass, calibrate
 from ..export.format import Checkpoint
-from ..export.fuse import fuse_key_scale, fuse_value_rotation
+from ..export.fuse import fuse_calibration
 from ..export.writer import checkpoint_from_artifact
-from ..models.adapters import head_dim
-from ..quant.hadamard import hadamard_matrix
 from ..quant.quantizer import bits_per_element
 from ..quant.sinks import detect_sinks
 from .perplexity import perplexity
@@ -47,18 +45,18 @@ def _sink_counts(model, windows: torch.Tensor, checkpoint: Checkpoint, batch_siz
 
 
 def _scheme(variant: Variant, bits: int, checkpoint: Checkpoint) -> Scheme:
-    vr = checkpoint.value_rotation
+    vr = checkpoint.value_rotations()
     if variant.scheme == "fp":
         return Scheme()
     if variant.scheme == "rtn":
-        return RTN(name="rtn", bits=bits, value_rotation=vr)
+        return RTN(name="rtn", bits=bits, value_rotations=vr)
     if variant.scheme == "kivi":
-        return KIVI(name="kivi", bits=bits, value_rotation=vr, uses_sinks=variant.sinks)
+        return KIVI(name="kivi", bits=bits, value_rotations=vr, uses_sinks=variant.sinks)
     keys = key_codecs(checkpoint, None)  # the checkpoint's key layout and per-layer widths (the variant's)
     values = value_codecs(checkpoint, None)
     if not variant.value_rotation:
         return RotateKVSourceValues(name="rotatekv", bits=bits, key_codecs=keys, value_codecs=values,
-                                    uses_sinks=variant.sinks, value_rotation=vr)  # fmt: skip
+                                    uses_sinks=variant.sinks, value_rotations=vr)  # fmt: skip
     return RotateKV(name="rotatekv", bits=bits, key_codecs=keys, value_codecs=values, uses_sinks=variant.sinks)
 
 
@@ -67,8 +65,7 @@ def _options_key(overrides: dict) -> tuple:
 
 
 class _Lab:
-    """The source model (calibrated, never modified), a fused copy (evaluated; one more per calibrated key scale),
-    and cached artifacts."""
+    """The source model (calibrated, never modified), one fused copy per artifact (evaluated), cached artifacts."""
 
     def __init__(self, source_model, calibration_batches: torch.Tensor, base: dict, batch_size: int, log: Log,
                  dev_windows: torch.Tensor | None = None) -> None:  # fmt: skip
@@ -76,20 +73,16 @@ class _Lab:
         self.dev = dev_windows
         self.artifacts: dict[tuple, CalibrationArtifact] = {}
         self.sensitivities: dict[tuple, Sensitivity] = {}
-        self.model = copy.deepcopy(source_model)
-        fuse_value_rotation(self.model, hadamard_matrix(head_dim(source_model.config)))
-        self.scaled_models: dict[tuple, torch.nn.Module] = {}
+        self.fused: dict[tuple, torch.nn.Module] = {}
 
     def model_for(self, overrides: dict) -> torch.nn.Module:
-        """The evaluated model for an option set: :attr:`model`, with the artifact's key scale fused if it has one."""
+        """The evaluated model for an option set: the source with its artifact's value rotations and key scale fused."""
         artifact = self.artifact(overrides)
-        if artifact.key_scales is None:
-            return self.model
         full = _options_key({**self.base, **overrides})
-        if full not in self.scaled_models:
-            self.scaled_models[full] = copy.deepcopy(self.model)
-            fuse_key_scale(self.scaled_models[full], artifact.key_scales)
-        return self.scaled_models[full]
+        if full not in self.fused:
+            self.fused[full] = copy.deepcopy(self.source)
+            fuse_calibration(self.fused[full], artifact)
+        return self.fused[full]
 
     def artifact(self, overrides: dict) -> CalibrationArtifact:
         full = _options_key({**self.base, **overrides})
@@ -168,7 +161,7 @@ def run_ablation(
 
     With ``dev_windows``, the defaults are first chosen by :func:`select_defaults` and the
     variants (a callable of the chosen options) are built around them. ``source_model`` stays
-    unmodified: calibration runs on it, evaluation on a copy with the value rotation fused.
+    unmodified: calibration runs on it, evaluation on copies with each artifact's transforms fused.
     ``texts`` maps a label to (windows ``int64 [n, length]``, variants). Returns (rows,
     chosen option overrides, selection trail); ``on_row`` sees each row as it is produced.
     """
@@ -184,7 +177,7 @@ def run_ablation(
     rows: list[dict] = []
     for label, (windows, variants) in texts.items():
         variants = variants(options) if callable(variants) else variants
-        sinks_per_window = _sink_counts(lab.model, windows, default_ck, batch_size)
+        sinks_per_window = _sink_counts(lab.model_for({}), windows, default_ck, batch_size)
         log(f"[{label}] {windows.shape[0]} windows × {windows.shape[1]} tokens; sinks per window and layer: "
             f"{sinks_per_window:.2f}")
         fp_ppl = None

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ..export.format import Checkpoint
-from ..quant.codec import FoldedKeyCodec, KeyCodec, ValueCodec, rotate_groups
+from ..quant.codec import FoldedKeyCodec, KeyCodec, ValueCodec
 from ..quant.quantizer import GroupMeta, bits_per_element, fake_quantize
 from ..runtime.ops import apply_rope
 
@@ -57,15 +57,16 @@ FullPrecision = Scheme
 
 @dataclass
 class _SourceValues(Scheme):
-    """Baselines quantize the source model's values: undo the exported value rotation first."""
+    """Baselines quantize the source model's values: undo the exported value rotations first."""
 
-    value_rotation: torch.Tensor | None = None
+    value_rotations: list[torch.Tensor] | None = None  # per layer [n_kv, d, d]: Checkpoint.value_rotations()
 
-    def _source(self, v: torch.Tensor) -> torch.Tensor:
-        return _rows_to_heads(rotate_groups(_heads_to_rows(v), self.value_rotation, inverse=True), v.shape[1])
+    def _source(self, layer: int, v: torch.Tensor) -> torch.Tensor:
+        """Values ``[B, n_kv, T, d]`` as the exported weights make them → as the source model makes them."""
+        return torch.einsum("bhte,hde->bhtd", v, self.value_rotations[layer].to(v.device, v.dtype))
 
-    def _back(self, v: torch.Tensor) -> torch.Tensor:
-        return _rows_to_heads(rotate_groups(_heads_to_rows(v), self.value_rotation), v.shape[1])
+    def _back(self, layer: int, v: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bhtd,hde->bhte", v, self.value_rotations[layer].to(v.device, v.dtype))
 
 
 @dataclass
@@ -78,7 +79,7 @@ class RTN(_SourceValues):
         return fake_quantize(_rope(k_pre, cos, sin), self.bits, self.group_size)
 
     def values(self, layer, v):
-        return self._back(fake_quantize(self._source(v), self.bits, self.group_size))
+        return self._back(layer, fake_quantize(self._source(layer, v), self.bits, self.group_size))
 
     def bits_per_element(self):
         bpe = bits_per_element(self.bits, self.group_size)
@@ -105,7 +106,7 @@ class KIVI(_SourceValues):
         return torch.cat([q, k[:, :, full:]], dim=2)
 
     def values(self, layer, v):
-        return self._back(fake_quantize(self._source(v), self.bits, self.group_size))
+        return self._back(layer, fake_quantize(self._source(layer, v), self.bits, self.group_size))
 
     def bits_per_element(self):
         return bits_per_element(self.bits, self.token_group), bits_per_element(self.bits, self.group_size)
@@ -149,12 +150,12 @@ class RotateKV(Scheme):
 class RotateKVSourceValues(RotateKV, _SourceValues):
     """RotateKV with values quantized as the source model holds them: the ablation's "no value rotation" row.
 
-    The evaluated model's weights rotate values (``value_rotation``), so they are turned back before the
+    The evaluated model's weights rotate values (``value_rotations``), so they are turned back before the
     codec and forward after it, as the baselines do.
     """
 
     def values(self, layer, v):
-        return self._back(super().values(layer, self._source(v)))
+        return self._back(layer, super().values(layer, self._source(layer, v)))
 
 
 def key_codecs(checkpoint: Checkpoint, bits: int | None, key_clips: list[float] | None = None) -> list[KeyCodec | FoldedKeyCodec]:
@@ -192,13 +193,13 @@ def build_scheme(name: str, bits: int | None, checkpoint: Checkpoint, clips: dic
 
     RotateKV at ``bits=None`` runs the checkpoint as exported: each layer at its own key and value
     widths and clips (``RkvConfig.layer_bits``); the result is labelled with ``config.bits``."""
-    vr = checkpoint.value_rotation
+    vr = checkpoint.value_rotations()
     if name == "fp":
         return Scheme()
     if name == "rtn":
-        return RTN(name="rtn", bits=bits, value_rotation=vr, group_size=group_size)
+        return RTN(name="rtn", bits=bits, value_rotations=vr, group_size=group_size)
     if name == "kivi":
-        return KIVI(name="kivi", bits=bits, value_rotation=vr, group_size=group_size)
+        return KIVI(name="kivi", bits=bits, value_rotations=vr, group_size=group_size)
     if name == "rotatekv":
         if bits is None:
             name = "rotatekv-mixed" if checkpoint.config.mixed_bits else "rotatekv"

@@ -43,9 +43,9 @@ class Variant:
 
 
 # Choices searched before the table (greedy, in this order, on development text): option → values.
-ABLATION_BASE = CalibrationOptions(key_layout="prerope", key_scale=0.0)
-"""The ablation studies the components of the pre-RoPE RotateKV method (no key scale); the folded layout is one of
-its rows."""
+ABLATION_BASE = CalibrationOptions(key_layout="prerope", key_scale=0.0, learn_value_rotation=False)
+"""The ablation studies the components of the pre-RoPE RotateKV method (no key scale, the Hadamard for values); the
+folded layout and the learned value rotations are rows of it."""
 
 SELECTION = (
     ("clip_objective", ("mse", "qk")),
@@ -93,6 +93,9 @@ def default_variants(base: CalibrationOptions | None = None) -> list[Variant]:
                 {"key_layout": "folded", "learn_rotation": True, "key_scale": 1.0}),
         Variant("folded + learned rotation + key scale 1 + keys at RoPE positions [0; 8192)", "RoPE positions",
                 {"key_layout": "folded", "learn_rotation": True, "key_scale": 1.0, "rope_span": 8192}),
+        Variant("learned value rotation per head", "learned value rotation", {"learn_value_rotation": True}),
+        Variant("folded + learned rotation + key scale 1 + learned value rotation", "learned value rotation",
+                {"key_layout": "folded", "learn_rotation": True, "key_scale": 1.0, "learn_value_rotation": True}),
         Variant("no key rotation", "grouped-head rotation", {"rotate_keys": False}),
         Variant("no value rotation", "value rotation", value_rotation=False),
         Variant("no permutation", "permutation", {"perm_statistic": "none"}),

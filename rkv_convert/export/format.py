@@ -1,4 +1,4 @@
-"""The augmented checkpoint's ``rkv`` config section and tensor names (format version 6).
+"""The augmented checkpoint's ``rkv`` config section and tensor names (format version 7).
 
 A checkpoint folder holds the source model's weights (with the value rotation fused into
 ``v_proj``/``o_proj``), its ``config.json`` with an ``rkv`` section (:class:`RkvConfig`),
@@ -13,7 +13,8 @@ metadata, each layer's ``key_group_range``/``value_group_range``; an older check
 Version 5 added ``salient_tokens`` (prompt tokens kept in full precision by the attention they draw at the
 end of the prefill); an older checkpoint reads as 0. Version 6 added ``group_ranges``
 (:class:`~rkv_convert.quant.quantizer.GroupRanges`: how the encoder sets each group's range); an older
-checkpoint reads as ``minmax``.
+checkpoint reads as ``minmax``. Version 7 added each layer's optional ``value_head_rotation`` (the learned value
+rotations fused into the weights); an older checkpoint's values are rotated by ``value_rotation`` in every layer.
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ __all__ = [
     "check_weight_files",
 ]
 
-FORMAT_VERSION = 6
-READABLE_VERSIONS = (1, 2, 3, 4, 5, 6)  # 1: before key_layout (pre-RoPE keys); 2: before per-layer key/value bits;
+FORMAT_VERSION = 7
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7)  # 1: before key_layout (pre-RoPE keys); 2: before per-layer key/value bits;
 # 3: before group_meta (fp16 scales and zeros)
 RKV_TENSORS_FILE = "rkv.safetensors"
 SUPPORTED_BITS = (2, 3, 4)
@@ -259,6 +260,9 @@ class LayerTensors:
     - ``key_group_range``, ``value_group_range`` fp32 ``[]`` or ``None`` (8-bit group metadata, version 4):
       the largest unclipped group range (max - min) of the stored keys ``y`` / values on calibration
       text, which sets the base of the 8-bit scale codes (:meth:`meta_bases`).
+    - ``value_head_rotation`` fp32 ``[n_kv, d, d]`` or ``None`` (version 7): each KV head's value rotation as fused
+      into ``v_proj``/``o_proj``, learned by calibration; absent, ``value_rotation`` for every head. The runtime
+      never applies it (the weights do); evaluation baselines undo it to quantize the source model's values.
     """
 
     key_mean: torch.Tensor
@@ -270,6 +274,7 @@ class LayerTensors:
     key_head_rotation: torch.Tensor | None = None
     key_group_range: float | None = None
     value_group_range: float | None = None
+    value_head_rotation: torch.Tensor | None = None
 
     FIELDS = ("key_mean", "key_perm", "key_clip", "value_clip", "sink_channels", "sink_threshold")
 
@@ -286,8 +291,13 @@ class LayerTensors:
 class Checkpoint:
     config: RkvConfig
     key_rotation: torch.Tensor  # fp32 [G*d, G*d], orthonormal, applied as y = x @ R (folded: [d, d], R_h = R[:, perm_h])
-    value_rotation: torch.Tensor  # fp32 [d, d], fused into v_proj rows / o_proj columns
+    value_rotation: torch.Tensor  # fp32 [d, d], fused into v_proj rows / o_proj columns (where no layer learned its own)
     layers: list[LayerTensors]
+
+    def value_rotations(self) -> list[torch.Tensor]:
+        """Each layer's value rotation per KV head as fused into the weights, fp32 ``[n_kv, d, d]``."""
+        shared = self.value_rotation.float().expand(self.config.num_key_value_heads, *self.value_rotation.shape)
+        return [shared if layer.value_head_rotation is None else layer.value_head_rotation for layer in self.layers]
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
@@ -351,6 +361,17 @@ def _head_rotation(tensors: dict[str, torch.Tensor], layer: int, config: RkvConf
     return tensors[name].float()
 
 
+def _value_head_rotation(tensors: dict[str, torch.Tensor], layer: int, config: RkvConfig) -> torch.Tensor | None:
+    """A layer's learned value rotations (``[n_kv, d, d]``, version 7) when the checkpoint has them."""
+    name = tensor_name(layer, "value_head_rotation")
+    if name not in tensors:
+        return None
+    shape = (config.num_key_value_heads, config.head_dim, config.head_dim)
+    if config.version < 7 or tuple(tensors[name].shape) != shape:
+        raise CheckpointError(f"{name} needs format version 7 and shape {shape}; re-export the checkpoint")
+    return tensors[name].float()
+
+
 def _group_ranges(tensors: dict[str, torch.Tensor], layer: int, config: RkvConfig) -> dict[str, float]:
     """An 8-bit-metadata checkpoint's per-layer group ranges (required there, refused elsewhere)."""
     names = {what: tensor_name(layer, what) for what in ("key_group_range", "value_group_range")}
@@ -393,6 +414,7 @@ def _unpack_tensors(tensors: dict[str, torch.Tensor], config: RkvConfig) -> tupl
                 sink_threshold=float(need(tensor_name(i, "sink_threshold"), ())),
                 key_head_rotation=_head_rotation(tensors, i, config),
                 **_group_ranges(tensors, i, config),
+                value_head_rotation=_value_head_rotation(tensors, i, config),
             )
         )
     return key_rotation, value_rotation, layers

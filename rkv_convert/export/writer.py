@@ -131,6 +131,7 @@ def checkpoint_from_artifact(
             sink_threshold=float(layer["sink_threshold"]),
             key_head_rotation=layer["key_head_rotation"].float() if "key_head_rotation" in layer else None,
             **_group_ranges(artifact, i, config.meta),
+            value_head_rotation=layer["value_head_rotation"].float() if "value_head_rotation" in layer else None,
         )
         for i, layer in enumerate(artifact.layers)
     ]
@@ -171,7 +172,7 @@ def export_checkpoint(
     err = (after - before).abs().max().item()
     if err > LOGIT_TOLERANCE.get(dtype, 1e-3) * max(1.0, before.abs().max().item() / 10):
         unfuse_calibration(model, artifact)
-        raise CheckpointError(f"fusing the value rotation and key scale changed logits by {err:.3g} in {dtype}; "
+        raise CheckpointError(f"fusing the value rotations and key scale changed logits by {err:.3g} in {dtype}; "
                               "refusing to export")
 
     tensors = {"key_rotation": artifact.key_rotation, "value_rotation": artifact.value_rotation}
@@ -184,8 +185,9 @@ def export_checkpoint(
         tensors[tensor_name(i, "sink_threshold")] = layer["sink_threshold"]
         tensors[tensor_name(i, "key_clip_by_bits")] = layer["key_clip_by_bits"]
         tensors[tensor_name(i, "value_clip_by_bits")] = layer["value_clip_by_bits"]
-        if "key_head_rotation" in layer:  # learned per-head rotations (folded layout)
-            tensors[tensor_name(i, "key_head_rotation")] = layer["key_head_rotation"]
+        for name in ("key_head_rotation", "value_head_rotation"):  # learned per-head rotations
+            if name in layer:
+                tensors[tensor_name(i, name)] = layer[name]
         for name, value in ranges[i].items():  # 8-bit group metadata
             tensors[tensor_name(i, name)] = torch.tensor(value, dtype=torch.float32)
 

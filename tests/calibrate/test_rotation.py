@@ -1,8 +1,8 @@
-"""Learned key rotations: orthogonality, the objective agrees with the clip search's, and learning helps."""
+"""Learned key and value rotations: orthogonality, the objectives (the clip search's; the error after o_proj), learning helps."""
 
 import torch
 
-from rkv_convert.calibrate.rotation import cayley, learn_rotation, weighted_error
+from rkv_convert.calibrate.rotation import cayley, learn_rotation, output_metric, weighted_error
 from rkv_convert.calibrate.search import clip_error
 from rkv_convert.quant.hadamard import hadamard_matrix
 
@@ -30,4 +30,38 @@ def test_learning_lowers_the_real_error_from_the_hadamard() -> None:
     torch.testing.assert_close(got.rotation @ got.rotation.T, torch.eye(d), atol=1e-4, rtol=0)
     assert got.error_before == weighted_error(x, h, w, 2, 8, 0.9)
     assert got.error_after == weighted_error(x, got.rotation, w, 2, 8, 0.9)
+    assert got.error_after < 0.9 * got.error_before
+
+
+def test_a_diagonal_root_is_the_per_channel_weight() -> None:
+    x, w, h = torch.randn(300, 32), torch.rand(32), hadamard_matrix(32)
+    want = weighted_error(x, h, w, 2, 16, 0.8)
+    got = weighted_error(x, h, torch.diag(w.sqrt()), 2, 16, 0.8)
+    assert abs(got - want) <= 1e-5 * want
+
+
+def test_output_metric_is_the_error_after_o_proj() -> None:
+    """``|e M_h|²`` is ``Σ_j |O_j e|²`` over the query heads ``j`` reading KV head ``h`` (up to one scale per head)."""
+    n_kv, rep, d, out = 2, 3, 16, 40
+    o_proj = torch.randn(out, n_kv * rep * d)
+    metric = output_metric(o_proj, n_kv, d)
+    e = torch.randn(5, d)
+    for h in range(n_kv):
+        cols = [o_proj[:, (h * rep + j) * d:(h * rep + j + 1) * d] for j in range(rep)]
+        direct = sum((e @ c.T).pow(2).sum(-1) for c in cols)
+        gram = sum(c.T @ c for c in cols)
+        scale = gram.diagonal().mean()
+        torch.testing.assert_close((e @ metric[h]).pow(2).sum(-1) * scale, direct, rtol=1e-4, atol=1e-4)
+
+
+def test_learning_with_an_output_metric_lowers_its_error() -> None:
+    d = 32
+    basis = torch.linalg.qr(torch.randn(d, d))[0]
+    x = (torch.randn(2000, d) * torch.linspace(3.0, 0.05, d)) @ basis.T
+    metric = output_metric(torch.randn(48, 2 * d), 1, d)[0]
+    h = hadamard_matrix(d)
+    got = learn_rotation(x, metric, h, bits=2, group_size=8, clip=0.9, steps=200, lr=5e-3)
+    torch.testing.assert_close(got.rotation @ got.rotation.T, torch.eye(d), atol=1e-4, rtol=0)
+    assert got.error_before == weighted_error(x, h, metric, 2, 8, 0.9)
+    assert got.error_after == weighted_error(x, got.rotation, metric, 2, 8, 0.9)
     assert got.error_after < 0.9 * got.error_before

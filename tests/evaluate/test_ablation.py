@@ -17,12 +17,13 @@ from rkv_convert.quant.quantizer import fake_quantize
 
 
 def test_source_values_are_quantized_before_the_value_rotation() -> None:
-    """The "no value rotation" row: values turned back to the source basis, quantized per token there, turned forward."""
-    rotation = hadamard_matrix(16)
+    """The "no value rotation" row: values turned back to the source basis, quantized per token there, turned forward
+    (each KV head by its own rotation, as learned value rotations are)."""
+    rotation = torch.stack([hadamard_matrix(16), torch.linalg.qr(torch.randn(16, 16))[0], hadamard_matrix(16).T])
     source = torch.randn(2, 3, 5, 16)  # [B, H, T, d]
-    rotated = torch.einsum("bhtd,de->bhte", source, rotation)
-    scheme = RotateKVSourceValues(value_codecs=[ValueCodec(2, 16, 1.0)], value_rotation=rotation)
-    expected = torch.einsum("bhtd,de->bhte", fake_quantize(source.transpose(1, 2).reshape(2, 5, 48), 2, 16)
+    rotated = torch.einsum("bhtd,hde->bhte", source, rotation)
+    scheme = RotateKVSourceValues(value_codecs=[ValueCodec(2, 16, 1.0)], value_rotations=[rotation])
+    expected = torch.einsum("bhtd,hde->bhte", fake_quantize(source.transpose(1, 2).reshape(2, 5, 48), 2, 16)
                             .reshape(2, 5, 3, 16).transpose(1, 2), rotation)  # fmt: skip
     torch.testing.assert_close(scheme.values(0, rotated), expected, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(expected, rotated, atol=1e-2)  # 2 bits do change the values

@@ -22,9 +22,9 @@ def _config(**kw) -> RkvConfig:
 
 
 def test_written_version_and_layouts() -> None:
-    assert FORMAT_VERSION == 6 and KEY_LAYOUTS == ("prerope", "folded") and DEFAULT_KEY_LAYOUT in KEY_LAYOUTS
+    assert FORMAT_VERSION == 7 and KEY_LAYOUTS == ("prerope", "folded") and DEFAULT_KEY_LAYOUT in KEY_LAYOUTS
     data = _config(key_layout="folded").to_dict()
-    assert data["version"] == 6 and data["key_layout"] == "folded" and data["group_meta"] == "fp16"
+    assert data["version"] == 7 and data["key_layout"] == "folded" and data["group_meta"] == "fp16"
     assert data["salient_tokens"] == 0 and data["group_ranges"] == "minmax"
     assert list(data) == sorted(data)
     assert RkvConfig.from_dict(json.loads(json.dumps(data))).folded
@@ -41,7 +41,7 @@ def test_version_1_reads_as_prerope() -> None:
         RkvConfig.from_dict({**data, "key_layout": "folded"})
 
 
-@pytest.mark.parametrize("version", [0, 7, None, "2"])
+@pytest.mark.parametrize("version", [0, 8, None, "2"])
 def test_unknown_versions_are_refused_with_the_re_export_message(version) -> None:
     data = _config().to_dict()
     data["version"] = version

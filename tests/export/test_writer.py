@@ -115,8 +115,8 @@ def test_config_validation_messages() -> None:
         RkvConfig(**base | dict(num_key_value_heads=4))
     with pytest.raises(CheckpointError, match="bits"):
         RkvConfig(**base | dict(bits=5))
-    with pytest.raises(CheckpointError, match="version 7.*re-export"):
-        RkvConfig.from_dict(RkvConfig(**base).to_dict() | {"version": 7})
+    with pytest.raises(CheckpointError, match="version 8.*re-export"):
+        RkvConfig.from_dict(RkvConfig(**base).to_dict() | {"version": 8})
     with pytest.raises(CheckpointError, match="unknown"):
         RkvConfig.from_dict(RkvConfig(**base).to_dict() | {"colour": "red"})
 
@@ -211,3 +211,40 @@ def test_key_scale_is_fused_into_the_exported_weights(source, tmp_path) -> None:
     for a, b in zip(again.layers, art.layers):  # keys of the exported weights = the keys the artifact was made from
         torch.testing.assert_close(a["key_mean"], b["key_mean"], rtol=1e-4, atol=1e-5)
     assert read_checkpoint(out).layers[0].key_mean.shape == scale.shape
+
+
+def test_learned_value_rotations_are_fused_and_recorded(source, tmp_path) -> None:
+    """The exported model's values are the source's times each KV head's learned rotation; the checkpoint records
+    them (format version 7) for the baselines, and the logits stay the source's."""
+    from rkv_convert.models.adapters import adapter_for
+
+    loaded, art = _calibrated(source)
+    assert all(layer["value_head_rotation"].shape == (2, 64, 64) for layer in art.layers)
+    attn = loaded.model.model.layers[1].self_attn
+    x = torch.randn(1, 5, loaded.model.config.hidden_size)
+    ids = torch.randint(0, 128, (1, 21))
+    with torch.no_grad():
+        source_v = adapter_for(loaded.model.config).project(attn, x)[2]
+        reference = loaded.model(ids).logits
+    out = export_checkpoint(loaded, art, tmp_path / "ck", bits=2)
+    reloaded = load_model(str(out)).model
+    with torch.no_grad():
+        v = adapter_for(reloaded.config).project(reloaded.model.layers[1].self_attn, x)[2]
+        torch.testing.assert_close(reloaded(ids).logits, reference, rtol=0, atol=1e-4)
+    learned = art.layers[1]["value_head_rotation"]
+    torch.testing.assert_close(v, torch.einsum("bhtd,hde->bhte", source_v, learned), rtol=0, atol=1e-5)
+    ck = read_checkpoint(out)
+    assert ck.config.version == 7
+    torch.testing.assert_close(ck.value_rotations()[1], learned)
+    assert not torch.allclose(ck.value_rotations()[1], ck.value_rotation.expand(2, 64, 64), atol=1e-3)
+
+
+def test_value_head_rotation_needs_version_7(source, tmp_path) -> None:
+    loaded, art = _calibrated(source)
+    out = export_checkpoint(loaded, art, tmp_path / "ck", bits=2)
+    path = out / "config.json"
+    full = json.loads(path.read_text())
+    full["rkv"]["version"] = 6
+    path.write_text(json.dumps(full))
+    with pytest.raises(CheckpointError, match="value_head_rotation needs format version 7"):
+        read_checkpoint(out)
