@@ -189,7 +189,9 @@ def _calibration_table(artifact) -> Table:
     opts = artifact.meta["options"]
     span = opts.get("rope_span")
     where = f", observed at RoPE positions 0-{span - 1}" if span else ""
-    table = Table(title=f"per-layer calibration ({opts.get('key_layout', 'prerope')} keys{where}, head groups of {opts['head_group_size']}, key/value groups {opts['key_group_size']}/{opts['value_group_size']})")
+    values = "learned per KV head" if "value_head_rotation" in artifact.layers[0] else "Hadamard"
+    table = Table(title=f"per-layer calibration ({opts.get('key_layout', 'prerope')} keys{where}, head groups of {opts['head_group_size']}, "
+                  f"key/value groups {opts['key_group_size']}/{opts['value_group_size']}, value rotation: {values})")
     induction = all("key_induction" in layer for layer in artifact.layers)
     scales = artifact.key_scales
     for col in ("layer", "key outlier ratio before", "after rotation", *(("key scale min-max",) if scales else ()),

@@ -124,6 +124,20 @@ def test_calibrate_rope_span_option(workspace, exported) -> None:
     assert load_artifact(exported[0]).meta["options"]["rope_span"] == 0
 
 
+def test_calibrate_value_rotation_option(workspace, exported) -> None:
+    """Value rotations are learned by default; --no-learn-value-rotation keeps the Hadamard, and the table says which."""
+    from rkv_convert.calibrate.artifact import load_artifact
+
+    root, model, text, _ = workspace
+    result = runner.invoke(app, [*_calibrate_args(model, root / "cal-vh", text), "--no-learn-value-rotation"])
+    _ok(result)
+    assert "value rotation: Hadamard" in " ".join(result.output.split())
+    plain, learned = load_artifact(root / "cal-vh"), load_artifact(exported[0])
+    assert plain.meta["options"]["learn_value_rotation"] is False and learned.meta["options"]["learn_value_rotation"]
+    assert all("value_head_rotation" not in layer for layer in plain.layers)
+    assert all("value_head_rotation" in layer for layer in learned.layers)
+
+
 def _stock_perplexity(checkpoint, text, windows: int, length: int) -> float:
     """Perplexity straight from transformers, no rkv code in the forward pass."""
     tok = AutoTokenizer.from_pretrained(checkpoint)
