@@ -49,7 +49,7 @@ def test_folded_calibrate_export_eval_run(tmp_path) -> None:
     assert "--key-bits auto: keys at 3 bits in layers" in " ".join(exported.output.split())
     config = read_checkpoint(ck).config
     # the default store in the folded layout: 8-bit metadata paying for 3-bit keys in half the layers, salient tokens
-    assert (config.version, config.key_layout, config.head_group_size, config.group_meta) == (6, "folded", 1, "log8")
+    assert (config.version, config.key_layout, config.head_group_size, config.group_meta) == (7, "folded", 1, "log8")
     assert config.group_ranges == "minmax"
     assert sorted(config.key_bits) == [2, 3] and config.value_bits == [2, 2]
     assert config.salient_tokens == 32

@@ -55,7 +55,7 @@ def test_export_with_per_layer_widths_and_eval_as_exported(tmp_path, pipeline_te
     from rkv_convert.export.format import read_checkpoint
 
     config = read_checkpoint(ck).config
-    assert (config.version, config.key_bits, config.value_bits) == (6, [3, 2], [4, 4])
+    assert (config.version, config.key_bits, config.value_bits) == (7, [3, 2], [4, 4])
     result = runner.invoke(app, ["eval", str(ck), "--text", str(evaltext), "--windows", "1", "--length", "64",
                                  "--schemes", "rotatekv", "--bits", "2", "--protocols", "oneshot", "--device", "cpu",
                                  "--json"])  # fmt: skip

@@ -102,10 +102,11 @@ def _attend(q, k, v, mask, shape: _Shape):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=shape.scale, enable_gqa=True)
     rep = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    scores = (q.float() @ k.float().transpose(-1, -2)) * shape.scale
+    dtype = torch.promote_types(q.dtype, torch.float32)  # half models in fp32, a float64 model stays float64
+    scores = (q.to(dtype) @ k.to(dtype).transpose(-1, -2)) * shape.scale
     scores = shape.softcap * torch.tanh(scores / shape.softcap)
     probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
-    return (probs @ v.float()).to(q.dtype)
+    return (probs @ v.to(dtype)).to(q.dtype)
 
 
 def _kept_fp_attention(q, k_q, v_q, k_fp, v_fp, sinks, window, shape: _Shape, query_chunk, q_start: int = 0):
