@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..export.format import CheckpointError, KeyLayout, tensor_name
+from ..export.format import CheckpointError, KeyLayout, tensor_name, value_rotations_per_layer
 from ..outdir import atomic_dir
 
 __all__ = ["ARTIFACT_VERSION", "CalibrationArtifact", "save_artifact", "load_artifact", "weights_fingerprint"]
@@ -83,9 +83,8 @@ class CalibrationArtifact:
     def value_rotations(self) -> list[torch.Tensor]:
         """Each layer's value rotation per KV head, fp32 ``[n_kv, d, d]`` (fused into the weights at export): the
         learned ``value_head_rotation``, else ``value_rotation`` for every head."""
-        n_kv = self.meta["model"]["num_key_value_heads"]
-        shared = self.value_rotation.float().expand(n_kv, *self.value_rotation.shape)
-        return [layer["value_head_rotation"].float() if "value_head_rotation" in layer else shared for layer in self.layers]
+        return value_rotations_per_layer(self.value_rotation, [layer.get("value_head_rotation") for layer in self.layers],
+                                         self.meta["model"]["num_key_value_heads"])  # fmt: skip
 
     def clip_for(self, layer: int, bits: int, which: str = "key") -> float:
         table = self.layers[layer][f"{which}_clip_by_bits"]

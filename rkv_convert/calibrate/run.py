@@ -177,30 +177,14 @@ def _clips(rows, bits_list, group_size, perm, fixed, weight=None, rotation=None)
     return [search.search_clip(rows, b, group_size, perm, weight, rotation)[0] for b in bits_list]
 
 
-def _learned_rotation(x: torch.Tensor, rotation: torch.Tensor, perm: torch.Tensor, weight: torch.Tensor | None,
-                      clip: float, options: CalibrationOptions) -> torch.Tensor:  # fmt: skip
-    """Per KV head ``R_h [n_kv, d, d]`` learned from ``H_d[:, perm_h]`` at 2 bits and ``clip`` (:mod:`.rotation`).
-    ``x [N, n_kv, d]``: centred post-RoPE keys."""
-    n_kv, d = x.shape[1:]
-    init = folded_head_rotations(rotation, perm, d)
-    w = (weight.float().cpu() if weight is not None else torch.ones(n_kv * d)).reshape(n_kv, d)
+def _learned_heads(x: torch.Tensor, inits: torch.Tensor, weights: torch.Tensor, group_size: int, clip: float,
+                   options: CalibrationOptions) -> torch.Tensor:  # fmt: skip
+    """Per KV head ``R_h [n_kv, d, d]`` learned from ``inits[h]`` at 2 bits and ``clip`` for ``weights[h]`` (per channel
+    ``[d]`` or a root ``[d, d]``; :mod:`.rotation`). ``x [N, n_kv, d]``: the rows the rotations will turn."""
     return torch.stack([
-        learn_rotation(x[:, h], w[h], init[h], search.QUANT_BITS[0], options.key_group_size, clip,
+        learn_rotation(x[:, h], weights[h], inits[h], search.QUANT_BITS[0], group_size, clip,
                        steps=options.rotation_steps).rotation
-        for h in range(n_kv)
-    ]).contiguous()  # fmt: skip
-
-
-def _learned_value_rotation(x: torch.Tensor, rotation: torch.Tensor, o_proj: torch.Tensor, clip: float,
-                            options: CalibrationOptions) -> torch.Tensor:  # fmt: skip
-    """Per KV head ``R_h [n_kv, d, d]`` learned from the value rotation ``H_d`` at 2 bits and ``clip`` for the error
-    after ``o_proj`` (:func:`.rotation.output_metric`). ``x [N, n_kv, d]``: values as the source model makes them."""
-    n_kv, d = x.shape[1:]
-    metric = output_metric(o_proj.float().cpu(), n_kv, d)
-    return torch.stack([
-        learn_rotation(x[:, h], metric[h], rotation, search.QUANT_BITS[0], options.value_group_size, clip,
-                       steps=options.rotation_steps).rotation
-        for h in range(n_kv)
+        for h in range(x.shape[1])
     ]).contiguous()  # fmt: skip
 
 
@@ -331,19 +315,23 @@ def calibrate(
         key_clips = _clips(stats["key_rows"].to(device), search.QUANT_BITS, options.key_group_size, perm.to(device),
                            options.key_clip, weight, key_rotation.to(device))
         value_rows = stats["value_rows"]  # rotated by value_rotation
-        value_clips = _clips(value_rows.to(device), search.QUANT_BITS, options.value_group_size, None, options.value_clip)
         learned_values = None
-        if options.learn_value_rotation:  # R_h per KV head, clips searched again for what the cache then stores
+        if options.learn_value_rotation:  # R_h per KV head from H_d at its 2-bit clip, for the error after o_proj
+            clip = _clips(value_rows.to(device), search.QUANT_BITS[:1], options.value_group_size, None, options.value_clip)[0]
             x = rotate_groups(value_rows.float(), value_rotation, inverse=True).reshape(-1, n_kv, d)
-            learned_values = _learned_value_rotation(x, value_rotation, attentions[i].o_proj.weight, value_clips[0], options)
+            metric = output_metric(attentions[i].o_proj.weight.float().cpu(), n_kv, d)
+            learned_values = _learned_heads(x, value_rotation.expand(n_kv, d, d), metric, options.value_group_size, clip,
+                                            options)  # fmt: skip
             value_rows = _through_heads(x, learned_values)
-            value_clips = _clips(value_rows.to(device), search.QUANT_BITS, options.value_group_size, None,
-                                 options.value_clip)  # fmt: skip
+        # clips of what the cache stores
+        value_clips = _clips(value_rows.to(device), search.QUANT_BITS, options.value_group_size, None, options.value_clip)
         learned, key_rows, key_rot, key_perm, ranges = None, stats["key_rows"], key_rotation, perm, {}
         if folded:
             x = rotate_groups(stats["key_rows"].float(), key_rotation, inverse=True).reshape(-1, shape["num_key_value_heads"], d)
             if options.learn_rotation is not False and options.rotate_keys:
-                learned = _learned_rotation(x, key_rotation, perm, weight, key_clips[0], options)
+                w = weight.float().cpu() if weight is not None else torch.ones(n_kv * d)
+                learned = _learned_heads(x, folded_head_rotations(key_rotation, perm, d), w.reshape(n_kv, d),
+                                         options.key_group_size, key_clips[0], options)  # fmt: skip
             y = _through_heads(x, learned if learned is not None else folded_head_rotations(key_rotation, perm, d))
             if learned is not None:  # the learned R_h: groups of consecutive channels of y, clips searched again
                 key_rows, key_rot, key_perm = y, torch.block_diag(*learned.float()), None

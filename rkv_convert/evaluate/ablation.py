@@ -65,7 +65,8 @@ def _options_key(overrides: dict) -> tuple:
 
 
 class _Lab:
-    """The source model (calibrated, never modified), one fused copy per artifact (evaluated), cached artifacts."""
+    """The source model (calibrated, never modified), fused copies (evaluated: one for every artifact that fuses only
+    the Hadamard, one more per artifact with learned value rotations or a key scale), cached artifacts."""
 
     def __init__(self, source_model, calibration_batches: torch.Tensor, base: dict, batch_size: int, log: Log,
                  dev_windows: torch.Tensor | None = None) -> None:  # fmt: skip
@@ -78,11 +79,12 @@ class _Lab:
     def model_for(self, overrides: dict) -> torch.nn.Module:
         """The evaluated model for an option set: the source with its artifact's value rotations and key scale fused."""
         artifact = self.artifact(overrides)
-        full = _options_key({**self.base, **overrides})
-        if full not in self.fused:
-            self.fused[full] = copy.deepcopy(self.source)
-            fuse_calibration(self.fused[full], artifact)
-        return self.fused[full]
+        own = artifact.key_scales is not None or any("value_head_rotation" in layer for layer in artifact.layers)
+        key = _options_key({**self.base, **overrides}) if own else ()  # (): the Hadamard alone, the same for all
+        if key not in self.fused:
+            self.fused[key] = copy.deepcopy(self.source)
+            fuse_calibration(self.fused[key], artifact)
+        return self.fused[key]
 
     def artifact(self, overrides: dict) -> CalibrationArtifact:
         full = _options_key({**self.base, **overrides})

@@ -46,6 +46,7 @@ __all__ = [
     "tensor_name",
     "read_checkpoint",
     "check_weight_files",
+    "value_rotations_per_layer",
 ]
 
 FORMAT_VERSION = 7
@@ -296,8 +297,14 @@ class Checkpoint:
 
     def value_rotations(self) -> list[torch.Tensor]:
         """Each layer's value rotation per KV head as fused into the weights, fp32 ``[n_kv, d, d]``."""
-        shared = self.value_rotation.float().expand(self.config.num_key_value_heads, *self.value_rotation.shape)
-        return [shared if layer.value_head_rotation is None else layer.value_head_rotation for layer in self.layers]
+        return value_rotations_per_layer(self.value_rotation, [layer.value_head_rotation for layer in self.layers],
+                                         self.config.num_key_value_heads)  # fmt: skip
+
+
+def value_rotations_per_layer(shared: torch.Tensor, learned: list[torch.Tensor | None], n_kv: int) -> list[torch.Tensor]:
+    """Per layer fp32 ``[n_kv, d, d]``: the layer's learned value rotations, or ``shared [d, d]`` for every head."""
+    every_head = shared.float().expand(n_kv, *shared.shape)
+    return [every_head if r is None else r.float() for r in learned]
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
