@@ -18,8 +18,9 @@ from ..outdir import atomic_dir
 
 __all__ = ["ARTIFACT_VERSION", "CalibrationArtifact", "save_artifact", "load_artifact", "weights_fingerprint"]
 
-ARTIFACT_VERSION = 3  # 2: key_scale (an rkv that reads only version 1 would export without fusing it); 3: value_head_rotation
-READABLE_VERSIONS = (1, 2, 3)
+ARTIFACT_VERSION = 4  # 2: key_scale (an rkv that reads only version 1 would export without fusing it); 3: value_head_rotation;
+# 4: key_first_token
+READABLE_VERSIONS = (1, 2, 3, 4)
 TENSORS_FILE = "calibration.safetensors"
 META_FILE = "calibration.json"
 # key_head_rotation: folded layout with learned rotations, fp32 [n_kv, d, d]; key/value_group_range: fp32 [],
@@ -29,9 +30,10 @@ META_FILE = "calibration.json"
 # key_scale: fp32 [n_kv*d], the key scale (calibrate.key_scale) in the channel order attention handlers see; every
 # other key statistic of the layer (mean, clips, rotations, ranges) is of the scaled keys;
 # value_head_rotation: fp32 [n_kv, d, d], each KV head's learned value rotation (replaces value_rotation for the layer;
-# its value clips and group range are of the values it rotates)
+# its value clips and group range are of the values it rotates);
+# key_first_token: fp32 [n_kv, d], the mean centred key of the windows' first token (folded; export.first_key)
 OPTIONAL_PER_LAYER = ("key_head_rotation", "key_group_range", "value_group_range", "key_error_by_bits", "key_induction",
-                      "key_scale", "value_head_rotation")
+                      "key_scale", "value_head_rotation", "key_first_token")
 PER_LAYER = (
     "key_mean",
     "key_perm",
@@ -139,7 +141,8 @@ def load_artifact(path: str | Path) -> CalibrationArtifact:
                 layer[key] = tensors[tensor_name(i, key)]
         heads = (model["num_key_value_heads"], model["head_dim"], model["head_dim"])
         if any(layer[key].shape != (channels,) for key in ("key_mean", "key_perm", "key_scale") if key in layer) or any(
-                layer[key].shape != heads for key in ("key_head_rotation", "value_head_rotation") if key in layer):
+                layer[key].shape != heads for key in ("key_head_rotation", "value_head_rotation") if key in layer) or (
+                "key_first_token" in layer and layer["key_first_token"].shape != heads[:2]):
             raise CheckpointError(f"{tensors_path} layer {i}: shapes do not match the model recorded in {meta_path}; "
                                   "re-run `rkv calibrate`")  # fmt: skip
         layers.append(layer)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["ActivationObserver", "CalibrationError", "KeyMomentObserver", "RotatedKeyObserver", "flatten_heads"]
+__all__ = ["ActivationObserver", "CalibrationError", "FirstKeyObserver", "KeyMomentObserver", "RotatedKeyObserver", "flatten_heads"]
 
 
 class CalibrationError(RuntimeError):
@@ -105,3 +105,23 @@ class RotatedKeyObserver:
             "key_rows": torch.cat(self.key_rows),
             "value_rows": torch.cat(self.value_rows),
         }
+
+
+class FirstKeyObserver:
+    """Running mean of each window's first centred key ``[n_kv, d]``: the attention sink's key."""
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | None = None
+        self.count = 0
+
+    def update(self, first: torch.Tensor) -> None:
+        """``first [B, n_kv, d]``: the centred keys at position 0 of ``B`` windows."""
+        total = first.double().sum(0).cpu()
+        self.total = total if self.total is None else self.total + total
+        self.count += first.shape[0]
+
+    def result(self) -> torch.Tensor:
+        """fp32 ``[n_kv, d]``: the mean."""
+        if self.total is None:
+            raise CalibrationError("no calibration window reached the first-key observer; calibrate on more text")
+        return (self.total / self.count).float()

@@ -9,7 +9,9 @@
    queries' second moments weighting key errors. With ``key_layout="folded"`` the keys of this pass are
    post-RoPE: ``RoPE_n(k - mu)`` rotated per KV head by the Hadamard of order ``d`` (what the
    folded cache quantizes, up to the permutation the pass decides). With ``learn_value_rotation`` each layer's
-   values get a learned rotation per KV head (:mod:`.rotation`), fused into the weights at export.
+   values get a learned rotation per KV head (:mod:`.rotation`), fused into the weights at export. With
+   ``fit_first_key`` (folded) the pass also averages each window's first key, which the export stores almost
+   exactly (:mod:`rkv_convert.export.first_key`).
 
 A last forward over seeded random tokens (no text) scores each KV head as a retrieval head
 (:mod:`.retrieval`), for ``rkv export --key-bits retrieval``.
@@ -39,7 +41,7 @@ from .key_scale import DEFAULT_KEY_SCALE, key_scale
 from .retrieval import induction_scores
 from .rotation import learn_rotation, output_metric
 from .artifact import ARTIFACT_VERSION, CalibrationArtifact, weights_fingerprint
-from .observers import ActivationObserver, KeyMomentObserver, RotatedKeyObserver, flatten_heads
+from .observers import ActivationObserver, FirstKeyObserver, KeyMomentObserver, RotatedKeyObserver, flatten_heads
 
 __all__ = ["CalibrationOptions", "calibrate", "model_shape"]
 
@@ -77,6 +79,9 @@ class CalibrationOptions:
     rope_span: int = 0
     # learned per-head value rotations (calibrate.rotation, o_proj-weighted error), fused into v_proj/o_proj at export
     learn_value_rotation: bool = True
+    # folded layout: calibrate the first token's key (the attention sink), which the export's first-key fit
+    # (export.first_key) then stores almost exactly; None: on for folded
+    fit_first_key: bool | None = None
 
 
 def model_shape(config: object) -> dict:
@@ -153,6 +158,9 @@ def _validate(options: CalibrationOptions, shape: dict) -> int:
     if options.rope_span and not folded:
         raise ValueError("rope_span applies to the folded key layout (the prerope layout caches keys before RoPE, at "
                          "no position); leave it at 0 or use key_layout='folded'")
+    if options.fit_first_key and not folded:
+        raise ValueError("the first-key fit needs the folded key layout (it turns each head's key rotation, free at "
+                         "decode only there); use key_layout='folded' or fit_first_key=False")
     if options.rope_span < 0:
         raise ValueError(f"rope_span must be >= 0 (0: the calibration windows' own positions), got {options.rope_span}")
     if not 0.0 <= options.key_scale <= 2.0:
@@ -277,6 +285,7 @@ def calibrate(
     ropes = layer_rope(model) if span else []
     positions = torch.Generator().manual_seed(options.seed) if span else None
     rotated = [RotatedKeyObserver(options.clip_samples, options.seed + i) for i in range(n_layers)]
+    first_keys = [FirstKeyObserver() for _ in range(n_layers)] if folded and options.fit_first_key is not False else []
 
     def observe_rotated(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: torch.Tensor, pe=None) -> None:
         if scales is not None:  # equal within RoPE pairs: commutes with RoPE
@@ -286,6 +295,8 @@ def calibrate(
         if folded:
             mu = key_means[i].to(k.device).view(1, -1, 1, d)
             k_c = k.float() - mu
+            if first_keys:  # position 0, where RoPE is the identity
+                first_keys[i].update(k_c[:, :, 0])
             if span:
                 centred = flatten_heads(rope(k_c, _draw_positions(k.shape[0], k.shape[2], span, positions), *ropes[i]))
             else:
@@ -358,6 +369,7 @@ def calibrate(
                 "sink_tokens_flagged": flagged,
                 **({"key_head_rotation": learned} if learned is not None else {}),
                 **({"value_head_rotation": learned_values} if learned_values is not None else {}),
+                **({"key_first_token": first_keys[i].result()} if first_keys else {}),
                 **({"key_scale": scales[i].reshape(-1)} if scales is not None else {}),
                 **ranges,
             }

@@ -19,7 +19,9 @@ from ..calibrate.run import model_shape
 from ..models.adapters import text_config
 from ..models.loading import LoadedModel
 from ..outdir import atomic_dir, check_output_dir
-from ..quant.quantizer import GroupMeta, GroupRanges
+from ..quant.codec import folded_head_rotations
+from ..quant.quantizer import GroupMeta, GroupRanges, meta_scale_base
+from .first_key import fit_first_key
 from .format import RKV_TENSORS_FILE, SUPPORTED_BITS, Checkpoint, CheckpointError, LayerTensors, RkvConfig, tensor_name
 from .fuse import fuse_calibration, unfuse_calibration
 
@@ -74,6 +76,22 @@ def _group_ranges(artifact: CalibrationArtifact, layer: int, meta: GroupMeta) ->
     return {name: float(artifact.layers[layer][name]) for name in names}
 
 
+def _key_head_rotation(artifact: CalibrationArtifact, layer: int, config: RkvConfig,
+                       ranges: dict[str, float]) -> torch.Tensor | None:  # fmt: skip
+    """The layer's ``key_head_rotation`` as written: the learned ``R_h`` (or, without one, ``key_rotation[:, perm_h]``)
+    followed by the first-key fit (:mod:`.first_key`) where the artifact calibrated the first key; ``None``: neither."""
+    tensors = artifact.layers[layer]
+    learned = tensors["key_head_rotation"].float() if "key_head_rotation" in tensors else None
+    if "key_first_token" not in tensors:
+        return learned
+    if learned is None:
+        learned = folded_head_rotations(artifact.key_rotation, tensors["key_perm"], config.head_dim)
+    bits = config.layer_bits(layer)[0]
+    clip = artifact.clip_for(layer, bits, "key")
+    base = meta_scale_base(ranges["key_group_range"], bits, clip) if config.meta is GroupMeta.LOG8 else None
+    return fit_first_key(learned, tensors["key_first_token"], bits, config.key_group_size, clip, base, config.ranges)
+
+
 def _config_for(artifact: CalibrationArtifact, bits: int, recent_window: int, flush_block: int, max_sinks: int,
                 key_bits: list[int] | None = None, value_bits: list[int] | None = None,
                 group_meta: GroupMeta = GroupMeta.FP16, salient_tokens: int = 0,
@@ -121,6 +139,7 @@ def checkpoint_from_artifact(
     """
     config = _config_for(artifact, bits, recent_window, flush_block, max_sinks, key_bits, value_bits, group_meta,
                          salient_tokens, group_ranges)  # fmt: skip
+    ranges = [_group_ranges(artifact, i, config.meta) for i in range(artifact.num_layers)]
     layers = [
         LayerTensors(
             key_mean=layer["key_mean"].float(),
@@ -129,8 +148,8 @@ def checkpoint_from_artifact(
             value_clip=artifact.clip_for(i, config.layer_bits(i)[1], "value"),
             sink_channels=layer["sink_channels"].long(),
             sink_threshold=float(layer["sink_threshold"]),
-            key_head_rotation=layer["key_head_rotation"].float() if "key_head_rotation" in layer else None,
-            **_group_ranges(artifact, i, config.meta),
+            key_head_rotation=_key_head_rotation(artifact, i, config, ranges[i]),
+            **ranges[i],
             value_head_rotation=layer["value_head_rotation"].float() if "value_head_rotation" in layer else None,
         )
         for i, layer in enumerate(artifact.layers)
@@ -185,9 +204,11 @@ def export_checkpoint(
         tensors[tensor_name(i, "sink_threshold")] = layer["sink_threshold"]
         tensors[tensor_name(i, "key_clip_by_bits")] = layer["key_clip_by_bits"]
         tensors[tensor_name(i, "value_clip_by_bits")] = layer["value_clip_by_bits"]
-        for name in ("key_head_rotation", "value_head_rotation"):  # learned per-head rotations
-            if name in layer:
-                tensors[tensor_name(i, name)] = layer[name]
+        key_heads = _key_head_rotation(artifact, i, config, ranges[i])
+        if key_heads is not None:  # learned per-head key rotations, the first-key fit
+            tensors[tensor_name(i, "key_head_rotation")] = key_heads
+        if "value_head_rotation" in layer:
+            tensors[tensor_name(i, "value_head_rotation")] = layer["value_head_rotation"]
         for name, value in ranges[i].items():  # 8-bit group metadata
             tensors[tensor_name(i, name)] = torch.tensor(value, dtype=torch.float32)
 

@@ -46,7 +46,9 @@ def test_folded_refuses_head_groups_and_unknown_layouts() -> None:
 
 def test_learned_rotations_are_orthonormal_stored_and_used(tmp_path) -> None:
     from rkv_convert.calibrate.artifact import load_artifact, save_artifact
+    from rkv_convert.export.first_key import fit_first_key
     from rkv_convert.quant.codec import folded_head_rotations
+    from rkv_convert.quant.quantizer import GroupMeta
     from rkv_convert.runtime.layer_codec import LayerCodec
 
     model = tiny_model("llama", n_kv=2, head_dim=64)
@@ -66,11 +68,32 @@ def test_learned_rotations_are_orthonormal_stored_and_used(tmp_path) -> None:
         for errors in (layer["key_error_by_bits"], base["key_error_by_bits"]):
             assert errors.shape == (3,) and bool((errors[:-1] > errors[1:]).all()) and bool((errors > 0).all())
         assert float(layer["key_group_range"]) > 0 and float(layer["value_group_range"]) > 0
-    ck = checkpoint_from_artifact(again, bits=2)
+    ck = checkpoint_from_artifact(again, bits=2, group_meta=GroupMeta.FP16)
     codec = LayerCodec.from_checkpoint(ck.config, ck.key_rotation, ck.layers[1], torch.device("cpu"), 1)
-    torch.testing.assert_close(codec.head_rotation, art.layers[1]["key_head_rotation"], rtol=0, atol=0)
+    fitted = fit_first_key(art.layers[1]["key_head_rotation"], art.layers[1]["key_first_token"], 2, 32,
+                           art.clip_for(1, 2, "key"))  # the export turns R_h by the first-key fit
+    torch.testing.assert_close(codec.head_rotation, fitted, rtol=0, atol=0)
     with pytest.raises(ValueError, match="learned key rotations need the folded key layout"):
         calibrate(model, _batches(), _options(key_layout="prerope", learn_rotation=True))
+
+
+def test_first_key_is_the_mean_centred_scaled_key_of_each_windows_first_token() -> None:
+    """``key_first_token`` of layer 0 against the keys computed from the embeddings by hand: the mean over windows of
+    ``k_proj(norm(embed(token 0))) * key_scale - key_mean`` per KV head (position 0: RoPE is the identity)."""
+    model = tiny_model("llama", n_kv=2, head_dim=64)
+    batches = _batches()
+    art = calibrate(model, batches, _options(key_layout="folded", rotation_steps=5))
+    layer0 = model.model.layers[0]
+    with torch.no_grad():
+        k = layer0.self_attn.k_proj(layer0.input_layernorm(model.model.embed_tokens(batches[:, 0])))
+    expected = (k * art.layers[0]["key_scale"] - art.layers[0]["key_mean"]).mean(0).reshape(2, 64)
+    assert all(layer["key_first_token"].shape == (2, 64) for layer in art.layers)
+    torch.testing.assert_close(art.layers[0]["key_first_token"], expected, atol=1e-5, rtol=1e-5)
+    assert "key_first_token" not in calibrate(model, batches, _options(key_layout="folded", rotation_steps=5,
+                                                                       fit_first_key=False)).layers[0]  # fmt: skip
+    assert "key_first_token" not in calibrate(model, batches, _options(key_layout="prerope")).layers[0]
+    with pytest.raises(ValueError, match="first-key fit needs the folded key layout"):
+        calibrate(model, batches, _options(key_layout="prerope", fit_first_key=True))
 
 
 def test_folded_keys_are_observed_at_positions_across_the_span(monkeypatch) -> None:

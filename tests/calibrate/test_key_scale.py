@@ -95,7 +95,7 @@ def test_calibration_observes_the_scaled_keys_and_records_the_scale(tmp_path) ->
     model = tiny_model("llama", n_heads=4, n_kv=2, head_dim=64)
     plain = calibrate(model, _batches(), _options(key_scale=0.0))
     scaled = calibrate(model, _batches(), _options(key_scale=1.0))
-    assert plain.key_scales is None and plain.meta["artifact_version"] == 3
+    assert plain.key_scales is None and plain.meta["artifact_version"] == 4
     assert scaled.meta["source_fingerprint"] == plain.meta["source_fingerprint"]  # the model is left as it was
     for p, s in zip(plain.layers, scaled.layers):
         scale = s["key_scale"]

@@ -114,7 +114,7 @@ def test_learned_value_rotations_lower_the_error_after_o_proj(tmp_path) -> None:
     model = tiny_model("llama", n_kv=2, head_dim=64)
     art = load_artifact(save_artifact(calibrate(model, _batches(), _options()), tmp_path / "cal"))
     plain = calibrate(model, _batches(), _options(learn_value_rotation=False))
-    assert art.meta["artifact_version"] == 3 and all("value_head_rotation" not in layer for layer in plain.layers)
+    assert art.meta["artifact_version"] == 4 and all("value_head_rotation" not in layer for layer in plain.layers)
     values: dict[int, torch.Tensor] = {}
     _run_pass(model, _batches(), 2, lambda i, q, k, v, h: values.setdefault(i, v.transpose(1, 2).reshape(-1, 2, 64)),
               "values", None)

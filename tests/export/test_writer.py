@@ -248,3 +248,30 @@ def test_value_head_rotation_needs_version_7(source, tmp_path) -> None:
     path.write_text(json.dumps(full))
     with pytest.raises(CheckpointError, match="value_head_rotation needs format version 7"):
         read_checkpoint(out)
+
+
+@pytest.mark.parametrize("meta", list(GroupMeta))
+def test_the_first_key_fit_is_written_for_each_layers_store(source, tmp_path, meta: GroupMeta) -> None:
+    """Each layer's written ``key_head_rotation`` is its learned ``R_h`` turned by the first-key fit for the layer's
+    own key width, clip and group metadata (the in-memory checkpoint the same); the calibrated first key is stored
+    with less error than through ``R_h``; an artifact without ``key_first_token`` writes ``R_h`` unchanged."""
+    from rkv_convert.quant.quantizer import dequantize, quantize
+
+    loaded, art = _calibrated(source)
+    key_bits = [3, 2]
+    ck = read_checkpoint(export_checkpoint(loaded, art, tmp_path / "ck", bits=2, group_meta=meta, key_bits=key_bits))
+    in_memory = checkpoint_from_artifact(art, bits=2, group_meta=meta, key_bits=key_bits)
+    for i, (layer, written, kept) in enumerate(zip(art.layers, ck.layers, in_memory.layers, strict=True)):
+        bits = key_bits[i]
+        base = written.meta_bases(bits, 2)[0] if meta is GroupMeta.LOG8 else None
+        assert torch.equal(written.key_head_rotation, kept.key_head_rotation)
+        errors = []
+        for rotation in (layer["key_head_rotation"], written.key_head_rotation):
+            y = torch.einsum("hd,hde->he", layer["key_first_token"], rotation)
+            back = dequantize(quantize(y, bits, 64, written.key_clip, meta_base=base))
+            errors.append(float((back - y).norm() / y.norm()))
+        assert errors[1] < 0.5 * errors[0], (i, errors)
+    plain = type(art)(art.meta, art.key_rotation, art.value_rotation,
+                      [{k: v for k, v in layer.items() if k != "key_first_token"} for layer in art.layers])
+    for layer, written in zip(art.layers, checkpoint_from_artifact(plain, bits=2, group_meta=meta).layers):
+        assert torch.equal(written.key_head_rotation, layer["key_head_rotation"])
