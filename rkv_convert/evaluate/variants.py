@@ -43,9 +43,9 @@ class Variant:
 
 
 # Choices searched before the table (greedy, in this order, on development text): option → values.
-ABLATION_BASE = CalibrationOptions(key_layout="prerope", key_scale=0.0, learn_value_rotation=False)
+ABLATION_BASE = CalibrationOptions(key_layout="prerope", key_scale=0.0, learn_value_rotation=False, fit_first_key=False)
 """The ablation studies the components of the pre-RoPE RotateKV method (no key scale, the Hadamard for values); the
-folded layout and the learned value rotations are rows of it."""
+folded layout, the learned value rotations and the first-key fit are rows of it."""
 
 SELECTION = (
     ("clip_objective", ("mse", "qk")),
@@ -96,6 +96,9 @@ def default_variants(base: CalibrationOptions | None = None) -> list[Variant]:
         Variant("learned value rotation per head", "learned value rotation", {"learn_value_rotation": True}),
         Variant("folded + learned rotation + key scale 1 + learned value rotation", "learned value rotation",
                 {"key_layout": "folded", "learn_rotation": True, "key_scale": 1.0, "learn_value_rotation": True}),
+        Variant("folded + learned rotation + key scale 1 + learned value rotation + first-key fit", "first-key fit",
+                {"key_layout": "folded", "learn_rotation": True, "key_scale": 1.0, "learn_value_rotation": True,
+                 "fit_first_key": True}),
         Variant("no key rotation", "grouped-head rotation", {"rotate_keys": False}),
         Variant("no value rotation", "value rotation", value_rotation=False),
         Variant("no permutation", "permutation", {"perm_statistic": "none"}),

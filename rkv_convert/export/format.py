@@ -257,7 +257,8 @@ class LayerTensors:
     - ``sink_threshold`` fp32 ``[]``: a token is a sink when ``max |h[sink_channels]| > sink_threshold``
       (``h`` = the decoder layer's input); ``inf`` disables detection for the layer.
     - ``key_head_rotation`` fp32 ``[n_kv, d, d]`` or ``None`` (folded layout, version 3): each KV head's
-      ``R_h``, learned by calibration; absent, ``R_h = key_rotation[:, perm_h]``.
+      ``R_h``, learned by calibration and/or turned by the first-key fit (:mod:`.first_key`); absent,
+      ``R_h = key_rotation[:, perm_h]``.
     - ``key_group_range``, ``value_group_range`` fp32 ``[]`` or ``None`` (8-bit group metadata, version 4):
       the largest unclipped group range (max - min) of the stored keys ``y`` / values on calibration
       text, which sets the base of the 8-bit scale codes (:meth:`meta_bases`).
