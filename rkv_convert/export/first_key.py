@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ..quant.quantizer import GroupRanges, dequantize, quantize
+from ..quant.quantizer import GroupRanges, fake_quantize
 
 __all__ = ["reflection", "stored_exactly", "fit_first_key"]
 
@@ -36,7 +36,7 @@ def reflection(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _roundtrip(y: torch.Tensor, bits: int, group_size: int, clip: float, meta_base: float | None,
                ranges: GroupRanges) -> torch.Tensor:  # fmt: skip
-    return dequantize(quantize(y[None], bits, group_size, clip, meta_base=meta_base, ranges=ranges))[0]
+    return fake_quantize(y[None], bits, group_size, clip, meta_base=meta_base, ranges=ranges)[0]
 
 
 def _relative_error(y: torch.Tensor, *quantizer) -> float:
