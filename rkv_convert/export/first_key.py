@@ -39,29 +39,26 @@ def _roundtrip(y: torch.Tensor, bits: int, group_size: int, clip: float, meta_ba
     return fake_quantize(y[None], bits, group_size, clip, meta_base=meta_base, ranges=ranges)[0]
 
 
-def _relative_error(y: torch.Tensor, *quantizer) -> float:
-    return float((_roundtrip(y, *quantizer) - y).norm() / y.norm().clamp_min(1e-30))
-
-
 def stored_exactly(y0: torch.Tensor, bits: int, group_size: int, clip: float, meta_base: float | None = None,
                    ranges: GroupRanges = GroupRanges.MINMAX) -> torch.Tensor:  # fmt: skip
     """fp32 ``[d]`` of ``y0``'s norm that the quantizer stores with the least error found: starting from ``y0``, each
     step takes the stored vector, puts back every group's largest and smallest entries (the quantizer clips those, and
     they set its grid) and rescales to ``|y0|``; the best of ``y0`` and the steps by relative error."""
-    quantizer = (bits, group_size, clip, meta_base, GroupRanges(ranges))
     y0 = y0.float()
-    best, best_err, t = y0, _relative_error(y0, *quantizer), y0
-    for _ in range(TARGET_ITERATIONS):
-        stored = _roundtrip(t, *quantizer).reshape(-1, group_size)
-        groups = t.reshape(-1, group_size)
+    best, best_err, t = y0, float("inf"), y0
+    for step in range(TARGET_ITERATIONS + 1):
+        stored = _roundtrip(t, bits, group_size, clip, meta_base, GroupRanges(ranges))
+        err = float((stored - t).norm() / t.norm().clamp_min(1e-30))
+        if err < best_err:
+            best, best_err = t, err
+        if step == TARGET_ITERATIONS:
+            break
+        stored, groups = stored.reshape(-1, group_size), t.reshape(-1, group_size)
         rows = torch.arange(groups.shape[0], device=t.device)
         for ends in (groups.argmax(-1), groups.argmin(-1)):
             stored[rows, ends] = groups[rows, ends]
         t = stored.reshape(-1)
         t = t * (y0.norm() / t.norm().clamp_min(1e-30))
-        err = _relative_error(t, *quantizer)
-        if err < best_err:
-            best, best_err = t, err
     return best
 
 
