@@ -301,7 +301,7 @@ def evaluate(
     text: Optional[Path] = typer.Option(None, help="Evaluation text file (e.g. wiki.test.raw); needed by --task perplexity."),
     windows: int = typer.Option(8, min=0, help="Number of non-overlapping windows (0 = all)."),
     length: int = typer.Option(1024, min=2, help="Tokens per window (at most the model's context)."),
-    schemes: str = typer.Option("fp,rtn,kivi,rotatekv", help="Comma list of fp, rtn, kivi, rotatekv."),
+    schemes: str = typer.Option("fp,rtn,kivi,rotatekv", help="Comma list of fp, rtn, kivi, rotatekv. --task passkey also takes rotatekv-eval (the eval's quantizer) and rotatekv-exported (the packed cache with the checkpoint's own per-layer widths and store)."),
     bits: str = typer.Option("2,3,4", help="Comma list of bit widths for the quantized schemes."),
     protocols: str = typer.Option("oneshot,deployed", help="Comma list: oneshot (all tokens quantized), sinks (sink tokens fp), deployed (sinks + recent window fp)."),
     recent_window: Optional[int] = typer.Option(None, help="Recent-window length for the deployed protocol (default: the checkpoint's)."),
