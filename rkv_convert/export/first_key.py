@@ -44,10 +44,10 @@ def stored_exactly(y0: torch.Tensor, bits: int, group_size: int, clip: float, me
     """fp32 ``[d]`` of ``y0``'s norm that the quantizer stores with the least error found: starting from ``y0``, each
     step takes the stored vector, puts back every group's largest and smallest entries (the quantizer clips those, and
     they set its grid) and rescales to ``|y0|``; the best of ``y0`` and the steps by relative error."""
-    y0 = y0.float()
+    y0, ranges = y0.float(), GroupRanges(ranges)
     best, best_err, t = y0, float("inf"), y0
     for step in range(TARGET_ITERATIONS + 1):
-        stored = _roundtrip(t, bits, group_size, clip, meta_base, GroupRanges(ranges))
+        stored = _roundtrip(t, bits, group_size, clip, meta_base, ranges)
         err = float((stored - t).norm() / t.norm().clamp_min(1e-30))
         if err < best_err:
             best, best_err = t, err
