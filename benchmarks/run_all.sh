@@ -1,12 +1,19 @@
 #!/usr/bin/env bash
 # Every single-GPU benchmark of docs/benchmarks.md in one run, on one CUDA GPU
 # (the two-GPU check is benchmarks/check_device_map.py):
-#   bash benchmarks/run_all.sh [OUT]      (OUT: folder for the CSVs and Markdown tables, default benchmarks/results)
+#   bash benchmarks/run_all.sh [OUT] [CHECKPOINT]
+# OUT: folder for the CSVs and Markdown tables (default benchmarks/results). CHECKPOINT: an `rkv export` folder of
+# SmolLM2-135M for issue 11's batch-1 row (bench_batch1.py); without it that step is skipped and says so.
 # CSV rows carry GPU name, date and versions; rerunning appends. Each step prints its seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 START=$(date +%s)
 OUT="${1:-benchmarks/results}"
+CHECKPOINT="${2:-}"
+if [[ -n "$CHECKPOINT" && ! -f "$CHECKPOINT/config.json" ]]; then
+    echo "run_all.sh: $CHECKPOINT is not an rkv checkpoint (no config.json); export one with 'rkv export'" >&2
+    exit 2
+fi
 PY="${PYTHON:-python3}"
 mkdir -p "$OUT"
 step() {  # step NAME COMMAND...: run it, then print its seconds
@@ -28,4 +35,10 @@ step quantize_pack "$PY" benchmarks/bench_quantize_pack.py --csv "$OUT/quantize_
 # end to end at the issue's equal batch 16; largest batches: at most two jobs per implementation from the memory model
 step end_to_end "$PY" benchmarks/bench_end_to_end.py --equal-batch 16 --calib-samples 8 --largest-timed-tokens 17 \
     --max-tries 2 --csv "$OUT/end_to_end.csv" --markdown "$OUT/end_to_end.md"
+# batch 1 on a real checkpoint: RkvModel.generate and stream_generate (rkv run) against fp16 generate
+if [[ -n "$CHECKPOINT" ]]; then
+    step batch1 "$PY" benchmarks/bench_batch1.py "$CHECKPOINT" --csv "$OUT/batch1.csv"
+else
+    echo "run_all.sh: batch1 skipped (no CHECKPOINT argument)"
+fi
 echo "run_all.sh: $(( $(date +%s) - START )) s"
