@@ -40,14 +40,16 @@ def calibrated_rkv(
     and wrap it with the packed cache `rkv export` writes by default (``export.store_choice``); returns the rkv
     model, the artifact and the calibration seconds.
 
-    Key rotations stay Hadamard (``learn_rotation=False``): a learned rotation is just another
-    orthogonal matrix to the kernels, so speed and placement do not change, while learning one per
-    KV head costs about 1.2 s per head on this project's CPU (19 s more for 16 heads of 128) -- at
-    the LLaMA-2-7B shape's 1,024 heads, minutes even on a GPU, which kept the end-to-end and serving
-    benchmarks from printing anything within their H200 time limits."""
+    Key and value rotations stay Hadamard (``learn_rotation=False``, ``learn_value_rotation=False``): a
+    learned rotation is just another orthogonal matrix to the kernels (value rotations are fused into the
+    weights), so speed and placement do not change, while learning one per KV head costs about 1.2 s per
+    head on this project's CPU (19 s more for 16 heads of 128) -- at the LLaMA-2-7B shape's 1,024 heads,
+    minutes even on a GPU: with learned value rotations (the calibrator's default since the twenty-fifth
+    session) the end-to-end and serving benchmarks printed nothing within 430 s on an H100."""
     options = CalibrationOptions(source="random-tokens", num_samples=samples, seqlen=seqlen,
                                  head_group_size=head_group, key_group_size=key_group, value_group_size=value_group,
-                                 perm_statistic=permutation, key_layout=key_layout, learn_rotation=False)  # fmt: skip
+                                 perm_statistic=permutation, key_layout=key_layout, learn_rotation=False,
+                                 learn_value_rotation=False)  # fmt: skip
     batches = torch.randint(0, vocab, (samples, seqlen), generator=torch.Generator().manual_seed(0))
     if torch.cuda.is_available():
         torch.cuda.synchronize()
