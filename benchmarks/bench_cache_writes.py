@@ -104,7 +104,8 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=2)
     ap.add_argument("--key-group", type=int, default=64)
     ap.add_argument("--value-group", type=int, default=64)
-    ap.add_argument("--group-meta", default="fp16", choices=("fp16", "log8"), help="group scales and zeros (log8: 8-bit)")
+    ap.add_argument("--group-meta", default="log8", choices=("fp16", "log8"),
+                    help="group scales and zeros (log8: 8-bit, what `rkv export` writes by default)")
     ap.add_argument("--group-ranges", default="minmax", choices=[r.value for r in GroupRanges],
                     help="how the writes set each group's range (searched: the best of five by squared error)")
     ap.add_argument("--tune", action="store_true", help="time every --block-t x --num-warps setting")

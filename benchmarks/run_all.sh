@@ -29,8 +29,10 @@ step decode_attention "$PY" benchmarks/bench_decode_folded.py --csv "$OUT/decode
 # the pre-RoPE layout's kernels (head, chunk) at their tuned launch settings (KERNEL_DEFAULTS), long contexts
 step decode_attention_prerope "$PY" benchmarks/bench_decode_attention.py --contexts 4096 16384 65536 \
     --csv "$OUT/decode_attention_prerope.csv" --markdown "$OUT/decode_attention_prerope.md"
-# cache writes: the default layout's fused encoder against the copy rate; the pre-RoPE layout's encoder
+# cache writes: the default layout's fused encoder against the copy rate (8-bit group metadata, the default store's,
+# then fp16 metadata); the pre-RoPE layout's encoder
 step cache_writes "$PY" benchmarks/bench_cache_writes.py --csv "$OUT/cache_writes.csv" --markdown "$OUT/cache_writes.md"
+step cache_writes_fp16_meta "$PY" benchmarks/bench_cache_writes.py --group-meta fp16 --csv "$OUT/cache_writes.csv"
 step quantize_pack "$PY" benchmarks/bench_quantize_pack.py --csv "$OUT/quantize_pack.csv" --markdown "$OUT/quantize_pack.md"
 # end to end at the issue's equal batch 16; largest batches: at most two jobs per implementation from the memory model
 step end_to_end "$PY" benchmarks/bench_end_to_end.py --equal-batch 16 --calib-samples 8 --largest-timed-tokens 17 \
