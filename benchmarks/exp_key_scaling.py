@@ -11,7 +11,7 @@ is then about ``(Σ_c d_c² s_c)(Σ_c w_c / d_c²)``, least at ``d_c² ∝ sqrt(
 channels the queries barely read are shrunk, so they stop widening the range of those the queries do read.
 ``--alphas`` scales the exponent (0: no scale, 1: that optimum), tied within RoPE pairs and normalised to a
 geometric mean of 1. For each alpha the rotation is learned again from the Hadamard on the scaled keys
-(``learn_rotation`` with weights ``w / d²``, the same objective; ``--steps 0``: the Hadamard itself, so that
+(``learn_rotations`` with weights ``w / d²``, the same objective; ``--steps 0``: the Hadamard itself, so that
 alpha 0 is the Hadamard rotation) and each layer's clip searched again.
 
 Statistics come from ``pydoc`` calibration windows (never the evaluation text); the checkpoint's key means,
@@ -38,7 +38,7 @@ from exp_group_range_search import RANGE_GRID, SearchedKeys, SearchedValues, wit
 from rkv_convert.calibrate import search  # noqa: E402
 from rkv_convert.calibrate.key_scale import key_scale  # noqa: E402
 from rkv_convert.calibrate.run import _largest_group_range  # noqa: E402
-from rkv_convert.calibrate.rotation import learn_rotation, weighted_error  # noqa: E402
+from rkv_convert.calibrate.rotation import learn_rotations, weighted_errors  # noqa: E402
 from rkv_convert.evaluate.perplexity import perplexity, token_windows  # noqa: E402
 from rkv_convert.evaluate.schemes import RotateKV, build_scheme  # noqa: E402
 from rkv_convert.export.format import read_checkpoint  # noqa: E402
@@ -119,15 +119,13 @@ def scaled_codec(codec: FoldedKeyCodec, x: torch.Tensor, w: torch.Tensor, alpha:
     scale = pair_scale(x, w, alpha)
     hadamard = folded_head_rotations(codec.rotation, codec.perm, d)
     wh = w.reshape(n_kv, d)
-    rots = torch.stack([learn_rotation(x[:, h] * scale[h], wh[h] / scale[h].pow(2), hadamard[h], codec.bits,
-                                       codec.group_size, codec.clip, steps=steps).rotation for h in range(n_kv)])
+    rots = learn_rotations(x * scale, wh / scale.pow(2), hadamard, codec.bits, codec.group_size, codec.clip,
+                           steps=steps).rotation
     y = torch.einsum("nhd,hde->nhe", x * scale, rots).reshape(x.shape[0], -1)
     weight = (wh / scale.pow(2)).reshape(-1)
     clip, _ = search.search_clip(y, codec.bits, codec.group_size, None, weight, torch.block_diag(*rots))
-    before = sum(weighted_error(x[:, h], codec.head_rotations[h], wh[h], codec.bits, codec.group_size, codec.clip)
-                 for h in range(n_kv))  # fmt: skip
-    after = sum(weighted_error(x[:, h] * scale[h], rots[h], wh[h] / scale[h].pow(2), codec.bits, codec.group_size,
-                               clip) for h in range(n_kv))  # fmt: skip
+    before = float(weighted_errors(x, codec.head_rotations.float(), wh, codec.bits, codec.group_size, codec.clip).sum())
+    after = float(weighted_errors(x * scale, rots, wh / scale.pow(2), codec.bits, codec.group_size, clip).sum())
     group_range = float(_largest_group_range(y, codec.group_size))
     base = None if codec.meta_base is None else meta_scale_base(group_range, codec.bits, clip)
     init = {f.name: getattr(codec, f.name) for f in fields(codec) if f.init}

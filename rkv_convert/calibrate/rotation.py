@@ -14,7 +14,8 @@ objective is the error the quantized values leave after ``o_proj``, ``E |(Q(xR) 
 
 Rounding passes its gradient straight through (STE); the group range (scale and zero) keeps its true
 gradient, so the optimiser learns to shrink each group's range relative to its content
-(SpinQuant/DuQuant-style). The result is kept only if the real quantizer's error falls (:func:`weighted_error`).
+(SpinQuant/DuQuant-style). A head keeps the result only if the real quantizer's error falls (:func:`weighted_errors`).
+All KV heads of a layer are learned together (:func:`learn_rotations`), on the device the model calibrates on.
 """
 
 from __future__ import annotations
@@ -25,13 +26,13 @@ import torch
 
 from ..quant.quantizer import fake_quantize, levels
 
-__all__ = ["cayley", "output_metric", "weighted_error", "LearnedRotation", "learn_rotation"]
+__all__ = ["cayley", "output_metric", "weighted_error", "weighted_errors", "LearnedRotations", "learn_rotations"]
 
 
 def cayley(skew_source: torch.Tensor) -> torch.Tensor:
-    """Orthogonal ``(I - S)^{-1}(I + S)`` with ``S = A - Aᵀ`` from any square ``A``."""
-    s = skew_source - skew_source.T
-    eye = torch.eye(s.shape[0], dtype=s.dtype, device=s.device)
+    """Orthogonal ``(I - S)^{-1}(I + S)`` with ``S = A - Aᵀ`` from any square ``A`` (or a batch ``[..., d, d]``)."""
+    s = skew_source - skew_source.transpose(-1, -2)
+    eye = torch.eye(s.shape[-1], dtype=s.dtype, device=s.device)
     return torch.linalg.solve(eye - s, eye + s)
 
 
@@ -49,19 +50,32 @@ def output_metric(o_proj: torch.Tensor, n_kv: int, d: int) -> torch.Tensor:
 
 
 def _weighted(error: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Mean weighted square of ``error [N, d]``: per channel (``weight [d]``) or through a root (``weight [d, d]``)."""
-    if weight.dim() == 1:
-        return (error.pow(2) * weight).mean()
-    return (error @ weight).pow(2).mean()
+    """fp32 ``[H]``: per head the mean weighted square of ``error [N, H, d]``, per channel (``weight [H, d]``) or
+    through a root (``weight [H, d, d]``)."""
+    if weight.dim() == 2:
+        return (error.pow(2) * weight).mean((0, 2))
+    return torch.einsum("nhd,hde->nhe", error, weight).pow(2).mean((0, 2))
+
+
+def _turn(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """``x [N, H, d]``, each head times its ``rotation [H, d, d]``."""
+    return torch.einsum("nhd,hde->nhe", x, rotation)
+
+
+def weighted_errors(x: torch.Tensor, rotation: torch.Tensor, weight: torch.Tensor, bits: int, group_size: int,
+                    clip: float) -> torch.Tensor:  # fmt: skip
+    """fp32 ``[H]``: per head the real quantizer's weighted error of rows ``x [N, H, d]`` turned by ``rotation [H, d,
+    d]``: ``mean Σ_c w_c ((Q(xR) - xR) Rᵀ)_c²`` for per-channel ``weight [H, d]``, ``mean |(Q(xR) - xR) Rᵀ M|² / d``
+    for roots ``weight = M [H, d, d]``."""
+    y = _turn(x, rotation)
+    back = _turn(fake_quantize(y, bits, group_size, clip) - y, rotation.transpose(-1, -2))
+    return _weighted(back, weight)
 
 
 def weighted_error(x: torch.Tensor, rotation: torch.Tensor, weight: torch.Tensor, bits: int, group_size: int,
                    clip: float) -> float:  # fmt: skip
-    """The real quantizer's weighted error of rows ``x [N, d]``: ``mean Σ_c w_c ((Q(xR) - xR) Rᵀ)_c²`` for a
-    per-channel ``weight [d]``, ``mean |(Q(xR) - xR) Rᵀ M|² / d`` for a root ``weight = M [d, d]``."""
-    y = x @ rotation
-    back = (fake_quantize(y, bits, group_size, clip) - y) @ rotation.T
-    return float(_weighted(back, weight))
+    """:func:`weighted_errors` of one head: rows ``x [N, d]``, ``rotation [d, d]``, ``weight [d]`` or ``[d, d]``."""
+    return float(weighted_errors(x[:, None], rotation[None], weight[None], bits, group_size, clip)[0])
 
 
 def _surrogate(y: torch.Tensor, bits: int, group_size: int, clip: float) -> torch.Tensor:
@@ -75,32 +89,34 @@ def _surrogate(y: torch.Tensor, bits: int, group_size: int, clip: float) -> torc
 
 
 @dataclass
-class LearnedRotation:
-    rotation: torch.Tensor  # fp32 [d, d], orthonormal
-    error_before: float  # weighted_error of the initial rotation
-    error_after: float  # weighted_error of `rotation` (<= error_before: the initial one is kept otherwise)
+class LearnedRotations:
+    rotation: torch.Tensor  # fp32 [H, d, d], orthonormal, one per head
+    error_before: torch.Tensor  # fp32 [H]: weighted_errors of the initial rotations
+    error_after: torch.Tensor  # fp32 [H]: of `rotation` (<= error_before: a head keeps its initial one otherwise)
 
 
-def learn_rotation(x: torch.Tensor, weight: torch.Tensor, init: torch.Tensor, bits: int, group_size: int, clip: float,
-                   steps: int = 150, lr: float = 2e-3) -> LearnedRotation:  # fmt: skip
-    """Optimise ``R = init · cayley(A)`` on rows ``x [N, d]`` (fp32) with Adam for the weighted error of
-    :func:`weighted_error` (``weight``: per channel ``[d]`` or a root ``[d, d]``); see module docstring."""
-    x, weight, init = x.float(), weight.float(), init.float()
-    before = weighted_error(x, init, weight, bits, group_size, clip)
+def learn_rotations(x: torch.Tensor, weight: torch.Tensor, init: torch.Tensor, bits: int, group_size: int, clip: float,
+                    steps: int = 150, lr: float = 2e-3) -> LearnedRotations:  # fmt: skip
+    """Optimise ``R_h = init_h · cayley(A_h)`` for every head at once on rows ``x [N, H, d]`` (fp32, on ``x``'s
+    device) with Adam for the weighted error of :func:`weighted_errors` (``weight [H, d]`` or roots ``[H, d, d]``);
+    see module docstring. The loss is the sum of the heads' losses, so each head follows the gradient of its own
+    error, as if learned alone; batching only saves the per-step overhead of ``H`` separate loops."""
+    x, weight, init = x.float(), weight.float().to(x.device), init.float().to(x.device)
+    before = weighted_errors(x, init, weight, bits, group_size, clip)
     a = torch.zeros_like(init, requires_grad=True)
     opt = torch.optim.Adam([a], lr=lr)
-    best, best_err = init, before
+    best, best_err = init.clone(), before.clone()
     for step in range(steps):
         r = init @ cayley(a)
-        y = x @ r
-        loss = _weighted((_surrogate(y, bits, group_size, clip) - y) @ r.T, weight)
+        y = _turn(x, r)
+        loss = _weighted(_turn(_surrogate(y, bits, group_size, clip) - y, r.transpose(-1, -2)), weight).sum()
         opt.zero_grad()
         loss.backward()
         opt.step()
         if step % 25 == 24 or step == steps - 1:
             with torch.no_grad():
                 cand = init @ cayley(a)
-                err = weighted_error(x, cand, weight, bits, group_size, clip)
-            if err < best_err:
-                best, best_err = cand.detach().clone(), err
-    return LearnedRotation(best, before, best_err)
+                err = weighted_errors(x, cand, weight, bits, group_size, clip)
+                better = err < best_err
+                best[better], best_err[better] = cand[better], err[better]
+    return LearnedRotations(best, before, best_err)

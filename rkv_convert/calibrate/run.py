@@ -39,7 +39,7 @@ from ..runtime.ops import rope
 from . import search
 from .key_scale import DEFAULT_KEY_SCALE, key_scale
 from .retrieval import induction_scores
-from .rotation import learn_rotation, output_metric
+from .rotation import learn_rotations, output_metric
 from .artifact import ARTIFACT_VERSION, CalibrationArtifact, weights_fingerprint
 from .observers import ActivationObserver, FirstKeyObserver, KeyMomentObserver, RotatedKeyObserver, flatten_heads
 
@@ -186,14 +186,13 @@ def _clips(rows, bits_list, group_size, perm, fixed, weight=None, rotation=None)
 
 
 def _learned_heads(x: torch.Tensor, inits: torch.Tensor, weights: torch.Tensor, group_size: int, clip: float,
-                   options: CalibrationOptions) -> torch.Tensor:  # fmt: skip
-    """Per KV head ``R_h [n_kv, d, d]`` learned from ``inits[h]`` at 2 bits and ``clip`` for ``weights[h]`` (per channel
-    ``[d]`` or a root ``[d, d]``; :mod:`.rotation`). ``x [N, n_kv, d]``: the rows the rotations will turn."""
-    return torch.stack([
-        learn_rotation(x[:, h], weights[h], inits[h], search.QUANT_BITS[0], group_size, clip,
-                       steps=options.rotation_steps).rotation
-        for h in range(x.shape[1])
-    ]).contiguous()  # fmt: skip
+                   options: CalibrationOptions, device: torch.device) -> torch.Tensor:  # fmt: skip
+    """Per KV head ``R_h [n_kv, d, d]`` (fp32, on the CPU) learned from ``inits[h]`` at 2 bits and ``clip`` for
+    ``weights[h]`` (per channel ``[d]`` or a root ``[d, d]``; :mod:`.rotation`), all heads at once on ``device``.
+    ``x [N, n_kv, d]``: the rows the rotations will turn."""
+    learned = learn_rotations(x.to(device), weights, inits, search.QUANT_BITS[0], group_size, clip,
+                              steps=options.rotation_steps)  # fmt: skip
+    return learned.rotation.cpu().contiguous()
 
 
 def _through_heads(x: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
@@ -332,7 +331,7 @@ def calibrate(
             x = rotate_groups(value_rows.float(), value_rotation, inverse=True).reshape(-1, n_kv, d)
             metric = output_metric(attentions[i].o_proj.weight.float().cpu(), n_kv, d)
             learned_values = _learned_heads(x, value_rotation.expand(n_kv, d, d), metric, options.value_group_size, clip,
-                                            options)  # fmt: skip
+                                            options, device)  # fmt: skip
             value_rows = _through_heads(x, learned_values)
         # clips of what the cache stores
         value_clips = _clips(value_rows.to(device), search.QUANT_BITS, options.value_group_size, None, options.value_clip)
@@ -342,7 +341,7 @@ def calibrate(
             if options.learn_rotation is not False and options.rotate_keys:
                 w = weight.float().cpu() if weight is not None else torch.ones(n_kv * d)
                 learned = _learned_heads(x, folded_head_rotations(key_rotation, perm, d), w.reshape(n_kv, d),
-                                         options.key_group_size, key_clips[0], options)  # fmt: skip
+                                         options.key_group_size, key_clips[0], options, device)  # fmt: skip
             y = _through_heads(x, learned if learned is not None else folded_head_rotations(key_rotation, perm, d))
             if learned is not None:  # the learned R_h: groups of consecutive channels of y, clips searched again
                 key_rows, key_rot, key_perm = y, torch.block_diag(*learned.float()), None

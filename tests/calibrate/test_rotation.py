@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rkv_convert.calibrate.rotation import cayley, learn_rotation, output_metric, weighted_error
+from rkv_convert.calibrate.rotation import cayley, learn_rotations, output_metric, weighted_error, weighted_errors
 from rkv_convert.calibrate.search import clip_error
 from rkv_convert.quant.hadamard import hadamard_matrix
 
@@ -12,6 +12,8 @@ def test_cayley_is_orthogonal() -> None:
     r = cayley(torch.randn(16, 16, dtype=torch.float64))
     torch.testing.assert_close(r @ r.T, torch.eye(16, dtype=torch.float64))
     torch.testing.assert_close(cayley(torch.zeros(8, 8)), torch.eye(8))
+    a = torch.randn(3, 16, 16, dtype=torch.float64)
+    torch.testing.assert_close(cayley(a), torch.stack([cayley(m) for m in a]))
 
 
 def test_weighted_error_is_the_clip_search_objective() -> None:
@@ -28,11 +30,29 @@ def test_learning_lowers_the_real_error_from_the_hadamard(objective: str) -> Non
     x = (torch.randn(2000, d) * torch.linspace(3.0, 0.05, d)) @ basis.T
     w = torch.rand(d) + 0.5 if objective == "per-channel weight" else output_metric(torch.randn(48, 2 * d), 1, d)[0]
     h = hadamard_matrix(d)
-    got = learn_rotation(x, w, h, bits=2, group_size=8, clip=0.9, steps=200, lr=5e-3)
-    torch.testing.assert_close(got.rotation @ got.rotation.T, torch.eye(d), atol=1e-4, rtol=0)
-    assert got.error_before == weighted_error(x, h, w, 2, 8, 0.9)
-    assert got.error_after == weighted_error(x, got.rotation, w, 2, 8, 0.9)
-    assert got.error_after < 0.9 * got.error_before
+    got = learn_rotations(x[:, None], w[None], h[None], bits=2, group_size=8, clip=0.9, steps=200, lr=5e-3)
+    r = got.rotation[0]
+    torch.testing.assert_close(r @ r.T, torch.eye(d), atol=1e-4, rtol=0)
+    assert float(got.error_before[0]) == weighted_error(x, h, w, 2, 8, 0.9)
+    assert float(got.error_after[0]) == weighted_error(x, r, w, 2, 8, 0.9)
+    assert got.error_after[0] < 0.9 * got.error_before[0]
+
+
+@pytest.mark.parametrize("objective", ["per-channel weight", "output metric"])
+def test_heads_learned_together_are_the_heads_learned_alone(objective: str) -> None:
+    """The batched loss is the sum of the heads' own losses, so each head's rotation and errors are those of
+    learning it alone (up to fp32 summation order)."""
+    n_kv, d = 3, 16
+    x = torch.randn(800, n_kv, d) * torch.linspace(2.0, 0.1, d)
+    w = torch.rand(n_kv, d) + 0.5 if objective == "per-channel weight" else output_metric(torch.randn(40, n_kv * d), n_kv, d)
+    h = hadamard_matrix(d).expand(n_kv, d, d)
+    together = learn_rotations(x, w, h, bits=2, group_size=8, clip=0.9, steps=60, lr=5e-3)
+    for i in range(n_kv):
+        alone = learn_rotations(x[:, i:i + 1], w[i:i + 1], h[i:i + 1], bits=2, group_size=8, clip=0.9, steps=60, lr=5e-3)
+        torch.testing.assert_close(together.rotation[i], alone.rotation[0], atol=1e-4, rtol=0)
+        torch.testing.assert_close(together.error_after[i], alone.error_after[0], rtol=1e-4, atol=0)
+    assert (together.error_after < together.error_before).all()
+    torch.testing.assert_close(together.error_after, weighted_errors(x, together.rotation, w, 2, 8, 0.9))
 
 
 def test_a_diagonal_root_is_the_per_channel_weight() -> None:
