@@ -42,10 +42,10 @@ def calibrated_rkv(
 
     Key and value rotations stay Hadamard (``learn_rotation=False``, ``learn_value_rotation=False``): a
     learned rotation is just another orthogonal matrix to the kernels (value rotations are fused into the
-    weights), so speed and placement do not change, while learning one per KV head costs about 1.2 s per
-    head on this project's CPU (19 s more for 16 heads of 128) -- at the LLaMA-2-7B shape's 1,024 heads,
-    minutes even on a GPU: with learned value rotations (the calibrator's default since the twenty-fifth
-    session) the end-to-end and serving benchmarks printed nothing within 430 s on an H100."""
+    weights), so speed and placement do not change, while learning costs calibration time. Before the
+    calibrator learned a layer's heads together on the model's device, the LLaMA-2-7B shape's 1,024 learned
+    value rotations (about 0.75 s each on this project's CPU) kept the end-to-end and serving benchmarks from
+    printing anything within 430 s on an H100 (twenty-ninth session)."""
     options = CalibrationOptions(source="random-tokens", num_samples=samples, seqlen=seqlen,
                                  head_group_size=head_group, key_group_size=key_group, value_group_size=value_group,
                                  perm_statistic=permutation, key_layout=key_layout, learn_rotation=False,

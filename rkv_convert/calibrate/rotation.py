@@ -50,16 +50,11 @@ def output_metric(o_proj: torch.Tensor, n_kv: int, d: int) -> torch.Tensor:
 
 
 def _weighted(error: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """fp32 ``[H]``: per head the mean weighted square of ``error [N, H, d]``, per channel (``weight [H, d]``) or
+    """fp32 ``[H]``: per head the mean weighted square of ``error [H, N, d]``, per channel (``weight [H, d]``) or
     through a root (``weight [H, d, d]``)."""
     if weight.dim() == 2:
-        return (error.pow(2) * weight).mean((0, 2))
-    return torch.einsum("nhd,hde->nhe", error, weight).pow(2).mean((0, 2))
-
-
-def _turn(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """``x [N, H, d]``, each head times its ``rotation [H, d, d]``."""
-    return torch.einsum("nhd,hde->nhe", x, rotation)
+        return (error.pow(2) * weight[:, None]).mean((1, 2))
+    return (error @ weight).pow(2).mean((1, 2))
 
 
 def weighted_errors(x: torch.Tensor, rotation: torch.Tensor, weight: torch.Tensor, bits: int, group_size: int,
@@ -67,9 +62,14 @@ def weighted_errors(x: torch.Tensor, rotation: torch.Tensor, weight: torch.Tenso
     """fp32 ``[H]``: per head the real quantizer's weighted error of rows ``x [N, H, d]`` turned by ``rotation [H, d,
     d]``: ``mean Σ_c w_c ((Q(xR) - xR) Rᵀ)_c²`` for per-channel ``weight [H, d]``, ``mean |(Q(xR) - xR) Rᵀ M|² / d``
     for roots ``weight = M [H, d, d]``."""
-    y = _turn(x, rotation)
-    back = _turn(fake_quantize(y, bits, group_size, clip) - y, rotation.transpose(-1, -2))
-    return _weighted(back, weight)
+    return _errors(x.transpose(0, 1), rotation, weight, bits, group_size, clip)
+
+
+def _errors(xh: torch.Tensor, rotation: torch.Tensor, weight: torch.Tensor, bits: int, group_size: int,
+            clip: float) -> torch.Tensor:  # fmt: skip
+    """:func:`weighted_errors` of head-major rows ``xh [H, N, d]``."""
+    y = xh @ rotation
+    return _weighted((fake_quantize(y, bits, group_size, clip) - y) @ rotation.transpose(-1, -2), weight)
 
 
 def weighted_error(x: torch.Tensor, rotation: torch.Tensor, weight: torch.Tensor, bits: int, group_size: int,
@@ -101,22 +101,23 @@ def learn_rotations(x: torch.Tensor, weight: torch.Tensor, init: torch.Tensor, b
     device) with Adam for the weighted error of :func:`weighted_errors` (``weight [H, d]`` or roots ``[H, d, d]``);
     see module docstring. The loss is the sum of the heads' losses, so each head follows the gradient of its own
     error, as if learned alone; batching only saves the per-step overhead of ``H`` separate loops."""
-    x, weight, init = x.float(), weight.float().to(x.device), init.float().to(x.device)
-    before = weighted_errors(x, init, weight, bits, group_size, clip)
+    xh = x.float().transpose(0, 1).contiguous()  # [H, N, d]: one batched matmul per product
+    weight, init = weight.float().to(x.device), init.float().to(x.device)
+    before = _errors(xh, init, weight, bits, group_size, clip)
     a = torch.zeros_like(init, requires_grad=True)
     opt = torch.optim.Adam([a], lr=lr)
     best, best_err = init.clone(), before.clone()
     for step in range(steps):
         r = init @ cayley(a)
-        y = _turn(x, r)
-        loss = _weighted(_turn(_surrogate(y, bits, group_size, clip) - y, r.transpose(-1, -2)), weight).sum()
+        y = xh @ r
+        loss = _weighted((_surrogate(y, bits, group_size, clip) - y) @ r.transpose(-1, -2), weight).sum()
         opt.zero_grad()
         loss.backward()
         opt.step()
         if step % 25 == 24 or step == steps - 1:
             with torch.no_grad():
                 cand = init @ cayley(a)
-                err = weighted_errors(x, cand, weight, bits, group_size, clip)
+                err = _errors(xh, cand, weight, bits, group_size, clip)
                 better = err < best_err
                 best[better], best_err[better] = cand[better], err[better]
     return LearnedRotations(best, before, best_err)
