@@ -53,11 +53,12 @@ def calibrated_rkv(
     batches = torch.randint(0, vocab, (samples, seqlen), generator=torch.Generator().manual_seed(0))
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+    print(f"calibrating the random-weight model on {samples} random windows of {seqlen} tokens", flush=True)
     t0 = time.perf_counter()
     artifact = calibrate(model, batches, options)
     seconds = time.perf_counter() - t0
     store = choose_store(artifact, bits, None, None)
-    print(f"rkv store: {store.note}; {DEFAULT_SALIENT_TOKENS} salient tokens", flush=True)
+    print(f"rkv store: {store.note}; {DEFAULT_SALIENT_TOKENS} salient tokens (calibrated in {seconds:.1f} s)", flush=True)
     checkpoint = checkpoint_from_artifact(artifact, bits=bits, key_bits=store.key_bits, group_meta=store.group_meta,
                                           salient_tokens=DEFAULT_SALIENT_TOKENS, group_ranges=store.group_ranges)  # fmt: skip
     fuse_calibration(model, artifact)
