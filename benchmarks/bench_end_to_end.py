@@ -24,7 +24,13 @@ with ``rkv calibrate``'s defaults: the query-folded key layout (``--key-layout f
 that decodes with the chunk kernel, ``--key-layout prerope`` alone the head kernel.
 
 The largest-batch search runs at most ``--max-tries`` jobs per implementation (each a full
-prefill at that batch), starting from the memory model.
+prefill at that batch), starting from the memory model. When fp16 runs out of memory at twice
+``--equal-batch`` (an 80 GB card), its memory model is fitted over half and one ``--equal-batch``.
+
+fp16 jobs are timed warm: each runs once untimed and then again, timed (``run_hf``), so that
+transformers' growing ``DynamicCache`` finds its memory reserved, as in a steady serving loop; the
+search's tries run once (only whether they fit counts) and fp16's largest batch is then timed warm.
+rkv allocates its cache once per job; its ``steady_decode_tok_s`` leaves out the first step.
 
     python benchmarks/bench_end_to_end.py --csv benchmarks/results/end_to_end.csv
 """
@@ -82,14 +88,20 @@ def _peak() -> int:
     return torch.cuda.max_memory_allocated() if DEVICE.type == "cuda" else 0
 
 
-def run_hf(model, batch: int, prompt: int, new: int, vocab: int) -> dict[str, float]:
+def run_hf(model, batch: int, prompt: int, new: int, vocab: int, warm: bool = True) -> dict[str, float]:
+    """One fp16 ``generate`` job. ``warm``: the same job first runs untimed, so that the timed one finds the blocks
+    of its growing ``DynamicCache`` already reserved by the caching allocator, as in a steady serving loop (a run
+    right after ``empty_cache`` reserves them as the cache grows, step by step)."""
     ids = torch.randint(0, vocab, (batch, prompt), device=DEVICE)
     _peak_reset()
-    t0 = time.perf_counter()
-    clock = _Clock()
-    with torch.no_grad():
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
-                       do_sample=False, pad_token_id=0, streamer=clock)  # fmt: skip
+    for timed in ((False, True) if warm else (True,)):
+        if timed and DEVICE.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        clock = _Clock()
+        with torch.no_grad():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                           do_sample=False, pad_token_id=0, streamer=clock)  # fmt: skip
     prefill = clock.times[1] - t0
     decode = clock.times[-1] - clock.times[1]
     return {"prefill_tok_s": batch * prompt / prefill, "decode_tok_s": batch * (new - 1) / decode, "peak_bytes": _peak()}
@@ -130,18 +142,24 @@ def _try(fn, *args) -> dict[str, float] | None:
 
 
 def largest_batch(
-    job: Callable[[int], dict], probe: tuple[int, int], results: dict[int, dict], limit: int, max_tries: int = 6
+    job: Callable[[int], dict], probe: tuple[int, int], results: dict[int, dict], limit: int, max_tries: int = 6,
+    fails_at: int | None = None,
 ) -> tuple[int, dict]:
     """The largest batch whose ``job(batch)`` runs: a first guess from a linear fit of peak memory
     at the two ``probe`` batches, then up by 25 % steps until one fails, then bisection between
-    the largest success and the smallest failure (at most ``max_tries`` jobs)."""
+    the largest success and the smallest failure (at most ``max_tries`` jobs). ``fails_at``: a batch
+    already known to run out of memory (the guess stays below it)."""
     (b1, b2) = probe
     p1, p2 = results[b1]["peak_bytes"], results[b2]["peak_bytes"]
     per_seq = max((p2 - p1) / (b2 - b1), 1.0)
     ok_b, ok_r = b2, results[b2]
-    fail_b: int | None = None
+    fail_b = fails_at
     guess = max(int((limit - (p1 - b1 * per_seq)) / per_seq), b2 + 1)
+    if fail_b is not None:
+        guess = min(guess, fail_b - 1)
     for _ in range(max_tries):
+        if fail_b is not None and fail_b - ok_b <= 1:
+            break
         out = _try(job, guess)
         print(f"  batch {guess}: {'ok' if out else 'out of memory'}", flush=True)
         if out is not None:
@@ -216,17 +234,24 @@ def main() -> None:
     b1, b2 = args.equal_batch, 2 * args.equal_batch
     print("warm-up (Triton compilation)", flush=True)
     run_rkv(rkv, 1, 256, 72, args.vocab, args.prefill_batch)
-    run_hf(model, 1, 256, 8, args.vocab)
     hf = {b: _try(run_hf, model, b, *job) for b in (b1, b2)}
     ours = {b: _try(run_rkv, rkv, b, *job, args.prefill_batch) for b in (b1, b2)}
     base = {"model": shape, "prompt": args.prompt, "new": args.new, "bits": args.bits, "weights_GiB": weights / 2**30,
             "permutation": args.permutation, "key_layout": args.key_layout}
     rows = [_row(base, name, "equal batch", b, r, weights) for name, res in (("hf-fp16", hf), ("rkv", ours))
             for b, r in res.items()]  # fmt: skip
-    if args.max_batch and DEVICE.type == "cuda" and all(hf.values()) and all(ours.values()):
+    hf_probe, hf_fails = (b1, b2), None
+    if hf[b1] is not None and hf[b2] is None and b1 > 1:  # fp16 fits fewer than b2 (an 80 GB card): probe below b1
+        hf_probe, hf_fails = (b1 // 2, b1), b2
+        hf[b1 // 2] = _try(run_hf, model, b1 // 2, *job, False)  # only its peak memory is used
+    search = args.max_batch and DEVICE.type == "cuda"
+    if search and not (all(hf[b] for b in hf_probe) and all(ours.values())):
+        print("largest batch: not searched (a probe batch ran out of memory: lower --equal-batch)", flush=True)
+    elif search:
         limit = int(args.memory_limit * torch.cuda.get_device_properties(0).total_memory)
-        print("largest batch, fp16:", flush=True)
-        hb, hr = largest_batch(lambda b: run_hf(model, b, *job), (b1, b2), hf, limit, args.max_tries)
+        print("largest batch, fp16 (one untimed run per try; the largest is then timed warm):", flush=True)
+        hb, _ = largest_batch(lambda b: run_hf(model, b, *job, False), hf_probe, hf, limit, args.max_tries, hf_fails)
+        hr = hf[hb] if hb in (b1, b2) else run_hf(model, hb, *job)
         print("largest batch, rkv:", flush=True)
         rb, rr = largest_batch(lambda b: run_rkv(rkv, b, *job, args.prefill_batch, args.largest_timed_tokens),
                                (b1, b2), ours, limit, args.max_tries)  # fmt: skip

@@ -17,7 +17,7 @@ accepted requests under load whose text differs (the target is none).
 ``--mode hf`` (or ``both``) runs fp16 transformers ``generate`` on the same model with static
 batches: the largest batch that fits (searched as in ``bench_end_to_end.py``, or ``--hf-batch``)
 doing the same job (``--prompt`` + ``--new`` greedy tokens), generated tokens/s over prefill and
-decode. ``both`` gives two ratios, rkv served / fp16: generated tokens/s over the whole job
+decode, timed warm (``bench_end_to_end.run_hf``: the job runs once untimed first). ``both`` gives two ratios, rkv served / fp16: generated tokens/s over the whole job
 (``ratio_tok_s``; prefill costs the same per token in both and dominates 4k-token prompts with 128
 new tokens) and decode tokens/s (``ratio_decode_tok_s``: the server's own decode-step timing from
 ``/health`` against ``generate``'s decode phase). Rows go to ``--csv`` with GPU name, versions, date.
@@ -228,14 +228,14 @@ def hf_static(args) -> dict[str, object]:
         model = _random_model(args.shape, args.prompt + args.new)
         vocab = SHAPES[args.shape]["vocab"]
     job = (args.prompt, args.new, vocab)
-    run_hf(model, 1, min(256, args.prompt), 8, vocab)  # warm-up
     if args.hf_batch:
         batch, result = args.hf_batch, run_hf(model, args.hf_batch, *job)
     else:
         b1, b2 = 8, 16
         probes = {b: run_hf(model, b, *job) for b in (b1, b2)}
         limit = int(0.95 * torch.cuda.get_device_properties(0).total_memory) if DEVICE.type == "cuda" else 2**34
-        batch, result = largest_batch(lambda b: run_hf(model, b, *job), (b1, b2), probes, limit)
+        batch, _ = largest_batch(lambda b: run_hf(model, b, *job, False), (b1, b2), probes, limit)
+        result = probes[batch] if batch in probes else run_hf(model, batch, *job)  # timed warm
     seconds = batch * args.prompt / result["prefill_tok_s"] + batch * (args.new - 1) / result["decode_tok_s"]
     del model
     gc.collect()
