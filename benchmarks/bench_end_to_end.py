@@ -240,6 +240,8 @@ def main() -> None:
             "permutation": args.permutation, "key_layout": args.key_layout}
     rows = [_row(base, name, "equal batch", b, r, weights) for name, res in (("hf-fp16", hf), ("rkv", ours))
             for b, r in res.items()]  # fmt: skip
+    for r in rows:
+        print(f"  {r['impl']} at batch {r['batch']}: decode {r.get('decode_tok_s', r.get('note'))} tok/s", flush=True)
     hf_probe, hf_fails = (b1, b2), None
     if hf[b1] is not None and hf[b2] is None and b1 > 1:  # fp16 fits fewer than b2 (an 80 GB card): probe below b1
         hf_probe, hf_fails = (b1 // 2, b1), b2
@@ -256,9 +258,10 @@ def main() -> None:
         rb, rr = largest_batch(lambda b: run_rkv(rkv, b, *job, args.prefill_batch, args.largest_timed_tokens),
                                (b1, b2), ours, limit, args.max_tries)  # fmt: skip
         rows += [_row(base, "hf-fp16", "largest batch", hb, hr, weights), _row(base, "rkv", "largest batch", rb, rr, weights)]
+        both = max(b for b in (b1, b2) if hf.get(b) and ours.get(b))  # the largest equal batch both ran
         print(f"ratios: batch {rb / hb:.2f}x, decode tok/s at largest batch {rr['decode_tok_s'] / hr['decode_tok_s']:.2f}x, "
-              f"peak memory at batch {b2} {hf[b2]['peak_bytes'] / ours[b2]['peak_bytes']:.2f}x (weights included), "
-              f"{(hf[b2]['peak_bytes'] - weights) / (ours[b2]['peak_bytes'] - weights):.2f}x (without)")  # fmt: skip
+              f"peak memory at batch {both} {hf[both]['peak_bytes'] / ours[both]['peak_bytes']:.2f}x (weights included), "
+              f"{(hf[both]['peak_bytes'] - weights) / (ours[both]['peak_bytes'] - weights):.2f}x (without)")  # fmt: skip
     rows.append({**base, "impl": "rkv", "case": "calibration", "batch": args.calib_samples,
                  "note": f"{calib_s:.1f} s, {args.calib_samples * args.calib_seqlen} tokens ({args.calib_samples} x {args.calib_seqlen})"})  # fmt: skip
     if args.csv:
