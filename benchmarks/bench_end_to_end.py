@@ -23,9 +23,12 @@ with ``rkv calibrate``'s defaults: the query-folded key layout (``--key-layout f
 ``kernels.decode_folded``). ``--key-layout prerope --permutation none`` gives the pre-RoPE layout
 that decodes with the chunk kernel, ``--key-layout prerope`` alone the head kernel.
 
-The largest-batch search runs at most ``--max-tries`` jobs per implementation (each a full
-prefill at that batch), starting from the memory model. When fp16 runs out of memory at twice
-``--equal-batch`` (an 80 GB card), its memory model is fitted over half and one ``--equal-batch``.
+The largest-batch search runs at most ``--max-tries`` jobs for rkv and ``--hf-max-tries`` for fp16
+(each a full prefill at that batch), starting from the memory model: peak allocated bytes for rkv,
+peak reserved bytes for fp16 (its cache grows by concatenation, and the twenty-ninth and thirtieth
+sessions' H100 searches ran out of memory at batches 21-26 that its allocated bytes said would fit;
+its largest is 17 there). When fp16 runs out of memory at twice ``--equal-batch`` (an 80 GB card),
+its memory model is fitted over half and one ``--equal-batch``.
 
 fp16 jobs are timed warm: each runs once untimed and then again, timed (``run_hf``), so that
 transformers' growing ``DynamicCache`` finds its memory reserved, as in a steady serving loop; the
@@ -88,6 +91,11 @@ def _peak() -> int:
     return torch.cuda.max_memory_allocated() if DEVICE.type == "cuda" else 0
 
 
+def _reserved() -> int:
+    """Peak bytes the caching allocator held (allocated plus its free blocks): what decides an out-of-memory."""
+    return torch.cuda.max_memory_reserved() if DEVICE.type == "cuda" else 0
+
+
 def run_hf(model, batch: int, prompt: int, new: int, vocab: int, warm: bool = True) -> dict[str, float]:
     """One fp16 ``generate`` job. ``warm``: the same job first runs untimed, so that the timed one finds the blocks
     of its growing ``DynamicCache`` already reserved by the caching allocator, as in a steady serving loop (a run
@@ -104,7 +112,8 @@ def run_hf(model, batch: int, prompt: int, new: int, vocab: int, warm: bool = Tr
                            do_sample=False, pad_token_id=0, streamer=clock)  # fmt: skip
     prefill = clock.times[1] - t0
     decode = clock.times[-1] - clock.times[1]
-    return {"prefill_tok_s": batch * prompt / prefill, "decode_tok_s": batch * (new - 1) / decode, "peak_bytes": _peak()}
+    return {"prefill_tok_s": batch * prompt / prefill, "decode_tok_s": batch * (new - 1) / decode, "peak_bytes": _peak(),
+            "reserved_bytes": _reserved()}  # fmt: skip
 
 
 def run_rkv(
@@ -143,14 +152,15 @@ def _try(fn, *args) -> dict[str, float] | None:
 
 def largest_batch(
     job: Callable[[int], dict], probe: tuple[int, int], results: dict[int, dict], limit: int, max_tries: int = 6,
-    fails_at: int | None = None,
+    fails_at: int | None = None, fit: str = "peak_bytes",
 ) -> tuple[int, dict]:
     """The largest batch whose ``job(batch)`` runs: a first guess from a linear fit of peak memory
     at the two ``probe`` batches, then up by 25 % steps until one fails, then bisection between
     the largest success and the smallest failure (at most ``max_tries`` jobs). ``fails_at``: a batch
-    already known to run out of memory (the guess stays below it)."""
+    already known to run out of memory (the guess stays below it). ``fit``: the results' key of bytes to fit
+    (``reserved_bytes`` for fp16 ``generate``, whose concatenated cache leaves the allocator fragmented)."""
     (b1, b2) = probe
-    p1, p2 = results[b1]["peak_bytes"], results[b2]["peak_bytes"]
+    p1, p2 = results[b1][fit], results[b2][fit]
     per_seq = max((p2 - p1) / (b2 - b1), 1.0)
     ok_b, ok_r = b2, results[b2]
     fail_b = fails_at
@@ -204,7 +214,9 @@ def main() -> None:
     p.add_argument("--key-layout", default=DEFAULT_KEY_LAYOUT, choices=KEY_LAYOUTS, help="rkv's key layout")
     p.add_argument("--permutation", default=CalibrationOptions().perm_statistic, choices=PERM_STATISTICS,
                    help="key channel grouping calibrated for rkv (prerope: none decodes with the chunk kernel)")
-    p.add_argument("--max-tries", type=int, default=4, help="jobs per implementation in the largest-batch search")
+    p.add_argument("--max-tries", type=int, default=4, help="rkv's jobs in the largest-batch search")
+    p.add_argument("--hf-max-tries", type=int, default=4,
+                   help="fp16's jobs in the largest-batch search (cheaper than rkv's: fewer sequences)")
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-seqlen", type=int, default=512)
     p.add_argument("--max-batch/--no-max-batch", dest="max_batch", default=True, action=argparse.BooleanOptionalAction)
@@ -252,7 +264,8 @@ def main() -> None:
     elif search:
         limit = int(args.memory_limit * torch.cuda.get_device_properties(0).total_memory)
         print("largest batch, fp16 (one untimed run per try; the largest is then timed warm):", flush=True)
-        hb, _ = largest_batch(lambda b: run_hf(model, b, *job, False), hf_probe, hf, limit, args.max_tries, hf_fails)
+        hb, _ = largest_batch(lambda b: run_hf(model, b, *job, False), hf_probe, hf, limit, args.hf_max_tries, hf_fails,
+                              fit="reserved_bytes")  # fmt: skip
         hr = hf[hb] if hb in (b1, b2) else run_hf(model, hb, *job)
         print("largest batch, rkv:", flush=True)
         rb, rr = largest_batch(lambda b: run_rkv(rkv, b, *job, args.prefill_batch, args.largest_timed_tokens),

@@ -234,7 +234,7 @@ def hf_static(args) -> dict[str, object]:
         b1, b2 = 8, 16
         probes = {b: run_hf(model, b, *job) for b in (b1, b2)}
         limit = int(0.95 * torch.cuda.get_device_properties(0).total_memory) if DEVICE.type == "cuda" else 2**34
-        batch, _ = largest_batch(lambda b: run_hf(model, b, *job, False), (b1, b2), probes, limit)
+        batch, _ = largest_batch(lambda b: run_hf(model, b, *job, False), (b1, b2), probes, limit, fit="reserved_bytes")
         result = probes[batch] if batch in probes else run_hf(model, batch, *job)  # timed warm
     seconds = batch * args.prompt / result["prefill_tok_s"] + batch * (args.new - 1) / result["decode_tok_s"]
     del model

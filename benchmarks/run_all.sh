@@ -34,7 +34,7 @@ step decode_attention_prerope "$PY" benchmarks/bench_decode_attention.py --conte
 step cache_writes "$PY" benchmarks/bench_cache_writes.py --csv "$OUT/cache_writes.csv" --markdown "$OUT/cache_writes.md"
 step cache_writes_fp16_meta "$PY" benchmarks/bench_cache_writes.py --group-meta fp16 --csv "$OUT/cache_writes.csv"
 step quantize_pack "$PY" benchmarks/bench_quantize_pack.py --csv "$OUT/quantize_pack.csv" --markdown "$OUT/quantize_pack.md"
-# end to end at the equal batch 16; largest batches: at most two jobs per implementation from the memory model
+# end to end at the equal batch 16; largest batches from the memory model: at most two rkv jobs, four fp16 ones
 step end_to_end "$PY" benchmarks/bench_end_to_end.py --equal-batch 16 --calib-samples 8 --largest-timed-tokens 17 \
     --max-tries 2 --csv "$OUT/end_to_end.csv" --markdown "$OUT/end_to_end.md"
 # batch 1 on a real checkpoint: RkvModel.generate and stream_generate (rkv run) against fp16 generate

@@ -54,3 +54,21 @@ def test_no_try_when_the_bound_is_next_to_the_probe(e2e) -> None:
     probes = {b: job(b) for b in (8, 16)}
     batch, _ = e2e.largest_batch(job, (8, 16), probes, BASE + PER_SEQ * 60, max_tries=4, fails_at=17)
     assert (batch, tried) == (16, [8, 16])
+
+
+def test_the_fit_reads_the_named_bytes(e2e) -> None:
+    """fp16's search fits reserved bytes: with allocated bytes a third lower, the first guess would overshoot."""
+    tried: list[int] = []
+    job = _job(17, tried)
+
+    def with_reserved(batch: int) -> dict[str, float]:
+        out = job(batch)
+        return {"peak_bytes": BASE + (out["peak_bytes"] - BASE) * 2 // 3, "reserved_bytes": out["peak_bytes"]}
+
+    probes = {b: with_reserved(b) for b in (8, 16)}
+    limit = BASE + PER_SEQ * 17 + PER_SEQ // 2
+    batch, _ = e2e.largest_batch(with_reserved, (8, 16), probes, limit, max_tries=1, fit="reserved_bytes")
+    assert (batch, tried[2:]) == (17, [17])
+    tried.clear()
+    batch, _ = e2e.largest_batch(with_reserved, (8, 16), probes, limit, max_tries=1)
+    assert batch == 16 and tried[0] > 17  # allocated bytes guess too high, and the one try fails
