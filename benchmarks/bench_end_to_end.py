@@ -116,6 +116,15 @@ def run_hf(model, batch: int, prompt: int, new: int, vocab: int, warm: bool = Tr
             "reserved_bytes": _reserved()}  # fmt: skip
 
 
+def warm_largest(model, batch: int, single: dict[str, float], prompt: int, new: int, vocab: int) -> dict[str, float]:
+    """fp16 at the largest batch its search found, timed warm; ``single`` (the search's one run, without a warm-up)
+    if running the job twice in a row runs out of memory, and then it says so."""
+    warm = _try(run_hf, model, batch, prompt, new, vocab)
+    if warm is None:
+        print(f"  fp16 batch {batch}: out of memory when run twice in a row; its single run is reported", flush=True)
+    return warm or single
+
+
 def run_rkv(
     rkv: RkvModel, batch: int, prompt: int, new: int, vocab: int, prefill_batch: int, timed_tokens: int | None = None
 ) -> dict[str, float]:
@@ -264,9 +273,9 @@ def main() -> None:
     elif search:
         limit = int(args.memory_limit * torch.cuda.get_device_properties(0).total_memory)
         print("largest batch, fp16 (one untimed run per try; the largest is then timed warm):", flush=True)
-        hb, _ = largest_batch(lambda b: run_hf(model, b, *job, False), hf_probe, hf, limit, args.hf_max_tries, hf_fails,
-                              fit="reserved_bytes")  # fmt: skip
-        hr = hf[hb] if hb in (b1, b2) else run_hf(model, hb, *job)
+        hb, single = largest_batch(lambda b: run_hf(model, b, *job, False), hf_probe, hf, limit, args.hf_max_tries,
+                                   hf_fails, fit="reserved_bytes")  # fmt: skip
+        hr = hf[hb] if hb in (b1, b2) else warm_largest(model, hb, single, *job)
         print("largest batch, rkv:", flush=True)
         rb, rr = largest_batch(lambda b: run_rkv(rkv, b, *job, args.prefill_batch, args.largest_timed_tokens),
                                (b1, b2), ours, limit, args.max_tries)  # fmt: skip

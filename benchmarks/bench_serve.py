@@ -17,9 +17,9 @@ accepted requests under load whose text differs (the target is none).
 ``--mode hf`` (or ``both``) runs fp16 transformers ``generate`` on the same model with static
 batches: the largest batch that fits (searched as in ``bench_end_to_end.py``, or ``--hf-batch``)
 doing the same job (``--prompt`` + ``--new`` greedy tokens), generated tokens/s over prefill and
-decode, timed warm (``bench_end_to_end.run_hf``: the job runs once untimed first). ``both`` gives two ratios, rkv served / fp16: generated tokens/s over the whole job
-(``ratio_tok_s``; prefill costs the same per token in both and dominates 4k-token prompts with 128
-new tokens) and decode tokens/s (``ratio_decode_tok_s``: the server's own decode-step timing from
+decode, timed warm (``bench_end_to_end.run_hf``: the job runs once untimed first). ``both`` gives
+two ratios, rkv served / fp16: generated tokens/s over the whole job (``ratio_tok_s``; prefill costs
+the same per token in both and dominates 4k-token prompts with 128 new tokens) and decode tokens/s (``ratio_decode_tok_s``: the server's own decode-step timing from
 ``/health`` against ``generate``'s decode phase). Rows go to ``--csv`` with GPU name, versions, date.
 
 On the H200 (the issue's target: 4k-token prompts, 128 new tokens, >= 5x fp16 tokens/s):
@@ -217,7 +217,7 @@ def summarize(records: list[Record], wall: float) -> dict[str, object]:
 # ----- fp16 transformers generate, static batches ------------------------------------------------
 def hf_static(args) -> dict[str, object]:
     """fp16 ``generate`` at the largest batch that fits (or ``--hf-batch``): generated tokens/s of one batch job."""
-    from bench_end_to_end import largest_batch, run_hf
+    from bench_end_to_end import largest_batch, run_hf, warm_largest
 
     if args.checkpoint is not None:
         from transformers import AutoModelForCausalLM
@@ -234,8 +234,9 @@ def hf_static(args) -> dict[str, object]:
         b1, b2 = 8, 16
         probes = {b: run_hf(model, b, *job) for b in (b1, b2)}
         limit = int(0.95 * torch.cuda.get_device_properties(0).total_memory) if DEVICE.type == "cuda" else 2**34
-        batch, _ = largest_batch(lambda b: run_hf(model, b, *job, False), (b1, b2), probes, limit, fit="reserved_bytes")
-        result = probes[batch] if batch in probes else run_hf(model, batch, *job)  # timed warm
+        batch, single = largest_batch(lambda b: run_hf(model, b, *job, False), (b1, b2), probes, limit,
+                                      fit="reserved_bytes")  # fmt: skip
+        result = probes[batch] if batch in probes else warm_largest(model, batch, single, *job)
     seconds = batch * args.prompt / result["prefill_tok_s"] + batch * (args.new - 1) / result["decode_tok_s"]
     del model
     gc.collect()

@@ -72,3 +72,18 @@ def test_the_fit_reads_the_named_bytes(e2e) -> None:
     tried.clear()
     batch, _ = e2e.largest_batch(with_reserved, (8, 16), probes, limit, max_tries=1)
     assert batch == 16 and tried[0] > 17  # allocated bytes guess too high, and the one try fails
+
+
+def test_warm_largest_falls_back_to_the_single_run_and_says_so(e2e, monkeypatch, capsys) -> None:
+    """fp16's largest batch is timed warm; when two runs in a row do not fit, the search's single run is reported."""
+    single = {"peak_bytes": 1, "decode_tok_s": 10.0}
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("fake")
+
+    monkeypatch.setattr(e2e, "run_hf", oom)
+    assert e2e.warm_largest(None, 17, single, 4096, 128, 32000) is single
+    assert "single run is reported" in capsys.readouterr().out
+    warm = {"peak_bytes": 1, "decode_tok_s": 12.0}
+    monkeypatch.setattr(e2e, "run_hf", lambda *args: warm)
+    assert e2e.warm_largest(None, 17, single, 4096, 128, 32000) is warm
