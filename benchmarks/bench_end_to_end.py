@@ -185,8 +185,6 @@ def largest_batch(
             ok_b, ok_r = guess, out
         else:
             fail_b = guess
-        if fail_b is not None and fail_b - ok_b <= 1:
-            break
         guess = int(guess * 1.25) + 1 if fail_b is None else (ok_b + fail_b) // 2
     return ok_b, ok_r
 
@@ -262,7 +260,8 @@ def main() -> None:
     rows = [_row(base, name, "equal batch", b, r, weights) for name, res in (("hf-fp16", hf), ("rkv", ours))
             for b, r in res.items()]  # fmt: skip
     for r in rows:
-        print(f"  {r['impl']} at batch {r['batch']}: decode {r.get('decode_tok_s', r.get('note'))} tok/s", flush=True)
+        rate = f"decode {r['decode_tok_s']:.0f} tok/s" if "decode_tok_s" in r else r["note"]
+        print(f"  {r['impl']} at batch {r['batch']}: {rate}", flush=True)
     hf_probe, hf_fails = (b1, b2), None
     if hf[b1] is not None and hf[b2] is None and b1 > 1:  # fp16 fits fewer than b2 (an 80 GB card): probe below b1
         hf_probe, hf_fails = (b1 // 2, b1), b2

@@ -19,8 +19,9 @@ batches: the largest batch that fits (searched as in ``bench_end_to_end.py``, or
 doing the same job (``--prompt`` + ``--new`` greedy tokens), generated tokens/s over prefill and
 decode, timed warm (``bench_end_to_end.run_hf``: the job runs once untimed first). ``both`` gives
 two ratios, rkv served / fp16: generated tokens/s over the whole job (``ratio_tok_s``; prefill costs
-the same per token in both and dominates 4k-token prompts with 128 new tokens) and decode tokens/s (``ratio_decode_tok_s``: the server's own decode-step timing from
-``/health`` against ``generate``'s decode phase). Rows go to ``--csv`` with GPU name, versions, date.
+the same per token in both and dominates 4k-token prompts with 128 new tokens) and decode tokens/s
+(``ratio_decode_tok_s``: the server's own decode-step timing from ``/health`` against ``generate``'s
+decode phase). Rows go to ``--csv`` with GPU name, versions, date.
 
 On the H200 (the issue's target: 4k-token prompts, 128 new tokens, >= 5x fp16 tokens/s):
 
