@@ -125,6 +125,16 @@ def warm_largest(model, batch: int, single: dict[str, float], prompt: int, new: 
     return warm or single
 
 
+def largest_hf(model, job: tuple[int, int, int], probe: tuple[int, int], results: dict[int, dict], limit: int,
+               max_tries: int = 6, fails_at: int | None = None) -> tuple[int, dict[str, float]]:
+    """fp16 ``generate``'s largest batch for ``job`` (prompt, new, vocab) and its result: searched by
+    :func:`largest_batch` on reserved bytes with one untimed run per try, then timed warm (:func:`warm_largest`);
+    the ``probe`` results must already be timed warm."""
+    batch, single = largest_batch(lambda b: run_hf(model, b, *job, False), probe, results, limit, max_tries,
+                                  fails_at, fit="reserved_bytes")  # fmt: skip
+    return batch, single if batch in probe else warm_largest(model, batch, single, *job)
+
+
 def run_rkv(
     rkv: RkvModel, batch: int, prompt: int, new: int, vocab: int, prefill_batch: int, timed_tokens: int | None = None
 ) -> dict[str, float]:
@@ -272,9 +282,7 @@ def main() -> None:
     elif search:
         limit = int(args.memory_limit * torch.cuda.get_device_properties(0).total_memory)
         print("largest batch, fp16 (one untimed run per try; the largest is then timed warm):", flush=True)
-        hb, single = largest_batch(lambda b: run_hf(model, b, *job, False), hf_probe, hf, limit, args.hf_max_tries,
-                                   hf_fails, fit="reserved_bytes")  # fmt: skip
-        hr = hf[hb] if hb in (b1, b2) else warm_largest(model, hb, single, *job)
+        hb, hr = largest_hf(model, job, hf_probe, hf, limit, args.hf_max_tries, hf_fails)
         print("largest batch, rkv:", flush=True)
         rb, rr = largest_batch(lambda b: run_rkv(rkv, b, *job, args.prefill_batch, args.largest_timed_tokens),
                                (b1, b2), ours, limit, args.max_tries)  # fmt: skip

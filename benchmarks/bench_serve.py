@@ -218,7 +218,7 @@ def summarize(records: list[Record], wall: float) -> dict[str, object]:
 # ----- fp16 transformers generate, static batches ------------------------------------------------
 def hf_static(args) -> dict[str, object]:
     """fp16 ``generate`` at the largest batch that fits (or ``--hf-batch``): generated tokens/s of one batch job."""
-    from bench_end_to_end import largest_batch, run_hf, warm_largest
+    from bench_end_to_end import largest_hf, run_hf
 
     if args.checkpoint is not None:
         from transformers import AutoModelForCausalLM
@@ -235,9 +235,7 @@ def hf_static(args) -> dict[str, object]:
         b1, b2 = 8, 16
         probes = {b: run_hf(model, b, *job) for b in (b1, b2)}
         limit = int(0.95 * torch.cuda.get_device_properties(0).total_memory) if DEVICE.type == "cuda" else 2**34
-        batch, single = largest_batch(lambda b: run_hf(model, b, *job, False), (b1, b2), probes, limit,
-                                      fit="reserved_bytes")  # fmt: skip
-        result = probes[batch] if batch in probes else warm_largest(model, batch, single, *job)
+        batch, result = largest_hf(model, job, (b1, b2), probes, limit)
     seconds = batch * args.prompt / result["prefill_tok_s"] + batch * (args.new - 1) / result["decode_tok_s"]
     del model
     gc.collect()
