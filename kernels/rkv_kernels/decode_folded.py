@@ -56,6 +56,8 @@ Two launches (plus the split-K merge):
      dot ``q'_g · c_g``; then ``score_r = Σ_g s_g (q'_g · c_g) + z_g Σ q'_g + bias_r``. With 8-bit
      group metadata (``FoldedParams.meta_bases``) ``s_g, z_g`` are decoded from their byte codes after
      the load (one ``exp2`` per slot and group: ``quant.quantizer.group_scale_zero``).
+   - **Deferred sums:** the softmax denominator and the value zero terms are kept per slot of the block and
+     summed over slots once after the loop: only the running max needs a reduction across warps per block.
    - **Values:** the softmax weights times each value group's scale make the left operand
      ``[(r, g), BLOCK_N]`` of a dot with each value plane; zeros become one running sum per ``(r, g)``.
      On CUDA, 2-bit value planes become fp16 ``4 + code`` directly by byte permutes (two ``prmt`` per
@@ -561,12 +563,12 @@ def _folded_kernel(
     qsum3 = tl.reshape(_cols(qsum[None, :], 1, KP, UK), (R, NG))
 
     m_i = tl.full((R,), -1.0e30, tl.float32)
-    l_i = tl.zeros((R,), tl.float32)
+    l_part = tl.zeros((BLOCK_N, R), tl.float32)  # per-slot partial sums, reduced over slots once after the loop
+    z_part = tl.zeros((BLOCK_N, R, NGV), tl.float32)
     a0 = tl.zeros((QCV, PW), tl.float32)
     a1 = tl.zeros((QCV, PW), tl.float32)
     a2 = tl.zeros((QCV, PW), tl.float32)
     a3 = tl.zeros((QCV, PW), tl.float32)
-    zacc = tl.zeros((R, NGV), tl.float32)
 
     t_start = split * tokens_per_split
     t_stop = tl.minimum(T, t_start + tokens_per_split)
@@ -616,7 +618,7 @@ def _folded_kernel(
         m_new = tl.maximum(m_i, tl.max(s, 0))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[None, :])
-        l_i = l_i * alpha + tl.sum(p, 0)
+        l_part = l_part * alpha[None, :] + p
         m_i = m_new
         sv = tl.load(vs_base + tt[:, None] * NGV + gv[None, :], mask=tmask[:, None], other=0).to(tl.float32)
         zv = tl.load(vz_base + tt[:, None] * NGV + gv[None, :], mask=tmask[:, None], other=0).to(tl.float32)
@@ -625,7 +627,7 @@ def _folded_kernel(
         if not MASKLESS:
             sv = tl.where(valid[:, None], sv, 0.0)
             zv = tl.where(valid[:, None], zv, 0.0)
-        zacc = zacc * alpha[:, None] + tl.sum(p[:, :, None] * (zv - VB * sv)[:, None, :], 0)
+        z_part = z_part * alpha[None, :, None] + p[:, :, None] * (zv - VB * sv)[:, None, :]
         w = _pad_cols(tl.reshape(p[:, :, None] * sv[:, None, :], (BLOCK_N, UV)), BLOCK_N, VP, UV)
         w_t = tl.trans(w.to(DT))
         alpha_c = tl.reshape(tl.broadcast_to(alpha[None, :, None], (VP, R, NGV)), (QCV,))[:, None]
@@ -635,6 +637,8 @@ def _folded_kernel(
         a2 = tl.dot(w_t, vp2, a2 * alpha_c, input_precision=PREC)
         a3 = tl.dot(w_t, vp3, a3 * alpha_c, input_precision=PREC)
 
+    l_i = tl.sum(l_part, 0)
+    zacc = tl.sum(z_part, 0)
     if HAS_FP:  # the full-precision parts attend to their slots of the segment (post-RoPE keys)
         f_lo = tl.where(split >= fp_first, (split - fp_first) * fp_per_part, F)
         f_stop = tl.minimum(F, f_lo + fp_per_part)
