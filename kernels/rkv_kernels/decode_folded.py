@@ -73,7 +73,8 @@ everywhere.
 
 Measured status: ``docs/benchmarks.md`` (the latest H200 run; CUDA-graph replay against fp16 SDPA).
 Still instruction-bound, not byte-bound: the value planes' byte gathers and conversions and the
-per-block score assembly dominate the 870 instructions per warp and block (``benchmarks/kernel_sass_stats.py``).
+per-block score assembly dominate the 851 instructions per warp and block for llama2-7b heads
+(``benchmarks/kernel_sass_stats.py``; 879 before the deferred sums).
 
 Dispatch (see :mod:`rkv_convert.kernels._common`): ``backend="auto"`` runs the kernels on CUDA
 tensors or under ``TRITON_INTERPRET=1``, else :func:`decode_folded_ref`.
