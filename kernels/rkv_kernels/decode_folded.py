@@ -71,7 +71,7 @@ Two launches (plus the split-K merge):
 Other dot operands are fp16 for fp16 queries and fp32 (IEEE) for fp32/bf16 queries, accumulation fp32
 everywhere.
 
-Measured status: ``docs/benchmarks.md`` (the latest H200 run; CUDA-graph replay against fp16 SDPA).
+Measured status: ``docs/benchmarks.md`` (the latest H200 and H100 runs; CUDA-graph replay against fp16 SDPA).
 Still instruction-bound, not byte-bound: the value planes' byte gathers and conversions and the
 per-block score assembly dominate the 851 instructions per warp and block for llama2-7b heads
 (``benchmarks/kernel_sass_stats.py``; 879 before the deferred sums).
