@@ -37,6 +37,14 @@ def bench_ms(fn: Callable[[], object], warmup: int = 25, rep: int = 100) -> tupl
     return float(med), float(lo), float(hi)
 
 
+def graph_ms(fn: Callable[[], object]) -> float:
+    """Median of ``fn`` replayed from a CUDA graph in ms (no host overhead: ``triton.testing.do_bench_cudagraph``);
+    NaN off the GPU."""
+    if DEVICE.type != "cuda":
+        return float("nan")
+    return float(triton.testing.do_bench_cudagraph(fn, rep=100, quantiles=[0.5]))
+
+
 def copy_bandwidth_gbs(nbytes: int = 2**30) -> float:
     """Device-to-device copy rate in GB/s, counting bytes read and written (the decode roofline)."""
     src = torch.randn(nbytes // 2, dtype=torch.float16, device=DEVICE)

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import DEVICE, append_csv, bench_ms, copy_bandwidth_gbs, markdown_table, print_table  # noqa: E402
+from _timing import DEVICE, append_csv, bench_ms, copy_bandwidth_gbs, graph_ms, markdown_table, print_table  # noqa: E402
 
 from rkv_convert.export.format import DEFAULT_SALIENT_TOKENS  # noqa: E402
 from rkv_convert.kernels.decode_folded import FOLDED_DEFAULTS, decode_folded  # noqa: E402
@@ -107,15 +107,6 @@ def _compiled_stats() -> list[str]:
                         out.append(f"regs={k.n_regs} spills={k.n_spills} smem={k.metadata.shared} "
                                    f"warps={k.metadata.num_warps} stages={k.metadata.num_stages} {str(c)[:0]}")
     return out
-
-
-def graph_ms(fn) -> float:
-    """Median of ``fn`` replayed from a CUDA graph (no host overhead): ``triton.testing.do_bench_cudagraph``."""
-    import triton.testing
-
-    if DEVICE.type != "cuda":
-        return float("nan")
-    return float(triton.testing.do_bench_cudagraph(fn, rep=100, quantiles=[0.5]))
 
 
 def host_us(fn, n: int = 200) -> float:

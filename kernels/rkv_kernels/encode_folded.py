@@ -56,15 +56,19 @@ from .quantize_pack import _codes, _meta8, _reciprocal, _scale_zero, _store_pack
 __all__ = ["encode_folded", "encode_folded_ref", "encode_folded_supports"]
 
 # Launch settings: tokens per program and warps (the best of benchmarks/bench_cache_writes.py --tune on an H200,
-# head dim 128), and a register cap (168: at most three 4-warp programs' worth of registers per SM).
-# Head dim 256 takes 8 warps and no cap: with 4 warps its program spills 1.3 KB of registers (sm_90 compile).
-# fp16/bf16 keys; fp32 keys take their own settings (_launch).
-ENCODE_DEFAULTS: dict[str, int] = {"block_t": 64, "num_warps": 4, "maxnreg": 168}
+# head dim 128), and a register cap for min-max group ranges at head dim 128 (128: four 4-warp programs per SM;
+# 1.10x-1.13x faster than a cap of 168, three programs, at 16 x 4,096 and 1 x 32,768 tokens of llama2-7b and
+# llama3-8b heads on an H100, thirty-third session). Head dim 64 and searched ranges keep the former cap, 168 (not
+# re-tuned). Head dim 256 takes 8 warps and no cap: with 4 warps its program spills 1.3 KB of registers (sm_90
+# compile). fp16/bf16 keys; fp32 keys take their own settings (_launch).
+ENCODE_DEFAULTS: dict[str, int] = {"block_t": 64, "num_warps": 4, "maxnreg": 128}
+_FORMER_MAXNREG = 168
 
 
 def _launch(head_dim: int, fp16_dots: bool, block_t: int | None, num_warps: int | None,
             search: bool = False) -> tuple[int, dict[str, int]]:  # fmt: skip
-    """``(block_t, launch options)``. fp16/bf16 keys: ``ENCODE_DEFAULTS`` below head dim 256, with 8 warps when
+    """``(block_t, launch options)``. fp16/bf16 keys: ``ENCODE_DEFAULTS`` below head dim 256 (the register cap at
+    head dim 128 with min-max ranges, else 168), with 8 warps when
     the group ranges are searched (H200, llama2-7b heads, 16 x 4,096 tokens: 3.8 ms against 10.6 ms with 4 warps;
     16 or 32 tokens per program were slower); at 256, 8 warps and no register cap. fp32 keys (IEEE fp32 dots): 8 warps, 64 tokens at head dim 64 and 16 above, no cap. For
     sm_90 the former settings (64 tokens x 4 warps capped at 168 registers; 32 x 8 at head dim 256) spilled 7
@@ -73,8 +77,9 @@ def _launch(head_dim: int, fp16_dots: bool, block_t: int | None, num_warps: int 
     if not fp16_dots:
         default_t, options = (64 if head_dim <= 64 else 16), {"num_warps": 8}
     elif head_dim < 256:
+        cap = ENCODE_DEFAULTS["maxnreg"] if head_dim == 128 and not search else _FORMER_MAXNREG
         default_t, options = ENCODE_DEFAULTS["block_t"], {"num_warps": 8 if search else ENCODE_DEFAULTS["num_warps"],
-                                                          "maxnreg": ENCODE_DEFAULTS["maxnreg"]}  # fmt: skip
+                                                          "maxnreg": cap}  # fmt: skip
     else:
         default_t, options = ENCODE_DEFAULTS["block_t"], {"num_warps": 8}
     if num_warps is not None:
@@ -171,6 +176,23 @@ def _try_range(x3, mn, mx, lo_frac: tl.constexpr, hi_frac: tl.constexpr, best, s
 
 
 @triton.jit
+def _one_copy(x, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """``x [ROWS, COLS]`` unchanged, moved to a layout that holds each entry on one thread.
+
+    A reduction over a group's channels leaves the group's result on every thread that held some of its
+    channels (4 copies for keys from the rotation's dot, 8 for values at the default tiles), and every copy
+    would run the group's metadata math (divisions, ``log2``, ``exp2``). An identity gather makes the compiler
+    convert the layout first. sm_90, llama2-7b heads, 2-bit keys: 4,032 -> 3,184 SASS instructions per warp with
+    8-bit metadata, 3,104 -> 3,000 with fp16 metadata; on an H100 (CUDA-graph replay, thirty-third session,
+    ``docs/benchmarks.md``) writes at head dim 128 ran 1.27x-1.41x faster with 8-bit metadata, 1.07x-1.23x with
+    fp16 metadata (with the register cap of ``ENCODE_DEFAULTS``, 128 instead of 168). Not used with searched ranges (their
+    errors are compared in the elements' layout: more instructions, not fewer) nor for fp16 metadata below head
+    dim 128 (5-10 % slower there)."""
+    rows = tl.arange(0, ROWS)[:, None] + tl.zeros((ROWS, COLS), tl.int32)
+    return tl.gather(x, rows, 0)
+
+
+@triton.jit
 def _quantize_rows(x, codes_ptr, c_row, sz_row, scale_ptr, zero_ptr, tmask, clip, scale_floor, meta_base,
                    BLOCK_T: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr,
                    META8: tl.constexpr, SEARCH: tl.constexpr, F0: tl.constexpr, F1: tl.constexpr,
@@ -183,6 +205,8 @@ def _quantize_rows(x, codes_ptr, c_row, sz_row, scale_ptr, zero_ptr, tmask, clip
     x3 = tl.reshape(x, (BLOCK_T, NG, GS))
     g = tl.arange(0, NG)
     mn, mx = tl.min(x3, axis=2), tl.max(x3, axis=2)
+    if not SEARCH and (META8 or D >= 128):  # where it measured faster (see _one_copy)
+        mn, mx = _one_copy(mn, BLOCK_T, NG), _one_copy(mx, BLOCK_T, NG)
     stored_s, stored_z, scale, zero = _stored_meta(mn, mx, clip, clip, scale_floor, meta_base, LEVELS, META8,
                                                    USE_LIBDEVICE)  # fmt: skip
     if SEARCH:
