@@ -1,16 +1,17 @@
-"""Instruction counts of the decode kernels, compiled for an H100/H200 (sm_90) without a GPU.
+"""Instruction counts of the decode and cache-write kernels, compiled for an H100/H200 (sm_90) without a GPU.
 
 Compiles the default layout's ``_folded_kernel`` (llama-2-7b and llama-3-8b head shapes, 2 bits,
 groups of 64, fp16) and the pre-RoPE ``_decode_kernel`` (``kernel="head"``) and ``_chunk_kernel``
 (``kernel="chunk"``) at the paper's shape (head groups of 4, d = 128, 2 bits, groups of 128, fp16,
-MHA) with Triton's own compiler and bundled ``cuobjdump``, and prints registers, stack (spills),
+MHA), and the cache-write ``_encode_folded_kernel`` at its default launch for fp16 keys (both kinds of group
+metadata), with Triton's own compiler and bundled ``cuobjdump``, and prints registers, stack (spills),
 shared memory, the instructions of the main loop's body and the most frequent SASS opcodes. Static
 counts, not a profile: they show what a kernel issues per loop iteration. Pointer and stride
 arguments are marked divisible by 16, as Triton specializes them at launch (the folded kernel's
 scale rows and the runtime's whole-block capacities rely on it); counts differ somewhat between Triton
 releases (the GPU runs 3.6).
 
-    python benchmarks/kernel_sass_stats.py                     # all three kernels, their default tiles
+    python benchmarks/kernel_sass_stats.py                     # all four kernels, their default tiles
     python benchmarks/kernel_sass_stats.py --no-fp-segment     # without the full-precision segment's loop
     python benchmarks/kernel_sass_stats.py --block-t 32 --num-warps 8
     python benchmarks/kernel_sass_stats.py --fp32-tiles           # and fp32 operands: spills, default vs previous settings
@@ -146,8 +147,29 @@ def main() -> None:
               f"{stack} B stack, {total} SASS instructions = {total * warps / (block_t * heads):.0f} "
               f"warp-instructions per key token and head")
         print("  " + ", ".join(f"{op} {n}" for op, n in ops.most_common(args.top)))
+    write_kernel()
     if args.fp32_tiles:
         fp32_tiles()
+
+
+def write_kernel() -> None:
+    """The cache-write kernel at its default launch for fp16 keys (llama2-7b heads, 64 x 4 warps, 2-bit keys, groups
+    of 64, min-max ranges) with each kind of group metadata: registers, stack and SASS instructions per warp (one
+    program writes 64 tokens of one KV head; there is no loop)."""
+    from rkv_convert.kernels import encode_folded
+
+    block_t, launch = encode_folded._launch(128, True, None, None)
+    for meta8 in (True, False):
+        cx = dict(D=128, K_BITS=2, V_BITS=2, GK=64, GV=64, BLOCK_T=block_t, FP16_DOTS=True, META8=meta8, SEARCH=False,
+                  K_F0=1.0, K_F1=1.0, V_F0=1.0, V_F1=1.0, USE_LIBDEVICE=True)  # fmt: skip
+        pointers = {"k_ptr": "*fp16", "v_ptr": "*fp16", "rot_ptr": "*fp16", "kc_ptr": "*u8", "vc_ptr": "*u8",
+                    **({"ks_ptr": "*u8", "kz_ptr": "*i8", "vs_ptr": "*u8", "vz_ptr": "*i8"} if meta8 else {})}
+        c = compile_sm90(encode_folded._encode_folded_kernel, cx, launch["num_warps"], 1, aligned=True,
+                         pointers=pointers, maxnreg=launch.get("maxnreg"))  # fmt: skip
+        regs, stack, ops, _ = sass_stats(c)
+        print(f"encode (llama2-7b heads, K2 {'log8' if meta8 else 'fp16'}): {block_t} tokens x {launch['num_warps']} "
+              f"warps (cap {launch.get('maxnreg')}): {regs} registers, {stack} B stack, {sum(ops.values())} SASS "
+              f"instructions per warp")
 
 
 # fp32-operand launch settings before the eighth session (4 warps), which spilled for sm_90: folded decode
@@ -181,7 +203,7 @@ def fp32_tiles() -> None:
                     ("previous", old_t, 4 if old_cap else 8, old_cap)]  # fmt: skip
         for label, tokens, warps, cap in settings:
             cx = dict(D=d, K_BITS=2, V_BITS=2, GK=32, GV=32, BLOCK_T=tokens, FP16_DOTS=False, META8=False,
-                      USE_LIBDEVICE=True)  # fmt: skip
+                      SEARCH=False, K_F0=1.0, K_F1=1.0, V_F0=1.0, V_F1=1.0, USE_LIBDEVICE=True)  # fmt: skip
             c = compile_sm90(encode_folded._encode_folded_kernel, cx, warps, 1, pointers=fp32, maxnreg=cap)
             regs, stack, _, _ = sass_stats(c)
             print(f"encode fp32 keys, head dim {d}, {label}: {tokens} tokens x {warps} warps"
