@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import DEVICE, append_csv, bench_ms, copy_bandwidth_gbs, graph_ms, markdown_table, print_table  # noqa: E402
+from _timing import (DEVICE, append_csv, bench_ms, copy_bandwidth_gbs, graph_ms, markdown_table,  # noqa: E402
+                     print_table)
 
 from rkv_convert.kernels.folded_params import FoldedParams  # noqa: E402
 from rkv_convert.kernels.encode_folded import ENCODE_DEFAULTS, encode_folded  # noqa: E402
@@ -94,7 +95,8 @@ def run(args: argparse.Namespace, copy_gbs: float) -> list[dict[str, object]]:
                        "g_v": args.value_group, "block_t": block_t or ENCODE_DEFAULTS["block_t"],
                        "num_warps": warps or (8 if p.ranges is GroupRanges.SEARCHED else ENCODE_DEFAULTS["num_warps"]), "fused_ms": ms, "GBs": gbs,
                        "pct_of_copy": 100 * gbs / copy_gbs, "graph_ms": gms,
-                       "graph_pct_of_copy": 100 * moved / (gms * 1e-3) / 1e9 / copy_gbs, "composed_ms": composed if composed is not None else "",
+                       "graph_pct_of_copy": 100 * moved / (gms * 1e-3) / 1e9 / copy_gbs,
+                       "composed_ms": composed if composed is not None else "",
                        "speedup_vs_composed": composed / ms if composed is not None else ""}  # fmt: skip
                 rows.append(row)
                 if args.csv:

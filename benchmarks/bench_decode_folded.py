@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import DEVICE, append_csv, bench_ms, copy_bandwidth_gbs, graph_ms, markdown_table, print_table  # noqa: E402
+from _timing import (DEVICE, append_csv, bench_ms, copy_bandwidth_gbs, graph_ms, markdown_table,  # noqa: E402
+                     print_table)
 
 from rkv_convert.export.format import DEFAULT_SALIENT_TOKENS  # noqa: E402
 from rkv_convert.kernels.decode_folded import FOLDED_DEFAULTS, decode_folded  # noqa: E402

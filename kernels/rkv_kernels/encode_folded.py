@@ -185,9 +185,9 @@ def _one_copy(x, ROWS: tl.constexpr, COLS: tl.constexpr):
     convert the layout first. sm_90, llama2-7b heads, 2-bit keys: 4,032 -> 3,184 SASS instructions per warp with
     8-bit metadata, 3,104 -> 3,000 with fp16 metadata; on an H100 (CUDA-graph replay, thirty-third session,
     ``docs/benchmarks.md``) writes at head dim 128 ran 1.27x-1.41x faster with 8-bit metadata, 1.07x-1.23x with
-    fp16 metadata (with the register cap of ``ENCODE_DEFAULTS``, 128 instead of 168). Not used with searched ranges (their
-    errors are compared in the elements' layout: more instructions, not fewer) nor for fp16 metadata below head
-    dim 128 (5-10 % slower there)."""
+    fp16 metadata (together with the register cap of ``ENCODE_DEFAULTS``, 128 instead of 168). Not used with
+    searched ranges (their errors are compared in the elements' layout: more instructions, not fewer) nor for fp16
+    metadata below head dim 128 (5-10 % slower there)."""
     rows = tl.arange(0, ROWS)[:, None] + tl.zeros((ROWS, COLS), tl.int32)
     return tl.gather(x, rows, 0)
 
