@@ -62,7 +62,7 @@ __all__ = ["encode_folded", "encode_folded_ref", "encode_folded_supports"]
 # re-tuned). Head dim 256 takes 8 warps and no cap: with 4 warps its program spills 1.3 KB of registers (sm_90
 # compile). fp16/bf16 keys; fp32 keys take their own settings (_launch).
 ENCODE_DEFAULTS: dict[str, int] = {"block_t": 64, "num_warps": 4, "maxnreg": 128}
-_FORMER_MAXNREG = 168
+_UNTUNED_MAXNREG = 168  # head dim 64 and searched ranges
 
 
 def _launch(head_dim: int, fp16_dots: bool, block_t: int | None, num_warps: int | None,
@@ -77,7 +77,7 @@ def _launch(head_dim: int, fp16_dots: bool, block_t: int | None, num_warps: int 
     if not fp16_dots:
         default_t, options = (64 if head_dim <= 64 else 16), {"num_warps": 8}
     elif head_dim < 256:
-        cap = ENCODE_DEFAULTS["maxnreg"] if head_dim == 128 and not search else _FORMER_MAXNREG
+        cap = ENCODE_DEFAULTS["maxnreg"] if head_dim == 128 and not search else _UNTUNED_MAXNREG
         default_t, options = ENCODE_DEFAULTS["block_t"], {"num_warps": 8 if search else ENCODE_DEFAULTS["num_warps"],
                                                           "maxnreg": cap}  # fmt: skip
     else:
