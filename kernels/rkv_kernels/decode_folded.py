@@ -366,6 +366,17 @@ def _pad_cols(x, N: tl.constexpr, P: tl.constexpr, U: tl.constexpr):
 
 
 @triton.jit
+def _pad_rows(x, P: tl.constexpr, U: tl.constexpr, N: tl.constexpr):
+    """``[U, N] -> [P*U, N]`` with zeros in the padded rows."""
+    if P > 1:
+        pad = tl.arange(0, P)
+        out = tl.reshape(tl.where((pad == 0)[:, None, None], x[None, :, :], 0.0), (P * U, N))
+    else:
+        out = x
+    return out
+
+
+@triton.jit
 def _planes(row, tmask, ii, PW: tl.constexpr, BITS: tl.constexpr, FAST: tl.constexpr, DT: tl.constexpr):
     """The four code planes ``DT [BLOCK_N, PW]`` of a slot block: int8 ``DT``, the codes (FAST: 2-, 3- and 4-bit
     codes by shift and mask, every byte of a row loaded as one contiguous tile); else the codes as ``DT`` (FAST:
@@ -629,8 +640,8 @@ def _folded_kernel(
             sv = tl.where(valid[:, None], sv, 0.0)
             zv = tl.where(valid[:, None], zv, 0.0)
         z_part = z_part * alpha[None, :, None] + p[:, :, None] * (zv - VB * sv)[:, None, :]
-        w = _pad_cols(tl.reshape(p[:, :, None] * sv[:, None, :], (BLOCK_N, UV)), BLOCK_N, VP, UV)
-        w_t = tl.trans(w.to(DT))
+        w = tl.reshape(tl.trans(p)[:, None, :] * tl.trans(sv)[None, :, :], (UV, BLOCK_N))
+        w_t = _pad_rows(w, VP, UV, BLOCK_N).to(DT)  # rows (r, g): formed as rows, not a transposed tile
         alpha_c = tl.reshape(tl.broadcast_to(alpha[None, :, None], (VP, R, NGV)), (QCV,))[:, None]
         vp0, vp1, vp2, vp3 = _planes(vc_base + tt * s_vct, tmask, ii, PW, V_BITS, V_FAST, DT)
         a0 = tl.dot(w_t, vp0, a0 * alpha_c, input_precision=PREC)
@@ -661,8 +672,8 @@ def _folded_kernel(
             l_i = l_i * alpha + tl.sum(p, 0)
             m_i = m_new
             zacc = zacc * alpha[:, None]
-            w = _pad_cols(tl.reshape(tl.broadcast_to(p[:, :, None], (BLOCK_F, R, NGV)), (BLOCK_F, UV)), BLOCK_F, VP, UV)
-            w_t = tl.trans(w.to(DT))
+            w = tl.reshape(tl.broadcast_to(tl.trans(p)[:, None, :], (R, NGV, BLOCK_F)), (UV, BLOCK_F))
+            w_t = _pad_rows(w, VP, UV, BLOCK_F).to(DT)
             alpha_c = tl.reshape(tl.broadcast_to(alpha[None, :, None], (VP, R, NGV)), (QCV,))[:, None]
             vf = tl.load(fv_base + ff[:, None] * s_ft + kk[None, :], mask=fvalid[:, None], other=0.0).to(DT)
             v_even, v_odd = tl.split(tl.reshape(vf, (BLOCK_F, PW, 2, 2)))  # channel 4i + 2u + w: split w
