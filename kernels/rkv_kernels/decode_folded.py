@@ -59,7 +59,9 @@ Two launches (plus the split-K merge):
    - **Deferred sums:** the softmax denominator and the value zero terms are kept per slot of the block and
      summed over slots once after the loop: only the running max needs a reduction across warps per block.
    - **Values:** the softmax weights times each value group's scale make the left operand
-     ``[(r, g), BLOCK_N]`` of a dot with each value plane; zeros become one running sum per ``(r, g)``.
+     ``[(r, g), BLOCK_N]`` of a dot with each value plane, formed as rows from the transposed weights and
+     scales (transposing a ``[BLOCK_N, (r, g)]`` tile instead cost 57 more instructions per warp and block);
+     zeros become one running sum per ``(r, g)``.
      On CUDA, 2-bit value planes become fp16 ``4 + code`` directly by byte permutes (two ``prmt`` per
      four codes, no conversion instruction); the bias ``4`` is folded into the zero term.
    - Every load of a block (codes, scales, zeros, bias) is issued ``num_stages - 1`` blocks ahead
@@ -73,8 +75,9 @@ everywhere.
 
 Measured status: ``docs/benchmarks.md`` (the latest H200 and H100 runs; CUDA-graph replay against fp16 SDPA).
 Still instruction-bound, not byte-bound: the value planes' byte gathers and conversions and the
-per-block score assembly dominate the 851 instructions per warp and block for llama2-7b heads
-(``benchmarks/kernel_sass_stats.py``; 879 before the deferred sums).
+per-block score assembly dominate the 794 instructions per warp and block for llama2-7b heads
+(``benchmarks/kernel_sass_stats.py``, Triton 3.6, sm_90; 851 with the transposed value operand, 879 before the
+deferred sums).
 
 Dispatch (see :mod:`rkv_convert.kernels._common`): ``backend="auto"`` runs the kernels on CUDA
 tensors or under ``TRITON_INTERPRET=1``, else :func:`decode_folded_ref`.
@@ -349,17 +352,6 @@ def _cols(x, N: tl.constexpr, P: tl.constexpr, U: tl.constexpr):
     """``[N, P*U] -> [N, U]``: the used columns (pad index 0; the padded ones hold zeros)."""
     if P > 1:
         out = tl.sum(tl.reshape(x, (N, P, U)), 1)
-    else:
-        out = x
-    return out
-
-
-@triton.jit
-def _pad_cols(x, N: tl.constexpr, P: tl.constexpr, U: tl.constexpr):
-    """``[N, U] -> [N, P*U]`` with zeros in the padded columns."""
-    if P > 1:
-        pad = tl.arange(0, P)
-        out = tl.reshape(tl.where((pad == 0)[None, :, None], x[:, None, :], 0.0), (N, P * U))
     else:
         out = x
     return out
@@ -641,7 +633,7 @@ def _folded_kernel(
             zv = tl.where(valid[:, None], zv, 0.0)
         z_part = z_part * alpha[None, :, None] + p[:, :, None] * (zv - VB * sv)[:, None, :]
         w = tl.reshape(tl.trans(p)[:, None, :] * tl.trans(sv)[None, :, :], (UV, BLOCK_N))
-        w_t = _pad_rows(w, VP, UV, BLOCK_N).to(DT)  # rows (r, g): formed as rows, not a transposed tile
+        w_t = _pad_rows(w, VP, UV, BLOCK_N).to(DT)
         alpha_c = tl.reshape(tl.broadcast_to(alpha[None, :, None], (VP, R, NGV)), (QCV,))[:, None]
         vp0, vp1, vp2, vp3 = _planes(vc_base + tt * s_vct, tmask, ii, PW, V_BITS, V_FAST, DT)
         a0 = tl.dot(w_t, vp0, a0 * alpha_c, input_precision=PREC)
