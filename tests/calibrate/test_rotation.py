@@ -39,18 +39,27 @@ def test_learning_lowers_the_real_error_from_the_hadamard(objective: str) -> Non
 
 
 @pytest.mark.parametrize("objective", ["per-channel weight", "output metric"])
-def test_heads_learned_together_are_the_heads_learned_alone(objective: str) -> None:
-    """The batched loss is the sum of the heads' own losses, so each head's rotation and errors are those of
-    learning it alone (up to fp32 summation order)."""
+def test_a_head_learned_in_a_batch_depends_on_its_own_rows_alone(objective: str) -> None:
+    """The batched loss is the sum of the heads' own losses, so a head's rotation and errors are the same, bit for
+    bit, whatever the other heads of the batch hold. (Against a batch of one head they agree only up to fp32
+    summation order, which 60 Adam steps through a rounding quantizer amplify machine by machine.)"""
     n_kv, d = 3, 16
+
+    def metric() -> torch.Tensor:
+        return torch.rand(n_kv, d) + 0.5 if objective == "per-channel weight" else output_metric(torch.randn(40, n_kv * d), n_kv, d)
+
     x = torch.randn(800, n_kv, d) * torch.linspace(2.0, 0.1, d)
-    w = torch.rand(n_kv, d) + 0.5 if objective == "per-channel weight" else output_metric(torch.randn(40, n_kv * d), n_kv, d)
+    w = metric()
     h = hadamard_matrix(d).expand(n_kv, d, d)
     together = learn_rotations(x, w, h, bits=2, group_size=8, clip=0.9, steps=60, lr=5e-3)
     for i in range(n_kv):
-        alone = learn_rotations(x[:, i:i + 1], w[i:i + 1], h[i:i + 1], bits=2, group_size=8, clip=0.9, steps=60, lr=5e-3)
-        torch.testing.assert_close(together.rotation[i], alone.rotation[0], atol=1e-4, rtol=0)
-        torch.testing.assert_close(together.error_after[i], alone.error_after[0], rtol=1e-4, atol=0)
+        others_x, others_w = torch.randn_like(x) * 3.0, metric()  # other rows and weights, head i's own kept
+        others_x[:, i], others_w[i] = x[:, i], w[i]
+        mixed = learn_rotations(others_x, others_w, h, bits=2, group_size=8, clip=0.9, steps=60, lr=5e-3)
+        torch.testing.assert_close(mixed.rotation[i], together.rotation[i], atol=0, rtol=0)
+        torch.testing.assert_close(mixed.error_after[i], together.error_after[i], atol=0, rtol=0)
+        j = (i + 1) % n_kv
+        assert (mixed.rotation[j] - together.rotation[j]).abs().max() > 1e-2  # the other heads did change
     assert (together.error_after < together.error_before).all()
     torch.testing.assert_close(together.error_after, weighted_errors(x, together.rotation, w, 2, 8, 0.9))
 
