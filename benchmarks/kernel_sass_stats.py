@@ -152,6 +152,12 @@ def main() -> None:
         fp32_tiles()
 
 
+def _encode_constexprs(d: int, group: int, block_t: int, fp16_dots: bool, meta8: bool) -> dict:
+    """Constexprs of ``_encode_folded_kernel`` for 2-bit keys and values, min-max group ranges."""
+    return dict(D=d, K_BITS=2, V_BITS=2, GK=group, GV=group, BLOCK_T=block_t, FP16_DOTS=fp16_dots, META8=meta8,
+                SEARCH=False, K_F0=1.0, K_F1=1.0, V_F0=1.0, V_F1=1.0, USE_LIBDEVICE=True)  # fmt: skip
+
+
 def write_kernel() -> None:
     """The cache-write kernel at its default launch for fp16 keys (llama2-7b heads, 64 x 4 warps, 2-bit keys, groups
     of 64, min-max ranges) with each kind of group metadata: registers, stack and SASS instructions per warp (one
@@ -160,12 +166,10 @@ def write_kernel() -> None:
 
     block_t, launch = encode_folded._launch(128, True, None, None)
     for meta8 in (True, False):
-        cx = dict(D=128, K_BITS=2, V_BITS=2, GK=64, GV=64, BLOCK_T=block_t, FP16_DOTS=True, META8=meta8, SEARCH=False,
-                  K_F0=1.0, K_F1=1.0, V_F0=1.0, V_F1=1.0, USE_LIBDEVICE=True)  # fmt: skip
-        pointers = {"k_ptr": "*fp16", "v_ptr": "*fp16", "rot_ptr": "*fp16", "kc_ptr": "*u8", "vc_ptr": "*u8",
+        pointers = {"k_ptr": "*fp16", "v_ptr": "*fp16", "rot_ptr": "*fp16",
                     **({"ks_ptr": "*u8", "kz_ptr": "*i8", "vs_ptr": "*u8", "vz_ptr": "*i8"} if meta8 else {})}
-        c = compile_sm90(encode_folded._encode_folded_kernel, cx, launch["num_warps"], 1, aligned=True,
-                         pointers=pointers, maxnreg=launch.get("maxnreg"))  # fmt: skip
+        c = compile_sm90(encode_folded._encode_folded_kernel, _encode_constexprs(128, 64, block_t, True, meta8),
+                         launch["num_warps"], 1, aligned=True, pointers=pointers, maxnreg=launch.get("maxnreg"))
         regs, stack, ops, _ = sass_stats(c)
         print(f"encode (llama2-7b heads, K2 {'log8' if meta8 else 'fp16'}): {block_t} tokens x {launch['num_warps']} "
               f"warps (cap {launch.get('maxnreg')}): {regs} registers, {stack} B stack, {sum(ops.values())} SASS "
@@ -202,9 +206,8 @@ def fp32_tiles() -> None:
         settings = [("default", block_t, launch["num_warps"], launch.get("maxnreg")),
                     ("previous", old_t, 4 if old_cap else 8, old_cap)]  # fmt: skip
         for label, tokens, warps, cap in settings:
-            cx = dict(D=d, K_BITS=2, V_BITS=2, GK=32, GV=32, BLOCK_T=tokens, FP16_DOTS=False, META8=False,
-                      SEARCH=False, K_F0=1.0, K_F1=1.0, V_F0=1.0, V_F1=1.0, USE_LIBDEVICE=True)  # fmt: skip
-            c = compile_sm90(encode_folded._encode_folded_kernel, cx, warps, 1, pointers=fp32, maxnreg=cap)
+            c = compile_sm90(encode_folded._encode_folded_kernel, _encode_constexprs(d, 32, tokens, False, False),
+                             warps, 1, pointers=fp32, maxnreg=cap)
             regs, stack, _, _ = sass_stats(c)
             print(f"encode fp32 keys, head dim {d}, {label}: {tokens} tokens x {warps} warps"
                   f"{f' (cap {cap})' if cap else ''}: {regs} registers, {stack} B stack")

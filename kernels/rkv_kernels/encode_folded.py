@@ -68,10 +68,10 @@ _UNTUNED_MAXNREG = 168  # head dim 64 and searched ranges
 def _launch(head_dim: int, fp16_dots: bool, block_t: int | None, num_warps: int | None,
             search: bool = False) -> tuple[int, dict[str, int]]:  # fmt: skip
     """``(block_t, launch options)``. fp16/bf16 keys: ``ENCODE_DEFAULTS`` below head dim 256 (the register cap at
-    head dim 128 with min-max ranges, else 168), with 8 warps when
-    the group ranges are searched (H200, llama2-7b heads, 16 x 4,096 tokens: 3.8 ms against 10.6 ms with 4 warps;
-    16 or 32 tokens per program were slower); at 256, 8 warps and no register cap. fp32 keys (IEEE fp32 dots): 8 warps, 64 tokens at head dim 64 and 16 above, no cap. For
-    sm_90 the former settings (64 tokens x 4 warps capped at 168 registers; 32 x 8 at head dim 256) spilled 7
+    head dim 128 with min-max ranges, else 168), with 8 warps when the group ranges are searched (H200, llama2-7b
+    heads, 16 x 4,096 tokens: 3.8 ms against 10.6 ms with 4 warps; 16 or 32 tokens per program were slower); at 256,
+    8 warps and no register cap. fp32 keys (IEEE fp32 dots): 8 warps, 64 tokens at head dim 64 and 16 above, no cap.
+    For sm_90 the former settings (64 tokens x 4 warps capped at 168 registers; 32 x 8 at head dim 256) spilled 7
     and 15 KB per thread at head dims 128 and 256 and took 10-14 s to compile on a CPU; 16 x 8 spills 80 B and
     6.7 KB and compiles in 1-4 s (seventh session; fp32 writes are not timed on a GPU: the benchmarks run fp16)."""
     if not fp16_dots:

@@ -46,7 +46,9 @@ def test_a_head_learned_in_a_batch_depends_on_its_own_rows_alone(objective: str)
     n_kv, d = 3, 16
 
     def metric() -> torch.Tensor:
-        return torch.rand(n_kv, d) + 0.5 if objective == "per-channel weight" else output_metric(torch.randn(40, n_kv * d), n_kv, d)
+        if objective == "per-channel weight":
+            return torch.rand(n_kv, d) + 0.5
+        return output_metric(torch.randn(40, n_kv * d), n_kv, d)
 
     x = torch.randn(800, n_kv, d) * torch.linspace(2.0, 0.1, d)
     w = metric()
