@@ -19,7 +19,7 @@ Timings are ``triton.testing.do_bench`` medians (``benchmarks/_timing.py``), whi
 before each repetition. ``--tune`` times launch settings on a few rows first.
 
     python benchmarks/bench_decode_folded.py --csv benchmarks/results/decode_attention.csv   # the default store
-    python benchmarks/bench_decode_folded.py --dtype bf16 --tune 128-4-2-8 64-8-2-8   # the fp32-operand path
+    python benchmarks/bench_decode_folded.py --dtype bf16 --tune 128-4-2-4 64-8-2-4   # the fp32-operand path
     python benchmarks/bench_decode_folded.py --store plain --salient-tokens 0   # fp16 metadata, 2-bit keys and values
 """
 
@@ -124,12 +124,13 @@ def host_us(fn, n: int = 200) -> float:
 
 
 def _launch(cfg: str, B: int, n_kv: int, T: int) -> dict[str, object]:
-    """Keyword arguments of ``decode_folded`` from ``BLOCK-WARPS-STAGES-WAVES[-UNPACK]``."""
+    """Keyword arguments of ``decode_folded`` from ``BLOCK-WARPS-STAGES-RESIDENT[-UNPACK]`` (``RESIDENT``: programs
+    per SM in one round of ``default_splits``' long-context grids)."""
     from rkv_convert.kernels.decode_folded import default_splits
 
-    block_n, warps, stages, waves, *rest = cfg.split("-")
+    block_n, warps, stages, resident, *rest = cfg.split("-")
     return dict(block_n=int(block_n), num_warps=int(warps), num_stages=int(stages),
-                num_splits=default_splits(B * n_kv, T, int(block_n), DEVICE, int(waves)),
+                num_splits=default_splits(B * n_kv, T, int(block_n), DEVICE, int(resident)),
                 unpack=rest[0] if rest else "auto")
 
 
@@ -253,7 +254,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="fp16", choices=("fp16", "bf16", "fp32"),
                     help="queries, fp segment and SDPA's K/V (bf16/fp32: the kernel's fp32-operand path)")
     ap.add_argument("--tune", nargs="*", default=[],
-                    help="launch settings BLOCK-WARPS-STAGES-WAVES[-UNPACK]; the best one times the table")
+                    help="launch settings BLOCK-WARPS-STAGES-RESIDENT[-UNPACK]; the best one times the table")
     ap.add_argument("--tune-rows", nargs="*", default=[("llama2-7b", 8, 16384), ("llama3-8b", 8, 16384)],
                     type=lambda s: (s.split(":")[0], int(s.split(":")[1]), int(s.split(":")[2])),
                     help="rows to tune on, SHAPE:BATCH:CONTEXT")
@@ -266,7 +267,7 @@ def main() -> None:
     salient = default_salient if args.salient_tokens is None else args.salient_tokens
     args.fp_slots = SINKS_AND_WINDOW + salient
     d = FOLDED_DEFAULTS
-    launch = f"{d['block_n']}-{d['num_warps']}-{d['num_stages']}-{d['waves']}"
+    launch = f"{d['block_n']}-{d['num_warps']}-{d['num_stages']}-{d['resident']}"
     if args.tune:
         launch = tune(args)
     if args.no_table:

@@ -107,7 +107,11 @@ __all__ = ["FOLDED_DEFAULTS", "decode_folded", "decode_folded_ref", "folded_scor
 # Launch settings: the best of benchmarks/bench_decode_folded.py --tune on an H200. ``maxnreg``: a register
 # cap for fp16 queries at these tiles (the compiler picks 142-150): four programs per SM instead of three,
 # 1.05x-1.11x faster at 4k-64k contexts on the H200 (CUDA-graph replay; 112 and 96 were no faster).
-FOLDED_DEFAULTS: dict[str, int] = {"block_n": 128, "num_warps": 4, "num_stages": 2, "waves": 8, "maxnreg": 128}
+# ``resident``: the programs per SM that cap allows (65,536 registers / (128 x 4 warps x 32 lanes)), one round
+# of :func:`default_splits`' long-context grids; ``waves``: programs per SM that short splits and the
+# fp segment's parts may fill together (:func:`fp_slots_per_part`).
+FOLDED_DEFAULTS: dict[str, int] = {"block_n": 128, "num_warps": 4, "num_stages": 2, "maxnreg": 128, "resident": 4,
+                                   "waves": 8}
 _BIAS_BLOCK = 64
 
 
@@ -744,20 +748,34 @@ def _tiles(d: int, fp16: bool) -> dict[str, int]:
     return {"block_n": 32, "num_stages": 1, "num_warps": 8, "block_f": 32}
 
 
-def default_splits(programs: int, T: int, block_n: int, device: torch.device, waves: int) -> int:
-    """Context splits so that ``programs * splits`` fills about ``waves`` programs per SM (at least one block each).
+def default_splits(programs: int, T: int, block_n: int, device: torch.device,
+                   resident: int = FOLDED_DEFAULTS["resident"]) -> int:
+    """Context splits of ``programs`` (batch x KV heads) over ``T`` slots in blocks of ``block_n``.
 
-    Short contexts take fewer: ``min(waves, max(2, blocks // 16))`` programs per SM (2 up to 4k slots of
-    128-slot blocks, ``waves`` from 16k on). A split of one or two blocks spends most of its time in
-    its prologue, epilogue and the merge; on an H200 (seventh session, ``docs/benchmarks.md``) the
-    llama2-7b shape at batch 8 and 1k went 38.2 -> 33.9 us and llama3-8b batch 8 at 1k 18.6 -> 16.6 us.
+    - Below 64 blocks (8k slots): ``max(2, blocks // 16)`` programs per SM, rounded up. These rows are
+      bound by fixed costs, and a split of one or two blocks spends most of its time in its prologue,
+      epilogue and the merge (seventh session, H200: llama2-7b batch 8 at 1k 38.2 -> 33.9 us).
+    - From 64 blocks: one round of ``resident`` programs per SM, rounded down, ``resident * SMs //
+      programs`` splits (two where one split per head already fills more than one round but two fit in
+      two). A grid just past a whole round runs a second, mostly empty one. Each split reads at least
+      2 blocks, 4 from 128 blocks on: shorter splits only add prologues and merge work.
+
+    An H100 sweep of every split count (thirty-fifth session, ``docs/benchmarks.md``; llama2-7b and
+    llama3-8b heads, batch 1/8/32, 1k-64k slots, CUDA-graph replay): this rule is within 1.11x of the
+    fastest count in all 42 rows (mean 1.007x) and never slower than the former one (about 8 programs per SM,
+    rounded up; up to 1.29x slower, llama3-8b batch 1 at 16k, mean 1.068x).
     """
     n_blocks = cdiv(T, block_n)
     if n_blocks == 0:
         return 0
     sms = sm_count(device) if device.type == "cuda" else 4
-    waves = min(waves, max(2, n_blocks // 16))
-    splits = max(1, min(n_blocks, cdiv(waves * sms, programs)))
+    if n_blocks < 64:
+        splits = cdiv(max(2, n_blocks // 16) * sms, programs)
+    else:
+        per_round = resident * sms
+        splits = per_round // programs or (2 if programs <= 2 * per_round else 1)
+        splits = min(splits, n_blocks // (4 if n_blocks >= 128 else 2))
+    splits = max(1, min(n_blocks, splits))
     return cdiv(n_blocks, cdiv(n_blocks, splits))  # no empty split
 
 
@@ -767,8 +785,8 @@ def fp_slots_per_part(F: int, num_splits: int, tokens_per_split: int, block_f: i
 
     The fp segment (136 fp16 slots by default) reads about as many bytes as 800 two-bit slots, so next
     to short splits one part for all of it outlasts them: then it is read in parts of ``block_f``
-    slots, in parallel, as long as the grid stays within the ``waves`` programs per SM of
-    :func:`default_splits` (more programs there cost more than the wait). On an H200 (seventh session,
+    slots, in parallel, as long as the grid stays within ``FOLDED_DEFAULTS["waves"]`` programs per SM
+    (more programs there cost more than the wait). On an H200 (seventh session,
     ``docs/benchmarks.md``): llama3-8b shape, batch 1, 1k slots 12.3 -> 9.8 us; at llama2-7b batch 32, 1k,
     where the grid is full, parts took 128.1 us against 114.7 for one."""
     whole = cdiv(max(F, 1), block_f) * block_f
@@ -833,9 +851,9 @@ def decode_folded(
         params: the layer's :class:`FoldedParams` (tensors on ``q``'s device or movable there).
         n_tokens: slots ``[0, n_tokens)`` of the quantized store are read (None: all ``cap``;
             slots with ``pos == -1`` are skipped either way).
-        num_splits: context splits of the quantized slots (None: about ``waves`` programs per SM,
-            ``FOLDED_DEFAULTS``). With one split the fp segment joins it and the output is written
-            by the one launch; otherwise the fp segment is its own part and a merge kernel follows.
+        num_splits: context splits of the quantized slots (None: :func:`default_splits`). With one split
+            the fp segment joins it and the output is written by the one launch; otherwise the fp segment is
+            its own part and a merge kernel follows.
         block_n: slots per inner step (power of two >= 16); num_warps, num_stages: launch settings
             (``num_stages - 1`` blocks of loads in flight ahead of the one computed). None: the
             defaults for fp16 queries (smaller blocks at head dim 256), else ``_tiles``' spill-free ones.
@@ -867,7 +885,7 @@ def decode_folded(
     dev = q.device
     has_fp = F > 0
     if num_splits is None:
-        num_splits = default_splits(B * n_kv, T, block_n, dev, FOLDED_DEFAULTS["waves"])
+        num_splits = default_splits(B * n_kv, T, block_n, dev)
     num_splits, tokens_per_split = split_slots(T, block_n, num_splits)
     direct = num_splits <= 1  # one part reads the store and the fp segment
     if direct:

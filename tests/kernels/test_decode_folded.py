@@ -227,17 +227,23 @@ def test_fp_segment_read_in_parts(dtype: torch.dtype) -> None:
     torch.testing.assert_close(parts.float(), one.float(), atol=ATOL[dtype], rtol=0)
 
 
-def test_short_contexts_take_fewer_splits() -> None:
-    """Up to 4k slots (32 blocks) about 2 programs per SM, from 16k on ``waves`` (CPU: 4 SMs assumed)."""
+def test_default_splits_short_and_long_contexts() -> None:
+    """Below 64 blocks about 2 programs per SM (rounded up); from 64 blocks one round of ``resident`` programs per
+    SM (rounded down), each split at least 2 blocks (4 from 128 blocks). CPU: 4 SMs assumed."""
     from rkv_convert.kernels.decode_folded import default_splits
 
     cpu = torch.device("cpu")
-    assert default_splits(4, 1024, 128, cpu, waves=8) == 2  # 8 blocks: cdiv(2 * 4, 4)
-    assert default_splits(4, 4096, 128, cpu, waves=8) == 2
-    assert default_splits(4, 8192, 128, cpu, waves=8) == 4  # 64 blocks: 4 per SM
-    assert default_splits(4, 65536, 128, cpu, waves=8) == 8
-    assert default_splits(64, 1024, 128, cpu, waves=8) == 1
-    assert default_splits(4, 0, 128, cpu, waves=8) == 0
+    assert default_splits(4, 1024, 128, cpu) == 2  # 8 blocks: cdiv(2 * 4, 4)
+    assert default_splits(3, 4096, 128, cpu) == 3  # 32 blocks: cdiv(2 * 4, 3), rounded up
+    assert default_splits(64, 1024, 128, cpu) == 1
+    assert default_splits(4, 0, 128, cpu) == 0
+    assert default_splits(4, 8192, 128, cpu, resident=4) == 4  # 64 blocks: 16 programs in one round
+    assert default_splits(6, 65536, 128, cpu, resident=4) == 2  # 16 // 6, rounded down (3 would start a 2nd round)
+    assert default_splits(20, 65536, 128, cpu, resident=4) == 2  # one per head is past one round, two fit in two
+    assert default_splits(40, 65536, 128, cpu, resident=4) == 1
+    assert default_splits(1, 16384, 128, cpu, resident=16) == 32  # 128 blocks: 64 fit, but 4 blocks per split
+    assert default_splits(1, 8192, 128, cpu, resident=16) == 32  # 64 blocks: 2 per split
+    assert default_splits(1, 16384, 64, cpu, resident=16) == 64  # the block count, not the slots, decides
 
 
 def test_fp16_mean_bias_at_large_positions() -> None:
