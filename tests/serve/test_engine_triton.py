@@ -32,7 +32,11 @@ def _tokens(engine: Engine, requests, arrivals: dict[int, int]) -> dict[str, lis
     return out
 
 
-@pytest.mark.parametrize("key_layout", ["folded", pytest.param("prerope", marks=pytest.mark.gpu)])  # interpreter: minutes
+@pytest.mark.parametrize("key_layout", [
+    "folded",  # Triton's interpreter on CPU
+    pytest.param("folded", marks=pytest.mark.gpu, id="folded-compiled"),  # the default layout in `pytest -m gpu`
+    pytest.param("prerope", marks=pytest.mark.gpu),  # interpreter: minutes
+])  # fmt: skip
 def test_triton_path_alone_equals_batch(key_layout: str) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = tiny_model("llama").to(device)
