@@ -756,13 +756,15 @@ def default_splits(programs: int, T: int, block_n: int, device: torch.device,
       bound by fixed costs, and a split of one or two blocks spends most of its time in its prologue,
       epilogue and the merge (seventh session, H200: llama2-7b batch 8 at 1k 38.2 -> 33.9 us).
     - From 64 blocks: one round of ``resident`` programs per SM, rounded down, ``resident * SMs //
-      programs`` splits (two where one split per head already fills more than one round but two fit in
-      two). A grid just past a whole round runs a second, mostly empty one. Each split reads at least
-      2 blocks, 4 from 128 blocks on: shorter splits only add prologues and merge work.
+      programs`` splits; where one split per head already fills between one and two rounds, two (1-2 %
+      faster than one for llama2-7b heads at batch 32, 12k-64k). A grid just past a whole round runs a
+      second, mostly empty one. Each split reads at least 2 blocks, 4 from 128 blocks on: shorter splits
+      only add prologues and merge work.
 
     An H100 sweep of every split count (thirty-fifth session, ``docs/benchmarks.md``; llama2-7b and
     llama3-8b heads, batch 1/8/32, 1k-64k slots, CUDA-graph replay): this rule is within 1.11x of the
-    fastest count in all 42 rows (mean 1.007x) and never slower than the former one (about 8 programs per SM,
+    fastest count in all 42 rows (mean 1.007x; 1.084x and 1.006x when re-measured on another H100) and
+    never slower than the former one (about 8 programs per SM,
     rounded up; up to 1.29x slower, llama3-8b batch 1 at 16k, mean 1.068x).
     """
     n_blocks = cdiv(T, block_n)

@@ -239,7 +239,7 @@ def test_default_splits_short_and_long_contexts() -> None:
     assert default_splits(4, 0, 128, cpu) == 0
     assert default_splits(4, 8192, 128, cpu, resident=4) == 4  # 64 blocks: 16 programs in one round
     assert default_splits(6, 65536, 128, cpu, resident=4) == 2  # 16 // 6, rounded down (3 would start a 2nd round)
-    assert default_splits(20, 65536, 128, cpu, resident=4) == 2  # one per head is past one round, two fit in two
+    assert default_splits(20, 65536, 128, cpu, resident=4) == 2  # one per head fills between one and two rounds
     assert default_splits(40, 65536, 128, cpu, resident=4) == 1
     assert default_splits(1, 16384, 128, cpu, resident=16) == 32  # 128 blocks: 64 fit, but 4 blocks per split
     assert default_splits(1, 8192, 128, cpu, resident=16) == 32  # 64 blocks: 2 per split
