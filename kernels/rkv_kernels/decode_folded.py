@@ -756,8 +756,8 @@ def default_splits(programs: int, T: int, block_n: int, device: torch.device,
       bound by fixed costs, and a split of one or two blocks spends most of its time in its prologue,
       epilogue and the merge (seventh session, H200: llama2-7b batch 8 at 1k 38.2 -> 33.9 us).
     - From 64 blocks: one round of ``resident`` programs per SM, rounded down, ``resident * SMs //
-      programs`` splits; where one split per head already fills between one and two rounds, two (1-2 %
-      faster than one for llama2-7b heads at batch 32, 12k-64k). A grid just past a whole round runs a
+      programs`` splits; where one split per head already fills between one and two rounds, two (0-2 %
+      faster than one for llama2-7b heads at batch 32, 8k-64k). A grid just past a whole round runs a
       second, mostly empty one. Each split reads at least 2 blocks, 4 from 128 blocks on: shorter splits
       only add prologues and merge work.
 
