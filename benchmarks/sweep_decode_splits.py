@@ -52,7 +52,7 @@ def sweep_row(name: str, B: int, T: int, max_programs: int) -> tuple[dict[str, o
     kv, params = make_layer(B, n_kv, T, d, 2, 64, 64, torch.float16, 2, True, SINKS_AND_WINDOW + DEFAULT_SALIENT_TOKENS)
     q = torch.randn(B, n_q, d, dtype=torch.float16, device=DEVICE)
     programs, n_blocks = B * n_kv, cdiv(T, block_n)
-    chosen = split_slots(T, block_n, default_splits(programs, T, block_n, DEVICE))[0]
+    chosen = default_splits(programs, T, block_n, DEVICE)  # already a count with no empty split
     former = former_splits(programs, T, block_n, sm_count(DEVICE))
     counts = {split_slots(T, block_n, s)[0] for s in CANDIDATES if s <= n_blocks and programs * s <= max_programs}
     times: dict[int, float] = {}

@@ -107,11 +107,11 @@ __all__ = ["FOLDED_DEFAULTS", "decode_folded", "decode_folded_ref", "folded_scor
 # Launch settings: the best of benchmarks/bench_decode_folded.py --tune on an H200. ``maxnreg``: a register
 # cap for fp16 queries at these tiles (the compiler picks 142-150): four programs per SM instead of three,
 # 1.05x-1.11x faster at 4k-64k contexts on the H200 (CUDA-graph replay; 112 and 96 were no faster).
-# ``resident``: the programs per SM that cap allows (65,536 registers / (128 x 4 warps x 32 lanes)), one round
-# of :func:`default_splits`' long-context grids; ``waves``: programs per SM that short splits and the
-# fp segment's parts may fill together (:func:`fp_slots_per_part`).
-FOLDED_DEFAULTS: dict[str, int] = {"block_n": 128, "num_warps": 4, "num_stages": 2, "maxnreg": 128, "resident": 4,
-                                   "waves": 8}
+# ``waves``: programs per SM that short splits and the fp segment's parts may fill together
+# (:func:`fp_slots_per_part`); ``resident``: the programs per SM the register cap allows (65,536 registers per
+# SM on sm_80/sm_90), one round of :func:`default_splits`' long-context grids.
+FOLDED_DEFAULTS: dict[str, int] = {"block_n": 128, "num_warps": 4, "num_stages": 2, "maxnreg": 128, "waves": 8}
+FOLDED_DEFAULTS["resident"] = 65536 // (FOLDED_DEFAULTS["maxnreg"] * FOLDED_DEFAULTS["num_warps"] * 32)
 _BIAS_BLOCK = 64
 
 
