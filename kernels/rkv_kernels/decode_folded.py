@@ -29,10 +29,12 @@ Two launches (plus the split-K merge):
    slots (``pos == -1``). The coefficients ``A, B`` are
    formed in the kernel; cos/sin of each slot's own position (the fast hardware unit after a
    Cody-Waite reduction) meet them in two dots. It reads the positions once for all heads and
-   writes ``4 n_q`` bytes per slot (the main kernel reads them back): about 10 % of the packed
-   bytes for MHA, more for GQA. The last ``n_kv`` programs write ``q' = q R_h`` for their KV head's
-   query rows (fp16 operands and result for fp16 queries, fp32 sums; else fp32;
-   :func:`rotate_queries` is the reference), so that the attention launch needs no other op before it.
+   writes ``2 n_q`` bytes per slot (fp16 for fp16 queries, whose dots already round their operands to
+   fp16; ``4 n_q`` in fp32 otherwise), which the main kernel reads back: beside the default store's
+   80 bytes per slot and KV head, 2.5 % more for MHA, 10 % for a GQA group of 4 (fp32: 5 % and 20 %).
+   The last ``n_kv`` programs write ``q' = q R_h`` for their KV head's query rows (fp16 operands and
+   result for fp16 queries, fp32 sums; else fp32; :func:`rotate_queries` is the reference), so that the
+   attention launch needs no other op before it.
 2. **Attention** (grid ``(B, n_kv, n_parts)``, one program per KV head, its ``rep`` query heads
    and one contiguous split of slots; split-K with a log-sum-exp merge, or one launch when there
    is a single part). Per program, once: its rows of ``q'`` (from the prep launch). Per block of
@@ -806,8 +808,8 @@ def _whole_blocks(T: int, block_n: int, capacity: int) -> bool:
 
 def _query_prep(q: torch.Tensor, pos: torch.Tensor, params: FoldedParams, T: int, interp: bool,
                 width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(bias, qr)`` in one launch: ``bias fp32 [B, n_q, width]`` = ``q · RoPE_pos(mu)`` per query head
-    and slot for the first ``T`` slots, ``-inf`` on empty slots and on ``[T, width)`` (``width``: default
+    """``(bias, qr)`` in one launch: ``bias [B, n_q, width]`` (fp16 for fp16 queries, else fp32) = ``q · RoPE_pos(mu)``
+    per query head and slot for the first ``T`` slots, ``-inf`` on empty slots and on ``[T, width)`` (``width``: default
     ``T``; a ``[1, 1, 1]`` placeholder when it is 0), and ``qr [B, n_kv, rep, d]`` = ``q R_h`` in plane
     order (:func:`rotate_queries`: fp16 for fp16 queries, else fp32). The main kernel pads ``width`` to a
     multiple of 16: row strides stay 16-aligned, so one compile serves every ``T``."""
@@ -817,7 +819,8 @@ def _query_prep(q: torch.Tensor, pos: torch.Tensor, params: FoldedParams, T: int
     fp16 = q.dtype == torch.float16
     width = T if width is None else width
     dev = q.device
-    bias = torch.empty(B, n_q, width, device=dev, dtype=torch.float32) if width else torch.empty(1, 1, 1, device=dev)
+    bias_dt = torch.float16 if fp16 else torch.float32  # fp16: half the bytes the attention kernel reads per slot
+    bias = torch.empty(B, n_q, width, device=dev, dtype=bias_dt) if width else torch.empty(1, 1, 1, device=dev)
     qr = torch.empty(B, n_kv, rep, d, device=dev, dtype=torch.float16 if fp16 else torch.float32)
     rot = params.rotation_planes(dev, q.dtype)
     _, mean, freq = params.kernel_operands(dev)

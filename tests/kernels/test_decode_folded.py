@@ -173,6 +173,8 @@ def test_mean_bias_kernel_matches_reference(dtype: torch.dtype) -> None:
     q, kv, params = make_case(dtype=dtype, B=2, n_kv=2, rep=3, d=64, T=70, att=1.3, pos0=20000)
     T = kv.pos.shape[1]
     got = _query_prep(_dev(q), _dev(kv.pos), _dev(params), T, triton_interpreting())[0].cpu()
+    assert got.dtype == (torch.float16 if dtype == torch.float16 else torch.float32)
+    got = got.float()
     ref = mean_scores_ref(q.float(), kv.pos, params)
     empty = (kv.pos < 0)[:, None, :].expand_as(ref)
     assert empty.any() and bool(torch.isneginf(got[empty]).all()) and bool(torch.isfinite(got[~empty]).all())
