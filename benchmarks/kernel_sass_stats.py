@@ -29,6 +29,7 @@ import tempfile
 from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)
+import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
@@ -126,9 +127,12 @@ def main() -> None:
         cx = dict(D=128, REP=rep, R=rep, NG=2, GK=64, NGV=2, GV=64, K_BITS=args.key_bits, V_BITS=2, K_I8=True,
                   K_FAST=True, V_FAST=True, BLOCK_N=args.block_t or FOLDED_DEFAULTS["block_n"], BLOCK_F=64,
                   HAS_FP=args.fp_segment, DIRECT=False, DT=tl.float16, PREC="tf32", SOFTCAP=False,
-                  NUM_STAGES=FOLDED_DEFAULTS["num_stages"], MASKLESS=True, META8=args.group_meta == "log8")  # fmt: skip
+                  NUM_STAGES=FOLDED_DEFAULTS["num_stages"], MASKLESS=True, META8=args.group_meta == "log8",
+                  BIAS_SCALE=folded_module.bias_scale(torch.float16))  # fmt: skip
         warps = args.num_warps or FOLDED_DEFAULTS["num_warps"]
-        meta = {"ks_ptr": "*u8", "kz_ptr": "*i8", "vs_ptr": "*u8", "vz_ptr": "*i8"} if cx["META8"] else None
+        meta = {"qr_ptr": "*fp16", "bias_ptr": "*fp16"}  # fp16 queries: fp16 rotated queries and mean bias
+        if cx["META8"]:
+            meta |= {"ks_ptr": "*u8", "kz_ptr": "*i8", "vs_ptr": "*u8", "vz_ptr": "*i8"}
         c = compile_sm90(folded_module._folded_kernel, cx, warps, cx["NUM_STAGES"], aligned=True, pointers=meta,
                          maxnreg=FOLDED_DEFAULTS["maxnreg"])  # fmt: skip
         regs, stack, ops, sass = sass_stats(c)

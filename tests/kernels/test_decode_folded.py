@@ -19,6 +19,7 @@ from rkv_convert.kernels._common import triton_interpreting
 from rkv_convert.kernels.decode_folded import (
     _query_prep,
     _whole_blocks,
+    bias_scale,
     decode_folded,
     decode_folded_ref,
     folded_scores_ref,
@@ -171,16 +172,36 @@ def test_mean_bias_kernel_matches_reference(dtype: torch.dtype) -> None:
     """The mean-bias kernel alone against :func:`mean_scores_ref`, ``-inf`` exactly on empty slots
     (left padding, a hole), at positions near 20k where fp16 cos/sin operands round most."""
     q, kv, params = make_case(dtype=dtype, B=2, n_kv=2, rep=3, d=64, T=70, att=1.3, pos0=20000)
-    T = kv.pos.shape[1]
-    got = _query_prep(_dev(q), _dev(kv.pos), _dev(params), T, triton_interpreting())[0].cpu()
+    _check_mean_bias(q, kv, params)
+
+
+def _check_mean_bias(q: torch.Tensor, kv: PackedKV, params: FoldedParams) -> torch.Tensor:
+    """The prep launch's mean bias (fp16 for fp16 queries, scaled by :func:`bias_scale`) against
+    :func:`mean_scores_ref`; returns the fp32 reference."""
+    dtype = q.dtype
+    got = _query_prep(_dev(q), _dev(kv.pos), _dev(params), kv.pos.shape[1], triton_interpreting())[0].cpu()
     assert got.dtype == (torch.float16 if dtype == torch.float16 else torch.float32)
-    got = got.float()
+    got = got.float() * bias_scale(got.dtype)
     ref = mean_scores_ref(q.float(), kv.pos, params)
     empty = (kv.pos < 0)[:, None, :].expand_as(ref)
     assert empty.any() and bool(torch.isneginf(got[empty]).all()) and bool(torch.isfinite(got[~empty]).all())
     err = (got[~empty] - ref[~empty]).abs().max().item()
     low_err = (mean_scores_ref(q, kv.pos, params, dtype)[~empty] - ref[~empty]).abs().max().item()
     assert err <= 2 * low_err + ATOL[dtype] * ref.abs().max().item(), (err, low_err)
+    return ref
+
+
+def test_fp16_mean_bias_keeps_sums_beyond_the_fp16_range() -> None:
+    """fp16 queries store the bias in fp16 at 1/64 of its value: a bias beyond 65,504 whose per-frequency terms
+    are within the fp16 range (the prep's dot operands are fp16) stays finite and matches the reference."""
+    q, kv, params = make_case(dtype=torch.float16, B=2, n_kv=2, rep=2, d=64, T=70)
+    q = torch.ones_like(q) * 8.0
+    params = dataclasses.replace(params, mean=torch.full_like(params.mean, 500.0), _on_device={})
+    half = params.mean.shape[1] // 2
+    terms = (q.float()[..., :half] * 500.0 * 2).abs().max().item()  # |q_i mu_i + q_{i+d/2} mu_{i+d/2}|
+    assert terms < 65504.0
+    ref = _check_mean_bias(q, kv, params)
+    assert ref[torch.isfinite(ref)].abs().max().item() > 65504.0  # the case reaches beyond fp16's range
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
