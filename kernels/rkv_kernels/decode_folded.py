@@ -80,8 +80,9 @@ everywhere.
 
 Measured status: ``docs/benchmarks.md`` (the latest H200 and H100 runs; CUDA-graph replay against fp16 SDPA).
 Still instruction-bound, not byte-bound: the value planes' byte gathers and conversions and the
-per-block score assembly dominate the 794 instructions per warp and block for llama2-7b heads
-(``benchmarks/kernel_sass_stats.py``, Triton 3.6, sm_90; 851 with the transposed value operand, 879 before the
+per-block score assembly dominate the 796 instructions per warp and block for llama2-7b heads, 787 for llama3-8b
+(``benchmarks/kernel_sass_stats.py --group-meta log8``, Triton 3.6, sm_90, fp16 rotated queries and bias; 794 / 779
+compiled with them as fp32 pointers before the fp16 bias, 851 with the transposed value operand, 879 before the
 deferred sums).
 
 Dispatch (see :mod:`rkv_convert.kernels._common`): ``backend="auto"`` runs the kernels on CUDA
