@@ -439,7 +439,8 @@ def _q_plane(qr_col, cmask, ii, col_g, j: tl.constexpr, PW: tl.constexpr, GK: tl
 @triton.jit
 def _bias_block(q_ptr, mean_ptr, freq_ptr, pos_ptr, bias_ptr, s_qb, s_qh, s_pb, s_bb, s_bh, T, W, rope_scaling, b, blk,
                 N_Q: tl.constexpr, NQP: tl.constexpr, REP: tl.constexpr, H: tl.constexpr, BLOCK_T: tl.constexpr,
-                DT: tl.constexpr, PREC: tl.constexpr, USE_LIBDEVICE: tl.constexpr, OUT_SCALE: tl.constexpr):  # fmt: skip
+                DT: tl.constexpr, PREC: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
+                OUT_SCALE: tl.constexpr):  # fmt: skip
     """Slots ``blk*BLOCK_T ..`` of ``bias[b, i, t] = q_i · RoPE_{pos[b, t]}(mu_{i // REP})`` times ``OUT_SCALE``,
     ``-inf`` where ``pos < 0`` and for ``T <= t < W`` (the row's padding to whole slot blocks)."""
     t = blk * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -821,10 +822,11 @@ def _whole_blocks(T: int, block_n: int, capacity: int) -> bool:
 def _query_prep(q: torch.Tensor, pos: torch.Tensor, params: FoldedParams, T: int, interp: bool,
                 width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(bias, qr)`` in one launch: ``bias [B, n_q, width]`` (fp16 for fp16 queries, else fp32) times
-    :func:`bias_scale` = ``q · RoPE_pos(mu)`` per query head and slot for the first ``T`` slots, ``-inf`` on empty slots and on ``[T, width)`` (``width``: default
-    ``T``; a ``[1, 1, 1]`` placeholder when it is 0), and ``qr [B, n_kv, rep, d]`` = ``q R_h`` in plane
-    order (:func:`rotate_queries`: fp16 for fp16 queries, else fp32). The main kernel pads ``width`` to a
-    multiple of 16: row strides stay 16-aligned, so one compile serves every ``T``."""
+    :func:`bias_scale` = ``q · RoPE_pos(mu)`` per query head and slot for the first ``T`` slots, ``-inf`` on
+    empty slots and on ``[T, width)`` (``width``: default ``T``; a ``[1, 1, 1]`` placeholder when it is 0), and
+    ``qr [B, n_kv, rep, d]`` = ``q R_h`` in plane order (:func:`rotate_queries`: fp16 for fp16 queries, else
+    fp32). The main kernel pads ``width`` to a multiple of 16: row strides stay 16-aligned, so one compile
+    serves every ``T``."""
     B, n_q, d = q.shape
     n_kv = params.n_kv
     rep = n_q // n_kv
@@ -842,7 +844,8 @@ def _query_prep(q: torch.Tensor, pos: torch.Tensor, params: FoldedParams, T: int
         *qr.stride()[:3], T, width, n_blocks, float(params.attention_scaling),
         N_Q=n_q, NQP=max(16, next_pow2(n_q)), REP=rep, D=d, BLOCK_T=_BIAS_BLOCK,
         DT=tl.float16 if fp16 else tl.float32, PREC="tf32" if fp16 else "ieee", USE_LIBDEVICE=not interp,
-        OUT_SCALE=1.0 / bias_scale(bias_dt), RP=max(16, next_pow2(rep)), BE=min(d, 64), RDT=tl.float16 if fp16 else tl.float32, RPREC="ieee",
+        OUT_SCALE=1.0 / bias_scale(bias_dt),
+        RP=max(16, next_pow2(rep)), BE=min(d, 64), RDT=tl.float16 if fp16 else tl.float32, RPREC="ieee",
     )  # fmt: skip
     return bias, qr
 
