@@ -15,6 +15,7 @@ then copies into the store.
 
     python benchmarks/bench_cache_writes.py --csv benchmarks/results/cache_writes.csv
     python benchmarks/bench_cache_writes.py --tune          # block_t x num_warps grid, default rows
+    python benchmarks/bench_cache_writes.py --split-kv 0 1  # keys and values in one program per block, then in two
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from _timing import (DEVICE, append_csv, bench_ms, copy_bandwidth_gbs, graph_ms,
                      print_table)
 
 from rkv_convert.kernels.folded_params import FoldedParams  # noqa: E402
-from rkv_convert.kernels.encode_folded import ENCODE_DEFAULTS, encode_folded  # noqa: E402
+from rkv_convert.kernels._common import cdiv  # noqa: E402
+from rkv_convert.kernels.encode_folded import ENCODE_DEFAULTS, encode_folded, split_kv_default  # noqa: E402
 from rkv_convert.kernels.packed_kv import PackedKV  # noqa: E402
 from rkv_convert.kernels.quantize_pack import quantize_pack  # noqa: E402
 from rkv_convert.quant.hadamard import hadamard_matrix  # noqa: E402
@@ -70,7 +72,8 @@ def moved_bytes(B: int, n: int, n_kv: int, d: int, p: FoldedParams) -> int:
 
 def run(args: argparse.Namespace, copy_gbs: float) -> list[dict[str, object]]:
     rows = []
-    settings = list(itertools.product(args.block_t, args.num_warps)) if args.tune else [(None, None)]
+    launches = list(itertools.product(args.block_t, args.num_warps)) if args.tune else [(None, None)]
+    settings = [(t, w, None if s == "auto" else s == "1") for (t, w), s in itertools.product(launches, args.split_kv)]
     for shape in args.shapes:
         n_kv, d = SHAPES[shape]
         p = make_params(n_kv, d, args.bits, args.key_group, args.value_group, args.group_meta == "log8",
@@ -84,16 +87,18 @@ def run(args: argparse.Namespace, copy_gbs: float) -> list[dict[str, object]]:
             out = PackedKV(*(t[:, :, lo:] for t in store[:6]), store.pos[:, lo:])
             moved = moved_bytes(B, n, n_kv, d, p)
             composed = None if args.tune or args.group_meta == "log8" or args.group_ranges != "minmax" else bench_ms(lambda: composed_write(key, value, pos, p, store, lo))[0]
-            for block_t, warps in settings:
+            for block_t, warps, split in settings:
                 def write() -> None:
-                    encode_folded(key, value, pos, p, 0.9, 0.9, out, block_t=block_t, num_warps=warps)
+                    encode_folded(key, value, pos, p, 0.9, 0.9, out, block_t=block_t, num_warps=warps, split_kv=split)
 
                 ms, gms = bench_ms(write)[0], graph_ms(write)
                 gbs, graph_gbs = (moved / (t * 1e-3) / 1e9 for t in (ms, gms))
                 row = {"shape": shape, "sequences": B, "tokens": n, "bits": args.bits, "group_meta": args.group_meta,
                        "group_ranges": args.group_ranges, "g_k": args.key_group,
                        "g_v": args.value_group, "block_t": block_t or ENCODE_DEFAULTS["block_t"],
-                       "num_warps": warps or (8 if p.ranges is GroupRanges.SEARCHED else ENCODE_DEFAULTS["num_warps"]), "fused_ms": ms, "GBs": gbs,
+                       "num_warps": warps or (8 if p.ranges is GroupRanges.SEARCHED else ENCODE_DEFAULTS["num_warps"]),
+                       "split_kv": int(split_kv_default(cdiv(n, block_t or ENCODE_DEFAULTS["block_t"]) * n_kv * B, DEVICE)
+                                       if split is None else split), "fused_ms": ms, "GBs": gbs,
                        "pct_of_copy": 100 * gbs / copy_gbs, "graph_ms": gms,
                        "graph_pct_of_copy": 100 * graph_gbs / copy_gbs,
                        "composed_ms": composed if composed is not None else "",
@@ -120,6 +125,9 @@ def main() -> None:
     ap.add_argument("--tune", action="store_true", help="time every --block-t x --num-warps setting")
     ap.add_argument("--block-t", nargs="+", type=int, default=[32, 64, 128])
     ap.add_argument("--num-warps", nargs="+", type=int, default=[4, 8])
+    ap.add_argument("--split-kv", nargs="+", default=["auto"], choices=("auto", "0", "1"),
+                    help="keys and values in separate programs (encode_folded's split_kv; auto: its default for the "
+                         "grid); several: time each")
     ap.add_argument("--csv", default=None)
     ap.add_argument("--markdown", default=None)
     args = ap.parse_args()

@@ -156,26 +156,27 @@ def main() -> None:
         fp32_tiles()
 
 
-def _encode_constexprs(d: int, group: int, block_t: int, fp16_dots: bool, meta8: bool) -> dict:
+def _encode_constexprs(d: int, group: int, block_t: int, fp16_dots: bool, meta8: bool, split_kv: bool = False) -> dict:
     """Constexprs of ``_encode_folded_kernel`` for 2-bit keys and values, min-max group ranges."""
     return dict(D=d, K_BITS=2, V_BITS=2, GK=group, GV=group, BLOCK_T=block_t, FP16_DOTS=fp16_dots, META8=meta8,
-                SEARCH=False, K_F0=1.0, K_F1=1.0, V_F0=1.0, V_F1=1.0, USE_LIBDEVICE=True)  # fmt: skip
+                SEARCH=False, K_F0=1.0, K_F1=1.0, V_F0=1.0, V_F1=1.0, USE_LIBDEVICE=True, SPLIT_KV=split_kv)  # fmt: skip
 
 
 def write_kernel() -> None:
     """The cache-write kernel at its default launch for fp16 keys (llama2-7b heads, 64 x 4 warps, 2-bit keys, groups
     of 64, min-max ranges) with each kind of group metadata: registers, stack and SASS instructions per warp (one
-    program writes 64 tokens of one KV head; there is no loop)."""
+    program writes 64 tokens of one KV head; there is no loop), then with keys and values in separate programs
+    (``split_kv``: both branches compiled, a program runs one)."""
     from rkv_convert.kernels import encode_folded
 
     block_t, launch = encode_folded._launch(128, True, None, None)
-    for meta8 in (True, False):
+    for meta8, split in ((True, False), (False, False), (True, True)):
         pointers = {"k_ptr": "*fp16", "v_ptr": "*fp16", "rot_ptr": "*fp16",
                     **({"ks_ptr": "*u8", "kz_ptr": "*i8", "vs_ptr": "*u8", "vz_ptr": "*i8"} if meta8 else {})}
-        c = compile_sm90(encode_folded._encode_folded_kernel, _encode_constexprs(128, 64, block_t, True, meta8),
+        c = compile_sm90(encode_folded._encode_folded_kernel, _encode_constexprs(128, 64, block_t, True, meta8, split),
                          launch["num_warps"], 1, aligned=True, pointers=pointers, maxnreg=launch.get("maxnreg"))
         regs, stack, ops, _ = sass_stats(c)
-        print(f"encode (llama2-7b heads, K2 {'log8' if meta8 else 'fp16'}): {block_t} tokens x {launch['num_warps']} "
+        print(f"encode (llama2-7b heads, K2 {'log8' if meta8 else 'fp16'}{', split_kv' if split else ''}): {block_t} tokens x {launch['num_warps']} "
               f"warps (cap {launch.get('maxnreg')}): {regs} registers, {stack} B stack, {sum(ops.values())} SASS "
               f"instructions per warp")
 

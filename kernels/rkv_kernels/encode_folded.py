@@ -12,7 +12,8 @@ For each token ``n`` (position ``p = max(pos, 0)``) of KV head ``h`` (layout:
 Outputs are the store's own rows (``[B, n_kv, n, width]``, any leading strides), so the cache
 passes views of its slots and nothing is copied afterwards.
 
-One program per ``(BLOCK_T tokens, KV head, sequence)``. ``RoPE_p(mu)`` is formed in registers
+One program per ``(BLOCK_T tokens, KV head, sequence)``; small grids (``split_kv``, :func:`split_kv_default`) take
+one for the keys and another for the values. ``RoPE_p(mu)`` is formed in registers
 (cos/sin of ``p * inv_freq`` by the fast unit after a Cody-Waite reduction) and subtracted; the
 rotation is two tensor-core dots over the halves of the head (``rotate_half`` pairs channel ``i``
 with ``i + d/2``). fp16 and bf16 keys: fp16 operands (the centred keys and ``R_h`` rounded to fp16),
@@ -49,11 +50,12 @@ from rkv_convert.runtime.ops import fold_keys, mean_at
 
 from ._common import Backend, cdiv, device_guard, resolve_backend, triton_interpreting
 from ._decode_parts import _cos_sin
+from ._occupancy import sm_count
 from .folded_params import FoldedParams
 from .packed_kv import PackedKV
 from .quantize_pack import _codes, _meta8, _reciprocal, _scale_zero, _store_packed, quantize_pack_ref
 
-__all__ = ["encode_folded", "encode_folded_ref", "encode_folded_supports"]
+__all__ = ["encode_folded", "encode_folded_ref", "encode_folded_supports", "split_kv_default"]
 
 # Launch settings: tokens per program and warps (the best of benchmarks/bench_cache_writes.py --tune on an H200,
 # head dim 128), and a register cap for min-max group ranges at head dim 128 (128: four 4-warp programs per SM;
@@ -61,7 +63,11 @@ __all__ = ["encode_folded", "encode_folded_ref", "encode_folded_supports"]
 # llama3-8b heads on an H100, thirty-third session). Head dim 64 and searched ranges keep the former cap, 168 (not
 # re-tuned). Head dim 256 takes 8 warps and no cap: with 4 warps its program spills 1.3 KB of registers (sm_90
 # compile). fp16/bf16 keys; fp32 keys take their own settings (_launch).
-ENCODE_DEFAULTS: dict[str, int] = {"block_t": 64, "num_warps": 4, "maxnreg": 128}
+# ``split_per_sm``: grids of at most this many programs per SM run keys and values in separate programs
+# (``split_kv``): on an H100 (CUDA-graph replay, thirty-seventh session, writes_split_H100_s37.csv) 1.09x-1.25x
+# faster at 128-192 programs (llama3-8b 1 x 1,024 tokens, smollm2 heads 1 x 1,024, 1 x 4,096, 32 x 128) and
+# 0.87x-0.99x at 512 programs and more (the key programs' dots then fill the SMs anyway).
+ENCODE_DEFAULTS: dict[str, int] = {"block_t": 64, "num_warps": 4, "maxnreg": 128, "split_per_sm": 2}
 _UNTUNED_MAXNREG = 168  # head dim 64 and searched ranges
 
 
@@ -85,6 +91,13 @@ def _launch(head_dim: int, fp16_dots: bool, block_t: int | None, num_warps: int 
     if num_warps is not None:
         options["num_warps"] = num_warps
     return default_t if block_t is None else block_t, options
+
+
+def split_kv_default(programs: int, device: torch.device) -> bool:
+    """Whether a grid of ``programs`` (token blocks x KV heads x sequences) writes keys and values in separate
+    programs by default: at most ``ENCODE_DEFAULTS["split_per_sm"]`` per SM (4 SMs assumed off CUDA)."""
+    sms = sm_count(device) if device.type == "cuda" else 4
+    return programs <= ENCODE_DEFAULTS["split_per_sm"] * sms
 
 
 def encode_folded_supports(head_dim: int) -> str | None:
@@ -232,15 +245,42 @@ def _encode_folded_kernel(
     D: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr, GK: tl.constexpr, GV: tl.constexpr,
     BLOCK_T: tl.constexpr, FP16_DOTS: tl.constexpr, META8: tl.constexpr, SEARCH: tl.constexpr,
     K_F0: tl.constexpr, K_F1: tl.constexpr, V_F0: tl.constexpr, V_F1: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
+    SPLIT_KV: tl.constexpr,
 ):
-    """Grid ``(cdiv(n, BLOCK_T), n_kv, B)``; ``FP16_DOTS``: fp16 operands, fp32 sums (fp16/bf16 keys), else IEEE fp32;
-    ``META8``: 8-bit group metadata with bases ``k_base``/``v_base``; ``SEARCH``: searched group ranges with the
-    fractions ``K_F*``/``V_F*`` of the key and value widths."""
-    H: tl.constexpr = D // 2
-    h = tl.program_id(1)
+    """Grid ``(cdiv(n, BLOCK_T), n_kv, B)``, or ``(cdiv(n, BLOCK_T), 2 n_kv, B)`` with ``SPLIT_KV`` (program ``2h``
+    writes head ``h``'s keys, ``2h + 1`` its values); ``FP16_DOTS``: fp16 operands, fp32 sums (fp16/bf16 keys), else
+    IEEE fp32; ``META8``: 8-bit group metadata with bases ``k_base``/``v_base``; ``SEARCH``: searched group ranges with
+    the fractions ``K_F*``/``V_F*`` of the key and value widths."""
     b = tl.program_id(2).to(tl.int64)
     t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     tmask = t < n
+    if SPLIT_KV:
+        h = tl.program_id(1) // 2
+        keys = tl.program_id(1) % 2 == 0
+        values = tl.program_id(1) % 2 == 1
+    else:
+        h = tl.program_id(1)
+        keys = True
+        values = True
+    if keys:
+        _encode_keys(k_ptr, pos_ptr, rot_ptr, mean_ptr, freq_ptr, kc_ptr, ks_ptr, kz_ptr, b, h, t, tmask,
+                     rope_scaling, k_clip, scale_floor, k_base, s_kb, s_kh, s_kt, s_pb, s_kcb, s_kch, s_kct,
+                     s_ksb, s_ksh, s_kst, D, K_BITS, GK, BLOCK_T, FP16_DOTS, META8, SEARCH, K_F0, K_F1,
+                     USE_LIBDEVICE)  # fmt: skip
+    if values:
+        _encode_values(v_ptr, vc_ptr, vs_ptr, vz_ptr, b, h, t, tmask, v_clip, scale_floor, v_base,
+                       s_vb, s_vh, s_vt, s_vcb, s_vch, s_vct, s_vsb, s_vsh, s_vst, D, V_BITS, GV, BLOCK_T,
+                       META8, SEARCH, V_F0, V_F1, USE_LIBDEVICE)  # fmt: skip
+
+
+@triton.jit
+def _encode_keys(k_ptr, pos_ptr, rot_ptr, mean_ptr, freq_ptr, kc_ptr, ks_ptr, kz_ptr, b, h, t, tmask,
+                 rope_scaling, k_clip, scale_floor, k_base, s_kb, s_kh, s_kt, s_pb, s_kcb, s_kch, s_kct,
+                 s_ksb, s_ksh, s_kst, D: tl.constexpr, K_BITS: tl.constexpr, GK: tl.constexpr,
+                 BLOCK_T: tl.constexpr, FP16_DOTS: tl.constexpr, META8: tl.constexpr, SEARCH: tl.constexpr,
+                 K_F0: tl.constexpr, K_F1: tl.constexpr, USE_LIBDEVICE: tl.constexpr):  # fmt: skip
+    """Keys of tokens ``t`` of head ``h``: centre by ``RoPE_p(mu)``, rotate by ``R_h``, quantize and store."""
+    H: tl.constexpr = D // 2
     i = tl.arange(0, H)
     j = tl.arange(0, D)
 
@@ -262,6 +302,15 @@ def _encode_folded_kernel(
     _quantize_rows(y, kc_ptr, b * s_kcb + h * s_kch + t * s_kct, b * s_ksb + h * s_ksh + t * s_kst, ks_ptr, kz_ptr,
                    tmask, k_clip, scale_floor, k_base, BLOCK_T, D, K_BITS, GK, META8, SEARCH, K_F0, K_F1,
                    USE_LIBDEVICE)  # fmt: skip
+
+
+@triton.jit
+def _encode_values(v_ptr, vc_ptr, vs_ptr, vz_ptr, b, h, t, tmask, v_clip, scale_floor, v_base,
+                   s_vb, s_vh, s_vt, s_vcb, s_vch, s_vct, s_vsb, s_vsh, s_vst, D: tl.constexpr, V_BITS: tl.constexpr,
+                   GV: tl.constexpr, BLOCK_T: tl.constexpr, META8: tl.constexpr, SEARCH: tl.constexpr,
+                   V_F0: tl.constexpr, V_F1: tl.constexpr, USE_LIBDEVICE: tl.constexpr):  # fmt: skip
+    """Values of tokens ``t`` of head ``h``: quantize and store."""
+    j = tl.arange(0, D)
     v = tl.load(v_ptr + b * s_vb + h * s_vh + t[:, None] * s_vt + j[None, :], mask=tmask[:, None], other=0.0)
     _quantize_rows(v.to(tl.float32), vc_ptr, b * s_vcb + h * s_vch + t * s_vct, b * s_vsb + h * s_vsh + t * s_vst,
                    vs_ptr, vz_ptr, tmask, v_clip, scale_floor, v_base, BLOCK_T, D, V_BITS, GV, META8, SEARCH,
@@ -285,6 +334,7 @@ def encode_folded(
     *,
     block_t: int | None = None,
     num_warps: int | None = None,
+    split_kv: bool | None = None,
     backend: Backend = "auto",
 ) -> PackedKV:
     """Encode ``n`` tokens for the folded store (module docstring).
@@ -298,6 +348,8 @@ def encode_folded(
         out: store rows to write (a :class:`PackedKV` of ``n``-slot views, ``fp_*`` unused); None: new tensors.
         block_t, num_warps: launch settings (None: ``_launch``'s for the head dim and key dtype; a benchmark's
             knob). The register cap of ``ENCODE_DEFAULTS`` applies to fp16/bf16 keys below head dim 256.
+        split_kv: keys and values in separate programs (twice the programs, each with about half the work);
+            None: where the grid has at most ``ENCODE_DEFAULTS["split_per_sm"]`` programs per SM.
         backend: ``"auto"``, ``"triton"`` or ``"reference"`` (see ``_common``).
 
     Returns:
@@ -328,15 +380,17 @@ def encode_folded(
     block_t, launch = _launch(d, fp16_dots, block_t, num_warps, search)
     (k_f0, k_f1), (v_f0, v_f1) = RANGE_FRACTIONS[params.bits], RANGE_FRACTIONS[params.value_bits]
     rotation, mean, inv_freq = params.encode_operands(key.device, fp16_dots)
+    if split_kv is None:
+        split_kv = split_kv_default(cdiv(n, block_t) * n_kv * b, key.device)
     with device_guard(key):  # Triton launches on the current device
-        _encode_folded_kernel[(cdiv(n, block_t), n_kv, b)](
+        _encode_folded_kernel[(cdiv(n, block_t), n_kv * (2 if split_kv else 1), b)](
             key, value, rows.pos, rotation, mean, inv_freq, *rows[:6],
             n, float(params.attention_scaling), float(k_clip), float(v_clip), SCALE_FLOOR,
             params.key_meta_base or 1.0, params.value_meta_base or 1.0, *strides,
             D=d, K_BITS=params.bits, V_BITS=params.value_bits, GK=params.g_k, GV=params.g_v,
             BLOCK_T=block_t, FP16_DOTS=fp16_dots, META8=params.meta_bases is not None,
             SEARCH=search, K_F0=k_f0, K_F1=k_f1, V_F0=v_f0, V_F1=v_f1,
-            USE_LIBDEVICE=not triton_interpreting(), **launch,
+            USE_LIBDEVICE=not triton_interpreting(), SPLIT_KV=split_kv, **launch,
         )  # fmt: skip
     return rows
 

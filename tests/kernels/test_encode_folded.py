@@ -143,6 +143,23 @@ def test_writes_only_the_given_store_slots() -> None:
         assert torch.equal(a[..., rest, :] if a.dim() == 4 else a[:, rest], b0[..., rest, :] if a.dim() == 4 else b0[:, rest]), name
 
 
+@pytest.mark.parametrize("dtype,d,meta8", [(torch.float16, 128, True), (torch.float32, 64, False)])
+def test_keys_and_values_in_separate_programs_write_the_same_rows(dtype: torch.dtype, d: int, meta8: bool) -> None:
+    """``split_kv``: one program per token block for the keys and another for the values, bit for bit the rows
+    of one program doing both (whose rows test_matches_reference checks against the reference)."""
+    B, n_kv, n = 2, 3, 70
+    p = _params(n_kv, d, 2, 2, 64, 32)
+    if meta8:
+        p = dataclasses.replace(p, meta_bases=(1e-3, 1e-3), _on_device={})
+    key, value, pos = _tokens(B, n_kv, n, d, p, dtype)
+    split, joint = _kernel(key, value, pos, p, split_kv=True), _kernel(key, value, pos, p)
+    for name, a, b in zip(PackedKV._fields, split[:7], joint[:7]):
+        assert torch.equal(a, b), name
+    if not meta8:  # fp16 metadata: values bit for bit the reference's
+        want = encode_folded_ref(key, value, pos, p, *CLIPS)
+        assert torch.equal(split.v_codes, want.v_codes) and torch.equal(split.v_scale, want.v_scale)
+
+
 def test_a_token_encodes_the_same_alone_or_among_others() -> None:
     """The serving engine's promise: a token's rows do not depend on the tokens or sequences around it."""
     B, n_kv, n, d = 3, 2, 90, 64
@@ -177,11 +194,15 @@ def test_checks_and_dispatch() -> None:
                                           (torch.bfloat16, 2, 256)])
 def test_gpu_prefill_sized_block(dtype: torch.dtype, n_kv: int, d: int) -> None:
     """A prefill-sized write (4 sequences x 1,000 tokens) on the GPU against the CPU reference: every dot form
-    (fp16 operands for fp16/bf16, IEEE fp32) and Gemma's head dim 256 (8 warps)."""
+    (fp16 operands for fp16/bf16, IEEE fp32) and Gemma's head dim 256 (8 warps); keys and values in separate
+    programs (``split_kv``) write the same rows bit for bit."""
     B, n = 4, 1000
     p = _params(n_kv, d, 2, 2, 32, 128)
     key, value, pos = _tokens(B, n_kv, n, d, p, dtype)
     got = _kernel(key, value, pos, p)
+    split = _kernel(key, value, pos, p, split_kv=True)
+    for name, a, b in zip(PackedKV._fields, split[:7], got[:7]):
+        assert torch.equal(a, b), name
     want = encode_folded_ref(key, value, pos, p, *CLIPS)
     for name in ("v_codes", "v_scale", "v_zero", "pos"):
         assert torch.equal(getattr(got, name), getattr(want, name)), name
