@@ -65,8 +65,8 @@ __all__ = ["encode_folded", "encode_folded_ref", "encode_folded_supports", "spli
 # compile). fp16/bf16 keys; fp32 keys take their own settings (_launch).
 # ``split_per_sm``: grids of at most this many programs per SM run keys and values in separate programs
 # (``split_kv``): on an H100 (CUDA-graph replay, thirty-seventh session, writes_split_H100_s37.csv) 1.09x-1.25x
-# faster at 128-192 programs (llama3-8b 1 x 1,024 tokens, smollm2 heads 1 x 1,024, 1 x 4,096, 32 x 128) and
-# 0.87x-0.99x at 512 programs and more (the key programs' dots then fill the SMs anyway).
+# faster at 48-192 programs (llama3-8b 1 x 1,024 tokens, smollm2 heads 1 x 1,024, 1 x 4,096, 32 x 128),
+# 0.87x-0.95x at 512-768 and 0.96x-1.01x from 1,536 (the key programs' dots then fill the SMs anyway).
 ENCODE_DEFAULTS: dict[str, int] = {"block_t": 64, "num_warps": 4, "maxnreg": 128, "split_per_sm": 2}
 _UNTUNED_MAXNREG = 168  # head dim 64 and searched ranges
 
