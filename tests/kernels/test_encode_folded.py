@@ -194,15 +194,17 @@ def test_checks_and_dispatch() -> None:
                                           (torch.bfloat16, 2, 256)])
 def test_gpu_prefill_sized_block(dtype: torch.dtype, n_kv: int, d: int) -> None:
     """A prefill-sized write (4 sequences x 1,000 tokens) on the GPU against the CPU reference: every dot form
-    (fp16 operands for fp16/bf16, IEEE fp32) and Gemma's head dim 256 (8 warps); keys and values in separate
-    programs (``split_kv``) write the same rows bit for bit."""
+    (fp16 operands for fp16/bf16, IEEE fp32) and Gemma's head dim 256 (8 warps); for fp16, keys and values in
+    separate programs (``split_kv``) write the same rows bit for bit (one dtype: each compile adds to the suite's
+    time, which the CPU cores' compiling sets)."""
     B, n = 4, 1000
     p = _params(n_kv, d, 2, 2, 32, 128)
     key, value, pos = _tokens(B, n_kv, n, d, p, dtype)
-    got = _kernel(key, value, pos, p)
-    split = _kernel(key, value, pos, p, split_kv=True)
-    for name, a, b in zip(PackedKV._fields, split[:7], got[:7]):
-        assert torch.equal(a, b), name
+    got = _kernel(key, value, pos, p, split_kv=False)
+    if dtype == torch.float16:
+        split = _kernel(key, value, pos, p, split_kv=True)
+        for name, a, b in zip(PackedKV._fields, split[:7], got[:7]):
+            assert torch.equal(a, b), name
     want = encode_folded_ref(key, value, pos, p, *CLIPS)
     for name in ("v_codes", "v_scale", "v_zero", "pos"):
         assert torch.equal(getattr(got, name), getattr(want, name)), name
