@@ -60,5 +60,8 @@ def wave_splits(programs: int, n_blocks: int, slots: int) -> int:
 
 @functools.lru_cache(maxsize=None)
 def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA ``device`` (cached: queried on every decode call)."""
+    """Streaming multiprocessors of a CUDA ``device`` (cached: queried on every decode call); 4 on other devices
+    (the interpreter's tensors), so that launch rules still see several programs per grid there."""
+    if device.type != "cuda":
+        return 4
     return torch.cuda.get_device_properties(device).multi_processor_count

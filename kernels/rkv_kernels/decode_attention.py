@@ -631,7 +631,7 @@ def num_splits_for(
     n_blocks = cdiv(T, block_t)
     if n_blocks == 0:
         return 0
-    sms = sm_count(device) if device.type == "cuda" else 4
+    sms = sm_count(device)
     if resident_per_sm is not None:
         splits = wave_splits(batch * n_kv, n_blocks, resident_per_sm * sms)
     else:

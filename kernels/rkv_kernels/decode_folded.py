@@ -785,7 +785,7 @@ def default_splits(programs: int, T: int, block_n: int, device: torch.device,
     n_blocks = cdiv(T, block_n)
     if n_blocks == 0:
         return 0
-    sms = sm_count(device) if device.type == "cuda" else 4
+    sms = sm_count(device)
     if n_blocks < 64:
         splits = cdiv(max(2, n_blocks // 16) * sms, programs)
     else:
@@ -808,7 +808,7 @@ def fp_slots_per_part(F: int, num_splits: int, tokens_per_split: int, block_f: i
     where the grid is full, parts took 128.1 us against 114.7 for one."""
     whole = cdiv(max(F, 1), block_f) * block_f
     parts = cdiv(F, block_f)
-    sms = sm_count(device) if device.type == "cuda" else 4
+    sms = sm_count(device)
     short = tokens_per_split <= 2 * FOLDED_DEFAULTS["block_n"]
     return block_f if short and programs * (num_splits + parts) <= FOLDED_DEFAULTS["waves"] * sms else whole
 

@@ -95,9 +95,8 @@ def _launch(head_dim: int, fp16_dots: bool, block_t: int | None, num_warps: int 
 
 def split_kv_default(programs: int, device: torch.device) -> bool:
     """Whether a grid of ``programs`` (token blocks x KV heads x sequences) writes keys and values in separate
-    programs by default: at most ``ENCODE_DEFAULTS["split_per_sm"]`` per SM (4 SMs assumed off CUDA)."""
-    sms = sm_count(device) if device.type == "cuda" else 4
-    return programs <= ENCODE_DEFAULTS["split_per_sm"] * sms
+    programs by default: at most ``ENCODE_DEFAULTS["split_per_sm"]`` per SM (:func:`sm_count`: 4 off CUDA)."""
+    return programs <= ENCODE_DEFAULTS["split_per_sm"] * sm_count(device)
 
 
 def encode_folded_supports(head_dim: int) -> str | None:
