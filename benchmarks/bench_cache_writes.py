@@ -92,13 +92,14 @@ def run(args: argparse.Namespace, copy_gbs: float) -> list[dict[str, object]]:
                     encode_folded(key, value, pos, p, 0.9, 0.9, out, block_t=block_t, num_warps=warps, split_kv=split)
 
                 ms, gms = bench_ms(write)[0], graph_ms(write)
+                programs = cdiv(n, block_t or ENCODE_DEFAULTS["block_t"]) * n_kv * B  # the write's grid
                 gbs, graph_gbs = (moved / (t * 1e-3) / 1e9 for t in (ms, gms))
                 row = {"shape": shape, "sequences": B, "tokens": n, "bits": args.bits, "group_meta": args.group_meta,
                        "group_ranges": args.group_ranges, "g_k": args.key_group,
                        "g_v": args.value_group, "block_t": block_t or ENCODE_DEFAULTS["block_t"],
                        "num_warps": warps or (8 if p.ranges is GroupRanges.SEARCHED else ENCODE_DEFAULTS["num_warps"]),
-                       "split_kv": int(split_kv_default(cdiv(n, block_t or ENCODE_DEFAULTS["block_t"]) * n_kv * B, DEVICE)
-                                       if split is None else split), "fused_ms": ms, "GBs": gbs,
+                       "split_kv": int(split if split is not None else split_kv_default(programs, DEVICE)),
+                       "fused_ms": ms, "GBs": gbs,
                        "pct_of_copy": 100 * gbs / copy_gbs, "graph_ms": gms,
                        "graph_pct_of_copy": 100 * graph_gbs / copy_gbs,
                        "composed_ms": composed if composed is not None else "",

@@ -176,7 +176,8 @@ def write_kernel() -> None:
         c = compile_sm90(encode_folded._encode_folded_kernel, _encode_constexprs(128, 64, block_t, True, meta8, split),
                          launch["num_warps"], 1, aligned=True, pointers=pointers, maxnreg=launch.get("maxnreg"))
         regs, stack, ops, _ = sass_stats(c)
-        print(f"encode (llama2-7b heads, K2 {'log8' if meta8 else 'fp16'}{', split_kv' if split else ''}): {block_t} tokens x {launch['num_warps']} "
+        label = f"K2 {'log8' if meta8 else 'fp16'}{', split_kv' if split else ''}"
+        print(f"encode (llama2-7b heads, {label}): {block_t} tokens x {launch['num_warps']} "
               f"warps (cap {launch.get('maxnreg')}): {regs} registers, {stack} B stack, {sum(ops.values())} SASS "
               f"instructions per warp")
 

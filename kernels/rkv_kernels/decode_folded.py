@@ -834,8 +834,8 @@ def _query_prep(q: torch.Tensor, pos: torch.Tensor, params: FoldedParams, T: int
     width = T if width is None else width
     dev = q.device
     bias_dt = torch.float16 if fp16 else torch.float32  # fp16: half the bytes the attention kernel reads per slot
-    # the placeholder shares the bias's dtype: one compile of the attention kernel with and without quantized slots
-    bias = torch.empty(B, n_q, width, device=dev, dtype=bias_dt) if width else torch.empty(1, 1, 1, device=dev, dtype=bias_dt)
+    # a [1, 1, 1] placeholder without slots, of the same dtype: the attention kernel's one compile serves both
+    bias = torch.empty((B, n_q, width) if width else (1, 1, 1), device=dev, dtype=bias_dt)
     qr = torch.empty(B, n_kv, rep, d, device=dev, dtype=torch.float16 if fp16 else torch.float32)
     rot = params.rotation_planes(dev, q.dtype)
     _, mean, freq = params.kernel_operands(dev)
