@@ -16,6 +16,7 @@ releases (the GPU runs 3.6).
     python benchmarks/kernel_sass_stats.py --block-t 32 --num-warps 8
     python benchmarks/kernel_sass_stats.py --fp32-tiles           # and fp32 operands: spills, default vs previous settings
     python benchmarks/kernel_sass_stats.py --key-bits 3 --group-meta log8   # the folded kernel's 3-bit keys, 8-bit metadata
+    python benchmarks/kernel_sass_stats.py --prep                 # the folded layout's prep launch only (compile seconds)
 """
 
 from __future__ import annotations
@@ -115,7 +116,12 @@ def main() -> None:
                    help="compile the full-precision segment's loop too (--no-fp-segment: the token loop of the store only)")
     p.add_argument("--key-bits", type=int, default=2, choices=(2, 3, 4), help="folded kernel: key code bits")
     p.add_argument("--group-meta", default="fp16", choices=("fp16", "log8"), help="folded kernel: group metadata")
+    p.add_argument("--prep", action="store_true", help="only the folded layout's prep launch: compile seconds, registers, "
+                   "spills, by operand type and head dim, fp32 also in one step per dot (before the chunked dots)")
     args = p.parse_args()
+    if args.prep:
+        prep_kernel()
+        return
     common = dict(D=128, G=4, REP=1, QP=16, K_BITS=2, V_BITS=2, NGK=4, GV=128, NGV=1, HAS_FP=args.fp_segment,
                   PREC="tf32", USE_LIBDEVICE=True, SOFTCAP=False)  # fmt: skip
     kernels = {
@@ -180,6 +186,27 @@ def write_kernel() -> None:
         print(f"encode (llama2-7b heads, {label}): {block_t} tokens x {launch['num_warps']} "
               f"warps (cap {launch.get('maxnreg')}): {regs} registers, {stack} B stack, {sum(ops.values())} SASS "
               f"instructions per warp")
+
+
+def prep_kernel() -> None:
+    """The folded layout's prep launch (mean bias and rotated queries, GQA 4) at head dims 64/128/256: compile seconds,
+    registers, stack and SASS instructions; fp16 queries, then fp32 operands (fp32 and bf16 queries) as launched
+    (IEEE dots over ``_IEEE_CHUNK`` channels in loops) and in one unrolled step per dot (the former form)."""
+    import time
+
+    settings = [("fp16", True, {}), ("fp32", False, {}), ("fp32, one step", False, None)]
+    for d in (64, 128, 256):
+        for label, fp16, extra in settings:
+            cx = folded_module.prep_constexprs(4, 4, d, fp16, use_libdevice=True)
+            cx |= {"HB": d // 2, "KB": d} if extra is None else extra
+            t = "*fp16" if fp16 else "*fp32"
+            t0 = time.perf_counter()
+            c = compile_sm90(folded_module._query_prep_kernel, cx, 4, 3, aligned=True,
+                             pointers={"q_ptr": t, "bias_ptr": t, "rot_ptr": t, "qr_ptr": t})  # fmt: skip
+            seconds = time.perf_counter() - t0
+            regs, stack, ops, _ = sass_stats(c)
+            print(f"prep, head dim {d}, {label}: compiled in {seconds:.1f} s, {regs} registers, {stack} B stack, "
+                  f"{sum(ops.values())} SASS instructions")
 
 
 # fp32-operand launch settings before the eighth session (4 warps), which spilled for sm_90: folded decode

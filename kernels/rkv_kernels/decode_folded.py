@@ -119,6 +119,9 @@ __all__ = ["FOLDED_DEFAULTS", "bias_scale", "decode_folded", "decode_folded_ref"
 FOLDED_DEFAULTS: dict[str, int] = {"block_n": 128, "num_warps": 4, "num_stages": 2, "maxnreg": 128, "waves": 8}
 FOLDED_DEFAULTS["resident"] = 65536 // (FOLDED_DEFAULTS["maxnreg"] * FOLDED_DEFAULTS["num_warps"] * 32)
 _BIAS_BLOCK = 64
+# Channels per IEEE fp32 dot in the prep launch (fp32 and bf16 queries): at head dim 256 its one-step dots spilled
+# 6.9 KB per thread and took 9.8 s to compile for sm_90 on a CPU (``benchmarks/kernel_sass_stats.py --prep``).
+_IEEE_CHUNK = 32
 
 
 def bias_scale(dtype: torch.dtype) -> float:
@@ -437,20 +440,16 @@ def _q_plane(qr_col, cmask, ii, col_g, j: tl.constexpr, PW: tl.constexpr, GK: tl
 
 
 @triton.jit
-def _bias_block(q_ptr, mean_ptr, freq_ptr, pos_ptr, bias_ptr, s_qb, s_qh, s_pb, s_bb, s_bh, T, W, rope_scaling, b, blk,
-                N_Q: tl.constexpr, NQP: tl.constexpr, REP: tl.constexpr, H: tl.constexpr, BLOCK_T: tl.constexpr,
-                DT: tl.constexpr, PREC: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
-                OUT_SCALE: tl.constexpr):  # fmt: skip
-    """Slots ``blk*BLOCK_T ..`` of ``bias[b, i, t] = q_i · RoPE_{pos[b, t]}(mu_{i // REP})`` times ``OUT_SCALE``,
-    ``-inf`` where ``pos < 0`` and for ``T <= t < W`` (the row's padding to whole slot blocks)."""
-    t = blk * BLOCK_T + tl.arange(0, BLOCK_T)
-    tmask = t < T
-    p_t = tl.load(pos_ptr + b * s_pb + t, mask=tmask, other=-1)
-    hh = tl.arange(0, H)
+def _bias_terms(q_ptr, mean_ptr, freq_ptr, p_t, s_qb, s_qh, rope_scaling, b, h0, acc,
+                N_Q: tl.constexpr, NQP: tl.constexpr, REP: tl.constexpr, H: tl.constexpr, HB: tl.constexpr,
+                BLOCK_T: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, USE_LIBDEVICE: tl.constexpr):  # fmt: skip
+    """``acc`` (None: zeros) plus the terms of frequencies ``h0 .. h0+HB-1`` of the mean bias (:func:`_bias_block`)
+    as ``[BLOCK_T, NQP]``."""
+    hh = h0 + tl.arange(0, HB)
     qi = tl.arange(0, NQP)
     qm = (qi < N_Q)[None, :]
     q_row = q_ptr + b * s_qb + qi[None, :] * s_qh + hh[:, None]
-    q_lo = tl.load(q_row, mask=qm, other=0.0).to(tl.float32)  # [H, NQP]
+    q_lo = tl.load(q_row, mask=qm, other=0.0).to(tl.float32)  # [HB, NQP]
     q_hi = tl.load(q_row + H, mask=qm, other=0.0).to(tl.float32)
     mu_row = mean_ptr + (qi // REP)[None, :] * (2 * H) + hh[:, None]
     mu_lo = tl.load(mu_row, mask=qm, other=0.0)
@@ -459,28 +458,64 @@ def _bias_block(q_ptr, mean_ptr, freq_ptr, pos_ptr, bias_ptr, s_qb, s_qh, s_pb, 
     coef_b = (q_hi * mu_lo - q_lo * mu_hi) * rope_scaling
     freq = tl.load(freq_ptr + hh)
     c, s = _cos_sin(tl.maximum(p_t, 0).to(tl.float32)[:, None] * freq[None, :], USE_LIBDEVICE)
-    acc = tl.dot(c.to(DT), coef_a.to(DT), input_precision=PREC)
-    acc = tl.dot(s.to(DT), coef_b.to(DT), acc, input_precision=PREC)
+    acc = tl.dot(c.to(DT), coef_a.to(DT), acc, input_precision=PREC)
+    return tl.dot(s.to(DT), coef_b.to(DT), acc, input_precision=PREC)
+
+
+@triton.jit
+def _bias_block(q_ptr, mean_ptr, freq_ptr, pos_ptr, bias_ptr, s_qb, s_qh, s_pb, s_bb, s_bh, T, W, rope_scaling, b, blk,
+                N_Q: tl.constexpr, NQP: tl.constexpr, REP: tl.constexpr, H: tl.constexpr, HB: tl.constexpr,
+                BLOCK_T: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
+                OUT_SCALE: tl.constexpr):  # fmt: skip
+    """Slots ``blk*BLOCK_T ..`` of ``bias[b, i, t] = q_i · RoPE_{pos[b, t]}(mu_{i // REP})`` times ``OUT_SCALE``,
+    ``-inf`` where ``pos < 0`` and for ``T <= t < W`` (the row's padding to whole slot blocks). ``HB < H``:
+    the frequencies in a loop of ``HB`` (IEEE fp32 dots unroll into FMAs, so one step over all of them
+    would be a long, spilling body)."""
+    t = blk * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = t < T
+    p_t = tl.load(pos_ptr + b * s_pb + t, mask=tmask, other=-1)
+    if HB == H:
+        acc = _bias_terms(q_ptr, mean_ptr, freq_ptr, p_t, s_qb, s_qh, rope_scaling, b, 0, None,
+                          N_Q, NQP, REP, H, HB, BLOCK_T, DT, PREC, USE_LIBDEVICE)  # fmt: skip
+    else:
+        acc = tl.zeros((BLOCK_T, NQP), tl.float32)
+        for h0 in tl.range(0, H, HB):
+            acc = _bias_terms(q_ptr, mean_ptr, freq_ptr, p_t, s_qb, s_qh, rope_scaling, b, h0, acc,
+                              N_Q, NQP, REP, H, HB, BLOCK_T, DT, PREC, USE_LIBDEVICE)  # fmt: skip
+    qi = tl.arange(0, NQP)
+    qm = (qi < N_Q)[None, :]
     acc = tl.where((p_t >= 0)[:, None], acc * OUT_SCALE, float("-inf"))
     tl.store(bias_ptr + b * s_bb + qi[None, :] * s_bh + t[:, None], acc, mask=(t < W)[:, None] & qm)
 
 
 @triton.jit
 def _rotate_block(q_ptr, rot_ptr, qr_ptr, s_qb, s_qh, s_rb, s_rh, s_rr, b, h,
-                  D: tl.constexpr, REP: tl.constexpr, RP: tl.constexpr, BE: tl.constexpr, RDT: tl.constexpr,
-                  RPREC: tl.constexpr):  # fmt: skip
+                  D: tl.constexpr, REP: tl.constexpr, RP: tl.constexpr, BE: tl.constexpr, KB: tl.constexpr,
+                  RDT: tl.constexpr, RPREC: tl.constexpr):  # fmt: skip
     """``q' = q R_h`` for the ``REP`` query rows of KV head ``h``: :func:`rotate_queries`'s math (``RDT``
-    operands, fp32 sums, stored in ``qr``'s dtype), ``BE`` output channels per dot."""
+    operands, fp32 sums, stored in ``qr``'s dtype), ``BE`` output channels per dot. ``KB < D``: both loops
+    run (not unrolled) with ``KB`` input channels per dot, for IEEE fp32 dots (see :func:`_bias_block`)."""
     rows = tl.arange(0, RP)
     rmask = (rows < REP)[:, None]
-    kk = tl.arange(0, D)
-    qv = tl.load(q_ptr + b * s_qb + (h * REP + rows)[:, None] * s_qh + kk[None, :], mask=rmask, other=0.0).to(RDT)
-    for e0 in tl.static_range(0, D, BE):
-        ee = e0 + tl.arange(0, BE)
-        r = tl.load(rot_ptr + h * D * D + kk[:, None] * D + ee[None, :]).to(RDT)
-        acc = tl.dot(qv, r, input_precision=RPREC)
-        dst = qr_ptr + b * s_rb + h * s_rh + rows[:, None] * s_rr + ee[None, :]
-        tl.store(dst, acc, mask=rmask)  # cast to qr's dtype
+    q_rows = q_ptr + b * s_qb + (h * REP + rows)[:, None] * s_qh
+    if KB == D:
+        kk = tl.arange(0, D)
+        qv = tl.load(q_rows + kk[None, :], mask=rmask, other=0.0).to(RDT)
+        for e0 in tl.static_range(0, D, BE):
+            ee = e0 + tl.arange(0, BE)
+            r = tl.load(rot_ptr + h * D * D + kk[:, None] * D + ee[None, :]).to(RDT)
+            acc = tl.dot(qv, r, input_precision=RPREC)
+            tl.store(qr_ptr + b * s_rb + h * s_rh + rows[:, None] * s_rr + ee[None, :], acc, mask=rmask)
+    else:
+        for e0 in tl.range(0, D, BE):
+            ee = e0 + tl.arange(0, BE)
+            acc = tl.zeros((RP, BE), tl.float32)
+            for k0 in tl.range(0, D, KB):
+                kk = k0 + tl.arange(0, KB)
+                qv = tl.load(q_rows + kk[None, :], mask=rmask, other=0.0).to(RDT)
+                r = tl.load(rot_ptr + h * D * D + kk[:, None] * D + ee[None, :]).to(RDT)
+                acc = tl.dot(qv, r, acc, input_precision=RPREC)
+            tl.store(qr_ptr + b * s_rb + h * s_rh + rows[:, None] * s_rr + ee[None, :], acc, mask=rmask)
 
 
 @triton.jit(do_not_specialize=["T", "NB"])  # lengths: one compile for all
@@ -489,7 +524,8 @@ def _query_prep_kernel(
     T, W, NB, rope_scaling,
     N_Q: tl.constexpr, NQP: tl.constexpr, REP: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr,
     DT: tl.constexpr, PREC: tl.constexpr, USE_LIBDEVICE: tl.constexpr, OUT_SCALE: tl.constexpr,
-    RP: tl.constexpr, BE: tl.constexpr, RDT: tl.constexpr, RPREC: tl.constexpr,
+    HB: tl.constexpr, RP: tl.constexpr, BE: tl.constexpr, KB: tl.constexpr, RDT: tl.constexpr,
+    RPREC: tl.constexpr,
 ):
     """Grid ``(B, NB + n_kv)``: programs ``0 .. NB-1`` write the mean bias of their ``BLOCK_T`` slots
     (:func:`_bias_block`), program ``NB + h`` the rotated queries of KV head ``h`` (:func:`_rotate_block`):
@@ -498,9 +534,9 @@ def _query_prep_kernel(
     pid = tl.program_id(1)
     if pid < NB:
         _bias_block(q_ptr, mean_ptr, freq_ptr, pos_ptr, bias_ptr, s_qb, s_qh, s_pb, s_bb, s_bh, T, W, rope_scaling, b, pid,
-                    N_Q, NQP, REP, D // 2, BLOCK_T, DT, PREC, USE_LIBDEVICE, OUT_SCALE)  # fmt: skip
+                    N_Q, NQP, REP, D // 2, HB, BLOCK_T, DT, PREC, USE_LIBDEVICE, OUT_SCALE)  # fmt: skip
     else:
-        _rotate_block(q_ptr, rot_ptr, qr_ptr, s_qb, s_qh, s_rb, s_rh, s_rr, b, pid - NB, D, REP, RP, BE, RDT, RPREC)
+        _rotate_block(q_ptr, rot_ptr, qr_ptr, s_qb, s_qh, s_rb, s_rh, s_rr, b, pid - NB, D, REP, RP, BE, KB, RDT, RPREC)
 
 
 @triton.jit
@@ -843,12 +879,21 @@ def _query_prep(q: torch.Tensor, pos: torch.Tensor, params: FoldedParams, T: int
     _query_prep_kernel[(B, n_blocks + n_kv)](
         q, mean, freq, pos, bias, rot, qr, q.stride(0), q.stride(1), pos.stride(0), bias.stride(0), bias.stride(1),
         *qr.stride()[:3], T, width, n_blocks, float(params.attention_scaling),
-        N_Q=n_q, NQP=max(16, next_pow2(n_q)), REP=rep, D=d, BLOCK_T=_BIAS_BLOCK,
-        DT=tl.float16 if fp16 else tl.float32, PREC="tf32" if fp16 else "ieee", USE_LIBDEVICE=not interp,
-        OUT_SCALE=1.0 / bias_scale(bias_dt),
-        RP=max(16, next_pow2(rep)), BE=min(d, 64), RDT=tl.float16 if fp16 else tl.float32, RPREC="ieee",
+        **prep_constexprs(n_q, rep, d, fp16, use_libdevice=not interp),
     )  # fmt: skip
     return bias, qr
+
+
+def prep_constexprs(n_q: int, rep: int, d: int, fp16: bool, use_libdevice: bool) -> dict:
+    """The prep launch's compile-time arguments for ``n_q`` query heads in groups of ``rep`` of ``d`` channels
+    (``fp16``: fp16 queries; else fp32 operands, IEEE dots, reduced ``_IEEE_CHUNK`` channels at a time)."""
+    return dict(
+        N_Q=n_q, NQP=max(16, next_pow2(n_q)), REP=rep, D=d, BLOCK_T=_BIAS_BLOCK,
+        DT=tl.float16 if fp16 else tl.float32, PREC="tf32" if fp16 else "ieee", USE_LIBDEVICE=use_libdevice,
+        OUT_SCALE=1.0 / bias_scale(torch.float16 if fp16 else torch.float32),
+        HB=d // 2 if fp16 else min(d // 2, _IEEE_CHUNK), RP=max(16, next_pow2(rep)), BE=min(d, 64),
+        KB=d if fp16 else min(d, _IEEE_CHUNK), RDT=tl.float16 if fp16 else tl.float32, RPREC="ieee",
+    )  # fmt: skip
 
 
 def decode_folded(

@@ -167,11 +167,13 @@ def test_head_dim_256_default_tiles(dtype: torch.dtype) -> None:
     _check(q, kv, params, _run(q, kv, params, num_splits=2))
 
 
+@pytest.mark.parametrize("d", [64, 256])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_mean_bias_kernel_matches_reference(dtype: torch.dtype) -> None:
+def test_mean_bias_kernel_matches_reference(dtype: torch.dtype, d: int) -> None:
     """The mean-bias kernel alone against :func:`mean_scores_ref`, ``-inf`` exactly on empty slots
-    (left padding, a hole), at positions near 20k where fp16 cos/sin operands round most."""
-    q, kv, params = make_case(dtype=dtype, B=2, n_kv=2, rep=3, d=64, T=70, att=1.3, pos0=20000)
+    (left padding, a hole), at positions near 20k where fp16 cos/sin operands round most; at head dim 256
+    fp32 queries sum the frequencies in chunks."""
+    q, kv, params = make_case(dtype=dtype, B=2, n_kv=2, rep=3, d=d, T=70, att=1.3, pos0=20000)
     _check_mean_bias(q, kv, params)
 
 
