@@ -197,7 +197,7 @@ def prep_kernel() -> None:
     settings = [("fp16", True, {}), ("fp32", False, {}), ("fp32, one step", False, None)]
     for d in (64, 128, 256):
         for label, fp16, extra in settings:
-            cx = folded_module.prep_constexprs(4, 4, d, fp16, use_libdevice=True)
+            cx = folded_module._prep_constexprs(4, 4, d, fp16, use_libdevice=True)
             cx |= {"HB": d // 2, "KB": d} if extra is None else extra
             t = "*fp16" if fp16 else "*fp32"
             t0 = time.perf_counter()

@@ -879,12 +879,12 @@ def _query_prep(q: torch.Tensor, pos: torch.Tensor, params: FoldedParams, T: int
     _query_prep_kernel[(B, n_blocks + n_kv)](
         q, mean, freq, pos, bias, rot, qr, q.stride(0), q.stride(1), pos.stride(0), bias.stride(0), bias.stride(1),
         *qr.stride()[:3], T, width, n_blocks, float(params.attention_scaling),
-        **prep_constexprs(n_q, rep, d, fp16, use_libdevice=not interp),
+        **_prep_constexprs(n_q, rep, d, fp16, use_libdevice=not interp),
     )  # fmt: skip
     return bias, qr
 
 
-def prep_constexprs(n_q: int, rep: int, d: int, fp16: bool, use_libdevice: bool) -> dict:
+def _prep_constexprs(n_q: int, rep: int, d: int, fp16: bool, use_libdevice: bool) -> dict:
     """The prep launch's compile-time arguments for ``n_q`` query heads in groups of ``rep`` of ``d`` channels
     (``fp16``: fp16 queries; else fp32 operands, IEEE dots, reduced ``_IEEE_CHUNK`` channels at a time)."""
     return dict(
