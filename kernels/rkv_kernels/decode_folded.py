@@ -869,10 +869,10 @@ def _query_prep(q: torch.Tensor, pos: torch.Tensor, params: FoldedParams, T: int
     fp16 = q.dtype == torch.float16
     width = T if width is None else width
     dev = q.device
-    bias_dt = torch.float16 if fp16 else torch.float32  # fp16: half the bytes the attention kernel reads per slot
-    # a [1, 1, 1] placeholder without slots, of the same dtype: the attention kernel's one compile serves both
-    bias = torch.empty((B, n_q, width) if width else (1, 1, 1), device=dev, dtype=bias_dt)
-    qr = torch.empty(B, n_kv, rep, d, device=dev, dtype=torch.float16 if fp16 else torch.float32)
+    # fp16 bias: half the bytes the attention kernel reads per slot; a [1, 1, 1] placeholder without slots, of the
+    # same dtype: the attention kernel's one compile serves both
+    bias = torch.empty((B, n_q, width) if width else (1, 1, 1), device=dev, dtype=_prep_dtype(fp16))
+    qr = torch.empty(B, n_kv, rep, d, device=dev, dtype=_prep_dtype(fp16))
     rot = params.rotation_planes(dev, q.dtype)
     _, mean, freq = params.kernel_operands(dev)
     n_blocks = cdiv(width, _BIAS_BLOCK)
@@ -884,13 +884,18 @@ def _query_prep(q: torch.Tensor, pos: torch.Tensor, params: FoldedParams, T: int
     return bias, qr
 
 
+def _prep_dtype(fp16: bool) -> torch.dtype:
+    """What the prep launch writes (mean bias and rotated queries): fp16 for fp16 queries, else fp32."""
+    return torch.float16 if fp16 else torch.float32
+
+
 def _prep_constexprs(n_q: int, rep: int, d: int, fp16: bool, use_libdevice: bool) -> dict:
     """The prep launch's compile-time arguments for ``n_q`` query heads in groups of ``rep`` of ``d`` channels
     (``fp16``: fp16 queries; else fp32 operands, IEEE dots, reduced ``_IEEE_CHUNK`` channels at a time)."""
     return dict(
         N_Q=n_q, NQP=max(16, next_pow2(n_q)), REP=rep, D=d, BLOCK_T=_BIAS_BLOCK,
         DT=tl.float16 if fp16 else tl.float32, PREC="tf32" if fp16 else "ieee", USE_LIBDEVICE=use_libdevice,
-        OUT_SCALE=1.0 / bias_scale(torch.float16 if fp16 else torch.float32),
+        OUT_SCALE=1.0 / bias_scale(_prep_dtype(fp16)),
         HB=d // 2 if fp16 else min(d // 2, _IEEE_CHUNK), RP=max(16, next_pow2(rep)), BE=min(d, 64),
         KB=d if fp16 else min(d, _IEEE_CHUNK), RDT=tl.float16 if fp16 else tl.float32, RPREC="ieee",
     )  # fmt: skip
